@@ -1,0 +1,31 @@
+//! # moat-ca
+//!
+//! moat's workload certificate authority. It issues short-lived X.509-SVIDs
+//! (certificates carrying one SPIFFE ID) to workloads that prove who they are
+//! with a single-use join token or a Kubernetes service-account token, renews
+//! them over mutual TLS, and publishes a trust bundle that can hold several
+//! roots so the CA itself can be rotated without an outage.
+//!
+//! Where to start reading:
+//! - [`identity`]: [`SpiffeId`], [`TrustDomain`], [`TrustBundle`]: pure types.
+//! - [`issuer`]: turns a verified identity and a CSR into a certificate.
+//! - [`token`]: join tokens and Kubernetes service-account tokens.
+//! - [`store`]: the CA directory: roots on disk, issuance and replay records in SQLite.
+//! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`).
+//! - [`client`]: what a workload uses to get, renew and trust certificates.
+
+pub mod client;
+pub mod identity;
+
+pub use identity::{SpiffeId, TrustBundle, TrustDomain};
+
+/// Installs aws-lc-rs as the process-wide rustls crypto provider. Call it
+/// once, first thing in `main` (and in tests); later calls do nothing.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Parses a human duration such as `90s`, `15m`, `1h`, `365d` or `500ms`.
+pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 90s, 15m, 1h or 365d: {e}"))
+}

@@ -1,0 +1,1 @@
+//! Per-route authorization policy.

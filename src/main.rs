@@ -1,0 +1,321 @@
+//! The `moat` command line: parse arguments, load configuration, call into
+//! `moat-ca` or `moat-proxy`, and map errors to exit codes.
+//!
+//! Exit codes: 0 success, 64 bad configuration or usage (before any port is
+//! bound), 1 anything else.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// Exit code for bad configuration or usage (EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+#[derive(Parser)]
+#[command(name = "moat", version, about = "mTLS sidecar proxy and workload certificate authority")]
+struct Cli {
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "MOAT_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The workload certificate authority.
+    #[command(subcommand)]
+    Ca(CaCommand),
+    /// Run the sidecar proxy.
+    Proxy(ProxyArgs),
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Create a new CA (root key and certificate, token key, state store) in DIR.
+    Init {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The SPIFFE trust domain, e.g. example.org.
+        #[arg(long)]
+        trust_domain: String,
+        /// Lifetime of the root certificate (e.g. 365d, 720h).
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        root_ttl: Duration,
+    },
+    /// Serve the CA's HTTPS API.
+    Serve(ServeArgs),
+    /// Mint a single-use join token for a VM workload; prints the token alone.
+    Token {
+        #[arg(long)]
+        dir: PathBuf,
+        /// The SPIFFE ID the token's holder will get.
+        #[arg(long)]
+        id: String,
+        /// How long the token may be used.
+        #[arg(long, default_value = "15m", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Issue a certificate and key directly to files (for file-managed identities).
+    Issue {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: String,
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+        /// Where to write the certificate chain (PEM, leaf first).
+        #[arg(long)]
+        cert_out: PathBuf,
+        /// Where to write the private key (PEM, mode 0600).
+        #[arg(long)]
+        key_out: PathBuf,
+    },
+    /// Print the trust bundle (PEM).
+    Bundle {
+        #[arg(long)]
+        dir: PathBuf,
+    },
+    /// Rotate the CA: --prepare, then --activate, then --retire.
+    Rotate {
+        #[arg(long)]
+        dir: PathBuf,
+        #[command(flatten)]
+        step: RotateStep,
+        /// Lifetime of the new root (with --prepare).
+        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        root_ttl: Duration,
+    },
+}
+
+#[derive(Args)]
+#[group(required = true, multiple = false)]
+struct RotateStep {
+    /// Add a new root to the bundle; the current root keeps signing.
+    #[arg(long)]
+    prepare: bool,
+    /// Make the prepared root sign; the old root stays in the bundle.
+    #[arg(long)]
+    activate: bool,
+    /// Drop the old root from the bundle.
+    #[arg(long)]
+    retire: bool,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long)]
+    dir: PathBuf,
+    /// Address to listen on (port 0 picks a free port; the bound address is logged).
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    listen: std::net::SocketAddr,
+    /// DNS names and IP addresses for the CA's own serving certificate.
+    #[arg(long = "san")]
+    sans: Vec<String>,
+    /// Configuration file (Kubernetes token verification, limits). Defaults to DIR/ca.toml if present.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ProxyArgs {
+    /// The proxy's configuration file (TOML).
+    #[arg(long, env = "MOAT_CONFIG")]
+    config: PathBuf,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    moat_ca::install_crypto_provider();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Config(msg)) => {
+            eprintln!("moat: {msg}");
+            ExitCode::from(EXIT_CONFIG)
+        }
+        Err(Failure::Other(err)) => {
+            eprintln!("moat: {err:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// How a command failed: bad input from the operator (exit 64), or anything else.
+enum Failure {
+    Config(String),
+    Other(anyhow::Error),
+}
+
+impl<E: Into<anyhow::Error>> From<E> for Failure {
+    fn from(e: E) -> Self {
+        Failure::Other(e.into())
+    }
+}
+
+fn config_err(e: impl std::fmt::Display) -> Failure {
+    Failure::Config(e.to_string())
+}
+
+fn run(command: Command) -> Result<(), Failure> {
+    match command {
+        Command::Ca(ca) => run_ca(ca),
+        Command::Proxy(args) => {
+            let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
+            let runtime = runtime(config.runtime.worker_threads)?;
+            runtime.block_on(moat_proxy::run(config))?;
+            Ok(())
+        }
+    }
+}
+
+fn run_ca(command: CaCommand) -> Result<(), Failure> {
+    use moat_ca::store::CaDir;
+    match command {
+        CaCommand::Init {
+            dir,
+            trust_domain,
+            root_ttl,
+        } => {
+            let td = moat_ca::TrustDomain::parse(&trust_domain)
+                .map_err(|e| config_err(format!("--trust-domain {trust_domain:?}: {e}")))?;
+            let ca = CaDir::init(&dir, td, root_ttl).map_err(store_err)?;
+            println!(
+                "initialized CA for trust domain {} in {}",
+                ca.trust_domain(),
+                dir.display()
+            );
+            Ok(())
+        }
+        CaCommand::Serve(args) => {
+            let ca = CaDir::open(&args.dir).map_err(store_err)?;
+            let config_path = args.config.clone().or_else(|| {
+                let default = args.dir.join("ca.toml");
+                default.exists().then_some(default)
+            });
+            let config = match config_path {
+                Some(path) => moat_ca::server::ServerConfig::load(&path).map_err(config_err)?,
+                None => moat_ca::server::ServerConfig::default(),
+            };
+            let sans = if args.sans.is_empty() {
+                vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+            } else {
+                args.sans
+            };
+            let runtime = runtime(None)?;
+            runtime.block_on(async move {
+                let server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
+                    .await
+                    .map_err(|e| match e {
+                        moat_ca::server::ServerError::Config(_) => config_err(e),
+                        other => Failure::Other(other.into()),
+                    })?;
+                server.run(shutdown_signal()).await?;
+                Ok(())
+            })
+        }
+        CaCommand::Token { dir, id, ttl } => {
+            let ca = CaDir::open(&dir).map_err(store_err)?;
+            let id = moat_ca::SpiffeId::parse(&id).map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+            let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
+            println!("{token}");
+            Ok(())
+        }
+        CaCommand::Issue {
+            dir,
+            id,
+            ttl,
+            cert_out,
+            key_out,
+        } => {
+            let ca = CaDir::open(&dir).map_err(store_err)?;
+            let id = moat_ca::SpiffeId::parse(&id).map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+            let (svid, key) = ca.issue_to_files(&id, ttl, &cert_out, &key_out).map_err(store_err)?;
+            println!(
+                "issued {} serial {} valid until {} ({} and {})",
+                svid.id,
+                svid.serial,
+                moat_ca::store::format_time(svid.not_after),
+                cert_out.display(),
+                key_out.display()
+            );
+            drop(key);
+            Ok(())
+        }
+        CaCommand::Bundle { dir } => {
+            let ca = CaDir::open(&dir).map_err(store_err)?;
+            print!("{}", ca.bundle().map_err(store_err)?.to_pem());
+            Ok(())
+        }
+        CaCommand::Rotate {
+            dir,
+            step,
+            root_ttl,
+        } => {
+            let ca = CaDir::open(&dir).map_err(store_err)?;
+            let msg = if step.prepare {
+                ca.rotate_prepare(root_ttl)
+            } else if step.activate {
+                ca.rotate_activate()
+            } else {
+                ca.rotate_retire()
+            }
+            .map_err(store_err)?;
+            println!("{msg}");
+            Ok(())
+        }
+    }
+}
+
+/// Operator mistakes (bad flags, a missing or existing CA directory, a refused
+/// rotation step) are configuration errors; anything else is a failure.
+fn store_err(e: moat_ca::store::StoreError) -> Failure {
+    if e.is_operator_error() {
+        Failure::Config(e.to_string())
+    } else {
+        Failure::Other(e.into())
+    }
+}
+
+fn runtime(worker_threads: Option<usize>) -> Result<tokio::runtime::Runtime, Failure> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.max(1));
+    }
+    Ok(builder.enable_all().build()?)
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+/// Parses durations such as `90s`, `15m`, `1h`, `365d`, `500ms`.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    moat_ca::parse_duration(s)
+}

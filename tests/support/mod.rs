@@ -1,0 +1,318 @@
+//! Shared end-to-end test support: run the real `moat` binary, read its JSON
+//! logs, and stand up a CA on a port-0 listener.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `moat` binary cargo built for these tests.
+pub fn moat_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_moat"))
+}
+
+/// Runs `moat ARGS...` to completion and returns its output.
+pub fn moat(args: &[&str]) -> Output {
+    Command::new(moat_bin())
+        .args(args)
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run moat")
+}
+
+/// Runs `moat ARGS...`, asserts success, returns stdout.
+pub fn moat_ok(args: &[&str]) -> String {
+    let out = moat(args);
+    assert!(
+        out.status.success(),
+        "moat {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8 stdout")
+}
+
+/// Runs an external program (curl, openssl) and returns its output.
+pub fn tool(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// A running `moat` process whose stderr (JSON logs) is collected. Killed on drop.
+pub struct Running {
+    pub child: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Running {
+    /// Starts `moat ARGS...` in the background.
+    pub fn start(args: &[&str]) -> Self {
+        Self::start_with_env(args, &[])
+    }
+
+    /// Starts `moat ARGS...` with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        let mut cmd = Command::new(moat_bin());
+        cmd.args(args)
+            .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn moat");
+        let stderr = child.stderr.take().expect("stderr");
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if std::env::var_os("MOAT_TEST_ECHO").is_some() {
+                    eprintln!("[moat] {line}");
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        Self { child, logs }
+    }
+
+    /// Every log line so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// Every log line so far, parsed as JSON (non-JSON lines are skipped).
+    pub fn json_logs(&self) -> Vec<Value> {
+        self.logs()
+            .iter()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits until a JSON log line satisfies `pred`, or panics after `timeout`
+    /// (or if the process exits first).
+    pub fn wait_for_log(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = self.json_logs().into_iter().find(|v| pred(v)) {
+                return v;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                // Give the reader thread a moment to drain.
+                std::thread::sleep(Duration::from_millis(100));
+                if let Some(v) = self.json_logs().into_iter().find(|v| pred(v)) {
+                    return v;
+                }
+                panic!("moat exited ({status}) before the expected log line:\n{}", self.logs().join("\n"));
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for a log line; logs so far:\n{}", self.logs().join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The address a listener reported in its `listening` log line.
+    /// `name` is the listener's name (`ca`, `admin`, or an inbound/outbound name).
+    pub fn listening_addr(&mut self, name: &str) -> SocketAddr {
+        let v = self.wait_for_log(Duration::from_secs(30), |v| {
+            v["message"] == "listening" && v["listener"] == name
+        });
+        v["addr"].as_str().expect("addr field").parse().expect("socket address")
+    }
+
+    /// Sends a signal to the process.
+    pub fn signal(&self, sig: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{sig}"), &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CA made with `moat ca init` and served with `moat ca serve` on a port-0 listener.
+pub struct TestCa {
+    pub dir: tempfile::TempDir,
+    pub server: Running,
+    pub addr: SocketAddr,
+    pub trust_domain: String,
+}
+
+impl TestCa {
+    /// Initializes and starts a CA for `example.org`.
+    pub fn start() -> Self {
+        Self::start_with(|_| {})
+    }
+
+    /// Initializes a CA, lets `prepare` add files to its directory (e.g. `ca.toml`), then serves it.
+    pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_dir = dir.path().join("ca");
+        moat_ok(&["ca", "init", "--dir", path_str(&ca_dir), "--trust-domain", "example.org"]);
+        prepare(&ca_dir);
+        let mut server = Running::start(&[
+            "ca",
+            "serve",
+            "--dir",
+            path_str(&ca_dir),
+            "--listen",
+            "127.0.0.1:0",
+        ]);
+        let addr = server.listening_addr("ca");
+        Self {
+            dir,
+            server,
+            addr,
+            trust_domain: "example.org".into(),
+        }
+    }
+
+    /// The CA directory.
+    pub fn ca_dir(&self) -> PathBuf {
+        self.dir.path().join("ca")
+    }
+
+    /// `https://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// Writes the current bundle to a file and returns its path.
+    pub fn bundle_file(&self) -> PathBuf {
+        let path = self.dir.path().join("bundle.pem");
+        std::fs::write(&path, moat_ok(&["ca", "bundle", "--dir", path_str(&self.ca_dir())])).unwrap();
+        path
+    }
+
+    /// Mints a join token for `id`.
+    pub fn token(&self, id: &str) -> String {
+        moat_ok(&["ca", "token", "--dir", path_str(&self.ca_dir()), "--id", id])
+            .trim()
+            .to_owned()
+    }
+
+    /// Issues a certificate and key to files in the temp dir; returns (cert, key) paths.
+    pub fn issue_files(&self, id: &str, ttl: &str, name: &str) -> (PathBuf, PathBuf) {
+        let cert = self.dir.path().join(format!("{name}.crt"));
+        let key = self.dir.path().join(format!("{name}.key"));
+        moat_ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            path_str(&self.ca_dir()),
+            "--id",
+            id,
+            "--ttl",
+            ttl,
+            "--cert-out",
+            path_str(&cert),
+            "--key-out",
+            path_str(&key),
+        ]);
+        (cert, key)
+    }
+}
+
+/// A path as `&str` (test paths are always UTF-8).
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+/// Binds a plain HTTP/1.1 echo service on 127.0.0.1:0 (in a thread with its
+/// own runtime) that answers every request with 200 and a JSON body listing
+/// the method, path and request headers it received.
+pub fn echo_service() -> SocketAddr {
+    use std::net::TcpListener as StdListener;
+    let listener = StdListener::bind("127.0.0.1:0").expect("bind echo");
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                tokio::spawn(serve_echo(stream));
+            }
+        });
+    });
+    addr
+}
+
+async fn serve_echo(stream: tokio::net::TcpStream) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    let mut reader = BufReader::new(stream);
+    loop {
+        let mut request_line = String::new();
+        if reader.read_line(&mut request_line).await.unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = serde_json::Map::new();
+        let mut content_length = 0usize;
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line).await.unwrap_or(0) == 0 {
+                return;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                let k = k.trim().to_ascii_lowercase();
+                if k == "content-length" {
+                    content_length = v.trim().parse().unwrap_or(0);
+                }
+                headers.insert(k, Value::String(v.trim().to_owned()));
+            }
+        }
+        let mut body = vec![0u8; content_length];
+        if reader.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        let mut parts = request_line.split_whitespace();
+        let method = parts.next().unwrap_or("").to_owned();
+        let path = parts.next().unwrap_or("").to_owned();
+        let reply = serde_json::json!({
+            "method": method,
+            "path": path,
+            "headers": headers,
+            "body_len": body.len(),
+        })
+        .to_string();
+        let response = format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{}",
+            reply.len(),
+            reply
+        );
+        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
