@@ -16,6 +16,10 @@
 
 pub mod client;
 pub mod identity;
+pub mod issuer;
+pub mod server;
+pub mod store;
+pub mod token;
 
 pub use identity::{SpiffeId, TrustBundle, TrustDomain};
 

@@ -1,0 +1,731 @@
+//! The CA's HTTPS API.
+//!
+//! - `GET /v1/bundle`: the trust bundle (PEM), every root currently trusted.
+//! - `POST /v1/certs`: a PEM or DER CSR with `Authorization: Bearer <token>`
+//!   (a join token or a Kubernetes service-account token) → the PEM chain.
+//! - `POST /v1/renew`: a CSR over mutual TLS with a current workload
+//!   certificate → a new certificate for the same SPIFFE ID.
+//!
+//! Both issuing endpoints take an optional `?ttl=30m` query (capped by the
+//! configured maximum). Errors are JSON `{"error": "...", "reason": "..."}`.
+//! The serving certificate is issued by the active root and re-issued when a
+//! rotation changes the active root, so clients that trust only the new
+//! bundle keep reaching the CA.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::server::WebPkiClientVerifier;
+use serde::Deserialize;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+use crate::identity::{SpiffeId, TrustBundle};
+use crate::issuer::{CsrError, IssueError, RootCa, ValidatedCsr};
+use crate::store::{CaDir, RootState, StoreError};
+use crate::token::{CredentialKind, JwksSource, KubernetesVerifier, MAX_TOKEN_LEN, TokenError, VerifiedCredential};
+
+/// The CA server's configuration file (`ca.toml`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Certificate lifetimes.
+    #[serde(default)]
+    pub issuance: IssuanceConfig,
+    /// Kubernetes service-account token verification; absent means join tokens only.
+    pub kubernetes: Option<KubernetesConfig>,
+    /// Timeouts and size limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[issuance]`: certificate lifetimes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuanceConfig {
+    /// Lifetime when the request asks for none (default 1h).
+    #[serde(with = "humantime_serde", default = "default_ttl")]
+    pub default_ttl: Duration,
+    /// The longest lifetime granted (default and maximum 24h).
+    #[serde(with = "humantime_serde", default = "max_ttl")]
+    pub max_ttl: Duration,
+}
+
+/// `[kubernetes]`: how to verify projected service-account tokens.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// The audience the tokens must carry (the CA's), e.g. `moat-ca`.
+    pub audience: String,
+    /// The cluster's token issuer; checked when set.
+    pub issuer: Option<String>,
+    /// The cluster's JWKS as a file.
+    pub jwks_file: Option<PathBuf>,
+    /// The cluster's JWKS as an HTTPS URL.
+    pub jwks_url: Option<String>,
+    /// PEM roots that verify `jwks_url`'s server.
+    pub jwks_ca: Option<PathBuf>,
+}
+
+/// `[limits]`: timeouts and sizes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// TLS handshake timeout.
+    #[serde(with = "humantime_serde", default = "handshake_timeout")]
+    pub handshake_timeout: Duration,
+    /// Time to read a request's headers and body and answer it.
+    #[serde(with = "humantime_serde", default = "request_timeout")]
+    pub request_timeout: Duration,
+    /// Largest request body, bytes.
+    #[serde(default = "max_body")]
+    pub max_body: usize,
+    /// Most connections served at once.
+    #[serde(default = "max_connections")]
+    pub max_connections: usize,
+}
+
+/// A bound CA server, ready to [`run`](CaServer::run).
+pub struct CaServer {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+/// Errors that stop the CA server.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServerError {
+    /// Bad configuration (exit 64).
+    #[error("{0}")]
+    Config(String),
+    /// Binding the listener failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The CA directory failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Building the TLS configuration failed.
+    #[error("TLS setup: {0}")]
+    Tls(String),
+}
+
+/// Everything request handlers share.
+struct Shared {
+    ca: CaDir,
+    config: ServerConfig,
+    kubernetes: Option<KubernetesVerifier>,
+    sans: Vec<String>,
+    snapshot: ArcSwap<Snapshot>,
+    connections: Arc<Semaphore>,
+}
+
+/// The signing state, rebuilt when the roots change.
+struct Snapshot {
+    roots: Vec<(i64, RootState)>,
+    signer: RootCa,
+    bundle_pem: Bytes,
+    tls: Arc<rustls::ServerConfig>,
+    /// When the serving certificate should be re-issued.
+    refresh_at: SystemTime,
+}
+
+/// A refused request: status, short error text and a stable reason code.
+struct Refusal {
+    status: StatusCode,
+    error: String,
+    reason: &'static str,
+}
+
+impl ServerConfig {
+    /// Loads `ca.toml`; errors name the file, line and column.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        let config: Self = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
+        config.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        if self.issuance.max_ttl > crate::issuer::MAX_SVID_TTL || self.issuance.max_ttl.is_zero() {
+            return Err("issuance.max_ttl must be more than 0 and at most 24h".into());
+        }
+        if self.issuance.default_ttl > self.issuance.max_ttl || self.issuance.default_ttl.is_zero() {
+            return Err("issuance.default_ttl must be more than 0 and at most issuance.max_ttl".into());
+        }
+        if let Some(k) = &self.kubernetes {
+            match (&k.jwks_file, &k.jwks_url) {
+                (Some(_), None) => {}
+                (None, Some(_)) if k.jwks_ca.is_some() => {}
+                (None, Some(_)) => return Err("kubernetes.jwks_url needs kubernetes.jwks_ca".into()),
+                _ => return Err("kubernetes needs exactly one of jwks_file or jwks_url".into()),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Formats a TOML error as `file:line:column: message`.
+pub fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> String {
+    let (line, col) = err
+        .span()
+        .map(|span| line_col(text, span.start))
+        .unwrap_or((1, 1));
+    format!("{}:{line}:{col}: {}", path.display(), err.message())
+}
+
+/// 1-based line and column of a byte offset.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    (line, col)
+}
+
+impl CaServer {
+    /// Loads the signing state, verifies the Kubernetes JWKS if configured,
+    /// and binds the listener. Logs `listening` with the bound address.
+    pub async fn bind(
+        ca: CaDir,
+        config: ServerConfig,
+        listen: SocketAddr,
+        sans: Vec<String>,
+    ) -> Result<Self, ServerError> {
+        let kubernetes = match &config.kubernetes {
+            None => None,
+            Some(k) => {
+                let source = match (&k.jwks_file, &k.jwks_url, &k.jwks_ca) {
+                    (Some(file), _, _) => JwksSource::File(file.clone()),
+                    (None, Some(url), Some(ca)) => JwksSource::Url {
+                        url: url.clone(),
+                        ca_file: ca.clone(),
+                    },
+                    _ => return Err(ServerError::Config("kubernetes: no JWKS source".into())),
+                };
+                let verifier = KubernetesVerifier::new(k.audience.clone(), k.issuer.clone(), source)
+                    .await
+                    .map_err(|e| ServerError::Config(format!("kubernetes: {e}")))?;
+                Some(verifier)
+            }
+        };
+        let snapshot = build_snapshot(&ca, &sans)?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(|source| ServerError::Bind { addr: listen, source })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+        tracing::info!(
+            listener = "ca",
+            %addr,
+            trust_domain = %ca.trust_domain(),
+            kubernetes = kubernetes.is_some(),
+            "listening"
+        );
+        let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+        Ok(Self {
+            listener,
+            shared: Arc::new(Shared {
+                ca,
+                config,
+                kubernetes,
+                sans,
+                snapshot: ArcSwap::from_pointee(snapshot),
+                connections,
+            }),
+        })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until `shutdown` resolves, then lets in-flight requests finish
+    /// (up to the request timeout).
+    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
+        let refresher = tokio::spawn(refresh_loop(self.shared.clone()));
+        let mut tasks = tokio::task::JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = self.listener.accept() => {
+                    let Ok((tcp, peer)) = accepted else { continue };
+                    let Ok(permit) = self.shared.connections.clone().try_acquire_owned() else {
+                        tracing::warn!(%peer, "connection limit reached; refusing");
+                        continue;
+                    };
+                    let shared = self.shared.clone();
+                    tasks.spawn(async move {
+                        serve_connection(shared, tcp, peer).await;
+                        drop(permit);
+                    });
+                }
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        tracing::info!("shutting down; finishing in-flight requests");
+        refresher.abort();
+        let grace = self.shared.config.limits.request_timeout;
+        let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        Ok(())
+    }
+}
+
+async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    let limits = shared.config.limits.clone();
+    let acceptor = tokio_rustls::TlsAcceptor::from(shared.snapshot.load().tls.clone());
+    let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    // The chain was verified by webpki during the handshake; the identity is
+    // the leaf's single SPIFFE URI SAN.
+    let peer_id = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|certs| certs.first())
+        .map(|leaf| SpiffeId::from_cert_der(leaf));
+    let peer_id = Arc::new(peer_id);
+    let service = hyper::service::service_fn(move |req| {
+        let shared = shared.clone();
+        let peer_id = peer_id.clone();
+        async move {
+            let timeout = shared.config.limits.request_timeout;
+            let response = match tokio::time::timeout(timeout, handle(&shared, req, &peer_id)).await {
+                Ok(response) => response,
+                Err(_) => refusal_response(Refusal {
+                    status: StatusCode::REQUEST_TIMEOUT,
+                    error: "request timed out".into(),
+                    reason: "timeout",
+                }),
+            };
+            Ok::<_, std::convert::Infallible>(response)
+        }
+    });
+    let conn = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.request_timeout)
+        .keep_alive(false)
+        .max_buf_size(64 * 1024)
+        .serve_connection(TokioIo::new(tls), service);
+    if let Err(e) = conn.await {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
+}
+
+async fn handle(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    peer_id: &Option<Result<SpiffeId, crate::identity::IdError>>,
+) -> Response<Full<Bytes>> {
+    let result = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/v1/bundle") => Ok(pem_response(shared.snapshot.load().bundle_pem.clone())),
+        (&Method::GET, "/healthz") => Ok(Response::new(Full::new(Bytes::from_static(b"ok\n")))),
+        (&Method::POST, "/v1/certs") => issue(shared, req).await,
+        (&Method::POST, "/v1/renew") => renew(shared, req, peer_id).await,
+        (_, "/v1/bundle" | "/v1/certs" | "/v1/renew") => Err(Refusal {
+            status: StatusCode::METHOD_NOT_ALLOWED,
+            error: "method not allowed".into(),
+            reason: "method_not_allowed",
+        }),
+        _ => Err(Refusal {
+            status: StatusCode::NOT_FOUND,
+            error: "no such endpoint".into(),
+            reason: "not_found",
+        }),
+    };
+    result.unwrap_or_else(refusal_response)
+}
+
+async fn issue(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Refusal> {
+    let ttl = requested_ttl(shared, &req)?;
+    let token = bearer(&req).map_err(token_refusal)?;
+    let td = shared.ca.trust_domain();
+    // Route by key ID: join tokens carry the CA's own kid; anything else is
+    // a Kubernetes token, when Kubernetes is configured.
+    let kid = jsonwebtoken::decode_header(&token).ok().and_then(|h| h.kid);
+    let credential = if kid.as_deref() == Some(shared.ca.token_key().kid()) {
+        shared.ca.token_key().verify(td, &token)
+    } else if let Some(k8s) = &shared.kubernetes {
+        k8s.verify(td, &token).await
+    } else {
+        Err(TokenError::Invalid("not a join token of this CA".into()))
+    }
+    .map_err(token_refusal)?;
+    let body = read_body(shared, req).await?;
+    sign_and_record(shared, credential, &body, ttl).await
+}
+
+async fn renew(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+    peer_id: &Option<Result<SpiffeId, crate::identity::IdError>>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let ttl = requested_ttl(shared, &req)?;
+    let id = match peer_id {
+        Some(Ok(id)) => id.clone(),
+        Some(Err(e)) => {
+            return Err(Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                error: format!("client certificate: {e}"),
+                reason: "bad_client_certificate",
+            });
+        }
+        None => {
+            return Err(Refusal {
+                status: StatusCode::UNAUTHORIZED,
+                error: "renewal needs a client certificate".into(),
+                reason: "client_certificate_missing",
+            });
+        }
+    };
+    if !id.is_in(shared.ca.trust_domain()) {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            error: format!("{id} is outside this CA's trust domain"),
+            reason: "wrong_trust_domain",
+        });
+    }
+    let body = read_body(shared, req).await?;
+    let credential = VerifiedCredential {
+        id,
+        kind: CredentialKind::Renewal,
+        single_use: None,
+    };
+    sign_and_record(shared, credential, &body, ttl).await
+}
+
+async fn sign_and_record(
+    shared: &Arc<Shared>,
+    credential: VerifiedCredential,
+    body: &[u8],
+    ttl: Duration,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let csr = ValidatedCsr::parse(body).map_err(|e| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        error: e.to_string(),
+        reason: match e {
+            CsrError::TooLarge => "csr_too_large",
+            CsrError::BadSignature => "csr_bad_signature",
+            CsrError::UnsupportedKey => "csr_unsupported_key",
+            _ => "csr_malformed",
+        },
+    })?;
+    let snapshot = shared.snapshot.load_full();
+    let issued = snapshot
+        .signer
+        .sign_svid(shared.ca.trust_domain(), &credential.id, &csr, ttl)
+        .map_err(|e| match e {
+            IssueError::WrongTrustDomain { .. } => Refusal {
+                status: StatusCode::FORBIDDEN,
+                error: e.to_string(),
+                reason: "wrong_trust_domain",
+            },
+            IssueError::BadTtl(_) => Refusal {
+                status: StatusCode::BAD_REQUEST,
+                error: e.to_string(),
+                reason: "bad_ttl",
+            },
+            other => internal(other),
+        })?;
+    // SQLite may fsync: keep it off the async worker threads.
+    let record = {
+        let shared = shared.clone();
+        let issued = issued.clone();
+        let credential = credential.clone();
+        tokio::task::spawn_blocking(move || {
+            shared
+                .ca
+                .record_issuance(&issued, &credential.id, credential.kind, credential.single_use.as_ref())
+        })
+        .await
+        .map_err(internal)?
+    };
+    if let Err(e) = record {
+        return Err(match e {
+            StoreError::Token(TokenError::Replayed) => {
+                tracing::warn!(spiffe_id = %credential.id, reason = "token_replayed", "issuance refused");
+                token_refusal(TokenError::Replayed)
+            }
+            e if e.is_disk_full() => {
+                tracing::error!(error = %e, "issuance refused: the CA's disk is full");
+                Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    error: "the CA cannot record issuance right now".into(),
+                    reason: "store_unavailable",
+                }
+            }
+            e => {
+                tracing::error!(error = %e, "issuance refused: the CA store failed");
+                Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    error: "the CA cannot record issuance right now".into(),
+                    reason: "store_unavailable",
+                }
+            }
+        });
+    }
+    tracing::info!(
+        serial = %issued.serial,
+        spiffe_id = %credential.id,
+        not_after = %crate::store::format_time(issued.not_after),
+        credential = credential.kind.as_str(),
+        "issued"
+    );
+    let pem = crate::identity::der_to_pem("CERTIFICATE", &issued.cert_der);
+    Ok(pem_response(Bytes::from(pem)))
+}
+
+fn requested_ttl(shared: &Shared, req: &Request<Incoming>) -> Result<Duration, Refusal> {
+    let issuance = &shared.config.issuance;
+    let Some(query) = req.uri().query() else {
+        return Ok(issuance.default_ttl);
+    };
+    let mut ttl = issuance.default_ttl;
+    for pair in query.split('&') {
+        if let Some(value) = pair.strip_prefix("ttl=") {
+            ttl = humantime::parse_duration(value).map_err(|_| Refusal {
+                status: StatusCode::BAD_REQUEST,
+                error: format!("ttl {value:?} is not a duration like 30m"),
+                reason: "bad_ttl",
+            })?;
+        }
+    }
+    if ttl.is_zero() || ttl > issuance.max_ttl {
+        return Err(Refusal {
+            status: StatusCode::BAD_REQUEST,
+            error: format!("ttl must be more than 0 and at most {}", humantime::format_duration(issuance.max_ttl)),
+            reason: "bad_ttl",
+        });
+    }
+    Ok(ttl)
+}
+
+fn bearer(req: &Request<Incoming>) -> Result<String, TokenError> {
+    let value = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or(TokenError::Missing)?;
+    if value.len() > MAX_TOKEN_LEN + 7 {
+        return Err(TokenError::TooLong);
+    }
+    let value = value.to_str().map_err(|_| TokenError::Invalid("not ASCII".into()))?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or(TokenError::Missing)?;
+    Ok(token.trim().to_owned())
+}
+
+async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Refusal> {
+    if let Some(ct) = req.headers().get(header::CONTENT_TYPE) {
+        let ct = ct.to_str().unwrap_or("");
+        let essence = ct.split(';').next().unwrap_or("").trim();
+        if !matches!(
+            essence,
+            "application/pkcs10" | "application/x-pem-file" | "application/octet-stream" | "text/plain"
+        ) && !essence.is_empty()
+        {
+            return Err(Refusal {
+                status: StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                error: format!("content type {essence:?} is not a CSR"),
+                reason: "bad_content_type",
+            });
+        }
+    }
+    Limited::new(req.into_body(), shared.config.limits.max_body)
+        .collect()
+        .await
+        .map(|c| c.to_bytes())
+        .map_err(|_| Refusal {
+            status: StatusCode::PAYLOAD_TOO_LARGE,
+            error: format!("the body is larger than {} bytes", shared.config.limits.max_body),
+            reason: "body_too_large",
+        })
+}
+
+fn token_refusal(e: TokenError) -> Refusal {
+    let status = match e {
+        TokenError::WrongTrustDomain(_) => StatusCode::FORBIDDEN,
+        TokenError::Jwks(_) => StatusCode::SERVICE_UNAVAILABLE,
+        _ => StatusCode::UNAUTHORIZED,
+    };
+    tracing::info!(reason = e.reason(), error = %e, "credential refused");
+    Refusal {
+        status,
+        error: e.to_string(),
+        reason: e.reason(),
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Refusal {
+    tracing::error!(error = %e, "internal error");
+    Refusal {
+        status: StatusCode::INTERNAL_SERVER_ERROR,
+        error: "internal error".into(),
+        reason: "internal",
+    }
+}
+
+fn pem_response(body: Bytes) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-pem-file")
+        .body(Full::new(body))
+        .expect("static response")
+}
+
+fn refusal_response(r: Refusal) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": r.error, "reason": r.reason }).to_string();
+    let mut builder = Response::builder()
+        .status(r.status)
+        .header(header::CONTENT_TYPE, "application/json");
+    if r.status == StatusCode::UNAUTHORIZED {
+        builder = builder.header(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"");
+    }
+    builder.body(Full::new(Bytes::from(body))).expect("static response")
+}
+
+/// Re-reads the roots every second; rebuilds the signing state when a
+/// rotation step changed them or the serving certificate is half-way through
+/// its life.
+async fn refresh_loop(shared: Arc<Shared>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let current = shared.snapshot.load();
+        let roots = match shared.ca.roots() {
+            Ok(r) => r.into_iter().map(|r| (r.id, r.state)).collect::<Vec<_>>(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the roots; keeping the current state");
+                continue;
+            }
+        };
+        if roots == current.roots && SystemTime::now() < current.refresh_at {
+            continue;
+        }
+        match build_snapshot(&shared.ca, &shared.sans) {
+            Ok(next) => {
+                tracing::info!(roots = ?next.roots, "signing state reloaded");
+                shared.snapshot.store(Arc::new(next));
+            }
+            Err(e) => tracing::error!(error = %e, "cannot reload the signing state; keeping the current one"),
+        }
+    }
+}
+
+fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> {
+    let roots: Vec<(i64, RootState)> = ca.roots()?.into_iter().map(|r| (r.id, r.state)).collect();
+    let signer = ca.active_root()?;
+    let bundle: TrustBundle = ca.bundle()?;
+    let server_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let ttl = Duration::from_secs(24 * 3600);
+    let serving = signer
+        .sign_server_cert(sans, &server_key, ttl)
+        .map_err(|e| ServerError::Config(format!("--san: {e}")))?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(
+        bundle.root_store().map_err(|e| ServerError::Tls(e.to_string()))?,
+    ))
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(vec![serving.cert_der.clone()], key_der)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let lifetime = serving.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    Ok(Snapshot {
+        roots,
+        signer,
+        bundle_pem: Bytes::from(bundle.to_pem()),
+        tls: Arc::new(tls),
+        refresh_at: SystemTime::now() + lifetime / 2,
+    })
+}
+
+fn default_ttl() -> Duration {
+    crate::issuer::DEFAULT_SVID_TTL
+}
+fn max_ttl() -> Duration {
+    crate::issuer::MAX_SVID_TTL
+}
+fn handshake_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn request_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn max_body() -> usize {
+    64 * 1024
+}
+fn max_connections() -> usize {
+    1024
+}
+
+impl Default for IssuanceConfig {
+    fn default() -> Self {
+        Self {
+            default_ttl: default_ttl(),
+            max_ttl: max_ttl(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: handshake_timeout(),
+            request_timeout: request_timeout(),
+            max_body: max_body(),
+            max_connections: max_connections(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("a\nbc\nd", 0), (1, 1));
+        assert_eq!(line_col("a\nbc\nd", 3), (2, 2));
+        assert_eq!(line_col("a\nbc\nd", 5), (3, 1));
+    }
+
+    #[test]
+    fn config_errors_name_file_line_and_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ca.toml");
+        std::fs::write(&path, "[issuance]\ndefault_ttl = \"1h\"\nbogus = 1\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err();
+        assert!(err.contains("ca.toml:3:1"), "{err}");
+        assert!(err.contains("bogus"), "{err}");
+        std::fs::write(&path, "[issuance]\nmax_ttl = \"48h\"\n").unwrap();
+        assert!(ServerConfig::load(&path).unwrap_err().contains("max_ttl"));
+    }
+}
