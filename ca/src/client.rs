@@ -51,6 +51,7 @@ pub struct CaClient {
     server_name: ServerName<'static>,
     bundle: TrustBundle,
     timeout: Duration,
+    ttl: Option<Duration>,
 }
 
 /// Exponential backoff with full jitter, for retrying an unreachable CA.
@@ -233,12 +234,20 @@ impl CaClient {
             server_name,
             bundle,
             timeout: Duration::from_secs(10),
+            ttl: None,
         })
     }
 
     /// Sets the time limit for one request (connect, TLS and HTTP).
     pub fn with_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Asks the CA for certificates of this lifetime (the CA caps it);
+    /// `None` takes the CA's default.
+    pub fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
+        self.ttl = ttl;
         self
     }
 
@@ -316,10 +325,15 @@ impl CaClient {
         bearer: Option<&str>,
         body: Bytes,
     ) -> Result<Bytes, ClientError> {
+        let query = match (self.ttl, method == Method::POST) {
+            (Some(ttl), true) => format!("?ttl={}s", ttl.as_secs().max(1)),
+            _ => String::new(),
+        };
         let uri = format!(
-            "https://{}{}",
+            "https://{}{}{}",
             self.base.authority().map(|a| a.as_str()).unwrap_or_default(),
-            path
+            path,
+            query
         );
         let uri: Uri = uri.parse().map_err(|_| ClientError::BadUrl(uri))?;
         let mut req = Request::builder()
