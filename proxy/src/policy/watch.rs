@@ -1,0 +1,176 @@
+//! Hot reload: keep the current policy in an `ArcSwap`, replace it when the
+//! file changes and the new content is valid, keep it when not.
+//!
+//! The watcher watches the file's *directory* (not the file), so editors
+//! that write a temporary file and rename it over the original, and
+//! Kubernetes ConfigMap volumes that swap a `..data` symlink, are seen. Every
+//! event in the directory triggers a re-read; an unchanged content hash is a
+//! no-op, so unrelated files cost one read.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use notify::{RecursiveMode, Watcher};
+
+use super::{JwksCache, Policy, PolicyError};
+
+/// How long to wait after an event for more (an editor's save is several).
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// Reload counters, for metrics and the admin view.
+#[derive(Debug, Default)]
+pub struct ReloadStats {
+    /// Reloads that replaced the policy.
+    pub ok: AtomicU64,
+    /// Reloads refused because the new content was invalid (or unreadable).
+    pub failed: AtomicU64,
+}
+
+/// The current policy of a running proxy, reloaded from its file.
+pub struct PolicyWatcher {
+    path: PathBuf,
+    current: Arc<ArcSwap<Policy>>,
+    cache: Arc<JwksCache>,
+    stats: Arc<ReloadStats>,
+    /// Keeps the OS watch alive; `None` until [`PolicyWatcher::watch`].
+    _watcher: Option<notify::RecommendedWatcher>,
+}
+
+/// What [`PolicyWatcher::reload`] did.
+#[derive(Debug)]
+pub enum ReloadOutcome {
+    /// The content is unchanged (same hash): nothing to do.
+    Unchanged,
+    /// The new policy is in place.
+    Applied {
+        /// Hash of the new policy.
+        hash: String,
+    },
+    /// The new content is invalid; the last good policy stays.
+    Refused(PolicyError),
+}
+
+impl PolicyWatcher {
+    /// Loads the policy at `path` (an error here is a start-up configuration
+    /// error), binding its issuers to `cache`. Does not watch yet.
+    pub fn load(path: &Path, cache: Arc<JwksCache>) -> Result<Self, PolicyError> {
+        let policy = Policy::load_with(path, &cache)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            current: Arc::new(ArcSwap::from_pointee(policy)),
+            cache,
+            stats: Arc::default(),
+            _watcher: None,
+        })
+    }
+
+    /// The shared handle the request path reads the current policy from
+    /// (`handle.load()` per request; never blocks).
+    pub fn handle(&self) -> Arc<ArcSwap<Policy>> {
+        self.current.clone()
+    }
+
+    /// The current policy.
+    pub fn current(&self) -> Arc<Policy> {
+        self.current.load_full()
+    }
+
+    /// The reload counters.
+    pub fn stats(&self) -> Arc<ReloadStats> {
+        self.stats.clone()
+    }
+
+    /// The key cache the policy's issuers are bound to.
+    pub fn jwks(&self) -> &Arc<JwksCache> {
+        &self.cache
+    }
+
+    /// Re-reads the file now: swaps in the new policy if it is valid and
+    /// different, otherwise logs every diagnostic, counts a failure and keeps
+    /// the current one.
+    pub fn reload(&self) -> ReloadOutcome {
+        reload(&self.path, &self.current, &self.cache, &self.stats)
+    }
+
+    /// Starts watching the file's directory; changes are applied from a
+    /// background thread until the watcher is dropped.
+    pub fn watch(&mut self) -> Result<(), notify::Error> {
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                let _ = tx.send(());
+            }
+        })?;
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+        let (path, current, cache, stats) =
+            (self.path.clone(), self.current.clone(), self.cache.clone(), self.stats.clone());
+        std::thread::Builder::new()
+            .name("moat-policy-watch".into())
+            .spawn(move || {
+                // Ends when the watcher (and so the sender) is dropped.
+                while rx.recv().is_ok() {
+                    std::thread::sleep(DEBOUNCE);
+                    while rx.try_recv().is_ok() {}
+                    reload(&path, &current, &cache, &stats);
+                }
+            })
+            .map_err(|e| notify::Error::io(e))?;
+        self._watcher = Some(watcher);
+        Ok(())
+    }
+}
+
+fn reload(path: &Path, current: &ArcSwap<Policy>, cache: &JwksCache, stats: &ReloadStats) -> ReloadOutcome {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(source) => {
+            // A ConfigMap swap can briefly leave no file: refuse, keep the last good.
+            let e = PolicyError::Read {
+                file: path.to_path_buf(),
+                source,
+            };
+            return refuse(e, current, stats);
+        }
+    };
+    match Policy::parse(path, &text, cache) {
+        Ok(policy) if policy.hash() == current.load().hash() => ReloadOutcome::Unchanged,
+        Ok(policy) => {
+            let hash = policy.hash().to_owned();
+            let old = current.load().hash().to_owned();
+            current.store(Arc::new(policy));
+            stats.ok.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(target: "moat::policy", file = %path.display(), policy_hash = %hash, previous_hash = %old, "policy reloaded");
+            ReloadOutcome::Applied { hash }
+        }
+        Err(e) => refuse(e, current, stats),
+    }
+}
+
+fn refuse(e: PolicyError, current: &ArcSwap<Policy>, stats: &ReloadStats) -> ReloadOutcome {
+    stats.failed.fetch_add(1, Ordering::Relaxed);
+    for d in e.diagnostics() {
+        tracing::error!(
+            target: "moat::policy",
+            error = %d,
+            kept_hash = %current.load().hash(),
+            "policy reload refused; keeping the last good policy"
+        );
+    }
+    ReloadOutcome::Refused(e)
+}
+
+impl std::fmt::Debug for PolicyWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyWatcher")
+            .field("path", &self.path)
+            .field("hash", &self.current.load().hash())
+            .finish()
+    }
+}
