@@ -1,29 +1,590 @@
 //! The proxy's configuration file (TOML).
+//!
+//! Parsed once, strictly (unknown fields are errors), into typed values:
+//! after [`Config::load`] the rest of the proxy never sees a string that
+//! should have been a `SocketAddr`, a `SpiffeId` or a `Duration`. Errors name
+//! the file, line and column, and quote the offending line so the field is
+//! plain to see.
 
-use std::path::Path;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use moat_ca::{SpiffeId, TrustDomain};
+use serde::Deserialize;
 
 /// The whole proxy configuration.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Runtime settings.
+    /// `[runtime]`: threads.
+    #[serde(default)]
     pub runtime: Runtime,
+    /// `[identity]`: where this workload's certificate comes from.
+    pub identity: Identity,
+    /// `[admin]`: the admin listener.
+    #[serde(default)]
+    pub admin: Admin,
+    /// `[tls]`: protocol versions.
+    #[serde(default)]
+    pub tls: Tls,
+    /// `[limits]`: timeouts and bounds shared by every listener.
+    #[serde(default)]
+    pub limits: Limits,
+    /// `[[inbound]]`: peers to this service.
+    #[serde(default)]
+    pub inbound: Vec<Inbound>,
+    /// `[[outbound]]`: this service to a peer.
+    #[serde(default)]
+    pub outbound: Vec<Outbound>,
+    /// The file this configuration was read from (relative paths inside it
+    /// are resolved against its directory).
+    #[serde(skip)]
+    pub source: PathBuf,
 }
 
 /// `[runtime]`: how many worker threads.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Runtime {
     /// Tokio worker threads; `None` means one per core.
     pub worker_threads: Option<usize>,
 }
 
+/// Where the workload's identity (certificate, key, trust bundle) comes from.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// From the moat CA: a key made in memory, a first certificate got with a
+    /// token, renewals over mutual TLS, the bundle refreshed from the CA.
+    Ca(CaIdentity),
+    /// From files managed elsewhere, watched and reloaded when they change.
+    Files(FileIdentity),
+}
+
+/// `[identity]` with `ca_url`.
+#[derive(Debug, Clone)]
+pub struct CaIdentity {
+    /// `https://host:port` of the CA.
+    pub ca_url: String,
+    /// The trust bundle file: verifies the CA (and peers, until the CA's
+    /// own bundle has been fetched).
+    pub bundle: PathBuf,
+    /// The join token or Kubernetes service-account token.
+    pub token_file: PathBuf,
+    /// How often the trust bundle is fetched from the CA again.
+    pub bundle_refresh: Duration,
+    /// The first wait before retrying an unreachable CA (it doubles, with jitter).
+    pub retry_base: Duration,
+    /// The longest wait between retries.
+    pub retry_max: Duration,
+}
+
+/// `[identity]` with `cert` and `key`.
+#[derive(Debug, Clone)]
+pub struct FileIdentity {
+    /// Certificate chain, PEM, leaf first.
+    pub cert: PathBuf,
+    /// PKCS#8 private key, PEM.
+    pub key: PathBuf,
+    /// Trust bundle, PEM.
+    pub bundle: PathBuf,
+}
+
+/// `[admin]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Admin {
+    /// Address of `/live`, `/ready` and `/identity`.
+    #[serde(default = "default_admin_listen")]
+    pub listen: SocketAddr,
+}
+
+/// `[tls]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// Also accept and offer TLS 1.2 (TLS 1.3 only by default).
+    #[serde(default)]
+    pub allow_tls12: bool,
+}
+
+/// `[limits]`: nothing the proxy holds for a peer is unbounded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Time allowed for a TLS handshake.
+    #[serde(with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    /// Time allowed to receive a request's headers (slowloris).
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight and no bytes moving for this
+    /// long is closed.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest request header block accepted; larger gets 431.
+    pub max_header_bytes: usize,
+    /// Most connections open at once on one listener; more wait in the
+    /// kernel's accept queue.
+    pub max_connections: usize,
+    /// Time allowed to connect to the local service or a peer.
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed for the upstream to start answering; then 504.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// On SIGTERM, how long in-flight requests may take to finish.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace: Duration,
+}
+
+/// What a listener carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    /// HTTP/1.1 and HTTP/2 (by ALPN inbound; by preface on the plaintext side).
+    #[default]
+    Http,
+    /// Bytes both ways.
+    Tcp,
+}
+
+/// Who may connect: an exact SPIFFE ID, or every ID under a prefix (`/*`).
+#[derive(Clone, PartialEq, Eq)]
+pub enum PeerPattern {
+    /// Exactly this ID.
+    Exact(SpiffeId),
+    /// Any ID starting with this prefix, which ends with `/`.
+    Prefix(String),
+}
+
+/// `[[inbound]]`: peers to this service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Inbound {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// Where peers connect (mutual TLS).
+    pub listen: SocketAddr,
+    /// The local service, plaintext.
+    pub forward: SocketAddr,
+    /// `http` or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Who may connect at all; absent means any peer of the trust domain.
+    pub allow_peers: Option<Vec<PeerPattern>>,
+    /// Per-route authorization file (http only).
+    pub policy: Option<PathBuf>,
+    /// Allow `forward` off loopback (plaintext over a network).
+    #[serde(default)]
+    pub unsafe_forward: bool,
+}
+
+/// `[[outbound]]`: this service to a peer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// Name used in logs and metrics.
+    pub name: String,
+    /// Where the local service connects (plaintext, loopback).
+    pub listen: SocketAddr,
+    /// `host:port` of the peer's sidecar, resolved by DNS at each connect.
+    pub upstream: Upstream,
+    /// The SPIFFE ID the peer must present.
+    pub peer: SpiffeId,
+    /// `http` or `tcp`.
+    #[serde(default)]
+    pub protocol: Protocol,
+    /// Allow `listen` off loopback (plaintext from the network).
+    #[serde(default)]
+    pub unsafe_listen: bool,
+}
+
+/// A `host:port` upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// Host name or IP address.
+    pub host: String,
+    /// Port.
+    pub port: u16,
+}
+
 /// A configuration error naming file, line and field.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct ConfigError(String);
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        /// The file.
+        file: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("{file}:{line}:{column}: {message}{context}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// 1-based line.
+        line: usize,
+        /// 1-based column.
+        column: usize,
+        /// What is wrong.
+        message: String,
+        /// The offending line, quoted.
+        context: String,
+    },
+    /// The values parse but do not make a usable configuration.
+    #[error("{file}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong, naming the field.
+        message: String,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIdentity {
+    ca_url: Option<String>,
+    bundle: PathBuf,
+    token_file: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    #[serde(default, with = "humantime_serde")]
+    bundle_refresh: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_base: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    retry_max: Option<Duration>,
+}
+
+fn default_admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 9901))
+}
+
+impl Default for Admin {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            handshake_timeout: Duration::from_secs(10),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            max_header_bytes: 16 * 1024,
+            max_connections: 10_000,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(60),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
 
 impl Config {
     /// Loads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        Err(ConfigError(format!("{}: not implemented yet", path.display())))
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            file: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text read from `path`.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
+        config.source = path.to_owned();
+        let invalid = |message: String| ConfigError::Invalid {
+            file: path.to_owned(),
+            message,
+        };
+        config.validate().map_err(invalid)?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        Ok(config)
+    }
+
+    /// Every listener name, inbound then outbound.
+    fn validate(&self) -> Result<(), String> {
+        if self.inbound.is_empty() && self.outbound.is_empty() {
+            return Err("no [[inbound]] or [[outbound]] listener is configured".into());
+        }
+        let mut names: Vec<&str> = vec!["admin"];
+        let all = self
+            .inbound
+            .iter()
+            .map(|l| ("inbound", &l.name))
+            .chain(self.outbound.iter().map(|l| ("outbound", &l.name)));
+        for (kind, name) in all {
+            if name.is_empty()
+                || !name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            {
+                return Err(format!(
+                    "[[{kind}]] name {name:?}: use letters, digits, '-', '_' or '.'"
+                ));
+            }
+            if names.contains(&name.as_str()) {
+                return Err(format!(
+                    "[[{kind}]] name {name:?} is used twice (or is the reserved name \"admin\")"
+                ));
+            }
+            names.push(name);
+        }
+        for l in &self.inbound {
+            if !l.forward.ip().is_loopback() && !l.unsafe_forward {
+                return Err(format!(
+                    "[[inbound]] {:?}: forward = {} is off loopback; plaintext would cross a network (set unsafe_forward = true to allow)",
+                    l.name, l.forward
+                ));
+            }
+            if l.protocol == Protocol::Tcp && l.policy.is_some() {
+                return Err(format!(
+                    "[[inbound]] {:?}: policy applies to protocol = \"http\" only; a tcp listener authorizes by allow_peers",
+                    l.name
+                ));
+            }
+            if matches!(&l.allow_peers, Some(p) if p.is_empty()) {
+                return Err(format!(
+                    "[[inbound]] {:?}: allow_peers = [] would refuse every peer; remove it to allow the whole trust domain",
+                    l.name
+                ));
+            }
+        }
+        for l in &self.outbound {
+            if !l.listen.ip().is_loopback() && !l.unsafe_listen {
+                return Err(format!(
+                    "[[outbound]] {:?}: listen = {} is off loopback; anyone on the network could use this identity (set unsafe_listen = true to allow)",
+                    l.name, l.listen
+                ));
+            }
+        }
+        let l = &self.limits;
+        if l.max_connections == 0 || l.max_header_bytes < 1024 {
+            return Err(
+                "[limits] max_connections must be at least 1 and max_header_bytes at least 1024"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        match &mut self.identity {
+            Identity::Ca(ca) => {
+                fix(&mut ca.bundle);
+                fix(&mut ca.token_file);
+            }
+            Identity::Files(f) => {
+                fix(&mut f.cert);
+                fix(&mut f.key);
+                fix(&mut f.bundle);
+            }
+        }
+        for l in &mut self.inbound {
+            if let Some(p) = &mut l.policy {
+                fix(p);
+            }
+        }
+    }
+
+    /// Warnings about configuration that widens exposure or leaves requests
+    /// unauthorized; logged once at start.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for l in &self.inbound {
+            if l.unsafe_forward {
+                out.push(format!(
+                    "inbound {}: unsafe_forward: plaintext to {} leaves this host",
+                    l.name, l.forward
+                ));
+            }
+            if l.protocol == Protocol::Http && l.policy.is_none() {
+                out.push(format!(
+                    "inbound {}: no route policy is set; every request from an allowed peer is forwarded",
+                    l.name
+                ));
+            }
+        }
+        for l in &self.outbound {
+            if l.unsafe_listen {
+                out.push(format!(
+                    "outbound {}: unsafe_listen: plaintext listener on {} is reachable off this host",
+                    l.name, l.listen
+                ));
+            }
+        }
+        if self.tls.allow_tls12 {
+            out.push("tls: allow_tls12: TLS 1.2 is accepted and offered".into());
+        }
+        out
     }
 }
+
+fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+    let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+    let before = &text[..start];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    let column = before[line_start..].chars().count() + 1;
+    let line_text = text[line_start..].lines().next().unwrap_or("").trim();
+    let context = if e.span().is_some() && !line_text.is_empty() {
+        format!(" (at `{line_text}`)")
+    } else {
+        String::new()
+    };
+    ConfigError::Parse {
+        file: path.to_owned(),
+        line,
+        column,
+        message: e.message().trim().to_owned(),
+        context,
+    }
+}
+
+impl<'de> Deserialize<'de> for Identity {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let raw = RawIdentity::deserialize(d)?;
+        match (raw.ca_url, raw.token_file, raw.cert, raw.key) {
+            (Some(ca_url), Some(token_file), None, None) => {
+                if !ca_url.starts_with("https://") {
+                    return Err(D::Error::custom(format!(
+                        "identity.ca_url {ca_url:?} must be an https:// URL"
+                    )));
+                }
+                let retry_base = raw.retry_base.unwrap_or(Duration::from_secs(1));
+                let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(60));
+                let bundle_refresh = raw.bundle_refresh.unwrap_or(Duration::from_secs(300));
+                if retry_base.is_zero() || retry_max < retry_base || bundle_refresh.is_zero() {
+                    return Err(D::Error::custom(
+                        "identity: retry_base and bundle_refresh must be positive, and retry_max at least retry_base",
+                    ));
+                }
+                Ok(Identity::Ca(CaIdentity {
+                    ca_url,
+                    bundle: raw.bundle,
+                    token_file,
+                    bundle_refresh,
+                    retry_base,
+                    retry_max,
+                }))
+            }
+            (None, None, Some(cert), Some(key)) => {
+                if raw.bundle_refresh.is_some()
+                    || raw.retry_base.is_some()
+                    || raw.retry_max.is_some()
+                {
+                    return Err(D::Error::custom(
+                        "identity: bundle_refresh, retry_base and retry_max apply to ca_url only",
+                    ));
+                }
+                Ok(Identity::Files(FileIdentity {
+                    cert,
+                    key,
+                    bundle: raw.bundle,
+                }))
+            }
+            _ => Err(D::Error::custom(
+                "identity: set either ca_url + token_file + bundle (certificates from the CA) or cert + key + bundle (files), not a mix",
+            )),
+        }
+    }
+}
+
+impl PeerPattern {
+    /// True when `id` matches this pattern.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        match self {
+            PeerPattern::Exact(want) => want == id,
+            PeerPattern::Prefix(prefix) => id.as_str().starts_with(prefix.as_str()),
+        }
+    }
+
+    /// Parses `spiffe://td/path`, `spiffe://td/path/*` or `spiffe://td/*`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = |e: moat_ca::identity::IdError| format!("allow_peers entry {s:?}: {e}");
+        match s.strip_suffix("/*") {
+            Some(prefix) => {
+                match SpiffeId::parse(prefix) {
+                    Ok(_) => {}
+                    Err(moat_ca::identity::IdError::NoPath) => {
+                        let td = prefix.strip_prefix("spiffe://").unwrap_or(prefix);
+                        TrustDomain::parse(td).map_err(bad)?;
+                    }
+                    Err(e) => return Err(bad(e)),
+                }
+                Ok(PeerPattern::Prefix(format!("{prefix}/")))
+            }
+            None => SpiffeId::parse(s).map(PeerPattern::Exact).map_err(bad),
+        }
+    }
+}
+
+impl fmt::Debug for PeerPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerPattern::Exact(id) => write!(f, "{}", id.as_str()),
+            PeerPattern::Prefix(p) => write!(f, "{p}*"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PeerPattern {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PeerPattern::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Upstream {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Upstream::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl Upstream {
+    /// Parses `host:port` or `[v6]:port`.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = || format!("upstream {s:?} must be host:port");
+        let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        if host.is_empty() || port == 0 || host.contains(['/', ' ', '@']) {
+            return Err(bad());
+        }
+        Ok(Self {
+            host: host.to_owned(),
+            port,
+        })
+    }
+}
+
+impl fmt::Display for Upstream {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

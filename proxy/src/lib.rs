@@ -6,21 +6,231 @@
 //! local service's plaintext traffic and originates mutual TLS to the peer's
 //! sidecar, checking that the peer is who it should be.
 //!
-//! Where to start reading: [`config`] (what an operator writes), then [`run`].
+//! Where to start reading: [`config`] (what an operator writes), then
+//! [`Proxy::bind`] and [`Proxy::serve`]; the data path is in [`inbound`] and
+//! [`outbound`], identity in [`identity`] and [`tls`].
 
+pub mod admin;
+pub mod authz;
 pub mod config;
+pub mod conn;
+pub mod drain;
+pub mod http;
+pub mod identity;
+pub mod inbound;
+pub mod outbound;
 pub mod policy;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::Notify;
+
+use crate::config::{Config, Identity};
+use crate::tls::{CredentialStore, TlsFactory};
 
 /// Errors that stop the proxy.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// Not built yet.
-    #[error("the proxy is not implemented yet")]
-    Unimplemented,
+    /// A listener could not be bound.
+    #[error("listener {name}: cannot bind {addr}: {source}")]
+    Bind {
+        /// The listener's name.
+        name: String,
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A TLS configuration could not be built.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsConfigError),
+    /// The identity could not be set up.
+    #[error("identity: {0}")]
+    Identity(#[from] identity::IdentityError),
+    /// A route policy could not be used.
+    #[error("inbound {listener}: policy {path}: {message}")]
+    Policy {
+        /// The inbound listener.
+        listener: String,
+        /// The policy file.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An upstream address cannot be used as an HTTP authority.
+    #[error("outbound {0}: upstream {1} is not a valid authority")]
+    Upstream(String, String),
+    /// A signal handler could not be installed.
+    #[error("cannot install a signal handler: {0}")]
+    Signal(std::io::Error),
 }
 
-/// Runs the proxy until SIGTERM/SIGINT.
-pub async fn run(_config: config::Config) -> Result<(), Error> {
-    Err(Error::Unimplemented)
+/// A proxy with every listener bound, not yet serving.
+pub struct Proxy {
+    config: Config,
+    store: Arc<CredentialStore>,
+    addrs: Vec<(String, SocketAddr)>,
+    identity: IdentityTask,
+    reload: Arc<Notify>,
+    admin: admin::AdminListener,
+    inbound: Vec<inbound::InboundListener>,
+    outbound: Vec<outbound::OutboundListener>,
+    draining: Arc<AtomicBool>,
+}
+
+enum IdentityTask {
+    Ca(identity::CaSource),
+    Files(identity::FileSource),
+}
+
+impl Proxy {
+    /// Sets up identity and binds every listener (each logs `listening`
+    /// with its bound address). Files are read here, so a bad bundle or
+    /// certificate stops the start before any traffic is taken.
+    pub async fn bind(config: Config) -> Result<Self, Error> {
+        for warning in config.warnings() {
+            tracing::warn!("{warning}");
+        }
+        let store = Arc::new(CredentialStore::new());
+        let (identity, reload) = match &config.identity {
+            Identity::Ca(ca) => {
+                let src = identity::CaSource::new(ca.clone(), store.clone())?;
+                let reload = src.refresh_handle();
+                (IdentityTask::Ca(src), reload)
+            }
+            Identity::Files(files) => {
+                let src = identity::FileSource::new(files.clone(), store.clone())?;
+                let reload = src.reload_handle();
+                (IdentityTask::Files(src), reload)
+            }
+        };
+        let tls = TlsFactory::new(store.clone(), config.tls.allow_tls12);
+        let draining = Arc::new(AtomicBool::new(false));
+        let mut addrs = Vec::new();
+        let (admin, addr) =
+            admin::AdminListener::bind(config.admin.listen, store.clone(), draining.clone())
+                .await?;
+        addrs.push(("admin".to_owned(), addr));
+        let mut inbound = Vec::new();
+        for l in &config.inbound {
+            let authz = authorizer(l)?;
+            let (listener, addr) =
+                inbound::InboundListener::bind(l, &config.limits, &tls, authz).await?;
+            addrs.push((l.name.clone(), addr));
+            inbound.push(listener);
+        }
+        let mut outbound = Vec::new();
+        for l in &config.outbound {
+            let (listener, addr) =
+                outbound::OutboundListener::bind(l, &config.limits, &tls, store.clone()).await?;
+            addrs.push((l.name.clone(), addr));
+            outbound.push(listener);
+        }
+        Ok(Self {
+            config,
+            store,
+            addrs,
+            identity,
+            reload,
+            admin,
+            inbound,
+            outbound,
+            draining,
+        })
+    }
+
+    /// The bound address of the listener `name` (`admin` or a listener name).
+    pub fn local_addr(&self, name: &str) -> Option<SocketAddr> {
+        self.addrs.iter().find(|(n, _)| n == name).map(|(_, a)| *a)
+    }
+
+    /// The credential store (for the current identity).
+    pub fn credentials(&self) -> Arc<CredentialStore> {
+        self.store.clone()
+    }
+
+    /// Notify to re-read identity files (file mode) or refresh the bundle
+    /// from the CA (CA mode): what SIGHUP does.
+    pub fn reload_handle(&self) -> Arc<Notify> {
+        self.reload.clone()
+    }
+
+    /// Serves until `shutdown` resolves, then drains: stops accepting, lets
+    /// in-flight requests finish within `[limits] shutdown_grace`, returns.
+    pub async fn serve(self, shutdown: impl Future<Output = ()>) -> Result<(), Error> {
+        let (signal, watch) = drain::channel();
+        let mut background = Vec::new();
+        background.push(tokio::spawn(self.admin.serve()));
+        match self.identity {
+            IdentityTask::Ca(src) => background.push(tokio::spawn(src.run())),
+            IdentityTask::Files(src) => background.push(tokio::spawn(async move {
+                if let Err(e) = src.run().await {
+                    tracing::error!(error = %e, "identity files are no longer watched; SIGHUP still reloads nothing");
+                }
+            })),
+        }
+        for l in self.inbound {
+            tokio::spawn(l.serve(watch.clone()));
+        }
+        for l in self.outbound {
+            tokio::spawn(l.serve(watch.clone()));
+        }
+        drop(watch);
+        shutdown.await;
+        self.draining.store(true, Ordering::Relaxed);
+        let grace = self.config.limits.shutdown_grace;
+        tracing::info!(grace = ?grace, open = signal.watchers(), "draining");
+        match tokio::time::timeout(grace, signal.drain()).await {
+            Ok(()) => tracing::info!("drained"),
+            Err(_) => tracing::warn!("shutdown grace expired; closing what is still open"),
+        }
+        for task in background {
+            task.abort();
+        }
+        Ok(())
+    }
+}
+
+/// The authorization step for an inbound listener.
+fn authorizer(l: &config::Inbound) -> Result<Arc<dyn authz::Authorize>, Error> {
+    match &l.policy {
+        None => Ok(Arc::new(authz::AllowAll)),
+        // XXX: the policy engine (`policy`) plugs in here, behind
+        // `authz::Authorize`. Until it does, refusing to start is the only
+        // safe answer: forwarding without the routes the operator wrote
+        // would fail open.
+        Some(path) => Err(Error::Policy {
+            listener: l.name.clone(),
+            path: path.display().to_string(),
+            message: "route policies are not supported by this build yet".into(),
+        }),
+    }
+}
+
+/// Runs the proxy until SIGTERM/SIGINT, reloading identity files on SIGHUP.
+pub async fn run(config: Config) -> Result<(), Error> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut hup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
+    let proxy = Proxy::bind(config).await?;
+    let reload = proxy.reload_handle();
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading identity");
+            reload.notify_one();
+        }
+    });
+    proxy
+        .serve(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+            }
+        })
+        .await
 }

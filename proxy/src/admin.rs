@@ -1,0 +1,159 @@
+//! The admin listener: `/live`, `/ready` and `/identity`, plaintext on its
+//! own port (loopback by default).
+//!
+//! `/ready` is a latch on two facts: a certificate is held, and the proxy is
+//! not draining. `/identity` shows the current SPIFFE ID, certificate serial
+//! and expiry as JSON; never key material.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+use crate::Error;
+use crate::tls::CredentialStore;
+
+/// The bound admin listener.
+pub struct AdminListener {
+    listener: TcpListener,
+    state: Arc<State>,
+}
+
+struct State {
+    store: Arc<CredentialStore>,
+    draining: Arc<AtomicBool>,
+}
+
+impl AdminListener {
+    /// Binds the admin address and logs it.
+    pub async fn bind(
+        addr: SocketAddr,
+        store: Arc<CredentialStore>,
+        draining: Arc<AtomicBool>,
+    ) -> Result<(Self, SocketAddr), Error> {
+        let bind_err = |source| Error::Bind {
+            name: "admin".into(),
+            addr,
+            source,
+        };
+        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let bound = listener.local_addr().map_err(bind_err)?;
+        if !bound.ip().is_loopback() {
+            tracing::info!(addr = %bound, "admin listener is reachable off this host (for probes)");
+        }
+        tracing::info!(listener = "admin", addr = %bound, "listening");
+        Ok((
+            Self {
+                listener,
+                state: Arc::new(State { store, draining }),
+            },
+            bound,
+        ))
+    }
+
+    /// Serves until the process exits: readiness must stay answerable (and
+    /// false) while draining.
+    pub async fn serve(self) {
+        loop {
+            let Ok((stream, _)) = self.listener.accept().await else {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            };
+            let state = self.state.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(state.handle(&req)) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .http1_only()
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+}
+
+impl State {
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+        }
+        match req.uri().path() {
+            "/live" => text(StatusCode::OK, "live\n"),
+            "/ready" => {
+                if self.draining.load(Ordering::Relaxed) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+                } else if self.store.is_ready() {
+                    text(StatusCode::OK, "ready\n")
+                } else {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                }
+            }
+            "/identity" => self.identity(),
+            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        }
+    }
+
+    fn identity(&self) -> Response<Full<Bytes>> {
+        let Some(creds) = self.store.current() else {
+            return json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({ "ready": false }),
+            );
+        };
+        let svid = &creds.svid;
+        let unix = |t: SystemTime| {
+            t.duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        };
+        let expires_in = svid
+            .not_after
+            .duration_since(SystemTime::now())
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        json(
+            StatusCode::OK,
+            serde_json::json!({
+                "ready": true,
+                "id": svid.id.as_str(),
+                "trust_domain": creds.trust_domain.as_str(),
+                "serial": svid.serial,
+                "not_before": humantime::format_rfc3339_seconds(svid.not_before).to_string(),
+                "not_after": humantime::format_rfc3339_seconds(svid.not_after).to_string(),
+                "not_after_unix": unix(svid.not_after),
+                "expires_in_seconds": expires_in,
+                "bundle_roots": creds.bundle.roots().len(),
+            }),
+        )
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain"),
+    );
+    r
+}
+
+fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/json"),
+    );
+    r
+}

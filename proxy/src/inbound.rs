@@ -1,0 +1,303 @@
+//! Inbound: peers to this service.
+//!
+//! TCP accept → TLS handshake (timeout; client certificate verified by chain
+//! and SPIFFE ID, `allow_peers` checked) → for `http`: HTTP/1.1 or HTTP/2 by
+//! ALPN → strip client-supplied identity headers → [`Authorize`] → add the
+//! verified peer ID → pooled plaintext connection to `forward`, in the
+//! version the client spoke. For `tcp`: bytes both ways to `forward`.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use moat_ca::SpiffeId;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+
+use crate::authz::{Authorize, Decision};
+use crate::config::{Inbound, Limits, Protocol};
+use crate::conn::{self, Activity, Tracked};
+use crate::http::{
+    PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, short_response,
+    strip_hop_by_hop,
+};
+use crate::tls::TlsFactory;
+use crate::{Error, drain};
+
+type LocalConnector = tower::util::BoxCloneSyncService<Uri, TokioIo<TcpStream>, std::io::Error>;
+
+/// One bound inbound listener, ready to serve.
+pub struct InboundListener {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    protocol: Protocol,
+    forward: SocketAddr,
+    forward_authority: Authority,
+    acceptor: TlsAcceptor,
+    limits: Limits,
+    http: auto::Builder<TokioExecutor>,
+    h1: Client<LocalConnector, Incoming>,
+    h2: Client<LocalConnector, Incoming>,
+    authz: Arc<dyn Authorize>,
+}
+
+/// Per-connection facts, built once after the handshake.
+struct Peer {
+    id: SpiffeId,
+    header: HeaderValue,
+    xfcc: HeaderValue,
+    activity: Arc<Activity>,
+}
+
+impl InboundListener {
+    /// Binds the listener and builds everything a connection needs.
+    pub async fn bind(
+        config: &Inbound,
+        limits: &Limits,
+        tls: &TlsFactory,
+        authz: Arc<dyn Authorize>,
+    ) -> Result<(Self, SocketAddr), Error> {
+        let alpn: &[&[u8]] = match config.protocol {
+            Protocol::Http => crate::tls::ALPN_HTTP,
+            Protocol::Tcp => &[],
+        };
+        let server = tls.server(config.allow_peers.clone(), alpn)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                name: config.name.clone(),
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            name: config.name.clone(),
+            addr: config.listen,
+            source,
+        })?;
+        let forward = config.forward;
+        let connect_timeout = limits.connect_timeout;
+        let connector: LocalConnector =
+            tower::util::BoxCloneSyncService::new(tower::service_fn(move |_: Uri| async move {
+                let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(forward))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
+                    })??;
+                let _ = stream.set_nodelay(true);
+                Ok(TokioIo::new(stream))
+            }));
+        let mut h1 = Client::builder(TokioExecutor::new());
+        h1.pool_timer(TokioTimer::new())
+            .pool_idle_timeout(limits.idle_timeout.min(std::time::Duration::from_secs(90)))
+            .pool_max_idle_per_host(256);
+        let mut h2 = h1.clone();
+        h2.http2_only(true).timer(TokioTimer::new());
+        let shared = Shared {
+            name: config.name.as_str().into(),
+            protocol: config.protocol,
+            forward,
+            forward_authority: Authority::try_from(forward.to_string())
+                .expect("a socket address is an authority"),
+            acceptor: TlsAcceptor::from(server),
+            limits: limits.clone(),
+            http: conn::http_server(limits),
+            h1: h1.build(connector.clone()),
+            h2: h2.build(connector),
+            authz,
+        };
+        tracing::info!(listener = %config.name, addr = %addr, "listening");
+        Ok((
+            Self {
+                listener,
+                shared: Arc::new(shared),
+            },
+            addr,
+        ))
+    }
+
+    /// Serves until the drain starts; open connections finish on their own.
+    pub async fn serve(self, drain: drain::Watch) {
+        let shared = self.shared;
+        let name = shared.name.clone();
+        let max = shared.limits.max_connections;
+        conn::accept_loop(self.listener, name, max, drain, move |tcp, addr, drain| {
+            let shared = shared.clone();
+            async move { shared.connection(tcp, addr, drain).await }
+        })
+        .await;
+    }
+}
+
+impl Shared {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
+        let activity = Activity::new();
+        let tcp = Tracked::new(tcp, activity.clone());
+        let tls = match tokio::time::timeout(
+            self.limits.handshake_timeout,
+            self.acceptor.accept(tcp),
+        )
+        .await
+        {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                tracing::info!(listener = %self.name, peer_addr = %addr, error = %e, "handshake failed");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(listener = %self.name, peer_addr = %addr, "handshake timed out");
+                return;
+            }
+        };
+        let Some(peer) = peer_of(&tls, activity) else {
+            // The verifier admitted the chain, so this cannot happen; refuse anyway.
+            tracing::warn!(listener = %self.name, peer_addr = %addr, "peer certificate has no SPIFFE ID");
+            return;
+        };
+        tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
+        match self.protocol {
+            Protocol::Http => self.serve_http(tls, peer, &drain).await,
+            Protocol::Tcp => self.serve_tcp(tls, peer, &drain).await,
+        }
+    }
+
+    async fn serve_http(
+        self: &Arc<Self>,
+        tls: TlsStream<Tracked<TcpStream>>,
+        peer: Peer,
+        drain: &drain::Watch,
+    ) {
+        let peer = Arc::new(peer);
+        let shared = self.clone();
+        let svc_peer = peer.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let shared = shared.clone();
+            let peer = svc_peer.clone();
+            async move { Ok::<_, Infallible>(shared.request(req, &peer).await) }
+        });
+        if let Err(e) = conn::serve_http(
+            &self.http,
+            tls,
+            service,
+            &peer.activity,
+            self.limits.idle_timeout,
+            drain,
+        )
+        .await
+        {
+            tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "connection ended with an error");
+        }
+    }
+
+    async fn serve_tcp(
+        &self,
+        tls: TlsStream<Tracked<TcpStream>>,
+        peer: Peer,
+        _drain: &drain::Watch,
+    ) {
+        let local = match tokio::time::timeout(
+            self.limits.connect_timeout,
+            TcpStream::connect(self.forward),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "local service unavailable");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), "local service connect timed out");
+                return;
+            }
+        };
+        let _ = local.set_nodelay(true);
+        // XXX: a TCP stream has no request boundary to drain at; it runs until
+        // it ends or the shutdown grace expires and the process exits.
+        if let Err(e) = conn::splice(tls, local, &peer.activity, self.limits.idle_timeout).await {
+            tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "tcp stream ended with an error");
+        }
+    }
+
+    async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
+        let _inflight = peer.activity.request();
+        if header_bytes(req.headers()) > self.limits.max_header_bytes {
+            return ProxyError::HeadersTooLarge.into_response();
+        }
+        let (mut parts, body) = req.into_parts();
+        // Only we say who the peer is.
+        parts.headers.remove(&PEER_ID);
+        parts.headers.remove(&XFCC);
+        strip_hop_by_hop(&mut parts.headers);
+        if let Decision::Deny(denial) = self.authz.authorize(&mut parts, &peer.id) {
+            tracing::info!(listener = %self.name, peer = %peer.id.as_str(), status = denial.status.as_u16(), reason = %denial.reason, "request denied");
+            let mut resp = short_response(denial.status, "moat: request denied\n");
+            if let Some(challenge) = denial.www_authenticate {
+                resp.headers_mut()
+                    .insert(http::header::WWW_AUTHENTICATE, challenge);
+            }
+            return resp;
+        }
+        parts.headers.insert(PEER_ID.clone(), peer.header.clone());
+        parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
+        let authority = match parts.version {
+            Version::HTTP_2 => parts
+                .uri
+                .authority()
+                .cloned()
+                .unwrap_or_else(|| self.forward_authority.clone()),
+            _ => self.forward_authority.clone(),
+        };
+        let mut uri = Uri::builder().scheme(Scheme::HTTP).authority(authority);
+        if let Some(pq) = parts.uri.path_and_query() {
+            uri = uri.path_and_query(pq.clone());
+        } else {
+            uri = uri.path_and_query("/");
+        }
+        parts.uri = match uri.build() {
+            Ok(u) => u,
+            Err(_) => return ProxyError::BadRequest("request target").into_response(),
+        };
+        let client = if parts.version == Version::HTTP_2 {
+            &self.h2
+        } else {
+            parts.version = Version::HTTP_11;
+            &self.h1
+        };
+        let fut = client.request(Request::from_parts(parts, body));
+        let result = match tokio::time::timeout(self.limits.request_timeout, fut).await {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                return Response::from_parts(parts, http_body_util::Either::Left(body));
+            }
+            Ok(Err(e)) => classify_client_error(&e, ProxyError::LocalUnavailable),
+            Err(_) => ProxyError::Timeout(self.limits.request_timeout),
+        };
+        tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %result, "forwarding failed");
+        result.into_response()
+    }
+}
+
+fn peer_of(tls: &TlsStream<Tracked<TcpStream>>, activity: Arc<Activity>) -> Option<Peer> {
+    let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+    let id = SpiffeId::from_cert_der(leaf).ok()?;
+    let header = HeaderValue::from_str(id.as_str()).ok()?;
+    let xfcc = HeaderValue::from_str(&format!("URI={}", id.as_str())).ok()?;
+    Some(Peer {
+        id,
+        header,
+        xfcc,
+        activity,
+    })
+}

@@ -1,0 +1,347 @@
+//! Outbound: this service to a peer.
+//!
+//! The local service speaks plaintext to a loopback listener; the proxy
+//! opens mutual TLS to `upstream` with its own certificate and refuses the
+//! peer unless it presents the configured SPIFFE ID (502 for http, a closed
+//! connection for tcp). HTTP/1.1 requests go over pooled keep-alive HTTP/1.1
+//! connections, HTTP/2 (h2c from the service, gRPC) over multiplexed HTTP/2.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::uri::{Authority, Scheme};
+use http::{Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use rustls::ClientConfig;
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+use crate::config::{Limits, Outbound, Protocol, Upstream};
+use crate::conn::{self, Activity, Tracked};
+use crate::http::{
+    PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, strip_hop_by_hop,
+};
+use crate::tls::{CredentialStore, TlsFactory};
+use crate::{Error, drain};
+
+/// One bound outbound listener, ready to serve.
+pub struct OutboundListener {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    name: Arc<str>,
+    protocol: Protocol,
+    upstream_authority: Authority,
+    store: Arc<CredentialStore>,
+    limits: Limits,
+    http: auto::Builder<TokioExecutor>,
+    connector: PeerConnector,
+    h1: Client<PeerConnector, Incoming>,
+    h2: Client<PeerConnector, Incoming>,
+}
+
+/// Dials the peer sidecar and completes mutual TLS, checking its identity.
+#[derive(Clone)]
+struct PeerConnector {
+    upstream: Arc<Upstream>,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    connect_timeout: std::time::Duration,
+}
+
+/// A TLS stream to a peer, as the hyper-util client wants it.
+struct PeerStream {
+    inner: TlsStream<TcpStream>,
+}
+
+impl OutboundListener {
+    /// Binds the listener and builds the peer clients.
+    pub async fn bind(
+        config: &Outbound,
+        limits: &Limits,
+        tls: &TlsFactory,
+        store: Arc<CredentialStore>,
+    ) -> Result<(Self, SocketAddr), Error> {
+        let upstream = Arc::new(config.upstream.clone());
+        let server_name = ServerName::try_from(upstream.host.clone())
+            .unwrap_or_else(|_| ServerName::try_from("moat.invalid").expect("a valid DNS name"));
+        let connector = |alpn: &[&[u8]]| -> Result<PeerConnector, Error> {
+            let config: Arc<ClientConfig> = tls.client(config.peer.clone(), alpn)?;
+            Ok(PeerConnector {
+                upstream: upstream.clone(),
+                server_name: server_name.clone(),
+                tls: TlsConnector::from(config),
+                connect_timeout: limits.connect_timeout,
+            })
+        };
+        let mut h1 = Client::builder(TokioExecutor::new());
+        h1.pool_timer(TokioTimer::new())
+            .pool_idle_timeout(limits.idle_timeout.min(std::time::Duration::from_secs(90)))
+            .pool_max_idle_per_host(256);
+        let mut h2 = h1.clone();
+        h2.http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Some(std::time::Duration::from_secs(30)));
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| Error::Bind {
+                name: config.name.clone(),
+                addr: config.listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| Error::Bind {
+            name: config.name.clone(),
+            addr: config.listen,
+            source,
+        })?;
+        let upstream_authority = Authority::try_from(upstream.to_string())
+            .map_err(|_| Error::Upstream(config.name.clone(), upstream.to_string()))?;
+        let shared = Shared {
+            name: config.name.as_str().into(),
+            protocol: config.protocol,
+            upstream_authority,
+            store,
+            limits: limits.clone(),
+            http: conn::http_server(limits),
+            connector: connector(&[])?,
+            h1: h1.build(connector(&[b"http/1.1"])?),
+            h2: h2.build(connector(&[b"h2"])?),
+        };
+        tracing::info!(listener = %config.name, addr = %addr, "listening");
+        Ok((
+            Self {
+                listener,
+                shared: Arc::new(shared),
+            },
+            addr,
+        ))
+    }
+
+    /// Serves until the drain starts.
+    pub async fn serve(self, drain: drain::Watch) {
+        let shared = self.shared;
+        let name = shared.name.clone();
+        let max = shared.limits.max_connections;
+        conn::accept_loop(self.listener, name, max, drain, move |tcp, addr, drain| {
+            let shared = shared.clone();
+            async move { shared.connection(tcp, addr, drain).await }
+        })
+        .await;
+    }
+}
+
+impl Shared {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
+        let activity = Activity::new();
+        let local = Tracked::new(tcp, activity.clone());
+        match self.protocol {
+            Protocol::Http => {
+                let shared = self.clone();
+                let act = activity.clone();
+                let service = hyper::service::service_fn(move |req| {
+                    let shared = shared.clone();
+                    let act = act.clone();
+                    async move { Ok::<_, Infallible>(shared.request(req, &act).await) }
+                });
+                if let Err(e) = conn::serve_http(
+                    &self.http,
+                    local,
+                    service,
+                    &activity,
+                    self.limits.idle_timeout,
+                    &drain,
+                )
+                .await
+                {
+                    tracing::debug!(listener = %self.name, peer_addr = %addr, error = %e, "connection ended with an error");
+                }
+            }
+            Protocol::Tcp => {
+                let peer = match self.connector.connect().await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(listener = %self.name, error = %e, "closing local connection: peer refused or unavailable");
+                        return;
+                    }
+                };
+                if let Err(e) =
+                    conn::splice(local, peer.inner, &activity, self.limits.idle_timeout).await
+                {
+                    tracing::debug!(listener = %self.name, error = %e, "tcp stream ended with an error");
+                }
+            }
+        }
+    }
+
+    async fn request(
+        &self,
+        req: Request<Incoming>,
+        activity: &Arc<Activity>,
+    ) -> Response<ProxyBody> {
+        let _inflight = activity.request();
+        if !self.store.is_ready() {
+            return ProxyError::NotReady.into_response();
+        }
+        if header_bytes(req.headers()) > self.limits.max_header_bytes {
+            return ProxyError::HeadersTooLarge.into_response();
+        }
+        let (mut parts, body) = req.into_parts();
+        // Identity headers are for the peer's sidecar to set, from its own handshake.
+        parts.headers.remove(&PEER_ID);
+        parts.headers.remove(&XFCC);
+        strip_hop_by_hop(&mut parts.headers);
+        let mut uri = Uri::builder()
+            .scheme(Scheme::HTTPS)
+            .authority(self.upstream_authority.clone());
+        uri = match parts.uri.path_and_query() {
+            Some(pq) => uri.path_and_query(pq.clone()),
+            None => uri.path_and_query("/"),
+        };
+        parts.uri = match uri.build() {
+            Ok(u) => u,
+            Err(_) => return ProxyError::BadRequest("request target").into_response(),
+        };
+        let client = if parts.version == Version::HTTP_2 {
+            &self.h2
+        } else {
+            parts.version = Version::HTTP_11;
+            &self.h1
+        };
+        let fut = client.request(Request::from_parts(parts, body));
+        let err = match tokio::time::timeout(self.limits.request_timeout, fut).await {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                return Response::from_parts(parts, http_body_util::Either::Left(body));
+            }
+            Ok(Err(e)) => classify_client_error(&e, ProxyError::PeerUnavailable),
+            Err(_) => ProxyError::Timeout(self.limits.request_timeout),
+        };
+        tracing::warn!(listener = %self.name, error = %err, "request to peer failed");
+        err.into_response()
+    }
+}
+
+impl PeerConnector {
+    async fn connect(&self) -> Result<PeerStream, ProxyError> {
+        let addr = (self.upstream.host.as_str(), self.upstream.port);
+        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+            Ok(Ok(tcp)) => tcp,
+            Ok(Err(e)) => {
+                return Err(ProxyError::PeerUnavailable(format!(
+                    "{}: {e}",
+                    self.upstream
+                )));
+            }
+            Err(_) => {
+                return Err(ProxyError::PeerUnavailable(format!(
+                    "{}: connect timed out",
+                    self.upstream
+                )));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let handshake = self.tls.connect(self.server_name.clone(), tcp);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(inner)) => Ok(PeerStream { inner }),
+            Ok(Err(e)) => {
+                let refused = e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                    .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+                if refused {
+                    Err(ProxyError::PeerRefused(format!("{}: {e}", self.upstream)))
+                } else {
+                    Err(ProxyError::PeerUnavailable(format!(
+                        "{}: TLS: {e}",
+                        self.upstream
+                    )))
+                }
+            }
+            Err(_) => Err(ProxyError::PeerUnavailable(format!(
+                "{}: TLS handshake timed out",
+                self.upstream
+            ))),
+        }
+    }
+}
+
+impl tower::Service<Uri> for PeerConnector {
+    type Response = TokioIo<PeerStream>;
+    type Error = ProxyError;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        // The URI's authority is only the pool key; we always dial the configured upstream.
+        let this = self.clone();
+        Box::pin(async move { this.connect().await.map(TokioIo::new) })
+    }
+}
+
+impl Connection for PeerStream {
+    fn connected(&self) -> Connected {
+        let connected = Connected::new();
+        if self.inner.get_ref().1.alpn_protocol() == Some(b"h2") {
+            connected.negotiated_h2()
+        } else {
+            connected
+        }
+    }
+}
+
+impl AsyncRead for PeerStream {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for PeerStream {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}

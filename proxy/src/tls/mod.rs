@@ -1,0 +1,134 @@
+//! TLS: the credential store, SPIFFE peer verifiers, and the rustls server
+//! and client configurations built on them.
+//!
+//! Configurations are built once per listener; the certificate they present
+//! and the bundle they verify against are read from the [`CredentialStore`]
+//! at each handshake, so a renewal or a bundle refresh needs no rebuild and
+//! drops no open connection.
+
+pub mod store;
+pub mod verify;
+
+use std::fmt;
+use std::sync::Arc;
+
+use moat_ca::SpiffeId;
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, ServerConfig, SignatureScheme, SupportedProtocolVersion};
+
+pub use store::{CredentialError, CredentialStore, Credentials};
+pub use verify::{PeerClientVerifier, PeerIdError, PeerServerVerifier};
+
+use crate::config::PeerPattern;
+
+/// ALPN for HTTP listeners: HTTP/2 preferred.
+pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
+
+/// Presents the current certificate, as server and as client.
+pub struct CurrentCert {
+    store: Arc<CredentialStore>,
+}
+
+/// Builds TLS configurations for listeners and upstreams.
+#[derive(Clone)]
+pub struct TlsFactory {
+    store: Arc<CredentialStore>,
+    provider: Arc<CryptoProvider>,
+    versions: &'static [&'static SupportedProtocolVersion],
+}
+
+/// A configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build a TLS configuration: {0}")]
+pub struct TlsConfigError(#[from] rustls::Error);
+
+static TLS13_ONLY: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+static TLS13_AND_12: &[&SupportedProtocolVersion] =
+    &[&rustls::version::TLS13, &rustls::version::TLS12];
+
+impl TlsFactory {
+    /// A factory reading credentials from `store`.
+    pub fn new(store: Arc<CredentialStore>, allow_tls12: bool) -> Self {
+        let provider = CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        Self {
+            store,
+            provider,
+            versions: if allow_tls12 {
+                TLS13_AND_12
+            } else {
+                TLS13_ONLY
+            },
+        }
+    }
+
+    /// An inbound server configuration: client certificate required.
+    pub fn server(
+        &self,
+        allow: Option<Vec<PeerPattern>>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let verifier = PeerClientVerifier::new(self.store.clone(), allow, self.provider.clone());
+        let mut config = ServerConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(self.versions)?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_cert_resolver(Arc::new(CurrentCert {
+                store: self.store.clone(),
+            }));
+        // Every connection verifies the peer's current certificate in full:
+        // resumption would carry an old identity past a bundle change.
+        config.session_storage = Arc::new(NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// An outbound client configuration expecting the peer `expected`.
+    pub fn client(
+        &self,
+        expected: SpiffeId,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, TlsConfigError> {
+        let verifier = PeerServerVerifier::new(self.store.clone(), expected, self.provider.clone());
+        let mut config = ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(self.versions)?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_cert_resolver(Arc::new(CurrentCert {
+                store: self.store.clone(),
+            }));
+        config.resumption = rustls::client::Resumption::disabled();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+}
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.store.current().map(|c| c.certified_key.clone())
+    }
+}
+
+impl ResolvesClientCert for CurrentCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.store.current().map(|c| c.certified_key.clone())
+    }
+
+    fn has_certs(&self) -> bool {
+        self.store.is_ready()
+    }
+}
+
+impl fmt::Debug for CurrentCert {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CurrentCert")
+    }
+}

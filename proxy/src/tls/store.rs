@@ -1,0 +1,174 @@
+//! The credential store: this workload's certificate, key and trust bundle,
+//! published as one unit so that every new handshake sees a consistent set.
+//!
+//! Readers (certificate resolvers, verifiers, the admin view) load the
+//! current [`Credentials`] lock-free through `ArcSwap`; writers (the CA
+//! renewal task, the file watcher) replace it whole. Open connections keep
+//! the `Arc` they were built with, so a swap never drops them.
+
+use std::fmt;
+use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
+use moat_ca::client::Svid;
+use moat_ca::{TrustBundle, TrustDomain};
+use rustls::RootCertStore;
+use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::PrivateKeyDer;
+use tokio::sync::watch;
+
+/// One consistent set of credentials.
+pub struct Credentials {
+    /// The workload certificate, parsed.
+    pub svid: Svid,
+    /// Chain and signing key, ready for rustls.
+    pub certified_key: Arc<CertifiedKey>,
+    /// The trust bundle.
+    pub bundle: TrustBundle,
+    /// The bundle's roots, for verifying peers.
+    pub roots: Arc<RootCertStore>,
+    /// Chain verification for client certificates, built once per bundle.
+    pub(crate) client_chain_verifier: Arc<dyn ClientCertVerifier>,
+    /// The trust domain peers must belong to: our own.
+    pub trust_domain: TrustDomain,
+}
+
+/// Why a set of credentials cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CredentialError {
+    /// The private key cannot be loaded or does not match the certificate.
+    #[error("the private key does not fit the certificate: {0}")]
+    Key(String),
+    /// The bundle cannot be used to verify peers.
+    #[error("the trust bundle is unusable: {0}")]
+    Bundle(String),
+    /// Our own certificate does not chain to the bundle, or has expired.
+    #[error("the certificate does not verify against the trust bundle: {0}")]
+    Chain(String),
+}
+
+/// Where the current credentials live.
+pub struct CredentialStore {
+    current: ArcSwapOption<Credentials>,
+    changed: watch::Sender<u64>,
+}
+
+impl Credentials {
+    /// Builds a set from a certificate, its key and a bundle, checking that
+    /// they fit together (key matches, certificate chains to the bundle).
+    pub fn new(
+        svid: Svid,
+        key: PrivateKeyDer<'static>,
+        bundle: TrustBundle,
+    ) -> Result<Self, CredentialError> {
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let certified_key = CertifiedKey::from_der(svid.chain.clone(), key, &provider)
+            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let roots = Arc::new(
+            bundle
+                .root_store()
+                .map_err(|e| CredentialError::Bundle(e.to_string()))?,
+        );
+        let client_chain_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .map_err(|e| CredentialError::Bundle(e.to_string()))?;
+        // Our own certificate must verify as a peer's would: otherwise every
+        // peer would refuse us, and we had better keep the old set.
+        let leaf = rustls::server::ParsedCertificate::try_from(&svid.chain[0])
+            .map_err(|e| CredentialError::Chain(e.to_string()))?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &leaf,
+            &roots,
+            &svid.chain[1..],
+            rustls_pki_types::UnixTime::now(),
+            provider.signature_verification_algorithms.all,
+        )
+        .map_err(|e| CredentialError::Chain(e.to_string()))?;
+        let trust_domain = TrustDomain::parse(svid.id.trust_domain_name())
+            .map_err(|e| CredentialError::Chain(e.to_string()))?;
+        Ok(Self {
+            svid,
+            certified_key: Arc::new(certified_key),
+            bundle,
+            roots,
+            client_chain_verifier,
+            trust_domain,
+        })
+    }
+
+    /// The same certificate and key with another bundle (after a CA rotation).
+    pub fn with_bundle(&self, bundle: TrustBundle) -> Result<Self, CredentialError> {
+        let roots = Arc::new(
+            bundle
+                .root_store()
+                .map_err(|e| CredentialError::Bundle(e.to_string()))?,
+        );
+        let provider = rustls::crypto::CryptoProvider::get_default()
+            .cloned()
+            .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+        let client_chain_verifier =
+            WebPkiClientVerifier::builder_with_provider(roots.clone(), provider)
+                .build()
+                .map_err(|e| CredentialError::Bundle(e.to_string()))?;
+        Ok(Self {
+            svid: self.svid.clone(),
+            certified_key: self.certified_key.clone(),
+            bundle,
+            roots,
+            client_chain_verifier,
+            trust_domain: self.trust_domain.clone(),
+        })
+    }
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Credentials")
+            .field("svid", &self.svid)
+            .field("roots", &self.bundle.roots().len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for CredentialStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl CredentialStore {
+    /// An empty store: not ready until the first credentials are published.
+    pub fn new() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            changed: watch::Sender::new(0),
+        }
+    }
+
+    /// The current credentials, if any.
+    pub fn current(&self) -> Option<Arc<Credentials>> {
+        self.current.load_full()
+    }
+
+    /// Publishes new credentials; new handshakes use them at once.
+    pub fn publish(&self, creds: Credentials) {
+        self.current.store(Some(Arc::new(creds)));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    /// True once credentials are held.
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// Notified at each publish.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+}

@@ -1,0 +1,265 @@
+//! Peer verification by chain to the trust bundle and by SPIFFE ID, never by
+//! DNS name.
+//!
+//! rustls' stock verifiers check DNS names; a workload certificate has none.
+//! These verifiers read the current bundle from the [`CredentialStore`] at
+//! every handshake, so a bundle refreshed from the CA applies at once.
+
+use std::fmt;
+use std::sync::Arc;
+
+use moat_ca::SpiffeId;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::server::ParsedCertificate;
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
+};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+
+use super::store::CredentialStore;
+use crate::config::PeerPattern;
+
+/// Why a peer's certificate was refused, beyond what webpki says.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerIdError {
+    /// No credentials yet, so no bundle to verify against.
+    #[error("no trust bundle loaded yet")]
+    NotReady,
+    /// The certificate does not carry exactly one SPIFFE ID.
+    #[error("peer certificate has no usable SPIFFE ID: {0}")]
+    NoId(moat_ca::identity::IdError),
+    /// The ID is outside our trust domain.
+    #[error("peer {id} is not in trust domain {trust_domain}")]
+    ForeignTrustDomain {
+        /// The peer's ID.
+        id: String,
+        /// Ours.
+        trust_domain: String,
+    },
+    /// Outbound: the peer is not the one configured.
+    #[error("peer presented {got}, expected {want}")]
+    WrongId {
+        /// What the peer presented.
+        got: String,
+        /// What the configuration says.
+        want: String,
+    },
+    /// Inbound: the peer is not in `allow_peers`.
+    #[error("peer {0} is not in allow_peers")]
+    NotAllowed(String),
+}
+
+/// Outbound: the server (peer sidecar) must chain to the bundle and present
+/// exactly the configured SPIFFE ID.
+pub struct PeerServerVerifier {
+    store: Arc<CredentialStore>,
+    expected: SpiffeId,
+    provider: Arc<CryptoProvider>,
+}
+
+/// Inbound: the client must chain to the bundle, carry one SPIFFE ID in our
+/// trust domain and, if configured, match `allow_peers`.
+pub struct PeerClientVerifier {
+    store: Arc<CredentialStore>,
+    allow: Option<Vec<PeerPattern>>,
+    provider: Arc<CryptoProvider>,
+}
+
+fn reject(e: PeerIdError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+}
+
+/// Reads the SPIFFE ID of an already chain-verified leaf and checks its trust domain.
+fn peer_id(store: &CredentialStore, leaf: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
+    let creds = store
+        .current()
+        .ok_or_else(|| reject(PeerIdError::NotReady))?;
+    let id = SpiffeId::from_cert_der(leaf).map_err(|e| reject(PeerIdError::NoId(e)))?;
+    if !id.is_in(&creds.trust_domain) {
+        return Err(reject(PeerIdError::ForeignTrustDomain {
+            id: id.as_str().to_owned(),
+            trust_domain: creds.trust_domain.as_str().to_owned(),
+        }));
+    }
+    Ok(id)
+}
+
+impl PeerServerVerifier {
+    /// A verifier expecting `expected`.
+    pub fn new(
+        store: Arc<CredentialStore>,
+        expected: SpiffeId,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self {
+            store,
+            expected,
+            provider,
+        }
+    }
+}
+
+impl ServerCertVerifier for PeerServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let creds = self
+            .store
+            .current()
+            .ok_or_else(|| reject(PeerIdError::NotReady))?;
+        let cert = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &creds.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        let id = peer_id(&self.store, end_entity)?;
+        if id != self.expected {
+            return Err(reject(PeerIdError::WrongId {
+                got: id.as_str().to_owned(),
+                want: self.expected.as_str().to_owned(),
+            }));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl PeerClientVerifier {
+    /// A verifier admitting peers of our trust domain that match `allow`
+    /// (every such peer when `None`).
+    pub fn new(
+        store: Arc<CredentialStore>,
+        allow: Option<Vec<PeerPattern>>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self {
+            store,
+            allow,
+            provider,
+        }
+    }
+}
+
+impl ClientCertVerifier for PeerClientVerifier {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // XXX: no hints; the hint list would have to follow bundle updates,
+        // and a workload has exactly one certificate to offer anyway.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        let creds = self
+            .store
+            .current()
+            .ok_or_else(|| reject(PeerIdError::NotReady))?;
+        creds
+            .client_chain_verifier
+            .verify_client_cert(end_entity, intermediates, now)?;
+        let id = peer_id(&self.store, end_entity)?;
+        if let Some(allow) = &self.allow
+            && !allow.iter().any(|p| p.matches(&id))
+        {
+            return Err(reject(PeerIdError::NotAllowed(id.as_str().to_owned())));
+        }
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+impl fmt::Debug for PeerServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerServerVerifier")
+            .field("expected", &self.expected)
+            .finish()
+    }
+}
+
+impl fmt::Debug for PeerClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PeerClientVerifier")
+            .field("allow", &self.allow)
+            .finish()
+    }
+}
