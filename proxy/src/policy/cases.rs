@@ -106,7 +106,11 @@ struct Case {
 
 /// Reads a cases file and runs every case against `policy` at time `now`.
 /// A malformed cases file is an error with file:line:column diagnostics.
-pub fn run_cases(policy: &Policy, cases_file: &Path, now: SystemTime) -> Result<CaseReport, PolicyError> {
+pub fn run_cases(
+    policy: &Policy,
+    cases_file: &Path,
+    now: SystemTime,
+) -> Result<CaseReport, PolicyError> {
     let text = std::fs::read_to_string(cases_file).map_err(|source| PolicyError::Read {
         file: cases_file.to_path_buf(),
         source,
@@ -142,14 +146,20 @@ fn parse_cases(file: &Path, text: &str) -> Result<Vec<Case>, PolicyError> {
         let peer = match SpiffeId::parse(raw.peer.get_ref()) {
             Ok(p) => Some(p),
             Err(e) => {
-                diags.at(raw.peer.span(), format!("peer {:?}: {e}", raw.peer.get_ref()));
+                diags.at(
+                    raw.peer.span(),
+                    format!("peer {:?}: {e}", raw.peer.get_ref()),
+                );
                 None
             }
         };
         let method = match Method::from_bytes(raw.method.get_ref().as_bytes()) {
             Ok(m) => Some(m),
             Err(_) => {
-                diags.at(raw.method.span(), format!("{:?} is not an HTTP method", raw.method.get_ref()));
+                diags.at(
+                    raw.method.span(),
+                    format!("{:?} is not an HTTP method", raw.method.get_ref()),
+                );
                 None
             }
         };
@@ -157,7 +167,10 @@ fn parse_cases(file: &Path, text: &str) -> Result<Vec<Case>, PolicyError> {
             Some(table) => match serde_json::to_value(table.get_ref()) {
                 Ok(Value::Object(map)) => Some(map),
                 _ => {
-                    diags.at(table.span(), "claims must be a table of JSON-compatible values");
+                    diags.at(
+                        table.span(),
+                        "claims must be a table of JSON-compatible values",
+                    );
                     None
                 }
             },
@@ -223,6 +236,11 @@ fn run_one(policy: &Policy, case: &Case, now: SystemTime) -> Result<(), String> 
     if problems.is_empty() {
         Ok(())
     } else {
-        Err(format!("{} (route {route:?}, reason {}: {})", problems.join("; "), d.reason, d.detail))
+        Err(format!(
+            "{} (route {route:?}, reason {}: {})",
+            problems.join("; "),
+            d.reason,
+            d.detail
+        ))
     }
 }

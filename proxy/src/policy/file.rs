@@ -19,8 +19,8 @@ use toml::Spanned;
 use super::jwks::{JwksCache, JwksSource};
 use super::path;
 use super::{
-    ClaimValue, Diagnostic, Issuer, JwtRule, Mode, PathPattern, PeerPattern, PeerRule, Policy, PolicyError, Route,
-    Rule,
+    ClaimValue, Diagnostic, Issuer, JwtRule, Mode, PathPattern, PeerPattern, PeerRule, Policy,
+    PolicyError, Route, Rule,
 };
 
 /// Default clock-skew allowance for `exp` and `nbf`.
@@ -174,7 +174,10 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
         if let Some(issuer) = compile_issuer(spanned.get_ref(), base, cache, &mut diags) {
             if issuers.iter().any(|i| i.name == issuer.name) {
                 let raw = spanned.get_ref();
-                diags.at(raw.name.span(), format!("issuer {:?} is defined twice", issuer.name));
+                diags.at(
+                    raw.name.span(),
+                    format!("issuer {:?} is defined twice", issuer.name),
+                );
                 continue;
             }
             issuers.push(Arc::new(issuer));
@@ -186,7 +189,10 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
     for spanned in &raw.routes {
         let raw = spanned.get_ref();
         if !names.insert(raw.name.get_ref().clone()) {
-            diags.at(raw.name.span(), format!("route {:?} is defined twice", raw.name.get_ref()));
+            diags.at(
+                raw.name.span(),
+                format!("route {:?} is defined twice", raw.name.get_ref()),
+            );
         }
         let line = line_col(text, spanned.span().start).0;
         if let Some(route) = compile_route(raw, line, &issuers, &mut diags) {
@@ -225,7 +231,10 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
 /// Short lowercase hex of the SHA-256 of the policy text (16 digits).
 fn short_hash(bytes: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
-    digest.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+    digest.as_ref()[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn duration_field(
@@ -239,7 +248,10 @@ fn duration_field(
     let Some(field) = field else { return default };
     match moat_ca::parse_duration(field.get_ref()) {
         Ok(d) if d < min || d > max => {
-            diags.at(field.span(), format!("{name} must be between {min:?} and {max:?}"));
+            diags.at(
+                field.span(),
+                format!("{name} must be between {min:?} and {max:?}"),
+            );
             default
         }
         Ok(d) => d,
@@ -250,7 +262,12 @@ fn duration_field(
     }
 }
 
-fn compile_issuer(raw: &RawIssuer, base: &Path, cache: &JwksCache, diags: &mut Diags<'_>) -> Option<Issuer> {
+fn compile_issuer(
+    raw: &RawIssuer,
+    base: &Path,
+    cache: &JwksCache,
+    diags: &mut Diags<'_>,
+) -> Option<Issuer> {
     let before = diags.list.len();
     let name = raw.name.get_ref().clone();
     if name.is_empty() {
@@ -267,16 +284,29 @@ fn compile_issuer(raw: &RawIssuer, base: &Path, cache: &JwksCache, diags: &mut D
     }
     let mut algorithms = Vec::new();
     if raw.algorithms.get_ref().is_empty() {
-        diags.at(raw.algorithms.span(), "algorithms must list at least one algorithm, e.g. [\"ES256\"]");
+        diags.at(
+            raw.algorithms.span(),
+            "algorithms must list at least one algorithm, e.g. [\"ES256\"]",
+        );
     }
     for alg in raw.algorithms.get_ref() {
         match parse_algorithm(alg.get_ref()) {
             Ok(a) if !algorithms.contains(&a) => algorithms.push(a),
-            Ok(_) => diags.at(alg.span(), format!("algorithm {} is listed twice", alg.get_ref())),
+            Ok(_) => diags.at(
+                alg.span(),
+                format!("algorithm {} is listed twice", alg.get_ref()),
+            ),
             Err(msg) => diags.at(alg.span(), msg),
         }
     }
-    let leeway = duration_field(raw.leeway.as_ref(), DEFAULT_LEEWAY, Duration::ZERO, MAX_LEEWAY, "leeway", diags);
+    let leeway = duration_field(
+        raw.leeway.as_ref(),
+        DEFAULT_LEEWAY,
+        Duration::ZERO,
+        MAX_LEEWAY,
+        "leeway",
+        diags,
+    );
     let refresh = duration_field(
         raw.refresh.as_ref(),
         DEFAULT_REFRESH,
@@ -305,7 +335,11 @@ fn compile_issuer(raw: &RawIssuer, base: &Path, cache: &JwksCache, diags: &mut D
             Some(ca) => match JwksSource::url(url.get_ref(), &resolve(ca.get_ref())) {
                 Ok(source) => Some((source, url.span())),
                 Err(e) => {
-                    let span = if e.is_about_ca() { ca.span() } else { url.span() };
+                    let span = if e.is_about_ca() {
+                        ca.span()
+                    } else {
+                        url.span()
+                    };
                     diags.at(span, e.to_string());
                     None
                 }
@@ -368,7 +402,9 @@ fn compile_issuer(raw: &RawIssuer, base: &Path, cache: &JwksCache, diags: &mut D
 /// can never be turned into an HMAC secret.
 fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     match name {
-        "none" | "None" | "NONE" => Err("algorithm \"none\" (unsigned tokens) is never accepted".into()),
+        "none" | "None" | "NONE" => {
+            Err("algorithm \"none\" (unsigned tokens) is never accepted".into())
+        }
         "HS256" | "HS384" | "HS512" => Err(format!(
             "algorithm {name} (a shared HMAC secret) is not supported: use an asymmetric algorithm such as ES256 or RS256"
         )),
@@ -387,7 +423,12 @@ fn parse_algorithm(name: &str) -> Result<Algorithm, String> {
     }
 }
 
-fn compile_route(raw: &RawRoute, line: usize, issuers: &[Arc<Issuer>], diags: &mut Diags<'_>) -> Option<Route> {
+fn compile_route(
+    raw: &RawRoute,
+    line: usize,
+    issuers: &[Arc<Issuer>],
+    diags: &mut Diags<'_>,
+) -> Option<Route> {
     let before = diags.list.len();
     let name = raw.name.get_ref().clone();
     if name.is_empty() {
@@ -432,7 +473,10 @@ fn compile_route(raw: &RawRoute, line: usize, issuers: &[Arc<Issuer>], diags: &m
         let deny_span = raw.deny.as_ref().map(Spanned::span).unwrap_or_default();
         let mut extra = |present: bool, field: &str| {
             if present {
-                diags.at(deny_span.clone(), format!("a deny route cannot also set {field}"));
+                diags.at(
+                    deny_span.clone(),
+                    format!("a deny route cannot also set {field}"),
+                );
             }
         };
         extra(raw.allow.is_some(), "allow");
@@ -446,12 +490,23 @@ fn compile_route(raw: &RawRoute, line: usize, issuers: &[Arc<Issuer>], diags: &m
             (Some(_), None) => PeerRule::Any,
             (None, Some(list)) => {
                 if list.get_ref().is_empty() {
-                    diags.at(list.span(), "peers is empty, so no peer is allowed; use deny = true to deny");
+                    diags.at(
+                        list.span(),
+                        "peers is empty, so no peer is allowed; use deny = true to deny",
+                    );
                 }
-                PeerRule::List(list.get_ref().iter().filter_map(|p| compile_peer(p, diags)).collect())
+                PeerRule::List(
+                    list.get_ref()
+                        .iter()
+                        .filter_map(|p| compile_peer(p, diags))
+                        .collect(),
+                )
             }
             (Some(a), Some(_)) => {
-                diags.at(a.span(), "set allow = \"any-peer\" or peers = [...], not both");
+                diags.at(
+                    a.span(),
+                    "set allow = \"any-peer\" or peers = [...], not both",
+                );
                 PeerRule::Any
             }
             (None, None) => {
@@ -462,13 +517,22 @@ fn compile_route(raw: &RawRoute, line: usize, issuers: &[Arc<Issuer>], diags: &m
                 PeerRule::Any
             }
         };
-        let jwt = raw.jwt.as_ref().and_then(|jwt| compile_jwt(jwt.get_ref(), issuers, diags));
+        let jwt = raw
+            .jwt
+            .as_ref()
+            .and_then(|jwt| compile_jwt(jwt.get_ref(), issuers, diags));
         if jwt.is_none() && raw.jwt.is_none() {
             if let Some(fc) = &raw.forward_claims {
-                diags.at(fc.span(), "forward_claims needs jwt = { issuer = ... } on the route");
+                diags.at(
+                    fc.span(),
+                    "forward_claims needs jwt = { issuer = ... } on the route",
+                );
             }
             if let Some(ft) = &raw.forward_token {
-                diags.at(ft.span(), "forward_token needs jwt = { issuer = ... } on the route");
+                diags.at(
+                    ft.span(),
+                    "forward_token needs jwt = { issuer = ... } on the route",
+                );
             }
         }
         Rule::Allow { peers, jwt }
@@ -478,18 +542,24 @@ fn compile_route(raw: &RawRoute, line: usize, issuers: &[Arc<Issuer>], diags: &m
     if let Some(fc) = &raw.forward_claims {
         for (claim, header) in fc.get_ref() {
             match HeaderName::from_bytes(header.get_ref().as_bytes()) {
-                Ok(h) if h.as_str() != header.get_ref() => {
-                    diags.at(header.span(), format!("header name {:?} must be lower case", header.get_ref()))
-                }
-                Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) || h.as_str().starts_with(':') => diags.at(
+                Ok(h) if h.as_str() != header.get_ref() => diags.at(
                     header.span(),
-                    format!("header {h} is reserved and cannot carry a claim"),
+                    format!("header name {:?} must be lower case", header.get_ref()),
                 ),
+                Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) || h.as_str().starts_with(':') => {
+                    diags.at(
+                        header.span(),
+                        format!("header {h} is reserved and cannot carry a claim"),
+                    )
+                }
                 Ok(h) if forward_claims.iter().any(|(_, o)| *o == h) => {
                     diags.at(header.span(), format!("header {h} is used for two claims"))
                 }
                 Ok(h) => forward_claims.push((claim.clone(), h)),
-                Err(_) => diags.at(header.span(), format!("{:?} is not a valid header name", header.get_ref())),
+                Err(_) => diags.at(
+                    header.span(),
+                    format!("{:?} is not a valid header name", header.get_ref()),
+                ),
             }
         }
     }
@@ -521,16 +591,28 @@ fn compile_path(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PathPatt
         return None;
     }
     if base.contains('*') {
-        diags.at(raw.span(), format!("path {s:?}: only a trailing \"/*\" is a wildcard"));
+        diags.at(
+            raw.span(),
+            format!("path {s:?}: only a trailing \"/*\" is a wildcard"),
+        );
         return None;
     }
-    let check = if prefix { format!("{base}/") } else { base.to_owned() };
+    let check = if prefix {
+        format!("{base}/")
+    } else {
+        base.to_owned()
+    };
     if let Err(e) = path::normalize(&check) {
-        diags.at(raw.span(), format!("path {s:?} would never match a request: {e}"));
+        diags.at(
+            raw.span(),
+            format!("path {s:?} would never match a request: {e}"),
+        );
         return None;
     }
     if !path::is_normal(&check) {
-        let normal = path::normalize(&check).map(|n| n.path.into_owned()).unwrap_or_default();
+        let normal = path::normalize(&check)
+            .map(|n| n.path.into_owned())
+            .unwrap_or_default();
         diags.at(
             raw.span(),
             format!("path {s:?} is not in normal form and would never match; write {normal:?} (requests are matched after normalization)"),
@@ -538,7 +620,10 @@ fn compile_path(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PathPatt
         return None;
     }
     if prefix && base.ends_with('/') {
-        diags.at(raw.span(), format!("path {s:?} has an empty segment before \"/*\""));
+        diags.at(
+            raw.span(),
+            format!("path {s:?} has an empty segment before \"/*\""),
+        );
         return None;
     }
     Some(if prefix {
@@ -557,7 +642,10 @@ fn compile_peer(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PeerPatt
             _ => SpiffeId::parse(base).is_ok(),
         };
         if !valid || base.contains('*') {
-            diags.at(raw.span(), format!("peer pattern {s:?} must be a SPIFFE ID followed by \"/*\""));
+            diags.at(
+                raw.span(),
+                format!("peer pattern {s:?} must be a SPIFFE ID followed by \"/*\""),
+            );
             return None;
         }
         return Some(PeerPattern::Prefix(format!("{base}/")));
@@ -565,7 +653,10 @@ fn compile_peer(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PeerPatt
     match SpiffeId::parse(s) {
         Ok(id) => Some(PeerPattern::Exact(id)),
         Err(e) => {
-            diags.at(raw.span(), format!("peer {s:?}: {e} (a trailing \"/*\" makes a pattern)"));
+            diags.at(
+                raw.span(),
+                format!("peer {s:?}: {e} (a trailing \"/*\" makes a pattern)"),
+            );
             None
         }
     }
@@ -575,13 +666,20 @@ fn compile_jwt(raw: &RawJwt, issuers: &[Arc<Issuer>], diags: &mut Diags<'_>) -> 
     let Some(issuer) = issuers.iter().position(|i| i.name == *raw.issuer.get_ref()) else {
         diags.at(
             raw.issuer.span(),
-            format!("unknown issuer {:?}: define it with [[issuer]] name = {:?}", raw.issuer.get_ref(), raw.issuer.get_ref()),
+            format!(
+                "unknown issuer {:?}: define it with [[issuer]] name = {:?}",
+                raw.issuer.get_ref(),
+                raw.issuer.get_ref()
+            ),
         );
         return None;
     };
     let audiences = match &raw.audiences {
         Some(a) if a.get_ref().is_empty() => {
-            diags.at(a.span(), "audiences is empty; leave it out to use the issuer's");
+            diags.at(
+                a.span(),
+                "audiences is empty; leave it out to use the issuer's",
+            );
             return None;
         }
         Some(a) => a.get_ref().clone(),

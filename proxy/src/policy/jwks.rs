@@ -197,7 +197,9 @@ fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, JwksError> {
     let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
     let bundle = moat_ca::TrustBundle::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
     let roots = bundle.root_store().map_err(|e| bad(e.to_string()))?;
-    let config = ClientConfig::builder().with_root_certificates(roots).with_no_client_auth();
+    let config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(Arc::new(config))
 }
 
@@ -215,7 +217,12 @@ impl JwksCache {
         refresh: Duration,
         min_refetch: Duration,
     ) -> Result<Arc<IssuerKeys>, JwksError> {
-        let existing = self.entries.lock().expect("jwks lock").get(&source).cloned();
+        let existing = self
+            .entries
+            .lock()
+            .expect("jwks lock")
+            .get(&source)
+            .cloned();
         let keys = match existing {
             Some(keys) => keys,
             None => {
@@ -224,8 +231,12 @@ impl JwksCache {
                     JwksSource::Url { url, ca } => {
                         let uri: Uri = url.parse().map_err(|_| JwksError::BadUrl(url.clone()))?;
                         let host = uri.host().ok_or_else(|| JwksError::BadUrl(url.clone()))?;
-                        let host = host.trim_start_matches('[').trim_end_matches(']').to_owned();
-                        let name = ServerName::try_from(host).map_err(|_| JwksError::BadUrl(url.clone()))?;
+                        let host = host
+                            .trim_start_matches('[')
+                            .trim_end_matches(']')
+                            .to_owned();
+                        let name = ServerName::try_from(host)
+                            .map_err(|_| JwksError::BadUrl(url.clone()))?;
                         Some((client_config(ca)?, name, uri))
                     }
                 };
@@ -260,7 +271,13 @@ impl JwksCache {
     /// Fetches every URL source now, concurrently (at start, and by
     /// `moat policy explain`). Failures are logged and kept in the stats.
     pub async fn fetch_all(&self) {
-        let all: Vec<_> = self.entries.lock().expect("jwks lock").values().cloned().collect();
+        let all: Vec<_> = self
+            .entries
+            .lock()
+            .expect("jwks lock")
+            .values()
+            .cloned()
+            .collect();
         let mut tasks = tokio::task::JoinSet::new();
         for keys in all {
             if keys.client.is_some() {
@@ -277,7 +294,13 @@ impl JwksCache {
     /// keys or its last attempt failed, every `min_refetch`. Spawn it once.
     pub async fn run_refresh(self: Arc<Self>) {
         loop {
-            let all: Vec<_> = self.entries.lock().expect("jwks lock").values().cloned().collect();
+            let all: Vec<_> = self
+                .entries
+                .lock()
+                .expect("jwks lock")
+                .values()
+                .cloned()
+                .collect();
             for keys in all {
                 if keys.is_due(Instant::now()) {
                     let _ = keys.refresh_now().await;
@@ -330,9 +353,11 @@ impl IssuerKeys {
 
     fn is_due(&self, now: Instant) -> bool {
         let state = self.state.lock().expect("jwks state");
-        let since = |t: Option<Instant>| t.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        let since =
+            |t: Option<Instant>| t.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
         let failing = state.last_success.is_none() || state.last_success < state.last_attempt;
-        since(state.last_success) >= state.refresh || (failing && since(state.last_attempt) >= state.min_refetch)
+        since(state.last_success) >= state.refresh
+            || (failing && since(state.last_attempt) >= state.min_refetch)
     }
 
     /// Refetches after a token named a `kid` we do not hold, unless a fetch
@@ -370,7 +395,10 @@ impl IssuerKeys {
             return self.read_file();
         }
         self.state.lock().expect("jwks state").last_attempt = Some(Instant::now());
-        let result = self.fetch_url().await.and_then(|body| parse_jwks(&body, &self.source.origin()));
+        let result = self
+            .fetch_url()
+            .await
+            .and_then(|body| parse_jwks(&body, &self.source.origin()));
         self.record(result)
     }
 
@@ -422,12 +450,13 @@ impl IssuerKeys {
             .header(http::header::USER_AGENT, "moat")
             .body(Full::new(Bytes::new()))
             .map_err(|_| JwksError::BadUrl(url.clone()))?;
-        let (status, body) = moat_ca::client::https_request(config.clone(), name.clone(), req, FETCH_TIMEOUT)
-            .await
-            .map_err(|source| JwksError::Fetch {
-                url: url.clone(),
-                source,
-            })?;
+        let (status, body) =
+            moat_ca::client::https_request(config.clone(), name.clone(), req, FETCH_TIMEOUT)
+                .await
+                .map_err(|source| JwksError::Fetch {
+                    url: url.clone(),
+                    source,
+                })?;
         if status != http::StatusCode::OK {
             return Err(JwksError::Status { url, status });
         }
@@ -523,6 +552,8 @@ impl fmt::Debug for JwksSource {
 
 impl fmt::Debug for JwksCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JwksCache").field("sources", &self.stats()).finish()
+        f.debug_struct("JwksCache")
+            .field("sources", &self.stats())
+            .finish()
     }
 }

@@ -43,7 +43,10 @@ pub(crate) fn bearer(header: Option<&str>) -> Result<&str, Refused> {
     };
     let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
-        return Err(refused(Reason::JwtMissing, "the Authorization header is not a Bearer token"));
+        return Err(refused(
+            Reason::JwtMissing,
+            "the Authorization header is not a Bearer token",
+        ));
     }
     let token = token.trim();
     if token.is_empty() {
@@ -53,33 +56,69 @@ pub(crate) fn bearer(header: Option<&str>) -> Result<&str, Refused> {
 }
 
 /// Verifies `token` for `rule`, whose issuer is `issuer`, at time `now`.
-pub(crate) fn verify(issuer: &Issuer, rule: &JwtRule, token: &str, now: SystemTime) -> Result<Verified, Refused> {
+pub(crate) fn verify(
+    issuer: &Issuer,
+    rule: &JwtRule,
+    token: &str,
+    now: SystemTime,
+) -> Result<Verified, Refused> {
     if token.len() > MAX_TOKEN_LEN {
-        return Err(refused(Reason::JwtInvalid, "the token is larger than 8 KiB"));
+        return Err(refused(
+            Reason::JwtInvalid,
+            "the token is larger than 8 KiB",
+        ));
     }
-    let header = jsonwebtoken::decode_header(token)
-        .map_err(|_| refused(Reason::JwtInvalid, "the token is not a well-formed signed JWT"))?;
+    let header = jsonwebtoken::decode_header(token).map_err(|_| {
+        refused(
+            Reason::JwtInvalid,
+            "the token is not a well-formed signed JWT",
+        )
+    })?;
     let Some((alg, validation)) = issuer.validations.iter().find(|(a, _)| *a == header.alg) else {
-        return Err(refused(Reason::JwtInvalid, "the token's algorithm is not pinned for this issuer"));
+        return Err(refused(
+            Reason::JwtInvalid,
+            "the token's algorithm is not pinned for this issuer",
+        ));
     };
     let keys = issuer.keys.current();
     let Some(key) = keys.find(header.kid.as_deref(), alg.family()) else {
         return Err(if header.kid.is_some() {
-            refused(Reason::JwtUnknownKid, "no key of the issuer has the token's kid")
+            refused(
+                Reason::JwtUnknownKid,
+                "no key of the issuer has the token's kid",
+            )
         } else {
-            refused(Reason::JwtInvalid, "the token has no kid and the issuer has several keys")
+            refused(
+                Reason::JwtInvalid,
+                "the token has no kid and the issuer has several keys",
+            )
         });
     };
     if key.family != alg.family() || key.alg.is_some_and(|a| a != *alg) {
-        return Err(refused(Reason::JwtInvalid, "the token's algorithm does not match its key"));
+        return Err(refused(
+            Reason::JwtInvalid,
+            "the token's algorithm does not match its key",
+        ));
     }
-    let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation).map_err(|e| match e.kind() {
-        ErrorKind::InvalidSignature => refused(Reason::JwtInvalid, "the signature does not verify"),
-        ErrorKind::InvalidAlgorithm => refused(Reason::JwtInvalid, "the token's algorithm does not match its key"),
-        _ => refused(Reason::JwtInvalid, "the token is not a well-formed signed JWT"),
-    })?;
+    let data = jsonwebtoken::decode::<Map<String, Value>>(token, &key.key, validation).map_err(
+        |e| match e.kind() {
+            ErrorKind::InvalidSignature => {
+                refused(Reason::JwtInvalid, "the signature does not verify")
+            }
+            ErrorKind::InvalidAlgorithm => refused(
+                Reason::JwtInvalid,
+                "the token's algorithm does not match its key",
+            ),
+            _ => refused(
+                Reason::JwtInvalid,
+                "the token is not a well-formed signed JWT",
+            ),
+        },
+    )?;
     check_claims(issuer, rule, &data.claims, now)?;
-    Ok(Verified { claims: data.claims })
+    Ok(Verified {
+        claims: data.claims,
+    })
 }
 
 /// Checks `iss`, `exp`, `nbf` and `aud` of already signature-checked claims.
@@ -90,9 +129,14 @@ pub(crate) fn check_claims(
     now: SystemTime,
 ) -> Result<(), Refused> {
     if claims.get("iss").and_then(Value::as_str) != Some(issuer.issuer.as_str()) {
-        return Err(refused(Reason::JwtWrongIssuer, "the token's iss is not the issuer's"));
+        return Err(refused(
+            Reason::JwtWrongIssuer,
+            "the token's iss is not the issuer's",
+        ));
     }
-    let now = now.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let now = now
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
     let leeway = issuer.leeway.as_secs_f64();
     let Some(exp) = claims.get("exp").and_then(Value::as_f64) else {
         return Err(refused(Reason::JwtInvalid, "the token has no numeric exp"));
@@ -104,10 +148,18 @@ pub(crate) fn check_claims(
         None => {}
         Some(nbf) => match nbf.as_f64() {
             Some(nbf) if now + leeway < nbf => {
-                return Err(refused(Reason::JwtNotYetValid, "the token is not valid yet (nbf)"));
+                return Err(refused(
+                    Reason::JwtNotYetValid,
+                    "the token is not valid yet (nbf)",
+                ));
             }
             Some(_) => {}
-            None => return Err(refused(Reason::JwtInvalid, "the token's nbf is not a number")),
+            None => {
+                return Err(refused(
+                    Reason::JwtInvalid,
+                    "the token's nbf is not a number",
+                ));
+            }
         },
     }
     let aud_ok = match claims.get("aud") {
@@ -119,7 +171,10 @@ pub(crate) fn check_claims(
         _ => false,
     };
     if !aud_ok {
-        return Err(refused(Reason::JwtWrongAudience, "the token's aud does not name this service"));
+        return Err(refused(
+            Reason::JwtWrongAudience,
+            "the token's aud does not name this service",
+        ));
     }
     Ok(())
 }

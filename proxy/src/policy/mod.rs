@@ -212,7 +212,10 @@ pub(crate) enum PathPattern {
 
 pub(crate) enum Rule {
     Deny,
-    Allow { peers: PeerRule, jwt: Option<JwtRule> },
+    Allow {
+        peers: PeerRule,
+        jwt: Option<JwtRule>,
+    },
 }
 
 pub(crate) enum PeerRule {
@@ -284,12 +287,22 @@ pub struct Explanation {
 }
 
 fn display_diagnostics(list: &[Diagnostic]) -> String {
-    list.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    list.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -389,7 +402,11 @@ impl Policy {
     /// `min_refetch`, shared by concurrent requests) and decides again. Use
     /// this on the proxy's request path: a key rotation then costs one fetch,
     /// not a burst of 401s.
-    pub async fn authorize_async<'a>(&'a self, facts: &RequestFacts<'a>, now: SystemTime) -> Decision<'a> {
+    pub async fn authorize_async<'a>(
+        &'a self,
+        facts: &RequestFacts<'a>,
+        now: SystemTime,
+    ) -> Decision<'a> {
         let decision = self.authorize(facts, now);
         if decision.reason != Reason::JwtUnknownKid {
             return decision;
@@ -497,7 +514,10 @@ impl Policy {
                     Mismatch::Host => "host does not match",
                     Mismatch::Path => "path does not match",
                 };
-                trace.push(format!("route {:?} (line {}): {why}", route.name, route.line));
+                trace.push(format!(
+                    "route {:?} (line {}): {why}",
+                    route.name, route.line
+                ));
             }
             m.is_ok()
         });
@@ -554,7 +574,11 @@ impl Policy {
             d.jwt_iss = claims.get("iss").and_then(Value::as_str).map(str::to_owned);
             d.jwt_sub = claims.get("sub").and_then(Value::as_str).map(str::to_owned);
             d.strip_authorization = !route.forward_token;
-            if rule.claims.iter().any(|(name, want)| !claim_holds(claims.get(name), name, want)) {
+            if rule
+                .claims
+                .iter()
+                .any(|(name, want)| !claim_holds(claims.get(name), name, want))
+            {
                 d.reason = Reason::ClaimMismatch;
                 d.detail = "a claim condition of the route is not met";
                 return;
@@ -606,7 +630,10 @@ impl Route {
             (PathPattern::Exact(_), PathPattern::Prefix(_)) => false,
             (PathPattern::Prefix(_), PathPattern::Exact(b)) => self.path.matches(b),
             (PathPattern::Prefix(a), PathPattern::Prefix(b)) => {
-                a.is_empty() || b == a || b.strip_prefix(a.as_str()).is_some_and(|r| r.starts_with('/'))
+                a.is_empty()
+                    || b == a
+                    || b.strip_prefix(a.as_str())
+                        .is_some_and(|r| r.starts_with('/'))
             }
         };
         methods && host && path
@@ -618,7 +645,10 @@ impl PathPattern {
         match self {
             Self::Exact(p) => p == path,
             Self::Prefix(p) => {
-                p.is_empty() || path.strip_prefix(p.as_str()).is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+                p.is_empty()
+                    || path
+                        .strip_prefix(p.as_str())
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
             }
         }
     }
@@ -642,7 +672,11 @@ fn host_without_port(host: &str) -> &str {
         rest.split(']').next().unwrap_or(rest)
     } else {
         host.rsplit_once(':').map_or(host, |(h, port)| {
-            if port.bytes().all(|b| b.is_ascii_digit()) { h } else { host }
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
         })
     };
     host.strip_suffix('.').unwrap_or(host)
@@ -797,7 +831,10 @@ impl Decision<'_> {
             }
             _ => {}
         }
-        Some(resp.body(Full::new(Bytes::from(body))).expect("static response parts"))
+        Some(
+            resp.body(Full::new(Bytes::from(body)))
+                .expect("static response parts"),
+        )
     }
 
     /// Emits the decision log line for a denial or an audited would-be

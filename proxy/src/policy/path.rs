@@ -97,7 +97,10 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath<'_>, PathError> {
             b'%' => {
                 let decoded = escape_at(bytes, i)?;
                 check_decoded(decoded)?;
-                if is_unreserved(decoded) || bytes[i + 1].is_ascii_lowercase() || bytes[i + 2].is_ascii_lowercase() {
+                if is_unreserved(decoded)
+                    || bytes[i + 1].is_ascii_lowercase()
+                    || bytes[i + 2].is_ascii_lowercase()
+                {
                     needs_rewrite = true;
                 }
                 i += 3;
@@ -135,7 +138,14 @@ pub fn normalize(raw: &str) -> Result<NormalizedPath<'_>, PathError> {
 /// True when `path` is already in normal form (what route paths in a policy
 /// file must be).
 pub fn is_normal(path: &str) -> bool {
-    !path.contains('?') && matches!(normalize(path), Ok(NormalizedPath { path: Cow::Borrowed(_), .. }))
+    !path.contains('?')
+        && matches!(
+            normalize(path),
+            Ok(NormalizedPath {
+                path: Cow::Borrowed(_),
+                ..
+            })
+        )
 }
 
 /// The byte a `%XX` escape at `i` stands for.
@@ -148,8 +158,16 @@ fn escape_at(bytes: &[u8], i: usize) -> Result<u8, PathError> {
             _ => None,
         }
     };
-    let hi = bytes.get(i + 1).copied().and_then(hex).ok_or(PathError::BadEscape)?;
-    let lo = bytes.get(i + 2).copied().and_then(hex).ok_or(PathError::BadEscape)?;
+    let hi = bytes
+        .get(i + 1)
+        .copied()
+        .and_then(hex)
+        .ok_or(PathError::BadEscape)?;
+    let lo = bytes
+        .get(i + 2)
+        .copied()
+        .and_then(hex)
+        .ok_or(PathError::BadEscape)?;
     Ok(hi << 4 | lo)
 }
 
@@ -287,7 +305,10 @@ mod tests {
     #[test]
     fn normal_paths_are_borrowed() {
         for p in ["/", "/healthz", "/a/b/", "/a%20b", "/a/..b"] {
-            assert!(matches!(normalize(p).unwrap().path, Cow::Borrowed(_)), "{p}");
+            assert!(
+                matches!(normalize(p).unwrap().path, Cow::Borrowed(_)),
+                "{p}"
+            );
             assert!(is_normal(p), "{p}");
         }
         for p in ["//a", "/a/./b", "/%61", "/a%3a", "/a?x"] {

@@ -103,14 +103,19 @@ impl PolicyWatcher {
             _ => PathBuf::from("."),
         };
         let (tx, rx) = std::sync::mpsc::channel::<()>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
-                let _ = tx.send(());
-            }
-        })?;
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                if event.is_ok() {
+                    let _ = tx.send(());
+                }
+            })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        let (path, current, cache, stats) =
-            (self.path.clone(), self.current.clone(), self.cache.clone(), self.stats.clone());
+        let (path, current, cache, stats) = (
+            self.path.clone(),
+            self.current.clone(),
+            self.cache.clone(),
+            self.stats.clone(),
+        );
         std::thread::Builder::new()
             .name("moat-policy-watch".into())
             .spawn(move || {
@@ -121,13 +126,18 @@ impl PolicyWatcher {
                     reload(&path, &current, &cache, &stats);
                 }
             })
-            .map_err(|e| notify::Error::io(e))?;
+            .map_err(notify::Error::io)?;
         self._watcher = Some(watcher);
         Ok(())
     }
 }
 
-fn reload(path: &Path, current: &ArcSwap<Policy>, cache: &JwksCache, stats: &ReloadStats) -> ReloadOutcome {
+fn reload(
+    path: &Path,
+    current: &ArcSwap<Policy>,
+    cache: &JwksCache,
+    stats: &ReloadStats,
+) -> ReloadOutcome {
     let text = match std::fs::read_to_string(path) {
         Ok(text) => text,
         Err(source) => {
