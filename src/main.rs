@@ -36,6 +36,40 @@ enum Command {
     Ca(CaCommand),
     /// Run the sidecar proxy.
     Proxy(ProxyArgs),
+    /// Check, explain and test route authorization policy files.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+#[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate policy files; prints file:line:column: message for each problem (exit 64).
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Say which route decides a request, and why.
+    Explain {
+        file: PathBuf,
+        /// The caller's SPIFFE ID.
+        #[arg(long)]
+        peer: String,
+        #[arg(long)]
+        method: String,
+        /// The raw request path, possibly with a query.
+        #[arg(long)]
+        path: String,
+        #[arg(long)]
+        host: Option<String>,
+        /// A bearer token, verified with the policy's keys.
+        #[arg(long, conflicts_with = "claims")]
+        jwt: Option<String>,
+        /// A JSON object of claims standing in for a verified token.
+        #[arg(long)]
+        claims: Option<String>,
+    },
+    /// Run a file of expected decisions against a policy (exit 1 if any fails).
+    Test { file: PathBuf, cases: PathBuf },
 }
 
 #[derive(Subcommand)]
@@ -168,11 +202,48 @@ fn config_err(e: impl std::fmt::Display) -> Failure {
 fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Ca(ca) => run_ca(ca),
+        Command::Policy(policy) => run_policy(policy),
         Command::Proxy(args) => {
             let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
             let runtime = runtime(config.runtime.worker_threads)?;
             runtime.block_on(moat_proxy::run(config))?;
             Ok(())
+        }
+    }
+}
+
+fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
+    use moat_proxy::policy::cli;
+    match command {
+        PolicyCommand::Check { files } => {
+            let report = cli::check(&files);
+            for (file, hash, routes) in &report.valid {
+                println!("{}: ok ({routes} routes, hash {hash})", file.display());
+            }
+            for d in &report.diagnostics {
+                eprintln!("{d}");
+            }
+            match report.diagnostics.len() {
+                0 => Ok(()),
+                n => Err(Failure::Config(format!("{n} problem(s) found"))),
+            }
+        }
+        PolicyCommand::Explain { file, peer, method, path, host, jwt, claims } => {
+            let req = cli::ExplainRequest { peer, method, path, host, jwt, claims };
+            print!("{}", cli::explain(&file, &req).map_err(config_err)?);
+            Ok(())
+        }
+        PolicyCommand::Test { file, cases } => {
+            let report = cli::test(&file, &cases).map_err(config_err)?;
+            for f in &report.failed {
+                println!("FAIL {} ({}:{}): {}", f.name, cases.display(), f.line, f.message);
+            }
+            println!("{} passed, {} failed", report.passed, report.failed.len());
+            if report.failed.is_empty() {
+                Ok(())
+            } else {
+                Err(Failure::Other(anyhow::anyhow!("{} policy test(s) failed", report.failed.len())))
+            }
         }
     }
 }

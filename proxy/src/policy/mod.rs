@@ -12,7 +12,8 @@
 //! sharing a [`JwksCache`]), then [`Policy::authorize`] and [`Decision`]. A
 //! running proxy keeps the current policy in a [`PolicyWatcher`]. The modules:
 //! [`path`] (normalization), `file` (format), [`jwt`] (token checks), [`jwks`]
-//! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`).
+//! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`), [`cli`]
+//! (what the `moat policy` commands do).
 
 use std::borrow::Cow;
 use std::fmt;
@@ -28,6 +29,7 @@ use moat_ca::SpiffeId;
 use serde_json::{Map, Value};
 
 pub mod cases;
+pub mod cli;
 mod file;
 pub mod jwks;
 pub mod jwt;
