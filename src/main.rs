@@ -154,6 +154,9 @@ struct ServeArgs {
     /// DNS names and IP addresses for the CA's own serving certificate.
     #[arg(long = "san")]
     sans: Vec<String>,
+    /// Plain-HTTP admin listener for /metrics, /live and /ready (loopback by default; "off" disables).
+    #[arg(long, default_value = "127.0.0.1:9902")]
+    admin: String,
     /// Configuration file (Kubernetes token verification, limits). Defaults to DIR/ca.toml if present.
     #[arg(long)]
     config: Option<PathBuf>,
@@ -283,12 +286,19 @@ fn run_ca(command: CaCommand) -> Result<(), Failure> {
             };
             let runtime = runtime(None)?;
             runtime.block_on(async move {
-                let server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
+                let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
                     .await
                     .map_err(|e| match e {
                         moat_ca::server::ServerError::Config(_) => config_err(e),
                         other => Failure::Other(other.into()),
                     })?;
+                if args.admin != "off" {
+                    let addr = args
+                        .admin
+                        .parse()
+                        .map_err(|e| config_err(format!("--admin {:?}: {e}", args.admin)))?;
+                    server.bind_admin(addr).await?;
+                }
                 server.run(shutdown_signal()).await?;
                 Ok(())
             })

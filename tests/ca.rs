@@ -138,10 +138,20 @@ fn join_token_is_single_use_even_after_a_ca_restart() {
     // Restart the CA on a new port: the replay record is on disk.
     ca.server.signal("TERM");
     assert!(ca.server.wait_exit(Duration::from_secs(10)).is_some());
-    ca.server = Running::start(&["ca", "serve", "--dir", path_str(&ca.ca_dir()), "--listen", "127.0.0.1:0"]);
+    ca.server = Running::start(&[
+        "ca", "serve", "--dir", path_str(&ca.ca_dir()), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+    ]);
     ca.addr = ca.server.listening_addr("ca");
     let after = rt.block_on(client(&ca).issue(&key, &token)).unwrap_err();
     assert!(matches!(&after, ClientError::Refused { reason, .. } if reason == "token_replayed"), "{after}");
+
+    // The refusal is counted where Prometheus scrapes it.
+    let admin = ca.admin_addr();
+    let out = tool("curl", &["-sS", &format!("http://{admin}/metrics")]);
+    let metrics = String::from_utf8(out.stdout).unwrap();
+    assert!(metrics.contains("moat_ca_token_replays_total 1"), "{metrics}");
+    assert!(metrics.contains(r#"moat_ca_issuances_total{credential="token",result="token_replayed"} 1"#), "{metrics}");
+    assert!(metrics.contains("moat_ca_bundle_roots 1"), "{metrics}");
 }
 
 #[test]

@@ -185,7 +185,10 @@ impl Svid {
 
     /// The chain as PEM text, leaf first.
     pub fn to_pem(&self) -> String {
-        self.chain.iter().map(|c| der_to_pem("CERTIFICATE", c)).collect()
+        self.chain
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect()
     }
 
     /// The lifetime the CA gave this certificate.
@@ -331,7 +334,10 @@ impl CaClient {
         };
         let uri = format!(
             "https://{}{}{}",
-            self.base.authority().map(|a| a.as_str()).unwrap_or_default(),
+            self.base
+                .authority()
+                .map(|a| a.as_str())
+                .unwrap_or_default(),
             path,
             query
         );
@@ -346,7 +352,8 @@ impl CaClient {
         let req = req
             .body(Full::new(body))
             .map_err(|e| ClientError::Http(e.to_string()))?;
-        let (status, body) = https_request(config, self.server_name.clone(), req, self.timeout).await?;
+        let (status, body) =
+            https_request(config, self.server_name.clone(), req, self.timeout).await?;
         if status.is_success() {
             return Ok(body);
         }
@@ -390,7 +397,11 @@ async fn https_request_inner(
         .authority()
         .ok_or_else(|| ClientError::BadUrl(req.uri().to_string()))?
         .clone();
-    let addr = format!("{}:{}", authority.host(), authority.port_u16().unwrap_or(443));
+    let addr = format!(
+        "{}:{}",
+        authority.host(),
+        authority.port_u16().unwrap_or(443)
+    );
     let tcp = TcpStream::connect(&addr)
         .await
         .map_err(|source| ClientError::Connect { addr, source })?;
@@ -453,7 +464,10 @@ impl Backoff {
         self.attempt = self.attempt.saturating_add(1);
         let floor = self.base / 2;
         let upper = cap.max(floor);
-        floor + upper.saturating_sub(floor).mul_f64(rand::rng().random::<f64>())
+        floor
+            + upper
+                .saturating_sub(floor)
+                .mul_f64(rand::rng().random::<f64>())
     }
 
     /// Starts over after a success.
@@ -481,7 +495,10 @@ mod tests {
         let end = start + Duration::from_secs(3600);
         for _ in 0..100 {
             let at = renew_at(start, end).duration_since(start).unwrap();
-            assert!(at >= Duration::from_secs(1440) && at <= Duration::from_secs(2160), "{at:?}");
+            assert!(
+                at >= Duration::from_secs(1440) && at <= Duration::from_secs(2160),
+                "{at:?}"
+            );
         }
     }
 

@@ -171,8 +171,8 @@ impl SpiffeId {
     /// Reads the SPIFFE ID from a DER certificate, which must carry exactly
     /// one URI SAN (the X.509-SVID rule).
     pub fn from_cert_der(der: &[u8]) -> Result<Self, IdError> {
-        let (_, cert) =
-            x509_parser::certificate::X509Certificate::from_der(der).map_err(|_| IdError::BadCertificate)?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
+            .map_err(|_| IdError::BadCertificate)?;
         let mut uris = Vec::new();
         for ext in cert.extensions() {
             if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {
@@ -237,7 +237,10 @@ impl TrustBundle {
 
     /// The bundle as PEM text, one block per root.
     pub fn to_pem(&self) -> String {
-        self.roots.iter().map(|c| der_to_pem("CERTIFICATE", c)).collect()
+        self.roots
+            .iter()
+            .map(|c| der_to_pem("CERTIFICATE", c))
+            .collect()
     }
 
     /// A rustls root store holding every root of the bundle.

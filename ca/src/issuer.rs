@@ -115,18 +115,18 @@ impl RootCa {
         params.serial_number = Some(random_serial());
         params.not_before = (now - BACKDATE).into();
         params.not_after = (now + ttl).into();
-        params.subject_alt_names = vec![SanType::URI(
-            td.id_string()
-                .try_into()
-                .map_err(|e: rcgen::Error| IssueError::BadRoot(e.to_string()))?,
-        )];
+        params.subject_alt_names =
+            vec![SanType::URI(td.id_string().try_into().map_err(
+                |e: rcgen::Error| IssueError::BadRoot(e.to_string()),
+            )?)];
         let cert = params.self_signed(&key)?;
         Self::from_der(cert.der().clone(), key)
     }
 
     /// Loads a root from its PEM certificate and PEM PKCS#8 key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IssueError> {
-        let key = KeyPair::from_pem(key_pem).map_err(|e| IssueError::BadRoot(format!("key: {e}")))?;
+        let key =
+            KeyPair::from_pem(key_pem).map_err(|e| IssueError::BadRoot(format!("key: {e}")))?;
         let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
             .map_err(|e| IssueError::BadRoot(format!("certificate: {e}")))?;
         Self::from_der(der, key)
@@ -286,8 +286,9 @@ impl ValidatedCsr {
             return Err(CsrError::Malformed);
         }
         csr.verify_signature().map_err(|_| CsrError::BadSignature)?;
-        let spki = rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
-            .map_err(|_| CsrError::UnsupportedKey)?;
+        let spki =
+            rcgen::SubjectPublicKeyInfo::from_der(csr.certification_request_info.subject_pki.raw)
+                .map_err(|_| CsrError::UnsupportedKey)?;
         let alg = rcgen::PublicKeyData::algorithm(&spki);
         let allowed = [
             &rcgen::PKCS_ECDSA_P256_SHA256,
@@ -336,7 +337,8 @@ mod tests {
         assert_eq!(svid.lifetime(), DEFAULT_SVID_TTL + BACKDATE);
         assert_eq!(issued.serial.len(), 32);
 
-        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&issued.cert_der).unwrap();
+        let (_, cert) =
+            x509_parser::certificate::X509Certificate::from_der(&issued.cert_der).unwrap();
         assert!(!cert.is_ca());
         let eku = cert.extended_key_usage().unwrap().unwrap().value;
         assert!(eku.server_auth && eku.client_auth);
@@ -370,19 +372,28 @@ mod tests {
 
     #[test]
     fn malformed_and_tampered_csrs_are_refused() {
-        assert!(matches!(ValidatedCsr::parse(b"hello"), Err(CsrError::Malformed)));
         assert!(matches!(
-            ValidatedCsr::parse(b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"),
+            ValidatedCsr::parse(b"hello"),
             Err(CsrError::Malformed)
         ));
-        assert!(matches!(ValidatedCsr::parse(&vec![b'A'; MAX_CSR_LEN + 1]), Err(CsrError::TooLarge)));
+        assert!(matches!(
+            ValidatedCsr::parse(
+                b"-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n"
+            ),
+            Err(CsrError::Malformed)
+        ));
+        assert!(matches!(
+            ValidatedCsr::parse(&vec![b'A'; MAX_CSR_LEN + 1]),
+            Err(CsrError::TooLarge)
+        ));
 
         let key = WorkloadKey::generate().unwrap();
         let pem = key.csr_pem().unwrap();
-        let mut der = rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
-            .unwrap()
-            .as_ref()
-            .to_vec();
+        let mut der =
+            rustls_pki_types::CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+                .unwrap()
+                .as_ref()
+                .to_vec();
         let last = der.len() - 5;
         der[last] ^= 0x01; // flip a bit inside the signature
         assert!(ValidatedCsr::parse(&der).is_err());
@@ -393,7 +404,9 @@ mod tests {
         let rsa = KeyPair::generate_for(&rcgen::PKCS_RSA_SHA256);
         // aws-lc-rs can generate RSA keys; if this build cannot, the check is moot.
         if let Ok(rsa) = rsa {
-            let csr = CertificateParams::default().serialize_request(&rsa).unwrap();
+            let csr = CertificateParams::default()
+                .serialize_request(&rsa)
+                .unwrap();
             assert!(matches!(
                 ValidatedCsr::parse(csr.der()),
                 Err(CsrError::UnsupportedKey)

@@ -12,11 +12,13 @@
 //! - [`token`]: join tokens and Kubernetes service-account tokens.
 //! - [`store`]: the CA directory: roots on disk, issuance and replay records in SQLite.
 //! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`).
+//! - [`metrics`]: Prometheus metrics and the admin listener.
 //! - [`client`]: what a workload uses to get, renew and trust certificates.
 
 pub mod client;
 pub mod identity;
 pub mod issuer;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod token;
@@ -31,5 +33,6 @@ pub fn install_crypto_provider() {
 
 /// Parses a human duration such as `90s`, `15m`, `1h`, `365d` or `500ms`.
 pub fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("{s:?} is not a duration like 90s, 15m, 1h or 365d: {e}"))
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration like 90s, 15m, 1h or 365d: {e}"))
 }

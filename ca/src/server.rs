@@ -30,8 +30,11 @@ use tokio::sync::Semaphore;
 
 use crate::identity::{SpiffeId, TrustBundle};
 use crate::issuer::{CsrError, IssueError, RootCa, ValidatedCsr};
+use crate::metrics::CaMetrics;
 use crate::store::{CaDir, RootState, StoreError};
-use crate::token::{CredentialKind, JwksSource, KubernetesVerifier, MAX_TOKEN_LEN, TokenError, VerifiedCredential};
+use crate::token::{
+    CredentialKind, JwksSource, KubernetesVerifier, MAX_TOKEN_LEN, TokenError, VerifiedCredential,
+};
 
 /// The CA server's configuration file (`ca.toml`).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -96,6 +99,7 @@ pub struct Limits {
 /// A bound CA server, ready to [`run`](CaServer::run).
 pub struct CaServer {
     listener: TcpListener,
+    admin: Option<TcpListener>,
     shared: Arc<Shared>,
 }
 
@@ -130,6 +134,7 @@ struct Shared {
     sans: Vec<String>,
     snapshot: ArcSwap<Snapshot>,
     connections: Arc<Semaphore>,
+    metrics: Arc<CaMetrics>,
 }
 
 /// The signing state, rebuilt when the roots change.
@@ -154,7 +159,9 @@ impl ServerConfig {
     pub fn load(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let config: Self = toml::from_str(&text).map_err(|e| toml_error(path, &text, &e))?;
-        config.validate().map_err(|e| format!("{}: {e}", path.display()))?;
+        config
+            .validate()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
         Ok(config)
     }
 
@@ -162,14 +169,19 @@ impl ServerConfig {
         if self.issuance.max_ttl > crate::issuer::MAX_SVID_TTL || self.issuance.max_ttl.is_zero() {
             return Err("issuance.max_ttl must be more than 0 and at most 24h".into());
         }
-        if self.issuance.default_ttl > self.issuance.max_ttl || self.issuance.default_ttl.is_zero() {
-            return Err("issuance.default_ttl must be more than 0 and at most issuance.max_ttl".into());
+        if self.issuance.default_ttl > self.issuance.max_ttl || self.issuance.default_ttl.is_zero()
+        {
+            return Err(
+                "issuance.default_ttl must be more than 0 and at most issuance.max_ttl".into(),
+            );
         }
         if let Some(k) = &self.kubernetes {
             match (&k.jwks_file, &k.jwks_url) {
                 (Some(_), None) => {}
                 (None, Some(_)) if k.jwks_ca.is_some() => {}
-                (None, Some(_)) => return Err("kubernetes.jwks_url needs kubernetes.jwks_ca".into()),
+                (None, Some(_)) => {
+                    return Err("kubernetes.jwks_url needs kubernetes.jwks_ca".into());
+                }
                 _ => return Err("kubernetes needs exactly one of jwks_file or jwks_url".into()),
             }
         }
@@ -190,7 +202,12 @@ pub fn toml_error(path: &Path, text: &str, err: &toml::de::Error) -> String {
 pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
     let before = &text[..offset.min(text.len())];
     let line = before.matches('\n').count() + 1;
-    let col = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+    let col = before
+        .rsplit('\n')
+        .next()
+        .map(|l| l.chars().count())
+        .unwrap_or(0)
+        + 1;
     (line, col)
 }
 
@@ -214,17 +231,24 @@ impl CaServer {
                     },
                     _ => return Err(ServerError::Config("kubernetes: no JWKS source".into())),
                 };
-                let verifier = KubernetesVerifier::new(k.audience.clone(), k.issuer.clone(), source)
-                    .await
-                    .map_err(|e| ServerError::Config(format!("kubernetes: {e}")))?;
+                let verifier =
+                    KubernetesVerifier::new(k.audience.clone(), k.issuer.clone(), source)
+                        .await
+                        .map_err(|e| ServerError::Config(format!("kubernetes: {e}")))?;
                 Some(verifier)
             }
         };
         let snapshot = build_snapshot(&ca, &sans)?;
         let listener = TcpListener::bind(listen)
             .await
-            .map_err(|source| ServerError::Bind { addr: listen, source })?;
-        let addr = listener.local_addr().map_err(|source| ServerError::Bind { addr: listen, source })?;
+            .map_err(|source| ServerError::Bind {
+                addr: listen,
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
         tracing::info!(
             listener = "ca",
             %addr,
@@ -233,9 +257,13 @@ impl CaServer {
             "listening"
         );
         let connections = Arc::new(Semaphore::new(config.limits.max_connections));
+        let metrics = Arc::new(CaMetrics::new());
+        metrics.roots(&ca.roots()?);
         Ok(Self {
             listener,
+            admin: None,
             shared: Arc::new(Shared {
+                metrics,
                 ca,
                 config,
                 kubernetes,
@@ -246,6 +274,23 @@ impl CaServer {
         })
     }
 
+    /// Binds the plain-HTTP admin listener (`/metrics`, `/live`, `/ready`).
+    pub async fn bind_admin(&mut self, addr: SocketAddr) -> Result<SocketAddr, ServerError> {
+        let listener = crate::metrics::bind_admin(addr)
+            .await
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| ServerError::Bind { addr, source })?;
+        self.admin = Some(listener);
+        Ok(bound)
+    }
+
+    /// The CA's metrics.
+    pub fn metrics(&self) -> Arc<CaMetrics> {
+        self.shared.metrics.clone()
+    }
+
     /// The bound address.
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
         self.listener.local_addr()
@@ -253,8 +298,17 @@ impl CaServer {
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish
     /// (up to the request timeout).
-    pub async fn run(self, shutdown: impl std::future::Future<Output = ()>) -> Result<(), ServerError> {
+    pub async fn run(
+        self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServerError> {
         let refresher = tokio::spawn(refresh_loop(self.shared.clone()));
+        let admin = self.admin.map(|listener| {
+            tokio::spawn(crate::metrics::serve_admin(
+                listener,
+                self.shared.metrics.clone(),
+            ))
+        });
         let mut tasks = tokio::task::JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -277,8 +331,12 @@ impl CaServer {
         }
         tracing::info!("shutting down; finishing in-flight requests");
         refresher.abort();
+        if let Some(admin) = admin {
+            admin.abort();
+        }
         let grace = self.shared.config.limits.request_timeout;
-        let _ = tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let _ =
+            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
         Ok(())
     }
 }
@@ -312,7 +370,8 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer:
         let peer_id = peer_id.clone();
         async move {
             let timeout = shared.config.limits.request_timeout;
-            let response = match tokio::time::timeout(timeout, handle(&shared, req, &peer_id)).await {
+            let response = match tokio::time::timeout(timeout, handle(&shared, req, &peer_id)).await
+            {
                 Ok(response) => response,
                 Err(_) => refusal_response(Refusal {
                     status: StatusCode::REQUEST_TIMEOUT,
@@ -342,8 +401,12 @@ async fn handle(
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/bundle") => Ok(pem_response(shared.snapshot.load().bundle_pem.clone())),
         (&Method::GET, "/healthz") => Ok(Response::new(Full::new(Bytes::from_static(b"ok\n")))),
-        (&Method::POST, "/v1/certs") => issue(shared, req).await,
-        (&Method::POST, "/v1/renew") => renew(shared, req, peer_id).await,
+        (&Method::POST, "/v1/certs") => issue(shared, req)
+            .await
+            .inspect_err(|r| shared.metrics.issuance("token", r.reason)),
+        (&Method::POST, "/v1/renew") => renew(shared, req, peer_id)
+            .await
+            .inspect_err(|r| shared.metrics.issuance("renewal", r.reason)),
         (_, "/v1/bundle" | "/v1/certs" | "/v1/renew") => Err(Refusal {
             status: StatusCode::METHOD_NOT_ALLOWED,
             error: "method not allowed".into(),
@@ -358,7 +421,10 @@ async fn handle(
     result.unwrap_or_else(refusal_response)
 }
 
-async fn issue(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Refusal> {
+async fn issue(
+    shared: &Arc<Shared>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
     let ttl = requested_ttl(shared, &req)?;
     let token = bearer(&req).map_err(token_refusal)?;
     let td = shared.ca.trust_domain();
@@ -455,9 +521,12 @@ async fn sign_and_record(
         let issued = issued.clone();
         let credential = credential.clone();
         tokio::task::spawn_blocking(move || {
-            shared
-                .ca
-                .record_issuance(&issued, &credential.id, credential.kind, credential.single_use.as_ref())
+            shared.ca.record_issuance(
+                &issued,
+                &credential.id,
+                credential.kind,
+                credential.single_use.as_ref(),
+            )
         })
         .await
         .map_err(internal)?
@@ -486,6 +555,7 @@ async fn sign_and_record(
             }
         });
     }
+    shared.metrics.issuance(credential.kind.as_str(), "ok");
     tracing::info!(
         serial = %issued.serial,
         spiffe_id = %credential.id,
@@ -515,7 +585,10 @@ fn requested_ttl(shared: &Shared, req: &Request<Incoming>) -> Result<Duration, R
     if ttl.is_zero() || ttl > issuance.max_ttl {
         return Err(Refusal {
             status: StatusCode::BAD_REQUEST,
-            error: format!("ttl must be more than 0 and at most {}", humantime::format_duration(issuance.max_ttl)),
+            error: format!(
+                "ttl must be more than 0 and at most {}",
+                humantime::format_duration(issuance.max_ttl)
+            ),
             reason: "bad_ttl",
         });
     }
@@ -530,7 +603,9 @@ fn bearer(req: &Request<Incoming>) -> Result<String, TokenError> {
     if value.len() > MAX_TOKEN_LEN + 7 {
         return Err(TokenError::TooLong);
     }
-    let value = value.to_str().map_err(|_| TokenError::Invalid("not ASCII".into()))?;
+    let value = value
+        .to_str()
+        .map_err(|_| TokenError::Invalid("not ASCII".into()))?;
     let token = value
         .strip_prefix("Bearer ")
         .or_else(|| value.strip_prefix("bearer "))
@@ -544,7 +619,10 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Ref
         let essence = ct.split(';').next().unwrap_or("").trim();
         if !matches!(
             essence,
-            "application/pkcs10" | "application/x-pem-file" | "application/octet-stream" | "text/plain"
+            "application/pkcs10"
+                | "application/x-pem-file"
+                | "application/octet-stream"
+                | "text/plain"
         ) && !essence.is_empty()
         {
             return Err(Refusal {
@@ -560,7 +638,10 @@ async fn read_body(shared: &Shared, req: Request<Incoming>) -> Result<Bytes, Ref
         .map(|c| c.to_bytes())
         .map_err(|_| Refusal {
             status: StatusCode::PAYLOAD_TOO_LARGE,
-            error: format!("the body is larger than {} bytes", shared.config.limits.max_body),
+            error: format!(
+                "the body is larger than {} bytes",
+                shared.config.limits.max_body
+            ),
             reason: "body_too_large",
         })
 }
@@ -603,7 +684,9 @@ fn refusal_response(r: Refusal) -> Response<Full<Bytes>> {
     if r.status == StatusCode::UNAUTHORIZED {
         builder = builder.header(header::WWW_AUTHENTICATE, "Bearer error=\"invalid_token\"");
     }
-    builder.body(Full::new(Bytes::from(body))).expect("static response")
+    builder
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response")
 }
 
 /// Re-reads the roots every second; rebuilds the signing state when a
@@ -628,9 +711,14 @@ async fn refresh_loop(shared: Arc<Shared>) {
         match build_snapshot(&shared.ca, &shared.sans) {
             Ok(next) => {
                 tracing::info!(roots = ?next.roots, "signing state reloaded");
+                if let Ok(records) = shared.ca.roots() {
+                    shared.metrics.roots(&records);
+                }
                 shared.snapshot.store(Arc::new(next));
             }
-            Err(e) => tracing::error!(error = %e, "cannot reload the signing state; keeping the current one"),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot reload the signing state; keeping the current one")
+            }
         }
     }
 }
@@ -646,7 +734,9 @@ fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> 
         .sign_server_cert(sans, &server_key, ttl)
         .map_err(|e| ServerError::Config(format!("--san: {e}")))?;
     let verifier = WebPkiClientVerifier::builder(Arc::new(
-        bundle.root_store().map_err(|e| ServerError::Tls(e.to_string()))?,
+        bundle
+            .root_store()
+            .map_err(|e| ServerError::Tls(e.to_string()))?,
     ))
     .allow_unauthenticated()
     .build()
@@ -657,7 +747,10 @@ fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> 
         .with_single_cert(vec![serving.cert_der.clone()], key_der)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
-    let lifetime = serving.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    let lifetime = serving
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
     Ok(Snapshot {
         roots,
         signer,

@@ -25,7 +25,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::client::{Svid, WorkloadKey};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
-use crate::issuer::{Issued, IssueError, RootCa, ValidatedCsr};
+use crate::issuer::{IssueError, Issued, RootCa, ValidatedCsr};
 use crate::token::{CredentialKind, JoinTokenKey, TokenError};
 
 const DB_FILE: &str = "ca.db";
@@ -170,14 +170,16 @@ impl CaDir {
             .mode(0o700)
             .create(dir.join(ROOTS_DIR))
             .map_err(|source| io_err(dir, source))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(0o700)).map_err(|source| io_err(dir, source))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| io_err(dir, source))?;
 
         let (token_key, token_pem) = JoinTokenKey::generate()?;
         write_secret(&dir.join(TOKEN_KEY_FILE), token_pem.as_bytes())?;
 
         let db_path = dir.join(DB_FILE);
         let conn = open_db(&db_path)?;
-        conn.execute_batch(SCHEMA).map_err(|source| db_err(&db_path, source))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(|source| db_err(&db_path, source))?;
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('trust_domain', ?1)",
             params![td.as_str()],
@@ -204,11 +206,17 @@ impl CaDir {
         }
         let conn = open_db(&db_path)?;
         let td: String = conn
-            .query_row("SELECT value FROM meta WHERE key = 'trust_domain'", [], |r| r.get(0))
+            .query_row(
+                "SELECT value FROM meta WHERE key = 'trust_domain'",
+                [],
+                |r| r.get(0),
+            )
             .map_err(|source| db_err(&db_path, source))?;
-        let td = TrustDomain::parse(&td).map_err(|e| StoreError::Corrupt(format!("trust domain: {e}")))?;
+        let td = TrustDomain::parse(&td)
+            .map_err(|e| StoreError::Corrupt(format!("trust domain: {e}")))?;
         let token_path = dir.join(TOKEN_KEY_FILE);
-        let token_pem = fs::read_to_string(&token_path).map_err(|source| io_err(&token_path, source))?;
+        let token_pem =
+            fs::read_to_string(&token_path).map_err(|source| io_err(&token_path, source))?;
         let token_key = JoinTokenKey::from_pem(&token_pem)?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -233,7 +241,11 @@ impl CaDir {
         self.with_db(|db| {
             let mut stmt = db.prepare("SELECT id, state, not_after FROM roots ORDER BY id")?;
             let rows = stmt.query_map([], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, i64>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })?;
             rows.collect::<Result<Vec<_>, _>>()
         })?
@@ -254,7 +266,8 @@ impl CaDir {
         for root in self.roots()?.iter().filter(|r| r.state.in_bundle()) {
             let path = self.root_path(root.id, "crt");
             let pem = fs::read(&path).map_err(|source| io_err(&path, source))?;
-            let bundle = TrustBundle::from_pem(&pem).map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
+            let bundle = TrustBundle::from_pem(&pem)
+                .map_err(|e| StoreError::Corrupt(format!("{}: {e}", path.display())))?;
             ders.extend(bundle.roots().iter().cloned());
         }
         TrustBundle::new(ders).map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -323,9 +336,13 @@ impl CaDir {
     /// True if this join-token ID was already used.
     pub fn token_used(&self, jti: &str) -> Result<bool, StoreError> {
         self.with_db(|db| {
-            db.query_row("SELECT 1 FROM used_tokens WHERE jti = ?1", params![jti], |_| Ok(()))
-                .optional()
-                .map(|r| r.is_some())
+            db.query_row(
+                "SELECT 1 FROM used_tokens WHERE jti = ?1",
+                params![jti],
+                |_| Ok(()),
+            )
+            .optional()
+            .map(|r| r.is_some())
         })
     }
 
@@ -352,7 +369,8 @@ impl CaDir {
         .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let issued = self.active_root()?.sign_svid(&self.td, id, &csr, ttl)?;
         self.record_issuance(&issued, id, CredentialKind::Local, None)?;
-        let svid = Svid::from_chain(vec![issued.cert_der.clone()]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let svid = Svid::from_chain(vec![issued.cert_der.clone()])
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         write_secret(key_out, key.dangerous_private_key_pem().as_bytes())?;
         fs::write(cert_out, svid.to_pem()).map_err(|source| io_err(cert_out, source))?;
         tracing::info!(serial = %svid.serial, spiffe_id = %id, credential = "local", "issued");
@@ -394,8 +412,14 @@ impl CaDir {
         let id = prepared.id;
         self.with_db(|db| {
             db.execute_batch("BEGIN IMMEDIATE")?;
-            db.execute("UPDATE roots SET state = 'retiring' WHERE state = 'active'", [])?;
-            db.execute("UPDATE roots SET state = 'active' WHERE id = ?1", params![id])?;
+            db.execute(
+                "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
+                [],
+            )?;
+            db.execute(
+                "UPDATE roots SET state = 'active' WHERE id = ?1",
+                params![id],
+            )?;
             db.execute_batch("COMMIT")
         })?;
         Ok(format!(
@@ -406,7 +430,12 @@ impl CaDir {
 
     /// Rotation step 3: drop the old root from the bundle.
     pub fn rotate_retire(&self) -> Result<String, StoreError> {
-        let retired = self.with_db(|db| db.execute("UPDATE roots SET state = 'retired' WHERE state = 'retiring'", []))?;
+        let retired = self.with_db(|db| {
+            db.execute(
+                "UPDATE roots SET state = 'retired' WHERE state = 'retiring'",
+                [],
+            )
+        })?;
         if retired == 0 {
             return Err(StoreError::Rotation {
                 step: "retire",
@@ -417,9 +446,16 @@ impl CaDir {
     }
 
     fn add_root(&self, state: RootState, ttl: Duration) -> Result<i64, StoreError> {
-        let next: i64 = self.with_db(|db| db.query_row("SELECT coalesce(max(id), 0) + 1 FROM roots", [], |r| r.get(0)))?;
+        let next: i64 = self.with_db(|db| {
+            db.query_row("SELECT coalesce(max(id), 0) + 1 FROM roots", [], |r| {
+                r.get(0)
+            })
+        })?;
         let root = RootCa::generate(&self.td, next, ttl)?;
-        write_secret(&self.root_path(next, "key"), root.dangerous_key_pem().as_bytes())?;
+        write_secret(
+            &self.root_path(next, "key"),
+            root.dangerous_key_pem().as_bytes(),
+        )?;
         let cert_path = self.root_path(next, "crt");
         fs::write(&cert_path, root.cert_pem()).map_err(|source| io_err(&cert_path, source))?;
         self.with_db(|db| {
@@ -435,7 +471,10 @@ impl CaDir {
         self.dir.join(ROOTS_DIR).join(format!("{id}.{ext}"))
     }
 
-    fn with_db<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+    fn with_db<T>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, StoreError> {
         let db = self.db.lock().expect("CA store lock");
         f(&db).map_err(|source| db_err(&self.dir.join(DB_FILE), source))
     }
@@ -539,7 +578,13 @@ mod tests {
     #[test]
     fn init_makes_private_files() {
         let (tmp, _ca) = new_ca();
-        let mode = |p: &str| fs::metadata(tmp.path().join(p)).unwrap().permissions().mode() & 0o777;
+        let mode = |p: &str| {
+            fs::metadata(tmp.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
         assert_eq!(mode("ca"), 0o700);
         assert_eq!(mode("ca/token.key"), 0o600);
         assert_eq!(mode("ca/roots/1.key"), 0o600);
@@ -572,10 +617,15 @@ mod tests {
         let key = WorkloadKey::generate().unwrap();
         let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
         let root = ca.active_root().unwrap();
-        let first = root.sign_svid(ca.trust_domain(), &id, &csr, Duration::from_secs(60)).unwrap();
-        let second = root.sign_svid(ca.trust_domain(), &id, &csr, Duration::from_secs(60)).unwrap();
+        let first = root
+            .sign_svid(ca.trust_domain(), &id, &csr, Duration::from_secs(60))
+            .unwrap();
+        let second = root
+            .sign_svid(ca.trust_domain(), &id, &csr, Duration::from_secs(60))
+            .unwrap();
         let jti = ("abc".to_owned(), crate::token::unix_now() + 60);
-        ca.record_issuance(&first, &id, CredentialKind::JoinToken, Some(&jti)).unwrap();
+        ca.record_issuance(&first, &id, CredentialKind::JoinToken, Some(&jti))
+            .unwrap();
         let err = ca
             .record_issuance(&second, &id, CredentialKind::JoinToken, Some(&jti))
             .unwrap_err();

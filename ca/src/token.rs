@@ -177,8 +177,8 @@ impl JoinTokenKey {
     /// Loads the token key from PKCS#8 PEM.
     pub fn from_pem(pem: &str) -> Result<Self, TokenError> {
         let pair = rcgen::KeyPair::from_pem(pem).map_err(|e| TokenError::Invalid(e.to_string()))?;
-        let encoding =
-            EncodingKey::from_ec_pem(pem.as_bytes()).map_err(|e| TokenError::Invalid(e.to_string()))?;
+        let encoding = EncodingKey::from_ec_pem(pem.as_bytes())
+            .map_err(|e| TokenError::Invalid(e.to_string()))?;
         let decoding = DecodingKey::from_ec_pem(pair.public_key_pem().as_bytes())
             .map_err(|e| TokenError::Invalid(e.to_string()))?;
         let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, pair.public_key_raw());
@@ -200,7 +200,12 @@ impl JoinTokenKey {
     }
 
     /// Mints a join token for `id`, valid for `ttl`.
-    pub fn mint(&self, td: &TrustDomain, id: &SpiffeId, ttl: Duration) -> Result<String, TokenError> {
+    pub fn mint(
+        &self,
+        td: &TrustDomain,
+        id: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<String, TokenError> {
         if !id.is_in(td) {
             return Err(TokenError::WrongTrustDomain(id.to_string()));
         }
@@ -223,7 +228,8 @@ impl JoinTokenKey {
         };
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, &claims, &self.encoding).map_err(|e| TokenError::Invalid(e.to_string()))
+        jsonwebtoken::encode(&header, &claims, &self.encoding)
+            .map_err(|e| TokenError::Invalid(e.to_string()))
     }
 
     /// Verifies a join token's signature and claims (not its single use,
@@ -236,9 +242,11 @@ impl JoinTokenKey {
         validation.set_required_spec_claims(&["exp", "nbf", "iss", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        let data = jsonwebtoken::decode::<JoinClaims>(token, &self.decoding, &validation).map_err(jwt_error)?;
+        let data = jsonwebtoken::decode::<JoinClaims>(token, &self.decoding, &validation)
+            .map_err(jwt_error)?;
         let claims = data.claims;
-        let id = SpiffeId::parse(&claims.sub).map_err(|e| TokenError::Invalid(format!("sub: {e}")))?;
+        let id =
+            SpiffeId::parse(&claims.sub).map_err(|e| TokenError::Invalid(format!("sub: {e}")))?;
         if !id.is_in(td) {
             return Err(TokenError::WrongTrustDomain(id.to_string()));
         }
@@ -286,12 +294,21 @@ impl KubernetesVerifier {
     }
 
     /// Verifies a service-account token and maps it to a SPIFFE ID in `td`.
-    pub async fn verify(&self, td: &TrustDomain, token: &str) -> Result<VerifiedCredential, TokenError> {
+    pub async fn verify(
+        &self,
+        td: &TrustDomain,
+        token: &str,
+    ) -> Result<VerifiedCredential, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(jwt_error)?;
         if !matches!(header.alg, Algorithm::RS256 | Algorithm::ES256) {
-            return Err(TokenError::Invalid(format!("algorithm {:?} is not accepted", header.alg)));
+            return Err(TokenError::Invalid(format!(
+                "algorithm {:?} is not accepted",
+                header.alg
+            )));
         }
-        let kid = header.kid.ok_or_else(|| TokenError::Invalid("no kid".into()))?;
+        let kid = header
+            .kid
+            .ok_or_else(|| TokenError::Invalid("no kid".into()))?;
         let jwk = match self.find_key(&kid) {
             Some(jwk) => jwk,
             None => {
@@ -299,7 +316,8 @@ impl KubernetesVerifier {
                 self.find_key(&kid).ok_or(TokenError::UnknownKey)?
             }
         };
-        let key = DecodingKey::from_jwk(&jwk).map_err(|e| TokenError::Invalid(format!("jwk: {e}")))?;
+        let key =
+            DecodingKey::from_jwk(&jwk).map_err(|e| TokenError::Invalid(format!("jwk: {e}")))?;
         // Pin the algorithm to the key's own family: an RSA key only verifies
         // RS256 and an EC key only ES256, never HMAC.
         let alg = match jwk.algorithm {
@@ -308,7 +326,9 @@ impl KubernetesVerifier {
             _ => return Err(TokenError::Invalid("unsupported JWK type".into())),
         };
         if header.alg != alg {
-            return Err(TokenError::Invalid("algorithm does not match the key".into()));
+            return Err(TokenError::Invalid(
+                "algorithm does not match the key".into(),
+            ));
         }
         let mut validation = Validation::new(alg);
         validation.set_audience(&[&self.audience]);
@@ -318,7 +338,8 @@ impl KubernetesVerifier {
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        let data = jsonwebtoken::decode::<KubernetesClaims>(token, &key, &validation).map_err(jwt_error)?;
+        let data = jsonwebtoken::decode::<KubernetesClaims>(token, &key, &validation)
+            .map_err(jwt_error)?;
         let id = kubernetes_subject_to_id(td, &data.claims.sub)?;
         Ok(VerifiedCredential {
             id,
@@ -343,7 +364,9 @@ impl KubernetesVerifier {
         }
         match load_jwks(&self.source).await {
             Ok(keys) => self.keys.store(Arc::new(keys)),
-            Err(e) => tracing::warn!(error = %e, "Kubernetes JWKS refresh failed; keeping the last good keys"),
+            Err(e) => {
+                tracing::warn!(error = %e, "Kubernetes JWKS refresh failed; keeping the last good keys")
+            }
         }
     }
 }
@@ -371,10 +394,13 @@ pub fn kubernetes_subject_to_id(td: &TrustDomain, sub: &str) -> Result<SpiffeId,
     let dns_name = |s: &str| {
         !s.is_empty()
             && s.len() <= 253
-            && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
+            && s.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b))
     };
     if !dns_name(ns) || !dns_name(sa) {
-        return Err(TokenError::Invalid(format!("subject {sub:?} is not a valid service account name")));
+        return Err(TokenError::Invalid(format!(
+            "subject {sub:?} is not a valid service account name"
+        )));
     }
     td.workload(&format!("/ns/{ns}/sa/{sa}"))
         .map_err(|e| TokenError::Invalid(format!("subject {sub:?}: {e}")))
@@ -400,20 +426,24 @@ async fn fetch_jwks(url: &str, ca_file: &std::path::Path) -> Result<bytes::Bytes
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let uri: http::Uri = url.parse().map_err(|_| TokenError::Jwks(format!("bad URL {url:?}")))?;
+    let uri: http::Uri = url
+        .parse()
+        .map_err(|_| TokenError::Jwks(format!("bad URL {url:?}")))?;
     let host = uri
         .host()
         .ok_or_else(|| TokenError::Jwks(format!("bad URL {url:?}")))?
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let name = rustls_pki_types::ServerName::try_from(host).map_err(|e| TokenError::Jwks(e.to_string()))?;
+    let name = rustls_pki_types::ServerName::try_from(host)
+        .map_err(|e| TokenError::Jwks(e.to_string()))?;
     let req = http::Request::get(uri)
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    let (status, body) = crate::client::https_request(Arc::new(config), name, req, Duration::from_secs(10))
-        .await
-        .map_err(|e| TokenError::Jwks(e.to_string()))?;
+    let (status, body) =
+        crate::client::https_request(Arc::new(config), name, req, Duration::from_secs(10))
+            .await
+            .map_err(|e| TokenError::Jwks(e.to_string()))?;
     if !status.is_success() {
         return Err(TokenError::Jwks(format!("{url} answered {status}")));
     }
@@ -463,7 +493,10 @@ mod tests {
         let (a, _) = JoinTokenKey::generate().unwrap();
         let (b, _) = JoinTokenKey::generate().unwrap();
         let token = a.mint(&td(), &id(), Duration::from_secs(900)).unwrap();
-        assert!(matches!(b.verify(&td(), &token), Err(TokenError::Invalid(_))));
+        assert!(matches!(
+            b.verify(&td(), &token),
+            Err(TokenError::Invalid(_))
+        ));
     }
 
     #[test]
@@ -475,14 +508,23 @@ mod tests {
             "exp": unix_now() + 600, "nbf": unix_now() - 10, "iat": unix_now(), "jti": "abc"
         });
         let payload = b64.encode(claims.to_string());
-        let none = format!("{}.{}.", b64.encode(r#"{"alg":"none","typ":"JWT"}"#), payload);
+        let none = format!(
+            "{}.{}.",
+            b64.encode(r#"{"alg":"none","typ":"JWT"}"#),
+            payload
+        );
         assert!(key.verify(&td(), &none).is_err());
 
         // HS256 keyed with the public key's PEM (the classic confusion attack).
         let public_pem = rcgen::KeyPair::from_pem(&pem).unwrap().public_key_pem();
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some(key.kid().to_owned());
-        let forged = jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(public_pem.as_bytes())).unwrap();
+        let forged = jsonwebtoken::encode(
+            &header,
+            &claims,
+            &EncodingKey::from_secret(public_pem.as_bytes()),
+        )
+        .unwrap();
         assert!(key.verify(&td(), &forged).is_err());
     }
 
@@ -501,7 +543,10 @@ mod tests {
         let mut header = Header::new(Algorithm::ES256);
         header.kid = Some(key.kid().to_owned());
         let token = jsonwebtoken::encode(&header, &claims, &key.encoding).unwrap();
-        assert!(matches!(key.verify(&td(), &token), Err(TokenError::Expired)));
+        assert!(matches!(
+            key.verify(&td(), &token),
+            Err(TokenError::Expired)
+        ));
     }
 
     #[test]

@@ -183,6 +183,8 @@ impl TestCa {
             path_str(&ca_dir),
             "--listen",
             "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
         ]);
         let addr = server.listening_addr("ca");
         Self {
@@ -191,6 +193,11 @@ impl TestCa {
             addr,
             trust_domain: "example.org".into(),
         }
+    }
+
+    /// The CA's admin address (`/metrics`, `/live`, `/ready`).
+    pub fn admin_addr(&mut self) -> SocketAddr {
+        self.server.listening_addr("admin")
     }
 
     /// The CA directory.
