@@ -74,6 +74,8 @@ pub struct CaIdentity {
     pub token_file: PathBuf,
     /// How often the trust bundle is fetched from the CA again.
     pub bundle_refresh: Duration,
+    /// The certificate lifetime to ask for; the CA's default when absent.
+    pub ttl: Option<Duration>,
     /// The first wait before retrying an unreachable CA (it doubles, with jitter).
     pub retry_base: Duration,
     /// The longest wait between retries.
@@ -176,9 +178,26 @@ pub struct Inbound {
     pub allow_peers: Option<Vec<PeerPattern>>,
     /// Per-route authorization file (http only).
     pub policy: Option<PathBuf>,
+    /// Which HTTP version to speak to `forward`: as the client spoke
+    /// (`auto`, the default), or always `http1` or `http2` (h2c).
+    #[serde(default)]
+    pub forward_http: ForwardHttp,
     /// Allow `forward` off loopback (plaintext over a network).
     #[serde(default)]
     pub unsafe_forward: bool,
+}
+
+/// The HTTP version spoken to the local service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ForwardHttp {
+    /// The version the client spoke.
+    #[default]
+    Auto,
+    /// Always HTTP/1.1 (for services that do not speak h2c).
+    Http1,
+    /// Always HTTP/2 without TLS (h2c, prior knowledge).
+    Http2,
 }
 
 /// `[[outbound]]`: this service to a peer.
@@ -256,6 +275,8 @@ struct RawIdentity {
     key: Option<PathBuf>,
     #[serde(default, with = "humantime_serde")]
     bundle_refresh: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    ttl: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     retry_base: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
@@ -481,6 +502,7 @@ impl<'de> Deserialize<'de> for Identity {
                     bundle: raw.bundle,
                     token_file,
                     bundle_refresh,
+                    ttl: raw.ttl,
                     retry_base,
                     retry_max,
                 }))

@@ -89,7 +89,9 @@ impl CaSource {
     /// Checks the bundle file and builds the CA client (before any port is bound).
     pub fn new(config: CaIdentity, store: Arc<CredentialStore>) -> Result<Self, IdentityError> {
         let bundle = read_bundle(&config.bundle)?;
-        let client = CaClient::new(&config.ca_url, bundle)?.with_timeout(Duration::from_secs(10));
+        let client = CaClient::new(&config.ca_url, bundle)?
+            .with_timeout(Duration::from_secs(10))
+            .with_ttl(config.ttl);
         Ok(Self {
             config,
             store,

@@ -22,7 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use crate::authz::{Authorize, Decision};
-use crate::config::{Inbound, Limits, Protocol};
+use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
     PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, short_response,
@@ -42,6 +42,7 @@ pub struct InboundListener {
 struct Shared {
     name: Arc<str>,
     protocol: Protocol,
+    forward_http: ForwardHttp,
     forward: SocketAddr,
     forward_authority: Authority,
     acceptor: TlsAcceptor,
@@ -106,6 +107,7 @@ impl InboundListener {
         let shared = Shared {
             name: config.name.as_str().into(),
             protocol: config.protocol,
+            forward_http: config.forward_http,
             forward,
             forward_authority: Authority::try_from(forward.to_string())
                 .expect("a socket address is an authority"),
@@ -151,7 +153,8 @@ impl Shared {
         {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
-                tracing::info!(listener = %self.name, peer_addr = %addr, error = %e, "handshake failed");
+                let error = crate::tls::describe_handshake_error(&e);
+                tracing::info!(listener = %self.name, peer_addr = %addr, %error, "handshake failed");
                 return;
             }
             Err(_) => {
@@ -250,25 +253,45 @@ impl Shared {
         }
         parts.headers.insert(PEER_ID.clone(), peer.header.clone());
         parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
-        let authority = match parts.version {
-            Version::HTTP_2 => parts
-                .uri
-                .authority()
-                .cloned()
-                .unwrap_or_else(|| self.forward_authority.clone()),
-            _ => self.forward_authority.clone(),
+        let to_h2 = match self.forward_http {
+            ForwardHttp::Auto => parts.version == Version::HTTP_2,
+            ForwardHttp::Http1 => false,
+            ForwardHttp::Http2 => true,
         };
-        let mut uri = Uri::builder().scheme(Scheme::HTTP).authority(authority);
-        if let Some(pq) = parts.uri.path_and_query() {
-            uri = uri.path_and_query(pq.clone());
+        // The authority the client addressed travels on: in the URI for
+        // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
+        // always dials `forward`, whatever the URI says.
+        let authority = if to_h2 {
+            let from_host = parts
+                .headers
+                .remove(http::header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+            parts.uri.authority().cloned().or(from_host)
         } else {
-            uri = uri.path_and_query("/");
-        }
+            if !parts.headers.contains_key(http::header::HOST)
+                && let Some(a) = parts.uri.authority()
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+            None
+        };
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
+            .path_and_query(
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
+            );
         parts.uri = match uri.build() {
             Ok(u) => u,
             Err(_) => return ProxyError::BadRequest("request target").into_response(),
         };
-        let client = if parts.version == Version::HTTP_2 {
+        let client = if to_h2 {
+            parts.version = Version::HTTP_2;
             &self.h2
         } else {
             parts.version = Version::HTTP_11;

@@ -262,7 +262,11 @@ impl PeerConnector {
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
                     .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
                 if refused {
-                    Err(ProxyError::PeerRefused(format!("{}: {e}", self.upstream)))
+                    let reason = crate::tls::describe_handshake_error(&e);
+                    Err(ProxyError::PeerRefused(format!(
+                        "{}: {reason}",
+                        self.upstream
+                    )))
                 } else {
                     Err(ProxyError::PeerUnavailable(format!(
                         "{}: TLS: {e}",

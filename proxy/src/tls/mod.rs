@@ -132,3 +132,17 @@ impl fmt::Debug for CurrentCert {
         f.write_str("CurrentCert")
     }
 }
+
+/// A readable reason for a failed handshake: our own verifier's words when
+/// it refused the peer, rustls' otherwise.
+pub fn describe_handshake_error(e: &std::io::Error) -> String {
+    let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(other))) =
+        e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>())
+    else {
+        return e.to_string();
+    };
+    match other.0.downcast_ref::<PeerIdError>() {
+        Some(reason) => format!("peer certificate refused: {reason}"),
+        None => format!("peer certificate refused: {}", other.0),
+    }
+}

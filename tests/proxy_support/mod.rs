@@ -1,0 +1,178 @@
+//! Helpers for the proxy's end-to-end tests: configuration files, starting
+//! `moat proxy`, curl against an inbound listener, and certificates that the
+//! CA would never issue (another CA, a wrong identity), made with rcgen.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::time::Duration;
+
+use crate::support::{Running, TestCa, path_str, tool};
+
+/// A workload certificate and key on disk.
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Writes `text` to `dir/name` and returns the path.
+pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Starts `moat proxy --config PATH` and waits until every named listener is bound.
+pub fn start_proxy(config: &Path, listeners: &[&str]) -> (Running, Vec<SocketAddr>) {
+    let mut proxy = Running::start(&["proxy", "--config", path_str(config)]);
+    let addrs = listeners.iter().map(|l| proxy.listening_addr(l)).collect();
+    (proxy, addrs)
+}
+
+/// Issues `id` from the CA into files named `name.crt`/`name.key`.
+pub fn issue(ca: &TestCa, id: &str, ttl: &str, name: &str) -> CertFiles {
+    let (cert, key) = ca.issue_files(id, ttl, name);
+    CertFiles { cert, key }
+}
+
+/// A file-mode `[identity]` section.
+pub fn file_identity(files: &CertFiles, bundle: &Path) -> String {
+    format!(
+        "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
+        path_str(&files.cert),
+        path_str(&files.key),
+        path_str(bundle)
+    )
+}
+
+/// `[admin]` on a free loopback port.
+pub const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+
+/// Status and body of `curl` against `https://addr/path` with a client
+/// certificate (`None`: without one). Extra curl arguments go last. Server
+/// identity is not checked here (`-k`): these tests are about the client side.
+pub fn curl(
+    addr: SocketAddr,
+    path: &str,
+    client: Option<&CertFiles>,
+    extra: &[&str],
+) -> (u16, String) {
+    let out = curl_raw(addr, path, client, extra);
+    parse_status(&out)
+}
+
+/// The raw curl output (`-w` appends the status on the last line).
+pub fn curl_raw(
+    addr: SocketAddr,
+    path: &str,
+    client: Option<&CertFiles>,
+    extra: &[&str],
+) -> Output {
+    let url = format!("https://{addr}{path}");
+    let mut args: Vec<&str> = vec!["-sS", "-k", "--max-time", "10", "-w", "\n%{http_code}"];
+    if let Some(c) = client {
+        args.extend(["--cert", path_str(&c.cert), "--key", path_str(&c.key)]);
+    }
+    args.extend(extra);
+    args.push(&url);
+    tool("curl", &args)
+}
+
+/// Plain-HTTP curl (outbound listeners, admin).
+pub fn curl_http(addr: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
+    let url = format!("http://{addr}{path}");
+    let mut args: Vec<&str> = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
+    args.extend(extra);
+    args.push(&url);
+    parse_status(&tool("curl", &args))
+}
+
+fn parse_status(out: &Output) -> (u16, String) {
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", text.as_str()));
+    (code.trim().parse().unwrap_or(0), body.to_owned())
+}
+
+/// A CA that is not ours, and a leaf it signs for `id` (valid for an hour).
+pub fn foreign_cert(dir: &Path, id: &str, name: &str) -> CertFiles {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "not the moat CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = rcgen::Issuer::new(ca_params, ca_key);
+    leaf_signed_by(dir, id, name, &issuer, &ca_cert.pem())
+}
+
+/// A leaf for `id` signed by `issuer`, with the workload EKUs.
+pub fn leaf_signed_by(
+    dir: &Path,
+    id: &str,
+    name: &str,
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    chain_pem: &str,
+) -> CertFiles {
+    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+    params.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, issuer).unwrap();
+    let files = CertFiles {
+        cert: write(
+            dir,
+            &format!("{name}.crt"),
+            &format!("{}{}", cert.pem(), chain_pem),
+        ),
+        key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
+    };
+    files
+}
+
+/// Waits until `f` returns true, polling, or panics after `timeout`.
+pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// A leaf signed by the test CA's own root (read from its directory), with
+/// whatever SANs the test wants: what the CA itself would never issue.
+pub fn ca_signed(ca: &TestCa, sans: Vec<rcgen::SanType>, name: &str) -> CertFiles {
+    let root_pem = std::fs::read_to_string(ca.ca_dir().join("roots/1.crt")).unwrap();
+    let root_key = rcgen::KeyPair::from_pem(
+        &std::fs::read_to_string(ca.ca_dir().join("roots/1.key")).unwrap(),
+    )
+    .unwrap();
+    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = sans;
+    params.extended_key_usages = vec![
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    let cert = params.signed_by(&key, &issuer).unwrap();
+    let dir = ca.dir.path();
+    CertFiles {
+        cert: write(dir, &format!("{name}.crt"), &cert.pem()),
+        key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
+    }
+}
+
+/// A URI SAN.
+pub fn uri_san(id: &str) -> rcgen::SanType {
+    rcgen::SanType::URI(id.try_into().unwrap())
+}
