@@ -63,7 +63,9 @@ pub fn check(files: &[PathBuf]) -> CheckReport {
     let mut report = CheckReport::default();
     for file in files {
         match Policy::load(file) {
-            Ok(p) => report.valid.push((file.clone(), p.hash().to_owned(), p.route_count())),
+            Ok(p) => report
+                .valid
+                .push((file.clone(), p.hash().to_owned(), p.route_count())),
             Err(e) => report.diagnostics.extend(e.diagnostics()),
         }
     }
@@ -73,7 +75,8 @@ pub fn check(files: &[PathBuf]) -> CheckReport {
 /// Explains the decision for one request, at the current time.
 pub fn explain(file: &Path, req: &ExplainRequest) -> Result<Explanation, CliError> {
     let peer = SpiffeId::parse(&req.peer).map_err(|e| CliError::Peer(req.peer.clone(), e))?;
-    let method = Method::from_bytes(req.method.as_bytes()).map_err(|_| CliError::Method(req.method.clone()))?;
+    let method = Method::from_bytes(req.method.as_bytes())
+        .map_err(|_| CliError::Method(req.method.clone()))?;
     let claims: Option<Map<String, Value>> = match &req.claims {
         None => None,
         Some(text) => match serde_json::from_str(text) {
@@ -89,7 +92,10 @@ pub fn explain(file: &Path, req: &ExplainRequest) -> Result<Explanation, CliErro
     let policy = Policy::load_with(file, &cache)?;
     if req.jwt.is_some() && !policy.keys_ready() {
         // Only a real token needs the keys of a jwks_url.
-        if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             rt.block_on(cache.fetch_all());
         }
     }

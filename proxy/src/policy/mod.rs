@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Response, StatusCode};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body_util::Full;
 use jsonwebtoken::{Algorithm, Validation};
 use moat_ca::SpiffeId;
@@ -36,6 +36,8 @@ pub mod jwt;
 pub mod path;
 pub mod watch;
 
+/// Re-exported so callers can build [`RequestFacts`] without naming `http`.
+pub use http::Method;
 pub use jwks::{IssuerKeys, JwksCache, JwksError, JwksSource, JwksStats};
 pub use path::{NormalizedPath, PathError};
 pub use watch::{PolicyWatcher, ReloadStats};
