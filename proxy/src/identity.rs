@@ -80,6 +80,14 @@ fn read_bundle(path: &Path) -> Result<TrustBundle, IdentityError> {
     })
 }
 
+/// When to renew: about half-way through the part of the lifetime still
+/// ahead. The CA backdates `not_before` for clock skew, which would
+/// otherwise pull a short-lived certificate's renewal into the past.
+fn next_renewal(svid: &Svid) -> SystemTime {
+    let start = svid.not_before.max(SystemTime::now());
+    renew_at(start, svid.not_after.max(start))
+}
+
 fn log_credentials(event: &'static str, svid: &Svid) {
     let expires = humantime::format_rfc3339_seconds(svid.not_after);
     tracing::info!(id = %svid.id.as_str(), serial = %svid.serial, not_after = %expires, "{event}");
@@ -126,7 +134,7 @@ impl CaSource {
         };
         backoff.reset();
         let mut next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
-        let mut renew_at_time = renew_at(svid.not_before, svid.not_after);
+        let mut renew_at_time = next_renewal(&svid);
         loop {
             let until_renew = renew_at_time
                 .duration_since(SystemTime::now())
@@ -138,7 +146,7 @@ impl CaSource {
                             svid = s;
                             key = k;
                             backoff.reset();
-                            renew_at_time = renew_at(svid.not_before, svid.not_after);
+                            renew_at_time = next_renewal(&svid);
                         }
                         Err(e) => {
                             let wait = backoff.next_delay();

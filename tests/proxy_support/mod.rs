@@ -176,3 +176,99 @@ pub fn ca_signed(ca: &TestCa, sans: Vec<rcgen::SanType>, name: &str) -> CertFile
 pub fn uri_san(id: &str) -> rcgen::SanType {
     rcgen::SanType::URI(id.try_into().unwrap())
 }
+
+/// A CA-mode `[identity]` section: a join token for `id` in a file, short
+/// retry delays, and `extra` lines (e.g. `ttl = "4s"`).
+pub fn ca_identity(ca: &TestCa, id: &str, name: &str, extra: &str) -> String {
+    let token = write(ca.dir.path(), &format!("{name}.token"), &ca.token(id));
+    format!(
+        "[identity]\nca_url = {:?}\nbundle = {:?}\ntoken_file = {:?}\nretry_base = \"100ms\"\nretry_max = \"500ms\"\n{extra}\n",
+        ca.url(),
+        path_str(&ca.bundle_file()),
+        path_str(&token)
+    )
+}
+
+/// A TCP service that reads until the client half-closes, then answers
+/// with `echo:` and every byte it read, then closes.
+pub fn tcp_echo_after_eof() -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut data = Vec::new();
+                if s.read_to_end(&mut data).is_ok() {
+                    let _ = s.write_all(b"echo:");
+                    let _ = s.write_all(&data);
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// One HTTP/1.1 keep-alive connection to a plaintext listener, reused for
+/// every request (so it outlives certificate renewals).
+pub struct KeepAlive {
+    reader: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl KeepAlive {
+    pub fn connect(addr: SocketAddr) -> Self {
+        let s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Self {
+            reader: std::io::BufReader::new(s),
+        }
+    }
+
+    /// Sends `GET path` and returns the status (0 if the connection failed).
+    pub fn get(&mut self, path: &str) -> u16 {
+        use std::io::{BufRead, Read, Write};
+        let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
+        if self.reader.get_mut().write_all(req.as_bytes()).is_err() {
+            return 0;
+        }
+        let mut status_line = String::new();
+        if self.reader.read_line(&mut status_line).unwrap_or(0) == 0 {
+            return 0;
+        }
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).unwrap_or(0) == 0 {
+                return 0;
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':')
+                && k.eq_ignore_ascii_case("content-length")
+            {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0u8; len];
+        if self.reader.read_exact(&mut body).is_err() {
+            return 0;
+        }
+        status
+    }
+}
+
+/// How many log lines so far have this message.
+pub fn count_logs(proc: &Running, message: &str) -> usize {
+    proc.json_logs()
+        .iter()
+        .filter(|v| v["message"] == message)
+        .count()
+}
