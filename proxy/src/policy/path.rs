@@ -325,6 +325,43 @@ mod tests {
         }
     }
 
+    /// The fuzz target's invariants (fuzz/fuzz_targets/path_normalize.rs)
+    /// over random strings from an alphabet of the characters that matter.
+    #[test]
+    fn random_paths_keep_the_normal_form_invariants() {
+        use rand::Rng;
+        const ALPHABET: &[&str] = &[
+            "/", "/", ".", ".", "%", "2", "e", "E", "f", "F", "5", "c", "a", "%2e", "%2F", "%5C",
+            "..", "\\", ";", "?", "#", "~", "%41", "%7e", "%25", " ",
+        ];
+        let mut rng = rand::rng();
+        for _ in 0..50_000 {
+            let len = rng.random_range(0..12);
+            let mut raw = String::from("/");
+            for _ in 0..len {
+                raw.push_str(ALPHABET[rng.random_range(0..ALPHABET.len())]);
+            }
+            let Ok(n) = normalize(&raw) else { continue };
+            let p: &str = &n.path;
+            assert!(p.starts_with('/') && !p.contains("//"), "{raw:?} -> {p:?}");
+            assert!(!p.contains(['\\', ';', '?', '#', ' ']), "{raw:?} -> {p:?}");
+            let lower = p.to_ascii_lowercase();
+            assert!(
+                !lower.contains("%2f") && !lower.contains("%5c") && !lower.contains("%2e"),
+                "{raw:?} -> {p:?}"
+            );
+            assert!(
+                p.split('/').all(|s| s != "." && s != ".."),
+                "{raw:?} -> {p:?}"
+            );
+            assert_eq!(
+                normalize(p).expect("normal paths are accepted").path,
+                p,
+                "{raw:?}"
+            );
+        }
+    }
+
     #[test]
     fn forwarded_path_keeps_the_query() {
         let n = normalize("/a/../b?x=%2F").unwrap();

@@ -974,3 +974,48 @@ fn policy_decision_time_is_the_callers_clock() {
     assert_eq!(f.policy.authorize(&facts, before).reason, Reason::Allowed);
     assert_eq!(f.policy.authorize(&facts, after).reason, Reason::JwtExpired);
 }
+
+/// The parser fuzz target's property (fuzz/fuzz_targets/policy_parse.rs) on
+/// random mutations of a valid policy: no panic, and every diagnostic points
+/// inside the text.
+#[test]
+fn mutated_policies_never_panic_and_point_inside_the_file() {
+    use rand::Rng;
+    const PIECES: &[&str] = &[
+        "[[route]]\n",
+        "\"",
+        "=",
+        "[",
+        "]",
+        "{",
+        "}",
+        "\n",
+        "/*",
+        "*",
+        "%2e",
+        "deny = true\n",
+        "x",
+        "",
+    ];
+    let f = fixture();
+    let cache = JwksCache::default();
+    let path = f.dir.path().join("policy.toml");
+    let mut rng = rand::rng();
+    for _ in 0..1500 {
+        let mut text = POLICY.to_owned();
+        for _ in 0..rng.random_range(1..4) {
+            let at = text.floor_char_boundary(rng.random_range(0..=text.len()));
+            let end = text.floor_char_boundary((at + rng.random_range(0..8)).min(text.len()));
+            text.replace_range(at..end, PIECES[rng.random_range(0..PIECES.len())]);
+        }
+        if let Err(e) = Policy::parse(&path, &text, &cache) {
+            let lines = text.split('\n').count();
+            for d in e.diagnostics() {
+                assert!(
+                    d.line >= 1 && d.line <= lines && d.column >= 1,
+                    "{d}\n{text}"
+                );
+            }
+        }
+    }
+}
