@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+mod demo;
+
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
 
@@ -39,6 +41,15 @@ enum Command {
     /// Check, explain and test route authorization policy files.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Run the demo: a CA, two services with sidecars, allowed and denied traffic, on loopback.
+    Demo {
+        /// Leave everything running afterwards, for you to curl (Ctrl-C stops it).
+        #[arg(long)]
+        keep_running: bool,
+        /// Where to keep the CA, configuration and logs (a temporary directory if absent).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -206,6 +217,7 @@ fn run(command: Command) -> Result<(), Failure> {
     match command {
         Command::Ca(ca) => run_ca(ca),
         Command::Policy(policy) => run_policy(policy),
+        Command::Demo { keep_running, dir } => Ok(demo::run(demo::DemoOptions { keep_running, dir })?),
         Command::Proxy(args) => {
             let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
             let runtime = runtime(config.runtime.worker_threads)?;
