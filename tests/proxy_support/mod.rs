@@ -272,3 +272,36 @@ pub fn count_logs(proc: &Running, message: &str) -> usize {
         .filter(|v| v["message"] == message)
         .count()
 }
+
+/// An HTTP/1.1 service that tells `arrived` when a request has come in, then
+/// waits `delay` before answering 200 `slow`.
+pub fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
+    use std::io::{BufRead, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut reader = std::io::BufReader::new(stream);
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let _ = tx.send(());
+                std::thread::sleep(delay);
+                let _ = reader
+                    .get_mut()
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow");
+            });
+        }
+    });
+    (addr, rx)
+}
