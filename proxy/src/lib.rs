@@ -84,7 +84,7 @@ pub struct Proxy {
 }
 
 enum IdentityTask {
-    Ca(identity::CaSource),
+    Ca(Box<identity::CaSource>),
     Files(identity::FileSource),
 }
 
@@ -101,7 +101,7 @@ impl Proxy {
             Identity::Ca(ca) => {
                 let src = identity::CaSource::new(ca.clone(), store.clone())?;
                 let reload = src.refresh_handle();
-                (IdentityTask::Ca(src), reload)
+                (IdentityTask::Ca(Box::new(src)), reload)
             }
             Identity::Files(files) => {
                 let src = identity::FileSource::new(files.clone(), store.clone())?;
