@@ -229,7 +229,7 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
 }
 
 /// Short lowercase hex of the SHA-256 of the policy text (16 digits).
-fn short_hash(bytes: &[u8]) -> String {
+pub(super) fn short_hash(bytes: &[u8]) -> String {
     let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, bytes);
     digest.as_ref()[..8]
         .iter()

@@ -14,6 +14,32 @@
 //! [`path`] (normalization), `file` (format), [`jwt`] (token checks), [`jwks`]
 //! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`), [`cli`]
 //! (what the `moat policy` commands do).
+//!
+//! Wiring it into the proxy:
+//!
+//! ```ignore
+//! let cache = JwksCache::new();
+//! let mut watcher = PolicyWatcher::load(&path, cache.clone())?; // error: exit 64
+//! watcher.watch()?;                                 // hot reload from now on
+//! tokio::spawn(cache.clone().run_refresh());        // scheduled JWKS refresh
+//! cache.fetch_all().await;                          // first fetch of jwks_url keys
+//! let policy = watcher.handle();                    // Arc<ArcSwap<Policy>>
+//! // readiness: policy.load().keys_ready()
+//! // per request:
+//! let p = policy.load_full();                       // an Arc: fine across .await
+//! let facts = RequestFacts { method, host, path, peer, authorization };
+//! let d = p.authorize_async(&facts, SystemTime::now()).await;
+//! d.log(&facts, p.hash());                          // denials and audited denials only
+//! if let Some(resp) = d.deny_response() { return resp; }
+//! d.apply_to_headers(req.headers_mut());            // strip claim headers / token, add claims
+//! // forward with d.forward_path() as the request's path and query
+//! ```
+//!
+//! Choices worth knowing: HMAC algorithms are refused (moat verifies only
+//! asymmetric signatures, so HS/RS confusion cannot arise); `jwks_url` needs
+//! `jwks_ca` (moat ships no public web roots); `moat policy check` reads
+//! `jwks_file`s but does not fetch `jwks_url`s; a route that an earlier route
+//! always shadows is an error, in `check` and on reload alike.
 
 use std::borrow::Cow;
 use std::fmt;

@@ -8,8 +8,8 @@
 //! no-op, so unrelated files cost one read.
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -26,7 +26,21 @@ pub struct ReloadStats {
     /// Reloads that replaced the policy.
     pub ok: AtomicU64,
     /// Reloads refused because the new content was invalid (or unreadable).
+    /// The same invalid content seen again (several events for one save) is
+    /// counted once.
     pub failed: AtomicU64,
+    /// The last refusal's first diagnostic, cleared by a successful reload.
+    last_error: Mutex<Option<String>>,
+    /// Hash of the last refused content, to count and log it once.
+    last_refused: Mutex<Option<String>>,
+}
+
+impl ReloadStats {
+    /// The last refusal's first `file:line:column: message`, if the last
+    /// reload attempt was refused.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("reload stats").clone()
+    }
 }
 
 /// The current policy of a running proxy, reloaded from its file.
@@ -146,25 +160,43 @@ fn reload(
                 file: path.to_path_buf(),
                 source,
             };
-            return refuse(e, current, stats);
+            return refuse(e, "(unreadable)".into(), current, stats);
         }
     };
+    let content_hash = super::file::short_hash(text.as_bytes());
+    if content_hash == current.load().hash() {
+        return ReloadOutcome::Unchanged;
+    }
     match Policy::parse(path, &text, cache) {
-        Ok(policy) if policy.hash() == current.load().hash() => ReloadOutcome::Unchanged,
         Ok(policy) => {
             let hash = policy.hash().to_owned();
             let old = current.load().hash().to_owned();
             current.store(Arc::new(policy));
             stats.ok.fetch_add(1, Ordering::Relaxed);
+            *stats.last_error.lock().expect("reload stats") = None;
+            *stats.last_refused.lock().expect("reload stats") = None;
             tracing::info!(target: "moat::policy", file = %path.display(), policy_hash = %hash, previous_hash = %old, "policy reloaded");
             ReloadOutcome::Applied { hash }
         }
-        Err(e) => refuse(e, current, stats),
+        Err(e) => refuse(e, content_hash, current, stats),
     }
 }
 
-fn refuse(e: PolicyError, current: &ArcSwap<Policy>, stats: &ReloadStats) -> ReloadOutcome {
+fn refuse(
+    e: PolicyError,
+    content_hash: String,
+    current: &ArcSwap<Policy>,
+    stats: &ReloadStats,
+) -> ReloadOutcome {
+    let mut last = stats.last_refused.lock().expect("reload stats");
+    if last.as_deref() == Some(content_hash.as_str()) {
+        return ReloadOutcome::Refused(e);
+    }
+    *last = Some(content_hash);
+    drop(last);
     stats.failed.fetch_add(1, Ordering::Relaxed);
+    *stats.last_error.lock().expect("reload stats") =
+        e.diagnostics().first().map(ToString::to_string);
     for d in e.diagnostics() {
         tracing::error!(
             target: "moat::policy",
