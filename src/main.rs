@@ -243,21 +243,45 @@ fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
                 n => Err(Failure::Config(format!("{n} problem(s) found"))),
             }
         }
-        PolicyCommand::Explain { file, peer, method, path, host, jwt, claims } => {
-            let req = cli::ExplainRequest { peer, method, path, host, jwt, claims };
+        PolicyCommand::Explain {
+            file,
+            peer,
+            method,
+            path,
+            host,
+            jwt,
+            claims,
+        } => {
+            let req = cli::ExplainRequest {
+                peer,
+                method,
+                path,
+                host,
+                jwt,
+                claims,
+            };
             print!("{}", cli::explain(&file, &req).map_err(config_err)?);
             Ok(())
         }
         PolicyCommand::Test { file, cases } => {
             let report = cli::test(&file, &cases).map_err(config_err)?;
             for f in &report.failed {
-                println!("FAIL {} ({}:{}): {}", f.name, cases.display(), f.line, f.message);
+                println!(
+                    "FAIL {} ({}:{}): {}",
+                    f.name,
+                    cases.display(),
+                    f.line,
+                    f.message
+                );
             }
             println!("{} passed, {} failed", report.passed, report.failed.len());
             if report.failed.is_empty() {
                 Ok(())
             } else {
-                Err(Failure::Other(anyhow::anyhow!("{} policy test(s) failed", report.failed.len())))
+                Err(Failure::Other(anyhow::anyhow!(
+                    "{} policy test(s) failed",
+                    report.failed.len()
+                )))
             }
         }
     }
