@@ -114,8 +114,17 @@ fn policy_edits_on_disk_apply_when_valid_and_are_refused_when_not() {
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
-    assert_eq!(stats.failed.load(Ordering::Relaxed), 1, "the same invalid content counts once");
-    assert!(stats.last_error().unwrap().contains("unknown field `allwo`"));
+    assert_eq!(
+        stats.failed.load(Ordering::Relaxed),
+        1,
+        "the same invalid content counts once"
+    );
+    assert!(
+        stats
+            .last_error()
+            .unwrap()
+            .contains("unknown field `allwo`")
+    );
 
     // Editor-style write to a temp file and rename over the original.
     write_rename(&path, &policy("v4"));
