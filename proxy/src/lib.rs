@@ -20,6 +20,7 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod telemetry;
 pub mod tls;
 
 use std::future::Future;

@@ -1,0 +1,640 @@
+//! Traces, metrics and access logs.
+//!
+//! - **Traces**: OpenTelemetry over OTLP (gRPC or HTTP/protobuf), configured
+//!   by `[telemetry]` or the standard `OTEL_*` variables. W3C trace context
+//!   is continued from peers and passed on to the service and to peers.
+//!   Export is batched on a background thread and never blocks a request;
+//!   spans that cannot be exported are dropped and counted.
+//! - **Metrics**: [`ProxyMetrics`], Prometheus text at the admin `/metrics`.
+//! - **Access log**: [`access_log`], one JSON line per request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::{Sampler, SdkTracerProvider, SpanData};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use serde::Deserialize;
+
+/// `[telemetry]` in the proxy configuration. Every field falls back to the
+/// standard OpenTelemetry environment variable, then to a default.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// OTLP endpoint, e.g. `http://127.0.0.1:4317` (gRPC) or
+    /// `http://127.0.0.1:4318` (HTTP). Env: `OTEL_EXPORTER_OTLP_ENDPOINT`.
+    /// Unset: no traces are exported.
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` (default) or `http/protobuf`. Env: `OTEL_EXPORTER_OTLP_PROTOCOL`.
+    pub otlp_protocol: Option<OtlpProtocol>,
+    /// Extra headers for the collector (e.g. an API key). Env:
+    /// `OTEL_EXPORTER_OTLP_HEADERS` as `k=v,k2=v2`.
+    #[serde(default)]
+    pub otlp_headers: HashMap<String, String>,
+    /// The `service.name` resource attribute. Env: `OTEL_SERVICE_NAME`.
+    /// Default `moat-proxy`.
+    pub service_name: Option<String>,
+    /// Fraction of new traces sampled (0.0–1.0); a sampled parent is always
+    /// followed. Env: `OTEL_TRACES_SAMPLER_ARG`. Default 1.0.
+    pub sample_ratio: Option<f64>,
+}
+
+/// OTLP transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum OtlpProtocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    #[serde(rename = "grpc")]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318 by convention).
+    #[serde(rename = "http/protobuf")]
+    HttpProtobuf,
+}
+
+/// Resolved trace export settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TraceSettings {
+    /// Where to send spans.
+    pub endpoint: String,
+    /// How.
+    pub protocol: OtlpProtocol,
+    /// Extra headers.
+    pub headers: HashMap<String, String>,
+    /// `service.name`.
+    pub service_name: String,
+    /// Sampling ratio for new traces.
+    pub sample_ratio: f64,
+}
+
+/// A running trace pipeline; flushes and shuts down on drop.
+pub struct Tracing {
+    provider: SdkTracerProvider,
+    /// Spans that could not be exported.
+    pub dropped: Arc<AtomicU64>,
+}
+
+/// Errors setting up telemetry (bad configuration: exit 64).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// The exporter could not be built.
+    #[error("telemetry: cannot build the OTLP exporter for {endpoint}: {reason}")]
+    Exporter {
+        /// The endpoint.
+        endpoint: String,
+        /// Why.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("telemetry: {0}")]
+    Invalid(String),
+}
+
+impl TelemetryConfig {
+    /// Resolves config and environment; `None` when no endpoint is set.
+    pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<TraceSettings>, TelemetryError> {
+        let Some(endpoint) = self
+            .otlp_endpoint
+            .clone()
+            .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+            .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+            .filter(|e| !e.is_empty())
+        else {
+            return Ok(None);
+        };
+        let protocol = match self.otlp_protocol {
+            Some(p) => p,
+            None => match env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
+                None | Some("grpc") | Some("") => OtlpProtocol::Grpc,
+                Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
+                Some(other) => {
+                    return Err(TelemetryError::Invalid(format!(
+                        "OTEL_EXPORTER_OTLP_PROTOCOL={other:?}: use grpc or http/protobuf"
+                    )));
+                }
+            },
+        };
+        let mut headers = self.otlp_headers.clone();
+        if headers.is_empty()
+            && let Some(raw) = env("OTEL_EXPORTER_OTLP_HEADERS")
+        {
+            for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
+                let (k, v) = pair
+                    .split_once('=')
+                    .ok_or_else(|| TelemetryError::Invalid(format!("OTEL_EXPORTER_OTLP_HEADERS: {pair:?} is not k=v")))?;
+                headers.insert(k.trim().to_owned(), v.trim().to_owned());
+            }
+        }
+        let sample_ratio = match self.sample_ratio {
+            Some(r) => r,
+            None => env("OTEL_TRACES_SAMPLER_ARG")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1.0),
+        };
+        if !(0.0..=1.0).contains(&sample_ratio) {
+            return Err(TelemetryError::Invalid(format!(
+                "sample_ratio {sample_ratio} must be between 0.0 and 1.0"
+            )));
+        }
+        let service_name = self
+            .service_name
+            .clone()
+            .or_else(|| env("OTEL_SERVICE_NAME"))
+            .unwrap_or_else(|| "moat-proxy".into());
+        Ok(Some(TraceSettings {
+            endpoint,
+            protocol,
+            headers,
+            service_name,
+            sample_ratio,
+        }))
+    }
+}
+
+impl Tracing {
+    /// Builds the OTLP pipeline. Call inside a Tokio runtime (the gRPC
+    /// exporter needs one).
+    pub fn start(settings: &TraceSettings) -> Result<Self, TelemetryError> {
+        use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+        let err = |e: &dyn std::fmt::Display| TelemetryError::Exporter {
+            endpoint: settings.endpoint.clone(),
+            reason: e.to_string(),
+        };
+        let timeout = Duration::from_secs(5);
+        let exporter = match settings.protocol {
+            OtlpProtocol::Grpc => {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                for (k, v) in &settings.headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|e| err(&e))?;
+                    metadata.insert(key, v.parse().map_err(|e| err(&e))?);
+                }
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(settings.endpoint.clone())
+                    .with_timeout(timeout)
+                    .with_metadata(metadata)
+                    .build()
+                    .map_err(|e| err(&e))?
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let endpoint = if settings.endpoint.ends_with("/v1/traces") {
+                    settings.endpoint.clone()
+                } else {
+                    format!("{}/v1/traces", settings.endpoint.trim_end_matches('/'))
+                };
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_endpoint(endpoint)
+                    .with_timeout(timeout)
+                    .with_headers(settings.headers.clone())
+                    .build()
+                    .map_err(|e| err(&e))?
+            }
+        };
+        let dropped = Arc::new(AtomicU64::new(0));
+        let counting = CountingExporter {
+            inner: exporter,
+            dropped: dropped.clone(),
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_batch_exporter(counting)
+            .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+                settings.sample_ratio,
+            ))))
+            .with_resource(
+                opentelemetry_sdk::Resource::builder()
+                    .with_service_name(settings.service_name.clone())
+                    .build(),
+            )
+            .build();
+        Ok(Self { provider, dropped })
+    }
+
+    /// The `tracing` layer that turns spans into OpenTelemetry spans.
+    pub fn layer<S>(&self) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
+    where
+        S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
+    {
+        tracing_opentelemetry::layer().with_tracer(self.provider.tracer("moat"))
+    }
+}
+
+impl Drop for Tracing {
+    fn drop(&mut self) {
+        // Flush what is queued; a collector that is down only costs the
+        // exporter's timeout.
+        let _ = self.provider.force_flush();
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// Wraps the OTLP exporter to count spans lost when an export fails.
+#[derive(Debug)]
+struct CountingExporter<E> {
+    inner: E,
+    dropped: Arc<AtomicU64>,
+}
+
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter for CountingExporter<E> {
+    async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
+        let n = batch.len() as u64;
+        let result = self.inner.export(batch).await;
+        if result.is_err() {
+            self.dropped.fetch_add(n, Ordering::Relaxed);
+        }
+        result
+    }
+
+    fn shutdown_with_timeout(&self, timeout: Duration) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.shutdown_with_timeout(timeout)
+    }
+
+    fn force_flush(&self) -> opentelemetry_sdk::error::OTelSdkResult {
+        self.inner.force_flush()
+    }
+
+    fn set_resource(&mut self, resource: &opentelemetry_sdk::Resource) {
+        self.inner.set_resource(resource);
+    }
+}
+
+/// Continues the W3C trace context carried by `headers` (if any) as the
+/// parent of `span`.
+pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+    let _ = span.set_parent(parent);
+}
+
+/// Replaces `traceparent`/`tracestate` in `headers` with the context of
+/// `span`, so the next hop continues this trace. Without an exporter the
+/// headers are left as they came.
+pub fn propagate(span: &tracing::Span, headers: &mut http::HeaderMap) {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return;
+    }
+    headers.remove("traceparent");
+    headers.remove("tracestate");
+    TraceContextPropagator::new().inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
+}
+
+/// The trace ID of `span`, lowercase hex, or the one in a `traceparent`
+/// header, for the access log. Empty when there is none.
+pub fn trace_id(span: &tracing::Span, headers: &http::HeaderMap) -> String {
+    use opentelemetry::trace::TraceContextExt;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if sc.is_valid() {
+        return sc.trace_id().to_string();
+    }
+    headers
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split('-').nth(1))
+        .filter(|id| id.len() == 32)
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// Labels of a request counter.
+type RequestLabels = [(&'static str, String); 6];
+/// Labels with a listener only.
+type ListenerLabels = [(&'static str, String); 1];
+
+/// Every metric the proxy exports. Cheap to clone (families are `Arc`s).
+#[derive(Clone)]
+pub struct ProxyMetrics {
+    registry: Arc<std::sync::Mutex<Registry>>,
+    /// Requests by listener, direction, route, method class, status class, decision.
+    pub requests: Family<RequestLabels, Counter>,
+    /// Request duration by listener and direction.
+    pub duration: Family<[(&'static str, String); 2], Histogram>,
+    /// TLS handshakes that completed, by listener.
+    pub handshakes: Family<ListenerLabels, Counter>,
+    /// TLS handshake failures by listener and reason.
+    pub handshake_failures: Family<[(&'static str, String); 2], Counter>,
+    /// Connections open now, by listener.
+    pub open_connections: Family<ListenerLabels, Gauge>,
+    /// Authorization decisions by listener, route, decision and reason.
+    pub decisions: Family<[(&'static str, String); 4], Counter>,
+    /// Policy reloads by result (`ok`, `failed`).
+    pub policy_reloads: Family<[(&'static str, &'static str); 1], Counter>,
+    /// 1 for the active policy hash of each listener.
+    pub policy_info: Family<[(&'static str, String); 2], Gauge>,
+    /// When the current certificate expires (Unix seconds).
+    pub cert_expiry: Gauge,
+    /// Certificate renewals by result.
+    pub renewals: Family<[(&'static str, &'static str); 1], Counter>,
+    /// JWKS fetches by issuer and result.
+    pub jwks_fetches: Family<[(&'static str, String); 2], Counter>,
+    /// Spans dropped because the collector could not take them.
+    pub spans_dropped: Counter,
+}
+
+impl ProxyMetrics {
+    /// Registers every metric.
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let duration = Family::<[(&'static str, String); 2], Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ])
+        });
+        let handshakes = Family::<ListenerLabels, Counter>::default();
+        let handshake_failures = Family::<[(&'static str, String); 2], Counter>::default();
+        let open_connections = Family::<ListenerLabels, Gauge>::default();
+        let decisions = Family::<[(&'static str, String); 4], Counter>::default();
+        let policy_reloads = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let policy_info = Family::<[(&'static str, String); 2], Gauge>::default();
+        let cert_expiry = Gauge::default();
+        let renewals = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let jwks_fetches = Family::<[(&'static str, String); 2], Counter>::default();
+        let spans_dropped = Counter::default();
+        registry.register(
+            "moat_requests",
+            "HTTP requests by listener, direction, route, method, status class and decision",
+            requests.clone(),
+        );
+        registry.register(
+            "moat_request_duration_seconds",
+            "Request duration from the first byte in to the response head out",
+            duration.clone(),
+        );
+        registry.register("moat_tls_handshakes", "TLS handshakes completed", handshakes.clone());
+        registry.register(
+            "moat_tls_handshake_failures",
+            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, wrong_identity, timeout, protocol, other)",
+            handshake_failures.clone(),
+        );
+        registry.register("moat_open_connections", "Connections open now", open_connections.clone());
+        registry.register(
+            "moat_authz_decisions",
+            "Authorization decisions by route, decision and reason",
+            decisions.clone(),
+        );
+        registry.register("moat_policy_reloads", "Policy file reloads by result", policy_reloads.clone());
+        registry.register(
+            "moat_policy_info",
+            "The active policy of each listener (value 1, hash as label)",
+            policy_info.clone(),
+        );
+        registry.register(
+            "moat_certificate_expiry_timestamp_seconds",
+            "When the current workload certificate expires (Unix time)",
+            cert_expiry.clone(),
+        );
+        registry.register("moat_certificate_renewals", "Certificate renewals by result", renewals.clone());
+        registry.register("moat_jwks_fetches", "JWKS fetches by issuer and result", jwks_fetches.clone());
+        registry.register(
+            "moat_spans_dropped",
+            "Spans dropped because the collector could not take them",
+            spans_dropped.clone(),
+        );
+        Self {
+            registry: Arc::new(std::sync::Mutex::new(registry)),
+            requests,
+            duration,
+            handshakes,
+            handshake_failures,
+            open_connections,
+            decisions,
+            policy_reloads,
+            policy_info,
+            cert_expiry,
+            renewals,
+            jwks_fetches,
+            spans_dropped,
+        }
+    }
+
+    /// Counts one finished request.
+    #[allow(clippy::too_many_arguments)]
+    pub fn request(
+        &self,
+        listener: &str,
+        direction: &'static str,
+        route: &str,
+        method: &http::Method,
+        status: u16,
+        decision: &str,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("direction", direction.to_owned()),
+                ("route", route.to_owned()),
+                ("method", method_class(method).to_owned()),
+                ("status", status_class(status).to_owned()),
+                ("decision", decision.to_owned()),
+            ])
+            .inc();
+        self.duration
+            .get_or_create(&[("listener", listener.to_owned()), ("direction", direction.to_owned())])
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one failed TLS handshake.
+    pub fn handshake_failed(&self, listener: &str, reason: &str) {
+        self.handshake_failures
+            .get_or_create(&[("listener", listener.to_owned()), ("reason", reason.to_owned())])
+            .inc();
+    }
+
+    /// Counts one authorization decision.
+    pub fn decision(&self, listener: &str, route: &str, decision: &str, reason: &str) {
+        self.decisions
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("route", route.to_owned()),
+                ("decision", decision.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Records the active policy hash of a listener.
+    pub fn set_policy(&self, listener: &str, hash: &str) {
+        // Only the current hash carries value 1: drop the listener's old ones.
+        self.policy_info.clear();
+        self.policy_info
+            .get_or_create(&[("listener", listener.to_owned()), ("hash", hash.to_owned())])
+            .set(1);
+    }
+
+    /// The metrics in the OpenMetrics text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.registry.lock().expect("metrics registry")).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+impl Default for ProxyMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl std::fmt::Debug for ProxyMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxyMetrics")
+    }
+}
+
+/// `GET`, `HEAD`, `POST`, `PUT`, `PATCH`, `DELETE`, `OPTIONS`, or `other`:
+/// label values stay few whatever clients send.
+pub fn method_class(method: &http::Method) -> &'static str {
+    match *method {
+        http::Method::GET => "GET",
+        http::Method::HEAD => "HEAD",
+        http::Method::POST => "POST",
+        http::Method::PUT => "PUT",
+        http::Method::PATCH => "PATCH",
+        http::Method::DELETE => "DELETE",
+        http::Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// `2xx`, `4xx`, ...
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// One access-log entry.
+#[derive(Debug)]
+pub struct AccessEntry<'a> {
+    /// The trace this request belongs to.
+    pub trace_id: &'a str,
+    /// Listener name.
+    pub listener: &'a str,
+    /// `inbound` or `outbound`.
+    pub direction: &'static str,
+    /// The verified peer (inbound: the caller; outbound: the server).
+    pub peer: &'a str,
+    /// Method.
+    pub method: &'a http::Method,
+    /// Path as authorized (no query: it may hold secrets).
+    pub path: &'a str,
+    /// Status sent back.
+    pub status: u16,
+    /// Route that decided (`-` when none).
+    pub route: &'a str,
+    /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
+    pub decision: &'a str,
+    /// Time to the response head.
+    pub duration: Duration,
+    /// Response body bytes, when known from `content-length`.
+    pub bytes: Option<u64>,
+}
+
+/// Writes one access-log line (target `moat::access`, message `access`).
+/// Tokens and keys never appear: only the fields above.
+pub fn access_log(e: &AccessEntry<'_>) {
+    tracing::info!(
+        target: "moat::access",
+        trace_id = e.trace_id,
+        listener = e.listener,
+        direction = e.direction,
+        peer = e.peer,
+        method = %e.method,
+        path = e.path,
+        status = e.status,
+        route = e.route,
+        decision = e.decision,
+        duration_ms = e.duration.as_secs_f64() * 1000.0,
+        bytes = e.bytes,
+        "access"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| (*v).to_owned())
+    }
+
+    #[test]
+    fn no_endpoint_means_no_traces() {
+        assert_eq!(TelemetryConfig::default().resolve(env_of(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn environment_fills_what_the_file_leaves_out() {
+        let env = env_of(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+            ("OTEL_SERVICE_NAME", "billing"),
+            ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=s3cret, x=y"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+        ]);
+        let s = TelemetryConfig::default().resolve(env).unwrap().unwrap();
+        assert_eq!(s.endpoint, "http://collector:4318");
+        assert_eq!(s.protocol, OtlpProtocol::HttpProtobuf);
+        assert_eq!(s.service_name, "billing");
+        assert_eq!(s.headers["api-key"], "s3cret");
+        assert_eq!(s.sample_ratio, 0.25);
+
+        let file = TelemetryConfig {
+            otlp_endpoint: Some("http://127.0.0.1:4317".into()),
+            service_name: Some("from-file".into()),
+            ..Default::default()
+        };
+        let s = file.resolve(env_of(&[("OTEL_SERVICE_NAME", "env")])).unwrap().unwrap();
+        assert_eq!(s.service_name, "from-file");
+        assert_eq!(s.protocol, OtlpProtocol::Grpc);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let bad = TelemetryConfig {
+            otlp_endpoint: Some("http://x".into()),
+            sample_ratio: Some(1.5),
+            ..Default::default()
+        };
+        assert!(bad.resolve(env_of(&[])).is_err());
+        let env = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")]);
+        assert!(TelemetryConfig::default().resolve(env).is_err());
+    }
+
+    #[test]
+    fn label_values_are_bounded() {
+        assert_eq!(method_class(&http::Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(status_class(204), "2xx");
+        assert_eq!(status_class(503), "5xx");
+    }
+
+    #[test]
+    fn metrics_encode_as_openmetrics() {
+        let m = ProxyMetrics::new();
+        m.request("api", "inbound", "read", &http::Method::GET, 200, "allow", Duration::from_millis(3));
+        m.handshake_failed("api", "unknown_ca");
+        let text = m.encode();
+        assert!(text.contains(r#"moat_requests_total{listener="api",direction="inbound",route="read",method="GET",status="2xx",decision="allow"} 1"#), "{text}");
+        assert!(text.contains(r#"moat_tls_handshake_failures_total{listener="api",reason="unknown_ca"} 1"#), "{text}");
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
