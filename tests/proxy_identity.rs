@@ -234,3 +234,44 @@ fn file_identity_keeps_old_certificate_when_reload_is_broken() {
     );
     assert_eq!(curl(api, "/", Some(&client), &["--http1.1"]).0, 200);
 }
+
+#[test]
+fn ca_rotation_reaches_the_proxy_without_restart() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let config = format!(
+        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
+        ca_identity(&ca, B, "b", "bundle_refresh = \"300ms\""),
+        echo_service()
+    );
+    let (mut b, addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &config), &["api", "admin"]);
+    let (api, admin) = (addrs[0], addrs[1]);
+    b.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "certificate issued"
+    });
+    assert_eq!(identity_json(admin)["bundle_roots"], 1);
+    let ca_dir = ca.ca_dir();
+    support::moat_ok(&["ca", "rotate", "--dir", path_str(&ca_dir), "--prepare"]);
+    b.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "trust bundle updated"
+    });
+    assert_eq!(identity_json(admin)["bundle_roots"], 2);
+    // A client certificate from the new root is accepted by the running proxy.
+    support::moat_ok(&["ca", "rotate", "--dir", path_str(&ca_dir), "--activate"]);
+    let client = issue(&ca, A, "1h", "client-new-root");
+    let old_root = ca_dir.join("roots/1.crt");
+    let verify = support::tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            path_str(&old_root),
+            path_str(&client.cert),
+        ],
+    );
+    assert!(
+        !verify.status.success(),
+        "the client certificate comes from the new root"
+    );
+    assert_eq!(curl(api, "/", Some(&client), &["--http1.1"]).0, 200);
+}
