@@ -153,6 +153,10 @@ pub struct JwksStats {
 }
 
 /// Every key source in use, shared across policy reloads.
+///
+/// XXX: sources dropped from the policy by a reload stay in the cache (and
+/// keep being refreshed) until the process restarts; policies name few
+/// sources, so this is not worth a reference-counting scheme yet.
 #[derive(Default)]
 pub struct JwksCache {
     entries: Mutex<HashMap<JwksSource, Arc<IssuerKeys>>>,
@@ -301,6 +305,9 @@ impl JwksCache {
                 .values()
                 .cloned()
                 .collect();
+            // XXX: sources are refreshed one after the other, so one slow
+            // server (up to FETCH_TIMEOUT) delays the others' refresh; the hot
+            // path never waits on this loop.
             for keys in all {
                 if keys.is_due(Instant::now()) {
                     let _ = keys.refresh_now().await;

@@ -41,6 +41,12 @@ pub(crate) fn bearer(header: Option<&str>) -> Result<&str, Refused> {
     let Some(value) = header else {
         return Err(refused(Reason::JwtMissing, "no Authorization header"));
     };
+    if value == super::AMBIGUOUS_AUTHORIZATION {
+        return Err(refused(
+            Reason::JwtInvalid,
+            "several Authorization headers, or one that is not UTF-8",
+        ));
+    }
     let (scheme, token) = value.trim().split_once(' ').unwrap_or((value, ""));
     if !scheme.eq_ignore_ascii_case("bearer") {
         return Err(refused(

@@ -96,12 +96,30 @@ pub struct RequestFacts<'a> {
     pub method: &'a Method,
     /// The Host header or `:authority`, possibly with a port.
     pub host: Option<&'a str>,
-    /// The raw request path, possibly with `?query`.
+    /// The request target's path and query (`uri.path_and_query()`), raw.
     pub path: &'a str,
     /// The peer's SPIFFE ID from its verified client certificate.
     pub peer: &'a SpiffeId,
-    /// The raw `Authorization` header value, if any.
+    /// The raw `Authorization` header value, if any; build it with
+    /// [`authorization_value`] so that duplicate headers are refused.
     pub authorization: Option<&'a str>,
+}
+
+/// Stands for a request with several (or non-UTF-8) `Authorization` headers:
+/// such a token is refused (401 `jwt_invalid`), so the service can never be
+/// handed a second, unverified header.
+const AMBIGUOUS_AUTHORIZATION: &str = "\0ambiguous";
+
+/// The `Authorization` value to put in [`RequestFacts`]: `None` when absent,
+/// the value when there is exactly one, and a value that is always refused
+/// when there are several or it is not UTF-8.
+pub fn authorization_value(headers: &HeaderMap) -> Option<&str> {
+    let mut all = headers.get_all(http::header::AUTHORIZATION).iter();
+    let first = all.next()?;
+    if all.next().is_some() {
+        return Some(AMBIGUOUS_AUTHORIZATION);
+    }
+    Some(first.to_str().unwrap_or(AMBIGUOUS_AUTHORIZATION))
 }
 
 /// The outcome class of a decision, i.e. the status a denial is answered with.

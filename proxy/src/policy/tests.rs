@@ -1019,3 +1019,39 @@ fn mutated_policies_never_panic_and_point_inside_the_file() {
         }
     }
 }
+
+#[test]
+fn duplicate_authorization_headers_are_refused() {
+    let f = fixture();
+    let tok = sign(
+        &ec_enc(&f.keys.ec),
+        Algorithm::ES256,
+        Some("ec1"),
+        &good_claims(),
+    );
+    let mut headers = HeaderMap::new();
+    assert_eq!(authorization_value(&headers), None);
+    headers.append(
+        "authorization",
+        HeaderValue::from_str(&format!("Bearer {tok}")).unwrap(),
+    );
+    assert_eq!(
+        authorization_value(&headers),
+        Some(format!("Bearer {tok}").as_str())
+    );
+    headers.append("authorization", HeaderValue::from_static("Bearer other"));
+    let method = Method::GET;
+    let p = peer(FRONTEND);
+    let facts = RequestFacts {
+        method: &method,
+        host: None,
+        path: "/invoices/1",
+        peer: &p,
+        authorization: authorization_value(&headers),
+    };
+    let d = f.policy.authorize(&facts, now());
+    assert_eq!(
+        (d.verdict, d.reason),
+        (Verdict::Unauthenticated, Reason::JwtInvalid)
+    );
+}
