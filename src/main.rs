@@ -11,6 +11,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod demo;
+mod inject;
 
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -50,6 +51,29 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Add the moat sidecar to Kubernetes manifests (YAML on stdout).
+    Inject(InjectArgs),
+}
+
+#[derive(Args)]
+struct InjectArgs {
+    /// A YAML file (one or more documents); `-` or absent reads standard input.
+    file: Option<PathBuf>,
+    /// The moat image for the sidecar.
+    #[arg(long, default_value_t = inject::Options::default().image)]
+    image: String,
+    /// The sidecar's mTLS port (the `[[inbound]] listen` port in proxy.toml).
+    #[arg(long, default_value_t = 15443)]
+    inbound_port: u16,
+    /// The sidecar's admin port (`[admin] listen` in proxy.toml), probed by the kubelet.
+    #[arg(long, default_value_t = 9901)]
+    admin_port: u16,
+    /// The projected token's audience; must match the CA's `[kubernetes] audience`.
+    #[arg(long, default_value = "moat-ca")]
+    audience: String,
+    /// The ConfigMap that holds the trust bundle (`bundle.pem`).
+    #[arg(long, default_value = "moat-bundle")]
+    bundle_config_map: String,
 }
 
 #[derive(Subcommand)]
@@ -218,6 +242,7 @@ fn run(command: Command) -> Result<(), Failure> {
         Command::Ca(ca) => run_ca(ca),
         Command::Policy(policy) => run_policy(policy),
         Command::Demo { keep_running, dir } => Ok(demo::run(demo::DemoOptions { keep_running, dir })?),
+        Command::Inject(args) => run_inject(args),
         Command::Proxy(args) => {
             let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
             let runtime = runtime(config.runtime.worker_threads)?;
@@ -225,6 +250,37 @@ fn run(command: Command) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn run_inject(args: InjectArgs) -> Result<(), Failure> {
+    use std::io::{Read, Write};
+    let input = match args.file.as_deref() {
+        None => None,
+        Some(p) if p.as_os_str() == "-" => None,
+        Some(p) => Some(
+            std::fs::read_to_string(p).map_err(|e| config_err(format!("{}: {e}", p.display())))?,
+        ),
+    };
+    let input = match input {
+        Some(text) => text,
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .map_err(|e| config_err(format!("standard input: {e}")))?;
+            text
+        }
+    };
+    let options = inject::Options {
+        image: args.image,
+        inbound_port: args.inbound_port,
+        admin_port: args.admin_port,
+        audience: args.audience,
+        bundle_config_map: args.bundle_config_map,
+    };
+    let out = inject::inject(&input, &options).map_err(config_err)?;
+    std::io::stdout().write_all(out.as_bytes())?;
+    Ok(())
 }
 
 fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
