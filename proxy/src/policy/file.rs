@@ -136,7 +136,8 @@ impl<'t> Diags<'t> {
         self.at(e.span().unwrap_or(0..0), message);
     }
 
-    pub(super) fn finish(self) -> Result<(), PolicyError> {
+    pub(super) fn finish(mut self) -> Result<(), PolicyError> {
+        self.list.sort_by_key(|d| (d.line, d.column));
         if self.list.is_empty() {
             Ok(())
         } else {
