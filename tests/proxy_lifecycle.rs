@@ -93,7 +93,7 @@ fn sighup_reloads_identity_files() {
     let (mut proxy, _) = start_proxy(&write(ca.dir.path(), "proxy.toml", &config), &["api"]);
     proxy.signal("HUP");
     proxy.wait_for_log(Duration::from_secs(5), |v| {
-        v["message"] == "SIGHUP: reloading identity"
+        v["message"] == "SIGHUP: reloading identity and route policies"
     });
     assert!(
         proxy.child.try_wait().unwrap().is_none(),

@@ -19,6 +19,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
 use crate::Error;
+use arc_swap::ArcSwap;
+
+use crate::policy::Policy;
 use crate::tls::CredentialStore;
 
 /// The bound admin listener.
@@ -29,6 +32,7 @@ pub struct AdminListener {
 
 struct State {
     store: Arc<CredentialStore>,
+    policies: Vec<Arc<ArcSwap<Policy>>>,
     draining: Arc<AtomicBool>,
 }
 
@@ -37,6 +41,7 @@ impl AdminListener {
     pub async fn bind(
         addr: SocketAddr,
         store: Arc<CredentialStore>,
+        policies: Vec<Arc<ArcSwap<Policy>>>,
         draining: Arc<AtomicBool>,
     ) -> Result<(Self, SocketAddr), Error> {
         let bind_err = |source| Error::Bind {
@@ -53,7 +58,11 @@ impl AdminListener {
         Ok((
             Self {
                 listener,
-                state: Arc::new(State { store, draining }),
+                state: Arc::new(State {
+                    store,
+                    policies,
+                    draining,
+                }),
             },
             bound,
         ))
@@ -92,10 +101,15 @@ impl State {
             "/ready" => {
                 if self.draining.load(Ordering::Relaxed) {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else if self.store.is_ready() {
-                    text(StatusCode::OK, "ready\n")
-                } else {
+                } else if !self.store.is_ready() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                } else if !self.policies.iter().all(|p| p.load().keys_ready()) {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "route policy keys not fetched yet\n",
+                    )
+                } else {
+                    text(StatusCode::OK, "ready\n")
                 }
             }
             "/identity" => self.identity(),

@@ -1,58 +1,84 @@
-//! The authorization hook on the inbound HTTP path.
+//! The authorization step on the inbound HTTP path.
 //!
 //! Right before a request is forwarded to the local service, the inbound
-//! listener asks its [`Authorize`] whether the verified peer may make it.
-//! The per-route policy engine (`policy`) implements this trait; without a
-//! policy, [`AllowAll`] forwards every request from a peer that passed the
-//! handshake (and `allow_peers`).
+//! listener asks its [`Authorizer`] whether the verified peer may make it.
+//! Without a route policy every request from a peer that passed the
+//! handshake (and `allow_peers`) goes through; with one, the policy engine
+//! ([`crate::policy`]) decides per route, may rewrite the path to its
+//! normalized form, and adds headers from verified JWT claims.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
+use arc_swap::ArcSwap;
 use http::request::Parts;
-use http::{HeaderValue, StatusCode};
+use http::uri::PathAndQuery;
+use http::{Response, header};
+use http_body_util::Either;
 use moat_ca::SpiffeId;
 
+use crate::http::ProxyBody;
+use crate::policy::{Policy, RequestFacts, authorization_value};
+
 /// Decides whether a request from a verified peer goes on to the service.
-pub trait Authorize: Send + Sync + 'static {
-    /// Called once per request with its head (which an implementation may
-    /// rewrite: normalize the path, add headers derived from verified claims)
-    /// and the peer's verified SPIFFE ID.
-    fn authorize(&self, parts: &mut Parts, peer: &SpiffeId) -> Decision;
+#[derive(Clone)]
+pub enum Authorizer {
+    /// No route policy: every request from an admitted peer is forwarded.
+    AllowAll,
+    /// The per-route policy, swapped in place on reload.
+    Policy(Arc<ArcSwap<Policy>>),
 }
 
-/// The outcome of [`Authorize::authorize`].
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
-    /// Forward the request.
-    Allow,
-    /// Answer it here.
-    Deny(Denial),
-}
-
-/// A refused request: status, a short reason for the body and the log, and
-/// the `WWW-Authenticate` challenge for 401s.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Denial {
-    /// 400, 401 or 403 usually.
-    pub status: StatusCode,
-    /// Short, safe to show the caller.
-    pub reason: String,
-    /// Sent with 401.
-    pub www_authenticate: Option<HeaderValue>,
-}
-
-/// Allows every request (no route policy configured).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct AllowAll;
-
-impl Authorize for AllowAll {
-    fn authorize(&self, _parts: &mut Parts, _peer: &SpiffeId) -> Decision {
-        Decision::Allow
+impl Authorizer {
+    /// Authorizes one request. `Ok(Some(pq))` means forward it with the
+    /// path and query `pq` (the normalized form); `Ok(None)` forward as is;
+    /// `Err(response)` answer the caller with `response` (400, 401 or 403).
+    pub async fn authorize(
+        &self,
+        parts: &mut Parts,
+        peer: &SpiffeId,
+    ) -> Result<Option<PathAndQuery>, Response<ProxyBody>> {
+        let policy = match self {
+            Authorizer::AllowAll => return Ok(None),
+            Authorizer::Policy(p) => p.load_full(),
+        };
+        // The facts borrow the URI and copies of two header values, so that
+        // the decision can then rewrite the headers.
+        let host_header = parts.headers.get(header::HOST).cloned();
+        let authorization = authorization_value(&parts.headers).map(str::to_owned);
+        let host = host_header
+            .as_ref()
+            .and_then(|h| h.to_str().ok())
+            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+        let facts = RequestFacts {
+            method: &parts.method,
+            host,
+            path: parts
+                .uri
+                .path_and_query()
+                .map(PathAndQuery::as_str)
+                .unwrap_or("/"),
+            peer,
+            authorization: authorization.as_deref(),
+        };
+        let decision = policy.authorize_async(&facts, SystemTime::now()).await;
+        decision.log(&facts, policy.hash());
+        if let Some(resp) = decision.deny_response() {
+            return Err(resp.map(Either::Right));
+        }
+        let forward = decision
+            .forward_path()
+            .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
+        decision.apply_to_headers(&mut parts.headers);
+        Ok(forward)
     }
 }
 
-impl<T: Authorize + ?Sized> Authorize for Arc<T> {
-    fn authorize(&self, parts: &mut Parts, peer: &SpiffeId) -> Decision {
-        (**self).authorize(parts, peer)
+impl std::fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Authorizer::AllowAll => f.write_str("AllowAll"),
+            Authorizer::Policy(p) => write!(f, "Policy({})", p.load().hash()),
+        }
     }
 }

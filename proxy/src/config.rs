@@ -255,6 +255,14 @@ pub enum ConfigError {
         /// The offending line, quoted.
         context: String,
     },
+    /// A route policy file named by an inbound listener is invalid.
+    #[error("inbound {listener}: policy: {message}")]
+    Policy {
+        /// The inbound listener.
+        listener: String,
+        /// The policy engine's diagnostics (file, line, column).
+        message: String,
+    },
     /// The values parse but do not make a usable configuration.
     #[error("{file}: {message}")]
     Invalid {
@@ -317,7 +325,18 @@ impl Config {
             file: path.to_owned(),
             source,
         })?;
-        Self::parse(path, &text)
+        let config = Self::parse(path, &text)?;
+        // Policy files are configuration too: a broken one is exit 64, before
+        // any port is bound. (The proxy loads them again to serve them.)
+        for l in &config.inbound {
+            if let Some(policy) = &l.policy {
+                crate::policy::Policy::load(policy).map_err(|e| ConfigError::Policy {
+                    listener: l.name.clone(),
+                    message: e.to_string(),
+                })?;
+            }
+        }
+        Ok(config)
     }
 
     /// Parses and validates configuration text read from `path`.

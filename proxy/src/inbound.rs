@@ -21,12 +21,11 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::authz::{Authorize, Decision};
+use crate::authz::Authorizer;
 use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, short_response,
-    strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, strip_hop_by_hop,
 };
 use crate::tls::TlsFactory;
 use crate::{Error, drain};
@@ -50,7 +49,7 @@ struct Shared {
     http: auto::Builder<TokioExecutor>,
     h1: Client<LocalConnector, Incoming>,
     h2: Client<LocalConnector, Incoming>,
-    authz: Arc<dyn Authorize>,
+    authz: Authorizer,
 }
 
 /// Per-connection facts, built once after the handshake.
@@ -67,7 +66,7 @@ impl InboundListener {
         config: &Inbound,
         limits: &Limits,
         tls: &TlsFactory,
-        authz: Arc<dyn Authorize>,
+        authz: Authorizer,
     ) -> Result<(Self, SocketAddr), Error> {
         let alpn: &[&[u8]] = match config.protocol {
             Protocol::Http => crate::tls::ALPN_HTTP,
@@ -242,15 +241,10 @@ impl Shared {
         parts.headers.remove(&PEER_ID);
         parts.headers.remove(&XFCC);
         strip_hop_by_hop(&mut parts.headers);
-        if let Decision::Deny(denial) = self.authz.authorize(&mut parts, &peer.id) {
-            tracing::info!(listener = %self.name, peer = %peer.id.as_str(), status = denial.status.as_u16(), reason = %denial.reason, "request denied");
-            let mut resp = short_response(denial.status, "moat: request denied\n");
-            if let Some(challenge) = denial.www_authenticate {
-                resp.headers_mut()
-                    .insert(http::header::WWW_AUTHENTICATE, challenge);
-            }
-            return resp;
-        }
+        let normalized = match self.authz.authorize(&mut parts, &peer.id).await {
+            Ok(pq) => pq,
+            Err(denied) => return denied,
+        };
         parts.headers.insert(PEER_ID.clone(), peer.header.clone());
         parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
         let to_h2 = match self.forward_http {
@@ -279,13 +273,13 @@ impl Shared {
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
-            .path_and_query(
+            .path_and_query(normalized.unwrap_or_else(|| {
                 parts
                     .uri
                     .path_and_query()
                     .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")),
-            );
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+            }));
         parts.uri = match uri.build() {
             Ok(u) => u,
             Err(_) => return ProxyError::BadRequest("request target").into_response(),

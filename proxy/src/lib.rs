@@ -77,11 +77,19 @@ pub struct Proxy {
     store: Arc<CredentialStore>,
     addrs: Vec<(String, SocketAddr)>,
     identity: IdentityTask,
-    reload: Arc<Notify>,
+    reloader: Reloader,
+    jwks: Option<Arc<policy::JwksCache>>,
     admin: admin::AdminListener,
     inbound: Vec<inbound::InboundListener>,
     outbound: Vec<outbound::OutboundListener>,
     draining: Arc<AtomicBool>,
+}
+
+/// What SIGHUP re-reads: identity files (or the CA's bundle) and route policies.
+#[derive(Clone)]
+pub struct Reloader {
+    identity: Arc<Notify>,
+    policies: Vec<Arc<policy::PolicyWatcher>>,
 }
 
 enum IdentityTask {
@@ -112,14 +120,49 @@ impl Proxy {
         };
         let tls = TlsFactory::new(store.clone(), config.tls.allow_tls12);
         let draining = Arc::new(AtomicBool::new(false));
+        // Route policies first: a bad one stops the start before any port is bound.
+        let mut jwks = None;
+        let mut policies = Vec::new();
+        let mut authorizers = Vec::new();
+        for l in &config.inbound {
+            let Some(path) = &l.policy else {
+                authorizers.push(authz::Authorizer::AllowAll);
+                continue;
+            };
+            let policy_err = |message: String| Error::Policy {
+                listener: l.name.clone(),
+                path: path.display().to_string(),
+                message,
+            };
+            let cache = jwks.get_or_insert_with(policy::JwksCache::new).clone();
+            let mut watcher =
+                policy::PolicyWatcher::load(path, cache).map_err(|e| policy_err(e.to_string()))?;
+            watcher
+                .watch()
+                .map_err(|e| policy_err(format!("cannot watch for changes: {e}")))?;
+            let current = watcher.current();
+            tracing::info!(listener = %l.name, policy = %path.display(), hash = %current.hash(), routes = current.route_count(), "route policy loaded");
+            authorizers.push(authz::Authorizer::Policy(watcher.handle()));
+            policies.push(Arc::new(watcher));
+        }
+        let policy_handles = authorizers
+            .iter()
+            .filter_map(|a| match a {
+                authz::Authorizer::Policy(p) => Some(p.clone()),
+                authz::Authorizer::AllowAll => None,
+            })
+            .collect();
         let mut addrs = Vec::new();
-        let (admin, addr) =
-            admin::AdminListener::bind(config.admin.listen, store.clone(), draining.clone())
-                .await?;
+        let (admin, addr) = admin::AdminListener::bind(
+            config.admin.listen,
+            store.clone(),
+            policy_handles,
+            draining.clone(),
+        )
+        .await?;
         addrs.push(("admin".to_owned(), addr));
         let mut inbound = Vec::new();
-        for l in &config.inbound {
-            let authz = authorizer(l)?;
+        for (l, authz) in config.inbound.iter().zip(authorizers) {
             let (listener, addr) =
                 inbound::InboundListener::bind(l, &config.limits, &tls, authz).await?;
             addrs.push((l.name.clone(), addr));
@@ -137,7 +180,11 @@ impl Proxy {
             store,
             addrs,
             identity,
-            reload,
+            reloader: Reloader {
+                identity: reload,
+                policies,
+            },
+            jwks,
             admin,
             inbound,
             outbound,
@@ -155,10 +202,10 @@ impl Proxy {
         self.store.clone()
     }
 
-    /// Notify to re-read identity files (file mode) or refresh the bundle
-    /// from the CA (CA mode): what SIGHUP does.
-    pub fn reload_handle(&self) -> Arc<Notify> {
-        self.reload.clone()
+    /// What SIGHUP does: re-read identity files (file mode) or refresh the
+    /// bundle from the CA (CA mode), and re-read route policies.
+    pub fn reloader(&self) -> Reloader {
+        self.reloader.clone()
     }
 
     /// Serves until `shutdown` resolves, then drains: stops accepting, lets
@@ -174,6 +221,12 @@ impl Proxy {
                     tracing::error!(error = %e, "identity files are no longer watched; SIGHUP still reloads nothing");
                 }
             })),
+        }
+        if let Some(cache) = self.jwks {
+            background.push(tokio::spawn(async move {
+                cache.fetch_all().await;
+                cache.run_refresh().await;
+            }));
         }
         for l in self.inbound {
             tokio::spawn(l.serve(watch.clone()));
@@ -193,23 +246,20 @@ impl Proxy {
         for task in background {
             task.abort();
         }
+        // The policy watchers stop with the reloader's last reference.
+        drop(self.reloader);
         Ok(())
     }
 }
 
-/// The authorization step for an inbound listener.
-fn authorizer(l: &config::Inbound) -> Result<Arc<dyn authz::Authorize>, Error> {
-    match &l.policy {
-        None => Ok(Arc::new(authz::AllowAll)),
-        // XXX: the policy engine (`policy`) plugs in here, behind
-        // `authz::Authorize`. Until it does, refusing to start is the only
-        // safe answer: forwarding without the routes the operator wrote
-        // would fail open.
-        Some(path) => Err(Error::Policy {
-            listener: l.name.clone(),
-            path: path.display().to_string(),
-            message: "route policies are not supported by this build yet".into(),
-        }),
+impl Reloader {
+    /// Re-reads everything that can change without a restart.
+    pub fn reload(&self) {
+        self.identity.notify_one();
+        for p in &self.policies {
+            // The watcher logs and counts a refused reload itself.
+            let _outcome = p.reload();
+        }
     }
 }
 
@@ -219,11 +269,11 @@ pub async fn run(config: Config) -> Result<(), Error> {
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
     let proxy = Proxy::bind(config).await?;
-    let reload = proxy.reload_handle();
+    let reloader = proxy.reloader();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
-            tracing::info!("SIGHUP: reloading identity");
-            reload.notify_one();
+            tracing::info!("SIGHUP: reloading identity and route policies");
+            reloader.reload();
         }
     });
     proxy
