@@ -245,3 +245,21 @@ fn admin_reports_live_ready_and_identity() {
     assert!(v["expires_in_seconds"].as_u64().unwrap() > 3000);
     let _ = path_str;
 }
+
+#[test]
+fn inbound_speaks_tls13_only_unless_tls12_is_allowed() {
+    let f = fixture("", "");
+    let tls12 = ["--http1.1", "--tls-max", "1.2"];
+    assert_eq!(
+        curl(f.inbound, "/", Some(&f.client), &tls12).0,
+        0,
+        "TLS 1.2 refused by default"
+    );
+    assert_eq!(curl(f.inbound, "/", Some(&f.client), &["--http1.1"]).0, 200);
+    let g = fixture("", "[tls]\nallow_tls12 = true\n");
+    assert_eq!(
+        curl(g.inbound, "/", Some(&g.client), &tls12).0,
+        200,
+        "TLS 1.2 when opted in"
+    );
+}

@@ -125,15 +125,14 @@ pub fn leaf_signed_by(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     let cert = params.signed_by(&key, issuer).unwrap();
-    let files = CertFiles {
+    CertFiles {
         cert: write(
             dir,
             &format!("{name}.crt"),
             &format!("{}{}", cert.pem(), chain_pem),
         ),
         key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
-    };
-    files
+    }
 }
 
 /// Waits until `f` returns true, polling, or panics after `timeout`.
