@@ -103,6 +103,12 @@ impl State {
                     text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
                 } else if !self.store.is_ready() {
                     text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
+                } else if self
+                    .store
+                    .current()
+                    .is_some_and(|c| c.svid.not_after <= SystemTime::now())
+                {
+                    text(StatusCode::SERVICE_UNAVAILABLE, "certificate expired\n")
                 } else if !self.policies.iter().all(|p| p.load().keys_ready()) {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,

@@ -2,7 +2,7 @@
 //!
 //! TCP accept → TLS handshake (timeout; client certificate verified by chain
 //! and SPIFFE ID, `allow_peers` checked) → for `http`: HTTP/1.1 or HTTP/2 by
-//! ALPN → strip client-supplied identity headers → [`Authorize`] → add the
+//! ALPN → strip client-supplied identity headers → [`Authorizer`] → add the
 //! verified peer ID → pooled plaintext connection to `forward`, in the
 //! version the client spoke. For `tcp`: bytes both ways to `forward`.
 
