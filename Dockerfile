@@ -1,0 +1,37 @@
+# syntax=docker/dockerfile:1
+#
+# moat: one static binary in an empty image. No shell, no package manager,
+# no libc to patch; it runs as UID/GID 65532 and is meant to run with a
+# read-only root filesystem (every example in config/ sets one).
+#
+#   DOCKER_BUILDKIT=1 docker build -t moat:0.1.0 .
+#   docker run --rm --read-only moat:0.1.0 --version
+#
+# Nothing secret is needed to build, and nothing secret goes into a layer:
+# keys, tokens and bundles are mounted at run time (Kubernetes volumes, systemd
+# credentials). The cargo caches are BuildKit cache mounts, not layers.
+
+ARG RUST_IMAGE=rust:1.95-bookworm
+
+FROM ${RUST_IMAGE} AS build
+WORKDIR /src
+COPY . .
+# glibc, linked statically (crt-static): aws-lc and SQLite are C and build
+# with the image's gcc. The explicit --target keeps RUSTFLAGS away from build
+# scripts and proc macros, which must stay dynamic.
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    RUSTFLAGS="-C target-feature=+crt-static" \
+    cargo build --release --locked --bin moat --target x86_64-unknown-linux-gnu \
+ && cp target/x86_64-unknown-linux-gnu/release/moat /moat \
+ && strip /moat \
+ && { ldd /moat 2>&1 | grep -Eq 'not a dynamic executable|statically linked' \
+      || { echo "moat is not static:"; ldd /moat; exit 1; }; } \
+ && /moat --version
+
+FROM scratch
+COPY --from=build --chown=0:0 --chmod=0555 /moat /moat
+# Numeric, so runAsNonRoot can be verified without an /etc/passwd.
+USER 65532:65532
+ENTRYPOINT ["/moat"]
+CMD ["--help"]
