@@ -352,3 +352,30 @@ fn injected_output_validates_against_the_kubernetes_schemas() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn windows_line_endings_and_a_missing_final_newline_are_handled() {
+    let input = "apiVersion: v1\r\nkind: Pod\r\nmetadata:\r\n  name: w\r\nspec:\r\n  containers:\r\n  - name: a\r\n    image: x";
+    let out = inject_stdin(&["--image", IMAGE], input);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        out.starts_with(input),
+        "the original text must come first, unchanged"
+    );
+    assert!(
+        out.contains("\r\n  initContainers:\r\n  - name: moat-proxy\r\n"),
+        "{out:?}"
+    );
+    assert_eq!(
+        out.matches('\n').count(),
+        out.matches("\r\n").count(),
+        "mixed line endings"
+    );
+    let again = inject_stdin(&["--image", IMAGE], &out);
+    assert_eq!(String::from_utf8(again.stdout).unwrap(), out);
+}
