@@ -130,6 +130,12 @@ pub struct Limits {
     /// Most connections open at once on one listener; more wait in the
     /// kernel's accept queue.
     pub max_connections: usize,
+    /// An unused pooled connection (to the local service or a peer) is
+    /// closed after this long. Keep it below the upstream's own keep-alive
+    /// timeout (a moat inbound closes idle HTTP/1.1 connections after
+    /// `header_read_timeout`), or a request can race the upstream's close.
+    #[serde(with = "humantime_serde")]
+    pub pool_idle_timeout: Duration,
     /// Time allowed to connect to the local service or a peer.
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -311,6 +317,7 @@ impl Default for Limits {
             idle_timeout: Duration::from_secs(300),
             max_header_bytes: 16 * 1024,
             max_connections: 10_000,
+            pool_idle_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
             shutdown_grace: Duration::from_secs(30),

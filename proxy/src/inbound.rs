@@ -99,7 +99,7 @@ impl InboundListener {
             }));
         let mut h1 = Client::builder(TokioExecutor::new());
         h1.pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.idle_timeout.min(std::time::Duration::from_secs(90)))
+            .pool_idle_timeout(limits.pool_idle_timeout)
             .pool_max_idle_per_host(256);
         let mut h2 = h1.clone();
         h2.http2_only(true).timer(TokioTimer::new());
