@@ -146,3 +146,6 @@ pub fn describe_handshake_error(e: &std::io::Error) -> String {
         None => format!("peer certificate refused: {}", other.0),
     }
 }
+
+#[cfg(test)]
+mod tests;
