@@ -16,7 +16,7 @@ struct Ca {
     bundle: TrustBundle,
 }
 
-fn ca() -> Ca {
+fn new_ca() -> Ca {
     let key = KeyPair::generate().unwrap();
     let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
     params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -74,7 +74,7 @@ fn chain(svid: &Svid) -> CertificateDer<'static> {
 #[test]
 fn credentials_refuse_a_key_that_does_not_match() {
     moat_ca::install_crypto_provider();
-    let ca = ca();
+    let ca = new_ca();
     let (svid, _) = leaf(&ca, &["spiffe://example.org/a"]);
     let (_, other_key) = leaf(&ca, &["spiffe://example.org/a"]);
     let err = Credentials::new(svid, other_key, ca.bundle.clone()).unwrap_err();
@@ -84,7 +84,7 @@ fn credentials_refuse_a_key_that_does_not_match() {
 #[test]
 fn credentials_refuse_a_certificate_outside_the_bundle() {
     moat_ca::install_crypto_provider();
-    let (ours, theirs) = (ca(), ca());
+    let (ours, theirs) = (new_ca(), new_ca());
     let (svid, key) = leaf(&theirs, &["spiffe://example.org/a"]);
     let err = Credentials::new(svid, key, ours.bundle.clone()).unwrap_err();
     assert!(matches!(err, CredentialError::Chain(_)), "{err}");
@@ -92,7 +92,7 @@ fn credentials_refuse_a_certificate_outside_the_bundle() {
 
 #[test]
 fn server_verifier_matches_the_exact_spiffe_id_never_a_dns_name() {
-    let ca = ca();
+    let ca = new_ca();
     let store = store_with(&ca, "spiffe://example.org/a");
     let want = SpiffeId::parse("spiffe://example.org/billing").unwrap();
     let verifier = PeerServerVerifier::new(store, want, provider());
@@ -118,7 +118,7 @@ fn server_verifier_matches_the_exact_spiffe_id_never_a_dns_name() {
         ),
         "{err}"
     );
-    let (foreign, _) = leaf(&ca(), &["spiffe://example.org/billing"]);
+    let (foreign, _) = leaf(&new_ca(), &["spiffe://example.org/billing"]);
     assert!(
         verifier
             .verify_server_cert(&chain(&foreign), &[], &name, &[], now)
@@ -128,7 +128,7 @@ fn server_verifier_matches_the_exact_spiffe_id_never_a_dns_name() {
 
 #[test]
 fn client_verifier_checks_trust_domain_and_allow_list() {
-    let ca = ca();
+    let ca = new_ca();
     let store = store_with(&ca, "spiffe://example.org/a");
     let allow = vec![crate::config::PeerPattern::parse("spiffe://example.org/ns/prod/*").unwrap()];
     let verifier = PeerClientVerifier::new(store.clone(), Some(allow), provider());
@@ -161,7 +161,7 @@ fn client_verifier_checks_trust_domain_and_allow_list() {
 
 #[test]
 fn verifiers_see_a_new_bundle_at_once() {
-    let (old, new) = (ca(), ca());
+    let (old, new) = (new_ca(), new_ca());
     let store = store_with(&old, "spiffe://example.org/a");
     let verifier = PeerClientVerifier::new(store.clone(), None, provider());
     let (peer, _) = leaf(&new, &["spiffe://example.org/b"]);
