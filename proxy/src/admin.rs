@@ -44,13 +44,7 @@ impl AdminListener {
         policies: Vec<Arc<ArcSwap<Policy>>>,
         draining: Arc<AtomicBool>,
     ) -> Result<(Self, SocketAddr), Error> {
-        let bind_err = |source| Error::Bind {
-            name: "admin".into(),
-            addr,
-            source,
-        };
-        let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
-        let bound = listener.local_addr().map_err(bind_err)?;
+        let (listener, bound) = crate::conn::bind("admin", addr).await?;
         if !bound.ip().is_loopback() {
             tracing::info!(addr = %bound, "admin listener is reachable off this host (for probes)");
         }

@@ -152,6 +152,18 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for Tracked<T> {
     }
 }
 
+/// Binds a listener and returns it with the address it got (port 0 picks one).
+pub async fn bind(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), crate::Error> {
+    let err = |source| crate::Error::Bind {
+        name: name.to_owned(),
+        addr,
+        source,
+    };
+    let listener = TcpListener::bind(addr).await.map_err(err)?;
+    let bound = listener.local_addr().map_err(err)?;
+    Ok((listener, bound))
+}
+
 /// Accepts connections until the drain starts, never holding more than
 /// `max` at once; each is handled on its own task with a drain watch.
 pub async fn accept_loop<F, Fut>(

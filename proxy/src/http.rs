@@ -6,9 +6,14 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::Connect;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::Limits;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or
 /// a short one of its own.
@@ -18,6 +23,15 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 pub static PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
 /// An XFCC-style header beside it (`By=<us>;URI=<peer>`).
 pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+
+/// Pooled clients to one upstream: HTTP/1.1 keep-alive, and multiplexed
+/// HTTP/2. Each request goes out in the version it names.
+pub struct UpstreamClient<C> {
+    h1: Client<C, Incoming>,
+    h2: Client<C, Incoming>,
+    timeout: Duration,
+    unavailable: fn(String) -> ProxyError,
+}
 
 /// Why a proxied request failed, by side.
 #[derive(Debug, thiserror::Error)]
@@ -139,9 +153,49 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
         .sum()
 }
 
+impl<C: Connect + Clone + Send + Sync + 'static> UpstreamClient<C> {
+    /// Clients over `h1` and `h2` connectors, with pool and timeout limits;
+    /// a failure to connect becomes `unavailable` (which side it names).
+    pub fn new(h1: C, h2: C, limits: &Limits, unavailable: fn(String) -> ProxyError) -> Self {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_timer(TokioTimer::new())
+            .pool_idle_timeout(limits.pool_idle_timeout)
+            .pool_max_idle_per_host(256);
+        let h1 = b.build(h1);
+        b.http2_only(true)
+            .timer(TokioTimer::new())
+            .http2_keep_alive_interval(Some(Duration::from_secs(30)));
+        Self {
+            h1,
+            h2: b.build(h2),
+            timeout: limits.request_timeout,
+            unavailable,
+        }
+    }
+
+    /// Sends `req` (HTTP/2 if its version says so, else HTTP/1.1) and
+    /// returns the response with hop-by-hop headers removed.
+    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
+        let client = if req.version() == http::Version::HTTP_2 {
+            &self.h2
+        } else {
+            &self.h1
+        };
+        match tokio::time::timeout(self.timeout, client.request(req)).await {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+            Ok(Err(e)) => Err(classify_client_error(&e, self.unavailable)),
+            Err(_) => Err(ProxyError::Timeout(self.timeout)),
+        }
+    }
+}
+
 /// Classifies a hyper-util client error: was it the connection (and then,
 /// did the peer's identity fail) or the exchange?
-pub fn classify_client_error(
+fn classify_client_error(
     e: &hyper_util::client::legacy::Error,
     unavailable: fn(String) -> ProxyError,
 ) -> ProxyError {

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use moat_ca::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,7 +24,7 @@ use crate::authz::Authorizer;
 use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, header_bytes, strip_hop_by_hop,
 };
 use crate::tls::TlsFactory;
 use crate::{Error, drain};
@@ -47,8 +46,7 @@ struct Shared {
     acceptor: TlsAcceptor,
     limits: Limits,
     http: auto::Builder<TokioExecutor>,
-    h1: Client<LocalConnector, Incoming>,
-    h2: Client<LocalConnector, Incoming>,
+    upstream: UpstreamClient<LocalConnector>,
     authz: Authorizer,
 }
 
@@ -73,18 +71,7 @@ impl InboundListener {
             Protocol::Tcp => &[],
         };
         let server = tls.server(config.allow_peers.clone(), alpn)?;
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                name: config.name.clone(),
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
-            name: config.name.clone(),
-            addr: config.listen,
-            source,
-        })?;
+        let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let forward = config.forward;
         let connect_timeout = limits.connect_timeout;
         let connector: LocalConnector =
@@ -97,12 +84,6 @@ impl InboundListener {
                 let _ = stream.set_nodelay(true);
                 Ok(TokioIo::new(stream))
             }));
-        let mut h1 = Client::builder(TokioExecutor::new());
-        h1.pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.pool_idle_timeout)
-            .pool_max_idle_per_host(256);
-        let mut h2 = h1.clone();
-        h2.http2_only(true).timer(TokioTimer::new());
         let shared = Shared {
             name: config.name.as_str().into(),
             protocol: config.protocol,
@@ -113,8 +94,12 @@ impl InboundListener {
             acceptor: TlsAcceptor::from(server),
             limits: limits.clone(),
             http: conn::http_server(limits),
-            h1: h1.build(connector.clone()),
-            h2: h2.build(connector),
+            upstream: UpstreamClient::new(
+                connector.clone(),
+                connector,
+                limits,
+                ProxyError::LocalUnavailable,
+            ),
             authz,
         };
         tracing::info!(listener = %config.name, addr = %addr, "listening");
@@ -284,25 +269,18 @@ impl Shared {
             Ok(u) => u,
             Err(_) => return ProxyError::BadRequest("request target").into_response(),
         };
-        let client = if to_h2 {
-            parts.version = Version::HTTP_2;
-            &self.h2
+        parts.version = if to_h2 {
+            Version::HTTP_2
         } else {
-            parts.version = Version::HTTP_11;
-            &self.h1
+            Version::HTTP_11
         };
-        let fut = client.request(Request::from_parts(parts, body));
-        let result = match tokio::time::timeout(self.limits.request_timeout, fut).await {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                return Response::from_parts(parts, http_body_util::Either::Left(body));
+        match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                e.into_response()
             }
-            Ok(Err(e)) => classify_client_error(&e, ProxyError::LocalUnavailable),
-            Err(_) => ProxyError::Timeout(self.limits.request_timeout),
-        };
-        tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %result, "forwarding failed");
-        result.into_response()
+        }
     }
 }
 

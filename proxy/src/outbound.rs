@@ -15,9 +15,8 @@ use std::task::{Context, Poll};
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -29,7 +28,7 @@ use tokio_rustls::client::TlsStream;
 use crate::config::{Limits, Outbound, Protocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, XFCC, classify_client_error, header_bytes, strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, header_bytes, strip_hop_by_hop,
 };
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::{Error, drain};
@@ -48,8 +47,7 @@ struct Shared {
     limits: Limits,
     http: auto::Builder<TokioExecutor>,
     connector: PeerConnector,
-    h1: Client<PeerConnector, Incoming>,
-    h2: Client<PeerConnector, Incoming>,
+    upstream: UpstreamClient<PeerConnector>,
 }
 
 /// Dials the peer sidecar and completes mutual TLS, checking its identity.
@@ -86,26 +84,7 @@ impl OutboundListener {
                 connect_timeout: limits.connect_timeout,
             })
         };
-        let mut h1 = Client::builder(TokioExecutor::new());
-        h1.pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.pool_idle_timeout)
-            .pool_max_idle_per_host(256);
-        let mut h2 = h1.clone();
-        h2.http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Some(std::time::Duration::from_secs(30)));
-        let listener = TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| Error::Bind {
-                name: config.name.clone(),
-                addr: config.listen,
-                source,
-            })?;
-        let addr = listener.local_addr().map_err(|source| Error::Bind {
-            name: config.name.clone(),
-            addr: config.listen,
-            source,
-        })?;
+        let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let upstream_authority = Authority::try_from(upstream.to_string())
             .map_err(|_| Error::Upstream(config.name.clone(), upstream.to_string()))?;
         let shared = Shared {
@@ -116,8 +95,12 @@ impl OutboundListener {
             limits: limits.clone(),
             http: conn::http_server(limits),
             connector: connector(&[])?,
-            h1: h1.build(connector(&[b"http/1.1"])?),
-            h2: h2.build(connector(&[b"h2"])?),
+            upstream: UpstreamClient::new(
+                connector(&[b"http/1.1"])?,
+                connector(&[b"h2"])?,
+                limits,
+                ProxyError::PeerUnavailable,
+            ),
         };
         tracing::info!(listener = %config.name, addr = %addr, "listening");
         Ok((
@@ -213,24 +196,16 @@ impl Shared {
             Ok(u) => u,
             Err(_) => return ProxyError::BadRequest("request target").into_response(),
         };
-        let client = if parts.version == Version::HTTP_2 {
-            &self.h2
-        } else {
+        if parts.version != Version::HTTP_2 {
             parts.version = Version::HTTP_11;
-            &self.h1
-        };
-        let fut = client.request(Request::from_parts(parts, body));
-        let err = match tokio::time::timeout(self.limits.request_timeout, fut).await {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                return Response::from_parts(parts, http_body_util::Either::Left(body));
+        }
+        match self.upstream.send(Request::from_parts(parts, body)).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
+                e.into_response()
             }
-            Ok(Err(e)) => classify_client_error(&e, ProxyError::PeerUnavailable),
-            Err(_) => ProxyError::Timeout(self.limits.request_timeout),
-        };
-        tracing::warn!(listener = %self.name, error = %err, "request to peer failed");
-        err.into_response()
+        }
     }
 }
 
