@@ -504,7 +504,8 @@ async fn request(
     let field = |v: &Value, k: &str| v[k].as_str().map(str::to_owned);
     let route = field(&body, "route")
         .or_else(|| field(&line, "route"))
-        .unwrap_or_else(|| "(none)".into());
+        .filter(|r| !r.is_empty() && r != "-")
+        .unwrap_or_else(|| "(none matched: deny by default)".into());
     let decision = field(&line, "decision").unwrap_or_else(|| if status < 400 { "allow".into() } else { "deny".into() });
     let reason = field(&body, "reason").or_else(|| field(&line, "reason")).unwrap_or_default();
     Ok(Outcome {
