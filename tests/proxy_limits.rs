@@ -126,3 +126,29 @@ fn slow_upstream_gets_504_naming_the_upstream() {
     assert!(body.contains("upstream timed out"), "{body}");
     assert!(start.elapsed() < Duration::from_secs(3));
 }
+
+#[test]
+fn garbage_on_any_listener_never_takes_the_proxy_down() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (mut a, mut b, a_addr, b_addr) = pair(&ca, echo_service(), "");
+    let junk: Vec<Vec<u8>> = vec![
+        b"\x16\x03\x01\x00\x05hello".to_vec(),
+        b"GET / HTTP/1.1\r\nhost: \xff\xfe\r\n\r\n".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x09\x00\x00\x00\x00\x00".to_vec(),
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect(),
+        b"GET /../../etc/passwd HTTP/1.0\r\n\r\n".to_vec(),
+    ];
+    for target in [a_addr, b_addr] {
+        for bytes in &junk {
+            let mut s = std::net::TcpStream::connect(target).unwrap();
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = closed_within(&mut s, Duration::from_secs(5));
+        }
+    }
+    assert!(a.child.try_wait().unwrap().is_none() && b.child.try_wait().unwrap().is_none());
+    assert_eq!(curl_http(a_addr, "/still-up", &[]).0, 200);
+}
