@@ -322,7 +322,8 @@ pub struct Explanation {
     pub route: Option<String>,
     /// The deciding route's line in the file.
     pub route_line: Option<usize>,
-    /// The normalized path, or the normalization error.
+    /// The normalized path and query (what the service would receive), or
+    /// the normalization error.
     pub normalized: Result<String, PathError>,
     /// Short explanation.
     pub detail: &'static str,
@@ -511,7 +512,7 @@ impl Policy {
                 .route
                 .and_then(|n| self.routes.iter().find(|r| r.name == n))
                 .map(|r| r.line),
-            normalized: path::normalize(facts.path).map(|n| n.path.into_owned()),
+            normalized: path::normalize(facts.path).map(|n| n.path_and_query().into_owned()),
             detail: d.detail,
             audited: d.audited,
             trace,
@@ -603,6 +604,10 @@ impl Policy {
             return;
         }
         if let Some(rule) = jwt {
+            // Decided before verification, so that a route with
+            // `forward_token = false` never hands a token to the service,
+            // not even an invalid one let through by audit mode.
+            d.strip_authorization = !route.forward_token;
             let issuer = &self.issuers[rule.issuer];
             let verified = match cred {
                 Credential::Assumed(claims) => Ok(Cow::Borrowed(claims)),
@@ -621,7 +626,6 @@ impl Policy {
             };
             d.jwt_iss = claims.get("iss").and_then(Value::as_str).map(str::to_owned);
             d.jwt_sub = claims.get("sub").and_then(Value::as_str).map(str::to_owned);
-            d.strip_authorization = !route.forward_token;
             if rule
                 .claims
                 .iter()

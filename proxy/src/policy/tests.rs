@@ -1055,3 +1055,21 @@ fn duplicate_authorization_headers_are_refused() {
         (Verdict::Unauthenticated, Reason::JwtInvalid)
     );
 }
+
+#[test]
+fn audited_requests_on_a_jwt_route_never_forward_the_token() {
+    let f = fixture_with(&POLICY.replace("mode = \"enforce\"", "mode = \"audit\""));
+    let method = Method::GET;
+    let p = peer(FRONTEND);
+    let facts = RequestFacts {
+        method: &method,
+        host: None,
+        path: "/invoices/1",
+        peer: &p,
+        authorization: Some("Bearer not-a-token"),
+    };
+    let d = f.policy.authorize(&facts, now());
+    assert!(d.forwards() && d.audited);
+    assert_eq!(d.reason, Reason::JwtInvalid);
+    assert!(d.strip_authorization);
+}
