@@ -241,31 +241,17 @@ impl FileSource {
         self.reload_now.clone()
     }
 
-    /// Watches the files' directories and reloads on change, forever.
-    pub async fn run(self) -> Result<(), IdentityError> {
-        use notify::Watcher;
+    /// Watches the files' directories and reloads on change (and on
+    /// SIGHUP), forever. If the directories cannot be watched, SIGHUP still works.
+    pub async fn run(self) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            if let Ok(ev) = res
-                && !matches!(ev.kind, notify::EventKind::Access(_))
-            {
-                let _ = tx.try_send(());
+        let _watcher = match self.watch(tx) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::warn!(error = %e, "identity files are not watched; only SIGHUP reloads them");
+                None
             }
-        })
-        .map_err(|e| IdentityError::Watch(e.to_string()))?;
-        // Watch directories, not files: Kubernetes swaps a symlink to update
-        // a secret, and editors replace files by rename.
-        let mut dirs: Vec<PathBuf> = [&self.config.cert, &self.config.key, &self.config.bundle]
-            .iter()
-            .filter_map(|p| p.parent().map(Path::to_path_buf))
-            .collect();
-        dirs.sort();
-        dirs.dedup();
-        for dir in &dirs {
-            watcher
-                .watch(dir, notify::RecursiveMode::NonRecursive)
-                .map_err(|e| IdentityError::Watch(format!("{}: {e}", dir.display())))?;
-        }
+        };
         let mut loaded = self.fingerprint();
         loop {
             tokio::select! {
@@ -293,6 +279,32 @@ impl FileSource {
                 }
             }
         }
+    }
+
+    fn watch(&self, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, IdentityError> {
+        use notify::Watcher;
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if let Ok(ev) = res
+                && !matches!(ev.kind, notify::EventKind::Access(_))
+            {
+                let _ = tx.try_send(());
+            }
+        })
+        .map_err(|e| IdentityError::Watch(e.to_string()))?;
+        // Watch directories, not files: Kubernetes swaps a symlink to update
+        // a secret, and editors replace files by rename.
+        let mut dirs: Vec<PathBuf> = [&self.config.cert, &self.config.key, &self.config.bundle]
+            .iter()
+            .filter_map(|p| p.parent().map(Path::to_path_buf))
+            .collect();
+        dirs.sort();
+        dirs.dedup();
+        for dir in &dirs {
+            watcher
+                .watch(dir, notify::RecursiveMode::NonRecursive)
+                .map_err(|e| IdentityError::Watch(format!("{}: {e}", dir.display())))?;
+        }
+        Ok(watcher)
     }
 
     /// The files' contents, to tell a real change from a touch.

@@ -154,7 +154,7 @@ impl Shared {
         tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
         match self.protocol {
             Protocol::Http => self.serve_http(tls, peer, &drain).await,
-            Protocol::Tcp => self.serve_tcp(tls, peer, &drain).await,
+            Protocol::Tcp => self.serve_tcp(tls, peer).await,
         }
     }
 
@@ -186,12 +186,7 @@ impl Shared {
         }
     }
 
-    async fn serve_tcp(
-        &self,
-        tls: TlsStream<Tracked<TcpStream>>,
-        peer: Peer,
-        _drain: &drain::Watch,
-    ) {
+    async fn serve_tcp(&self, tls: TlsStream<Tracked<TcpStream>>, peer: Peer) {
         let local = match tokio::time::timeout(
             self.limits.connect_timeout,
             TcpStream::connect(self.forward),

@@ -216,11 +216,7 @@ impl Proxy {
         background.push(tokio::spawn(self.admin.serve()));
         match self.identity {
             IdentityTask::Ca(src) => background.push(tokio::spawn(src.run())),
-            IdentityTask::Files(src) => background.push(tokio::spawn(async move {
-                if let Err(e) = src.run().await {
-                    tracing::error!(error = %e, "identity files are no longer watched; SIGHUP still reloads nothing");
-                }
-            })),
+            IdentityTask::Files(src) => background.push(tokio::spawn(src.run())),
         }
         if let Some(cache) = self.jwks {
             background.push(tokio::spawn(async move {
