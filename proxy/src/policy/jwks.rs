@@ -362,9 +362,11 @@ impl IssuerKeys {
         let state = self.state.lock().expect("jwks state");
         let since =
             |t: Option<Instant>| t.map_or(Duration::MAX, |t| now.saturating_duration_since(t));
+        // Healthy: on the refresh schedule. Never fetched, or the last attempt
+        // failed: retry every min_refetch (never on every tick).
+        let scheduled = state.last_success.is_some() && since(state.last_success) >= state.refresh;
         let failing = state.last_success.is_none() || state.last_success < state.last_attempt;
-        since(state.last_success) >= state.refresh
-            || (failing && since(state.last_attempt) >= state.min_refetch)
+        scheduled || (failing && since(state.last_attempt) >= state.min_refetch)
     }
 
     /// Refetches after a token named a `kid` we do not hold, unless a fetch
@@ -562,5 +564,53 @@ impl fmt::Debug for JwksCache {
         f.debug_struct("JwksCache")
             .field("sources", &self.stats())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refresh_schedule() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        std::fs::write(&path, "{}").unwrap();
+        let cache = JwksCache::default();
+        let refresh = Duration::from_secs(600);
+        let min_refetch = Duration::from_secs(30);
+        // An unusable file is a bind error, but the entry exists and is failing.
+        assert!(
+            cache
+                .bind(JwksSource::File(path.clone()), refresh, min_refetch)
+                .is_err()
+        );
+        let keys = cache
+            .entries
+            .lock()
+            .unwrap()
+            .values()
+            .next()
+            .unwrap()
+            .clone();
+        let t0 = keys.state.lock().unwrap().last_attempt.unwrap();
+        // Failing: retried every min_refetch.
+        assert!(!keys.is_due(t0 + Duration::from_secs(29)));
+        assert!(keys.is_due(t0 + Duration::from_secs(31)));
+        // Healthy: refreshed every `refresh`.
+        {
+            let mut s = keys.state.lock().unwrap();
+            s.last_success = Some(t0);
+        }
+        assert!(!keys.is_due(t0 + Duration::from_secs(31)));
+        assert!(!keys.is_due(t0 + Duration::from_secs(599)));
+        assert!(keys.is_due(t0 + Duration::from_secs(600)));
+        // A failure after a success: back to min_refetch retries.
+        {
+            let mut s = keys.state.lock().unwrap();
+            s.last_attempt = Some(t0 + Duration::from_secs(100));
+        }
+        assert!(keys.is_due(t0 + Duration::from_secs(131)));
+        assert!(!keys.is_due(t0 + Duration::from_secs(129)));
     }
 }
