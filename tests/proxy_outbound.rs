@@ -161,3 +161,25 @@ fn tcp_mode_closes_when_peer_presents_wrong_id() {
         "nothing reaches the wrong peer's service: {answer:?}"
     );
 }
+
+#[test]
+fn outbound_answers_502_when_peer_refuses_our_identity() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let files = issue(&ca, B, "1h", "b");
+    let config = format!(
+        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\nallow_peers = [\"spiffe://example.org/ns/prod/sa/frontend\"]\n",
+        file_identity(&files, &ca.bundle_file()),
+        echo_service()
+    );
+    let (mut b, addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &config), &["api"]);
+    let (_a, a_addr) = sidecar_a(&ca, addrs[0], B, "http");
+    let (status, body) = curl_http(a_addr, "/", &[]);
+    assert_eq!(status, 502, "{body}");
+    b.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "handshake failed"
+            && v["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("not in allow_peers"))
+    });
+}
