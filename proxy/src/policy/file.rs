@@ -32,21 +32,29 @@ const DEFAULT_REFRESH: Duration = Duration::from_secs(600);
 /// Default minimum interval between two JWKS fetches triggered by unknown `kid`s.
 const DEFAULT_MIN_REFETCH: Duration = Duration::from_secs(30);
 
-/// Headers a claim may never be forwarded as: they carry framing, routing or
-/// credentials that the proxy itself is responsible for.
+/// Headers a claim may never be forwarded as: they carry framing, routing,
+/// tracing, credentials or the verified peer identity, which the proxy itself
+/// is responsible for (every `x-moat-*` header is reserved too).
 const RESERVED_HEADERS: &[&str] = &[
     "authorization",
     "connection",
     "content-length",
     "content-type",
     "cookie",
+    "forwarded",
     "host",
     "keep-alive",
     "proxy-authorization",
     "te",
     "trailer",
+    "traceparent",
+    "tracestate",
     "transfer-encoding",
     "upgrade",
+    "x-forwarded-client-cert",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
 ];
 
 #[derive(Deserialize)]
@@ -547,7 +555,10 @@ fn compile_route(
                     header.span(),
                     format!("header name {:?} must be lower case", header.get_ref()),
                 ),
-                Ok(h) if RESERVED_HEADERS.contains(&h.as_str()) || h.as_str().starts_with(':') => {
+                Ok(h)
+                    if RESERVED_HEADERS.contains(&h.as_str())
+                        || h.as_str().starts_with("x-moat-") =>
+                {
                     diags.at(
                         header.span(),
                         format!("header {h} is reserved and cannot carry a claim"),

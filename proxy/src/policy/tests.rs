@@ -802,6 +802,7 @@ fn file_errors_name_line_and_column() {
         ("[[route]]\nname = \"all\"\npath = \"/api/*\"\nallow = \"any-peer\"\n[[route]]\nname = \"one\"\npath = \"/api/v1/x\"\nmethods = [\"GET\"]\ndeny = true\n".into(), "7:8: route \"one\" can never match: route \"all\" (line 1) comes first"),
         (format!("{issuer}[[route]]\nname = \"a\"\npath = \"/a\"\nallow = \"any-peer\"\njwt = {{ issuer = \"corp\" }}\nforward_claims = {{ sub = \"Authorization\" }}\n"), "12:26: header name \"Authorization\" must be lower case"),
         (format!("{issuer}[[route]]\nname = \"a\"\npath = \"/a\"\nallow = \"any-peer\"\njwt = {{ issuer = \"corp\" }}\nforward_claims = {{ sub = \"host\" }}\n"), "12:26: header host is reserved"),
+        (format!("{issuer}[[route]]\nname = \"a\"\npath = \"/a\"\nallow = \"any-peer\"\njwt = {{ issuer = \"corp\" }}\nforward_claims = {{ sub = \"x-moat-peer-id\" }}\n"), "12:26: header x-moat-peer-id is reserved"),
         (issuer.replace("[\"ES256\"]", "[\"ES256\", \"HS256\"]"), "6:24: algorithm HS256 (a shared HMAC secret) is not supported"),
         (issuer.replace("[\"ES256\"]", "[\"none\"]"), "6:15: algorithm \"none\" (unsigned tokens) is never accepted"),
         (issuer.replace("[\"ES256\"]", "[]"), "6:14: algorithms must list at least one algorithm"),
