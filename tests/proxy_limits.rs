@@ -77,10 +77,10 @@ fn slow_header_sender_is_cut_off() {
 fn idle_keep_alive_connection_is_closed() {
     moat_ca::install_crypto_provider();
     let ca = TestCa::start();
-    let (_a, _b, a_addr, _) = pair(&ca, echo_service(), "[limits]\nidle_timeout = \"400ms\"\n");
+    let (_a, _b, a_addr, _) = pair(&ca, echo_service(), "[limits]\nidle_timeout = \"600ms\"\n");
     let mut conn = KeepAlive::connect(a_addr);
     assert_eq!(conn.get("/"), 200);
-    std::thread::sleep(Duration::from_millis(1200));
+    std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(conn.get("/"), 0, "the idle connection was closed");
     // A connection in use is not idle.
     let mut busy = KeepAlive::connect(a_addr);
