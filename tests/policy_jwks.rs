@@ -17,6 +17,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod support;
+
 const ISS: &str = "https://idp.test";
 
 /// What the test JWKS server answers, changed by the test as it goes.
@@ -356,5 +358,42 @@ async fn the_refresh_loop_fetches_missing_keys_and_a_wrong_ca_is_refused() {
     let reloaded = Policy::load_with(&path, &cache).unwrap();
     assert!(reloaded.keys_ready());
     refresher.abort();
+    server.task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_explain_fetches_a_jwks_url_to_verify_a_token() {
+    moat_ca::install_crypto_provider();
+    let key = SigningKey::new("k1");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_policy(dir.path(), &server, &server.ca_pem);
+    let token = key.token();
+    let out = tokio::task::spawn_blocking(move || {
+        support::moat(&[
+            "policy",
+            "explain",
+            support::path_str(&path),
+            "--peer",
+            "spiffe://example.org/ns/a/sa/b",
+            "--method",
+            "GET",
+            "--path",
+            "/api/x",
+            "--jwt",
+            &token,
+        ])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("decision: allow (allowed)"), "{stdout}");
+    assert_eq!(server.hits(), 1);
     server.task.abort();
 }
