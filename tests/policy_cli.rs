@@ -38,6 +38,12 @@ fn policy_check_accepts_the_example_and_reports_every_problem_with_file_line_col
         stdout.contains("policy.toml: ok (4 routes, hash "),
         "{stdout}"
     );
+    let (code, stdout, stderr) = text(&moat(&[
+        "policy",
+        "check",
+        path_str(&example("policy-reference.toml")),
+    ]));
+    assert_eq!(code, 0, "the field reference stays valid: {stdout}{stderr}");
 
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
