@@ -80,6 +80,15 @@ pub(crate) fn verify(
             "the token is not a well-formed signed JWT",
         )
     })?;
+    // RFC 7515 §4.1.11: extensions marked critical must be understood; moat
+    // understands none. Keys embedded in the header (jwk, jku, x5u, x5c) are
+    // never used: keys come from the issuer's JWKS only.
+    if header.crit.is_some() {
+        return Err(refused(
+            Reason::JwtInvalid,
+            "the token has critical header extensions",
+        ));
+    }
     let Some((alg, validation)) = issuer.validations.iter().find(|(a, _)| *a == header.alg) else {
         return Err(refused(
             Reason::JwtInvalid,

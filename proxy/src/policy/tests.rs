@@ -522,6 +522,26 @@ fn jwt_attacks_are_refused() {
         sign(&ec, Algorithm::ES256, Some("ec1"), &big),
         Reason::JwtInvalid,
     ));
+    // Critical header extensions are refused.
+    let mut crit = Header::new(Algorithm::ES256);
+    crit.kid = Some("ec1".into());
+    crit.crit = Some(vec!["exp".into()]);
+    cases.push((
+        "crit header",
+        jsonwebtoken::encode(&crit, &good, &ec).unwrap(),
+        Reason::JwtInvalid,
+    ));
+    // A key embedded in the header is never trusted.
+    let attacker = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let attacker_enc = ec_enc(&attacker);
+    let mut embedded = Header::new(Algorithm::ES256);
+    embedded.kid = Some("ec1".into());
+    embedded.jwk = Some(Jwk::from_encoding_key(&attacker_enc, Algorithm::ES256).unwrap());
+    cases.push((
+        "embedded jwk",
+        jsonwebtoken::encode(&embedded, &good, &attacker_enc).unwrap(),
+        Reason::JwtInvalid,
+    ));
     cases.push(("garbage", "not.a.jwt".into(), Reason::JwtInvalid));
     cases.push(("two parts", "abc.def".into(), Reason::JwtInvalid));
 
