@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""Turns the harness's runs.tsv and memory.tsv into results.json and summary.md, with a verdict for
+each target of issue 7 (ratios within this one run)."""
+import argparse
+import csv
+import json
+import os
+
+
+def num(x):
+    try:
+        return float(x)
+    except (TypeError, ValueError):
+        return None
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", required=True)
+    ap.add_argument("--memory", required=True)
+    ap.add_argument("--sanity")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--meta", nargs="*", default=[])
+    a = ap.parse_args()
+    runs = list(csv.DictReader(open(a.runs), delimiter="\t")) if os.path.exists(a.runs) else []
+    mem = list(csv.DictReader(open(a.memory), delimiter="\t")) if os.path.exists(a.memory) else []
+    meta = dict(m.split("=", 1) for m in a.meta)
+    by = {r["label"]: r for r in runs}
+
+    def g(label, field):
+        r = by.get(label)
+        return num(r[field]) if r else None
+
+    def m(target, field):
+        for r in mem:
+            if r["target"].startswith(target):
+                return num(r[field])
+        return None
+
+    targets = []
+
+    def t(name, value, limit, kind, unit, detail):
+        # kind "min": value must be >= limit; "max": value must be <= limit
+        if value is None or limit is None:
+            verdict = "not measured"
+        elif (kind == "min" and value >= limit) or (kind == "max" and value <= limit):
+            verdict = "met"
+        else:
+            miss = (limit - value) / limit * 100 if kind == "min" else (value - limit) / limit * 100
+            verdict = "missed by %.0f%%" % miss
+        targets.append(dict(target=name, value=value, limit=limit, kind=kind, unit=unit, detail=detail,
+                            verdict=verdict))
+
+    ha, mi = g("ka_haproxy_http_c32", "rps"), g("ka_moat_in_c32", "rps")
+    t("inbound h1 keep-alive c32: req/s >= 1.1x haproxy", mi, ha * 1.1 if ha else None, "min", "req/s",
+      "moat %s vs haproxy %s req/s" % (mi, ha))
+    t("inbound h1 keep-alive c32: p99 <= haproxy", g("ka_moat_in_c32", "p99_ms"), g("ka_haproxy_http_c32", "p99_ms"),
+      "max", "ms", "steady-state p99")
+    h2h, h2m = g("h2_haproxy", "rps"), g("h2_moat_in", "rps")
+    t("h2 4x8: req/s >= 1.1x haproxy", h2m, h2h * 1.1 if h2h else None, "min", "req/s",
+      "moat %s vs haproxy %s req/s" % (h2m, h2h))
+    d50, d99 = g("fr_direct", "p50_ms"), g("fr_direct", "p99_ms")
+    for lbl, name, l50, l99 in (("fr_moat_in", "one moat hop", 0.1, 0.25), ("fr_moat_pair", "sidecar pair", 0.25, 0.6)):
+        v50, v99 = g(lbl, "p50_ms"), g(lbl, "p99_ms")
+        t("%d req/s: %s adds <= %.2f ms p50" % (int(num(meta.get("rate", 2000)) or 2000), name, l50),
+          v50 - d50 if None not in (v50, d50) else None, l50, "max", "ms", "%s p50 %s vs direct %s" % (lbl, v50, d50))
+        t("%d req/s: %s adds <= %.2f ms p99" % (int(num(meta.get("rate", 2000)) or 2000), name, l99),
+          v99 - d99 if None not in (v99, d99) else None, l99, "max", "ms", "%s p99 %s vs direct %s" % (lbl, v99, d99))
+    # vCPU per 1,000 req/s == CPU seconds per 1,000 requests == (CPU s per 10k) / 10
+    for lbl, field, name in (("fr_moat_in", "proxy_cpu_s_per_10k", "inbound alone"),
+                             ("fr_moat_pair", "in_cpu_s_per_10k", "pair: inbound"),
+                             ("fr_moat_pair", "out_cpu_s_per_10k", "pair: outbound")):
+        v = g(lbl, field)
+        t("fixed rate: CPU <= 0.05 vCPU per 1,000 req/s (%s)" % name, v / 10 if v is not None else None, 0.05,
+          "max", "vCPU/krps", "%s %s = %s CPU s per 10k req" % (lbl, field, v))
+    t("RSS idle <= 15 MiB", m("moat", "idle_rss_mb"), 15, "max", "MiB", "fresh moat inbound after one request")
+    t("RSS with 1,000 open mTLS connections <= 40 MiB", m("moat", "rss_with_conns_mb"), 40, "max", "MiB",
+      "connections open when read: %s" % m("moat", "conns_open"))
+    hf, mf = g("hs_haproxy_full", "rps"), g("hs_moat_in", "rps")
+    t("full mTLS handshakes >= 1.5x haproxy", mf, hf * 1.5 if hf else None, "min", "handshakes/s",
+      "moat %s vs haproxy %s (new connection per request)" % (mf, hf))
+
+    res = dict(meta=meta, runs=runs, memory=mem, targets=targets)
+    json.dump(res, open(os.path.join(a.out, "results.json"), "w"), indent=1)
+
+    L = []
+    L.append("# moat load bench: side by side (issue 7) and sidecar pair (issue 3)\n")
+    L.append("Produced by `bash benches/load/run.sh` on %s. %s\n" % (meta.get("date", "?"), meta.get("versions", "")))
+    L.append("Machine: %s, kernel %s. Backend (nginx) and proxies pinned to cpu%s; oha pinned to cpu%s. "
+             "%s s per run (first 1 s dropped from p50/p99/p99.9). Fixed-rate runs: %s req/s, latency-corrected. "
+             "HTTP/2: %s connections x streams. Background load just before measuring: %s. Measurement phase: %s s.\n"
+             % (meta.get("cpu", "?"), meta.get("kernel", "?"), meta.get("srv_cpu"), meta.get("cli_cpu"),
+                meta.get("dur"), meta.get("rate"), meta.get("h2"), meta.get("background_before"),
+                meta.get("measure_seconds")))
+    L.append("## Targets (issue 7)\n")
+    L.append("| target | measured | limit | verdict | detail |\n|---|---|---|---|---|")
+    for x in targets:
+        fmt = lambda v: "-" if v is None else ("%.3f" % v if abs(v) < 10 else "%.0f" % v)  # noqa: E731
+        L.append("| %s | %s %s | %s %s | **%s** | %s |" % (x["target"], fmt(x["value"]), x["unit"],
+                 (">=" if x["kind"] == "min" else "<="), fmt(x["limit"]), x["verdict"], x["detail"]))
+    L.append("")
+    groups = [("ka", "HTTP/1.1 keep-alive, closed loop"), ("fr", "HTTP/1.1 keep-alive, fixed rate"),
+              ("h2", "HTTP/2 (multiplexed), closed loop"), ("hs", "A new TLS connection per request (handshake rate)")]
+    hdr = ["target", "conc", "rps", "p50_ms", "p99_ms", "p999_ms", "p99_all_ms", "ok", "bad", "proxy_cpu_pct",
+           "proxy_cpu_s_per_10k", "in_cpu_s_per_10k", "out_cpu_s_per_10k", "backend_cpu_pct", "proxy_rss_mb",
+           "proxy_hwm_mb", "srv_core_pct", "oha_cpu_pct", "other_pct", "extra"]
+    for gk, gname in groups:
+        rows = [r for r in runs if r["group"] == gk]
+        if not rows:
+            continue
+        L.append("## %s\n" % gname)
+        L.append("| " + " | ".join(hdr) + " |")
+        L.append("|" + "---|" * len(hdr))
+        for r in rows:
+            L.append("| " + " | ".join(r.get(h, "") for h in hdr) + " |")
+        L.append("")
+    if mem:
+        L.append("## Memory: idle, and with idle mTLS connections open (each after one request)\n")
+        keys = list(mem[0].keys())
+        L.append("| " + " | ".join(keys) + " |")
+        L.append("|" + "---|" * len(keys))
+        for r in mem:
+            L.append("| " + " | ".join(r[k] for k in keys) + " |")
+        L.append("")
+    L.append("## Columns\n")
+    L.append("- p50/p99/p999: steady state, from oha's per-request log without the first second; p99_all: oha's own "
+             "p99 over the whole run (includes connection set-up). Fixed-rate latencies are corrected for "
+             "coordinated omission (oha `--latency-correction`).")
+    L.append("- proxy_cpu_s_per_10k: CPU seconds the proxy process(es) used per 10,000 requests served "
+             "(divide by 10 for vCPU per 1,000 req/s). For the pair, in_/out_ split it between the two sidecars.")
+    L.append("- proxy_rss_mb / proxy_hwm_mb: RSS at the end of the run and peak RSS (VmHWM) since the proxy "
+             "started (all runs before this one included); nginx = master + worker.")
+    L.append("- other_pct: CPU on the two cores not charged to proxy, backend or oha (other tenants, loopback "
+             "softirq); above ~15 the run was noisy.")
+    L.append("- extra (haproxy handshake runs): haproxy's own SslFrontendSessionReuse_pct mid-run.")
+    if a.sanity and os.path.exists(a.sanity):
+        L.append("\n## Sanity check before measuring (curl)\n\n```\n" + open(a.sanity).read().rstrip() + "\n```")
+    open(os.path.join(a.out, "summary.md"), "w").write("\n".join(L) + "\n")
+
+
+if __name__ == "__main__":
+    main()
