@@ -232,6 +232,7 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
         hash: short_hash(text.as_bytes()),
         mode,
         issuers,
+        index: super::index::RouteIndex::build(&routes),
         routes,
         claim_headers,
     })

@@ -57,6 +57,7 @@ use serde_json::{Map, Value};
 pub mod cases;
 pub mod cli;
 mod file;
+mod index;
 pub mod jwks;
 pub mod jwt;
 pub mod path;
@@ -75,6 +76,8 @@ pub struct Policy {
     mode: Mode,
     issuers: Vec<Arc<Issuer>>,
     routes: Vec<Route>,
+    /// Routes by first path segment (the hot path's lookup).
+    index: index::RouteIndex,
     /// Every header any route forwards a claim in; stripped from every request.
     claim_headers: Vec<HeaderName>,
 }
@@ -529,7 +532,7 @@ impl Policy {
         facts: &RequestFacts<'a>,
         cred: Credential<'a>,
         now: SystemTime,
-        mut trace: Option<&mut Vec<String>>,
+        trace: Option<&mut Vec<String>>,
     ) -> Decision<'a> {
         let mut d = Decision {
             verdict: Verdict::Forbidden,
@@ -555,21 +558,15 @@ impl Policy {
         };
         let host = facts.host.map(host_without_port);
         let mut mode = self.mode;
-        let matched = self.routes.iter().find(|route| {
-            let m = route.matches(facts.method, host, &normalized.path);
-            if let (Some(trace), Err(why)) = (trace.as_deref_mut(), m) {
-                let why = match why {
-                    Mismatch::Method => "method does not match",
-                    Mismatch::Host => "host does not match",
-                    Mismatch::Path => "path does not match",
-                };
-                trace.push(format!(
-                    "route {:?} (line {}): {why}",
-                    route.name, route.line
-                ));
-            }
-            m.is_ok()
-        });
+        let matched = match trace {
+            // The hot path: only the routes that can match, in file order.
+            None => self
+                .index
+                .candidates(&normalized.path)
+                .map(|i| &self.routes[i])
+                .find(|route| route.matches(facts.method, host, &normalized.path).is_ok()),
+            Some(trace) => self.first_match_traced(facts.method, host, &normalized.path, trace),
+        };
         d.path = Some(normalized);
         if let Some(route) = matched {
             d.route = Some(&route.name);
@@ -580,6 +577,34 @@ impl Policy {
             d.audited = true;
         }
         d
+    }
+
+    /// Every route in file order until the first match, noting why each
+    /// earlier one did not match (for `explain`).
+    fn first_match_traced(
+        &self,
+        method: &Method,
+        host: Option<&str>,
+        path: &str,
+        trace: &mut Vec<String>,
+    ) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|route| match route.matches(method, host, path) {
+                Ok(()) => true,
+                Err(why) => {
+                    let why = match why {
+                        Mismatch::Method => "method does not match",
+                        Mismatch::Host => "host does not match",
+                        Mismatch::Path => "path does not match",
+                    };
+                    trace.push(format!(
+                        "route {:?} (line {}): {why}",
+                        route.name, route.line
+                    ));
+                    false
+                }
+            })
     }
 
     fn apply_route<'a>(

@@ -1094,3 +1094,89 @@ fn audited_requests_on_a_jwt_route_never_forward_the_token() {
     assert_eq!(d.reason, Reason::JwtInvalid);
     assert!(d.strip_authorization);
 }
+
+/// The indexed lookup (authorize) and the full scan (explain) always pick
+/// the same route, over random requests against a policy mixing exact,
+/// prefix, `/*`, host and method routes.
+#[test]
+fn indexed_and_linear_route_lookup_agree() {
+    use rand::Rng;
+    let segs = ["a", "b", "ab", "c"];
+    let mut text = String::new();
+    let mut n = 0;
+    let mut seen = std::collections::HashSet::new();
+    let mut rng = rand::rng();
+    for _ in 0..2000 {
+        if n == 60 {
+            break;
+        }
+        let depth = rng.random_range(0..3);
+        let mut path = String::new();
+        for _ in 0..depth {
+            path.push('/');
+            path.push_str(segs[rng.random_range(0..segs.len())]);
+        }
+        let path = match (path.is_empty(), rng.random_range(0..3)) {
+            (true, 0) => "/".to_owned(),
+            (true, _) => "/*".to_owned(),
+            (false, 0) => format!("{path}/*"),
+            (false, _) => path,
+        };
+        let methods = [
+            "",
+            "methods = [\"GET\"]\n",
+            "methods = [\"POST\", \"GET\"]\n",
+        ][rng.random_range(0..3)];
+        let host = ["", "host = \"h.example\"\n"][rng.random_range(0..2)];
+        if path == "/*" && methods.is_empty() && host.is_empty() {
+            continue;
+        }
+        let candidate = format!(
+            "[[route]]\nname = \"r{n}\"\npath = \"{path}\"\n{methods}{host}allow = \"any-peer\"\n"
+        );
+        // Keep only routes no earlier one shadows (the parser refuses those).
+        let attempt = format!("{text}{candidate}");
+        if !seen.insert((path.clone(), methods, host))
+            || Policy::parse(
+                Path::new("/nonexistent/p.toml"),
+                &attempt,
+                &JwksCache::default(),
+            )
+            .is_err()
+        {
+            continue;
+        }
+        text = attempt;
+        n += 1;
+    }
+    assert!(n >= 8, "only {n} routes:\n{text}");
+    // A catch-all last, so that some requests fall through to it.
+    text.push_str(
+        "[[route]]\nname = \"last\"\npath = \"/*\"\nmethods = [\"PUT\"]\nallow = \"any-peer\"\n",
+    );
+    let f = fixture_with(&text);
+    let p = peer(FRONTEND);
+    for _ in 0..3000 {
+        let depth = rng.random_range(0..4);
+        let mut path = String::new();
+        for _ in 0..depth {
+            path.push('/');
+            path.push_str(segs[rng.random_range(0..segs.len())]);
+        }
+        if path.is_empty() || rng.random_range(0..4) == 0 {
+            path.push('/');
+        }
+        let method = [Method::GET, Method::POST, Method::PUT][rng.random_range(0..3)].clone();
+        let host = [None, Some("h.example"), Some("other.example:8080")][rng.random_range(0..3)];
+        let facts = RequestFacts {
+            method: &method,
+            host,
+            path: &path,
+            peer: &p,
+            authorization: None,
+        };
+        let fast = f.policy.authorize(&facts, now()).route.map(str::to_owned);
+        let slow = f.policy.explain(&facts, None, now()).route;
+        assert_eq!(fast, slow, "{method} {host:?} {path}\n{text}");
+    }
+}
