@@ -81,6 +81,17 @@ fn inbound_forwards_request_from_ca_issued_client_with_verified_peer_id() {
         echo["headers"]["x-forwarded-client-cert"],
         format!("URI={CLIENT_ID}")
     );
+    // One access-log line, without the query.
+    let mut f = f;
+    let line = f
+        .proxy
+        .wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
+    assert_eq!(line["listener"], "api");
+    assert_eq!(line["direction"], "inbound");
+    assert_eq!(line["peer"], CLIENT_ID);
+    assert_eq!(line["path"], "/hello");
+    assert_eq!(line["status"], 200);
+    assert_eq!(line["decision"], "none");
 }
 
 #[test]

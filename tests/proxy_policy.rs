@@ -34,7 +34,7 @@ peers = ["spiffe://example.org/ns/prod/sa/web"]
 
 struct Fixture {
     _ca: TestCa,
-    _proxy: Running,
+    proxy: Running,
     inbound: SocketAddr,
     policy: PathBuf,
     web: CertFiles,
@@ -57,7 +57,7 @@ fn fixture() -> Fixture {
     let (proxy, addrs) = start_proxy(&write(ca.dir.path(), "proxy.toml", &config), &["api"]);
     Fixture {
         _ca: ca,
-        _proxy: proxy,
+        proxy,
         inbound: addrs[0],
         policy,
         web,
@@ -104,6 +104,16 @@ fn inbound_policy_forwards_the_normalized_path() {
     let echo: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(echo["path"], "/orders/a/b?q=1");
     assert_eq!(echo["headers"]["x-moat-peer-id"], WEB);
+    let mut f = f;
+    let line = f
+        .proxy
+        .wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
+    assert_eq!(
+        line["path"], "/orders/a/b",
+        "the access log shows the path as authorized"
+    );
+    assert_eq!(line["route"], "orders");
+    assert_eq!(line["decision"], "allow");
 }
 
 #[test]

@@ -20,6 +20,19 @@ use moat_ca::SpiffeId;
 use crate::http::ProxyBody;
 use crate::policy::{Policy, RequestFacts, authorization_value};
 
+/// What the authorization step decided, for forwarding and the access log.
+#[derive(Debug)]
+pub struct Outcome {
+    /// The route that decided (`None`: no policy, or no route matched).
+    pub route: Option<String>,
+    /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
+    pub decision: &'static str,
+    /// Forward with this path and query (the normalized form); `None`: as is.
+    pub forward_path: Option<PathAndQuery>,
+    /// Answer the caller with this instead of forwarding (400, 401 or 403).
+    pub deny: Option<Response<ProxyBody>>,
+}
+
 /// Decides whether a request from a verified peer goes on to the service.
 #[derive(Clone)]
 pub enum Authorizer {
@@ -30,16 +43,18 @@ pub enum Authorizer {
 }
 
 impl Authorizer {
-    /// Authorizes one request. `Ok(Some(pq))` means forward it with the
-    /// path and query `pq` (the normalized form); `Ok(None)` forward as is;
-    /// `Err(response)` answer the caller with `response` (400, 401 or 403).
-    pub async fn authorize(
-        &self,
-        parts: &mut Parts,
-        peer: &SpiffeId,
-    ) -> Result<Option<PathAndQuery>, Response<ProxyBody>> {
+    /// Authorizes one request, rewriting its head as the policy says
+    /// (claim headers in, client-sent claim headers and consumed tokens out).
+    pub async fn authorize(&self, parts: &mut Parts, peer: &SpiffeId) -> Outcome {
         let policy = match self {
-            Authorizer::AllowAll => return Ok(None),
+            Authorizer::AllowAll => {
+                return Outcome {
+                    route: None,
+                    decision: "none",
+                    forward_path: None,
+                    deny: None,
+                };
+            }
             Authorizer::Policy(p) => p.load_full(),
         };
         // The facts borrow the URI and copies of two header values, so that
@@ -63,14 +78,30 @@ impl Authorizer {
         };
         let decision = policy.authorize_async(&facts, SystemTime::now()).await;
         decision.log(&facts, policy.hash());
+        let route = decision.route.map(str::to_owned);
         if let Some(resp) = decision.deny_response() {
-            return Err(resp.map(Either::Right));
+            return Outcome {
+                route,
+                decision: "deny",
+                forward_path: None,
+                deny: Some(resp.map(Either::Right)),
+            };
         }
-        let forward = decision
+        let forward_path = decision
             .forward_path()
             .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
+        let label = if decision.audited {
+            "audit_allow"
+        } else {
+            "allow"
+        };
         decision.apply_to_headers(&mut parts.headers);
-        Ok(forward)
+        Outcome {
+            route,
+            decision: label,
+            forward_path,
+            deny: None,
+        }
     }
 }
 

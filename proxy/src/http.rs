@@ -33,6 +33,14 @@ pub struct UpstreamClient<C> {
     unavailable: fn(String) -> ProxyError,
 }
 
+/// A response's `content-length`, when it has one.
+pub fn content_length<B>(resp: &Response<B>) -> Option<u64> {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
 /// Why a proxied request failed, by side.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -9,6 +9,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
@@ -20,11 +21,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
-use crate::authz::Authorizer;
+use crate::authz::{self, Authorizer};
 use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, header_bytes, strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
+    strip_hop_by_hop,
 };
 use crate::tls::TlsFactory;
 use crate::{Error, drain};
@@ -213,18 +215,55 @@ impl Shared {
 
     async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
         let _inflight = peer.activity.request();
-        if header_bytes(req.headers()) > self.limits.max_header_bytes {
-            return ProxyError::HeadersTooLarge.into_response();
-        }
+        let started = Instant::now();
+        let method = req.method().clone();
+        // XXX: no request span yet (issue 5 adds one); the trace id comes
+        // from the caller's `traceparent`, if any.
+        let trace_id = crate::telemetry::trace_id(&tracing::Span::none(), req.headers());
+        let (resp, outcome, path) = self.forward(req, peer).await;
+        crate::telemetry::access_log(&crate::telemetry::AccessEntry {
+            trace_id: &trace_id,
+            listener: &self.name,
+            direction: "inbound",
+            peer: peer.id.as_str(),
+            method: &method,
+            path: &path,
+            status: resp.status().as_u16(),
+            route: outcome
+                .as_ref()
+                .and_then(|o| o.route.as_deref())
+                .unwrap_or("-"),
+            decision: outcome.as_ref().map_or("none", |o| o.decision),
+            duration: started.elapsed(),
+            bytes: content_length(&resp),
+        });
+        resp
+    }
+
+    /// Authorizes and forwards one request; also returns what the access
+    /// log needs: the decision (if one was made) and the path as authorized.
+    async fn forward(
+        &self,
+        req: Request<Incoming>,
+        peer: &Peer,
+    ) -> (Response<ProxyBody>, Option<authz::Outcome>, String) {
         let (mut parts, body) = req.into_parts();
+        let raw_path = parts.uri.path().to_owned();
+        if header_bytes(&parts.headers) > self.limits.max_header_bytes {
+            return (ProxyError::HeadersTooLarge.into_response(), None, raw_path);
+        }
         // Only we say who the peer is.
         parts.headers.remove(&PEER_ID);
         parts.headers.remove(&XFCC);
         strip_hop_by_hop(&mut parts.headers);
-        let normalized = match self.authz.authorize(&mut parts, &peer.id).await {
-            Ok(pq) => pq,
-            Err(denied) => return denied,
-        };
+        let mut outcome = self.authz.authorize(&mut parts, &peer.id).await;
+        let path = outcome
+            .forward_path
+            .as_ref()
+            .map_or(raw_path, |pq| pq.path().to_owned());
+        if let Some(denied) = outcome.deny.take() {
+            return (denied, Some(outcome), path);
+        }
         parts.headers.insert(PEER_ID.clone(), peer.header.clone());
         parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
         let to_h2 = match self.forward_http {
@@ -250,32 +289,38 @@ impl Shared {
             }
             None
         };
+        let pq = outcome.forward_path.take().unwrap_or_else(|| {
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+        });
         let uri = Uri::builder()
             .scheme(Scheme::HTTP)
             .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
-            .path_and_query(normalized.unwrap_or_else(|| {
-                parts
-                    .uri
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
-            }));
-        parts.uri = match uri.build() {
+            .path_and_query(pq)
+            .build();
+        parts.uri = match uri {
             Ok(u) => u,
-            Err(_) => return ProxyError::BadRequest("request target").into_response(),
+            Err(_) => {
+                let resp = ProxyError::BadRequest("request target").into_response();
+                return (resp, Some(outcome), path);
+            }
         };
         parts.version = if to_h2 {
             Version::HTTP_2
         } else {
             Version::HTTP_11
         };
-        match self.upstream.send(Request::from_parts(parts, body)).await {
+        let resp = match self.upstream.send(Request::from_parts(parts, body)).await {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
                 e.into_response()
             }
-        }
+        };
+        (resp, Some(outcome), path)
     }
 }
 

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
@@ -18,6 +19,7 @@ use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use moat_ca::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -28,7 +30,8 @@ use tokio_rustls::client::TlsStream;
 use crate::config::{Limits, Outbound, Protocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, header_bytes, strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
+    strip_hop_by_hop,
 };
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::{Error, drain};
@@ -43,6 +46,7 @@ struct Shared {
     name: Arc<str>,
     protocol: Protocol,
     upstream_authority: Authority,
+    peer: SpiffeId,
     store: Arc<CredentialStore>,
     limits: Limits,
     http: auto::Builder<TokioExecutor>,
@@ -91,6 +95,7 @@ impl OutboundListener {
             name: config.name.as_str().into(),
             protocol: config.protocol,
             upstream_authority,
+            peer: config.peer.clone(),
             store,
             limits: limits.clone(),
             http: conn::http_server(limits),
@@ -174,6 +179,30 @@ impl Shared {
         activity: &Arc<Activity>,
     ) -> Response<ProxyBody> {
         let _inflight = activity.request();
+        let started = Instant::now();
+        let method = req.method().clone();
+        let path = req.uri().path().to_owned();
+        // XXX: no request span yet (issue 5 adds one); the trace id comes
+        // from the service's `traceparent`, if any.
+        let trace_id = crate::telemetry::trace_id(&tracing::Span::none(), req.headers());
+        let resp = self.forward(req).await;
+        crate::telemetry::access_log(&crate::telemetry::AccessEntry {
+            trace_id: &trace_id,
+            listener: &self.name,
+            direction: "outbound",
+            peer: self.peer.as_str(),
+            method: &method,
+            path: &path,
+            status: resp.status().as_u16(),
+            route: "-",
+            decision: "none",
+            duration: started.elapsed(),
+            bytes: content_length(&resp),
+        });
+        resp
+    }
+
+    async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
         if !self.store.is_ready() {
             return ProxyError::NotReady.into_response();
         }
