@@ -113,12 +113,15 @@ fn inbound_speaks_http2_by_alpn() {
     assert_eq!(text, "2 200", "curl's HTTP version and status");
 }
 
-fn refused(f: &mut Fixture, client: Option<&CertFiles>, reason: &str) {
+/// The handshake fails, and the proxy logs it with the bounded `label` and
+/// an `error` that says `detail`.
+fn refused(f: &mut Fixture, client: Option<&CertFiles>, label: &str, detail: &str) {
     let (status, body) = curl(f.inbound, "/", client, &["--http1.1"]);
     assert_eq!(status, 0, "no HTTP answer expected: {body}");
     f.proxy.wait_for_log(Duration::from_secs(5), |v| {
         v["message"] == "handshake failed"
-            && v["error"].as_str().is_some_and(|e| e.contains(reason))
+            && v["reason"] == label
+            && v["error"].as_str().is_some_and(|e| e.contains(detail))
     });
     // The same listener still serves a good client: the refusal was about this certificate.
     assert_eq!(curl(f.inbound, "/", Some(&f.client), &["--http1.1"]).0, 200);
@@ -127,14 +130,14 @@ fn refused(f: &mut Fixture, client: Option<&CertFiles>, reason: &str) {
 #[test]
 fn inbound_refuses_client_without_certificate() {
     let mut f = fixture("", "");
-    refused(&mut f, None, "");
+    refused(&mut f, None, "no_client_cert", "");
 }
 
 #[test]
 fn inbound_refuses_certificate_from_another_ca() {
     let mut f = fixture("", "");
     let forged = foreign_cert(f.ca.dir.path(), CLIENT_ID, "forged");
-    refused(&mut f, Some(&forged), "UnknownIssuer");
+    refused(&mut f, Some(&forged), "unknown_ca", "UnknownIssuer");
 }
 
 #[test]
@@ -142,7 +145,7 @@ fn inbound_refuses_expired_certificate() {
     let mut f = fixture("", "");
     let expired = issue(&f.ca, CLIENT_ID, "1s", "expired");
     std::thread::sleep(Duration::from_millis(2100));
-    refused(&mut f, Some(&expired), "expired");
+    refused(&mut f, Some(&expired), "expired", "expired");
 }
 
 #[test]
@@ -154,7 +157,12 @@ fn inbound_refuses_peer_outside_allow_peers() {
         "1h",
         "stranger",
     );
-    refused(&mut f, Some(&stranger), "not in allow_peers");
+    refused(
+        &mut f,
+        Some(&stranger),
+        "wrong_identity",
+        "not in allow_peers",
+    );
 }
 
 #[test]
@@ -167,7 +175,12 @@ fn inbound_refuses_ca_signed_certificate_without_spiffe_id() {
         )],
         "dns",
     );
-    refused(&mut f, Some(&dns_only), "no usable SPIFFE ID");
+    refused(
+        &mut f,
+        Some(&dns_only),
+        "wrong_identity",
+        "no usable SPIFFE ID",
+    );
     let two_ids = ca_signed(
         &f.ca,
         vec![
@@ -176,7 +189,7 @@ fn inbound_refuses_ca_signed_certificate_without_spiffe_id() {
         ],
         "two",
     );
-    refused(&mut f, Some(&two_ids), "no usable SPIFFE ID");
+    refused(&mut f, Some(&two_ids), "wrong_identity", "found 2");
 }
 
 #[test]
@@ -187,7 +200,12 @@ fn inbound_refuses_ca_signed_certificate_from_another_trust_domain() {
         vec![uri_san("spiffe://other.org/ns/prod/sa/web")],
         "othertd",
     );
-    refused(&mut f, Some(&foreign_td), "not in trust domain example.org");
+    refused(
+        &mut f,
+        Some(&foreign_td),
+        "wrong_identity",
+        "not in trust domain example.org",
+    );
     // Without allow_peers, any ID of the trust domain is admitted.
     let anyone = issue(&f.ca, "spiffe://example.org/vm/db", "1h", "anyone");
     assert_eq!(curl(f.inbound, "/", Some(&anyone), &["--http1.1"]).0, 200);

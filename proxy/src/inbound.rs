@@ -140,11 +140,12 @@ impl Shared {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let error = crate::tls::describe_handshake_error(&e);
-                tracing::info!(listener = %self.name, peer_addr = %addr, %error, "handshake failed");
+                let reason = crate::tls::handshake_failure_reason(&e);
+                tracing::info!(listener = %self.name, peer_addr = %addr, reason, %error, "handshake failed");
                 return;
             }
             Err(_) => {
-                tracing::info!(listener = %self.name, peer_addr = %addr, "handshake timed out");
+                tracing::info!(listener = %self.name, peer_addr = %addr, reason = "timeout", "handshake timed out");
                 return;
             }
         };

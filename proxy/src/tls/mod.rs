@@ -133,6 +133,28 @@ impl fmt::Debug for CurrentCert {
     }
 }
 
+/// A short, bounded label for why a handshake failed, for logs and metrics:
+/// `no_client_cert`, `unknown_ca`, `expired`, `wrong_identity`, `protocol`
+/// or `other` (`timeout` is the caller's to say).
+pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{CertificateError, Error as E};
+    let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
+        return "other";
+    };
+    match err {
+        E::NoCertificatesPresented => "no_client_cert",
+        E::InvalidCertificate(CertificateError::UnknownIssuer | CertificateError::BadSignature) => {
+            "unknown_ca"
+        }
+        E::InvalidCertificate(
+            CertificateError::Expired | CertificateError::ExpiredContext { .. },
+        ) => "expired",
+        E::InvalidCertificate(CertificateError::Other(_)) => "wrong_identity",
+        E::InvalidCertificate(_) => "other",
+        _ => "protocol",
+    }
+}
+
 /// A readable reason for a failed handshake: our own verifier's words when
 /// it refused the peer, rustls' otherwise.
 pub fn describe_handshake_error(e: &std::io::Error) -> String {
