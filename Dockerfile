@@ -29,6 +29,12 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
       || { echo "moat is not static:"; ldd /moat; exit 1; }; } \
  && /moat --version
 
+# Checked outside Docker (no daemon there): this static binary, alone in an
+# empty root with /etc/hosts, /etc/resolv.conf and /dev/{null,random,urandom}
+# as container runtimes provide them, ran `moat ca init`, `moat ca serve` and a
+# `moat proxy` that resolved the CA by name and got its certificate, as UID
+# 65532. A static binary's randomness comes from /dev/urandom (the getrandom
+# crate cannot find glibc's getrandom() by dlsym), so /dev must be the runtime's.
 FROM scratch
 COPY --from=build --chown=0:0 --chmod=0555 /moat /moat
 # Numeric, so runAsNonRoot can be verified without an /etc/passwd.
