@@ -40,6 +40,7 @@ RETRIES=${RETRIES:-1}
 WARM=${WARM:-1}                # seconds excluded from the steady-state percentiles
 ONLY=${ONLY:-}                 # space-separated labels to run (default: all)
 BUILD=${BUILD:-1}              # 0: use $MOAT as it is
+# SANITY_ONLY=1: start everything, check it answers (curl), stop.
 
 B_PORT=18080                   # nginx backend, plain HTTP/1.1
 B_H2C_PORT=18081               # nginx backend, h2c (prior knowledge) for the direct HTTP/2 baseline
@@ -126,7 +127,8 @@ http {
   client_body_temp_path $P/run/nb-body; proxy_temp_path $P/run/nb-proxy; fastcgi_temp_path $P/run/nb-fcgi;
   uwsgi_temp_path $P/run/nb-uwsgi; scgi_temp_path $P/run/nb-scgi;
   server { listen 127.0.0.1:$B_PORT backlog=4096; default_type text/plain;
-    location / { return 200 "hello from backend\n"; } }
+    location / { return 200 "hello from backend\n"; }
+    location = /peer { return 200 "\$http_x_moat_peer_id\n"; } }
   server { listen 127.0.0.1:$B_H2C_PORT http2 backlog=4096; default_type text/plain;
     http2_max_requests 1000000;
     location / { return 200 "hello from backend\n"; } }
@@ -329,8 +331,9 @@ sanity() {
       printf '%-34s %-16s %-12s %-12s\n' "https :$port" "$good" "$none" "$rogue"
       [[ $good == 200/* ]] || fail=1
     done
-    echo "(000 rc=35/56 = refused in the TLS handshake or right after; nginx answers 400 inside TLS instead)"
-    echo "backend saw x-moat-peer-id via the pair: $(curl -s -D - -o /dev/null http://127.0.0.1:$MO_PORT/ | tr -d '\r' | head -1)"
+    echo "(000 rc=55/56 = refused in the TLS handshake or right after; nginx answers 400 inside TLS instead)"
+    echo "x-moat-peer-id the backend saw: via the pair '$(curl -s http://127.0.0.1:$MO_PORT/peer)'," \
+         "via the inbound '$(curl -s "${CURL_TLS[@]}" https://127.0.0.1:$MI_PORT/peer)'"
   } | tee "$SANITY" >&2
   grep -q '^moat pair, via outbound.*200' "$SANITY" || fail=1
   ((fail == 0)) || { log "sanity check failed (see above)"; exit 1; }
@@ -514,9 +517,10 @@ install_deps
 make_pki
 write_configs
 start_all
-VERSIONS="moat $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null), $(haproxy -v | head -1 | awk '{print "haproxy",$3}'), $(nginx -v 2>&1 | awk '{print $3}'), $(stunnel4 -version 2>&1 | awk '/^stunnel/{print "stunnel",$2; exit}'), $(openssl version | awk '{print "openssl",$2}'), $($OHA --version | head -1)"
+VERSIONS="moat $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null)$(git -C "$REPO" diff --quiet HEAD -- proxy src ca 2>/dev/null || echo " (+uncommitted changes in proxy/src/ca)"), $(haproxy -v | head -1 | awk '{print "haproxy",$3}'), $(nginx -v 2>&1 | awk '{print $3}'), $(stunnel4 -version 2>&1 | awk '/^stunnel/{print "stunnel",$2; exit}'), $(openssl version | awk '{print "openssl",$2}'), $($OHA --version | head -1)"
 log "versions: $VERSIONS"
 sanity
+[ "${SANITY_ONLY:-0}" = 1 ] && { log "SANITY_ONLY=1: stopping here"; exit 0; }
 idle_check
 T_START=$SECONDS
 measure
