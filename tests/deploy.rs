@@ -117,8 +117,19 @@ fn embedded_proxy_policy_and_ca_configuration_load() {
             let what = format!("{} ({key} #{n}):\n{text}", file.display());
             match key.as_str() {
                 "proxy.toml" => {
-                    moat_proxy::config::Config::parse(&path, &text)
+                    let config = moat_proxy::config::Config::parse(&path, &text)
                         .unwrap_or_else(|e| panic!("{what}\n{e}"));
+                    // What `moat inject` declares and probes must be what the
+                    // proxy binds: admin on the pod IP at 9901, mTLS at 15443.
+                    let admin = config.admin.listen;
+                    assert!(
+                        admin.ip().is_unspecified() && admin.port() == 9901,
+                        "{what}\nadmin must listen on 0.0.0.0:9901 for the kubelet's probes"
+                    );
+                    for l in &config.inbound {
+                        assert_eq!(l.listen.port(), 15443, "{what}\ninbound port");
+                        assert!(l.forward.ip().is_loopback(), "{what}\nforward off loopback");
+                    }
                 }
                 "policy.toml" => {
                     let out = moat(&["policy", "check", path_str(&path)]);
