@@ -26,7 +26,8 @@ fn sign_path(c: &mut Criterion) {
     group.bench_function("sign_path", |b| {
         b.iter(|| {
             let csr = ValidatedCsr::parse(csr_pem.as_bytes()).unwrap();
-            root.sign_svid(&td, &id, &csr, Duration::from_secs(3600)).unwrap()
+            root.sign_svid(&td, &id, &csr, Duration::from_secs(3600))
+                .unwrap()
         })
     });
     group.finish();
@@ -43,7 +44,12 @@ fn https_path(c: &mut Criterion) {
     let token = ca.mint_join_token(&id, Duration::from_secs(600)).unwrap();
     let bundle = ca.bundle().unwrap();
     let server = rt
-        .block_on(CaServer::bind(ca, ServerConfig::default(), "127.0.0.1:0".parse().unwrap(), vec!["127.0.0.1".into()]))
+        .block_on(CaServer::bind(
+            ca,
+            ServerConfig::default(),
+            "127.0.0.1:0".parse().unwrap(),
+            vec!["127.0.0.1".into()],
+        ))
         .unwrap();
     let addr = server.local_addr().unwrap();
     rt.spawn(server.run(std::future::pending()));

@@ -76,26 +76,50 @@ pub fn run(opts: DemoOptions) -> Result<()> {
 async fn demo(dir: &Path, keep_running: bool) -> Result<()> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
-    println!("moat demo: a CA, two services with sidecars, mutual TLS and per-route authorization, on loopback.");
-    println!("working directory: {} (logs in {})", dir.display(), logs.display());
+    println!(
+        "moat demo: a CA, two services with sidecars, mutual TLS and per-route authorization, on loopback."
+    );
+    println!(
+        "working directory: {} (logs in {})",
+        dir.display(),
+        logs.display()
+    );
 
     // 1. The CA.
     heading("1. Certificate authority");
     let ca_dir = dir.join("ca");
     if !ca_dir.join("ca.db").exists() {
-        moat(&["ca", "init", "--dir", p(&ca_dir), "--trust-domain", TRUST_DOMAIN])?;
+        moat(&[
+            "ca",
+            "init",
+            "--dir",
+            p(&ca_dir),
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ])?;
     }
     std::fs::write(ca_dir.join("ca.toml"), "[issuance]\ndefault_ttl = \"1h\"\n")?;
     let mut ca = Proc::spawn(
         "ca",
-        &["ca", "serve", "--dir", p(&ca_dir), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        &[
+            "ca",
+            "serve",
+            "--dir",
+            p(&ca_dir),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
         &logs,
     )?;
     let ca_addr = ca.listening("ca").await?;
     let ca_admin = ca.listening("admin").await?;
     let bundle = dir.join("bundle.pem");
     std::fs::write(&bundle, moat(&["ca", "bundle", "--dir", p(&ca_dir)])?)?;
-    println!("   trust domain {TRUST_DOMAIN}; `moat ca serve` on https://{ca_addr} (metrics http://{ca_admin}/metrics)");
+    println!(
+        "   trust domain {TRUST_DOMAIN}; `moat ca serve` on https://{ca_addr} (metrics http://{ca_admin}/metrics)"
+    );
 
     // 2. The services, then their sidecars.
     heading("2. Services and their sidecars");
@@ -104,7 +128,10 @@ async fn demo(dir: &Path, keep_running: bool) -> Result<()> {
     std::fs::write(dir.join("idp-jwks.json"), jwks.to_string())?;
     std::fs::write(dir.join("billing-policy.toml"), BILLING_POLICY)?;
     let billing_token = dir.join("billing.token");
-    std::fs::write(&billing_token, moat(&["ca", "token", "--dir", p(&ca_dir), "--id", BILLING_ID])?.trim())?;
+    std::fs::write(
+        &billing_token,
+        moat(&["ca", "token", "--dir", p(&ca_dir), "--id", BILLING_ID])?.trim(),
+    )?;
     let billing_config = dir.join("billing-proxy.toml");
     std::fs::write(
         &billing_config,
@@ -130,12 +157,19 @@ policy   = "billing-policy.toml"
             token = billing_token.display(),
         ),
     )?;
-    let mut billing_proxy = Proc::spawn("billing-sidecar", &["proxy", "--config", p(&billing_config)], &logs)?;
+    let mut billing_proxy = Proc::spawn(
+        "billing-sidecar",
+        &["proxy", "--config", p(&billing_config)],
+        &logs,
+    )?;
     let billing_inbound = billing_proxy.listening("billing").await?;
     let billing_admin = billing_proxy.listening("admin").await?;
 
     let frontend_token = dir.join("frontend.token");
-    std::fs::write(&frontend_token, moat(&["ca", "token", "--dir", p(&ca_dir), "--id", FRONTEND_ID])?.trim())?;
+    std::fs::write(
+        &frontend_token,
+        moat(&["ca", "token", "--dir", p(&ca_dir), "--id", FRONTEND_ID])?.trim(),
+    )?;
     let frontend_config = dir.join("frontend-proxy.toml");
     std::fs::write(
         &frontend_config,
@@ -161,24 +195,41 @@ protocol = "http"
             token = frontend_token.display(),
         ),
     )?;
-    let mut frontend_proxy = Proc::spawn("frontend-sidecar", &["proxy", "--config", p(&frontend_config)], &logs)?;
+    let mut frontend_proxy = Proc::spawn(
+        "frontend-sidecar",
+        &["proxy", "--config", p(&frontend_config)],
+        &logs,
+    )?;
     let frontend_outbound = frontend_proxy.listening("billing").await?;
     let frontend_admin = frontend_proxy.listening("admin").await?;
     let frontend = serve(move |req| frontend_service(req, frontend_outbound)).await?;
 
-    println!("   billing   service http://{billing}   sidecar inbound  https://{billing_inbound} (mutual TLS) -> billing");
-    println!("   frontend  service http://{frontend}   sidecar outbound http://{frontend_outbound} -> billing's sidecar, which must be {BILLING_ID}");
-    println!("   billing's route policy: {}", dir.join("billing-policy.toml").display());
+    println!(
+        "   billing   service http://{billing}   sidecar inbound  https://{billing_inbound} (mutual TLS) -> billing"
+    );
+    println!(
+        "   frontend  service http://{frontend}   sidecar outbound http://{frontend_outbound} -> billing's sidecar, which must be {BILLING_ID}"
+    );
+    println!(
+        "   billing's route policy: {}",
+        dir.join("billing-policy.toml").display()
+    );
 
     // 3. Identities.
-    heading("3. Identities issued with single-use join tokens (certificates live 20 s here, 1 h by default)");
+    heading(
+        "3. Identities issued with single-use join tokens (certificates live 20 s here, 1 h by default)",
+    );
     let frontend_identity = wait_ready(frontend_admin).await?;
     let billing_identity = wait_ready(billing_admin).await?;
-    for (name, identity) in [("frontend", &frontend_identity), ("billing", &billing_identity)] {
+    for (name, identity) in [
+        ("frontend", &frontend_identity),
+        ("billing", &billing_identity),
+    ] {
         println!(
             "   {name:<9} {}  serial {}…  expires {}",
             identity["id"].as_str().unwrap_or("?"),
-            &identity["serial"].as_str().unwrap_or("?")[..12.min(identity["serial"].as_str().unwrap_or("?").len())],
+            &identity["serial"].as_str().unwrap_or("?")
+                [..12.min(identity["serial"].as_str().unwrap_or("?").len())],
             identity["not_after"].as_str().unwrap_or("?")
         );
     }
@@ -199,7 +250,10 @@ protocol = "http"
     }
     println!("   direct to billing's sidecar, bypassing frontend's:");
     for (label, result) in [
-        ("a client with no certificate", rogue_handshake(billing_inbound, None).await),
+        (
+            "a client with no certificate",
+            rogue_handshake(billing_inbound, None).await,
+        ),
         (
             "a client with a certificate from another CA",
             rogue_handshake(billing_inbound, Some(foreign_identity()?)).await,
@@ -210,7 +264,10 @@ protocol = "http"
 
     // 5. Renewal.
     heading("5. Renewal: the sidecars renew at about half the lifetime; connections keep working");
-    let before = frontend_identity["serial"].as_str().unwrap_or_default().to_owned();
+    let before = frontend_identity["serial"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let renewed = wait_renewal(frontend_admin, &before, Duration::from_secs(30)).await?;
     println!(
         "   frontend renewed over mutual TLS: serial {}… -> {}…, now expires {}",
@@ -222,22 +279,38 @@ protocol = "http"
     print_outcome("GET", "/invoices/42", "after renewal", &outcome);
 
     heading("Where to look");
-    println!("   identity   curl http://{frontend_admin}/identity   (and http://{billing_admin}/identity)");
-    println!("   metrics    curl http://{billing_admin}/metrics     (CA: http://{ca_admin}/metrics)");
-    println!("   logs       {}/*.log: JSON, one access-log line per request", logs.display());
-    println!("   traces     set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 before `moat demo` to export spans");
-    println!("   policy     moat policy explain {} --peer {FRONTEND_ID} --method POST --path /invoices/42", dir.join("billing-policy.toml").display());
+    println!(
+        "   identity   curl http://{frontend_admin}/identity   (and http://{billing_admin}/identity)"
+    );
+    println!(
+        "   metrics    curl http://{billing_admin}/metrics     (CA: http://{ca_admin}/metrics)"
+    );
+    println!(
+        "   logs       {}/*.log: JSON, one access-log line per request",
+        logs.display()
+    );
+    println!(
+        "   traces     set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 before `moat demo` to export spans"
+    );
+    println!(
+        "   policy     moat policy explain {} --peer {FRONTEND_ID} --method POST --path /invoices/42",
+        dir.join("billing-policy.toml").display()
+    );
 
     if keep_running {
         println!();
-        println!("Everything keeps running; try: curl -s http://{frontend}/invoices/7   (Ctrl-C to stop)");
+        println!(
+            "Everything keeps running; try: curl -s http://{frontend}/invoices/7   (Ctrl-C to stop)"
+        );
         tokio::signal::ctrl_c().await?;
     }
     for proc in [&mut frontend_proxy, &mut billing_proxy, &mut ca] {
         proc.stop();
     }
     println!();
-    println!("demo finished: every request above went over mutual TLS and was authorized by billing's sidecar.");
+    println!(
+        "demo finished: every request above went over mutual TLS and was authorized by billing's sidecar."
+    );
     Ok(())
 }
 
@@ -295,7 +368,11 @@ fn moat(args: &[&str]) -> Result<String> {
         .env("RUST_LOG", "warn")
         .output()?;
     if !out.status.success() {
-        bail!("moat {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "moat {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     Ok(String::from_utf8(out.stdout)?)
 }
@@ -305,7 +382,10 @@ impl Proc {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["--log-format", "json"])
             .args(args)
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -329,15 +409,27 @@ impl Proc {
     /// The address a listener of this process reported.
     async fn listening(&mut self, listener: &str) -> Result<SocketAddr> {
         let line = self
-            .wait_for(Duration::from_secs(30), |v| v["message"] == "listening" && v["listener"] == listener)
+            .wait_for(Duration::from_secs(30), |v| {
+                v["message"] == "listening" && v["listener"] == listener
+            })
             .await?;
         Ok(line["addr"].as_str().unwrap_or_default().parse()?)
     }
 
-    async fn wait_for(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+    async fn wait_for(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Some(v) = self.lines.lock().expect("log lines").iter().find(|v| pred(v)) {
+            if let Some(v) = self
+                .lines
+                .lock()
+                .expect("log lines")
+                .iter()
+                .find(|v| pred(v))
+            {
                 return Ok(v.clone());
             }
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -361,7 +453,9 @@ impl Proc {
     }
 
     fn stop(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let deadline = Instant::now() + Duration::from_secs(5);
         while Instant::now() < deadline {
             if let Ok(Some(_)) = self.child.try_wait() {
@@ -393,7 +487,9 @@ where
     let addr = listener.local_addr()?;
     tokio::spawn(async move {
         loop {
-            let Ok((tcp, _)) = listener.accept().await else { continue };
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
             let handler = handler.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req| {
@@ -431,12 +527,17 @@ async fn billing_service(req: hyper::Request<Incoming>) -> Reply {
     let path = req.uri().path().to_owned();
     match (req.method().as_str(), path.as_str()) {
         ("GET", "/healthz") => json_reply(200, serde_json::json!({"ok": true})),
-        ("GET", "/export") => json_reply(200, serde_json::json!({"exported": 3, "for_user": user, "caller": caller})),
+        ("GET", "/export") => json_reply(
+            200,
+            serde_json::json!({"exported": 3, "for_user": user, "caller": caller}),
+        ),
         ("GET", p) if p.starts_with("/invoices/") => json_reply(
             200,
             serde_json::json!({"invoice": &p["/invoices/".len()..], "amount_eur": 120, "caller": caller}),
         ),
-        (_, p) if p.starts_with("/invoices/") => json_reply(201, serde_json::json!({"created": true})),
+        (_, p) if p.starts_with("/invoices/") => {
+            json_reply(201, serde_json::json!({"created": true}))
+        }
         _ => json_reply(404, serde_json::json!({"error": "not found"})),
     }
 }
@@ -445,7 +546,11 @@ async fn billing_service(req: hyper::Request<Incoming>) -> Reply {
 /// listener, passing the user's Authorization header along.
 async fn frontend_service(req: hyper::Request<Incoming>, outbound: SocketAddr) -> Reply {
     let (parts, body) = req.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let mut builder = hyper::Request::builder()
         .method(parts.method)
         .uri(format!("http://{outbound}{}", parts.uri.path()))
@@ -454,17 +559,25 @@ async fn frontend_service(req: hyper::Request<Incoming>, outbound: SocketAddr) -
         builder = builder.header("authorization", auth);
     }
     let upstream = builder.body(Full::new(body)).expect("valid request");
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     match client.request(upstream).await {
         Ok(resp) => {
             let (parts, body) = resp.into_parts();
-            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let body = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let mut reply = hyper::Response::new(Full::new(body));
             *reply.status_mut() = parts.status;
             *reply.headers_mut() = parts.headers;
             reply
         }
-        Err(e) => json_reply(502, serde_json::json!({"error": format!("frontend cannot reach its sidecar: {e}")})),
+        Err(e) => json_reply(
+            502,
+            serde_json::json!({"error": format!("frontend cannot reach its sidecar: {e}")}),
+        ),
     }
 }
 
@@ -484,10 +597,14 @@ async fn request(
     if let Some(token) = jwt {
         builder = builder.header("authorization", format!("Bearer {token}"));
     }
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let resp = client.request(builder.body(Full::new(Bytes::new()))?).await?;
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    let resp = client
+        .request(builder.body(Full::new(Bytes::new()))?)
+        .await?;
     let status = resp.status().as_u16();
-    let body: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes()).unwrap_or(Value::Null);
+    let body: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())
+        .unwrap_or(Value::Null);
     // The sidecar logs the request as it finishes; give it a moment.
     let mut line = Value::Null;
     for _ in 0..50 {
@@ -506,8 +623,16 @@ async fn request(
         .or_else(|| field(&line, "route"))
         .filter(|r| !r.is_empty() && r != "-")
         .unwrap_or_else(|| "(none matched: deny by default)".into());
-    let decision = field(&line, "decision").unwrap_or_else(|| if status < 400 { "allow".into() } else { "deny".into() });
-    let reason = field(&body, "reason").or_else(|| field(&line, "reason")).unwrap_or_default();
+    let decision = field(&line, "decision").unwrap_or_else(|| {
+        if status < 400 {
+            "allow".into()
+        } else {
+            "deny".into()
+        }
+    });
+    let reason = field(&body, "reason")
+        .or_else(|| field(&line, "reason"))
+        .unwrap_or_default();
     Ok(Outcome {
         status,
         route,
@@ -519,7 +644,10 @@ async fn request(
 
 fn print_outcome(method: &str, path: &str, note: &str, o: &Outcome) {
     let what = format!("{method} {path} {note}");
-    let mut line = format!("   {what:<42} {}  {:<6} route {}", o.status, o.decision, o.route);
+    let mut line = format!(
+        "   {what:<42} {}  {:<6} route {}",
+        o.status, o.decision, o.route
+    );
     if !o.reason.is_empty() {
         line.push_str(&format!(" ({})", o.reason));
     }
@@ -534,7 +662,8 @@ fn print_outcome(method: &str, path: &str, note: &str, o: &Outcome) {
 }
 
 async fn get_json(addr: SocketAddr, path: &str) -> Result<(u16, Value)> {
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
     let resp = client
         .request(hyper::Request::get(format!("http://{addr}{path}")).body(Full::new(Bytes::new()))?)
         .await?;
@@ -585,7 +714,9 @@ fn demo_idp() -> Result<(rcgen::KeyPair, Value)> {
 }
 
 fn idp_token(key: &rcgen::KeyPair, sub: &str, scope: &str) -> Result<String> {
-    let now = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH)?.as_secs();
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)?
+        .as_secs();
     let claims = serde_json::json!({
         "iss": "https://idp.demo.local", "aud": "billing", "sub": sub, "scope": scope,
         "iat": now, "nbf": now - 5, "exp": now + 600
@@ -597,7 +728,10 @@ fn idp_token(key: &rcgen::KeyPair, sub: &str, scope: &str) -> Result<String> {
 }
 
 /// A certificate for frontend's SPIFFE ID, but from a CA nobody trusts.
-fn foreign_identity() -> Result<(Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>)> {
+fn foreign_identity() -> Result<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
     let ca_key = rcgen::KeyPair::generate()?;
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -617,7 +751,10 @@ fn foreign_identity() -> Result<(Vec<rustls_pki_types::CertificateDer<'static>>,
 /// Connects straight to billing's sidecar and reports how it refused us.
 async fn rogue_handshake(
     addr: SocketAddr,
-    identity: Option<(Vec<rustls_pki_types::CertificateDer<'static>>, rustls_pki_types::PrivateKeyDer<'static>)>,
+    identity: Option<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
 ) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let builder = rustls::ClientConfig::builder()
@@ -633,10 +770,13 @@ async fn rogue_handshake(
     let attempt = async {
         let tcp = tokio::net::TcpStream::connect(addr).await?;
         let name = rustls_pki_types::ServerName::try_from("billing").expect("static name");
-        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config)).connect(name, tcp).await?;
+        let mut tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await?;
         // In TLS 1.3 the server judges the client's certificate after the
         // client thinks the handshake is done: the refusal arrives on read.
-        tls.write_all(b"GET /invoices/42 HTTP/1.1\r\nhost: billing\r\n\r\n").await?;
+        tls.write_all(b"GET /invoices/42 HTTP/1.1\r\nhost: billing\r\n\r\n")
+            .await?;
         let mut buf = [0u8; 64];
         let n = tls.read(&mut buf).await?;
         Ok::<_, std::io::Error>(n)
@@ -709,4 +849,3 @@ mod dangerous {
         }
     }
 }
-

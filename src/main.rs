@@ -17,7 +17,11 @@ mod inject;
 const EXIT_CONFIG: u8 = 64;
 
 #[derive(Parser)]
-#[command(name = "moat", version, about = "mTLS sidecar proxy and workload certificate authority")]
+#[command(
+    name = "moat",
+    version,
+    about = "mTLS sidecar proxy and workload certificate authority"
+)]
 struct Cli {
     /// Log format on standard error.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "MOAT_LOG_FORMAT")]
@@ -207,8 +211,7 @@ struct ProxyArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     moat_ca::install_crypto_provider();
-    init_logging(cli.log_format);
-    match run(cli.command) {
+    match run(cli.command, cli.log_format) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::Config(msg)) => {
             eprintln!("moat: {msg}");
@@ -237,16 +240,53 @@ fn config_err(e: impl std::fmt::Display) -> Failure {
     Failure::Config(e.to_string())
 }
 
-fn run(command: Command) -> Result<(), Failure> {
+fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
+    // The proxy and the CA server set up logging themselves, with their
+    // trace exporters; every other command logs plainly.
+    if !matches!(
+        command,
+        Command::Proxy(_) | Command::Ca(CaCommand::Serve(_))
+    ) {
+        init_logging(log_format, None, None);
+    }
     match command {
-        Command::Ca(ca) => run_ca(ca),
+        Command::Ca(ca) => run_ca(ca, log_format),
         Command::Policy(policy) => run_policy(policy),
-        Command::Demo { keep_running, dir } => Ok(demo::run(demo::DemoOptions { keep_running, dir })?),
+        Command::Demo { keep_running, dir } => {
+            Ok(demo::run(demo::DemoOptions { keep_running, dir })?)
+        }
         Command::Inject(args) => run_inject(args),
         Command::Proxy(args) => {
+            use moat_proxy::telemetry::{Observability, ProxyMetrics, Tracing};
             let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
+            let traces = config
+                .telemetry
+                .resolve(|k| std::env::var(k).ok())
+                .map_err(|e| config_err(format!("{}: {e}", args.config.display())))?;
             let runtime = runtime(config.runtime.worker_threads)?;
-            runtime.block_on(moat_proxy::run(config))?;
+            // The gRPC exporter must be built inside the runtime.
+            let _inside = runtime.enter();
+            let metrics = ProxyMetrics::new();
+            let tracing = traces
+                .as_ref()
+                .map(|t| Tracing::start(t, metrics.spans_dropped.clone()))
+                .transpose()
+                .map_err(config_err)?;
+            let log_level = init_logging(
+                log_format,
+                config.telemetry.log_level.as_deref(),
+                tracing.as_ref(),
+            );
+            if let Some(t) = &traces {
+                tracing::info!(endpoint = %t.endpoint, protocol = ?t.protocol, service = %t.service_name, sample_ratio = t.sample_ratio, "exporting traces");
+            }
+            let obs = Observability {
+                metrics,
+                tracing: tracing.is_some(),
+                log_level: Some(log_level),
+            };
+            runtime.block_on(moat_proxy::run_with(config, obs))?;
+            drop(tracing);
             Ok(())
         }
     }
@@ -343,7 +383,7 @@ fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
     }
 }
 
-fn run_ca(command: CaCommand) -> Result<(), Failure> {
+fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> {
     use moat_ca::store::CaDir;
     match command {
         CaCommand::Init {
@@ -377,6 +417,21 @@ fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 args.sans
             };
             let runtime = runtime(None)?;
+            let _inside = runtime.enter();
+            let traces = moat_proxy::telemetry::TelemetryConfig {
+                service_name: Some(
+                    std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "moat-ca".into()),
+                ),
+                ..Default::default()
+            }
+            .resolve(|k| std::env::var(k).ok())
+            .map_err(config_err)?;
+            let tracing = traces
+                .as_ref()
+                .map(|t| moat_proxy::telemetry::Tracing::start(t, Default::default()))
+                .transpose()
+                .map_err(config_err)?;
+            init_logging(log_format, None, tracing.as_ref());
             runtime.block_on(async move {
                 let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
                     .await
@@ -397,7 +452,8 @@ fn run_ca(command: CaCommand) -> Result<(), Failure> {
         }
         CaCommand::Token { dir, id, ttl } => {
             let ca = CaDir::open(&dir).map_err(store_err)?;
-            let id = moat_ca::SpiffeId::parse(&id).map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+            let id = moat_ca::SpiffeId::parse(&id)
+                .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
             let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
             println!("{token}");
             Ok(())
@@ -410,8 +466,11 @@ fn run_ca(command: CaCommand) -> Result<(), Failure> {
             key_out,
         } => {
             let ca = CaDir::open(&dir).map_err(store_err)?;
-            let id = moat_ca::SpiffeId::parse(&id).map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
-            let (svid, key) = ca.issue_to_files(&id, ttl, &cert_out, &key_out).map_err(store_err)?;
+            let id = moat_ca::SpiffeId::parse(&id)
+                .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+            let (svid, key) = ca
+                .issue_to_files(&id, ttl, &cert_out, &key_out)
+                .map_err(store_err)?;
             println!(
                 "issued {} serial {} valid until {} ({} and {})",
                 svid.id,
@@ -476,16 +535,48 @@ async fn shutdown_signal() {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
-        LogFormat::Text => builder.init(),
-    }
+/// Installs the log formatter (JSON or text, on stderr) behind a filter from
+/// `RUST_LOG`, else `default_level`, else `info`, plus the OpenTelemetry
+/// layer when traces are exported. The log filter does not apply to spans
+/// bound for OpenTelemetry: quieter logs never lose traces. Returns a handle
+/// that changes the log filter at runtime.
+fn init_logging(
+    format: LogFormat,
+    default_level: Option<&str>,
+    traces: Option<&moat_proxy::telemetry::Tracing>,
+) -> moat_proxy::telemetry::LogLevelHandle {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, filter::Targets, fmt, reload};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        EnvFilter::try_new(default_level.unwrap_or("info"))
+            .unwrap_or_else(|_| EnvFilter::new("info"))
+    });
+    let (filter, handle) = reload::Layer::new(filter);
+    let logs = match format {
+        LogFormat::Json => fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_span_list(false)
+            .with_writer(std::io::stderr)
+            .boxed(),
+        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+    };
+    let spans = traces.map(|t| {
+        t.layer().with_filter(
+            Targets::new()
+                .with_target("moat_proxy", tracing::Level::INFO)
+                .with_target("moat_ca", tracing::Level::INFO),
+        )
+    });
+    tracing_subscriber::registry()
+        .with(logs.with_filter(filter))
+        .with(spans)
+        .init();
+    std::sync::Arc::new(move |level: &str| {
+        let next = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
+        handle.reload(next).map_err(|e| e.to_string())
+    })
 }
 
 /// Parses durations such as `90s`, `15m`, `1h`, `365d`, `500ms`.

@@ -14,7 +14,10 @@ use support::*;
 
 fn rt() -> tokio::runtime::Runtime {
     moat_ca::install_crypto_provider();
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 fn client(ca: &TestCa) -> CaClient {
@@ -42,7 +45,11 @@ fn curl_post_csr(ca: &TestCa, csr: &Path, token: Option<&str>, path: &str) -> (u
     }
     args.extend(["-w", "\n%{http_code}", &url]);
     let out = tool("curl", &args);
-    assert!(out.status.success(), "curl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "curl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     let (body, code) = text.rsplit_once('\n').unwrap();
     (code.parse().unwrap(), body.to_owned())
@@ -54,12 +61,28 @@ fn openssl_csr(dir: &Path, name: &str) -> std::path::PathBuf {
     let out = tool(
         "openssl",
         &[
-            "req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-subj", "/CN=ignored", "-addext", "subjectAltName=URI:spiffe://example.org/admin",
-            "-keyout", path_str(&key), "-out", path_str(&csr),
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-subj",
+            "/CN=ignored",
+            "-addext",
+            "subjectAltName=URI:spiffe://example.org/admin",
+            "-keyout",
+            path_str(&key),
+            "-out",
+            path_str(&csr),
         ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     csr
 }
 
@@ -73,16 +96,37 @@ fn ca_issues_certificate_that_openssl_verifies_from_an_openssl_csr() {
     let cert = ca.dir.path().join("web.crt");
     std::fs::write(&cert, &body).unwrap();
 
-    let verify = tool("openssl", &["verify", "-CAfile", path_str(&ca.bundle_file()), path_str(&cert)]);
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stdout));
+    let verify = tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            path_str(&ca.bundle_file()),
+            path_str(&cert),
+        ],
+    );
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stdout)
+    );
 
-    let text = tool("openssl", &["x509", "-in", path_str(&cert), "-noout", "-text"]);
+    let text = tool(
+        "openssl",
+        &["x509", "-in", path_str(&cert), "-noout", "-text"],
+    );
     let text = String::from_utf8_lossy(&text.stdout);
     // The identity comes from the token, never from the CSR's own SAN.
-    assert!(text.contains("URI:spiffe://example.org/ns/prod/sa/web"), "{text}");
+    assert!(
+        text.contains("URI:spiffe://example.org/ns/prod/sa/web"),
+        "{text}"
+    );
     assert!(!text.contains("spiffe://example.org/admin"), "{text}");
     assert!(text.contains("CA:FALSE"), "{text}");
-    assert!(text.contains("TLS Web Server Authentication, TLS Web Client Authentication"), "{text}");
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
     assert!(text.contains("Digital Signature"), "{text}");
 
     let svid = Svid::from_pem(body.as_bytes()).unwrap();
@@ -107,13 +151,25 @@ fn library_client_gets_and_renews_a_certificate_over_mtls() {
 
     // A shorter lifetime can be asked for; more than the maximum cannot.
     let short = rt
-        .block_on(client.clone().with_ttl(Some(Duration::from_secs(120))).renew(&renewed, &next_key, &next_key))
+        .block_on(
+            client
+                .clone()
+                .with_ttl(Some(Duration::from_secs(120)))
+                .renew(&renewed, &next_key, &next_key),
+        )
         .unwrap();
     assert_eq!(short.lifetime(), Duration::from_secs(180));
     let err = rt
-        .block_on(client.with_ttl(Some(Duration::from_secs(25 * 3600))).renew(&short, &next_key, &next_key))
+        .block_on(
+            client
+                .with_ttl(Some(Duration::from_secs(25 * 3600)))
+                .renew(&short, &next_key, &next_key),
+        )
         .unwrap_err();
-    assert!(matches!(err, ClientError::Refused { status, .. } if status == 400), "{err}");
+    assert!(
+        matches!(err, ClientError::Refused { status, .. } if status == 400),
+        "{err}"
+    );
 }
 
 #[test]
@@ -133,24 +189,44 @@ fn join_token_is_single_use_even_after_a_ca_restart() {
     let token = ca.token("spiffe://example.org/vm/a");
     rt.block_on(client(&ca).issue(&key, &token)).unwrap();
     let again = rt.block_on(client(&ca).issue(&key, &token)).unwrap_err();
-    assert!(matches!(&again, ClientError::Refused { status, reason, .. } if *status == 401 && reason == "token_replayed"), "{again}");
+    assert!(
+        matches!(&again, ClientError::Refused { status, reason, .. } if *status == 401 && reason == "token_replayed"),
+        "{again}"
+    );
 
     // Restart the CA on a new port: the replay record is on disk.
     ca.server.signal("TERM");
     assert!(ca.server.wait_exit(Duration::from_secs(10)).is_some());
     ca.server = Running::start(&[
-        "ca", "serve", "--dir", path_str(&ca.ca_dir()), "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0",
+        "ca",
+        "serve",
+        "--dir",
+        path_str(&ca.ca_dir()),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
     ]);
     ca.addr = ca.server.listening_addr("ca");
     let after = rt.block_on(client(&ca).issue(&key, &token)).unwrap_err();
-    assert!(matches!(&after, ClientError::Refused { reason, .. } if reason == "token_replayed"), "{after}");
+    assert!(
+        matches!(&after, ClientError::Refused { reason, .. } if reason == "token_replayed"),
+        "{after}"
+    );
 
     // The refusal is counted where Prometheus scrapes it.
     let admin = ca.admin_addr();
     let out = tool("curl", &["-sS", &format!("http://{admin}/metrics")]);
     let metrics = String::from_utf8(out.stdout).unwrap();
-    assert!(metrics.contains("moat_ca_token_replays_total 1"), "{metrics}");
-    assert!(metrics.contains(r#"moat_ca_issuances_total{credential="token",result="token_replayed"} 1"#), "{metrics}");
+    assert!(
+        metrics.contains("moat_ca_token_replays_total 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics
+            .contains(r#"moat_ca_issuances_total{credential="token",result="token_replayed"} 1"#),
+        "{metrics}"
+    );
     assert!(metrics.contains("moat_ca_bundle_roots 1"), "{metrics}");
 }
 
@@ -186,7 +262,9 @@ fn sign_with_ca_key(ca: &TestCa, claims: &serde_json::Value, alg: Algorithm) -> 
         Algorithm::ES256 => EncodingKey::from_ec_pem(&pem).unwrap(),
         // HS256 keyed with the public key: the classic algorithm-confusion forgery.
         _ => {
-            let public = rcgen::KeyPair::from_pem(std::str::from_utf8(&pem).unwrap()).unwrap().public_key_pem();
+            let public = rcgen::KeyPair::from_pem(std::str::from_utf8(&pem).unwrap())
+                .unwrap()
+                .public_key_pem();
             EncodingKey::from_secret(public.as_bytes())
         }
     };
@@ -216,12 +294,18 @@ fn expired_forged_and_foreign_tokens_are_refused() {
     expired["exp"] = (now() - 3600).into();
     expired["jti"] = "j2".into();
     let err = issue_with(&ca, &sign_with_ca_key(&ca, &expired, Algorithm::ES256)).unwrap_err();
-    assert!(matches!(&err, ClientError::Refused { status, reason, .. } if *status == 401 && reason == "credential_expired"), "{err}");
+    assert!(
+        matches!(&err, ClientError::Refused { status, reason, .. } if *status == 401 && reason == "credential_expired"),
+        "{err}"
+    );
 
     let mut hs = base.clone();
     hs["jti"] = "j3".into();
     let err = issue_with(&ca, &sign_with_ca_key(&ca, &hs, Algorithm::HS256)).unwrap_err();
-    assert!(matches!(&err, ClientError::Refused { status, .. } if *status == 401), "{err}");
+    assert!(
+        matches!(&err, ClientError::Refused { status, .. } if *status == 401),
+        "{err}"
+    );
 
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let mut none_claims = base.clone();
@@ -232,16 +316,34 @@ fn expired_forged_and_foreign_tokens_are_refused() {
         b64.encode(none_claims.to_string())
     );
     let err = issue_with(&ca, &none).unwrap_err();
-    assert!(matches!(&err, ClientError::Refused { status, .. } if *status == 401), "{err}");
+    assert!(
+        matches!(&err, ClientError::Refused { status, .. } if *status == 401),
+        "{err}"
+    );
 
     // A token from another CA's key.
     let other = tempfile::tempdir().unwrap();
-    moat_ok(&["ca", "init", "--dir", path_str(&other.path().join("ca")), "--trust-domain", "example.org"]);
+    moat_ok(&[
+        "ca",
+        "init",
+        "--dir",
+        path_str(&other.path().join("ca")),
+        "--trust-domain",
+        "example.org",
+    ]);
     let foreign = moat_ok(&[
-        "ca", "token", "--dir", path_str(&other.path().join("ca")), "--id", "spiffe://example.org/vm/a",
+        "ca",
+        "token",
+        "--dir",
+        path_str(&other.path().join("ca")),
+        "--id",
+        "spiffe://example.org/vm/a",
     ]);
     let err = issue_with(&ca, foreign.trim()).unwrap_err();
-    assert!(matches!(&err, ClientError::Refused { status, .. } if *status == 401), "{err}");
+    assert!(
+        matches!(&err, ClientError::Refused { status, .. } if *status == 401),
+        "{err}"
+    );
 
     // No credential at all, with curl: 401 and a WWW-Authenticate challenge.
     let csr = openssl_csr(ca.dir.path(), "anon");
@@ -296,14 +398,23 @@ fn kubernetes_service_account_token_maps_to_namespace_and_account() {
         jsonwebtoken::encode(&header, &claims, &key).unwrap()
     };
     let svid = issue_with(&ca, &sign("moat-ca", "system:serviceaccount:prod:web")).unwrap();
-    assert_eq!(svid.id, SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap());
+    assert_eq!(
+        svid.id,
+        SpiffeId::parse("spiffe://example.org/ns/prod/sa/web").unwrap()
+    );
     // Kubernetes tokens are reusable for their lifetime (kubelet rotates them).
     issue_with(&ca, &sign("moat-ca", "system:serviceaccount:prod:web")).unwrap();
 
     let err = issue_with(&ca, &sign("someone-else", "system:serviceaccount:prod:web")).unwrap_err();
-    assert!(matches!(&err, ClientError::Refused { status, .. } if *status == 401), "{err}");
+    assert!(
+        matches!(&err, ClientError::Refused { status, .. } if *status == 401),
+        "{err}"
+    );
     let err = issue_with(&ca, &sign("moat-ca", "system:serviceaccount:prod/x:web")).unwrap_err();
-    assert!(matches!(&err, ClientError::Refused { status, .. } if *status == 401), "{err}");
+    assert!(
+        matches!(&err, ClientError::Refused { status, .. } if *status == 401),
+        "{err}"
+    );
 }
 
 #[test]
@@ -332,7 +443,12 @@ fn rotation_keeps_old_and_new_certificates_valid_until_retire() {
     let verifies = |bundle: &TrustBundle, cert: &Path| {
         let b = ca.dir.path().join("check-bundle.pem");
         std::fs::write(&b, bundle.to_pem()).unwrap();
-        tool("openssl", &["verify", "-CAfile", path_str(&b), path_str(cert)]).status.success()
+        tool(
+            "openssl",
+            &["verify", "-CAfile", path_str(&b), path_str(cert)],
+        )
+        .status
+        .success()
     };
 
     moat_ok(&["ca", "rotate", "--dir", path_str(&dir), "--prepare"]);
@@ -343,7 +459,16 @@ fn rotation_keeps_old_and_new_certificates_valid_until_retire() {
     std::thread::sleep(Duration::from_millis(1500));
     let new = issue_with(&ca, &ca.token("spiffe://example.org/vm/new")).unwrap();
     let new_pem = write("new.pem", &new);
-    let issuer = |p: &Path| String::from_utf8(tool("openssl", &["x509", "-in", path_str(p), "-noout", "-issuer"]).stdout).unwrap();
+    let issuer = |p: &Path| {
+        String::from_utf8(
+            tool(
+                "openssl",
+                &["x509", "-in", path_str(p), "-noout", "-issuer"],
+            )
+            .stdout,
+        )
+        .unwrap()
+    };
     assert!(issuer(&old_pem).contains("#1"), "{}", issuer(&old_pem));
     assert!(issuer(&new_pem).contains("#2"), "{}", issuer(&new_pem));
     let two = bundle_has(2);
@@ -352,7 +477,10 @@ fn rotation_keeps_old_and_new_certificates_valid_until_retire() {
     moat_ok(&["ca", "rotate", "--dir", path_str(&dir), "--retire"]);
     let one = bundle_has(1);
     assert!(verifies(&one, &new_pem));
-    assert!(!verifies(&one, &old_pem), "a retired root must no longer verify");
+    assert!(
+        !verifies(&one, &old_pem),
+        "a retired root must no longer verify"
+    );
     // The CA's own serving certificate moved to the new root: a client
     // trusting only the new bundle still reaches it.
     let fresh = CaClient::new(&ca.url(), one).unwrap();
@@ -368,16 +496,85 @@ fn operator_mistakes_exit_64_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     let missing = tmp.path().join("none");
-    moat_ok(&["ca", "init", "--dir", path_str(&dir), "--trust-domain", "example.org"]);
+    moat_ok(&[
+        "ca",
+        "init",
+        "--dir",
+        path_str(&dir),
+        "--trust-domain",
+        "example.org",
+    ]);
     let cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["ca", "init", "--dir", path_str(&dir), "--trust-domain", "example.org"], "refusing to overwrite"),
-        (vec!["ca", "init", "--dir", "/nonexistent/x", "--trust-domain", "Bad_Domain!"], "trust domain"),
-        (vec!["ca", "token", "--dir", path_str(&dir), "--id", "spiffe://other.org/x"], "outside"),
-        (vec!["ca", "token", "--dir", path_str(&dir), "--id", "spiffe://example.org/a/../b"], "--id"),
-        (vec!["ca", "token", "--dir", path_str(&missing), "--id", "spiffe://example.org/a"], "moat ca init"),
         (
-            vec!["ca", "issue", "--dir", path_str(&dir), "--id", "spiffe://example.org/a", "--ttl", "25h",
-                 "--cert-out", "/tmp/x.crt", "--key-out", "/tmp/x.key"],
+            vec![
+                "ca",
+                "init",
+                "--dir",
+                path_str(&dir),
+                "--trust-domain",
+                "example.org",
+            ],
+            "refusing to overwrite",
+        ),
+        (
+            vec![
+                "ca",
+                "init",
+                "--dir",
+                "/nonexistent/x",
+                "--trust-domain",
+                "Bad_Domain!",
+            ],
+            "trust domain",
+        ),
+        (
+            vec![
+                "ca",
+                "token",
+                "--dir",
+                path_str(&dir),
+                "--id",
+                "spiffe://other.org/x",
+            ],
+            "outside",
+        ),
+        (
+            vec![
+                "ca",
+                "token",
+                "--dir",
+                path_str(&dir),
+                "--id",
+                "spiffe://example.org/a/../b",
+            ],
+            "--id",
+        ),
+        (
+            vec![
+                "ca",
+                "token",
+                "--dir",
+                path_str(&missing),
+                "--id",
+                "spiffe://example.org/a",
+            ],
+            "moat ca init",
+        ),
+        (
+            vec![
+                "ca",
+                "issue",
+                "--dir",
+                path_str(&dir),
+                "--id",
+                "spiffe://example.org/a",
+                "--ttl",
+                "25h",
+                "--cert-out",
+                "/tmp/x.crt",
+                "--key-out",
+                "/tmp/x.key",
+            ],
             "at most 24h",
         ),
     ];
@@ -394,13 +591,35 @@ fn issue_writes_a_private_key_and_a_chain() {
     use std::os::unix::fs::PermissionsExt;
     let ca = TestCa::start();
     let (cert, key) = ca.issue_files("spiffe://example.org/vm/files", "10m", "files");
-    assert_eq!(std::fs::metadata(&key).unwrap().permissions().mode() & 0o777, 0o600);
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
     let svid = Svid::from_pem(&std::fs::read(&cert).unwrap()).unwrap();
     assert_eq!(svid.id.as_str(), "spiffe://example.org/vm/files");
     assert_eq!(svid.lifetime(), Duration::from_secs(660));
-    let out = tool("openssl", &["verify", "-CAfile", path_str(&ca.bundle_file()), path_str(&cert)]);
+    let out = tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            path_str(&ca.bundle_file()),
+            path_str(&cert),
+        ],
+    );
     assert!(out.status.success());
     // The bundle endpoint serves the same roots as `moat ca bundle`, to curl.
-    let out = tool("curl", &["-sS", "--cacert", path_str(&ca.bundle_file()), &format!("{}/v1/bundle", ca.url())]);
-    assert_eq!(String::from_utf8(out.stdout).unwrap(), std::fs::read_to_string(ca.bundle_file()).unwrap());
+    let out = tool(
+        "curl",
+        &[
+            "-sS",
+            "--cacert",
+            path_str(&ca.bundle_file()),
+            &format!("{}/v1/bundle", ca.url()),
+        ],
+    );
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        std::fs::read_to_string(ca.bundle_file()).unwrap()
+    );
 }

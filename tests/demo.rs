@@ -23,13 +23,25 @@ fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {
     assert!(line("frontend  spiffe://demo.local/ns/shop/sa/frontend").contains("serial"));
     // Allowed read, denied write, JWT missing, JWT present, traversal denied.
     let read = line("GET /invoices/42 ");
-    assert!(read.contains("200") && read.contains("allow") && read.contains("read-invoices"), "{read}");
+    assert!(
+        read.contains("200") && read.contains("allow") && read.contains("read-invoices"),
+        "{read}"
+    );
     let write = line("POST /invoices/42");
-    assert!(write.contains("403") && write.contains("write-invoices"), "{write}");
+    assert!(
+        write.contains("403") && write.contains("write-invoices"),
+        "{write}"
+    );
     let export = line("GET /export  ");
-    assert!(export.contains("401") && export.contains("export-invoices"), "{export}");
+    assert!(
+        export.contains("401") && export.contains("export-invoices"),
+        "{export}"
+    );
     let with_jwt = line("with alice's JWT");
-    assert!(with_jwt.contains("200") && with_jwt.contains("verified user alice"), "{with_jwt}");
+    assert!(
+        with_jwt.contains("200") && with_jwt.contains("verified user alice"),
+        "{with_jwt}"
+    );
     let traversal = line("/invoices/../admin/keys");
     assert!(traversal.contains("403"), "{traversal}");
     // The sidecar refuses clients without a trusted certificate.

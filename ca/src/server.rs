@@ -27,6 +27,7 @@ use rustls::server::WebPkiClientVerifier;
 use serde::Deserialize;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::identity::{SpiffeId, TrustBundle};
 use crate::issuer::{CsrError, IssueError, RootCa, ValidatedCsr};
@@ -370,8 +371,20 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer:
         let peer_id = peer_id.clone();
         async move {
             let timeout = shared.config.limits.request_timeout;
-            let response = match tokio::time::timeout(timeout, handle(&shared, req, &peer_id)).await
-            {
+            // One span per request; exported when the process has an OTLP
+            // exporter (see `moat ca serve` and OTEL_EXPORTER_OTLP_ENDPOINT).
+            let span = tracing::info_span!(
+                "ca_request",
+                otel.name = %format_args!("{} {}", req.method(), req.uri().path()),
+                otel.kind = "server",
+                http.request.method = %req.method(),
+                url.path = req.uri().path(),
+                network.peer.address = %peer.ip(),
+                http.response.status_code = tracing::field::Empty,
+            );
+            let handled = tokio::time::timeout(timeout, handle(&shared, req, &peer_id))
+                .instrument(span.clone());
+            let response = match handled.await {
                 Ok(response) => response,
                 Err(_) => refusal_response(Refusal {
                     status: StatusCode::REQUEST_TIMEOUT,
@@ -379,6 +392,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer:
                     reason: "timeout",
                 }),
             };
+            span.record("http.response.status_code", response.status().as_u16());
             Ok::<_, std::convert::Infallible>(response)
         }
     });

@@ -27,6 +27,8 @@ pub struct Outcome {
     pub route: Option<String>,
     /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
     pub decision: &'static str,
+    /// The policy's reason code (`allowed`, `peer_not_allowed`, `no_route`, ...).
+    pub reason: &'static str,
     /// Forward with this path and query (the normalized form); `None`: as is.
     pub forward_path: Option<PathAndQuery>,
     /// Answer the caller with this instead of forwarding (400, 401 or 403).
@@ -51,6 +53,7 @@ impl Authorizer {
                 return Outcome {
                     route: None,
                     decision: "none",
+                    reason: "no_policy",
                     forward_path: None,
                     deny: None,
                 };
@@ -83,6 +86,7 @@ impl Authorizer {
             return Outcome {
                 route,
                 decision: "deny",
+                reason: decision.reason.as_str(),
                 forward_path: None,
                 deny: Some(resp.map(Either::Right)),
             };
@@ -99,6 +103,7 @@ impl Authorizer {
         Outcome {
             route,
             decision: label,
+            reason: decision.reason.as_str(),
             forward_path,
             deny: None,
         }

@@ -38,6 +38,9 @@ pub struct Config {
     /// `[[outbound]]`: this service to a peer.
     #[serde(default)]
     pub outbound: Vec<Outbound>,
+    /// `[telemetry]`: traces and logs.
+    #[serde(default)]
+    pub telemetry: crate::telemetry::TelemetryConfig,
     /// The file this configuration was read from (relative paths inside it
     /// are resolved against its directory).
     #[serde(skip)]

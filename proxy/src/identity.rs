@@ -18,6 +18,7 @@ use moat_ca::client::{Backoff, CaClient, Svid, WorkloadKey, renew_at};
 use tokio::sync::{Notify, mpsc};
 
 use crate::config::{CaIdentity, FileIdentity};
+use crate::telemetry::ProxyMetrics;
 use crate::tls::{CredentialStore, Credentials};
 
 /// Why credentials could not be loaded.
@@ -57,6 +58,7 @@ pub struct CaSource {
     store: Arc<CredentialStore>,
     client: CaClient,
     refresh_now: Arc<Notify>,
+    metrics: ProxyMetrics,
 }
 
 /// Credentials from files managed elsewhere.
@@ -105,7 +107,14 @@ impl CaSource {
             store,
             client,
             refresh_now: Arc::new(Notify::new()),
+            metrics: ProxyMetrics::default(),
         })
+    }
+
+    /// Counts renewals in `metrics`.
+    pub fn with_metrics(mut self, metrics: ProxyMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// Notified on SIGHUP: fetch the bundle again at once.
@@ -143,12 +152,14 @@ impl CaSource {
                 _ = tokio::time::sleep(until_renew) => {
                     match self.renew(&svid, &key, &bundle).await {
                         Ok((s, k)) => {
+                            self.metrics.renewals.get_or_create(&[("result", "ok")]).inc();
                             svid = s;
                             key = k;
                             backoff.reset();
                             renew_at_time = next_renewal(&svid);
                         }
                         Err(e) => {
+                            self.metrics.renewals.get_or_create(&[("result", "failed")]).inc();
                             let wait = backoff.next_delay();
                             tracing::warn!(error = %e, retry_in = ?wait, not_after = %humantime::format_rfc3339_seconds(svid.not_after), "renewal failed; serving with the current certificate");
                             renew_at_time = SystemTime::now() + wait;

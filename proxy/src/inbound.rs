@@ -20,6 +20,7 @@ use moat_ca::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
+use tracing::Instrument;
 
 use crate::authz::{self, Authorizer};
 use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
@@ -28,6 +29,7 @@ use crate::http::{
     PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
     strip_hop_by_hop,
 };
+use crate::telemetry::Observability;
 use crate::tls::TlsFactory;
 use crate::{Error, drain};
 
@@ -50,11 +52,14 @@ struct Shared {
     http: auto::Builder<TokioExecutor>,
     upstream: UpstreamClient<LocalConnector>,
     authz: Authorizer,
+    obs: Observability,
+    listen_addr: SocketAddr,
 }
 
 /// Per-connection facts, built once after the handshake.
 struct Peer {
     id: SpiffeId,
+    addr: SocketAddr,
     header: HeaderValue,
     xfcc: HeaderValue,
     activity: Arc<Activity>,
@@ -67,6 +72,7 @@ impl InboundListener {
         limits: &Limits,
         tls: &TlsFactory,
         authz: Authorizer,
+        obs: &Observability,
     ) -> Result<(Self, SocketAddr), Error> {
         let alpn: &[&[u8]] = match config.protocol {
             Protocol::Http => crate::tls::ALPN_HTTP,
@@ -103,6 +109,8 @@ impl InboundListener {
                 ProxyError::LocalUnavailable,
             ),
             authz,
+            obs: obs.clone(),
+            listen_addr: addr,
         };
         tracing::info!(listener = %config.name, addr = %addr, "listening");
         Ok((
@@ -129,6 +137,7 @@ impl InboundListener {
 
 impl Shared {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
+        let _open = self.obs.metrics.connection_opened(&self.name);
         let activity = Activity::new();
         let tcp = Tracked::new(tcp, activity.clone());
         let tls = match tokio::time::timeout(
@@ -141,15 +150,18 @@ impl Shared {
             Ok(Err(e)) => {
                 let error = crate::tls::describe_handshake_error(&e);
                 let reason = crate::tls::handshake_failure_reason(&e);
+                self.obs.metrics.handshake_failed(&self.name, reason);
                 tracing::info!(listener = %self.name, peer_addr = %addr, reason, %error, "handshake failed");
                 return;
             }
             Err(_) => {
+                self.obs.metrics.handshake_failed(&self.name, "timeout");
                 tracing::info!(listener = %self.name, peer_addr = %addr, reason = "timeout", "handshake timed out");
                 return;
             }
         };
-        let Some(peer) = peer_of(&tls, activity) else {
+        self.obs.metrics.handshake_ok(&self.name);
+        let Some(peer) = peer_of(&tls, addr, activity) else {
             // The verifier admitted the chain, so this cannot happen; refuse anyway.
             tracing::warn!(listener = %self.name, peer_addr = %addr, "peer certificate has no SPIFFE ID");
             return;
@@ -218,10 +230,61 @@ impl Shared {
         let _inflight = peer.activity.request();
         let started = Instant::now();
         let method = req.method().clone();
-        // XXX: no request span yet (issue 5 adds one); the trace id comes
-        // from the caller's `traceparent`, if any.
-        let trace_id = crate::telemetry::trace_id(&tracing::Span::none(), req.headers());
-        let (resp, outcome, path) = self.forward(req, peer).await;
+        // Spans are built only when they are exported: an untraced proxy
+        // pays nothing per request for them.
+        let span = if self.obs.tracing {
+            let span = tracing::info_span!(
+                "inbound",
+                otel.name = %format_args!("{} {}", method, self.name),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = %method,
+                url.path = req.uri().path(),
+                http.response.status_code = tracing::field::Empty,
+                server.address = %self.listen_addr,
+                network.peer.address = %peer.addr.ip(),
+                moat.listener = &*self.name,
+                moat.peer.id = peer.id.as_str(),
+                moat.route = tracing::field::Empty,
+                moat.decision = tracing::field::Empty,
+                moat.deny.reason = tracing::field::Empty,
+            );
+            crate::telemetry::continue_trace(&span, req.headers());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let trace_id = crate::telemetry::trace_id(&span, req.headers());
+        let (resp, outcome, path) = self
+            .forward(req, peer, &span)
+            .instrument(span.clone())
+            .await;
+        let status = resp.status().as_u16();
+        let route = outcome
+            .as_ref()
+            .and_then(|o| o.route.as_deref())
+            .unwrap_or("-");
+        let decision = outcome.as_ref().map_or("none", |o| o.decision);
+        let elapsed = started.elapsed();
+        if let Some(o) = &outcome
+            && o.decision != "none"
+        {
+            self.obs
+                .metrics
+                .decision(&self.name, route, o.decision, o.reason);
+            span.record("moat.route", route);
+            span.record("moat.decision", o.decision);
+            if o.decision != "allow" {
+                span.record("moat.deny.reason", o.reason);
+            }
+        }
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        self.obs.metrics.request(
+            &self.name, "inbound", route, &method, status, decision, elapsed,
+        );
         crate::telemetry::access_log(&crate::telemetry::AccessEntry {
             trace_id: &trace_id,
             listener: &self.name,
@@ -229,13 +292,10 @@ impl Shared {
             peer: peer.id.as_str(),
             method: &method,
             path: &path,
-            status: resp.status().as_u16(),
-            route: outcome
-                .as_ref()
-                .and_then(|o| o.route.as_deref())
-                .unwrap_or("-"),
-            decision: outcome.as_ref().map_or("none", |o| o.decision),
-            duration: started.elapsed(),
+            status,
+            route,
+            decision,
+            duration: elapsed,
             bytes: content_length(&resp),
         });
         resp
@@ -247,6 +307,7 @@ impl Shared {
         &self,
         req: Request<Incoming>,
         peer: &Peer,
+        span: &tracing::Span,
     ) -> (Response<ProxyBody>, Option<authz::Outcome>, String) {
         let (mut parts, body) = req.into_parts();
         let raw_path = parts.uri.path().to_owned();
@@ -314,7 +375,26 @@ impl Shared {
         } else {
             Version::HTTP_11
         };
-        let resp = match self.upstream.send(Request::from_parts(parts, body)).await {
+        // The service continues the trace from the upstream call's span.
+        let upstream_span = if self.obs.tracing {
+            tracing::info_span!(
+                parent: span,
+                "upstream",
+                otel.name = %format_args!("{} local service", parts.method),
+                otel.kind = "client",
+                server.address = %self.forward,
+                http.request.method = %parts.method,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        crate::telemetry::propagate(&upstream_span, &mut parts.headers);
+        let sent = self
+            .upstream
+            .send(Request::from_parts(parts, body))
+            .instrument(upstream_span)
+            .await;
+        let resp = match sent {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
@@ -325,13 +405,18 @@ impl Shared {
     }
 }
 
-fn peer_of(tls: &TlsStream<Tracked<TcpStream>>, activity: Arc<Activity>) -> Option<Peer> {
+fn peer_of(
+    tls: &TlsStream<Tracked<TcpStream>>,
+    addr: SocketAddr,
+    activity: Arc<Activity>,
+) -> Option<Peer> {
     let leaf = tls.get_ref().1.peer_certificates()?.first()?;
     let id = SpiffeId::from_cert_der(leaf).ok()?;
     let header = HeaderValue::from_str(id.as_str()).ok()?;
     let xfcc = HeaderValue::from_str(&format!("URI={}", id.as_str())).ok()?;
     Some(Peer {
         id,
+        addr,
         header,
         xfcc,
         activity,

@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::Notify;
 
 use crate::config::{Config, Identity};
+use crate::telemetry::Observability;
 use crate::tls::{CredentialStore, TlsFactory};
 
 /// Errors that stop the proxy.
@@ -101,14 +102,15 @@ impl Proxy {
     /// Sets up identity and binds every listener (each logs `listening`
     /// with its bound address). Files are read here, so a bad bundle or
     /// certificate stops the start before any traffic is taken.
-    pub async fn bind(config: Config) -> Result<Self, Error> {
+    pub async fn bind(config: Config, obs: Observability) -> Result<Self, Error> {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
         let store = Arc::new(CredentialStore::new());
         let (identity, reload) = match &config.identity {
             Identity::Ca(ca) => {
-                let src = identity::CaSource::new(ca.clone(), store.clone())?;
+                let src = identity::CaSource::new(ca.clone(), store.clone())?
+                    .with_metrics(obs.metrics.clone());
                 let reload = src.refresh_handle();
                 (IdentityTask::Ca(Box::new(src)), reload)
             }
@@ -145,7 +147,7 @@ impl Proxy {
             authorizers.push(authz::Authorizer::Policy(watcher.handle()));
             policies.push(Arc::new(watcher));
         }
-        let policy_handles = authorizers
+        let policy_handles: Vec<_> = authorizers
             .iter()
             .filter_map(|a| match a {
                 authz::Authorizer::Policy(p) => Some(p.clone()),
@@ -153,25 +155,45 @@ impl Proxy {
             })
             .collect();
         let mut addrs = Vec::new();
+        let policy_listeners = config
+            .inbound
+            .iter()
+            .filter(|l| l.policy.is_some())
+            .map(|l| l.name.clone())
+            .zip(policy_handles)
+            .zip(
+                policies
+                    .iter()
+                    .map(|w: &Arc<policy::PolicyWatcher>| w.stats()),
+            )
+            .map(|((name, policy), stats)| admin::PolicyView {
+                name,
+                policy,
+                stats,
+            })
+            .collect();
         let (admin, addr) = admin::AdminListener::bind(
             config.admin.listen,
             store.clone(),
-            policy_handles,
+            policy_listeners,
+            jwks.clone(),
             draining.clone(),
+            obs.clone(),
         )
         .await?;
         addrs.push(("admin".to_owned(), addr));
         let mut inbound = Vec::new();
         for (l, authz) in config.inbound.iter().zip(authorizers) {
             let (listener, addr) =
-                inbound::InboundListener::bind(l, &config.limits, &tls, authz).await?;
+                inbound::InboundListener::bind(l, &config.limits, &tls, authz, &obs).await?;
             addrs.push((l.name.clone(), addr));
             inbound.push(listener);
         }
         let mut outbound = Vec::new();
         for l in &config.outbound {
             let (listener, addr) =
-                outbound::OutboundListener::bind(l, &config.limits, &tls, store.clone()).await?;
+                outbound::OutboundListener::bind(l, &config.limits, &tls, store.clone(), &obs)
+                    .await?;
             addrs.push((l.name.clone(), addr));
             outbound.push(listener);
         }
@@ -259,12 +281,19 @@ impl Reloader {
     }
 }
 
-/// Runs the proxy until SIGTERM/SIGINT, reloading identity files on SIGHUP.
+/// Runs the proxy until SIGTERM/SIGINT, reloading identity files on SIGHUP,
+/// with metrics but no trace export (see [`run_with`]).
 pub async fn run(config: Config) -> Result<(), Error> {
+    run_with(config, Observability::default()).await
+}
+
+/// Runs the proxy with the given telemetry (metrics, whether spans are
+/// exported, the log-level handle).
+pub async fn run_with(config: Config, obs: Observability) -> Result<(), Error> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).map_err(Error::Signal)?;
     let mut hup = signal(SignalKind::hangup()).map_err(Error::Signal)?;
-    let proxy = Proxy::bind(config).await?;
+    let proxy = Proxy::bind(config, obs).await?;
     let reloader = proxy.reloader();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {

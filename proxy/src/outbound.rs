@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
+use tracing::Instrument;
 
 use crate::config::{Limits, Outbound, Protocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
@@ -33,6 +34,7 @@ use crate::http::{
     PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
     strip_hop_by_hop,
 };
+use crate::telemetry::Observability;
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::{Error, drain};
 
@@ -52,6 +54,8 @@ struct Shared {
     http: auto::Builder<TokioExecutor>,
     connector: PeerConnector,
     upstream: UpstreamClient<PeerConnector>,
+    obs: Observability,
+    listen_addr: SocketAddr,
 }
 
 /// Dials the peer sidecar and completes mutual TLS, checking its identity.
@@ -61,6 +65,9 @@ struct PeerConnector {
     server_name: ServerName<'static>,
     tls: TlsConnector,
     connect_timeout: std::time::Duration,
+    name: Arc<str>,
+    peer: SpiffeId,
+    obs: Observability,
 }
 
 /// A TLS stream to a peer, as the hyper-util client wants it.
@@ -75,24 +82,29 @@ impl OutboundListener {
         limits: &Limits,
         tls: &TlsFactory,
         store: Arc<CredentialStore>,
+        obs: &Observability,
     ) -> Result<(Self, SocketAddr), Error> {
+        let name: Arc<str> = config.name.as_str().into();
         let upstream = Arc::new(config.upstream.clone());
         let server_name = ServerName::try_from(upstream.host.clone())
             .unwrap_or_else(|_| ServerName::try_from("moat.invalid").expect("a valid DNS name"));
         let connector = |alpn: &[&[u8]]| -> Result<PeerConnector, Error> {
-            let config: Arc<ClientConfig> = tls.client(config.peer.clone(), alpn)?;
+            let client: Arc<ClientConfig> = tls.client(config.peer.clone(), alpn)?;
             Ok(PeerConnector {
                 upstream: upstream.clone(),
                 server_name: server_name.clone(),
-                tls: TlsConnector::from(config),
+                tls: TlsConnector::from(client),
                 connect_timeout: limits.connect_timeout,
+                name: name.clone(),
+                peer: config.peer.clone(),
+                obs: obs.clone(),
             })
         };
         let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let upstream_authority = Authority::try_from(upstream.to_string())
             .map_err(|_| Error::Upstream(config.name.clone(), upstream.to_string()))?;
         let shared = Shared {
-            name: config.name.as_str().into(),
+            name: name.clone(),
             protocol: config.protocol,
             upstream_authority,
             peer: config.peer.clone(),
@@ -106,6 +118,8 @@ impl OutboundListener {
                 limits,
                 ProxyError::PeerUnavailable,
             ),
+            obs: obs.clone(),
+            listen_addr: addr,
         };
         tracing::info!(listener = %config.name, addr = %addr, "listening");
         Ok((
@@ -132,6 +146,7 @@ impl OutboundListener {
 
 impl Shared {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
+        let _open = self.obs.metrics.connection_opened(&self.name);
         let activity = Activity::new();
         let local = Tracked::new(tcp, activity.clone());
         match self.protocol {
@@ -182,10 +197,37 @@ impl Shared {
         let started = Instant::now();
         let method = req.method().clone();
         let path = req.uri().path().to_owned();
-        // XXX: no request span yet (issue 5 adds one); the trace id comes
-        // from the service's `traceparent`, if any.
-        let trace_id = crate::telemetry::trace_id(&tracing::Span::none(), req.headers());
-        let resp = self.forward(req).await;
+        // The service's call into its sidecar is the server span; the call
+        // to the peer is its client child, whose context the peer continues.
+        let span = if self.obs.tracing {
+            let span = tracing::info_span!(
+                "outbound",
+                otel.name = %format_args!("{} {}", method, self.name),
+                otel.kind = "server",
+                otel.status_code = tracing::field::Empty,
+                http.request.method = %method,
+                url.path = path.as_str(),
+                http.response.status_code = tracing::field::Empty,
+                server.address = %self.listen_addr,
+                moat.listener = &*self.name,
+                moat.peer.id = self.peer.as_str(),
+            );
+            crate::telemetry::continue_trace(&span, req.headers());
+            span
+        } else {
+            tracing::Span::none()
+        };
+        let trace_id = crate::telemetry::trace_id(&span, req.headers());
+        let resp = self.forward(req, &span).instrument(span.clone()).await;
+        let status = resp.status().as_u16();
+        span.record("http.response.status_code", status);
+        if status >= 500 {
+            span.record("otel.status_code", "ERROR");
+        }
+        let elapsed = started.elapsed();
+        self.obs.metrics.request(
+            &self.name, "outbound", "-", &method, status, "none", elapsed,
+        );
         crate::telemetry::access_log(&crate::telemetry::AccessEntry {
             trace_id: &trace_id,
             listener: &self.name,
@@ -193,16 +235,16 @@ impl Shared {
             peer: self.peer.as_str(),
             method: &method,
             path: &path,
-            status: resp.status().as_u16(),
+            status,
             route: "-",
             decision: "none",
-            duration: started.elapsed(),
+            duration: elapsed,
             bytes: content_length(&resp),
         });
         resp
     }
 
-    async fn forward(&self, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn forward(&self, req: Request<Incoming>, span: &tracing::Span) -> Response<ProxyBody> {
         if !self.store.is_ready() {
             return ProxyError::NotReady.into_response();
         }
@@ -228,7 +270,26 @@ impl Shared {
         if parts.version != Version::HTTP_2 {
             parts.version = Version::HTTP_11;
         }
-        match self.upstream.send(Request::from_parts(parts, body)).await {
+        let upstream_span = if self.obs.tracing {
+            tracing::info_span!(
+                parent: span,
+                "upstream",
+                otel.name = %format_args!("{} {}", parts.method, self.upstream_authority),
+                otel.kind = "client",
+                server.address = %self.upstream_authority,
+                http.request.method = %parts.method,
+                moat.peer.id = self.peer.as_str(),
+            )
+        } else {
+            tracing::Span::none()
+        };
+        crate::telemetry::propagate(&upstream_span, &mut parts.headers);
+        let sent = self
+            .upstream
+            .send(Request::from_parts(parts, body))
+            .instrument(upstream_span)
+            .await;
+        match sent {
             Ok(resp) => resp,
             Err(e) => {
                 tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
@@ -257,10 +318,31 @@ impl PeerConnector {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let handshake = self.tls.connect(self.server_name.clone(), tcp);
+        // A new connection to the peer: its handshake gets a span of its own
+        // (a child of the request that caused it).
+        let span = if self.obs.tracing {
+            tracing::info_span!(
+                "tls_handshake",
+                otel.kind = "client",
+                server.address = %self.upstream,
+                moat.peer.id = self.peer.as_str(),
+            )
+        } else {
+            tracing::Span::none()
+        };
+        let handshake = self
+            .tls
+            .connect(self.server_name.clone(), tcp)
+            .instrument(span);
         match tokio::time::timeout(self.connect_timeout, handshake).await {
-            Ok(Ok(inner)) => Ok(PeerStream { inner }),
+            Ok(Ok(inner)) => {
+                self.obs.metrics.handshake_ok(&self.name);
+                Ok(PeerStream { inner })
+            }
             Ok(Err(e)) => {
+                self.obs
+                    .metrics
+                    .handshake_failed(&self.name, crate::tls::handshake_failure_reason(&e));
                 let refused = e
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>())
@@ -278,10 +360,10 @@ impl PeerConnector {
                     )))
                 }
             }
-            Err(_) => Err(ProxyError::PeerUnavailable(format!(
-                "{}: TLS handshake timed out",
-                self.upstream
-            ))),
+            Err(_) => Err({
+                self.obs.metrics.handshake_failed(&self.name, "timeout");
+                ProxyError::PeerUnavailable(format!("{}: TLS handshake timed out", self.upstream))
+            }),
         }
     }
 }

@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
@@ -46,6 +45,9 @@ pub struct TelemetryConfig {
     /// Fraction of new traces sampled (0.0–1.0); a sampled parent is always
     /// followed. Env: `OTEL_TRACES_SAMPLER_ARG`. Default 1.0.
     pub sample_ratio: Option<f64>,
+    /// Log filter (`info`, `debug`, `moat_proxy=debug,info`, ...). `RUST_LOG`
+    /// overrides it; the admin listener can change it at runtime.
+    pub log_level: Option<String>,
 }
 
 /// OTLP transport.
@@ -77,9 +79,24 @@ pub struct TraceSettings {
 /// A running trace pipeline; flushes and shuts down on drop.
 pub struct Tracing {
     provider: SdkTracerProvider,
-    /// Spans that could not be exported.
-    pub dropped: Arc<AtomicU64>,
 }
+
+/// What the proxy's listeners and admin need from telemetry: the metrics,
+/// whether request spans are exported, and how to change the log level.
+#[derive(Clone, Default)]
+pub struct Observability {
+    /// Every metric.
+    pub metrics: ProxyMetrics,
+    /// True when an OTLP exporter is installed: request spans are only
+    /// built then, so an untraced proxy pays nothing for them.
+    pub tracing: bool,
+    /// Changes the log filter at runtime (admin `PUT /logging?level=...`).
+    pub log_level: Option<LogLevelHandle>,
+}
+
+/// Sets the log filter (an `EnvFilter` directive such as `debug` or
+/// `moat_proxy=debug,info`); returns an error text for a bad directive.
+pub type LogLevelHandle = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 
 /// Errors setting up telemetry (bad configuration: exit 64).
 #[derive(Debug, thiserror::Error)]
@@ -100,7 +117,10 @@ pub enum TelemetryError {
 
 impl TelemetryConfig {
     /// Resolves config and environment; `None` when no endpoint is set.
-    pub fn resolve(&self, env: impl Fn(&str) -> Option<String>) -> Result<Option<TraceSettings>, TelemetryError> {
+    pub fn resolve(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<TraceSettings>, TelemetryError> {
         let Some(endpoint) = self
             .otlp_endpoint
             .clone()
@@ -127,9 +147,11 @@ impl TelemetryConfig {
             && let Some(raw) = env("OTEL_EXPORTER_OTLP_HEADERS")
         {
             for pair in raw.split(',').filter(|p| !p.trim().is_empty()) {
-                let (k, v) = pair
-                    .split_once('=')
-                    .ok_or_else(|| TelemetryError::Invalid(format!("OTEL_EXPORTER_OTLP_HEADERS: {pair:?} is not k=v")))?;
+                let (k, v) = pair.split_once('=').ok_or_else(|| {
+                    TelemetryError::Invalid(format!(
+                        "OTEL_EXPORTER_OTLP_HEADERS: {pair:?} is not k=v"
+                    ))
+                })?;
                 headers.insert(k.trim().to_owned(), v.trim().to_owned());
             }
         }
@@ -162,7 +184,8 @@ impl TelemetryConfig {
 impl Tracing {
     /// Builds the OTLP pipeline. Call inside a Tokio runtime (the gRPC
     /// exporter needs one).
-    pub fn start(settings: &TraceSettings) -> Result<Self, TelemetryError> {
+    /// Spans lost to a failed export are counted in `dropped`.
+    pub fn start(settings: &TraceSettings, dropped: Counter) -> Result<Self, TelemetryError> {
         use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
         let err = |e: &dyn std::fmt::Display| TelemetryError::Exporter {
             endpoint: settings.endpoint.clone(),
@@ -173,7 +196,8 @@ impl Tracing {
             OtlpProtocol::Grpc => {
                 let mut metadata = tonic::metadata::MetadataMap::new();
                 for (k, v) in &settings.headers {
-                    let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes()).map_err(|e| err(&e))?;
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.as_bytes())
+                        .map_err(|e| err(&e))?;
                     metadata.insert(key, v.parse().map_err(|e| err(&e))?);
                 }
                 opentelemetry_otlp::SpanExporter::builder()
@@ -200,10 +224,9 @@ impl Tracing {
                     .map_err(|e| err(&e))?
             }
         };
-        let dropped = Arc::new(AtomicU64::new(0));
         let counting = CountingExporter {
             inner: exporter,
-            dropped: dropped.clone(),
+            dropped,
         };
         let provider = SdkTracerProvider::builder()
             .with_batch_exporter(counting)
@@ -216,11 +239,13 @@ impl Tracing {
                     .build(),
             )
             .build();
-        Ok(Self { provider, dropped })
+        Ok(Self { provider })
     }
 
     /// The `tracing` layer that turns spans into OpenTelemetry spans.
-    pub fn layer<S>(&self) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
+    pub fn layer<S>(
+        &self,
+    ) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::Tracer>
     where
         S: tracing::Subscriber + for<'span> tracing_subscriber::registry::LookupSpan<'span>,
     {
@@ -241,15 +266,17 @@ impl Drop for Tracing {
 #[derive(Debug)]
 struct CountingExporter<E> {
     inner: E,
-    dropped: Arc<AtomicU64>,
+    dropped: Counter,
 }
 
-impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter for CountingExporter<E> {
+impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanExporter
+    for CountingExporter<E>
+{
     async fn export(&self, batch: Vec<SpanData>) -> opentelemetry_sdk::error::OTelSdkResult {
         let n = batch.len() as u64;
         let result = self.inner.export(batch).await;
         if result.is_err() {
-            self.dropped.fetch_add(n, Ordering::Relaxed);
+            self.dropped.inc_by(n);
         }
         result
     }
@@ -271,7 +298,8 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
 /// parent of `span`.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let parent = TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
+    let parent =
+        TraceContextPropagator::new().extract(&opentelemetry_http::HeaderExtractor(headers));
     let _ = span.set_parent(parent);
 }
 
@@ -287,7 +315,8 @@ pub fn propagate(span: &tracing::Span, headers: &mut http::HeaderMap) {
     }
     headers.remove("traceparent");
     headers.remove("tracestate");
-    TraceContextPropagator::new().inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
+    TraceContextPropagator::new()
+        .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
 }
 
 /// The trace ID of `span`, lowercase hex, or the one in a `traceparent`
@@ -349,11 +378,13 @@ impl ProxyMetrics {
     pub fn new() -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
-        let duration = Family::<[(&'static str, String); 2], Histogram>::new_with_constructor(|| {
-            Histogram::new([
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-            ])
-        });
+        let duration =
+            Family::<[(&'static str, String); 2], Histogram>::new_with_constructor(|| {
+                Histogram::new([
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0,
+                ])
+            });
         let handshakes = Family::<ListenerLabels, Counter>::default();
         let handshake_failures = Family::<[(&'static str, String); 2], Counter>::default();
         let open_connections = Family::<ListenerLabels, Gauge>::default();
@@ -374,19 +405,31 @@ impl ProxyMetrics {
             "Request duration from the first byte in to the response head out",
             duration.clone(),
         );
-        registry.register("moat_tls_handshakes", "TLS handshakes completed", handshakes.clone());
+        registry.register(
+            "moat_tls_handshakes",
+            "TLS handshakes completed",
+            handshakes.clone(),
+        );
         registry.register(
             "moat_tls_handshake_failures",
             "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, wrong_identity, timeout, protocol, other)",
             handshake_failures.clone(),
         );
-        registry.register("moat_open_connections", "Connections open now", open_connections.clone());
+        registry.register(
+            "moat_open_connections",
+            "Connections open now",
+            open_connections.clone(),
+        );
         registry.register(
             "moat_authz_decisions",
             "Authorization decisions by route, decision and reason",
             decisions.clone(),
         );
-        registry.register("moat_policy_reloads", "Policy file reloads by result", policy_reloads.clone());
+        registry.register(
+            "moat_policy_reloads",
+            "Policy file reloads by result",
+            policy_reloads.clone(),
+        );
         registry.register(
             "moat_policy_info",
             "The active policy of each listener (value 1, hash as label)",
@@ -397,8 +440,16 @@ impl ProxyMetrics {
             "When the current workload certificate expires (Unix time)",
             cert_expiry.clone(),
         );
-        registry.register("moat_certificate_renewals", "Certificate renewals by result", renewals.clone());
-        registry.register("moat_jwks_fetches", "JWKS fetches by issuer and result", jwks_fetches.clone());
+        registry.register(
+            "moat_certificate_renewals",
+            "Certificate renewals by result",
+            renewals.clone(),
+        );
+        registry.register(
+            "moat_jwks_fetches",
+            "JWKS fetches by issuer and result",
+            jwks_fetches.clone(),
+        );
         registry.register(
             "moat_spans_dropped",
             "Spans dropped because the collector could not take them",
@@ -444,14 +495,37 @@ impl ProxyMetrics {
             ])
             .inc();
         self.duration
-            .get_or_create(&[("listener", listener.to_owned()), ("direction", direction.to_owned())])
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("direction", direction.to_owned()),
+            ])
             .observe(elapsed.as_secs_f64());
+    }
+
+    /// Counts one completed TLS handshake.
+    pub fn handshake_ok(&self, listener: &str) {
+        self.handshakes
+            .get_or_create(&[("listener", listener.to_owned())])
+            .inc();
+    }
+
+    /// Counts an open connection until the returned guard drops.
+    pub fn connection_opened(&self, listener: &str) -> OpenConnection {
+        let gauge = self
+            .open_connections
+            .get_or_create(&[("listener", listener.to_owned())])
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
     }
 
     /// Counts one failed TLS handshake.
     pub fn handshake_failed(&self, listener: &str, reason: &str) {
         self.handshake_failures
-            .get_or_create(&[("listener", listener.to_owned()), ("reason", reason.to_owned())])
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
             .inc();
     }
 
@@ -467,19 +541,30 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// Records the active policy hash of a listener.
-    pub fn set_policy(&self, listener: &str, hash: &str) {
-        // Only the current hash carries value 1: drop the listener's old ones.
+    /// Records the active policy hash of each listener (only current
+    /// hashes stay in the family).
+    pub fn set_policies<'a>(&self, active: impl IntoIterator<Item = (&'a str, &'a str)>) {
         self.policy_info.clear();
-        self.policy_info
-            .get_or_create(&[("listener", listener.to_owned()), ("hash", hash.to_owned())])
-            .set(1);
+        for (listener, hash) in active {
+            self.policy_info
+                .get_or_create(&[("listener", listener.to_owned()), ("hash", hash.to_owned())])
+                .set(1);
+        }
+    }
+
+    /// Raises a counter to `total` (for totals kept elsewhere as atomics).
+    pub fn catch_up(counter: &Counter, total: u64) {
+        let now = counter.get();
+        if total > now {
+            counter.inc_by(total - now);
+        }
     }
 
     /// The metrics in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
-        encode(&mut out, &self.registry.lock().expect("metrics registry")).expect("writing to a String cannot fail");
+        encode(&mut out, &self.registry.lock().expect("metrics registry"))
+            .expect("writing to a String cannot fail");
         out
     }
 }
@@ -490,9 +575,27 @@ impl Default for ProxyMetrics {
     }
 }
 
+impl std::fmt::Debug for Observability {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Observability")
+            .field("tracing", &self.tracing)
+            .finish()
+    }
+}
+
 impl std::fmt::Debug for ProxyMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ProxyMetrics")
+    }
+}
+
+/// Decrements the open-connections gauge when dropped.
+#[derive(Debug)]
+pub struct OpenConnection(Gauge);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 
@@ -574,12 +677,20 @@ mod tests {
     use super::*;
 
     fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
-        move |k| pairs.iter().find(|(key, _)| *key == k).map(|(_, v)| (*v).to_owned())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(key, _)| *key == k)
+                .map(|(_, v)| (*v).to_owned())
+        }
     }
 
     #[test]
     fn no_endpoint_means_no_traces() {
-        assert_eq!(TelemetryConfig::default().resolve(env_of(&[])).unwrap(), None);
+        assert_eq!(
+            TelemetryConfig::default().resolve(env_of(&[])).unwrap(),
+            None
+        );
     }
 
     #[test]
@@ -603,7 +714,10 @@ mod tests {
             service_name: Some("from-file".into()),
             ..Default::default()
         };
-        let s = file.resolve(env_of(&[("OTEL_SERVICE_NAME", "env")])).unwrap().unwrap();
+        let s = file
+            .resolve(env_of(&[("OTEL_SERVICE_NAME", "env")]))
+            .unwrap()
+            .unwrap();
         assert_eq!(s.service_name, "from-file");
         assert_eq!(s.protocol, OtlpProtocol::Grpc);
     }
@@ -616,13 +730,19 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.resolve(env_of(&[])).is_err());
-        let env = env_of(&[("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x"), ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")]);
+        let env = env_of(&[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://x"),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
+        ]);
         assert!(TelemetryConfig::default().resolve(env).is_err());
     }
 
     #[test]
     fn label_values_are_bounded() {
-        assert_eq!(method_class(&http::Method::from_bytes(b"BREW").unwrap()), "other");
+        assert_eq!(
+            method_class(&http::Method::from_bytes(b"BREW").unwrap()),
+            "other"
+        );
         assert_eq!(status_class(204), "2xx");
         assert_eq!(status_class(503), "5xx");
     }
@@ -630,11 +750,24 @@ mod tests {
     #[test]
     fn metrics_encode_as_openmetrics() {
         let m = ProxyMetrics::new();
-        m.request("api", "inbound", "read", &http::Method::GET, 200, "allow", Duration::from_millis(3));
+        m.request(
+            "api",
+            "inbound",
+            "read",
+            &http::Method::GET,
+            200,
+            "allow",
+            Duration::from_millis(3),
+        );
         m.handshake_failed("api", "unknown_ca");
         let text = m.encode();
         assert!(text.contains(r#"moat_requests_total{listener="api",direction="inbound",route="read",method="GET",status="2xx",decision="allow"} 1"#), "{text}");
-        assert!(text.contains(r#"moat_tls_handshake_failures_total{listener="api",reason="unknown_ca"} 1"#), "{text}");
+        assert!(
+            text.contains(
+                r#"moat_tls_handshake_failures_total{listener="api",reason="unknown_ca"} 1"#
+            ),
+            "{text}"
+        );
         assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -108,7 +108,7 @@ async fn grpc_like_service() -> SocketAddr {
 async fn start(dir: &Path, name: &str, text: String) -> Proxy {
     let path = dir.join(format!("{name}.toml"));
     let config = Config::parse(&path, &text).unwrap();
-    Proxy::bind(config).await.unwrap()
+    Proxy::bind(config, Default::default()).await.unwrap()
 }
 
 fn identity(name: &str) -> String {

@@ -109,10 +109,16 @@ impl Running {
                 if let Some(v) = self.json_logs().into_iter().find(|v| pred(v)) {
                     return v;
                 }
-                panic!("moat exited ({status}) before the expected log line:\n{}", self.logs().join("\n"));
+                panic!(
+                    "moat exited ({status}) before the expected log line:\n{}",
+                    self.logs().join("\n")
+                );
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for a log line; logs so far:\n{}", self.logs().join("\n"));
+                panic!(
+                    "timed out waiting for a log line; logs so far:\n{}",
+                    self.logs().join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -124,7 +130,11 @@ impl Running {
         let v = self.wait_for_log(Duration::from_secs(30), |v| {
             v["message"] == "listening" && v["listener"] == name
         });
-        v["addr"].as_str().expect("addr field").parse().expect("socket address")
+        v["addr"]
+            .as_str()
+            .expect("addr field")
+            .parse()
+            .expect("socket address")
     }
 
     /// Sends a signal to the process.
@@ -174,7 +184,14 @@ impl TestCa {
     pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_dir = dir.path().join("ca");
-        moat_ok(&["ca", "init", "--dir", path_str(&ca_dir), "--trust-domain", "example.org"]);
+        moat_ok(&[
+            "ca",
+            "init",
+            "--dir",
+            path_str(&ca_dir),
+            "--trust-domain",
+            "example.org",
+        ]);
         prepare(&ca_dir);
         let mut server = Running::start(&[
             "ca",
@@ -213,7 +230,11 @@ impl TestCa {
     /// Writes the current bundle to a file and returns its path.
     pub fn bundle_file(&self) -> PathBuf {
         let path = self.dir.path().join("bundle.pem");
-        std::fs::write(&path, moat_ok(&["ca", "bundle", "--dir", path_str(&self.ca_dir())])).unwrap();
+        std::fs::write(
+            &path,
+            moat_ok(&["ca", "bundle", "--dir", path_str(&self.ca_dir())]),
+        )
+        .unwrap();
         path
     }
 
@@ -260,11 +281,16 @@ pub fn echo_service() -> SocketAddr {
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
         rt.block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 tokio::spawn(serve_echo(stream));
             }
         });
@@ -318,7 +344,12 @@ async fn serve_echo(stream: tokio::net::TcpStream) {
             reply.len(),
             reply
         );
-        if reader.get_mut().write_all(response.as_bytes()).await.is_err() {
+        if reader
+            .get_mut()
+            .write_all(response.as_bytes())
+            .await
+            .is_err()
+        {
             return;
         }
     }
