@@ -623,3 +623,103 @@ fn issue_writes_a_private_key_and_a_chain() {
         std::fs::read_to_string(ca.bundle_file()).unwrap()
     );
 }
+
+/// Serves `body` over HTTPS on 127.0.0.1:0 to callers presenting
+/// `Authorization: Bearer <token>`; others get 401. Returns the address and
+/// the PEM of the server's (self-signed) certificate.
+fn https_jwks_server(body: String, token: &'static str) -> (std::net::SocketAddr, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    moat_ca::install_crypto_provider();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let pem = cert.pem();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der().clone()],
+            rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config));
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        rt().block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else { continue };
+                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let mut buf = vec![0u8; 8192];
+                let n = tls.read(&mut buf).await.unwrap_or(0);
+                let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
+                let reply = if request.contains(&format!("authorization: bearer {token}")) {
+                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                } else {
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+                };
+                let _ = tls.write_all(reply.as_bytes()).await;
+                let _ = tls.shutdown().await;
+            }
+        });
+    });
+    (addr, pem)
+}
+
+#[test]
+fn kubernetes_jwks_is_fetched_over_https_with_the_cas_own_token() {
+    let signing = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let raw = signing.public_key_raw();
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let jwks = serde_json::json!({"keys": [{
+        "kty": "EC", "crv": "P-256", "kid": "c1", "alg": "ES256",
+        "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..65])
+    }]});
+    let (addr, server_pem) = https_jwks_server(jwks.to_string(), "ca-sa-token");
+    let ca = TestCa::start_with(|dir| {
+        std::fs::write(dir.join("api-ca.pem"), &server_pem).unwrap();
+        std::fs::write(dir.join("sa-token"), "ca-sa-token\n").unwrap();
+        std::fs::write(
+            dir.join("ca.toml"),
+            format!(
+                "[kubernetes]\naudience = \"moat-ca\"\njwks_url = \"https://{addr}/openid/v1/jwks\"\njwks_ca = \"{}\"\njwks_token_file = \"{}\"\n",
+                dir.join("api-ca.pem").display(),
+                dir.join("sa-token").display()
+            ),
+        )
+        .unwrap();
+    });
+    let claims = serde_json::json!({
+        "aud": "moat-ca", "sub": "system:serviceaccount:prod:api", "exp": now() + 600, "iat": now()
+    });
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = Some("c1".into());
+    let key = EncodingKey::from_ec_pem(signing.serialize_pem().as_bytes()).unwrap();
+    let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+    let svid = issue_with(&ca, &token).unwrap();
+    assert_eq!(svid.id.as_str(), "spiffe://example.org/ns/prod/sa/api");
+}
+
+#[test]
+fn ca_refuses_to_start_when_the_kubernetes_jwks_cannot_be_fetched() {
+    let (addr, server_pem) = https_jwks_server("{}".into(), "right-token");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    moat_ok(&["ca", "init", "--dir", path_str(&dir), "--trust-domain", "example.org"]);
+    std::fs::write(dir.join("api-ca.pem"), &server_pem).unwrap();
+    std::fs::write(dir.join("sa-token"), "wrong-token").unwrap();
+    std::fs::write(
+        dir.join("ca.toml"),
+        format!(
+            "[kubernetes]\naudience = \"moat-ca\"\njwks_url = \"https://{addr}/jwks\"\njwks_ca = \"{}\"\njwks_token_file = \"{}\"\n",
+            dir.join("api-ca.pem").display(),
+            dir.join("sa-token").display()
+        ),
+    )
+    .unwrap();
+    let out = moat(&["ca", "serve", "--dir", path_str(&dir), "--listen", "127.0.0.1:0", "--admin", "off"]);
+    assert_eq!(out.status.code(), Some(64));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+}

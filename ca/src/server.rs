@@ -77,6 +77,9 @@ pub struct KubernetesConfig {
     pub jwks_url: Option<String>,
     /// PEM roots that verify `jwks_url`'s server.
     pub jwks_ca: Option<PathBuf>,
+    /// A bearer token file sent with each `jwks_url` fetch (in a cluster:
+    /// `/var/run/secrets/kubernetes.io/serviceaccount/token`).
+    pub jwks_token_file: Option<PathBuf>,
 }
 
 /// `[limits]`: timeouts and sizes.
@@ -229,6 +232,7 @@ impl CaServer {
                     (None, Some(url), Some(ca)) => JwksSource::Url {
                         url: url.clone(),
                         ca_file: ca.clone(),
+                        token_file: k.jwks_token_file.clone(),
                     },
                     _ => return Err(ServerError::Config("kubernetes: no JWKS source".into())),
                 };

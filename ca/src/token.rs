@@ -104,6 +104,11 @@ pub enum JwksSource {
         url: String,
         /// PEM roots that verify the URL's server.
         ca_file: PathBuf,
+        /// A bearer token sent with each fetch, re-read every time (the
+        /// CA's own service-account token, which the kubelet rotates: the
+        /// API server's JWKS endpoint refuses anonymous callers on most
+        /// clusters).
+        token_file: Option<PathBuf>,
     },
 }
 
@@ -411,12 +416,20 @@ async fn load_jwks(source: &JwksSource) -> Result<JwkSet, TokenError> {
         JwksSource::File(path) => tokio::fs::read(path)
             .await
             .map_err(|e| TokenError::Jwks(format!("{}: {e}", path.display())))?,
-        JwksSource::Url { url, ca_file } => fetch_jwks(url, ca_file).await?.to_vec(),
+        JwksSource::Url {
+            url,
+            ca_file,
+            token_file,
+        } => fetch_jwks(url, ca_file, token_file.as_deref()).await?.to_vec(),
     };
     serde_json::from_slice(&bytes).map_err(|e| TokenError::Jwks(format!("not a JWKS: {e}")))
 }
 
-async fn fetch_jwks(url: &str, ca_file: &std::path::Path) -> Result<bytes::Bytes, TokenError> {
+async fn fetch_jwks(
+    url: &str,
+    ca_file: &std::path::Path,
+    token_file: Option<&std::path::Path>,
+) -> Result<bytes::Bytes, TokenError> {
     let pem = tokio::fs::read(ca_file)
         .await
         .map_err(|e| TokenError::Jwks(format!("{}: {e}", ca_file.display())))?;
@@ -437,7 +450,14 @@ async fn fetch_jwks(url: &str, ca_file: &std::path::Path) -> Result<bytes::Bytes
         .to_owned();
     let name = rustls_pki_types::ServerName::try_from(host)
         .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    let req = http::Request::get(uri)
+    let mut req = http::Request::get(uri);
+    if let Some(path) = token_file {
+        let token = tokio::fs::read_to_string(path)
+            .await
+            .map_err(|e| TokenError::Jwks(format!("{}: {e}", path.display())))?;
+        req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+    }
+    let req = req
         .body(http_body_util::Full::new(bytes::Bytes::new()))
         .map_err(|e| TokenError::Jwks(e.to_string()))?;
     let (status, body) =
