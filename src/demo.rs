@@ -39,9 +39,55 @@ pub struct DemoOptions {
 /// A child `moat` process whose JSON log lines are copied to a file and
 /// scanned for `listening` addresses. Terminated on drop.
 struct Proc {
-    name: &'static str,
+    name: String,
     child: Child,
     lines: Arc<Mutex<Vec<Value>>>,
+}
+
+/// What every sidecar of the demo shares: the CA and where files go.
+struct Sidecar<'a> {
+    dir: &'a Path,
+    ca_dir: &'a Path,
+    ca_addr: SocketAddr,
+    bundle: &'a Path,
+    logs: &'a Path,
+}
+
+impl Sidecar<'_> {
+    /// Mints a join token for `id`, writes `NAME-proxy.toml` (identity from
+    /// the CA, admin on port 0, then `listeners`), and starts the sidecar.
+    fn start(&self, name: &str, id: &str, listeners: &str) -> Result<Proc> {
+        let token = self.dir.join(format!("{name}.token"));
+        std::fs::write(
+            &token,
+            moat(&["ca", "token", "--dir", p(self.ca_dir), "--id", id])?.trim(),
+        )?;
+        let config = self.dir.join(format!("{name}-proxy.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                r#"# {name}'s sidecar.
+[identity]
+ca_url     = "https://{ca}"
+bundle     = "{bundle}"
+token_file = "{token}"
+ttl        = "{CERT_TTL}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+{listeners}"#,
+                ca = self.ca_addr,
+                bundle = self.bundle.display(),
+                token = token.display(),
+            ),
+        )?;
+        Proc::spawn(
+            &format!("{name}-sidecar"),
+            &["proxy", "--config", p(&config)],
+            self.logs,
+        )
+    }
 }
 
 /// A row of the request table.
@@ -127,78 +173,42 @@ async fn demo(dir: &Path, keep_running: bool) -> Result<()> {
     let (idp_key, jwks) = demo_idp()?;
     std::fs::write(dir.join("idp-jwks.json"), jwks.to_string())?;
     std::fs::write(dir.join("billing-policy.toml"), BILLING_POLICY)?;
-    let billing_token = dir.join("billing.token");
-    std::fs::write(
-        &billing_token,
-        moat(&["ca", "token", "--dir", p(&ca_dir), "--id", BILLING_ID])?.trim(),
-    )?;
-    let billing_config = dir.join("billing-proxy.toml");
-    std::fs::write(
-        &billing_config,
-        format!(
-            r#"# billing's sidecar: peers reach billing only through this listener.
-[identity]
-ca_url     = "https://{ca_addr}"
-bundle     = "{bundle}"
-token_file = "{token}"
-ttl        = "{CERT_TTL}"
-
-[admin]
-listen = "127.0.0.1:0"
-
+    let sidecar = Sidecar {
+        dir,
+        ca_dir: &ca_dir,
+        ca_addr,
+        bundle: &bundle,
+        logs: &logs,
+    };
+    let mut billing_proxy = sidecar.start(
+        "billing",
+        BILLING_ID,
+        &format!(
+            r#"# Peers reach billing only through this listener.
 [[inbound]]
 name     = "billing"
 listen   = "127.0.0.1:0"
 forward  = "{billing}"
 protocol = "http"
 policy   = "billing-policy.toml"
-"#,
-            bundle = bundle.display(),
-            token = billing_token.display(),
+"#
         ),
-    )?;
-    let mut billing_proxy = Proc::spawn(
-        "billing-sidecar",
-        &["proxy", "--config", p(&billing_config)],
-        &logs,
     )?;
     let billing_inbound = billing_proxy.listening("billing").await?;
     let billing_admin = billing_proxy.listening("admin").await?;
-
-    let frontend_token = dir.join("frontend.token");
-    std::fs::write(
-        &frontend_token,
-        moat(&["ca", "token", "--dir", p(&ca_dir), "--id", FRONTEND_ID])?.trim(),
-    )?;
-    let frontend_config = dir.join("frontend-proxy.toml");
-    std::fs::write(
-        &frontend_config,
-        format!(
-            r#"# frontend's sidecar: frontend calls billing through the outbound listener.
-[identity]
-ca_url     = "https://{ca_addr}"
-bundle     = "{bundle}"
-token_file = "{token}"
-ttl        = "{CERT_TTL}"
-
-[admin]
-listen = "127.0.0.1:0"
-
+    let mut frontend_proxy = sidecar.start(
+        "frontend",
+        FRONTEND_ID,
+        &format!(
+            r#"# frontend calls billing through this listener.
 [[outbound]]
 name     = "billing"
 listen   = "127.0.0.1:0"
 upstream = "{billing_inbound}"
 peer     = "{BILLING_ID}"
 protocol = "http"
-"#,
-            bundle = bundle.display(),
-            token = frontend_token.display(),
+"#
         ),
-    )?;
-    let mut frontend_proxy = Proc::spawn(
-        "frontend-sidecar",
-        &["proxy", "--config", p(&frontend_config)],
-        &logs,
     )?;
     let frontend_outbound = frontend_proxy.listening("billing").await?;
     let frontend_admin = frontend_proxy.listening("admin").await?;
@@ -378,7 +388,7 @@ fn moat(args: &[&str]) -> Result<String> {
 }
 
 impl Proc {
-    fn spawn(name: &'static str, args: &[&str], logs: &Path) -> Result<Self> {
+    fn spawn(name: &str, args: &[&str], logs: &Path) -> Result<Self> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["--log-format", "json"])
             .args(args)
@@ -403,7 +413,11 @@ impl Proc {
                 }
             }
         });
-        Ok(Self { name, child, lines })
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines,
+        })
     }
 
     /// The address a listener of this process reported.
