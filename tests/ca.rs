@@ -649,15 +649,23 @@ fn https_jwks_server(body: String, token: &'static str) -> (std::net::SocketAddr
         rt().block_on(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             loop {
-                let Ok((tcp, _)) = listener.accept().await else { continue };
-                let Ok(mut tls) = acceptor.accept(tcp).await else { continue };
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    continue;
+                };
                 let mut buf = vec![0u8; 8192];
                 let n = tls.read(&mut buf).await.unwrap_or(0);
                 let request = String::from_utf8_lossy(&buf[..n]).to_ascii_lowercase();
                 let reply = if request.contains(&format!("authorization: bearer {token}")) {
-                    format!("HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len())
+                    format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
                 } else {
-                    "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+                    "HTTP/1.1 401 Unauthorized\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+                        .to_owned()
                 };
                 let _ = tls.write_all(reply.as_bytes()).await;
                 let _ = tls.shutdown().await;
@@ -706,7 +714,14 @@ fn ca_refuses_to_start_when_the_kubernetes_jwks_cannot_be_fetched() {
     let (addr, server_pem) = https_jwks_server("{}".into(), "right-token");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
-    moat_ok(&["ca", "init", "--dir", path_str(&dir), "--trust-domain", "example.org"]);
+    moat_ok(&[
+        "ca",
+        "init",
+        "--dir",
+        path_str(&dir),
+        "--trust-domain",
+        "example.org",
+    ]);
     std::fs::write(dir.join("api-ca.pem"), &server_pem).unwrap();
     std::fs::write(dir.join("sa-token"), "wrong-token").unwrap();
     std::fs::write(
@@ -718,7 +733,16 @@ fn ca_refuses_to_start_when_the_kubernetes_jwks_cannot_be_fetched() {
         ),
     )
     .unwrap();
-    let out = moat(&["ca", "serve", "--dir", path_str(&dir), "--listen", "127.0.0.1:0", "--admin", "off"]);
+    let out = moat(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ]);
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("401"), "{stderr}");

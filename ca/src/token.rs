@@ -420,7 +420,9 @@ async fn load_jwks(source: &JwksSource) -> Result<JwkSet, TokenError> {
             url,
             ca_file,
             token_file,
-        } => fetch_jwks(url, ca_file, token_file.as_deref()).await?.to_vec(),
+        } => fetch_jwks(url, ca_file, token_file.as_deref())
+            .await?
+            .to_vec(),
     };
     serde_json::from_slice(&bytes).map_err(|e| TokenError::Jwks(format!("not a JWKS: {e}")))
 }
@@ -455,7 +457,10 @@ async fn fetch_jwks(
         let token = tokio::fs::read_to_string(path)
             .await
             .map_err(|e| TokenError::Jwks(format!("{}: {e}", path.display())))?;
-        req = req.header(http::header::AUTHORIZATION, format!("Bearer {}", token.trim()));
+        req = req.header(
+            http::header::AUTHORIZATION,
+            format!("Bearer {}", token.trim()),
+        );
     }
     let req = req
         .body(http_body_util::Full::new(bytes::Bytes::new()))
