@@ -149,7 +149,11 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
         E::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => "expired",
-        E::InvalidCertificate(CertificateError::Other(_)) => "wrong_identity",
+        // webpki reports some chain failures (a CA:TRUE leaf) as `Other`
+        // too: only our own verifier's refusals are about identity.
+        E::InvalidCertificate(CertificateError::Other(o)) if o.0.is::<PeerIdError>() => {
+            "wrong_identity"
+        }
         E::InvalidCertificate(_) => "other",
         _ => "protocol",
     }
