@@ -315,6 +315,18 @@ impl Shared {
             return (ProxyError::HeadersTooLarge.into_response(), None, raw_path);
         }
         // Only we say who the peer is.
+        if parts
+            .headers
+            .get_all(http::header::HOST)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            // RFC 9112 §3.2: the policy would read the first, a service may
+            // read the last.
+            let resp = ProxyError::BadRequest("several Host headers").into_response();
+            return (resp, None, raw_path);
+        }
         parts.headers.remove(&PEER_ID);
         parts.headers.remove(&XFCC);
         strip_hop_by_hop(&mut parts.headers);
