@@ -327,6 +327,18 @@ impl Shared {
             let resp = ProxyError::BadRequest("several Host headers").into_response();
             return (resp, None, raw_path);
         }
+        if let (Some(authority), Some(host)) =
+            (parts.uri.authority(), parts.headers.get(http::header::HOST))
+            && !authority
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes())
+        {
+            // The policy decides on Host; an HTTP/2 upstream is sent the
+            // :authority (and RFC 9112 §3.2.2 says absolute-form wins).
+            let resp = ProxyError::BadRequest("Host and :authority differ").into_response();
+            return (resp, None, raw_path);
+        }
         parts.headers.remove(&PEER_ID);
         parts.headers.remove(&XFCC);
         strip_hop_by_hop(&mut parts.headers);
