@@ -20,6 +20,13 @@ use moat_ca::SpiffeId;
 use crate::http::ProxyBody;
 use crate::policy::{Policy, RequestFacts, authorization_value};
 
+/// Headers that ask a service to treat a request as another method.
+const METHOD_OVERRIDES: [&str; 3] = [
+    "x-http-method-override",
+    "x-http-method",
+    "x-method-override",
+];
+
 /// What the authorization step decided, for forwarding and the access log.
 #[derive(Debug)]
 pub struct Outcome {
@@ -60,6 +67,23 @@ impl Authorizer {
             }
             Authorizer::Policy(p) => p.load_full(),
         };
+        // The policy decides on the request method; a service (or its
+        // framework) honouring one of these would act on another.
+        if METHOD_OVERRIDES
+            .iter()
+            .any(|h| parts.headers.contains_key(*h))
+        {
+            return Outcome {
+                route: None,
+                decision: "deny",
+                reason: "method_override",
+                forward_path: None,
+                deny: Some(crate::http::short_response(
+                    http::StatusCode::BAD_REQUEST,
+                    "moat: method override headers are refused\n",
+                )),
+            };
+        }
         // The facts borrow the URI and copies of two header values, so that
         // the decision can then rewrite the headers.
         let host_header = parts.headers.get(header::HOST).cloned();
