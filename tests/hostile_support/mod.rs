@@ -28,6 +28,8 @@ pub struct Sidecar {
     pub admin: SocketAddr,
     pub client: CertFiles,
     pub echo: SocketAddr,
+    /// A path the legitimate client may always GET.
+    pub alive_path: &'static str,
 }
 
 /// `extra` goes at the top level (`[limits]`, `[tls]`), `inbound_extra`
@@ -58,6 +60,7 @@ pub fn sidecar_with(extra: &str, inbound_extra: impl FnOnce(&TestCa) -> String) 
         admin: addrs[1],
         client,
         echo,
+        alive_path: "/still-up",
     }
 }
 
@@ -71,7 +74,7 @@ impl Sidecar {
         );
         let (status, body) = curl(
             self.inbound,
-            "/still-up",
+            self.alive_path,
             Some(&self.client),
             &["--http1.1"],
         );
