@@ -25,7 +25,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
 OUT=${OUT:-$REPO/benches/results}
 MOAT=${MOAT:-$REPO/target/release/moat}
-DUR=${DUR:-5}                  # seconds per oha run
+DUR=${DUR:-4}                  # seconds per oha run
 RATE=${RATE:-2000}             # req/s for the fixed-rate (latency) runs
 H2_CONNS=${H2_CONNS:-4}; H2_STREAMS=${H2_STREAMS:-8}
 IDLE_CONNS=${IDLE_CONNS:-1000}
@@ -34,7 +34,7 @@ OHA_VERSION=${OHA_VERSION:-1.16.0}
 MAX_SECONDS=${MAX_SECONDS:-540} # cap for the whole measurement phase (the harness stays under 10 min)
 QUIET_PCT=${QUIET_PCT:-15}     # wait until whole-box CPU use is <= this % ...
 QUIET_WAIT=${QUIET_WAIT:-15}   # ... for at most this many seconds per run ...
-QUIET_BUDGET=${QUIET_BUDGET:-120} # ... and at most this many seconds over the whole run (then: measure, flag)
+QUIET_BUDGET=${QUIET_BUDGET:-60} # ... and at most this many seconds over the whole run (then: measure, flag)
 OTHER_MAX=${OTHER_MAX:-15}     # retry a run if more than this % of a core went to processes not ours
 RETRIES=${RETRIES:-1}
 WARM=${WARM:-1}                # seconds excluded from the steady-state percentiles
@@ -55,6 +55,8 @@ HA_PORT=19443                  # haproxy mTLS, mode http, tickets on
 HA_TCP_PORT=19444              # haproxy mTLS, mode tcp
 ST_PORT=19445                  # stunnel4 mTLS, tcp
 HA_FULL_PORT=19446             # haproxy mTLS, mode http, no tickets / no cache
+HA_IDLE_PORT=19450             # fresh haproxy (mode http, mTLS) for the memory phase
+NG_IDLE_PORT=18550             # fresh nginx (mTLS) for the memory phase
 ALL_PORTS="$B_PORT $B_H2C_PORT $MI_PORT $MI_TCP_PORT $MO_PORT $MO_TCP_PORT $NG_PORT $NG_FULL_PORT $HA_PORT $HA_TCP_PORT $ST_PORT $HA_FULL_PORT"
 
 mkdir -p "$ROOT"/{pki,conf,logs,run,raw} "$OUT"
@@ -267,7 +269,15 @@ listen = "127.0.0.1:$MIDLE_PORT"
 forward = "127.0.0.1:$B_PORT"
 protocol = "http"
 EOF
+  # Fresh haproxy and nginx for the memory phase: one mTLS frontend each, as above, nothing served before.
+  sed -e "s|^  pidfile .*|  pidfile $P/run/haproxy-idle.pid|" -e "/stats socket/d" $C/haproxy.cfg \
+    | awk -v port=$HA_IDLE_PORT '/^frontend mtls_http_full/{skip=1} /^backend app$/{skip=0} !skip' \
+    | sed "s|127.0.0.1:$HA_PORT |127.0.0.1:$HA_IDLE_PORT |" > $C/haproxy-idle.cfg
+  sed -e "s|nginx-mtls|nginx-idle|g" -e "s|/nm-|/ni-|g" -e "s|127.0.0.1:$NG_PORT |127.0.0.1:$NG_IDLE_PORT |" \
+      -e "s|shared:S:10m|shared:SI:10m|" $C/nginx-mtls.conf | grep -v "listen 127.0.0.1:$NG_FULL_PORT" \
+    | awk '/ssl_session_cache off/{skip=2} skip>0{skip--; next} 1' > $C/nginx-idle.conf
   haproxy -c -q -f $C/haproxy.cfg || { log "haproxy config invalid"; exit 1; }
+  haproxy -c -q -f $C/haproxy-idle.cfg || { log "haproxy-idle config invalid"; exit 1; }
 }
 
 # ---------------------------------------------------------------- process management
@@ -298,7 +308,7 @@ wait_port() { local i; for i in $(seq 100); do ss -ltnH "sport = :$1" | grep -q 
 
 start_all() {
   local p
-  for p in $ALL_PORTS $MIDLE_PORT; do
+  for p in $ALL_PORTS $MIDLE_PORT $HA_IDLE_PORT $NG_IDLE_PORT; do
     ss -ltnH "sport = :$p" | grep -q . && { log "port $p already in use — is another run going on?"; exit 1; }
   done
   start backend nginx -c "$ROOT/conf/nginx-backend.conf" -p "$ROOT/run/"
@@ -387,7 +397,7 @@ run_once() {
   rm -f "$ROOT/run/$label.db" "$ROOT/run/$label.snap1" "$ROOT/raw/$label.extra"
   quiet_gate
   log "run $label ($target, $*)"
-  taskset -c "$CLI_CPU" timeout $((DUR + 60)) "$OHA" -z "${DUR}s" --no-tui --output-format json \
+  taskset -c "$CLI_CPU" timeout $((DUR + 60)) "$OHA" -z "${DUR}s" --no-tui --worker-threads 1 --output-format json \
       -o "$ROOT/raw/$label.json" --db-url "$ROOT/run/$label.db" "${tls[@]}" "$@" "$url" 2>"$ROOT/logs/$label.err" &
   local ohapid=$!
   snap0=$(snapshot "${pin:- }" "${pout:- }" "$bpids" "$ohapid")
@@ -416,21 +426,21 @@ print(" ".join(l.replace(": ", "=") for l in buf.decode().splitlines() if l.spli
 PY
 }
 
-measure() {
-  local H="https://127.0.0.1" c H1=(--http-version 1.1)
-  for c in 32 1 256; do
-    log "A) HTTP/1.1 keep-alive, closed loop, -c $c, ${DUR}s each"
-    run ka_direct_c$c       ka "direct (plain HTTP)"              $c -                -        "http://127.0.0.1:$B_PORT/"  -c $c
-    run ka_moat_in_c$c      ka "moat inbound (mTLS -> h1)"        $c moat_in          -        "$H:$MI_PORT/"      -c $c "${H1[@]}"
-    run ka_moat_pair_c$c    ka "moat sidecar pair (out -> in)"    $c moat_in          moat_out "http://127.0.0.1:$MO_PORT/" -c $c
-    run ka_haproxy_http_c$c ka "haproxy mTLS, mode http"          $c haproxy          -        "$H:$HA_PORT/"      -c $c "${H1[@]}"
-    run ka_nginx_http_c$c   ka "nginx mTLS, proxy_pass"           $c nginx            -        "$H:$NG_PORT/"      -c $c "${H1[@]}"
-    run ka_moat_tcp_c$c     ka "moat inbound, tcp mode"           $c moat_in          -        "$H:$MI_TCP_PORT/"  -c $c "${H1[@]}"
-    run ka_stunnel_tcp_c$c  ka "stunnel4 mTLS (tcp)"              $c stunnel          -        "$H:$ST_PORT/"      -c $c "${H1[@]}"
-  done
-  run ka_moat_pair_tcp_c32  ka "moat sidecar pair, tcp mode"      32 moat_in          moat_out "http://127.0.0.1:$MO_TCP_PORT/" -c 32
-  run ka_haproxy_tcp_c32    ka "haproxy mTLS, mode tcp"           32 haproxy          -        "$H:$HA_TCP_PORT/"  -c 32 "${H1[@]}"
+sweep() { # concurrency
+  local H="https://127.0.0.1" c=$1 H1=(--http-version 1.1)
+  log "A) HTTP/1.1 keep-alive, closed loop, -c $c, ${DUR}s each"
+  run ka_direct_c$c       ka "direct (plain HTTP)"              $c -                -        "http://127.0.0.1:$B_PORT/"  -c $c
+  run ka_moat_in_c$c      ka "moat inbound (mTLS -> h1)"        $c moat_in          -        "$H:$MI_PORT/"      -c $c "${H1[@]}"
+  run ka_moat_pair_c$c    ka "moat sidecar pair (out -> in)"    $c moat_in          moat_out "http://127.0.0.1:$MO_PORT/" -c $c
+  run ka_haproxy_http_c$c ka "haproxy mTLS, mode http"          $c haproxy          -        "$H:$HA_PORT/"      -c $c "${H1[@]}"
+  run ka_nginx_http_c$c   ka "nginx mTLS, proxy_pass"           $c nginx            -        "$H:$NG_PORT/"      -c $c "${H1[@]}"
+  run ka_moat_tcp_c$c     ka "moat inbound, tcp mode"           $c moat_in          -        "$H:$MI_TCP_PORT/"  -c $c "${H1[@]}"
+  run ka_stunnel_tcp_c$c  ka "stunnel4 mTLS (tcp)"              $c stunnel          -        "$H:$ST_PORT/"      -c $c "${H1[@]}"
+}
 
+measure() { # runs that targets depend on come first: if the time cap hits, the sweeps at c=1/256 go
+  local H="https://127.0.0.1" H1=(--http-version 1.1)
+  sweep 32
   log "B) HTTP/1.1 keep-alive, fixed ${RATE} req/s (latency-corrected), -c 32"
   local FR=(-c 32 -q "$RATE" --latency-correction)
   run fr_direct       fr "direct (plain HTTP)"           32 -       -        "http://127.0.0.1:$B_PORT/" "${FR[@]}"
@@ -458,32 +468,36 @@ measure() {
   run hs_nginx_resume   hs "nginx, tickets + cache (oha resumes)"        32 nginx   -       "$H:$NG_PORT/"      "${HS[@]}"
   run hs_moat_tcp       hs "moat inbound tcp mode (no resumption)"       32 moat_in -       "$H:$MI_TCP_PORT/"  "${HS[@]}"
   run hs_stunnel        hs "stunnel4 (resumption on)"                    32 stunnel -       "$H:$ST_PORT/"      "${HS[@]}"
+  sweep 1
+  sweep 256
+  log "E) tcp mode through the pair, haproxy mode tcp, -c 32"
+  run ka_moat_pair_tcp_c32  ka "moat sidecar pair, tcp mode"      32 moat_in          moat_out "http://127.0.0.1:$MO_TCP_PORT/" -c 32
+  run ka_haproxy_tcp_c32    ka "haproxy mTLS, mode tcp"           32 haproxy          -        "$H:$HA_TCP_PORT/"  -c 32 "${H1[@]}"
   mv "$RUNS.new" "$RUNS"
 }
 
 # ---------------------------------------------------------------- memory: idle, 1,000 idle mTLS connections
 MEM="$OUT/memory.tsv"
-memory() {
+memory() { # every proxy fresh (nothing served before but one request), then IDLE_CONNS idle mTLS connections
   printf 'target\tidle_rss_mb\tconns_wanted\tconns_open\trss_with_conns_mb\thwm_mb\tper_conn_kb\n' > "$MEM"
-  local port name rss0 line
+  local line name port pname
   RUST_LOG=warn start moat_idle "$MOAT" proxy --config "$ROOT/conf/moat-idle.toml"
-  wait_port $MIDLE_PORT || return
+  start haproxy_idle haproxy -db -f "$ROOT/conf/haproxy-idle.cfg"
+  start nginx_idle nginx -c "$ROOT/conf/nginx-idle.conf" -p "$ROOT/run/"
+  for port in $MIDLE_PORT $HA_IDLE_PORT $NG_IDLE_PORT; do wait_port $port || return; done
   sleep 1
-  rss0=$(rss_kb "${PID[moat_idle]}")
-  # First request warms the pool to the backend: the idle figure is a proxy that has served once.
-  curl -s -o /dev/null "${CURL_TLS[@]}" https://127.0.0.1:$MIDLE_PORT/
-  sleep 0.5
-  log "moat idle RSS: fresh $((rss0 / 1024)) MiB, after one request $(( $(rss_kb "${PID[moat_idle]}") / 1024 )) MiB"
-  echo "fresh_rss_kb=$rss0" > "$ROOT/raw/moat_idle_fresh.txt"
-  for line in "moat inbound|$MIDLE_PORT|moat_idle" "haproxy (mtls_http)|$HA_PORT|haproxy" "nginx (mTLS)|$NG_PORT|nginx"; do
+  echo "moat fresh_rss_kb=$(rss_kb "${PID[moat_idle]}") (before any request)" > "$ROOT/raw/moat_idle_fresh.txt"
+  for line in "moat inbound|$MIDLE_PORT|moat_idle" "haproxy mode http|$HA_IDLE_PORT|haproxy_idle" "nginx|$NG_IDLE_PORT|nginx_idle"; do
     IFS='|' read -r name port pname <<<"$line"
     idle_conns "$name" "$port" "$pname"
+    stop "$pname"
   done
-  stop moat_idle
 }
 idle_conns() { # name port pid-name
   local name=$1 port=$2 pids r0 hold=6
   pids=$(tree_pids "${PID[$3]}")
+  # One request first (warms the pool to the backend): "idle" is a proxy that has served once.
+  curl -s -o /dev/null "${CURL_TLS[@]}" https://127.0.0.1:$port/; sleep 0.5
   # shellcheck disable=SC2086
   r0=$(rss_kb $pids)
   log "opening $IDLE_CONNS idle mTLS connections to $name (:$port)"
