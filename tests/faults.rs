@@ -363,7 +363,10 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
     let mut tokens = Vec::new();
     for i in 0..20 {
         let t = token(&format!("spiffe://example.org/vm/full{i}"));
-        if issue(&t).is_err() {
+        if let Err(e) = issue(&t) {
+            if refused == 0 {
+                eprintln!("with the disk full: {e}");
+            }
             refused += 1;
         }
         tokens.push(t);
@@ -379,6 +382,7 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
     );
     std::fs::remove_file(&filler).unwrap();
     issue(&token("spiffe://example.org/vm/after")).expect("issues again once there is room");
+    issue(&tokens[0]).expect("a token refused for lack of disk was not burned");
     assert!(
         issue(&used).is_err(),
         "the token spent before the disk filled is still spent"
