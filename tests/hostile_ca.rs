@@ -58,7 +58,11 @@ fn csr(dir: &Path, name: &str, key_opts: &[&str], ext: &[&str]) -> PathBuf {
     }
     args.extend(["-keyout", path_str(&key), "-out", path_str(&out_path)]);
     let out = tool("openssl", &args);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out_path
 }
 
@@ -126,7 +130,11 @@ fn malformed_unsupported_and_oversized_csrs_are_refused_without_burning_the_toke
     let bad_sig = dir.join("badsig.der");
     std::fs::write(&bad_sig, &der).unwrap();
     let garbage = dir.join("garbage.bin");
-    std::fs::write(&garbage, b"-----BEGIN CERTIFICATE REQUEST-----\n!!!!\n-----END CERTIFICATE REQUEST-----\n").unwrap();
+    std::fs::write(
+        &garbage,
+        b"-----BEGIN CERTIFICATE REQUEST-----\n!!!!\n-----END CERTIFICATE REQUEST-----\n",
+    )
+    .unwrap();
     let huge = dir.join("huge.bin");
     std::fs::write(&huge, vec![b'A'; 4 * 1024 * 1024]).unwrap();
     for (what, file, status, reason) in [
@@ -174,11 +182,23 @@ fn forged_tokens_are_refused() {
     aud_array["aud"] = serde_json::json!(["spiffe://other.org", claims["aud"].clone()]);
     aud_array["sub"] = admin["sub"].clone();
     let forged = [
-        ("claims changed, signature kept", format!("{}.{}.{}", parts[0], enc(&admin), parts[2])),
+        (
+            "claims changed, signature kept",
+            format!("{}.{}.{}", parts[0], enc(&admin), parts[2]),
+        ),
         ("alg none", format!("{}.{}.", enc(&none), enc(&admin))),
-        ("alg none with the real signature", format!("{}.{}.{}", enc(&none), parts[1], parts[2])),
-        ("kid path injection", format!("{}.{}.{}", enc(&kid_path), enc(&admin), parts[2])),
-        ("aud array", format!("{}.{}.{}", parts[0], enc(&aud_array), parts[2])),
+        (
+            "alg none with the real signature",
+            format!("{}.{}.{}", enc(&none), parts[1], parts[2]),
+        ),
+        (
+            "kid path injection",
+            format!("{}.{}.{}", enc(&kid_path), enc(&admin), parts[2]),
+        ),
+        (
+            "aud array",
+            format!("{}.{}.{}", parts[0], enc(&aud_array), parts[2]),
+        ),
         ("two dots only", "..".to_owned()),
         ("huge", "a".repeat(64 * 1024)),
     ];
@@ -214,7 +234,10 @@ fn a_flood_of_bad_requests_does_not_stop_issuance() {
         }
         set.join_all().await
     });
-    assert!(refused.iter().all(|r| r.is_err()), "every forged token refused");
+    assert!(
+        refused.iter().all(|r| r.is_err()),
+        "every forged token refused"
+    );
     let token = ca.token("spiffe://example.org/vm/after-flood");
     let svid = rt
         .block_on(client.issue(&WorkloadKey::generate().unwrap(), &token))

@@ -12,7 +12,6 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use hostile_support::*;
-use proxy_support::*;
 use serde_json::Value;
 
 const SMUGGLED: &[u8] = b"GET /smuggled HTTP/1.1\r\nhost: x\r\n\r\n";
