@@ -416,3 +416,46 @@ fn unsafe_libc_geteuid() -> u32 {
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(1)
 }
+
+#[test]
+fn certificate_files_truncated_deleted_or_replaced_under_traffic() {
+    let mut s = sidecar("", "");
+    let dir = s.ca.dir.path().to_owned();
+    let (cert, key) = (dir.join("server.crt"), dir.join("server.key"));
+    let before = identity_json(s.admin)["serial"].clone();
+    let unusable = |s: &Sidecar| {
+        count_logs(
+            &s.proxy,
+            "identity files changed but are unusable; keeping the current credentials",
+        )
+    };
+    // Truncated (an editor's first step, or a full disk).
+    let seen = unusable(&s);
+    std::fs::write(&cert, "").unwrap();
+    eventually(Duration::from_secs(10), "the empty file refused", || {
+        unusable(&s) > seen
+    });
+    assert_eq!(identity_json(s.admin)["serial"], before);
+    s.assert_still_serving();
+    // Deleted, both files.
+    std::fs::remove_file(&cert).unwrap();
+    std::fs::remove_file(&key).unwrap();
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(
+        identity_json(s.admin)["serial"],
+        before,
+        "old kept after delete"
+    );
+    s.assert_still_serving();
+    // Recreated by write-rename, key first: applied once the pair matches.
+    let fresh = issue(&s.ca, SERVER_ID, "2h", "fresh");
+    for (from, to) in [(&fresh.key, &key), (&fresh.cert, &cert)] {
+        let tmp = dir.join(".incoming");
+        std::fs::copy(from, &tmp).unwrap();
+        std::fs::rename(&tmp, to).unwrap();
+    }
+    eventually(Duration::from_secs(10), "the new pair served", || {
+        identity_json(s.admin)["serial"] != before
+    });
+    s.assert_still_serving();
+}
