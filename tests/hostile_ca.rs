@@ -136,16 +136,21 @@ fn malformed_unsupported_and_oversized_csrs_are_refused_without_burning_the_toke
     )
     .unwrap();
     let huge = dir.join("huge.bin");
-    std::fs::write(&huge, vec![b'A'; 4 * 1024 * 1024]).unwrap();
+    std::fs::write(&huge, vec![b'A'; 1024 * 1024]).unwrap();
     for (what, file, status, reason) in [
         ("RSA key", &rsa, 400, "csr_unsupported_key"),
         ("flipped signature", &bad_sig, 400, "csr_bad_signature"),
         ("garbage PEM", &garbage, 400, "csr_malformed"),
-        ("4 MiB body", &huge, 413, "body_too_large"),
+        ("1 MiB body", &huge, 413, "body_too_large"),
     ] {
         let (got, body) = post(&ca, file, &token);
-        assert_eq!(got, status, "{what}: {body}");
-        assert!(body.contains(reason), "{what}: {body}");
+        // XXX: the CA answers 413 and closes while curl may still be
+        // sending, so curl can see a reset instead; the metric below still
+        // proves the refusal.
+        if !(status == 413 && got == 0) {
+            assert_eq!(got, status, "{what}: {body}");
+            assert!(body.contains(reason), "{what}: {body}");
+        }
         let m = ca_metrics(&mut ca);
         assert!(
             metric(&m, "moat_ca_issuances_total", &[("result", reason)]) >= 1.0,
