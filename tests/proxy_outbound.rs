@@ -183,3 +183,51 @@ fn outbound_answers_502_when_peer_refuses_our_identity() {
                 .is_some_and(|e| e.contains("not in allow_peers"))
     });
 }
+
+#[test]
+fn host_routes_match_http2_traffic_through_a_sidecar_pair() {
+    let ca = support::TestCa::start();
+    let service = support::echo_service();
+    let dir = ca.dir.path();
+    let policy = write(
+        dir,
+        "host-policy.toml",
+        "[[route]]\nname = \"billing-host\"\nhost = \"billing.example\"\npath = \"/*\"\nallow = \"any-peer\"\n",
+    );
+    let server = "spiffe://example.org/ns/prod/sa/billing";
+    let server_cfg = write(
+        dir,
+        "host-server.toml",
+        &format!(
+            "{}{ADMIN}[[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\nforward_http = \"http1\"\npolicy = {:?}\n",
+            ca_identity(&ca, server, "host-server", ""),
+            support::path_str(&policy)
+        ),
+    );
+    let (_server, addrs) = start_proxy(&server_cfg, &["in"]);
+    let client_cfg = write(
+        dir,
+        "host-client.toml",
+        &format!(
+            "{}{ADMIN}[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{server}\"\n",
+            ca_identity(
+                &ca,
+                "spiffe://example.org/ns/prod/sa/web",
+                "host-client",
+                ""
+            ),
+            addrs[0]
+        ),
+    );
+    let (_client, addrs) = start_proxy(&client_cfg, &["out"]);
+    let out = addrs[0];
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        eventually(
+            std::time::Duration::from_secs(20),
+            "a 200 through the pair",
+            || curl_http(out, "/x", &[version, "-H", "Host: billing.example"]).0 == 200,
+        );
+        let (status, body) = curl_http(out, "/x", &[version, "-H", "Host: other.example"]);
+        assert_eq!(status, 403, "{version}: {body}");
+    }
+}

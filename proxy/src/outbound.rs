@@ -256,9 +256,26 @@ impl Shared {
         parts.headers.remove(&PEER_ID);
         parts.headers.remove(&XFCC);
         strip_hop_by_hop(&mut parts.headers);
-        let mut uri = Uri::builder()
-            .scheme(Scheme::HTTPS)
-            .authority(self.upstream_authority.clone());
+        // HTTP/2 carries the host in `:authority`, so it keeps the one the
+        // service addressed (as `Host` does for HTTP/1.1): the peer's route
+        // policy then sees the same host over either version. The connector
+        // dials the configured upstream whatever the URI says.
+        let authority = if parts.version == Version::HTTP_2 {
+            parts
+                .uri
+                .authority()
+                .cloned()
+                .or_else(|| {
+                    parts
+                        .headers
+                        .get(http::header::HOST)
+                        .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+                })
+                .unwrap_or_else(|| self.upstream_authority.clone())
+        } else {
+            self.upstream_authority.clone()
+        };
+        let mut uri = Uri::builder().scheme(Scheme::HTTPS).authority(authority);
         uri = match parts.uri.path_and_query() {
             Some(pq) => uri.path_and_query(pq.clone()),
             None => uri.path_and_query("/"),
