@@ -101,6 +101,10 @@ def main():
              % (meta.get("cpu", "?"), meta.get("kernel", "?"), meta.get("srv_cpu"), meta.get("cli_cpu"),
                 meta.get("dur"), meta.get("rate"), meta.get("h2"), meta.get("background_before"),
                 meta.get("measure_seconds")))
+    L.append("moat binary: %s. A fresh moat inbound uses %s MiB before its first request.\n"
+             % (meta.get("moat_binary", "?"), meta.get("moat_fresh_rss_mib_before_any_request", "?")))
+    if os.path.exists(os.path.join(a.out, "analysis.md")):
+        L.append("Profiles, A/B experiments and where memory goes: [analysis.md](analysis.md) (hand-written).\n")
     L.append("## Targets (issue 7)\n")
     L.append("| target | measured | limit | verdict | max other_pct of its runs | detail |\n|---|---|---|---|---|---|")
     for x in targets:

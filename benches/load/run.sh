@@ -486,7 +486,8 @@ memory() { # every proxy fresh (nothing served before but one request), then IDL
   start nginx_idle nginx -c "$ROOT/conf/nginx-idle.conf" -p "$ROOT/run/"
   for port in $MIDLE_PORT $HA_IDLE_PORT $NG_IDLE_PORT; do wait_port $port || return; done
   sleep 1
-  echo "moat fresh_rss_kb=$(rss_kb "${PID[moat_idle]}") (before any request)" > "$ROOT/raw/moat_idle_fresh.txt"
+  MOAT_FRESH_KB=$(rss_kb "${PID[moat_idle]}")   # before any request
+  echo "moat fresh_rss_kb=$MOAT_FRESH_KB (before any request)" > "$ROOT/raw/moat_idle_fresh.txt"
   for line in "moat inbound|$MIDLE_PORT|moat_idle" "haproxy mode http|$HA_IDLE_PORT|haproxy_idle" "nginx|$NG_IDLE_PORT|nginx_idle"; do
     IFS='|' read -r name port pname <<<"$line"
     idle_conns "$name" "$port" "$pname"
@@ -544,5 +545,7 @@ python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --ou
   --meta "dur=$DUR" "rate=$RATE" "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" \
          "versions=$VERSIONS" "background_before=cpu$SRV_CPU ${BG_SRV}% cpu$CLI_CPU ${BG_CLI}%" \
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
-         "measure_seconds=$((SECONDS - T_START))" "quiet_wait_seconds=$QUIET_SPENT"
+         "measure_seconds=$((SECONDS - T_START))" "quiet_wait_seconds=$QUIET_SPENT" \
+         "moat_fresh_rss_mib_before_any_request=$(awk -v k="${MOAT_FRESH_KB:-0}" 'BEGIN{printf "%.1f", k/1024}')" \
+         "moat_binary=$MOAT built $(date -u -r "$MOAT" +%Y-%m-%dT%H:%M:%SZ)"
 log "done in $((SECONDS)) s: $OUT/summary.md, $OUT/results.json"
