@@ -25,7 +25,8 @@ methods = ["GET"]
 peers = ["spiffe://example.org/ns/shop/sa/frontend"]
 "#;
 
-/// client → outbound sidecar → mTLS → inbound sidecar (with policy) → echo.
+/// client → outbound sidecar → mTLS → inbound sidecar (with policy, on the
+/// single-threaded runtime) → echo.
 struct Pair {
     _ca: TestCa,
     server: Running,
@@ -44,7 +45,7 @@ fn pair(telemetry: &str) -> Pair {
         dir,
         "server.toml",
         &format!(
-            "{}{ADMIN}[telemetry]\nservice_name = \"billing-sidecar\"\n{telemetry}\n\
+            "{}{ADMIN}[runtime]\nworker_threads = 1\n[telemetry]\nservice_name = \"billing-sidecar\"\n{telemetry}\n\
              [[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\npolicy = {:?}\n",
             ca_identity(&ca, SERVER, "server", ""),
             path_str(&policy)

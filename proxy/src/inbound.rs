@@ -168,8 +168,11 @@ impl Shared {
         };
         tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
         match self.protocol {
-            Protocol::Http => self.serve_http(tls, peer, &drain).await,
-            Protocol::Tcp => self.serve_tcp(tls, peer).await,
+            // Boxed: the connection task then holds only the live phase,
+            // not both protocols' state side by side (~18 KiB a connection
+            // unboxed; benches/results/analysis.md).
+            Protocol::Http => Box::pin(self.serve_http(tls, peer, &drain)).await,
+            Protocol::Tcp => Box::pin(self.serve_tcp(tls, peer)).await,
         }
     }
 
@@ -255,8 +258,9 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let (resp, outcome, path) = self
-            .forward(req, peer, &span)
+        // Boxed so hyper's per-connection in-flight slot holds a pointer,
+        // not the whole forwarding state machine (-4.5 KiB a connection).
+        let (resp, outcome, path) = Box::pin(self.forward(req, peer, &span))
             .instrument(span.clone())
             .await;
         let status = resp.status().as_u16();

@@ -218,7 +218,9 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let resp = self.forward(req, &span).instrument(span.clone()).await;
+        let resp = Box::pin(self.forward(req, &span))
+            .instrument(span.clone())
+            .await;
         let status = resp.status().as_u16();
         span.record("http.response.status_code", status);
         if status >= 500 {
