@@ -108,7 +108,8 @@ def main():
     L.append("## Targets (issue 7)\n")
     L.append("| target | measured | limit | verdict | max other_pct of its runs | detail |\n|---|---|---|---|---|---|")
     for x in targets:
-        fmt = lambda v: "-" if v is None else ("%.3f" % v if abs(v) < 10 else "%.0f" % v)  # noqa: E731
+        fmt = lambda v: "-" if v is None else (  # noqa: E731
+            "%.1f" % v if x["unit"] == "MiB" else "%.3f" % v if abs(v) < 10 else "%.0f" % v)
         noisy = x["max_other_pct"]
         L.append("| %s | %s %s | %s %s | **%s** | %s | %s |" % (x["target"], fmt(x["value"]), x["unit"],
                  (">=" if x["kind"] == "min" else "<="), fmt(x["limit"]), x["verdict"],
