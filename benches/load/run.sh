@@ -96,6 +96,10 @@ install_deps() {
       || { log "moat build failed, see $ROOT/logs/moat-build.log"; exit 1; }
   fi
   [ -x "$MOAT" ] || { log "no moat binary at $MOAT"; exit 1; }
+  # Every moat process of this run starts from one snapshot of the binary: a rebuild of target/ during
+  # the run (the checkout may be shared) must not change what the later phases measure.
+  MOAT_BUILT=$(date -u -r "$MOAT" +%Y-%m-%dT%H:%M:%SZ)
+  cp "$MOAT" "$ROOT/moat.bin" && MOAT_SRC=$MOAT && MOAT="$ROOT/moat.bin"
   log "oha: $($OHA --version 2>/dev/null); moat: $MOAT ($(git -C "$REPO" rev-parse --short HEAD 2>/dev/null))"
 }
 
@@ -547,5 +551,5 @@ python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --ou
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
          "measure_seconds=$((SECONDS - T_START))" "quiet_wait_seconds=$QUIET_SPENT" \
          "moat_fresh_rss_mib_before_any_request=$(awk -v k="${MOAT_FRESH_KB:-0}" 'BEGIN{printf "%.1f", k/1024}')" \
-         "moat_binary=$MOAT built $(date -u -r "$MOAT" +%Y-%m-%dT%H:%M:%SZ)"
+         "moat_binary=$MOAT_SRC built $MOAT_BUILT (sha256 $(sha256sum "$MOAT" | cut -c1-12), copied at start)"
 log "done in $((SECONDS)) s: $OUT/summary.md, $OUT/results.json"
