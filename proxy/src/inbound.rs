@@ -29,7 +29,7 @@ use crate::http::{
     PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
     strip_hop_by_hop,
 };
-use crate::telemetry::Observability;
+use crate::telemetry::{ListenerMetrics, Observability};
 use crate::tls::TlsFactory;
 use crate::{Error, drain};
 
@@ -53,6 +53,7 @@ struct Shared {
     upstream: UpstreamClient<LocalConnector>,
     authz: Authorizer,
     obs: Observability,
+    requests: ListenerMetrics,
     listen_addr: SocketAddr,
 }
 
@@ -110,6 +111,7 @@ impl InboundListener {
             ),
             authz,
             obs: obs.clone(),
+            requests: obs.metrics.listener(&config.name, "inbound"),
             listen_addr: addr,
         };
         tracing::info!(listener = %config.name, addr = %addr, "listening");
@@ -286,9 +288,8 @@ impl Shared {
         if status >= 500 {
             span.record("otel.status_code", "ERROR");
         }
-        self.obs.metrics.request(
-            &self.name, "inbound", route, &method, status, decision, elapsed,
-        );
+        self.requests
+            .request(route, &method, status, decision, elapsed);
         crate::telemetry::access_log(&crate::telemetry::AccessEntry {
             trace_id: &trace_id,
             listener: &self.name,

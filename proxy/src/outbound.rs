@@ -34,7 +34,7 @@ use crate::http::{
     PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
     strip_hop_by_hop,
 };
-use crate::telemetry::Observability;
+use crate::telemetry::{ListenerMetrics, Observability};
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::{Error, drain};
 
@@ -55,6 +55,7 @@ struct Shared {
     connector: PeerConnector,
     upstream: UpstreamClient<PeerConnector>,
     obs: Observability,
+    requests: ListenerMetrics,
     listen_addr: SocketAddr,
 }
 
@@ -119,6 +120,7 @@ impl OutboundListener {
                 ProxyError::PeerUnavailable,
             ),
             obs: obs.clone(),
+            requests: obs.metrics.listener(&config.name, "outbound"),
             listen_addr: addr,
         };
         tracing::info!(listener = %config.name, addr = %addr, "listening");
@@ -227,9 +229,7 @@ impl Shared {
             span.record("otel.status_code", "ERROR");
         }
         let elapsed = started.elapsed();
-        self.obs.metrics.request(
-            &self.name, "outbound", "-", &method, status, "none", elapsed,
-        );
+        self.requests.request("-", &method, status, "none", elapsed);
         crate::telemetry::access_log(&crate::telemetry::AccessEntry {
             trace_id: &trace_id,
             listener: &self.name,

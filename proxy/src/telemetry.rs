@@ -472,34 +472,23 @@ impl ProxyMetrics {
         }
     }
 
-    /// Counts one finished request.
-    #[allow(clippy::too_many_arguments)]
-    pub fn request(
-        &self,
-        listener: &str,
-        direction: &'static str,
-        route: &str,
-        method: &http::Method,
-        status: u16,
-        decision: &str,
-        elapsed: Duration,
-    ) {
-        self.requests
-            .get_or_create(&[
-                ("listener", listener.to_owned()),
-                ("direction", direction.to_owned()),
-                ("route", route.to_owned()),
-                ("method", method_class(method).to_owned()),
-                ("status", status_class(status).to_owned()),
-                ("decision", decision.to_owned()),
-            ])
-            .inc();
-        self.duration
+    /// The request metrics of one listener, with its duration histogram
+    /// resolved once here instead of looked up (and its labels built) on
+    /// every request.
+    pub fn listener(&self, listener: &str, direction: &'static str) -> ListenerMetrics {
+        let duration = self
+            .duration
             .get_or_create(&[
                 ("listener", listener.to_owned()),
                 ("direction", direction.to_owned()),
             ])
-            .observe(elapsed.as_secs_f64());
+            .clone();
+        ListenerMetrics {
+            requests: self.requests.clone(),
+            duration,
+            listener: listener.to_owned(),
+            direction,
+        }
     }
 
     /// Counts one completed TLS handshake.
@@ -586,6 +575,40 @@ impl std::fmt::Debug for Observability {
 impl std::fmt::Debug for ProxyMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("ProxyMetrics")
+    }
+}
+
+/// One listener's request counter and duration histogram (see
+/// [`ProxyMetrics::listener`]).
+#[derive(Clone, Debug)]
+pub struct ListenerMetrics {
+    requests: Family<RequestLabels, Counter>,
+    duration: Histogram,
+    listener: String,
+    direction: &'static str,
+}
+
+impl ListenerMetrics {
+    /// Counts one finished request.
+    pub fn request(
+        &self,
+        route: &str,
+        method: &http::Method,
+        status: u16,
+        decision: &str,
+        elapsed: Duration,
+    ) {
+        self.requests
+            .get_or_create(&[
+                ("listener", self.listener.clone()),
+                ("direction", self.direction.to_owned()),
+                ("route", route.to_owned()),
+                ("method", method_class(method).to_owned()),
+                ("status", status_class(status).to_owned()),
+                ("decision", decision.to_owned()),
+            ])
+            .inc();
+        self.duration.observe(elapsed.as_secs_f64());
     }
 }
 
@@ -750,9 +773,7 @@ mod tests {
     #[test]
     fn metrics_encode_as_openmetrics() {
         let m = ProxyMetrics::new();
-        m.request(
-            "api",
-            "inbound",
+        m.listener("api", "inbound").request(
             "read",
             &http::Method::GET,
             200,
