@@ -716,22 +716,24 @@ async fn refresh_loop(shared: Arc<Shared>) {
     loop {
         tick.tick().await;
         let current = shared.snapshot.load();
-        let roots = match shared.ca.roots() {
-            Ok(r) => r.into_iter().map(|r| (r.id, r.state)).collect::<Vec<_>>(),
+        let records = match shared.ca.roots() {
+            Ok(r) => r,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read the roots; keeping the current state");
                 continue;
             }
         };
-        if roots == current.roots && SystemTime::now() < current.refresh_at {
+        let unchanged = records
+            .iter()
+            .map(|r| (r.id, r.state))
+            .eq(current.roots.iter().copied());
+        if unchanged && SystemTime::now() < current.refresh_at {
             continue;
         }
         match build_snapshot(&shared.ca, &shared.sans) {
             Ok(next) => {
                 tracing::info!(roots = ?next.roots, "signing state reloaded");
-                if let Ok(records) = shared.ca.roots() {
-                    shared.metrics.roots(&records);
-                }
+                shared.metrics.roots(&records);
                 shared.snapshot.store(Arc::new(next));
             }
             Err(e) => {
