@@ -1,19 +1,13 @@
 //! What the inbound and outbound HTTP paths share: the body type, hop-by-hop
 //! header handling, and the one place where proxy errors become statuses.
 
-use std::error::Error as StdError;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Response, StatusCode};
+use http::{Response, StatusCode};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::Connect;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
-
-use crate::config::Limits;
 
 /// The body of every response the proxy sends: the upstream's, streamed, or
 /// a short one of its own.
@@ -23,15 +17,6 @@ pub type ProxyBody = Either<Incoming, Full<Bytes>>;
 pub static PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
 /// An XFCC-style header beside it (`By=<us>;URI=<peer>`).
 pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
-
-/// Pooled clients to one upstream: HTTP/1.1 keep-alive, and multiplexed
-/// HTTP/2. Each request goes out in the version it names.
-pub struct UpstreamClient<C> {
-    h1: Client<C, Incoming>,
-    h2: Client<C, Incoming>,
-    timeout: Duration,
-    unavailable: fn(String) -> ProxyError,
-}
 
 /// A response's `content-length`, when it has one.
 pub fn content_length<B>(resp: &Response<B>) -> Option<u64> {
@@ -122,6 +107,11 @@ pub fn short_response(status: StatusCode, body: &'static str) -> Response<ProxyB
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
 /// `Connection`. `te: trailers` survives: gRPC needs it.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    // Most requests and responses carry none: one pass over the names
+    // (comparisons, no hashing) decides whether there is anything to do.
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     let named: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -141,16 +131,32 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
         &header::TRAILER,
         &header::TRANSFER_ENCODING,
         &header::UPGRADE,
+        &KEEP_ALIVE,
+        &PROXY_CONNECTION,
     ] {
         headers.remove(name);
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
     if let Some(te) = headers.get(header::TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         headers.remove(header::TE);
     }
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// A header that does not travel past this hop (or may name others that don't).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::CONNECTION
+        || name == header::PROXY_AUTHENTICATE
+        || name == header::PROXY_AUTHORIZATION
+        || name == header::TRAILER
+        || name == header::TRANSFER_ENCODING
+        || name == header::UPGRADE
+        || name == header::TE
+        || name == KEEP_ALIVE
+        || name == PROXY_CONNECTION
 }
 
 /// The size of a header block as HTTP/2 counts it (name + value + 32 each).
@@ -159,68 +165,6 @@ pub fn header_bytes(headers: &HeaderMap) -> usize {
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 32)
         .sum()
-}
-
-impl<C: Connect + Clone + Send + Sync + 'static> UpstreamClient<C> {
-    /// Clients over `h1` and `h2` connectors, with pool and timeout limits;
-    /// a failure to connect becomes `unavailable` (which side it names).
-    pub fn new(h1: C, h2: C, limits: &Limits, unavailable: fn(String) -> ProxyError) -> Self {
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_timer(TokioTimer::new())
-            .pool_idle_timeout(limits.pool_idle_timeout)
-            .pool_max_idle_per_host(256);
-        let h1 = b.build(h1);
-        b.http2_only(true)
-            .timer(TokioTimer::new())
-            .http2_keep_alive_interval(Some(Duration::from_secs(30)));
-        Self {
-            h1,
-            h2: b.build(h2),
-            timeout: limits.request_timeout,
-            unavailable,
-        }
-    }
-
-    /// Sends `req` (HTTP/2 if its version says so, else HTTP/1.1) and
-    /// returns the response with hop-by-hop headers removed.
-    pub async fn send(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, ProxyError> {
-        let client = if req.version() == http::Version::HTTP_2 {
-            &self.h2
-        } else {
-            &self.h1
-        };
-        match tokio::time::timeout(self.timeout, client.request(req)).await {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, Either::Left(body)))
-            }
-            Ok(Err(e)) => Err(classify_client_error(&e, self.unavailable)),
-            Err(_) => Err(ProxyError::Timeout(self.timeout)),
-        }
-    }
-}
-
-/// Classifies a hyper-util client error: was it the connection (and then,
-/// did the peer's identity fail) or the exchange?
-fn classify_client_error(
-    e: &hyper_util::client::legacy::Error,
-    unavailable: fn(String) -> ProxyError,
-) -> ProxyError {
-    let mut source: Option<&(dyn StdError + 'static)> = e.source();
-    let mut detail = e.to_string();
-    while let Some(s) = source {
-        if let Some(ProxyError::PeerRefused(m)) = s.downcast_ref::<ProxyError>() {
-            return ProxyError::PeerRefused(m.clone());
-        }
-        detail = s.to_string();
-        source = s.source();
-    }
-    if e.is_connect() {
-        unavailable(detail)
-    } else {
-        ProxyError::Upstream(detail)
-    }
 }
 
 #[cfg(test)]

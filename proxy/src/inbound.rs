@@ -14,7 +14,7 @@ use std::time::Instant;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use moat_ca::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
@@ -26,14 +26,39 @@ use crate::authz::{self, Authorizer};
 use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
-    strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, XFCC, content_length, header_bytes, strip_hop_by_hop,
 };
 use crate::telemetry::{ListenerMetrics, Observability};
 use crate::tls::TlsFactory;
+use crate::upstream::{Dial, UpstreamClient};
 use crate::{Error, drain};
 
-type LocalConnector = tower::util::BoxCloneSyncService<Uri, TokioIo<TcpStream>, std::io::Error>;
+/// Dials the local service.
+struct LocalDial {
+    forward: SocketAddr,
+    connect_timeout: std::time::Duration,
+}
+
+impl Dial for LocalDial {
+    type Io = TcpStream;
+
+    async fn dial(&self) -> Result<TcpStream, ProxyError> {
+        let unavailable =
+            |why: String| ProxyError::LocalUnavailable(format!("{}: {why}", self.forward));
+        let stream = match tokio::time::timeout(
+            self.connect_timeout,
+            TcpStream::connect(self.forward),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(unavailable(e.to_string())),
+            Err(_) => return Err(unavailable("connect timed out".into())),
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+}
 
 /// One bound inbound listener, ready to serve.
 pub struct InboundListener {
@@ -50,7 +75,7 @@ struct Shared {
     acceptor: TlsAcceptor,
     limits: Limits,
     http: auto::Builder<TokioExecutor>,
-    upstream: UpstreamClient<LocalConnector>,
+    upstream: UpstreamClient<LocalDial>,
     authz: Authorizer,
     obs: Observability,
     requests: ListenerMetrics,
@@ -82,17 +107,10 @@ impl InboundListener {
         let server = tls.server(config.allow_peers.clone(), alpn)?;
         let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let forward = config.forward;
-        let connect_timeout = limits.connect_timeout;
-        let connector: LocalConnector =
-            tower::util::BoxCloneSyncService::new(tower::service_fn(move |_: Uri| async move {
-                let stream = tokio::time::timeout(connect_timeout, TcpStream::connect(forward))
-                    .await
-                    .map_err(|_| {
-                        std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timeout")
-                    })??;
-                let _ = stream.set_nodelay(true);
-                Ok(TokioIo::new(stream))
-            }));
+        let dial = || LocalDial {
+            forward,
+            connect_timeout: limits.connect_timeout,
+        };
         let shared = Shared {
             name: config.name.as_str().into(),
             protocol: config.protocol,
@@ -103,12 +121,7 @@ impl InboundListener {
             acceptor: TlsAcceptor::from(server),
             limits: limits.clone(),
             http: conn::http_server(limits),
-            upstream: UpstreamClient::new(
-                connector.clone(),
-                connector,
-                limits,
-                ProxyError::LocalUnavailable,
-            ),
+            upstream: UpstreamClient::new(dial(), dial(), limits),
             authz,
             obs: obs.clone(),
             requests: obs.metrics.listener(&config.name, "inbound"),

@@ -22,6 +22,7 @@ pub mod outbound;
 pub mod policy;
 pub mod telemetry;
 pub mod tls;
+pub mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;

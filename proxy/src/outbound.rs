@@ -8,21 +8,17 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Instant;
 
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use hyper_util::server::conn::auto;
 use moat_ca::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
@@ -31,11 +27,11 @@ use tracing::Instrument;
 use crate::config::{Limits, Outbound, Protocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, UpstreamClient, XFCC, content_length, header_bytes,
-    strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, XFCC, content_length, header_bytes, strip_hop_by_hop,
 };
 use crate::telemetry::{ListenerMetrics, Observability};
 use crate::tls::{CredentialStore, TlsFactory};
+use crate::upstream::{Dial, UpstreamClient};
 use crate::{Error, drain};
 
 /// One bound outbound listener, ready to serve.
@@ -69,11 +65,6 @@ struct PeerConnector {
     name: Arc<str>,
     peer: SpiffeId,
     obs: Observability,
-}
-
-/// A TLS stream to a peer, as the hyper-util client wants it.
-struct PeerStream {
-    inner: TlsStream<TcpStream>,
 }
 
 impl OutboundListener {
@@ -113,12 +104,7 @@ impl OutboundListener {
             limits: limits.clone(),
             http: conn::http_server(limits),
             connector: connector(&[])?,
-            upstream: UpstreamClient::new(
-                connector(&[b"http/1.1"])?,
-                connector(&[b"h2"])?,
-                limits,
-                ProxyError::PeerUnavailable,
-            ),
+            upstream: UpstreamClient::new(connector(&[b"http/1.1"])?, connector(&[b"h2"])?, limits),
             obs: obs.clone(),
             requests: obs.metrics.listener(&config.name, "outbound"),
             listen_addr: addr,
@@ -181,8 +167,7 @@ impl Shared {
                         return;
                     }
                 };
-                if let Err(e) =
-                    conn::splice(local, peer.inner, &activity, self.limits.idle_timeout).await
+                if let Err(e) = conn::splice(local, peer, &activity, self.limits.idle_timeout).await
                 {
                     tracing::debug!(listener = %self.name, error = %e, "tcp stream ended with an error");
                 }
@@ -319,7 +304,7 @@ impl Shared {
 }
 
 impl PeerConnector {
-    async fn connect(&self) -> Result<PeerStream, ProxyError> {
+    async fn connect(&self) -> Result<TlsStream<TcpStream>, ProxyError> {
         let addr = (self.upstream.host.as_str(), self.upstream.port);
         let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
             Ok(Ok(tcp)) => tcp,
@@ -356,7 +341,7 @@ impl PeerConnector {
         match tokio::time::timeout(self.connect_timeout, handshake).await {
             Ok(Ok(inner)) => {
                 self.obs.metrics.handshake_ok(&self.name);
-                Ok(PeerStream { inner })
+                Ok(inner)
             }
             Ok(Err(e)) => {
                 self.obs
@@ -387,70 +372,10 @@ impl PeerConnector {
     }
 }
 
-impl tower::Service<Uri> for PeerConnector {
-    type Response = TokioIo<PeerStream>;
-    type Error = ProxyError;
-    type Future =
-        Pin<Box<dyn std::future::Future<Output = Result<Self::Response, ProxyError>> + Send>>;
+impl Dial for PeerConnector {
+    type Io = TlsStream<TcpStream>;
 
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _uri: Uri) -> Self::Future {
-        // The URI's authority is only the pool key; we always dial the configured upstream.
-        let this = self.clone();
-        Box::pin(async move { this.connect().await.map(TokioIo::new) })
-    }
-}
-
-impl Connection for PeerStream {
-    fn connected(&self) -> Connected {
-        let connected = Connected::new();
-        if self.inner.get_ref().1.alpn_protocol() == Some(b"h2") {
-            connected.negotiated_h2()
-        } else {
-            connected
-        }
-    }
-}
-
-impl AsyncRead for PeerStream {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for PeerStream {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+    fn dial(&self) -> impl std::future::Future<Output = Result<Self::Io, ProxyError>> + Send {
+        self.connect()
     }
 }

@@ -294,6 +294,8 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     }
 }
 
+static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
+
 /// Continues the W3C trace context carried by `headers` (if any) as the
 /// parent of `span`.
 pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
@@ -309,11 +311,14 @@ pub fn continue_trace(span: &tracing::Span, headers: &http::HeaderMap) {
 pub fn propagate(span: &tracing::Span, headers: &mut http::HeaderMap) {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
+    if span.is_none() {
+        return;
+    }
     let cx = span.context();
     if !cx.span().span_context().is_valid() {
         return;
     }
-    headers.remove("traceparent");
+    headers.remove(&TRACEPARENT);
     headers.remove("tracestate");
     TraceContextPropagator::new()
         .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
@@ -324,13 +329,16 @@ pub fn propagate(span: &tracing::Span, headers: &mut http::HeaderMap) {
 pub fn trace_id(span: &tracing::Span, headers: &http::HeaderMap) -> String {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let cx = span.context();
-    let sc = cx.span().span_context().clone();
-    if sc.is_valid() {
-        return sc.trace_id().to_string();
+    if !span.is_none() {
+        let cx = span.context();
+        let span_ref = cx.span();
+        let sc = span_ref.span_context();
+        if sc.is_valid() {
+            return sc.trace_id().to_string();
+        }
     }
     headers
-        .get("traceparent")
+        .get(&TRACEPARENT)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split('-').nth(1))
         .filter(|id| id.len() == 32)
@@ -488,6 +496,8 @@ impl ProxyMetrics {
             duration,
             listener: listener.to_owned(),
             direction,
+            unrouted: CounterSlots::new(),
+            routed: Arc::default(),
         }
     }
 
@@ -580,12 +590,35 @@ impl std::fmt::Debug for ProxyMetrics {
 
 /// One listener's request counter and duration histogram (see
 /// [`ProxyMetrics::listener`]).
+///
+/// The counter handles a listener produces are cached: a request looks its
+/// counter up by array index (and, under a policy, its route name) instead
+/// of building six owned label strings and hashing them in the family.
 #[derive(Clone, Debug)]
 pub struct ListenerMetrics {
     requests: Family<RequestLabels, Counter>,
     duration: Histogram,
     listener: String,
     direction: &'static str,
+    unrouted: Arc<CounterSlots>,
+    routed: Arc<std::sync::RwLock<HashMap<Box<str>, Arc<CounterSlots>>>>,
+}
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
+];
+const STATUSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const DECISIONS: [&str; 4] = ["none", "allow", "deny", "audit_allow"];
+const SLOTS: usize = METHODS.len() * STATUSES.len() * DECISIONS.len();
+
+/// The request counters of one route, by method × status class × decision.
+#[derive(Debug)]
+struct CounterSlots([std::sync::OnceLock<Counter>; SLOTS]);
+
+impl CounterSlots {
+    fn new() -> Arc<Self> {
+        Arc::new(Self(std::array::from_fn(|_| std::sync::OnceLock::new())))
+    }
 }
 
 impl ListenerMetrics {
@@ -598,17 +631,55 @@ impl ListenerMetrics {
         decision: &str,
         elapsed: Duration,
     ) {
+        self.duration.observe(elapsed.as_secs_f64());
+        let method = method_class(method);
+        let status = status_class(status);
+        let index = METHODS.iter().position(|m| *m == method).and_then(|m| {
+            let s = STATUSES.iter().position(|s| *s == status)?;
+            let d = DECISIONS.iter().position(|d| *d == decision)?;
+            Some((m * STATUSES.len() + s) * DECISIONS.len() + d)
+        });
+        let Some(index) = index else {
+            self.counter(route, method, status, decision).inc();
+            return;
+        };
+        let init = || self.counter(route, method, status, decision);
+        if route == "-" {
+            self.unrouted.0[index].get_or_init(init).inc();
+        } else {
+            self.route_slots(route).0[index].get_or_init(init).inc();
+        }
+    }
+
+    fn route_slots(&self, route: &str) -> Arc<CounterSlots> {
+        if let Some(slots) = self
+            .routed
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(route)
+        {
+            return slots.clone();
+        }
+        let mut routed = self.routed.write().unwrap_or_else(|p| p.into_inner());
+        // Routes come and go with policy reloads; a listener sees a bounded
+        // set, and a removed route's counters stay exported like any other.
+        routed
+            .entry(route.into())
+            .or_insert_with(CounterSlots::new)
+            .clone()
+    }
+
+    fn counter(&self, route: &str, method: &str, status: &str, decision: &str) -> Counter {
         self.requests
             .get_or_create(&[
                 ("listener", self.listener.clone()),
                 ("direction", self.direction.to_owned()),
                 ("route", route.to_owned()),
-                ("method", method_class(method).to_owned()),
-                ("status", status_class(status).to_owned()),
+                ("method", method.to_owned()),
+                ("status", status.to_owned()),
                 ("decision", decision.to_owned()),
             ])
-            .inc();
-        self.duration.observe(elapsed.as_secs_f64());
+            .clone()
     }
 }
 

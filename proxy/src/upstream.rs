@@ -1,0 +1,491 @@
+//! The proxy's client side: pooled connections to the one upstream a
+//! listener forwards to (the local service inbound, the peer sidecar
+//! outbound).
+//!
+//! HTTP/1.1 requests take an idle keep-alive connection from a LIFO pool
+//! (or dial a new one); HTTP/2 requests share one multiplexed connection.
+//! Built on hyper's connection-level client rather than hyper-util's pooled
+//! `Client`: a listener has exactly one upstream, so there is no pool key to
+//! hash, no request channel hop through a pool task, and no task spawned per
+//! request to wait for the connection to become idle again — measured as
+//! the largest user-space share of a forwarded request
+//! (benches/results/analysis.md).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::uri::PathAndQuery;
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http_body_util::{Either, Empty};
+use hyper::body::{Body, Incoming};
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::config::Limits;
+use crate::http::{ProxyBody, ProxyError, strip_hop_by_hop};
+
+/// Opens a new transport connection to the upstream.
+pub trait Dial: Send + Sync + 'static {
+    /// The connected stream (TCP, or TLS over TCP).
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+
+    /// Dials the upstream; the error names the side that failed.
+    fn dial(&self) -> impl Future<Output = Result<Self::Io, ProxyError>> + Send;
+}
+
+/// What goes upstream: the caller's body, or none (a request without a
+/// body can be sent again).
+type OutBody<B> = Either<B, Empty<Bytes>>;
+
+/// A pooled connection idle at least this long may have been closed by the
+/// service just as we send on it; a bodiless idempotent request sent on it
+/// is kept so that it can go again on a fresh connection.
+const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(500);
+
+/// Pooled HTTP/1.1 and HTTP/2 connections to one upstream.
+pub struct UpstreamClient<D, B = Incoming> {
+    h1_dial: D,
+    h2_dial: D,
+    h1: Arc<Mutex<VecDeque<Idle<B>>>>,
+    h2: Mutex<Option<http2::SendRequest<OutBody<B>>>>,
+    h2_connecting: tokio::sync::Mutex<()>,
+    timeout: Duration,
+    max_idle: usize,
+}
+
+/// An HTTP/1.1 connection in the pool, and since when.
+struct Idle<B> {
+    tx: http1::SendRequest<OutBody<B>>,
+    since: Instant,
+}
+
+impl<D, B> UpstreamClient<D, B>
+where
+    D: Dial,
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    /// A client dialing with `h1_dial` for HTTP/1.1 and `h2_dial` for
+    /// HTTP/2 (they differ outbound: the ALPN offered), with the pool and
+    /// timeout limits.
+    pub fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
+        let h1 = Arc::new(Mutex::new(VecDeque::new()));
+        spawn_reaper(Arc::downgrade(&h1), limits.pool_idle_timeout);
+        Self {
+            h1_dial,
+            h2_dial,
+            h1,
+            h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
+            timeout: limits.request_timeout,
+            max_idle: 256,
+        }
+    }
+
+    /// Sends `req` (HTTP/2 if its version says so, else HTTP/1.1) and
+    /// returns the response with hop-by-hop headers removed. The timeout
+    /// covers connecting and the response head.
+    pub async fn send(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError> {
+        let (parts, body) = req.into_parts();
+        let body = if body.is_end_stream() {
+            Either::Right(Empty::new())
+        } else {
+            Either::Left(body)
+        };
+        let req = Request::from_parts(parts, body);
+        let sent = if req.version() == Version::HTTP_2 {
+            tokio::time::timeout(self.timeout, Box::pin(self.send_h2(req))).await
+        } else {
+            tokio::time::timeout(self.timeout, Box::pin(self.send_h1(req))).await
+        };
+        match sent {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
+            }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ProxyError::Timeout(self.timeout)),
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        mut req: Request<OutBody<B>>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        into_origin_form(&mut req);
+        loop {
+            let (mut tx, idle) = match self.checkout_h1() {
+                Some(pooled) => pooled,
+                None => {
+                    let mut tx = self.connect_h1().await?;
+                    return match tx.send_request(req).await {
+                        Ok(resp) => {
+                            self.checkin_h1(tx);
+                            Ok(resp)
+                        }
+                        Err(e) => Err(ProxyError::Upstream(describe(&e))),
+                    };
+                }
+            };
+            let again = if idle >= REPLAY_AFTER_IDLE {
+                replay(&req)
+            } else {
+                None
+            };
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin_h1(tx);
+                    return Ok(resp);
+                }
+                // The pooled connection was closed under us: the request
+                // either never left (hyper gives it back) or was bodiless,
+                // idempotent and got no answer at all. Try the next one.
+                Err(mut e) => match e
+                    .take_message()
+                    .or_else(|| again.filter(|_| e.error().is_incomplete_message()))
+                {
+                    Some(back) => req = back,
+                    None => return Err(ProxyError::Upstream(describe(e.error()))),
+                },
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is ready for a request,
+    /// and how long it has been idle. Connections still streaming a
+    /// response body stay in the pool.
+    fn checkout_h1(&self) -> Option<(http1::SendRequest<OutBody<B>>, Duration)> {
+        let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut i = idle.len();
+        while i > 0 {
+            i -= 1;
+            let entry = &idle[i];
+            if entry.tx.is_closed() {
+                idle.remove(i);
+            } else if entry.tx.is_ready() {
+                return idle.remove(i).map(|e| (e.tx, e.since.elapsed()));
+            }
+        }
+        None
+    }
+
+    /// Returns a connection to the pool; it takes the next request once its
+    /// response has been read to the end.
+    fn checkin_h1(&self, tx: http1::SendRequest<OutBody<B>>) {
+        let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        if idle.len() < self.max_idle {
+            idle.push_back(Idle {
+                tx,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<OutBody<B>>, ProxyError> {
+        let io = self.h1_dial.dial().await?;
+        let (tx, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::Upstream(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended with an error");
+            }
+        });
+        Ok(tx)
+    }
+
+    async fn send_h2(&self, req: Request<OutBody<B>>) -> Result<Response<Incoming>, ProxyError> {
+        let mut req = req;
+        let mut fresh = false;
+        loop {
+            let tx = match self.current_h2() {
+                Some(tx) => tx,
+                None => {
+                    fresh = true;
+                    self.connect_h2().await?
+                }
+            };
+            let mut tx = tx;
+            match tx.try_send_request(req).await {
+                Ok(resp) => return Ok(resp),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if !fresh => {
+                        self.forget_h2(&tx);
+                        req = back;
+                    }
+                    _ => return Err(ProxyError::Upstream(describe(e.error()))),
+                },
+            }
+        }
+    }
+
+    fn current_h2(&self) -> Option<http2::SendRequest<OutBody<B>>> {
+        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
+    }
+
+    fn forget_h2(&self, dead: &http2::SendRequest<OutBody<B>>) {
+        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        if slot
+            .as_ref()
+            .is_some_and(|tx| tx.is_closed() || dead.is_closed())
+        {
+            *slot = None;
+        }
+    }
+
+    /// Opens the shared HTTP/2 connection; concurrent callers wait for the
+    /// one being opened instead of each dialing their own.
+    async fn connect_h2(&self) -> Result<http2::SendRequest<OutBody<B>>, ProxyError> {
+        let _one = self.h2_connecting.lock().await;
+        if let Some(tx) = self.current_h2() {
+            return Ok(tx);
+        }
+        let io = self.h2_dial.dial().await?;
+        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| ProxyError::Upstream(describe(&e)))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
+            }
+        });
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        Ok(tx)
+    }
+}
+
+/// Closes pooled HTTP/1.1 connections idle longer than `timeout`; ends when
+/// the client is dropped.
+fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout: Duration) {
+    let every = (timeout / 2).max(Duration::from_millis(250));
+    // Built outside a runtime (unit tests of config only): nothing to reap.
+    if tokio::runtime::Handle::try_current().is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            let Some(pool) = pool.upgrade() else { return };
+            let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+            // Oldest first: check-ins push to the back.
+            idle.retain(|e| !e.tx.is_closed() && e.since.elapsed() < timeout);
+        }
+    });
+}
+
+/// A copy of a request to send again, if it has no body and is idempotent
+/// (RFC 9110 §9.2.2).
+fn replay<B>(req: &Request<OutBody<B>>) -> Option<Request<OutBody<B>>> {
+    if !matches!(req.body(), Either::Right(_)) || !req.method().is_idempotent() {
+        return None;
+    }
+    let mut again = Request::new(Either::Right(Empty::new()));
+    *again.method_mut() = req.method().clone();
+    *again.uri_mut() = req.uri().clone();
+    *again.version_mut() = req.version();
+    *again.headers_mut() = req.headers().clone();
+    Some(again)
+}
+
+/// HTTP/1.1 sends the origin form (`/path?q`) with the authority in `Host`.
+fn into_origin_form<B>(req: &mut Request<B>) {
+    if !req.headers().contains_key(header::HOST)
+        && let Some(a) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(pq);
+}
+
+/// An error and its causes on one line.
+fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut detail = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    detail
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    use super::*;
+
+    struct Plain(SocketAddr);
+
+    impl Dial for Plain {
+        type Io = TcpStream;
+
+        async fn dial(&self) -> Result<TcpStream, ProxyError> {
+            TcpStream::connect(self.0)
+                .await
+                .map_err(|e| ProxyError::LocalUnavailable(e.to_string()))
+        }
+    }
+
+    /// An HTTP/1.1 server answering `per_conn` requests on each connection
+    /// and then closing it without saying so (no `Connection: close`), as a
+    /// service does whose keep-alive timeout has just run out.
+    async fn closing_server(per_conn: usize) -> (SocketAddr, Arc<AtomicUsize>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut s, _) = listener.accept().await.unwrap();
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for _ in 0..per_conn {
+                        while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                            let mut chunk = [0u8; 1024];
+                            match s.read(&mut chunk).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                            }
+                        }
+                        let end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+                        buf.drain(..end + 4);
+                        let resp = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if s.write_all(resp).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, accepted)
+    }
+
+    fn client(addr: SocketAddr) -> UpstreamClient<Plain, Empty<Bytes>> {
+        UpstreamClient::new(Plain(addr), Plain(addr), &Limits::default())
+    }
+
+    fn get() -> Request<Empty<Bytes>> {
+        Request::builder()
+            .uri("http://service.internal/x")
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    async fn status_and_body(
+        client: &UpstreamClient<Plain, Empty<Bytes>>,
+    ) -> Result<(u16, Bytes), ProxyError> {
+        let resp = client.send(get()).await?;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        Ok((status, body))
+    }
+
+    #[tokio::test]
+    async fn sequential_requests_share_one_keep_alive_connection() {
+        let (addr, accepted) = closing_server(usize::MAX).await;
+        let client = client(addr);
+        for _ in 0..10 {
+            let (status, body) = status_and_body(&client).await.unwrap();
+            assert_eq!((status, &body[..]), (200, &b"ok"[..]));
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one pooled connection");
+    }
+
+    #[tokio::test]
+    async fn a_connection_the_service_closed_is_not_a_failed_request() {
+        let (addr, accepted) = closing_server(1).await;
+        let client = client(addr);
+        for i in 0..20 {
+            let got = status_and_body(&client).await;
+            assert!(matches!(got, Ok((200, _))), "request {i} failed: {got:?}");
+        }
+        assert_eq!(accepted.load(Ordering::SeqCst), 20);
+    }
+
+    #[tokio::test]
+    async fn a_request_on_a_connection_closed_unnoticed_is_sent_again() {
+        // A blocking server on its own thread: one response per connection,
+        // then a close 10 ms later, while this runtime's only thread is
+        // blocked — so the pool has not seen the close when the next
+        // request, after a keep-alive idle gap, takes that connection.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            use std::io::{Read, Write};
+            for s in listener.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        });
+        let client = client(addr);
+        for i in 0..3 {
+            let got = status_and_body(&client).await;
+            assert!(matches!(got, Ok((200, _))), "request {i} failed: {got:?}");
+            std::thread::sleep(REPLAY_AFTER_IDLE + Duration::from_millis(100));
+        }
+    }
+
+    #[tokio::test]
+    async fn nobody_listening_is_the_dialers_error() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let err = client(addr).send(get()).await.unwrap_err();
+        assert!(matches!(err, ProxyError::LocalUnavailable(_)), "{err:?}");
+        assert_eq!(err.status(), 502);
+    }
+
+    #[tokio::test]
+    async fn the_request_goes_out_in_origin_form_with_the_host() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let n = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            String::from_utf8_lossy(&buf[..n]).into_owned()
+        });
+        let resp = client(addr).send(get()).await.unwrap();
+        assert_eq!(resp.status(), 204);
+        let head = seen.await.unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("get /x http/1.1\r\n"), "{head}");
+        assert!(head.contains("host: service.internal\r\n"), "{head}");
+    }
+}
