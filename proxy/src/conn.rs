@@ -10,9 +10,10 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use hyper::body::{Body, Incoming};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -207,7 +208,29 @@ pub async fn accept_loop<F, Fut>(
     tracing::info!(listener = %name, "stopped accepting");
 }
 
-/// Builds the HTTP server side used by inbound and outbound listeners.
+/// The HTTP/1.1 server side of a TLS listener (ALPN chose the version).
+pub fn http1_server(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    b.timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(8192))
+        .keep_alive(true);
+    b
+}
+
+/// The HTTP/2 server side of a TLS listener (ALPN chose the version).
+pub fn http2_server(limits: &Limits) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
+        .max_concurrent_streams(1000)
+        .keep_alive_interval(Some(Duration::from_secs(30)))
+        .keep_alive_timeout(Duration::from_secs(20));
+    b
+}
+
+/// The HTTP server side of a plaintext listener, which tells HTTP/2 (prior
+/// knowledge, h2c) from HTTP/1.1 by the first bytes; same limits as above.
 pub fn http_server(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
     b.http1()
@@ -224,32 +247,26 @@ pub fn http_server(limits: &Limits) -> auto::Builder<TokioExecutor> {
     b
 }
 
-/// Serves one HTTP connection until it ends, closing it gracefully (in-flight
-/// requests finish) when it has been idle too long or the drain starts.
-pub async fn serve_http<I, S, B>(
-    builder: &auto::Builder<TokioExecutor>,
-    io: I,
-    service: S,
+/// Serves one HTTP connection (any of hyper's) until it ends, closing it
+/// gracefully (in-flight requests finish) when it has been idle too long or
+/// the drain starts.
+///
+/// The connection comes boxed: an async fn keeps a by-value argument in its
+/// state twice (rustc #62958), and hyper's connection state is kilobytes.
+pub async fn serve_http<C>(
+    mut conn: Pin<Box<C>>,
     activity: &Activity,
     idle: Duration,
     drain: &drain::Watch,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    TokioExecutor: auto::HttpServerConnExec<S::Future, B>,
+    C: GracefulConnection,
+    C::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let conn = builder.serve_connection(TokioIo::new(io), service);
-    tokio::pin!(conn);
     let mut closing = false;
     loop {
         tokio::select! {
-            res = conn.as_mut() => return res,
+            res = conn.as_mut() => return res.map_err(Into::into),
             _ = drain.signaled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();

@@ -14,8 +14,8 @@ use std::time::Instant;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
-use hyper_util::server::conn::auto;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use moat_ca::SpiffeId;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
@@ -74,7 +74,8 @@ struct Shared {
     forward_authority: Authority,
     acceptor: TlsAcceptor,
     limits: Limits,
-    http: auto::Builder<TokioExecutor>,
+    h1: http1::Builder,
+    h2: http2::Builder<TokioExecutor>,
     upstream: UpstreamClient<LocalDial>,
     authz: Authorizer,
     obs: Observability,
@@ -85,6 +86,8 @@ struct Shared {
 /// Per-connection facts, built once after the handshake.
 struct Peer {
     id: SpiffeId,
+    /// ALPN chose HTTP/2.
+    h2: bool,
     addr: SocketAddr,
     header: HeaderValue,
     xfcc: HeaderValue,
@@ -120,7 +123,8 @@ impl InboundListener {
                 .expect("a socket address is an authority"),
             acceptor: TlsAcceptor::from(server),
             limits: limits.clone(),
-            http: conn::http_server(limits),
+            h1: conn::http1_server(limits),
+            h2: conn::http2_server(limits),
             upstream: UpstreamClient::new(dial(), dial(), limits),
             authz,
             obs: obs.clone(),
@@ -153,6 +157,27 @@ impl InboundListener {
 impl Shared {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
         let _open = self.obs.metrics.connection_opened(&self.name);
+        // Each phase is boxed, so the connection task holds only the live
+        // one: not the handshake state once it is done, not both protocols'
+        // state side by side, and no second copy of the TLS stream (a value
+        // borrowed in an async fn stays in its state until the end of its
+        // scope). benches/results/analysis.md has the sizes.
+        let Some((tls, peer)) = Box::pin(self.handshake(tcp, addr)).await else {
+            return;
+        };
+        match self.protocol {
+            Protocol::Http => Box::pin(self.serve_http(tls, peer, &drain)).await,
+            Protocol::Tcp => Box::pin(self.serve_tcp(tls, peer)).await,
+        }
+    }
+
+    /// The TLS handshake (with its timeout), counted and logged, and the
+    /// verified peer.
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+        addr: SocketAddr,
+    ) -> Option<(TlsStream<Tracked<TcpStream>>, Peer)> {
         let activity = Activity::new();
         let tcp = Tracked::new(tcp, activity.clone());
         let tls = match tokio::time::timeout(
@@ -167,28 +192,22 @@ impl Shared {
                 let reason = crate::tls::handshake_failure_reason(&e);
                 self.obs.metrics.handshake_failed(&self.name, reason);
                 tracing::info!(listener = %self.name, peer_addr = %addr, reason, %error, "handshake failed");
-                return;
+                return None;
             }
             Err(_) => {
                 self.obs.metrics.handshake_failed(&self.name, "timeout");
                 tracing::info!(listener = %self.name, peer_addr = %addr, reason = "timeout", "handshake timed out");
-                return;
+                return None;
             }
         };
         self.obs.metrics.handshake_ok(&self.name);
         let Some(peer) = peer_of(&tls, addr, activity) else {
             // The verifier admitted the chain, so this cannot happen; refuse anyway.
             tracing::warn!(listener = %self.name, peer_addr = %addr, "peer certificate has no SPIFFE ID");
-            return;
+            return None;
         };
         tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
-        match self.protocol {
-            // Boxed: the connection task then holds only the live phase,
-            // not both protocols' state side by side (~18 KiB a connection
-            // unboxed; benches/results/analysis.md).
-            Protocol::Http => Box::pin(self.serve_http(tls, peer, &drain)).await,
-            Protocol::Tcp => Box::pin(self.serve_tcp(tls, peer)).await,
-        }
+        Some((tls, peer))
     }
 
     async fn serve_http(
@@ -203,18 +222,25 @@ impl Shared {
         let service = hyper::service::service_fn(move |req| {
             let shared = shared.clone();
             let peer = svc_peer.clone();
-            async move { Ok::<_, Infallible>(shared.request(req, &peer).await) }
+            // Boxed: hyper keeps one slot per connection, for its life, the
+            // size of this future; a box there costs a pointer, not the
+            // whole request state (one allocation per request either way).
+            Box::pin(async move { Ok::<_, Infallible>(shared.request(req, &peer).await) })
         });
-        if let Err(e) = conn::serve_http(
-            &self.http,
-            tls,
-            service,
-            &peer.activity,
-            self.limits.idle_timeout,
-            drain,
-        )
-        .await
-        {
+        // Over TLS the version is the one ALPN chose (RFC 9113 §3.2): no
+        // sniffing of the first bytes, and an HTTP/1.1 connection holds
+        // only HTTP/1.1 state.
+        let h2 = peer.h2;
+        let (activity, idle) = (&peer.activity, self.limits.idle_timeout);
+        let io = TokioIo::new(tls);
+        let served = if h2 {
+            let conn = Box::pin(self.h2.serve_connection(io, service));
+            conn::serve_http(conn, activity, idle, drain).await
+        } else {
+            let conn = Box::pin(self.h1.serve_connection(io, service));
+            conn::serve_http(conn, activity, idle, drain).await
+        };
+        if let Err(e) = served {
             tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "connection ended with an error");
         }
     }
@@ -273,9 +299,8 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        // Boxed so hyper's per-connection in-flight slot holds a pointer,
-        // not the whole forwarding state machine (-4.5 KiB a connection).
-        let (resp, outcome, path) = Box::pin(self.forward(req, peer, &span))
+        let (resp, outcome, path) = self
+            .forward(req, peer, &span)
             .instrument(span.clone())
             .await;
         let status = resp.status().as_u16();
@@ -452,12 +477,15 @@ fn peer_of(
     addr: SocketAddr,
     activity: Arc<Activity>,
 ) -> Option<Peer> {
-    let leaf = tls.get_ref().1.peer_certificates()?.first()?;
+    let session = tls.get_ref().1;
+    let h2 = session.alpn_protocol() == Some(b"h2");
+    let leaf = session.peer_certificates()?.first()?;
     let id = SpiffeId::from_cert_der(leaf).ok()?;
     let header = HeaderValue::from_str(id.as_str()).ok()?;
     let xfcc = HeaderValue::from_str(&format!("URI={}", id.as_str())).ok()?;
     Some(Peer {
         id,
+        h2,
         addr,
         header,
         xfcc,

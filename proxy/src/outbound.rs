@@ -14,7 +14,7 @@ use std::time::Instant;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use moat_ca::SpiffeId;
 use rustls::ClientConfig;
@@ -144,17 +144,12 @@ impl Shared {
                 let service = hyper::service::service_fn(move |req| {
                     let shared = shared.clone();
                     let act = act.clone();
-                    async move { Ok::<_, Infallible>(shared.request(req, &act).await) }
+                    // Boxed: hyper's per-connection slot then holds a pointer.
+                    Box::pin(async move { Ok::<_, Infallible>(shared.request(req, &act).await) })
                 });
-                if let Err(e) = conn::serve_http(
-                    &self.http,
-                    local,
-                    service,
-                    &activity,
-                    self.limits.idle_timeout,
-                    &drain,
-                )
-                .await
+                let http = Box::pin(self.http.serve_connection(TokioIo::new(local), service));
+                if let Err(e) =
+                    conn::serve_http(http, &activity, self.limits.idle_timeout, &drain).await
                 {
                     tracing::debug!(listener = %self.name, peer_addr = %addr, error = %e, "connection ended with an error");
                 }
@@ -205,9 +200,7 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let resp = Box::pin(self.forward(req, &span))
-            .instrument(span.clone())
-            .await;
+        let resp = self.forward(req, &span).instrument(span.clone()).await;
         let status = resp.status().as_u16();
         span.record("http.response.status_code", status);
         if status >= 500 {
