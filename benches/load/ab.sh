@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# benches/load/ab.sh — A/B two (or more) moat binaries on the inbound alone, the way the figures in
+# benches/results/analysis.md were taken. Reuses the PKI and configs that benches/load/run.sh leaves
+# in $ROOT (run it once first); pins proxy + backend to cpu0 and oha to cpu1 like the harness.
+#
+#   bash benches/load/ab.sh cpu MODE REPS BIN...   # MODE: ka (h1 c32) | c1 | h2 (4x8) | fr (2,000 req/s)
+#   bash benches/load/ab.sh mem BIN...             # RSS idle and with 1,000 idle mTLS connections
+#   bash benches/load/ab.sh stat MODE BIN          # syscalls and context switches per request (perf stat)
+#
+# BIN may be the word `haproxy` (the harness's HAProxy config) in `cpu` and `stat`. The binaries run
+# alternately, REPS rounds; each line is one run: req/s, µs of proxy CPU per request (utime+stime
+# from /proc/PID/stat), steady-state p50/p99 (the first second dropped), peak RSS.
+set -uo pipefail
+
+ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+OHA=${OHA:-$ROOT/cargo-root/bin/oha}
+DUR=${DUR:-4}
+TMP=$(mktemp -d); trap 'rm -rf "$TMP"; [ -n "${BACKEND:-}" ] && kill "$BACKEND" 2>/dev/null' EXIT
+TLS=(--insecure --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key")
+CURL_TLS=(-sk --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key" -o /dev/null)
+
+[ -f "$ROOT/conf/moat-in.toml" ] && [ -x "$OHA" ] || { echo "run benches/load/run.sh once first ($ROOT)" >&2; exit 1; }
+if ! ss -ltnH 'sport = :18080' | grep -q .; then
+  taskset -c 0 nginx -c "$ROOT/conf/nginx-backend.conf" >/dev/null 2>&1 & BACKEND=$!
+  sleep 0.5
+fi
+
+wait_port() { local i; for i in $(seq 100); do ss -ltnH "sport = :$1" | grep -q . && return; sleep 0.1; done; }
+
+start() { # BIN CONFIG -> PID, PORT
+  if [ "$1" = haproxy ]; then
+    PORT=19443; taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy.cfg" >"$TMP/proxy.log" 2>&1 & PID=$!
+  else
+    PORT=$3; RUST_LOG=warn taskset -c 0 "$1" proxy --config "$ROOT/conf/$2" >"$TMP/proxy.log" 2>&1 & PID=$!
+  fi
+  wait_port "$PORT"
+  curl "${CURL_TLS[@]}" "https://127.0.0.1:$PORT/"
+}
+
+stop() { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; }
+
+load_args() {
+  case $1 in
+    ka) ARGS=(-c 32 --http-version 1.1) ;;
+    c1) ARGS=(-c 1 --http-version 1.1) ;;
+    h2) ARGS=(--http2 -c 4 -p 8) ;;
+    fr) ARGS=(-c 32 -q 2000 --latency-correction --http-version 1.1) ;;
+    *) echo "unknown mode $1" >&2; exit 1 ;;
+  esac
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+cpu() {
+  local mode=$1 reps=$2 bin rep t0 t1; shift 2
+  load_args "$mode"
+  for rep in $(seq "$reps"); do
+    for bin in "$@"; do
+      start "$bin" moat-in.toml 18443
+      t0=$(cpu_ticks "$PID")
+      taskset -c 1 "$OHA" -z "${DUR}s" --no-tui --worker-threads 1 --output-format json \
+        --db-url "$TMP/oha.db" "${TLS[@]}" "${ARGS[@]}" "https://127.0.0.1:$PORT/" >"$TMP/oha.json" 2>/dev/null
+      t1=$(cpu_ticks "$PID")
+      local hwm; hwm=$(awk '/VmHWM/{print $2}' "/proc/$PID/status")
+      stop
+      python3 - "$bin" "$mode" "$t0" "$t1" "$hwm" "$TMP" <<'PY'
+import json, os, sqlite3, sys
+b, mode, t0, t1, hwm, tmp = sys.argv[1:]
+d = json.load(open(f"{tmp}/oha.json"))
+n = sum(d["statusCodeDistribution"].values())
+cpu = (int(t1) - int(t0)) / os.sysconf("SC_CLK_TCK")
+db = sqlite3.connect(f"{tmp}/oha.db")
+start = db.execute("select min(start) from oha").fetchone()[0]
+lat = sorted(r[0] for r in db.execute("select duration from oha where start >= ?", (start + 1.0,)))
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
+print(f"{os.path.basename(b):16s} {mode} rps={d['summary']['requestsPerSec']:8.0f} "
+      f"cpu_us/req={cpu * 1e6 / max(n, 1):6.2f} p50={q(.5):.3f} p99={q(.99):.3f} ms hwm={int(hwm) / 1024:.1f} MiB")
+PY
+      rm -f "$TMP/oha.db"
+    done
+  done
+}
+
+mem() {
+  local bin fresh r0 rss open c i
+  for bin in "$@"; do
+    start "$bin" moat-idle.toml 18447
+    sleep 0.5
+    r0=$(awk '/VmRSS/{print $2}' "/proc/$PID/status")
+    rm -f "$TMP/ready"
+    taskset -c 1 timeout 120 python3 "$HERE/idle_conns.py" --port "$PORT" --conns 1000 \
+      --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key" --hold 4 --ready-file "$TMP/ready" >"$TMP/idle.txt" 2>&1 & c=$!
+    for i in $(seq 600); do [ -s "$TMP/ready" ] && break; sleep 0.1; done
+    sleep 1
+    open=$(ss -tnH state established "( sport = :$PORT )" | wc -l)
+    rss=$(awk '/VmRSS/{print $2}' "/proc/$PID/status")
+    wait "$c"; stop
+    awk -v b="$(basename "$bin")" -v r0="$r0" -v rss="$rss" -v open="$open" 'BEGIN {
+      printf "%-16s idle=%.1f MiB with_conns=%.1f MiB open=%d per_conn=%.1f KiB\n", b, r0/1024, rss/1024, open, open ? (rss-r0)/open : 0 }'
+  done
+}
+
+stat_() {
+  local mode=$1 bin=$2 rps
+  load_args "$mode"
+  start "$bin" moat-in.toml 18443
+  taskset -c 1 "$OHA" -z 6s --no-tui --worker-threads 1 --output-format json "${TLS[@]}" "${ARGS[@]}" \
+    "https://127.0.0.1:$PORT/" >"$TMP/oha.json" 2>/dev/null & local oha=$!
+  sleep 1
+  perf stat -e raw_syscalls:sys_enter,context-switches,task-clock -p "$PID" -o "$TMP/stat.txt" -- sleep 4 >/dev/null 2>&1
+  wait "$oha"; stop
+  rps=$(python3 -c "import json; print(json.load(open('$TMP/oha.json'))['summary']['requestsPerSec'])")
+  python3 - "$rps" "$TMP/stat.txt" "$(basename "$bin")" <<'PY'
+import sys
+rps, path, name = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+reqs = rps * 4
+def get(event):
+    for line in open(path):
+        if event in line:
+            return float(line.split()[0].replace(",", ""))
+print(f"{name:16s} rps={rps:.0f} syscalls/req={get('raw_syscalls') / reqs:.2f} "
+      f"cs/req={get('context-switches') / reqs:.3f} cpu_us/req={get('task-clock') * 1000 / reqs:.2f}")
+PY
+}
+
+case ${1:-} in
+  cpu) shift; cpu "$@" ;;
+  mem) shift; mem "$@" ;;
+  stat) shift; stat_ "$@" ;;
+  *) sed -n '2,12p' "$0"; exit 1 ;;
+esac
