@@ -214,6 +214,23 @@ fn slow_clients_are_cut_off() {
 }
 
 #[test]
+fn http2_without_alpn_is_not_served() {
+    // Over TLS, HTTP/2 is chosen by ALPN (RFC 9113 §3.2). A client that
+    // offers no ALPN and sends the HTTP/2 preface anyway gets no stream
+    // served: the connection is HTTP/1.1, which cannot parse the preface.
+    let mut s = sidecar("", "");
+    let mut tls = s.raw(&[]);
+    assert_eq!(tls.conn.alpn_protocol(), None);
+    let _ = tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+    let _ = tls.flush();
+    let (got, closed) = read_until_close(&mut tls, Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&got);
+    assert!(closed, "the connection is closed: {text:?}");
+    assert!(!text.contains(" 200 "), "nothing forwarded: {text:?}");
+    s.assert_still_serving();
+}
+
+#[test]
 fn http2_rapid_reset_is_stopped() {
     let mut s = sidecar("", "");
     let mut h2 = H2::connect(&s);

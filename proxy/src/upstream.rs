@@ -192,11 +192,7 @@ where
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::Upstream(describe(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream connection ended with an error");
-            }
-        });
+        drive(conn, "HTTP/1.1");
         Ok(tx)
     }
 
@@ -255,14 +251,23 @@ where
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| ProxyError::Upstream(describe(&e)))?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "upstream HTTP/2 connection ended with an error");
-            }
-        });
+        drive(conn, "HTTP/2");
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
         Ok(tx)
     }
+}
+
+/// Runs a client connection on its own task until it closes.
+fn drive<C, E>(conn: C, version: &'static str)
+where
+    C: Future<Output = Result<(), E>> + Send + 'static,
+    E: std::fmt::Display,
+{
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(version, error = %e, "upstream connection ended with an error");
+        }
+    });
 }
 
 /// Closes pooled HTTP/1.1 connections idle longer than `timeout`; ends when
@@ -457,6 +462,41 @@ mod tests {
             assert!(matches!(got, Ok((200, _))), "request {i} failed: {got:?}");
             std::thread::sleep(REPLAY_AFTER_IDLE + Duration::from_millis(100));
         }
+    }
+
+    #[tokio::test]
+    async fn an_idle_pooled_connection_is_closed_after_the_pool_idle_timeout() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let closed = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = s.read(&mut buf).await.unwrap();
+            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await
+                .unwrap();
+            let opened = std::time::Instant::now();
+            // The client sends nothing more; EOF is the pool letting go.
+            let n = s.read(&mut buf).await.unwrap();
+            (n, opened.elapsed())
+        });
+        let limits = Limits {
+            pool_idle_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let client: UpstreamClient<Plain, Empty<Bytes>> =
+            UpstreamClient::new(Plain(addr), Plain(addr), &limits);
+        let resp = client.send(get()).await.unwrap();
+        resp.into_body().collect().await.unwrap();
+        let (n, after) = tokio::time::timeout(Duration::from_secs(5), closed)
+            .await
+            .expect("the idle connection was never closed")
+            .unwrap();
+        assert_eq!(n, 0, "EOF");
+        assert!(
+            after >= Duration::from_millis(250),
+            "closed after {after:?}"
+        );
     }
 
     #[tokio::test]
