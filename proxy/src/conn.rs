@@ -5,8 +5,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -21,10 +21,14 @@ use tokio::sync::Semaphore;
 use crate::config::Limits;
 use crate::drain;
 
-/// When a connection last moved bytes, and how many requests it has in flight.
+/// Whether a connection has moved bytes lately, and how many requests it
+/// has in flight.
+///
+/// The data path only sets a flag (no clock read per read or write); the
+/// idle watchdog looks at it a few times per idle period.
 #[derive(Debug)]
 pub struct Activity {
-    last_ms: AtomicU64,
+    touched: AtomicBool,
     inflight: AtomicUsize,
 }
 
@@ -39,22 +43,20 @@ pub struct Tracked<T> {
     activity: Arc<Activity>,
 }
 
-fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64
-}
-
 impl Activity {
     /// A fresh record, active now.
     pub fn new() -> Arc<Self> {
         Arc::new(Self {
-            last_ms: AtomicU64::new(now_ms()),
+            touched: AtomicBool::new(true),
             inflight: AtomicUsize::new(0),
         })
     }
 
     fn touch(&self) {
-        self.last_ms.store(now_ms(), Ordering::Relaxed);
+        // Read first: most calls find it set and leave the line clean.
+        if !self.touched.load(Ordering::Relaxed) {
+            self.touched.store(true, Ordering::Relaxed);
+        }
     }
 
     /// Marks a request in flight until the guard drops.
@@ -63,20 +65,22 @@ impl Activity {
         InFlight(self.clone())
     }
 
-    /// Resolves once no request has been in flight and no byte has moved for `idle`.
+    /// Resolves once no request has been in flight and no byte has moved
+    /// for `idle` (give or take an eighth of it: activity is sampled).
     pub async fn idle_for(&self, idle: Duration) {
+        let every = (idle / 8).max(Duration::from_millis(10));
+        let mut quiet_since = Instant::now();
         loop {
-            let quiet = Duration::from_millis(
-                now_ms().saturating_sub(self.last_ms.load(Ordering::Relaxed)),
-            );
-            if quiet >= idle && self.inflight.load(Ordering::Relaxed) == 0 {
+            if self.touched.swap(false, Ordering::Relaxed)
+                || self.inflight.load(Ordering::Relaxed) > 0
+            {
+                quiet_since = Instant::now();
+            }
+            let quiet = quiet_since.elapsed();
+            if quiet >= idle {
                 return;
             }
-            let wait = idle
-                .saturating_sub(quiet)
-                .max(idle / 8)
-                .max(Duration::from_millis(10));
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep(every.min(idle - quiet).max(Duration::from_millis(1))).await;
         }
     }
 }
