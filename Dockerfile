@@ -22,8 +22,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     RUSTFLAGS="-C target-feature=+crt-static" \
-    cargo build --release --locked --bin moat --target x86_64-unknown-linux-gnu \
- && cp target/x86_64-unknown-linux-gnu/release/moat /moat \
+    cargo build --profile dist --locked --bin moat --target x86_64-unknown-linux-gnu \
+ && cp target/x86_64-unknown-linux-gnu/dist/moat /moat \
  && strip /moat \
  && { ldd /moat 2>&1 | grep -Eq 'not a dynamic executable|statically linked' \
       || { echo "moat is not static:"; ldd /moat; exit 1; }; } \

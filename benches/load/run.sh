@@ -24,7 +24,7 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
 OUT=${OUT:-$REPO/benches/results}
-MOAT=${MOAT:-$REPO/target/release/moat}
+MOAT=${MOAT:-$REPO/target/dist/moat}   # the `dist` profile: what ships
 DUR=${DUR:-4}                  # seconds per oha run
 RATE=${RATE:-2000}             # req/s for the fixed-rate (latency) runs
 H2_CONNS=${H2_CONNS:-4}; H2_STREAMS=${H2_STREAMS:-8}
@@ -91,8 +91,8 @@ install_deps() {
     fi
   fi
   if [ "$BUILD" = 1 ]; then
-    log "cargo build --release (niced)"
-    (cd "$REPO" && nice -n 19 cargo build --release --bin moat >"$ROOT/logs/moat-build.log" 2>&1) \
+    log "cargo build --profile dist (niced)"
+    (cd "$REPO" && nice -n 19 cargo build --profile dist --bin moat >"$ROOT/logs/moat-build.log" 2>&1) \
       || { log "moat build failed, see $ROOT/logs/moat-build.log"; exit 1; }
   fi
   [ -x "$MOAT" ] || { log "no moat binary at $MOAT"; exit 1; }
