@@ -464,35 +464,43 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn an_idle_pooled_connection_is_closed_after_the_pool_idle_timeout() {
+    /// A server that answers one request with `response` and hands back
+    /// the request head and the still-open stream.
+    async fn serve_once(
+        response: &'static [u8],
+    ) -> (SocketAddr, tokio::task::JoinHandle<(String, TcpStream)>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let closed = tokio::spawn(async move {
+        let served = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
             let mut buf = vec![0u8; 4096];
-            let _ = s.read(&mut buf).await.unwrap();
-            s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                .await
-                .unwrap();
-            let opened = std::time::Instant::now();
-            // The client sends nothing more; EOF is the pool letting go.
             let n = s.read(&mut buf).await.unwrap();
-            (n, opened.elapsed())
+            s.write_all(response).await.unwrap();
+            (String::from_utf8_lossy(&buf[..n]).into_owned(), s)
         });
+        (addr, served)
+    }
+
+    #[tokio::test]
+    async fn an_idle_pooled_connection_is_closed_after_the_pool_idle_timeout() {
+        let (addr, served) = serve_once(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
         let limits = Limits {
             pool_idle_timeout: Duration::from_millis(300),
             ..Limits::default()
         };
-        let client: UpstreamClient<Plain, Empty<Bytes>> =
-            UpstreamClient::new(Plain(addr), Plain(addr), &limits);
+        let client = UpstreamClient::new(Plain(addr), Plain(addr), &limits);
         let resp = client.send(get()).await.unwrap();
         resp.into_body().collect().await.unwrap();
-        let (n, after) = tokio::time::timeout(Duration::from_secs(5), closed)
+        let idle_from = std::time::Instant::now();
+        let (_, mut s) = served.await.unwrap();
+        // The client sends nothing more; EOF is the pool letting go.
+        let mut buf = [0u8; 16];
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
             .await
             .expect("the idle connection was never closed")
             .unwrap();
         assert_eq!(n, 0, "EOF");
+        let after = idle_from.elapsed();
         assert!(
             after >= Duration::from_millis(250),
             "closed after {after:?}"
@@ -511,20 +519,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_request_goes_out_in_origin_form_with_the_host() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let seen = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut buf = vec![0u8; 4096];
-            let n = s.read(&mut buf).await.unwrap();
-            s.write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
-                .await
-                .unwrap();
-            String::from_utf8_lossy(&buf[..n]).into_owned()
-        });
+        let (addr, served) = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n").await;
         let resp = client(addr).send(get()).await.unwrap();
         assert_eq!(resp.status(), 204);
-        let head = seen.await.unwrap().to_ascii_lowercase();
+        let head = served.await.unwrap().0.to_ascii_lowercase();
         assert!(head.starts_with("get /x http/1.1\r\n"), "{head}");
         assert!(head.contains("host: service.internal\r\n"), "{head}");
     }
