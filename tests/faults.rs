@@ -59,6 +59,16 @@ fn ca_restarted_during_renewal_is_picked_up_again() {
         200,
         "serving while the CA is down"
     );
+    assert_eq!(
+        curl_http(admin, "/ready", &[]).0,
+        200,
+        "still ready until expiry"
+    );
+    assert_eq!(
+        identity_json(admin)["serial"],
+        first,
+        "the current certificate, not a new one"
+    );
     // The CA comes back on the same address.
     let ca_dir = ca.ca_dir();
     let listen = ca.addr.to_string();
