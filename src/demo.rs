@@ -20,6 +20,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use moat_proxy::tls::verify::AnyServerCertificate;
 use serde_json::Value;
 
 const TRUST_DOMAIN: &str = "demo.local";
@@ -773,7 +774,9 @@ async fn rogue_handshake(
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let builder = rustls::ClientConfig::builder()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(dangerous::AcceptAnyServer::new()));
+        .with_custom_certificate_verifier(Arc::new(AnyServerCertificate::new(Arc::new(
+            rustls::crypto::aws_lc_rs::default_provider(),
+        ))));
     let config = match identity {
         Some((chain, key)) => match builder.with_client_auth_cert(chain, key) {
             Ok(c) => c,
@@ -810,56 +813,5 @@ fn short_tls_error(e: &std::io::Error) -> String {
         t if t.contains("UnknownCA") => "alert unknown_ca".into(),
         t if t.contains("BadCertificate") => "alert bad_certificate".into(),
         t => t.to_owned(),
-    }
-}
-
-mod dangerous {
-    //! A verifier that accepts any server certificate. Only the demo's
-    //! rogue client uses it: the point is to show the *server* refusing the
-    //! client, so the client does not care who the server is.
-
-    use rustls::DigitallySignedStruct;
-    use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-    use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
-
-    #[derive(Debug)]
-    pub struct AcceptAnyServer(rustls::crypto::WebPkiSupportedAlgorithms);
-
-    impl AcceptAnyServer {
-        pub fn new() -> Self {
-            Self(rustls::crypto::aws_lc_rs::default_provider().signature_verification_algorithms)
-        }
-    }
-
-    impl ServerCertVerifier for AcceptAnyServer {
-        fn verify_server_cert(
-            &self,
-            _: &CertificateDer<'_>,
-            _: &[CertificateDer<'_>],
-            _: &ServerName<'_>,
-            _: &[u8],
-            _: UnixTime,
-        ) -> Result<ServerCertVerified, rustls::Error> {
-            Ok(ServerCertVerified::assertion())
-        }
-        fn verify_tls12_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0)
-        }
-        fn verify_tls13_signature(
-            &self,
-            message: &[u8],
-            cert: &CertificateDer<'_>,
-            dss: &DigitallySignedStruct,
-        ) -> Result<HandshakeSignatureValid, rustls::Error> {
-            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0)
-        }
-        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-            self.0.supported_schemes()
-        }
     }
 }

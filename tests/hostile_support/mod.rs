@@ -9,12 +9,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime, pem::PemObject};
-use rustls::{ClientConnection, DigitallySignedStruct, SignatureScheme, StreamOwned};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
+use rustls::{ClientConnection, SignatureScheme, StreamOwned};
 
 use crate::proxy_support::*;
 use crate::support::{Running, TestCa, echo_service};
+use moat_proxy::tls::verify::AnyServerCertificate;
 
 pub const SERVER_ID: &str = "spiffe://example.org/ns/prod/sa/api";
 pub const CLIENT_ID: &str = "spiffe://example.org/ns/prod/sa/web";
@@ -146,7 +146,7 @@ pub fn tls_connect(
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyServer(provider.clone())));
+        .with_custom_certificate_verifier(Arc::new(AnyServerCertificate::new(provider.clone())));
     let mut config = match auth {
         Some((certs, key)) => {
             let signer = provider.key_provider.load_private_key(key).unwrap();
@@ -205,54 +205,6 @@ pub fn statuses(text: &str) -> Vec<u16> {
     text.match_indices("HTTP/1.1 ")
         .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
         .collect()
-}
-
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
-
-impl ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
-        _: &ServerName<'_>,
-        _: &[u8],
-        _: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
 }
 
 #[derive(Debug)]
