@@ -169,6 +169,58 @@ pub async fn bind(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAd
     Ok((listener, bound))
 }
 
+/// What serves the connections a [`Listener`] accepts.
+pub trait Serve: Send + Sync + 'static {
+    /// Serves one accepted connection to its end.
+    fn connection(
+        self: Arc<Self>,
+        tcp: TcpStream,
+        addr: SocketAddr,
+        drain: drain::Watch,
+    ) -> impl Future<Output = ()> + Send + 'static;
+}
+
+/// A bound listener and what serves its connections.
+pub struct Listener<S> {
+    listener: TcpListener,
+    name: Arc<str>,
+    max_connections: usize,
+    shared: Arc<S>,
+}
+
+impl<S: Serve> Listener<S> {
+    /// Pairs a listener bound at `addr` with what serves it (at most
+    /// `max_connections` at once), and says so in the log.
+    pub fn new(
+        listener: TcpListener,
+        addr: SocketAddr,
+        name: Arc<str>,
+        max_connections: usize,
+        shared: S,
+    ) -> Self {
+        tracing::info!(listener = %name, addr = %addr, "listening");
+        Self {
+            listener,
+            name,
+            max_connections,
+            shared: Arc::new(shared),
+        }
+    }
+
+    /// Serves until the drain starts; open connections finish on their own.
+    pub async fn serve(self, drain: drain::Watch) {
+        let shared = self.shared;
+        accept_loop(
+            self.listener,
+            self.name,
+            self.max_connections,
+            drain,
+            move |tcp, addr, drain| shared.clone().connection(tcp, addr, drain),
+        )
+        .await;
+    }
+}
+
 /// Accepts connections until the drain starts, never holding more than
 /// `max` at once; each is handled on its own task with a drain watch.
 pub async fn accept_loop<F, Fut>(

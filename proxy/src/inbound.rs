@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use hyper::server::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use moat_ca::SpiffeId;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
@@ -61,12 +61,10 @@ impl Dial for LocalDial {
 }
 
 /// One bound inbound listener, ready to serve.
-pub struct InboundListener {
-    listener: TcpListener,
-    shared: Arc<Shared>,
-}
+pub type InboundListener = conn::Listener<Shared>;
 
-struct Shared {
+/// Everything an inbound connection needs, shared by all of them.
+pub struct Shared {
     name: Arc<str>,
     protocol: Protocol,
     forward_http: ForwardHttp,
@@ -131,30 +129,12 @@ impl InboundListener {
             requests: obs.metrics.listener(&config.name, "inbound"),
             listen_addr: addr,
         };
-        tracing::info!(listener = %config.name, addr = %addr, "listening");
-        Ok((
-            Self {
-                listener,
-                shared: Arc::new(shared),
-            },
-            addr,
-        ))
-    }
-
-    /// Serves until the drain starts; open connections finish on their own.
-    pub async fn serve(self, drain: drain::Watch) {
-        let shared = self.shared;
-        let name = shared.name.clone();
-        let max = shared.limits.max_connections;
-        conn::accept_loop(self.listener, name, max, drain, move |tcp, addr, drain| {
-            let shared = shared.clone();
-            async move { shared.connection(tcp, addr, drain).await }
-        })
-        .await;
+        let (name, max) = (shared.name.clone(), shared.limits.max_connections);
+        Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
     }
 }
 
-impl Shared {
+impl conn::Serve for Shared {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
         let _open = self.obs.metrics.connection_opened(&self.name);
         // Each phase is boxed, so the connection task holds only the live
@@ -170,7 +150,9 @@ impl Shared {
             Protocol::Tcp => Box::pin(self.serve_tcp(tls, peer)).await,
         }
     }
+}
 
+impl Shared {
     /// The TLS handshake (with its timeout), counted and logged, and the
     /// verified peer.
     async fn handshake(

@@ -19,7 +19,7 @@ use hyper_util::server::conn::auto;
 use moat_ca::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
@@ -35,12 +35,10 @@ use crate::upstream::{Dial, UpstreamClient};
 use crate::{Error, drain};
 
 /// One bound outbound listener, ready to serve.
-pub struct OutboundListener {
-    listener: TcpListener,
-    shared: Arc<Shared>,
-}
+pub type OutboundListener = conn::Listener<Shared>;
 
-struct Shared {
+/// Everything an outbound connection needs, shared by all of them.
+pub struct Shared {
     name: Arc<str>,
     protocol: Protocol,
     upstream_authority: Authority,
@@ -109,30 +107,12 @@ impl OutboundListener {
             requests: obs.metrics.listener(&config.name, "outbound"),
             listen_addr: addr,
         };
-        tracing::info!(listener = %config.name, addr = %addr, "listening");
-        Ok((
-            Self {
-                listener,
-                shared: Arc::new(shared),
-            },
-            addr,
-        ))
-    }
-
-    /// Serves until the drain starts.
-    pub async fn serve(self, drain: drain::Watch) {
-        let shared = self.shared;
-        let name = shared.name.clone();
-        let max = shared.limits.max_connections;
-        conn::accept_loop(self.listener, name, max, drain, move |tcp, addr, drain| {
-            let shared = shared.clone();
-            async move { shared.connection(tcp, addr, drain).await }
-        })
-        .await;
+        let (name, max) = (shared.name.clone(), shared.limits.max_connections);
+        Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
     }
 }
 
-impl Shared {
+impl conn::Serve for Shared {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
         let _open = self.obs.metrics.connection_opened(&self.name);
         let activity = Activity::new();
@@ -169,7 +149,9 @@ impl Shared {
             }
         }
     }
+}
 
+impl Shared {
     async fn request(
         &self,
         req: Request<Incoming>,
