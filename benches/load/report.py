@@ -96,10 +96,10 @@ def main():
     L.append("# moat load bench: side by side (issue 7) and sidecar pair (issue 3)\n")
     L.append("Produced by `bash benches/load/run.sh` on %s. %s\n" % (meta.get("date", "?"), meta.get("versions", "")))
     L.append("Machine: %s, kernel %s. Backend (nginx) and proxies pinned to cpu%s; oha pinned to cpu%s. "
-             "%s s per run (first 1 s dropped from p50/p99/p99.9). Fixed-rate runs: %s req/s, latency-corrected. "
+             "%s s per run (first 1 s dropped from p50/p99/p99.9). Fixed-rate runs: %s req/s for %s s, latency-corrected. "
              "HTTP/2: %s connections x streams. Background load just before measuring: %s. Measurement phase: %s s.\n"
              % (meta.get("cpu", "?"), meta.get("kernel", "?"), meta.get("srv_cpu"), meta.get("cli_cpu"),
-                meta.get("dur"), meta.get("rate"), meta.get("h2"), meta.get("background_before"),
+                meta.get("dur"), meta.get("rate"), meta.get("fr_dur", meta.get("dur")), meta.get("h2"), meta.get("background_before"),
                 meta.get("measure_seconds")))
     L.append("moat binary: %s. A fresh moat inbound uses %s MiB before its first request.\n"
              % (meta.get("moat_binary", "?"), meta.get("moat_fresh_rss_mib_before_any_request", "?")))

@@ -26,6 +26,7 @@ ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
 OUT=${OUT:-$REPO/benches/results}
 MOAT=${MOAT:-$REPO/target/dist/moat}   # the `dist` profile: what ships
 DUR=${DUR:-4}                  # seconds per oha run
+FR_DUR=${FR_DUR:-8}            # seconds per fixed-rate run: its p99 rests on the slowest 1 % of RATE x (FR_DUR - WARM)
 RATE=${RATE:-2000}             # req/s for the fixed-rate (latency) runs
 H2_CONNS=${H2_CONNS:-4}; H2_STREAMS=${H2_STREAMS:-8}
 IDLE_CONNS=${IDLE_CONNS:-1000}
@@ -398,17 +399,18 @@ run_once() {
   for n in ${pout_names//,/ }; do [ "$n" != - ] && pout+=" $(tree_pids "${PID[$n]}")"; done
   bpids=$(tree_pids "${PID[backend]}")
   [[ $url == https* ]] && tls=(--insecure --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key")
+  local dur=$DUR; [ "$group" = fr ] && dur=$FR_DUR
   rm -f "$ROOT/run/$label.db" "$ROOT/run/$label.snap1" "$ROOT/raw/$label.extra"
   quiet_gate
   log "run $label ($target, $*)"
-  taskset -c "$CLI_CPU" timeout $((DUR + 60)) "$OHA" -z "${DUR}s" --no-tui --worker-threads 1 --output-format json \
+  taskset -c "$CLI_CPU" timeout $((dur + 60)) "$OHA" -z "${dur}s" --no-tui --worker-threads 1 --output-format json \
       -o "$ROOT/raw/$label.json" --db-url "$ROOT/run/$label.db" "${tls[@]}" "$@" "$url" 2>"$ROOT/logs/$label.err" &
   local ohapid=$!
   snap0=$(snapshot "${pin:- }" "${pout:- }" "$bpids" "$ohapid")
-  # end-of-load snapshot just before DUR elapses (oha then writes its sqlite log; keep that out)
-  ( sleep "$(awk -v d="$DUR" 'BEGIN{print d - 0.3}')"; snapshot "${pin:- }" "${pout:- }" "$bpids" "$ohapid" > "$ROOT/run/$label.snap1" ) & snapper=$!
+  # end-of-load snapshot just before the run ends (oha then writes its sqlite log; keep that out)
+  ( sleep "$(awk -v d="$dur" 'BEGIN{print d - 0.3}')"; snapshot "${pin:- }" "${pout:- }" "$bpids" "$ohapid" > "$ROOT/run/$label.snap1" ) & snapper=$!
   if [[ $pin_names == haproxy ]] && [[ $group == hs ]]; then   # mid-run: did haproxy resume TLS sessions?
-    ( sleep "$(awk -v d="$DUR" 'BEGIN{print d / 2}')"; haproxy_info > "$ROOT/raw/$label.extra" ) & extra_pid=$!
+    ( sleep "$(awk -v d="$dur" 'BEGIN{print d / 2}')"; haproxy_info > "$ROOT/raw/$label.extra" ) & extra_pid=$!
   fi
   wait "$ohapid"; rc=$?
   wait "$snapper"; [ -n "$extra_pid" ] && wait "$extra_pid"
@@ -445,7 +447,7 @@ sweep() { # concurrency
 measure() { # runs that targets depend on come first: if the time cap hits, the sweeps at c=1/256 go
   local H="https://127.0.0.1" H1=(--http-version 1.1)
   sweep 32
-  log "B) HTTP/1.1 keep-alive, fixed ${RATE} req/s (latency-corrected), -c 32"
+  log "B) HTTP/1.1 keep-alive, fixed ${RATE} req/s (latency-corrected), -c 32, ${FR_DUR}s each"
   local FR=(-c 32 -q "$RATE" --latency-correction)
   run fr_direct       fr "direct (plain HTTP)"           32 -       -        "http://127.0.0.1:$B_PORT/" "${FR[@]}"
   run fr_moat_in      fr "moat inbound (mTLS -> h1)"     32 moat_in -        "$H:$MI_PORT/"     "${FR[@]}" "${H1[@]}"
@@ -546,7 +548,7 @@ measure
 memory
 cleanup
 python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --out "$OUT" \
-  --meta "dur=$DUR" "rate=$RATE" "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" \
+  --meta "dur=$DUR" "fr_dur=$FR_DUR" "rate=$RATE" "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" \
          "versions=$VERSIONS" "background_before=cpu$SRV_CPU ${BG_SRV}% cpu$CLI_CPU ${BG_CLI}%" \
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
          "measure_seconds=$((SECONDS - T_START))" "quiet_wait_seconds=$QUIET_SPENT" \
