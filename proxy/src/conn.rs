@@ -264,42 +264,47 @@ pub async fn accept_loop<F, Fut>(
     tracing::info!(listener = %name, "stopped accepting");
 }
 
+// The server settings, applied the same to hyper's builders and to the
+// ones inside hyper-util's `auto` builder (same methods, other types).
+macro_rules! http1_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size($limits.max_header_bytes.max(8192))
+            .keep_alive(true)
+    };
+}
+
+macro_rules! http2_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_header_list_size($limits.max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_concurrent_streams(1000)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
 /// The HTTP/1.1 server side of a TLS listener (ALPN chose the version).
 pub fn http1_server(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
-    b.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
+    http1_settings!(b, limits);
     b
 }
 
 /// The HTTP/2 server side of a TLS listener (ALPN chose the version).
 pub fn http2_server(limits: &Limits) -> http2::Builder<TokioExecutor> {
     let mut b = http2::Builder::new(TokioExecutor::new());
-    b.timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
-        .max_concurrent_streams(1000)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    http2_settings!(b, limits);
     b
 }
 
 /// The HTTP server side of a plaintext listener, which tells HTTP/2 (prior
-/// knowledge, h2c) from HTTP/1.1 by the first bytes; same limits as above.
+/// knowledge, h2c) from HTTP/1.1 by the first bytes; same settings.
 pub fn http_server(limits: &Limits) -> auto::Builder<TokioExecutor> {
     let mut b = auto::Builder::new(TokioExecutor::new());
-    b.http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout)
-        .max_buf_size(limits.max_header_bytes.max(8192))
-        .keep_alive(true);
-    b.http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes.min(u32::MAX as usize) as u32)
-        .max_concurrent_streams(1000)
-        .keep_alive_interval(Some(Duration::from_secs(30)))
-        .keep_alive_timeout(Duration::from_secs(20));
+    http1_settings!(b.http1(), limits);
+    http2_settings!(b.http2(), limits);
     b
 }
 
