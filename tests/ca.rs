@@ -323,14 +323,7 @@ fn expired_forged_and_foreign_tokens_are_refused() {
 
     // A token from another CA's key.
     let other = tempfile::tempdir().unwrap();
-    moat_ok(&[
-        "ca",
-        "init",
-        "--dir",
-        path_str(&other.path().join("ca")),
-        "--trust-domain",
-        "example.org",
-    ]);
+    ca_init(&other.path().join("ca"));
     let foreign = moat_ok(&[
         "ca",
         "token",
@@ -496,14 +489,7 @@ fn operator_mistakes_exit_64_with_a_clear_message() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     let missing = tmp.path().join("none");
-    moat_ok(&[
-        "ca",
-        "init",
-        "--dir",
-        path_str(&dir),
-        "--trust-domain",
-        "example.org",
-    ]);
+    ca_init(&dir);
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -714,14 +700,7 @@ fn ca_refuses_to_start_when_the_kubernetes_jwks_cannot_be_fetched() {
     let (addr, server_pem) = https_jwks_server("{}".into(), "right-token");
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
-    moat_ok(&[
-        "ca",
-        "init",
-        "--dir",
-        path_str(&dir),
-        "--trust-domain",
-        "example.org",
-    ]);
+    ca_init(&dir);
     std::fs::write(dir.join("api-ca.pem"), &server_pem).unwrap();
     std::fs::write(dir.join("sa-token"), "wrong-token").unwrap();
     std::fs::write(

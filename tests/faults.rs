@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use hostile_support::*;
 use proxy_support::*;
 use serde_json::Value;
-use support::{Running, TestCa, echo_service, moat_ok, path_str};
+use support::{Running, TestCa, ca_init, echo_service, moat_ok, path_str};
 
 const A: &str = "spiffe://example.org/ns/prod/sa/web";
 const B: &str = "spiffe://example.org/ns/prod/sa/billing";
@@ -38,16 +38,7 @@ fn ca_restarted_during_renewal_is_picked_up_again() {
     moat_ca::install_crypto_provider();
     let mut ca = TestCa::start();
     let client = issue(&ca, A, "1h", "client");
-    let config = format!(
-        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
-        ca_identity(&ca, B, "b", "ttl = \"12s\""),
-        echo_service()
-    );
-    let (mut b, addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &config), &["api", "admin"]);
-    let (api, admin) = (addrs[0], addrs[1]);
-    b.wait_for_log(Duration::from_secs(10), |v| {
-        v["message"] == "certificate issued"
-    });
+    let (mut b, api, admin) = ca_inbound(&ca, B, "ttl = \"12s\"");
     let first = identity_json(admin)["serial"].clone();
     ca.server.child.kill().unwrap();
     ca.server.child.wait().unwrap();
@@ -329,14 +320,7 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
     let _guard = Unmount(mnt.path().to_owned());
     moat_ca::install_crypto_provider();
     let ca_dir = mnt.path().join("ca");
-    moat_ok(&[
-        "ca",
-        "init",
-        "--dir",
-        path_str(&ca_dir),
-        "--trust-domain",
-        "example.org",
-    ]);
+    ca_init(&ca_dir);
     let mut server = Running::start(&[
         "ca",
         "serve",

@@ -31,14 +31,7 @@ fn ca_identity_is_not_ready_until_the_first_certificate() {
         .port();
     let dir = tempfile::tempdir().unwrap();
     let ca_dir = dir.path().join("ca");
-    support::moat_ok(&[
-        "ca",
-        "init",
-        "--dir",
-        path_str(&ca_dir),
-        "--trust-domain",
-        "example.org",
-    ]);
+    support::ca_init(&ca_dir);
     let bundle = write(
         dir.path(),
         "bundle.pem",
@@ -86,28 +79,17 @@ fn renewal_under_load_fails_no_request() {
     let ca = TestCa::start();
     let client = issue(&ca, A, "1h", "client");
     // B: inbound in front of the echo service; A: outbound to B. Both renew every ~2s.
-    let b_config = format!(
-        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
-        ca_identity(&ca, B, "b", "ttl = \"4s\""),
-        echo_service()
-    );
-    let (mut b, b_addrs) = start_proxy(
-        &write(ca.dir.path(), "b.toml", &b_config),
-        &["api", "admin"],
-    );
-    b.wait_for_log(Duration::from_secs(10), |v| {
-        v["message"] == "certificate issued"
-    });
+    let (b, b_api, b_admin) = ca_inbound(&ca, B, "ttl = \"4s\"");
     let a_config = format!(
         "{}{ADMIN}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{B}\"\n",
         ca_identity(&ca, A, "a", "ttl = \"4s\""),
-        b_addrs[0]
+        b_api
     );
     let (mut a, a_addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_config), &["billing"]);
     a.wait_for_log(Duration::from_secs(10), |v| {
         v["message"] == "certificate issued"
     });
-    let first_serial = identity_json(b_addrs[1])["serial"].clone();
+    let first_serial = identity_json(b_admin)["serial"].clone();
 
     let mut kept = KeepAlive::connect(a_addrs[0]);
     let mut failures = Vec::new();
@@ -120,7 +102,7 @@ fn renewal_under_load_fails_no_request() {
         // and a fresh handshake straight to B.
         let kept_status = kept.get("/kept");
         let via_a = curl_http(a_addrs[0], "/fresh", &[]).0;
-        let to_b = curl(b_addrs[0], "/direct", Some(&client), &["--http1.1"]).0;
+        let to_b = curl(b_api, "/direct", Some(&client), &["--http1.1"]).0;
         requests += 3;
         for (what, status) in [
             ("kept-alive via A", kept_status),
@@ -146,7 +128,7 @@ fn renewal_under_load_fails_no_request() {
         "B renewed twice"
     );
     assert_ne!(
-        identity_json(b_addrs[1])["serial"],
+        identity_json(b_admin)["serial"],
         first_serial,
         "B serves a new certificate"
     );
@@ -239,16 +221,7 @@ fn file_identity_keeps_old_certificate_when_reload_is_broken() {
 fn ca_rotation_reaches_the_proxy_without_restart() {
     moat_ca::install_crypto_provider();
     let ca = TestCa::start();
-    let config = format!(
-        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
-        ca_identity(&ca, B, "b", "bundle_refresh = \"300ms\""),
-        echo_service()
-    );
-    let (mut b, addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &config), &["api", "admin"]);
-    let (api, admin) = (addrs[0], addrs[1]);
-    b.wait_for_log(Duration::from_secs(10), |v| {
-        v["message"] == "certificate issued"
-    });
+    let (mut b, api, admin) = ca_inbound(&ca, B, "bundle_refresh = \"300ms\"");
     assert_eq!(identity_json(admin)["bundle_roots"], 1);
     let ca_dir = ca.ca_dir();
     support::moat_ok(&["ca", "rotate", "--dir", path_str(&ca_dir), "--prepare"]);

@@ -297,20 +297,7 @@ fn scrape(admin: SocketAddr) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The value of the first sample of `name` whose labels include `labels`,
-/// parsed with a Prometheus text-format parser.
+/// The value of the first sample of `name` whose labels include `labels`.
 fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .find(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => f64::NAN,
-        })
+    support::metric_samples(text, name, labels).first().copied()
 }

@@ -101,19 +101,9 @@ pub fn scrape(admin: SocketAddr) -> String {
 
 /// A sample's value (0 when absent: a counter that never moved).
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    let lines = text.lines().map(|l| Ok(l.to_owned()));
-    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
-    scrape
-        .samples
-        .iter()
-        .filter(|s| s.metric == name)
-        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-        .map(|s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => 0.0,
-        })
+    crate::support::metric_samples(text, name, labels)
+        .into_iter()
+        .filter(|v| !v.is_nan())
         .sum()
 }
 

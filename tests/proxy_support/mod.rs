@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Output;
 use std::time::Duration;
 
-use crate::support::{Running, TestCa, path_str, tool};
+use crate::support::{Running, TestCa, echo_service, path_str, tool};
 
 /// A workload certificate and key on disk.
 pub struct CertFiles {
@@ -186,6 +186,28 @@ pub fn ca_identity(ca: &TestCa, id: &str, name: &str, extra: &str) -> String {
         path_str(&ca.bundle_file()),
         path_str(&token)
     )
+}
+
+/// An inbound sidecar `api` in front of the echo service, with an admin
+/// listener, its identity `id` from `ca` (`identity_extra` goes into
+/// `[identity]`); returns once its first certificate is issued, with the
+/// `api` and admin addresses.
+pub fn ca_inbound(
+    ca: &TestCa,
+    id: &str,
+    identity_extra: &str,
+) -> (Running, SocketAddr, SocketAddr) {
+    let config = format!(
+        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
+        ca_identity(ca, id, "b", identity_extra),
+        echo_service()
+    );
+    let (mut proxy, addrs) =
+        start_proxy(&write(ca.dir.path(), "b.toml", &config), &["api", "admin"]);
+    proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "certificate issued"
+    });
+    (proxy, addrs[0], addrs[1])
 }
 
 /// A TCP service that reads until the client half-closes, then answers

@@ -184,14 +184,7 @@ impl TestCa {
     pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca_dir = dir.path().join("ca");
-        moat_ok(&[
-            "ca",
-            "init",
-            "--dir",
-            path_str(&ca_dir),
-            "--trust-domain",
-            "example.org",
-        ]);
+        ca_init(&ca_dir);
         prepare(&ca_dir);
         let mut server = Running::start(&[
             "ca",
@@ -265,6 +258,37 @@ impl TestCa {
         ]);
         (cert, key)
     }
+}
+
+/// `moat ca init` of a CA for `example.org` in `dir`.
+pub fn ca_init(dir: &Path) {
+    moat_ok(&[
+        "ca",
+        "init",
+        "--dir",
+        path_str(dir),
+        "--trust-domain",
+        "example.org",
+    ]);
+}
+
+/// The values of every sample of `name` whose labels include `labels`, read
+/// with a Prometheus text-format parser (NaN for a histogram or summary).
+pub fn metric_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+    let lines = text.lines().map(|l| Ok(l.to_owned()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == name)
+        .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => f64::NAN,
+        })
+        .collect()
 }
 
 /// A path as `&str` (test paths are always UTF-8).
