@@ -327,6 +327,9 @@ where
     let mut closing = false;
     loop {
         tokio::select! {
+            // The connection first, and no random branch order to draw
+            // on each of its wake-ups.
+            biased;
             res = conn.as_mut() => return res.map_err(Into::into),
             _ = drain.signaled(), if !closing => {
                 closing = true;

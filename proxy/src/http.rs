@@ -112,28 +112,34 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if !headers.keys().any(is_hop_by_hop) {
         return;
     }
-    let named: Vec<HeaderName> = headers
+    // Names listed in `Connection` go too; the usual tokens (`keep-alive`,
+    // `close`) are removed below anyway or name nothing, so they cost no
+    // allocation here.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for token in headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        if name != header::TE {
-            headers.remove(&name);
+        .map(str::trim)
+    {
+        if token.is_empty()
+            || token.eq_ignore_ascii_case("close")
+            || token.eq_ignore_ascii_case(header::TE.as_str())
+            || ALWAYS_HOP_BY_HOP
+                .iter()
+                .any(|n| token.eq_ignore_ascii_case(n.as_str()))
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            named.push(name);
         }
     }
-    for name in [
-        &header::CONNECTION,
-        &header::PROXY_AUTHENTICATE,
-        &header::PROXY_AUTHORIZATION,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-    ] {
+    for name in named {
+        headers.remove(&name);
+    }
+    for name in ALWAYS_HOP_BY_HOP {
         headers.remove(name);
     }
     if let Some(te) = headers.get(header::TE)
@@ -146,17 +152,21 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
+/// Hop-by-hop whatever `Connection` says (`te` is judged by its value).
+static ALWAYS_HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+
 /// A header that does not travel past this hop (or may name others that don't).
 fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::PROXY_AUTHENTICATE
-        || name == header::PROXY_AUTHORIZATION
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::TE
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
+    name == header::TE || ALWAYS_HOP_BY_HOP.contains(&name)
 }
 
 /// The size of a header block as HTTP/2 counts it (name + value + 32 each).

@@ -160,7 +160,12 @@ impl Shared {
         let _inflight = activity.request();
         let started = Instant::now();
         let method = req.method().clone();
-        let path = req.uri().path().to_owned();
+        // For the span and the access log only.
+        let path = if self.obs.tracing || crate::telemetry::access_log_enabled() {
+            req.uri().path().to_owned()
+        } else {
+            String::new()
+        };
         // The service's call into its sidecar is the server span; the call
         // to the peer is its client child, whose context the peer continues.
         let span = if self.obs.tracing {
