@@ -254,8 +254,18 @@ impl Shared {
         }
     }
 
-    async fn request(&self, req: Request<Incoming>, peer: &Peer) -> Response<ProxyBody> {
-        let _inflight = peer.activity.request();
+    /// Serves one request: authorize, forward, count, log.
+    ///
+    /// Not an `async fn`, nor is [`Shared::forward`]: an async fn keeps its
+    /// by-value arguments in its state next to the locals they move into
+    /// (rustc #62958), and the request future is built and moved once per
+    /// request; as plain fns the request lives in the state once.
+    fn request<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        peer: &'a Peer,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+        let inflight = peer.activity.request();
         let started = Instant::now();
         let method = req.method().clone();
         // Spans are built only when they are exported: an untraced proxy
@@ -283,182 +293,180 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let (resp, outcome, path) = self
-            .forward(req, peer, &span)
-            .instrument(span.clone())
-            .await;
-        let status = resp.status().as_u16();
-        let route = outcome
-            .as_ref()
-            .and_then(|o| o.route.as_deref())
-            .unwrap_or("-");
-        let decision = outcome.as_ref().map_or("none", |o| o.decision);
-        let elapsed = started.elapsed();
-        if let Some(o) = &outcome
-            && o.decision != "none"
-        {
-            self.obs
-                .metrics
-                .decision(&self.name, route, o.decision, o.reason);
-            span.record("moat.route", route);
-            span.record("moat.decision", o.decision);
-            if o.decision != "allow" {
-                span.record("moat.deny.reason", o.reason);
+        let forward = self.forward(req, peer, span.clone());
+        async move {
+            let _inflight = inflight;
+            let (resp, outcome, path) = forward.instrument(span.clone()).await;
+            let status = resp.status().as_u16();
+            let route = outcome
+                .as_ref()
+                .and_then(|o| o.route.as_deref())
+                .unwrap_or("-");
+            let decision = outcome.as_ref().map_or("none", |o| o.decision);
+            let elapsed = started.elapsed();
+            if let Some(o) = &outcome
+                && o.decision != "none"
+            {
+                self.obs
+                    .metrics
+                    .decision(&self.name, route, o.decision, o.reason);
+                span.record("moat.route", route);
+                span.record("moat.decision", o.decision);
+                if o.decision != "allow" {
+                    span.record("moat.deny.reason", o.reason);
+                }
             }
+            span.record("http.response.status_code", status);
+            if status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+            self.requests
+                .request(route, &method, status, decision, elapsed);
+            crate::telemetry::access_log(&crate::telemetry::AccessEntry {
+                trace_id: &trace_id,
+                listener: &self.name,
+                direction: "inbound",
+                peer: peer.id.as_str(),
+                method: &method,
+                path: &path,
+                status,
+                route,
+                decision,
+                duration: elapsed,
+                bytes: content_length(&resp),
+            });
+            resp
         }
-        span.record("http.response.status_code", status);
-        if status >= 500 {
-            span.record("otel.status_code", "ERROR");
-        }
-        self.requests
-            .request(route, &method, status, decision, elapsed);
-        crate::telemetry::access_log(&crate::telemetry::AccessEntry {
-            trace_id: &trace_id,
-            listener: &self.name,
-            direction: "inbound",
-            peer: peer.id.as_str(),
-            method: &method,
-            path: &path,
-            status,
-            route,
-            decision,
-            duration: elapsed,
-            bytes: content_length(&resp),
-        });
-        resp
     }
 
     /// Authorizes and forwards one request; also returns what the access
     /// log needs: the decision (if one was made) and the path as authorized.
-    async fn forward(
-        &self,
+    fn forward<'a>(
+        &'a self,
         req: Request<Incoming>,
-        peer: &Peer,
-        span: &tracing::Span,
-    ) -> (Response<ProxyBody>, Option<authz::Outcome>, String) {
+        peer: &'a Peer,
+        span: tracing::Span,
+    ) -> impl Future<Output = (Response<ProxyBody>, Option<authz::Outcome>, String)> + Send + 'a
+    {
         let (mut parts, body) = req.into_parts();
-        // The path as received or as authorized, for the access log only.
-        let logged = crate::telemetry::access_log_enabled();
-        let raw_path = if logged {
-            parts.uri.path().to_owned()
-        } else {
-            String::new()
-        };
-        if header_bytes(&parts.headers) > self.limits.max_header_bytes {
-            return (ProxyError::HeadersTooLarge.into_response(), None, raw_path);
-        }
-        // Only we say who the peer is.
-        if parts
-            .headers
-            .get_all(http::header::HOST)
-            .iter()
-            .nth(1)
-            .is_some()
-        {
-            // RFC 9112 §3.2: the policy would read the first, a service may
-            // read the last.
-            let resp = ProxyError::BadRequest("several Host headers").into_response();
-            return (resp, None, raw_path);
-        }
-        if let (Some(authority), Some(host)) =
-            (parts.uri.authority(), parts.headers.get(http::header::HOST))
-            && !authority
-                .as_str()
-                .as_bytes()
-                .eq_ignore_ascii_case(host.as_bytes())
-        {
-            // The policy decides on Host; an HTTP/2 upstream is sent the
-            // :authority (and RFC 9112 §3.2.2 says absolute-form wins).
-            let resp = ProxyError::BadRequest("Host and :authority differ").into_response();
-            return (resp, None, raw_path);
-        }
-        parts.headers.remove(&PEER_ID);
-        parts.headers.remove(&XFCC);
-        strip_hop_by_hop(&mut parts.headers);
-        let mut outcome = self.authz.authorize(&mut parts, &peer.id).await;
-        let path = match &outcome.forward_path {
-            Some(pq) if logged => pq.path().to_owned(),
-            _ => raw_path,
-        };
-        if let Some(denied) = outcome.deny.take() {
-            return (denied, Some(outcome), path);
-        }
-        parts.headers.insert(PEER_ID.clone(), peer.header.clone());
-        parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
-        let to_h2 = match self.forward_http {
-            ForwardHttp::Auto => parts.version == Version::HTTP_2,
-            ForwardHttp::Http1 => false,
-            ForwardHttp::Http2 => true,
-        };
-        // The authority the client addressed travels on: in the URI for
-        // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
-        // always dials `forward`, whatever the URI says.
-        let authority = if to_h2 {
-            let from_host = parts
+        async move {
+            let raw_path = parts.uri.path().to_owned();
+            if header_bytes(&parts.headers) > self.limits.max_header_bytes {
+                return (ProxyError::HeadersTooLarge.into_response(), None, raw_path);
+            }
+            // Only we say who the peer is.
+            if parts
                 .headers
-                .remove(http::header::HOST)
-                .and_then(|h| Authority::try_from(h.as_bytes()).ok());
-            parts.uri.authority().cloned().or(from_host)
-        } else {
-            if !parts.headers.contains_key(http::header::HOST)
-                && let Some(a) = parts.uri.authority()
-                && let Ok(v) = HeaderValue::from_str(a.as_str())
+                .get_all(http::header::HOST)
+                .iter()
+                .nth(1)
+                .is_some()
             {
-                parts.headers.insert(http::header::HOST, v);
+                // RFC 9112 §3.2: the policy would read the first, a service may
+                // read the last.
+                let resp = ProxyError::BadRequest("several Host headers").into_response();
+                return (resp, None, raw_path);
             }
-            None
-        };
-        let pq = outcome.forward_path.take().unwrap_or_else(|| {
-            parts
-                .uri
-                .path_and_query()
-                .cloned()
-                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
-        });
-        let uri = Uri::builder()
-            .scheme(Scheme::HTTP)
-            .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
-            .path_and_query(pq)
-            .build();
-        parts.uri = match uri {
-            Ok(u) => u,
-            Err(_) => {
-                let resp = ProxyError::BadRequest("request target").into_response();
-                return (resp, Some(outcome), path);
+            if let (Some(authority), Some(host)) =
+                (parts.uri.authority(), parts.headers.get(http::header::HOST))
+                && !authority
+                    .as_str()
+                    .as_bytes()
+                    .eq_ignore_ascii_case(host.as_bytes())
+            {
+                // The policy decides on Host; an HTTP/2 upstream is sent the
+                // :authority (and RFC 9112 §3.2.2 says absolute-form wins).
+                let resp = ProxyError::BadRequest("Host and :authority differ").into_response();
+                return (resp, None, raw_path);
             }
-        };
-        parts.version = if to_h2 {
-            Version::HTTP_2
-        } else {
-            Version::HTTP_11
-        };
-        // The service continues the trace from the upstream call's span.
-        let upstream_span = if self.obs.tracing {
-            tracing::info_span!(
-                parent: span,
-                "upstream",
-                otel.name = %format_args!("{} local service", parts.method),
-                otel.kind = "client",
-                server.address = %self.forward,
-                http.request.method = %parts.method,
-            )
-        } else {
-            tracing::Span::none()
-        };
-        crate::telemetry::propagate(&upstream_span, &mut parts.headers);
-        let sent = self
-            .upstream
-            .send(Request::from_parts(parts, body))
-            .instrument(upstream_span)
-            .await;
-        let resp = match sent {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
-                e.into_response()
+            parts.headers.remove(&PEER_ID);
+            parts.headers.remove(&XFCC);
+            strip_hop_by_hop(&mut parts.headers);
+            let mut outcome = self.authz.authorize(&mut parts, &peer.id).await;
+            let path = outcome
+                .forward_path
+                .as_ref()
+                .map_or(raw_path, |pq| pq.path().to_owned());
+            if let Some(denied) = outcome.deny.take() {
+                return (denied, Some(outcome), path);
             }
-        };
-        (resp, Some(outcome), path)
+            parts.headers.insert(PEER_ID.clone(), peer.header.clone());
+            parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
+            let to_h2 = match self.forward_http {
+                ForwardHttp::Auto => parts.version == Version::HTTP_2,
+                ForwardHttp::Http1 => false,
+                ForwardHttp::Http2 => true,
+            };
+            // The authority the client addressed travels on: in the URI for
+            // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
+            // always dials `forward`, whatever the URI says.
+            let authority = if to_h2 {
+                let from_host = parts
+                    .headers
+                    .remove(http::header::HOST)
+                    .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+                parts.uri.authority().cloned().or(from_host)
+            } else {
+                if !parts.headers.contains_key(http::header::HOST)
+                    && let Some(a) = parts.uri.authority()
+                    && let Ok(v) = HeaderValue::from_str(a.as_str())
+                {
+                    parts.headers.insert(http::header::HOST, v);
+                }
+                None
+            };
+            let pq = outcome.forward_path.take().unwrap_or_else(|| {
+                parts
+                    .uri
+                    .path_and_query()
+                    .cloned()
+                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+            });
+            let uri = Uri::builder()
+                .scheme(Scheme::HTTP)
+                .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
+                .path_and_query(pq)
+                .build();
+            parts.uri = match uri {
+                Ok(u) => u,
+                Err(_) => {
+                    let resp = ProxyError::BadRequest("request target").into_response();
+                    return (resp, Some(outcome), path);
+                }
+            };
+            parts.version = if to_h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            };
+            // The service continues the trace from the upstream call's span.
+            let upstream_span = if self.obs.tracing {
+                tracing::info_span!(
+                    parent: &span,
+                    "upstream",
+                    otel.name = %format_args!("{} local service", parts.method),
+                    otel.kind = "client",
+                    server.address = %self.forward,
+                    http.request.method = %parts.method,
+                )
+            } else {
+                tracing::Span::none()
+            };
+            crate::telemetry::propagate(&upstream_span, &mut parts.headers);
+            let sent = self
+                .upstream
+                .send(Request::from_parts(parts, body))
+                .instrument(upstream_span)
+                .await;
+            let resp = match sent {
+                Ok(resp) => resp,
+                Err(e) => {
+                    tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                    e.into_response()
+                }
+            };
+            (resp, Some(outcome), path)
+        }
     }
 }
 

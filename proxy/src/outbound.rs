@@ -152,20 +152,17 @@ impl conn::Serve for Shared {
 }
 
 impl Shared {
-    async fn request(
-        &self,
+    /// Serves one request: forward, count, log. Not an `async fn` (see
+    /// `inbound::Shared::request`): the future holds the request once.
+    fn request<'a>(
+        &'a self,
         req: Request<Incoming>,
         activity: &Arc<Activity>,
-    ) -> Response<ProxyBody> {
-        let _inflight = activity.request();
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+        let inflight = activity.request();
         let started = Instant::now();
         let method = req.method().clone();
-        // For the span and the access log only.
-        let path = if self.obs.tracing || crate::telemetry::access_log_enabled() {
-            req.uri().path().to_owned()
-        } else {
-            String::new()
-        };
+        let path = req.uri().path().to_owned();
         // The service's call into its sidecar is the server span; the call
         // to the peer is its client child, whose context the peer continues.
         let span = if self.obs.tracing {
@@ -187,36 +184,67 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let resp = self.forward(req, &span).instrument(span.clone()).await;
-        let status = resp.status().as_u16();
-        span.record("http.response.status_code", status);
-        if status >= 500 {
-            span.record("otel.status_code", "ERROR");
+        let forward = self.forward(req, &span);
+        async move {
+            let _inflight = inflight;
+            let resp = forward.instrument(span.clone()).await;
+            let status = resp.status().as_u16();
+            span.record("http.response.status_code", status);
+            if status >= 500 {
+                span.record("otel.status_code", "ERROR");
+            }
+            let elapsed = started.elapsed();
+            self.requests.request("-", &method, status, "none", elapsed);
+            crate::telemetry::access_log(&crate::telemetry::AccessEntry {
+                trace_id: &trace_id,
+                listener: &self.name,
+                direction: "outbound",
+                peer: self.peer.as_str(),
+                method: &method,
+                path: &path,
+                status,
+                route: "-",
+                decision: "none",
+                duration: elapsed,
+                bytes: content_length(&resp),
+            });
+            resp
         }
-        let elapsed = started.elapsed();
-        self.requests.request("-", &method, status, "none", elapsed);
-        crate::telemetry::access_log(&crate::telemetry::AccessEntry {
-            trace_id: &trace_id,
-            listener: &self.name,
-            direction: "outbound",
-            peer: self.peer.as_str(),
-            method: &method,
-            path: &path,
-            status,
-            route: "-",
-            decision: "none",
-            duration: elapsed,
-            bytes: content_length(&resp),
-        });
-        resp
     }
 
-    async fn forward(&self, req: Request<Incoming>, span: &tracing::Span) -> Response<ProxyBody> {
+    /// Sends the request on to the peer; the head is rewritten before the
+    /// future is built, so that the future holds only the send.
+    fn forward<'a>(
+        &'a self,
+        req: Request<Incoming>,
+        span: &tracing::Span,
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + use<'a> {
+        let sent = self
+            .prepare(req, span)
+            .map(|(req, upstream_span)| self.upstream.send(req).instrument(upstream_span));
+        async move {
+            match sent {
+                Err(refused) => refused.into_response(),
+                Ok(sent) => sent.await.unwrap_or_else(|e| {
+                    tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
+                    e.into_response()
+                }),
+            }
+        }
+    }
+
+    /// The request as it goes to the peer, with its client span; or why it
+    /// is refused here.
+    fn prepare(
+        &self,
+        req: Request<Incoming>,
+        span: &tracing::Span,
+    ) -> Result<(Request<Incoming>, tracing::Span), ProxyError> {
         if !self.store.is_ready() {
-            return ProxyError::NotReady.into_response();
+            return Err(ProxyError::NotReady);
         }
         if header_bytes(req.headers()) > self.limits.max_header_bytes {
-            return ProxyError::HeadersTooLarge.into_response();
+            return Err(ProxyError::HeadersTooLarge);
         }
         let (mut parts, body) = req.into_parts();
         // Identity headers are for the peer's sidecar to set, from its own handshake.
@@ -249,7 +277,7 @@ impl Shared {
         };
         parts.uri = match uri.build() {
             Ok(u) => u,
-            Err(_) => return ProxyError::BadRequest("request target").into_response(),
+            Err(_) => return Err(ProxyError::BadRequest("request target")),
         };
         if parts.version != Version::HTTP_2 {
             parts.version = Version::HTTP_11;
@@ -268,18 +296,7 @@ impl Shared {
             tracing::Span::none()
         };
         crate::telemetry::propagate(&upstream_span, &mut parts.headers);
-        let sent = self
-            .upstream
-            .send(Request::from_parts(parts, body))
-            .instrument(upstream_span)
-            .await;
-        match sent {
-            Ok(resp) => resp,
-            Err(e) => {
-                tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
-                e.into_response()
-            }
-        }
+        Ok((Request::from_parts(parts, body), upstream_span))
     }
 }
 

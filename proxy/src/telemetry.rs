@@ -746,12 +746,6 @@ pub struct AccessEntry<'a> {
     pub bytes: Option<u64>,
 }
 
-/// Whether access-log lines are written at the current log level: when
-/// they are not, the data path skips what only they need.
-pub fn access_log_enabled() -> bool {
-    tracing::enabled!(target: "moat::access", tracing::Level::INFO)
-}
-
 /// Writes one access-log line (target `moat::access`, message `access`).
 /// Tokens and keys never appear: only the fields above.
 pub fn access_log(e: &AccessEntry<'_>) {

@@ -13,6 +13,7 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -89,7 +90,14 @@ where
     /// Sends `req` (HTTP/2 if its version says so, else HTTP/1.1) and
     /// returns the response with hop-by-hop headers removed. The timeout
     /// covers connecting and the response head.
-    pub async fn send(&self, req: Request<B>) -> Result<Response<ProxyBody>, ProxyError> {
+    ///
+    /// Not an `async fn`: the request is taken apart before the future is
+    /// built, so the future holds it once (inside the boxed send) instead
+    /// of also keeping the argument's slot (rustc #62958).
+    pub fn send(
+        &self,
+        req: Request<B>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + '_ {
         let (parts, body) = req.into_parts();
         let body = if body.is_end_stream() {
             Either::Right(Empty::new())
@@ -97,19 +105,23 @@ where
             Either::Left(body)
         };
         let req = Request::from_parts(parts, body);
-        let sent = if req.version() == Version::HTTP_2 {
-            tokio::time::timeout(self.timeout, Box::pin(self.send_h2(req))).await
+        let send: Pin<Box<dyn Future<Output = _> + Send + '_>> = if req.version() == Version::HTTP_2
+        {
+            Box::pin(self.send_h2(req))
         } else {
-            tokio::time::timeout(self.timeout, Box::pin(self.send_h1(req))).await
+            Box::pin(self.send_h1(req))
         };
-        match sent {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, Either::Left(body)))
+        let (sent, timeout) = (tokio::time::timeout(self.timeout, send), self.timeout);
+        async move {
+            match sent.await {
+                Ok(Ok(resp)) => {
+                    let (mut parts, body) = resp.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, Either::Left(body)))
+                }
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(ProxyError::Timeout(timeout)),
             }
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(ProxyError::Timeout(self.timeout)),
         }
     }
 

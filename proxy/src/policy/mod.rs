@@ -473,7 +473,9 @@ impl Policy {
         else {
             return decision;
         };
-        if keys.refetch_for_unknown_kid().await {
+        // Boxed: the fetch is rare and its state is kilobytes, which would
+        // otherwise size every request's future (and be copied with it).
+        if Box::pin(keys.refetch_for_unknown_kid()).await {
             self.authorize(facts, now)
         } else {
             decision
