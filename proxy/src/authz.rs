@@ -42,6 +42,28 @@ pub struct Outcome {
     pub deny: Option<Response<ProxyBody>>,
 }
 
+/// What metrics, spans and the access log keep of an [`Outcome`].
+#[derive(Debug)]
+pub struct Verdict {
+    /// The route that decided (`None`: no policy, or no route matched).
+    pub route: Option<String>,
+    /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
+    pub decision: &'static str,
+    /// The policy's reason code.
+    pub reason: &'static str,
+}
+
+impl Outcome {
+    /// The part of the outcome that outlives forwarding.
+    pub fn into_verdict(self) -> Verdict {
+        Verdict {
+            route: self.route,
+            decision: self.decision,
+            reason: self.reason,
+        }
+    }
+}
+
 /// Decides whether a request from a verified peer goes on to the service.
 #[derive(Clone)]
 pub enum Authorizer {

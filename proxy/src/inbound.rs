@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -58,6 +59,17 @@ impl Dial for LocalDial {
         let _ = stream.set_nodelay(true);
         Ok(stream)
     }
+}
+
+/// A request's answer, with what its access-log line needs: the policy's
+/// verdict (if it decided) and the path as authorized.
+type Forwarded = (Response<ProxyBody>, Option<authz::Verdict>, String);
+
+/// After the policy: forward (verdict, path as authorized, span of the
+/// call to the service), or the answer already made.
+enum Decided {
+    Forward(Option<authz::Verdict>, String, tracing::Span),
+    Answered(Forwarded),
 }
 
 /// One bound inbound listener, ready to serve.
@@ -201,11 +213,7 @@ impl Shared {
         let peer = Arc::new(peer);
         let shared = self.clone();
         let svc_peer = peer.clone();
-        let handle = move |req| {
-            let shared = shared.clone();
-            let peer = svc_peer.clone();
-            async move { Ok::<_, Infallible>(shared.request(req, &peer).await) }
-        };
+        let handle = move |req| shared.request(req, &svc_peer);
         // Over TLS the version is the one ALPN chose (RFC 9113 §3.2): no
         // sniffing of the first bytes, and an HTTP/1.1 connection holds
         // only HTTP/1.1 state.
@@ -258,13 +266,14 @@ impl Shared {
     ///
     /// Not an `async fn`, nor is [`Shared::forward`]: an async fn keeps its
     /// by-value arguments in its state next to the locals they move into
-    /// (rustc #62958), and the request future is built and moved once per
-    /// request; as plain fns the request lives in the state once.
-    fn request<'a>(
-        &'a self,
+    /// (rustc #62958), and an `.await` on a captured future keeps it twice;
+    /// the request future is built, moved and allocated once per request.
+    /// As plain fns and a `map`, the request lives in its state once.
+    fn request(
+        self: &Arc<Self>,
         req: Request<Incoming>,
-        peer: &'a Peer,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+        peer: &Arc<Peer>,
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
         let inflight = peer.activity.request();
         let started = Instant::now();
         let method = req.method().clone();
@@ -293,10 +302,14 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let forward = self.forward(req, peer, span.clone());
-        async move {
+        let forward = self
+            .clone()
+            .forward(req, peer.clone(), span.clone())
+            .instrument(span.clone());
+        let (shared, peer) = (self.clone(), peer.clone());
+        forward.map(move |(resp, outcome, path)| {
             let _inflight = inflight;
-            let (resp, outcome, path) = forward.instrument(span.clone()).await;
+            let this = &shared;
             let status = resp.status().as_u16();
             let route = outcome
                 .as_ref()
@@ -307,9 +320,9 @@ impl Shared {
             if let Some(o) = &outcome
                 && o.decision != "none"
             {
-                self.obs
+                this.obs
                     .metrics
-                    .decision(&self.name, route, o.decision, o.reason);
+                    .decision(&this.name, route, o.decision, o.reason);
                 span.record("moat.route", route);
                 span.record("moat.decision", o.decision);
                 if o.decision != "allow" {
@@ -320,11 +333,11 @@ impl Shared {
             if status >= 500 {
                 span.record("otel.status_code", "ERROR");
             }
-            self.requests
+            this.requests
                 .request(route, &method, status, decision, elapsed);
             crate::telemetry::access_log(&crate::telemetry::AccessEntry {
                 trace_id: &trace_id,
-                listener: &self.name,
+                listener: &this.name,
                 direction: "inbound",
                 peer: peer.id.as_str(),
                 method: &method,
@@ -335,124 +348,34 @@ impl Shared {
                 duration: elapsed,
                 bytes: content_length(&resp),
             });
-            resp
-        }
+            Ok(resp)
+        })
     }
 
     /// Authorizes and forwards one request; also returns what the access
     /// log needs: the decision (if one was made) and the path as authorized.
-    fn forward<'a>(
-        &'a self,
+    ///
+    /// The synchronous steps are in [`Shared::admit`] and
+    /// [`Shared::upstream_head`], so that their temporaries are not part of
+    /// the future's state.
+    fn forward(
+        self: Arc<Self>,
         req: Request<Incoming>,
-        peer: &'a Peer,
+        peer: Arc<Peer>,
         span: tracing::Span,
-    ) -> impl Future<Output = (Response<ProxyBody>, Option<authz::Outcome>, String)> + Send + 'a
-    {
+    ) -> impl Future<Output = Forwarded> + Send + 'static {
         let (mut parts, body) = req.into_parts();
         async move {
             let raw_path = parts.uri.path().to_owned();
-            if header_bytes(&parts.headers) > self.limits.max_header_bytes {
-                return (ProxyError::HeadersTooLarge.into_response(), None, raw_path);
+            if let Err(e) = self.admit(&mut parts) {
+                return (e.into_response(), None, raw_path);
             }
-            // Only we say who the peer is.
-            if parts
-                .headers
-                .get_all(http::header::HOST)
-                .iter()
-                .nth(1)
-                .is_some()
-            {
-                // RFC 9112 §3.2: the policy would read the first, a service may
-                // read the last.
-                let resp = ProxyError::BadRequest("several Host headers").into_response();
-                return (resp, None, raw_path);
-            }
-            if let (Some(authority), Some(host)) =
-                (parts.uri.authority(), parts.headers.get(http::header::HOST))
-                && !authority
-                    .as_str()
-                    .as_bytes()
-                    .eq_ignore_ascii_case(host.as_bytes())
-            {
-                // The policy decides on Host; an HTTP/2 upstream is sent the
-                // :authority (and RFC 9112 §3.2.2 says absolute-form wins).
-                let resp = ProxyError::BadRequest("Host and :authority differ").into_response();
-                return (resp, None, raw_path);
-            }
-            parts.headers.remove(&PEER_ID);
-            parts.headers.remove(&XFCC);
-            strip_hop_by_hop(&mut parts.headers);
-            let mut outcome = self.authz.authorize(&mut parts, &peer.id).await;
-            let path = outcome
-                .forward_path
-                .as_ref()
-                .map_or(raw_path, |pq| pq.path().to_owned());
-            if let Some(denied) = outcome.deny.take() {
-                return (denied, Some(outcome), path);
-            }
-            parts.headers.insert(PEER_ID.clone(), peer.header.clone());
-            parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
-            let to_h2 = match self.forward_http {
-                ForwardHttp::Auto => parts.version == Version::HTTP_2,
-                ForwardHttp::Http1 => false,
-                ForwardHttp::Http2 => true,
-            };
-            // The authority the client addressed travels on: in the URI for
-            // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
-            // always dials `forward`, whatever the URI says.
-            let authority = if to_h2 {
-                let from_host = parts
-                    .headers
-                    .remove(http::header::HOST)
-                    .and_then(|h| Authority::try_from(h.as_bytes()).ok());
-                parts.uri.authority().cloned().or(from_host)
-            } else {
-                if !parts.headers.contains_key(http::header::HOST)
-                    && let Some(a) = parts.uri.authority()
-                    && let Ok(v) = HeaderValue::from_str(a.as_str())
-                {
-                    parts.headers.insert(http::header::HOST, v);
-                }
-                None
-            };
-            let pq = outcome.forward_path.take().unwrap_or_else(|| {
-                parts
-                    .uri
-                    .path_and_query()
-                    .cloned()
-                    .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
-            });
-            let uri = Uri::builder()
-                .scheme(Scheme::HTTP)
-                .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
-                .path_and_query(pq)
-                .build();
-            parts.uri = match uri {
-                Ok(u) => u,
-                Err(_) => {
-                    let resp = ProxyError::BadRequest("request target").into_response();
-                    return (resp, Some(outcome), path);
-                }
-            };
-            parts.version = if to_h2 {
-                Version::HTTP_2
-            } else {
-                Version::HTTP_11
-            };
-            // The service continues the trace from the upstream call's span.
-            let upstream_span = if self.obs.tracing {
-                tracing::info_span!(
-                    parent: &span,
-                    "upstream",
-                    otel.name = %format_args!("{} local service", parts.method),
-                    otel.kind = "client",
-                    server.address = %self.forward,
-                    http.request.method = %parts.method,
-                )
-            } else {
-                tracing::Span::none()
-            };
-            crate::telemetry::propagate(&upstream_span, &mut parts.headers);
+            let outcome = self.authz.authorize(&mut parts, &peer.id).await;
+            let (verdict, path, upstream_span) =
+                match self.decided(outcome, raw_path, &mut parts, &peer, &span) {
+                    Decided::Forward(verdict, path, span) => (verdict, path, span),
+                    Decided::Answered(answered) => return answered,
+                };
             let sent = self
                 .upstream
                 .send(Request::from_parts(parts, body))
@@ -465,8 +388,140 @@ impl Shared {
                     e.into_response()
                 }
             };
-            (resp, Some(outcome), path)
+            (resp, verdict, path)
         }
+    }
+
+    /// Acts on the policy's outcome: the answer if the request goes no
+    /// further, else what the access log keeps and the span of the call to
+    /// the local service (the head rewritten for it).
+    fn decided(
+        &self,
+        mut outcome: authz::Outcome,
+        raw_path: String,
+        parts: &mut http::request::Parts,
+        peer: &Peer,
+        span: &tracing::Span,
+    ) -> Decided {
+        let path = outcome
+            .forward_path
+            .as_ref()
+            .map_or(raw_path, |pq| pq.path().to_owned());
+        let denied = outcome.deny.take();
+        let forward_path = outcome.forward_path.take();
+        let verdict = Some(outcome.into_verdict());
+        if let Some(denied) = denied {
+            return Decided::Answered((denied, verdict, path));
+        }
+        match self.upstream_head(parts, forward_path, peer, span) {
+            Ok(upstream_span) => Decided::Forward(verdict, path, upstream_span),
+            Err(e) => Decided::Answered((e.into_response(), verdict, path)),
+        }
+    }
+
+    /// Checks a request head before the policy sees it, and removes the
+    /// headers that only this sidecar may set.
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<(), ProxyError> {
+        if header_bytes(&parts.headers) > self.limits.max_header_bytes {
+            return Err(ProxyError::HeadersTooLarge);
+        }
+        if parts
+            .headers
+            .get_all(http::header::HOST)
+            .iter()
+            .nth(1)
+            .is_some()
+        {
+            // RFC 9112 §3.2: the policy would read the first, a service may
+            // read the last.
+            return Err(ProxyError::BadRequest("several Host headers"));
+        }
+        if let (Some(authority), Some(host)) =
+            (parts.uri.authority(), parts.headers.get(http::header::HOST))
+            && !authority
+                .as_str()
+                .as_bytes()
+                .eq_ignore_ascii_case(host.as_bytes())
+        {
+            // The policy decides on Host; an HTTP/2 upstream is sent the
+            // :authority (and RFC 9112 §3.2.2 says absolute-form wins).
+            return Err(ProxyError::BadRequest("Host and :authority differ"));
+        }
+        // Only we say who the peer is.
+        parts.headers.remove(&PEER_ID);
+        parts.headers.remove(&XFCC);
+        strip_hop_by_hop(&mut parts.headers);
+        Ok(())
+    }
+
+    /// Rewrites an allowed request's head for the local service (peer
+    /// identity headers, version, authority, the authorized path) and
+    /// returns the span of the call to it.
+    fn upstream_head(
+        &self,
+        parts: &mut http::request::Parts,
+        forward_path: Option<http::uri::PathAndQuery>,
+        peer: &Peer,
+        span: &tracing::Span,
+    ) -> Result<tracing::Span, ProxyError> {
+        parts.headers.insert(PEER_ID.clone(), peer.header.clone());
+        parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
+        let to_h2 = match self.forward_http {
+            ForwardHttp::Auto => parts.version == Version::HTTP_2,
+            ForwardHttp::Http1 => false,
+            ForwardHttp::Http2 => true,
+        };
+        // The authority the client addressed travels on: in the URI for
+        // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
+        // always dials `forward`, whatever the URI says.
+        let authority = if to_h2 {
+            let from_host = parts
+                .headers
+                .remove(http::header::HOST)
+                .and_then(|h| Authority::try_from(h.as_bytes()).ok());
+            parts.uri.authority().cloned().or(from_host)
+        } else {
+            if !parts.headers.contains_key(http::header::HOST)
+                && let Some(a) = parts.uri.authority()
+                && let Ok(v) = HeaderValue::from_str(a.as_str())
+            {
+                parts.headers.insert(http::header::HOST, v);
+            }
+            None
+        };
+        let pq = forward_path.unwrap_or_else(|| {
+            parts
+                .uri
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| http::uri::PathAndQuery::from_static("/"))
+        });
+        parts.uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(authority.unwrap_or_else(|| self.forward_authority.clone()))
+            .path_and_query(pq)
+            .build()
+            .map_err(|_| ProxyError::BadRequest("request target"))?;
+        parts.version = if to_h2 {
+            Version::HTTP_2
+        } else {
+            Version::HTTP_11
+        };
+        // The service continues the trace from the upstream call's span.
+        let upstream_span = if self.obs.tracing {
+            tracing::info_span!(
+                parent: span,
+                "upstream",
+                otel.name = %format_args!("{} local service", parts.method),
+                otel.kind = "client",
+                server.address = %self.forward,
+                http.request.method = %parts.method,
+            )
+        } else {
+            tracing::Span::none()
+        };
+        crate::telemetry::propagate(&upstream_span, &mut parts.headers);
+        Ok(upstream_span)
     }
 }
 

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
@@ -121,12 +122,9 @@ impl conn::Serve for Shared {
             Protocol::Http => {
                 let shared = self.clone();
                 let act = activity.clone();
-                let service = hyper::service::service_fn(move |req| {
-                    let shared = shared.clone();
-                    let act = act.clone();
-                    // Boxed: hyper's per-connection slot then holds a pointer.
-                    Box::pin(async move { Ok::<_, Infallible>(shared.request(req, &act).await) })
-                });
+                // Boxed: hyper's per-connection slot then holds a pointer.
+                let service =
+                    hyper::service::service_fn(move |req| Box::pin(shared.request(req, &act)));
                 let http = Box::pin(self.http.serve_connection(TokioIo::new(local), service));
                 if let Err(e) =
                     conn::serve_http(http, &activity, self.limits.idle_timeout, &drain).await
@@ -154,11 +152,11 @@ impl conn::Serve for Shared {
 impl Shared {
     /// Serves one request: forward, count, log. Not an `async fn` (see
     /// `inbound::Shared::request`): the future holds the request once.
-    fn request<'a>(
-        &'a self,
+    fn request(
+        self: &Arc<Self>,
         req: Request<Incoming>,
         activity: &Arc<Activity>,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send + 'a {
+    ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
         let inflight = activity.request();
         let started = Instant::now();
         let method = req.method().clone();
@@ -184,22 +182,22 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let forward = self.forward(req, &span);
-        async move {
+        let forward = self.clone().forward(req, &span).instrument(span.clone());
+        let this = self.clone();
+        forward.map(move |resp| {
             let _inflight = inflight;
-            let resp = forward.instrument(span.clone()).await;
             let status = resp.status().as_u16();
             span.record("http.response.status_code", status);
             if status >= 500 {
                 span.record("otel.status_code", "ERROR");
             }
             let elapsed = started.elapsed();
-            self.requests.request("-", &method, status, "none", elapsed);
+            this.requests.request("-", &method, status, "none", elapsed);
             crate::telemetry::access_log(&crate::telemetry::AccessEntry {
                 trace_id: &trace_id,
-                listener: &self.name,
+                listener: &this.name,
                 direction: "outbound",
-                peer: self.peer.as_str(),
+                peer: this.peer.as_str(),
                 method: &method,
                 path: &path,
                 status,
@@ -208,27 +206,30 @@ impl Shared {
                 duration: elapsed,
                 bytes: content_length(&resp),
             });
-            resp
-        }
+            Ok(resp)
+        })
     }
 
     /// Sends the request on to the peer; the head is rewritten before the
     /// future is built, so that the future holds only the send.
-    fn forward<'a>(
-        &'a self,
+    fn forward(
+        self: Arc<Self>,
         req: Request<Incoming>,
         span: &tracing::Span,
-    ) -> impl Future<Output = Response<ProxyBody>> + Send + use<'a> {
-        let sent = self
-            .prepare(req, span)
-            .map(|(req, upstream_span)| self.upstream.send(req).instrument(upstream_span));
+    ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
+        let prepared = self.prepare(req, span);
         async move {
-            match sent {
+            match prepared {
                 Err(refused) => refused.into_response(),
-                Ok(sent) => sent.await.unwrap_or_else(|e| {
-                    tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
-                    e.into_response()
-                }),
+                Ok((req, upstream_span)) => self
+                    .upstream
+                    .send(req)
+                    .instrument(upstream_span)
+                    .await
+                    .unwrap_or_else(|e| {
+                        tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
+                        e.into_response()
+                    }),
             }
         }
     }
