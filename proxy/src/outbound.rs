@@ -210,8 +210,9 @@ impl Shared {
         })
     }
 
-    /// Sends the request on to the peer; the head is rewritten before the
-    /// future is built, so that the future holds only the send.
+    /// Sends the request on to the peer. The head is rewritten before the
+    /// future is built, so that the rewrite's temporaries are not part of
+    /// the future's state.
     fn forward(
         self: Arc<Self>,
         req: Request<Incoming>,

@@ -18,6 +18,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::FutureExt;
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use http_body_util::{Either, Empty};
@@ -93,7 +94,9 @@ where
     ///
     /// Not an `async fn`: the request is taken apart before the future is
     /// built, so the future holds it once (inside the boxed send) instead
-    /// of also keeping the argument's slot (rustc #62958).
+    /// of also keeping the argument's slot (rustc #62958), and the timeout
+    /// is mapped rather than awaited by an `async` block that would hold it
+    /// twice.
     pub fn send(
         &self,
         req: Request<B>,
@@ -111,18 +114,16 @@ where
         } else {
             Box::pin(self.send_h1(req))
         };
-        let (sent, timeout) = (tokio::time::timeout(self.timeout, send), self.timeout);
-        async move {
-            match sent.await {
-                Ok(Ok(resp)) => {
-                    let (mut parts, body) = resp.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
-                    Ok(Response::from_parts(parts, Either::Left(body)))
-                }
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(ProxyError::Timeout(timeout)),
+        let timeout = self.timeout;
+        tokio::time::timeout(timeout, send).map(move |sent| match sent {
+            Ok(Ok(resp)) => {
+                let (mut parts, body) = resp.into_parts();
+                strip_hop_by_hop(&mut parts.headers);
+                Ok(Response::from_parts(parts, Either::Left(body)))
             }
-        }
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(ProxyError::Timeout(timeout)),
+        })
     }
 
     async fn send_h1(
