@@ -30,38 +30,23 @@ const METHOD_OVERRIDES: [&str; 3] = [
 /// What the authorization step decided, for forwarding and the access log.
 #[derive(Debug)]
 pub struct Outcome {
-    /// The route that decided (`None`: no policy, or no route matched).
-    pub route: Option<String>,
-    /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
-    pub decision: &'static str,
-    /// The policy's reason code (`allowed`, `peer_not_allowed`, `no_route`, ...).
-    pub reason: &'static str,
+    /// What metrics, spans and the access log keep once forwarding is done.
+    pub verdict: Verdict,
     /// Forward with this path and query (the normalized form); `None`: as is.
     pub forward_path: Option<PathAndQuery>,
     /// Answer the caller with this instead of forwarding (400, 401 or 403).
     pub deny: Option<Response<ProxyBody>>,
 }
 
-/// What metrics, spans and the access log keep of an [`Outcome`].
+/// The decision as metrics, spans and the access log name it.
 #[derive(Debug)]
 pub struct Verdict {
     /// The route that decided (`None`: no policy, or no route matched).
     pub route: Option<String>,
     /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
     pub decision: &'static str,
-    /// The policy's reason code.
+    /// The policy's reason code (`allowed`, `peer_not_allowed`, `no_route`, ...).
     pub reason: &'static str,
-}
-
-impl Outcome {
-    /// The part of the outcome that outlives forwarding.
-    pub fn into_verdict(self) -> Verdict {
-        Verdict {
-            route: self.route,
-            decision: self.decision,
-            reason: self.reason,
-        }
-    }
 }
 
 /// Decides whether a request from a verified peer goes on to the service.
@@ -80,9 +65,11 @@ impl Authorizer {
         let policy = match self {
             Authorizer::AllowAll => {
                 return Outcome {
-                    route: None,
-                    decision: "none",
-                    reason: "no_policy",
+                    verdict: Verdict {
+                        route: None,
+                        decision: "none",
+                        reason: "no_policy",
+                    },
                     forward_path: None,
                     deny: None,
                 };
@@ -96,9 +83,11 @@ impl Authorizer {
             .any(|h| parts.headers.contains_key(*h))
         {
             return Outcome {
-                route: None,
-                decision: "deny",
-                reason: "method_override",
+                verdict: Verdict {
+                    route: None,
+                    decision: "deny",
+                    reason: "method_override",
+                },
                 forward_path: None,
                 deny: Some(crate::http::short_response(
                     http::StatusCode::BAD_REQUEST,
@@ -130,9 +119,11 @@ impl Authorizer {
         let route = decision.route.map(str::to_owned);
         if let Some(resp) = decision.deny_response() {
             return Outcome {
-                route,
-                decision: "deny",
-                reason: decision.reason.as_str(),
+                verdict: Verdict {
+                    route,
+                    decision: "deny",
+                    reason: decision.reason.as_str(),
+                },
                 forward_path: None,
                 deny: Some(resp.map(Either::Right)),
             };
@@ -147,9 +138,11 @@ impl Authorizer {
         };
         decision.apply_to_headers(&mut parts.headers);
         Outcome {
-            route,
-            decision: label,
-            reason: decision.reason.as_str(),
+            verdict: Verdict {
+                route,
+                decision: label,
+                reason: decision.reason.as_str(),
+            },
             forward_path,
             deny: None,
         }

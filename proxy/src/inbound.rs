@@ -306,10 +306,9 @@ impl Shared {
             .clone()
             .forward(req, peer.clone(), span.clone())
             .instrument(span.clone());
-        let (shared, peer) = (self.clone(), peer.clone());
+        let (this, peer) = (self.clone(), peer.clone());
         forward.map(move |(resp, outcome, path)| {
             let _inflight = inflight;
-            let this = &shared;
             let status = resp.status().as_u16();
             let route = outcome
                 .as_ref()
@@ -397,20 +396,22 @@ impl Shared {
     /// the local service (the head rewritten for it).
     fn decided(
         &self,
-        mut outcome: authz::Outcome,
+        outcome: authz::Outcome,
         raw_path: String,
         parts: &mut http::request::Parts,
         peer: &Peer,
         span: &tracing::Span,
     ) -> Decided {
-        let path = outcome
-            .forward_path
+        let authz::Outcome {
+            verdict,
+            forward_path,
+            deny,
+        } = outcome;
+        let path = forward_path
             .as_ref()
             .map_or(raw_path, |pq| pq.path().to_owned());
-        let denied = outcome.deny.take();
-        let forward_path = outcome.forward_path.take();
-        let verdict = Some(outcome.into_verdict());
-        if let Some(denied) = denied {
+        let verdict = Some(verdict);
+        if let Some(denied) = deny {
             return Decided::Answered((denied, verdict, path));
         }
         match self.upstream_head(parts, forward_path, peer, span) {
