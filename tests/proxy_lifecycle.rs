@@ -15,13 +15,27 @@ const B: &str = "spiffe://example.org/ns/prod/sa/billing";
 
 #[test]
 fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
+    drain_lets_in_flight_request_finish("", "--http1.1");
+}
+
+/// On one worker thread an HTTP/2 stream runs on its connection's task; the
+/// graceful close still waits for it.
+#[test]
+fn sigterm_lets_in_flight_http2_stream_finish_on_one_thread() {
+    drain_lets_in_flight_request_finish("[runtime]\nworker_threads = 1\n", "--http2");
+}
+
+/// A request in flight through the inbound (`curl_flag` picks the HTTP
+/// version) when SIGTERM arrives gets its answer, new connections are
+/// refused meanwhile, and the process exits 0 as soon as it is done.
+fn drain_lets_in_flight_request_finish(extra: &str, curl_flag: &'static str) {
     moat_ca::install_crypto_provider();
     let ca = TestCa::start();
     let client = issue(&ca, A, "1h", "client");
     let server = issue(&ca, B, "1h", "server");
     let (slow, arrived) = slow_service(Duration::from_millis(1500));
     let config = format!(
-        "{}{ADMIN}[limits]\nshutdown_grace = \"10s\"\n\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{slow}\"\n",
+        "{}{ADMIN}{extra}[limits]\nshutdown_grace = \"10s\"\n\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{slow}\"\nforward_http = \"http1\"\n",
         file_identity(&server, &ca.bundle_file())
     );
     let (mut proxy, addrs) = start_proxy(
@@ -29,7 +43,7 @@ fn sigterm_lets_in_flight_request_finish_then_exits_zero() {
         &["api", "admin"],
     );
     let (api, admin) = (addrs[0], addrs[1]);
-    let in_flight = std::thread::spawn(move || curl(api, "/slow", Some(&client), &["--http1.1"]));
+    let in_flight = std::thread::spawn(move || curl(api, "/slow", Some(&client), &[curl_flag]));
     arrived
         .recv_timeout(Duration::from_secs(10))
         .expect("the request reached the service");

@@ -15,8 +15,8 @@ use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper::server::conn::http1;
+use hyper_util::rt::TokioIo;
 use moat_ca::SpiffeId;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -25,7 +25,7 @@ use tracing::Instrument;
 
 use crate::authz::{self, Authorizer};
 use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
-use crate::conn::{self, Activity, Tracked};
+use crate::conn::{self, Activity, TickBatched, Tracked};
 use crate::http::{
     PEER_ID, ProxyBody, ProxyError, XFCC, content_length, header_bytes, strip_hop_by_hop,
 };
@@ -41,9 +41,9 @@ struct LocalDial {
 }
 
 impl Dial for LocalDial {
-    type Io = TcpStream;
+    type Io = TickBatched<TcpStream>;
 
-    async fn dial(&self) -> Result<TcpStream, ProxyError> {
+    async fn dial(&self) -> Result<Self::Io, ProxyError> {
         let unavailable =
             |why: String| ProxyError::LocalUnavailable(format!("{}: {why}", self.forward));
         let stream = match tokio::time::timeout(
@@ -57,7 +57,7 @@ impl Dial for LocalDial {
             Err(_) => return Err(unavailable("connect timed out".into())),
         };
         let _ = stream.set_nodelay(true);
-        Ok(stream)
+        Ok(TickBatched::new(stream))
     }
 }
 
@@ -85,7 +85,6 @@ pub struct Shared {
     acceptor: TlsAcceptor,
     limits: Limits,
     h1: http1::Builder,
-    h2: http2::Builder<TokioExecutor>,
     upstream: UpstreamClient<LocalDial>,
     authz: Authorizer,
     obs: Observability,
@@ -134,7 +133,6 @@ impl InboundListener {
             acceptor: TlsAcceptor::from(server),
             limits: limits.clone(),
             h1: conn::http1_server(limits),
-            h2: conn::http2_server(limits),
             upstream: UpstreamClient::new(dial(), dial(), limits),
             authz,
             obs: obs.clone(),
@@ -226,7 +224,9 @@ impl Shared {
         // state (measured: unboxed, HTTP/2 took 10 % more CPU per request).
         let service = hyper::service::service_fn(move |req| Box::pin(handle(req)));
         let served = if h2 {
-            let conn = Box::pin(self.h2.serve_connection(io, service));
+            let streams = conn::Streams::for_connection();
+            let h2 = conn::http2_server(&self.limits, streams.clone());
+            let conn = Box::pin(streams.run(h2.serve_connection(io, service)));
             conn::serve_http(conn, activity, idle, drain).await
         } else {
             let conn = Box::pin(self.h1.serve_connection(io, service));
