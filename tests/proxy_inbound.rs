@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use proxy_support::*;
 use serde_json::Value;
-use support::{Running, TestCa, echo_service, path_str, tool};
+use support::{Running, TestCa, echo_service, path_str};
 
 const SERVER_ID: &str = "spiffe://example.org/ns/prod/sa/api";
 const CLIENT_ID: &str = "spiffe://example.org/ns/prod/sa/web";
@@ -123,54 +123,15 @@ fn inbound_multiplexes_http2_streams_on_one_thread() {
         "forward_http = \"http1\"",
         "[runtime]\nworker_threads = 1\n",
     );
-    let body = vec![b'x'; 1 << 20];
-    let file = write(
-        f.ca.dir.path(),
-        "body.bin",
-        std::str::from_utf8(&body).unwrap(),
-    );
-    let data = format!("@{}", path_str(&file));
     let base = format!("https://{}", f.inbound);
-    let urls: Vec<String> = (0..24).map(|i| format!("{base}/stream/{i}")).collect();
-    let mut args = vec![
-        "-sS",
-        "-k",
-        "--max-time",
-        "20",
+    let tls = [
         "--http2",
-        "--parallel",
-        "--parallel-max",
-        "24",
         "--cert",
         path_str(&f.client.cert),
         "--key",
         path_str(&f.client.key),
-        "--data-binary",
-        &data,
-        "-w",
-        "\n%{http_version} %{http_code} %{num_connects}\n",
     ];
-    args.extend(urls.iter().map(String::as_str));
-    let out = tool("curl", &args);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let done: Vec<&str> = text.lines().filter(|l| l.starts_with("2 ")).collect();
-    assert_eq!(done.len(), 24, "one status line per stream: {text}");
-    assert!(done.iter().all(|l| l.starts_with("2 200 ")), "{done:?}");
-    let connects: u32 = done.iter().map(|l| l[6..].parse::<u32>().unwrap()).sum();
-    assert_eq!(connects, 1, "all streams on one connection: {done:?}");
-    let full = text.matches(&format!("\"body_len\":{}", 1 << 20)).count();
-    assert_eq!(full, 24, "every request body arrived whole: {text}");
-    for i in 0..24 {
-        assert!(
-            text.contains(&format!("\"path\":\"/stream/{i}\"")),
-            "stream {i} answered"
-        );
-    }
+    assert_parallel_http2_posts(&base, f.ca.dir.path(), &tls);
 }
 
 /// The handshake fails, and the proxy logs it with the bounded `label` and

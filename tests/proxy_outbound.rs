@@ -231,3 +231,58 @@ fn host_routes_match_http2_traffic_through_a_sidecar_pair() {
         assert_eq!(status, 403, "{version}: {body}");
     }
 }
+
+/// Both sidecars on one worker thread: an application's HTTP/2 (h2c)
+/// streams multiplexed on one connection to its outbound, across the pair
+/// and to an HTTP/1.1 service, each with a body larger than the
+/// flow-control windows, all answered in full. The client is nghttp
+/// (nghttp2-client): curl 7.88 cannot multiplex h2c with prior knowledge.
+#[test]
+fn pair_multiplexes_http2_streams_on_one_thread() {
+    if std::process::Command::new("nghttp")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("SKIPPED: nghttp is not installed (apt-get install nghttp2-client)");
+        return;
+    }
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let service = echo_service();
+    let one = "[runtime]\nworker_threads = 1\n";
+    let files = issue(&ca, B, "1h", "b");
+    let b_cfg = format!(
+        "{}{ADMIN}{one}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\nforward_http = \"http1\"\n",
+        file_identity(&files, &ca.bundle_file())
+    );
+    let (_b, addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_cfg), &["api"]);
+    let a_files = issue(&ca, A, "1h", "a");
+    let a_cfg = format!(
+        "{}{ADMIN}{one}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{B}\"\n",
+        file_identity(&a_files, &ca.bundle_file()),
+        addrs[0]
+    );
+    let (_a, addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_cfg), &["billing"]);
+    let body = write(ca.dir.path(), "body.bin", &"x".repeat(1 << 20));
+    let url = format!("http://{}/stream", addrs[0]);
+    let out = support::tool(
+        "nghttp",
+        &["--stat", "-m", "24", "-d", support::path_str(&body), &url],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "nghttp: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let whole = text.matches(&format!("\"body_len\":{}", 1 << 20)).count();
+    assert_eq!(whole, 24, "every request body arrived whole: {text}");
+    // The statistics table: one row per stream, its status in the fifth column.
+    let codes: Vec<&str> = text
+        .lines()
+        .filter(|l| l.trim_end().ends_with("/stream"))
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert_eq!(codes, vec!["200"; 24], "{text}");
+}

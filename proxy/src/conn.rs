@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use hyper::server::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -441,7 +441,7 @@ impl Streams {
     /// streams, as one future.
     pub fn run<C>(self, conn: C) -> WithStreams<C> {
         WithStreams {
-            conn,
+            conn: Box::pin(conn),
             streams: self,
             running: FuturesUnordered::new(),
             spawned: Vec::new(),
@@ -454,25 +454,25 @@ impl Streams {
 /// that is once every stream has answered; streams still running when the
 /// connection fails (its client has gone) are dropped with it.
 pub struct WithStreams<C> {
-    conn: C,
+    conn: Pin<Box<C>>,
     streams: Streams,
     running: FuturesUnordered<StreamFuture>,
     spawned: Vec<StreamFuture>,
 }
 
-impl<C: Future + Unpin> Future for WithStreams<C> {
+impl<C: Future> Future for WithStreams<C> {
     type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
         let this = self.get_mut();
         let Some(new) = &this.streams.new else {
-            return Pin::new(&mut this.conn).poll(cx);
+            return this.conn.as_mut().poll(cx);
         };
         loop {
             // Streams first, so that the connection's poll below writes the
             // responses they finished.
             while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
-            if let Poll::Ready(done) = Pin::new(&mut this.conn).poll(cx) {
+            if let Poll::Ready(done) = this.conn.as_mut().poll(cx) {
                 return Poll::Ready(done);
             }
             std::mem::swap(
@@ -499,16 +499,17 @@ impl<C: GracefulConnection> Graceful for C {
     }
 }
 
-impl<C: Graceful + Unpin> Graceful for WithStreams<C> {
+impl<C: Graceful> Graceful for WithStreams<C> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        Pin::new(&mut self.get_mut().conn).graceful_shutdown()
+        self.get_mut().conn.as_mut().graceful_shutdown()
     }
 }
 
 /// The HTTP server side of a plaintext listener, which tells HTTP/2 (prior
-/// knowledge, h2c) from HTTP/1.1 by the first bytes; same settings.
-pub fn http_server(limits: &Limits) -> auto::Builder<TokioExecutor> {
-    let mut b = auto::Builder::new(TokioExecutor::new());
+/// knowledge, h2c) from HTTP/1.1 by the first bytes; same settings, the
+/// HTTP/2 streams run by `streams`.
+pub fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> {
+    let mut b = auto::Builder::new(streams);
     http1_settings!(b.http1(), limits);
     http2_settings!(b.http2(), limits);
     b

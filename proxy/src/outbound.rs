@@ -15,8 +15,7 @@ use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use moat_ca::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
@@ -46,7 +45,6 @@ pub struct Shared {
     peer: SpiffeId,
     store: Arc<CredentialStore>,
     limits: Limits,
-    http: auto::Builder<TokioExecutor>,
     connector: PeerConnector,
     upstream: UpstreamClient<PeerConnector>,
     obs: Observability,
@@ -101,7 +99,6 @@ impl OutboundListener {
             peer: config.peer.clone(),
             store,
             limits: limits.clone(),
-            http: conn::http_server(limits),
             connector: connector(&[])?,
             upstream: UpstreamClient::new(connector(&[b"http/1.1"])?, connector(&[b"h2"])?, limits),
             obs: obs.clone(),
@@ -125,7 +122,10 @@ impl conn::Serve for Shared {
                 // Boxed: hyper's per-connection slot then holds a pointer.
                 let service =
                     hyper::service::service_fn(move |req| Box::pin(shared.request(req, &act)));
-                let http = Box::pin(self.http.serve_connection(TokioIo::new(local), service));
+                let streams = conn::Streams::for_connection();
+                let builder = conn::http_server(&self.limits, streams.clone());
+                let http = builder.serve_connection(TokioIo::new(local), service);
+                let http = Box::pin(streams.run(http));
                 if let Err(e) =
                     conn::serve_http(http, &activity, self.limits.idle_timeout, &drain).await
                 {

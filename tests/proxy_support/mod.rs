@@ -326,3 +326,42 @@ pub fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<(
     });
     (addr, rx)
 }
+
+/// 24 POSTs of 1 MiB each (more than HTTP/2's flow-control windows) sent at
+/// once by curl (`--parallel`) to `{base}/stream/{i}` with `flags` (the
+/// protocol, client certificate); asserts that all went over one HTTP/2
+/// connection and that the echo service got every body whole.
+pub fn assert_parallel_http2_posts(base: &str, dir: &Path, flags: &[&str]) {
+    const N: usize = 24;
+    let body = "x".repeat(1 << 20);
+    let data = format!("@{}", path_str(&write(dir, "body.bin", &body)));
+    let urls: Vec<String> = (0..N).map(|i| format!("{base}/stream/{i}")).collect();
+    let mut args = vec![
+        "-sS",
+        "-k",
+        "--max-time",
+        "20",
+        "--parallel",
+        "--parallel-max",
+        "24",
+    ];
+    args.extend(flags);
+    args.extend(["--data-binary", &data]);
+    args.extend(["-w", "\n%{http_version} %{http_code} %{num_connects}\n"]);
+    args.extend(urls.iter().map(String::as_str));
+    let out = tool("curl", &args);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "curl: {err}");
+    let done: Vec<&str> = text.lines().filter(|l| l.starts_with("2 ")).collect();
+    assert_eq!(done.len(), N, "one HTTP/2 status line per stream: {text}");
+    assert!(done.iter().all(|l| l.starts_with("2 200 ")), "{done:?}");
+    let connects: u32 = done.iter().map(|l| l[6..].parse::<u32>().unwrap()).sum();
+    assert_eq!(connects, 1, "all streams on one connection: {done:?}");
+    let whole = text.matches(&format!("\"body_len\":{}", 1 << 20)).count();
+    assert_eq!(whole, N, "every request body arrived whole: {text}");
+    for i in 0..N {
+        let path = format!("\"path\":\"/stream/{i}\"");
+        assert!(text.contains(&path), "stream {i} answered: {text}");
+    }
+}
