@@ -1,10 +1,12 @@
 #!/usr/bin/env python3
 """Turns the harness's runs.tsv and memory.tsv into results.json and summary.md, with a verdict for
-each target of issue 7 (ratios within this one run)."""
+each target of issue 7 (ratios within this one run). A row run in several rounds (labels `row`,
+`row@2`, `row@3`, interleaved) counts with the median of its rounds, and the detail lists them."""
 import argparse
 import csv
 import json
 import os
+from statistics import median
 
 
 def num(x):
@@ -25,11 +27,20 @@ def main():
     runs = list(csv.DictReader(open(a.runs), delimiter="\t")) if os.path.exists(a.runs) else []
     mem = list(csv.DictReader(open(a.memory), delimiter="\t")) if os.path.exists(a.memory) else []
     meta = dict(m.split("=", 1) for m in a.meta)
-    by = {r["label"]: r for r in runs}
+    rounds = {}
+    for r in runs:
+        rounds.setdefault(r["label"].split("@")[0], []).append(r)
+
+    def each(label, field):
+        return [v for v in (num(r[field]) for r in rounds.get(label, [])) if v is not None]
 
     def g(label, field):
-        r = by.get(label)
-        return num(r[field]) if r else None
+        vals = each(label, field)
+        return median(vals) if vals else None
+
+    def rs(label, field):
+        """The rounds' values of a field, as `a / b / c`."""
+        return " / ".join("%g" % v for v in each(label, field)) or "-"
 
     def m(target, field):
         for r in mem:
@@ -48,33 +59,37 @@ def main():
         else:
             miss = (limit - value) / limit * 100 if kind == "min" else (value - limit) / limit * 100
             verdict = "missed by %.0f%%" % miss
-        others = [g(lbl, "other_pct") for lbl in labels]
-        noise = max((o for o in others if o is not None), default=None)
+        others = [o for lbl in labels for o in each(lbl, "other_pct")]
+        noise = max(others, default=None)
         targets.append(dict(target=name, value=value, limit=limit, kind=kind, unit=unit, detail=detail,
                             verdict=verdict, max_other_pct=noise))
 
     ha, mi = g("ka_haproxy_http_c32", "rps"), g("ka_moat_in_c32", "rps")
     t("inbound h1 keep-alive c32: req/s >= 1.1x haproxy", mi, ha * 1.1 if ha else None, "min", "req/s",
-      "moat %s vs haproxy %s req/s" % (mi, ha), ("ka_moat_in_c32", "ka_haproxy_http_c32"))
+      "moat %s vs haproxy %s req/s" % (rs("ka_moat_in_c32", "rps"), rs("ka_haproxy_http_c32", "rps")),
+      ("ka_moat_in_c32", "ka_haproxy_http_c32"))
     t("inbound h1 keep-alive c32: p99 <= haproxy", g("ka_moat_in_c32", "p99_ms"), g("ka_haproxy_http_c32", "p99_ms"),
-      "max", "ms", "steady-state p99", ("ka_moat_in_c32", "ka_haproxy_http_c32"))
+      "max", "ms", "steady-state p99: moat %s vs haproxy %s ms"
+      % (rs("ka_moat_in_c32", "p99_ms"), rs("ka_haproxy_http_c32", "p99_ms")), ("ka_moat_in_c32", "ka_haproxy_http_c32"))
     h2h, h2m = g("h2_haproxy", "rps"), g("h2_moat_in", "rps")
     t("h2 4x8: req/s >= 1.1x haproxy", h2m, h2h * 1.1 if h2h else None, "min", "req/s",
-      "moat %s vs haproxy %s req/s" % (h2m, h2h), ("h2_moat_in", "h2_haproxy"))
+      "moat %s vs haproxy %s req/s" % (rs("h2_moat_in", "rps"), rs("h2_haproxy", "rps")), ("h2_moat_in", "h2_haproxy"))
     d50, d99 = g("fr_direct", "p50_ms"), g("fr_direct", "p99_ms")
     for lbl, name, l50, l99 in (("fr_moat_in", "one moat hop", 0.1, 0.25), ("fr_moat_pair", "sidecar pair", 0.25, 0.6)):
         v50, v99 = g(lbl, "p50_ms"), g(lbl, "p99_ms")
         t("%d req/s: %s adds <= %.2f ms p50" % (int(num(meta.get("rate", 2000)) or 2000), name, l50),
-          v50 - d50 if None not in (v50, d50) else None, l50, "max", "ms", "%s p50 %s vs direct %s" % (lbl, v50, d50), (lbl, "fr_direct"))
+          v50 - d50 if None not in (v50, d50) else None, l50, "max", "ms",
+          "%s p50 %s vs direct %s" % (lbl, rs(lbl, "p50_ms"), rs("fr_direct", "p50_ms")), (lbl, "fr_direct"))
         t("%d req/s: %s adds <= %.2f ms p99" % (int(num(meta.get("rate", 2000)) or 2000), name, l99),
-          v99 - d99 if None not in (v99, d99) else None, l99, "max", "ms", "%s p99 %s vs direct %s" % (lbl, v99, d99), (lbl, "fr_direct"))
+          v99 - d99 if None not in (v99, d99) else None, l99, "max", "ms",
+          "%s p99 %s vs direct %s" % (lbl, rs(lbl, "p99_ms"), rs("fr_direct", "p99_ms")), (lbl, "fr_direct"))
     # vCPU per 1,000 req/s == CPU seconds per 1,000 requests == (CPU s per 10k) / 10
     for lbl, field, name in (("fr_moat_in", "proxy_cpu_s_per_10k", "inbound alone"),
                              ("fr_moat_pair", "in_cpu_s_per_10k", "pair: inbound"),
                              ("fr_moat_pair", "out_cpu_s_per_10k", "pair: outbound")):
         v = g(lbl, field)
         t("fixed rate: CPU <= 0.05 vCPU per 1,000 req/s (%s)" % name, v / 10 if v is not None else None, 0.05,
-          "max", "vCPU/krps", "%s %s = %s CPU s per 10k req" % (lbl, field, v), (lbl,))
+          "max", "vCPU/krps", "%s %s = %s CPU s per 10k req" % (lbl, field, rs(lbl, field)), (lbl,))
     t("RSS idle <= 15 MiB", m("moat", "idle_rss_mb"), 15, "max", "MiB", "fresh moat inbound after one request")
     t("RSS with 1,000 open mTLS connections <= 40 MiB", m("moat", "rss_with_conns_mb"), 40, "max", "MiB",
       "connections open when read: %s" % m("moat", "conns_open"))
@@ -106,6 +121,10 @@ def main():
     if os.path.exists(os.path.join(a.out, "analysis.md")):
         L.append("Profiles, A/B experiments and where memory goes: [analysis.md](analysis.md) (hand-written).\n")
     L.append("## Targets (issue 7)\n")
+    if num(meta.get("rounds")) and num(meta.get("rounds")) > 1:
+        L.append("The rows these targets compare (moat and HAProxy at c32 and HTTP/2, and the fixed-rate direct, "
+                 "inbound and pair rows) ran %s times, interleaved; each figure below is the median of its rounds "
+                 "(every round in the detail, and as its own row in the tables further down).\n" % meta["rounds"])
     L.append("| target | measured | limit | verdict | max other_pct of its runs | detail |\n|---|---|---|---|---|---|")
     for x in targets:
         fmt = lambda v: "-" if v is None else (  # noqa: E731

@@ -2,8 +2,8 @@
 # benches/load/run.sh — moat side by side with direct traffic, HAProxy, NGINX and stunnel (issue 7),
 # plus the sidecar-pair figures of issue 3. Loopback only, bounded, one command:
 #
-#   bash benches/load/run.sh                 # full run (~8 min on a quiet 2-core box, after the one-off oha build)
-#   DUR=3 bash benches/load/run.sh           # shorter runs
+#   bash benches/load/run.sh                 # full run (~7 min on a quiet 2-core box, after the one-off oha build)
+#   DUR=3 ROUNDS=1 bash benches/load/run.sh  # shorter runs, the target rows once
 #   ONLY='ka_moat_in_c32 ka_haproxy_http_c32' bash benches/load/run.sh   # a subset, by label
 #
 #   oha (client cert) ─TLS1.3 mTLS─> [moat inbound | haproxy | nginx | stunnel4] ──plain──> nginx backend
@@ -38,6 +38,8 @@ QUIET_WAIT=${QUIET_WAIT:-15}   # ... for at most this many seconds per run ...
 QUIET_BUDGET=${QUIET_BUDGET:-60} # ... and at most this many seconds over the whole run (then: measure, flag)
 OTHER_MAX=${OTHER_MAX:-15}     # retry a run if more than this % of a core went to processes not ours
 RETRIES=${RETRIES:-1}
+ROUNDS=${ROUNDS:-3}            # the rows the ratio and fixed-rate targets compare run this many times, interleaved
+                               # (the box's speed drifts between minutes); each verdict takes the median
 WARM=${WARM:-1}                # seconds excluded from the steady-state percentiles
 ONLY=${ONLY:-}                 # space-separated labels to run (default: all)
 BUILD=${BUILD:-1}              # 0: use $MOAT as it is
@@ -379,7 +381,7 @@ quiet_gate() {
     sleep 2; waited=$((waited + 3)); QUIET_SPENT=$((QUIET_SPENT + 3))
   done
 }
-want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" $1 "* ]]; }
+want() { [ -z "$ONLY" ] || [[ " $ONLY " == *" ${1%@*} "* ]]; }   # a row's rounds (label@N) go with it
 run() { # label group target conc pin-names pout-names url [oha args...]; retries noisy runs
   local label=$1 try other
   want "$label" || return 0
@@ -479,6 +481,17 @@ measure() { # runs that targets depend on come first: if the time cap hits, the 
   log "E) tcp mode through the pair, haproxy mode tcp, -c 32"
   run ka_moat_pair_tcp_c32  ka "moat sidecar pair, tcp mode"      32 moat_in          moat_out "http://127.0.0.1:$MO_TCP_PORT/" -c 32
   run ka_haproxy_tcp_c32    ka "haproxy mTLS, mode tcp"           32 haproxy          -        "$H:$HA_TCP_PORT/"  -c 32 "${H1[@]}"
+  local r
+  for r in $(seq 2 "$ROUNDS"); do
+    log "F) the rows the closed-loop and fixed-rate targets compare, round $r of $ROUNDS (verdicts: the median of the rounds)"
+    run "ka_moat_in_c32@$r"      ka "moat inbound (mTLS -> h1), round $r"     32 moat_in -        "$H:$MI_PORT/" -c 32 "${H1[@]}"
+    run "ka_haproxy_http_c32@$r" ka "haproxy mTLS, mode http, round $r"       32 haproxy -        "$H:$HA_PORT/" -c 32 "${H1[@]}"
+    run "h2_moat_in@$r"          h2 "moat inbound, h2 -> h1, round $r"        $((H2_CONNS * H2_STREAMS)) moat_in - "$H:$MI_PORT/" "${H2[@]}"
+    run "h2_haproxy@$r"          h2 "haproxy mTLS, h2 -> h1, round $r"        $((H2_CONNS * H2_STREAMS)) haproxy - "$H:$HA_PORT/" "${H2[@]}"
+    run "fr_direct@$r"           fr "direct (plain HTTP), round $r"           32 -       -        "http://127.0.0.1:$B_PORT/" "${FR[@]}"
+    run "fr_moat_in@$r"          fr "moat inbound (mTLS -> h1), round $r"     32 moat_in -        "$H:$MI_PORT/" "${FR[@]}" "${H1[@]}"
+    run "fr_moat_pair@$r"        fr "moat sidecar pair (out -> in), round $r" 32 moat_in moat_out "http://127.0.0.1:$MO_PORT/" "${FR[@]}"
+  done
   mv "$RUNS.new" "$RUNS"
 }
 
@@ -548,7 +561,7 @@ measure
 memory
 cleanup
 python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --out "$OUT" \
-  --meta "dur=$DUR" "fr_dur=$FR_DUR" "rate=$RATE" "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" \
+  --meta "dur=$DUR" "fr_dur=$FR_DUR" "rate=$RATE" "rounds=$ROUNDS" "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" \
          "versions=$VERSIONS" "background_before=cpu$SRV_CPU ${BG_SRV}% cpu$CLI_CPU ${BG_CLI}%" \
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
          "measure_seconds=$((SECONDS - T_START))" "quiet_wait_seconds=$QUIET_SPENT" \
