@@ -232,7 +232,18 @@ fn http2_without_alpn_is_not_served() {
 
 #[test]
 fn http2_rapid_reset_is_stopped() {
-    let mut s = sidecar("", "");
+    rapid_reset_is_stopped("");
+}
+
+/// On one worker thread the streams run on their connection's task: the
+/// flood of opened-and-reset streams is stopped the same way.
+#[test]
+fn http2_rapid_reset_is_stopped_on_one_thread() {
+    rapid_reset_is_stopped("[runtime]\nworker_threads = 1\n");
+}
+
+fn rapid_reset_is_stopped(extra: &str) {
+    let mut s = sidecar(extra, "");
     let mut h2 = H2::connect(&s);
     let start = Instant::now();
     let mut sent = 0u32;
