@@ -186,26 +186,20 @@ impl Shared {
         let this = self.clone();
         forward.map(move |resp| {
             let _inflight = inflight;
-            let status = resp.status().as_u16();
-            span.record("http.response.status_code", status);
-            if status >= 500 {
-                span.record("otel.status_code", "ERROR");
-            }
-            let elapsed = started.elapsed();
-            this.requests.request("-", &method, status, "none", elapsed);
-            crate::telemetry::access_log(&crate::telemetry::AccessEntry {
+            let entry = crate::telemetry::AccessEntry {
                 trace_id: &trace_id,
                 listener: &this.name,
                 direction: "outbound",
                 peer: this.peer.as_str(),
                 method: &method,
                 path: &path,
-                status,
+                status: resp.status().as_u16(),
                 route: "-",
                 decision: "none",
-                duration: elapsed,
+                duration: started.elapsed(),
                 bytes: content_length(&resp),
-            });
+            };
+            crate::telemetry::request_done(&span, &this.requests, &entry);
             Ok(resp)
         })
     }

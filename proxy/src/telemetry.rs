@@ -746,9 +746,20 @@ pub struct AccessEntry<'a> {
     pub bytes: Option<u64>,
 }
 
+/// What a listener does once a request has its answer: the server span's
+/// status, the request metrics, and the access-log line.
+pub fn request_done(span: &tracing::Span, metrics: &ListenerMetrics, e: &AccessEntry<'_>) {
+    span.record("http.response.status_code", e.status);
+    if e.status >= 500 {
+        span.record("otel.status_code", "ERROR");
+    }
+    metrics.request(e.route, e.method, e.status, e.decision, e.duration);
+    access_log(e);
+}
+
 /// Writes one access-log line (target `moat::access`, message `access`).
 /// Tokens and keys never appear: only the fields above.
-pub fn access_log(e: &AccessEntry<'_>) {
+fn access_log(e: &AccessEntry<'_>) {
     tracing::info!(
         target: "moat::access",
         trace_id = e.trace_id,
