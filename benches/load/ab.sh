@@ -50,32 +50,43 @@ load_args() {
   esac
 }
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# user and system ticks of a process, "U S"; the backend's are its master's and workers' together
+ticks_us() { awk '{print $14, $15}' "/proc/$1/stat"; }
+# busy and total ticks of each core, "b0 t0 b1 t1"
+cores() { awk '$1=="cpu0"||$1=="cpu1"{idle=$5+$6; tot=0; for(i=2;i<=9;i++) tot+=$i; printf "%d %d ", tot-idle, tot}' /proc/stat; }
+backend_ticks() { local p m u=0 s=0 a b; m=$(pgrep -f nginx-backend.conf | head -1); for p in $m $(ps -o pid= --ppid "$m"); do read -r a b < <(ticks_us "$p"); u=$((u+a)); s=$((s+b)); done; echo "$u $s"; }
 
 cpu() {
-  local mode=$1 reps=$2 bin rep t0 t1; shift 2
+  local mode=$1 reps=$2 bin rep t0 t1 b0 b1 c0 c1; shift 2
   load_args "$mode"
   for rep in $(seq "$reps"); do
     for bin in "$@"; do
       start "$bin" moat-in.toml 18443
-      t0=$(cpu_ticks "$PID")
+      t0=$(ticks_us "$PID"); b0=$(backend_ticks); c0=$(cores)
       taskset -c 1 "$OHA" -z "${DUR}s" --no-tui --worker-threads 1 --output-format json \
         --db-url "$TMP/oha.db" "${TLS[@]}" "${ARGS[@]}" "https://127.0.0.1:$PORT/" >"$TMP/oha.json" 2>/dev/null
-      t1=$(cpu_ticks "$PID")
+      t1=$(ticks_us "$PID"); b1=$(backend_ticks); c1=$(cores)
       local hwm; hwm=$(awk '/VmHWM/{print $2}' "/proc/$PID/status")
       stop
-      python3 - "$bin" "$mode" "$t0" "$t1" "$hwm" "$TMP" <<'PY'
+      python3 - "$bin" "$mode" "$t0" "$t1" "$hwm" "$TMP" "$b0" "$b1" "$c0" "$c1" <<'PY'
 import json, os, sqlite3, sys
-b, mode, t0, t1, hwm, tmp = sys.argv[1:]
+b, mode, t0, t1, hwm, tmp, b0, b1, c0, c1 = sys.argv[1:]
+c0, c1 = list(map(int, c0.split())), list(map(int, c1.split()))
+busy = [100 * (c1[i] - c0[i]) / max(c1[i + 1] - c0[i + 1], 1) for i in (0, 2)]
 d = json.load(open(f"{tmp}/oha.json"))
 n = sum(d["statusCodeDistribution"].values())
-cpu = (int(t1) - int(t0)) / os.sysconf("SC_CLK_TCK")
+tick = os.sysconf("SC_CLK_TCK")
+(u0, s0), (u1, s1) = (map(int, t.split()) for t in (t0, t1))
+(bu0, bs0), (bu1, bs1) = (map(int, t.split()) for t in (b0, b1))
+cpu = (u1 - u0 + s1 - s0) / tick
+us = lambda ticks: ticks / tick * 1e6 / max(n, 1)
 db = sqlite3.connect(f"{tmp}/oha.db")
 start = db.execute("select min(start) from oha").fetchone()[0]
 lat = sorted(r[0] for r in db.execute("select duration from oha where start >= ?", (start + 1.0,)))
 q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
 print(f"{os.path.basename(b):16s} {mode} rps={d['summary']['requestsPerSec']:8.0f} "
-      f"cpu_us/req={cpu * 1e6 / max(n, 1):6.2f} p50={q(.5):.3f} p99={q(.99):.3f} ms hwm={int(hwm) / 1024:.1f} MiB")
+      f"cpu_us/req={cpu * 1e6 / max(n, 1):6.2f} (usr {us(u1 - u0):5.2f} sys {us(s1 - s0):5.2f}) "
+      f"backend_us/req={us(bu1 - bu0 + bs1 - bs0):5.2f} p50={q(.5):.3f} p99={q(.99):.3f} ms busy={busy[0]:.0f}%/{busy[1]:.0f}% hwm={int(hwm) / 1024:.1f} MiB")
 PY
       rm -f "$TMP/oha.db"
     done

@@ -3,6 +3,7 @@
 # plus the sidecar-pair figures of issue 3. Loopback only, bounded, one command:
 #
 #   bash benches/load/run.sh                 # full run (~7 min on a quiet 2-core box, after the one-off oha build)
+#   PGO=0 bash benches/load/run.sh           # the plain `dist` build instead of the profile-guided one that ships
 #   DUR=3 ROUNDS=1 bash benches/load/run.sh  # shorter runs, the target rows once
 #   ONLY='ka_moat_in_c32 ka_haproxy_http_c32' bash benches/load/run.sh   # a subset, by label
 #
@@ -24,7 +25,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$HERE/../.." && pwd)
 ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
 OUT=${OUT:-$REPO/benches/results}
-MOAT=${MOAT:-$REPO/target/dist/moat}   # the `dist` profile: what ships
+PGO=${PGO:-1}                  # 1: measure what ships, the profile-guided build (scripts/pgo-build.sh); 0: plain `dist`
+if [ "$PGO" = 1 ]; then MOAT=${MOAT:-$REPO/target/pgo/moat}; else MOAT=${MOAT:-$REPO/target/dist/moat}; fi
 DUR=${DUR:-4}                  # seconds per oha run
 FR_DUR=${FR_DUR:-8}            # seconds per fixed-rate run: its p99 rests on the slowest 1 % of RATE x (FR_DUR - WARM)
 RATE=${RATE:-2000}             # req/s for the fixed-rate (latency) runs
@@ -93,7 +95,11 @@ install_deps() {
       OHA="$ROOT/cargo-root/bin/oha"
     fi
   fi
-  if [ "$BUILD" = 1 ]; then
+  if [ "$BUILD" = 1 ] && [ "$PGO" = 1 ]; then
+    log "scripts/pgo-build.sh: instrumented build, training, optimized build (niced; ~10 min the first time)"
+    (cd "$REPO" && nice -n 19 bash scripts/pgo-build.sh >"$ROOT/logs/moat-build.log" 2>&1) \
+      || { log "moat PGO build failed, see $ROOT/logs/moat-build.log"; exit 1; }
+  elif [ "$BUILD" = 1 ]; then
     log "cargo build --profile dist (niced)"
     (cd "$REPO" && nice -n 19 cargo build --profile dist --bin moat >"$ROOT/logs/moat-build.log" 2>&1) \
       || { log "moat build failed, see $ROOT/logs/moat-build.log"; exit 1; }
@@ -566,5 +572,5 @@ python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --ou
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
          "measure_seconds=$((SECONDS - T_START))" "quiet_wait_seconds=$QUIET_SPENT" \
          "moat_fresh_rss_mib_before_any_request=$(awk -v k="${MOAT_FRESH_KB:-0}" 'BEGIN{printf "%.1f", k/1024}')" \
-         "moat_binary=$MOAT_SRC built $MOAT_BUILT (sha256 $(sha256sum "$MOAT" | cut -c1-12), copied at start)"
+         "moat_binary=$MOAT_SRC ($([ "$PGO" = 1 ] && echo "profile-guided, scripts/pgo-build.sh" || echo "dist profile, no PGO")) built $MOAT_BUILT (sha256 $(sha256sum "$MOAT" | cut -c1-12), copied at start)"
 log "done in $((SECONDS)) s: $OUT/summary.md, $OUT/results.json"

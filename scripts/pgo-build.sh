@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# scripts/pgo-build.sh — build the moat that ships: the `dist` profile with
+# profile-guided optimization (PGO).
+#
+#   bash scripts/pgo-build.sh        # -> target/pgo/moat (and target/pgo/moat.profdata)
+#
+# 1. an instrumented `dist` build (target/pgo-gen) that counts which branches
+#    and calls the running code takes;
+# 2. `pgo-train` (tools/pgo_train.rs, built normally) runs it as an inbound and
+#    an outbound sidecar and sends them a sidecar's everyday work: HTTP/1.1 and
+#    HTTP/2 over mutual TLS with and without a route policy (allowed, denied,
+#    malformed requests), new connections, a paced trickle, the sidecar pair,
+#    TCP mode, large uploads; it fails if any of it did not answer as expected;
+# 3. llvm-profdata merges what the sidecars wrote when they stopped;
+# 4. the `dist` build again (target/pgo-use), compiled with that profile.
+#
+# Needs: cargo, and llvm-profdata from rustup's llvm-tools component (added
+# here if missing). Takes about two `dist` builds plus ~20 s of training.
+# RUSTFLAGS from the environment (the Dockerfile's crt-static) apply to both
+# moat builds. An explicit --target keeps RUSTFLAGS off build scripts and
+# proc macros, so only moat's own code is instrumented and optimized.
+set -euo pipefail
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${PGO_OUT:-$REPO/target/pgo}
+SCALE=${PGO_SCALE:-10}
+BASE_RUSTFLAGS=${RUSTFLAGS:-}
+HOST=$(rustc -vV | sed -n 's/^host: //p')
+PROFDATA=$(rustc --print sysroot)/lib/rustlib/$HOST/bin/llvm-profdata
+log() { printf '[pgo %s] %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+cd "$REPO"
+
+if [ ! -x "$PROFDATA" ]; then
+  log "rustup component add llvm-tools (for llvm-profdata)"
+  rustup component add llvm-tools >&2
+  [ -x "$PROFDATA" ] || { log "no llvm-profdata at $PROFDATA"; exit 1; }
+fi
+
+rm -rf "$OUT/profiles" "$OUT/train"
+mkdir -p "$OUT/profiles"
+
+log "1/4 instrumented build (target/pgo-gen)"
+RUSTFLAGS="$BASE_RUSTFLAGS -Cprofile-generate=$OUT/profiles" CARGO_TARGET_DIR="$REPO/target/pgo-gen" \
+  cargo build --profile dist --locked --bin moat --target "$HOST"
+
+log "2/4 training: pgo-train drives the instrumented sidecars"
+env -u RUSTFLAGS cargo build --release --locked --bin pgo-train
+"$REPO/target/release/pgo-train" --moat "$REPO/target/pgo-gen/$HOST/dist/moat" \
+  --dir "$OUT/train" --scale "$SCALE"
+
+log "3/4 merge $(ls "$OUT/profiles" | wc -l) profiles"
+"$PROFDATA" merge -o "$OUT/moat.profdata" "$OUT/profiles"
+
+log "4/4 optimized build (target/pgo-use)"
+RUSTFLAGS="$BASE_RUSTFLAGS -Cprofile-use=$OUT/moat.profdata" CARGO_TARGET_DIR="$REPO/target/pgo-use" \
+  cargo build --profile dist --locked --bin moat --target "$HOST"
+
+cp "$REPO/target/pgo-use/$HOST/dist/moat" "$OUT/moat"
+rm -rf "$OUT/train"
+log "built $OUT/moat ($("$OUT/moat" --version))"
