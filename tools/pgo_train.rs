@@ -169,7 +169,8 @@ protocol = "tcp"
     let h2_tls = Arc::new(pki.client_tls(b"h2")?);
     let n = args.scale * 1000;
     let mut report = Report::default();
-    let (reuse, fresh) = (true, false);
+    let (reuse, fresh) = (Conn::Reuse, Conn::Fresh);
+    let paced = Conn::Paced(Duration::from_micros(500));
 
     let t = Target::tls(open, &h1_tls);
     report.add(
@@ -184,7 +185,10 @@ protocol = "tcp"
     report.add("h2 mTLS, no policy", h2(&t, 4, 8, n * 2, get("/")).await);
     let t = Target::tls(routes, &h1_tls);
     report.add("h1 mTLS, routes", h1(&t, 32, n, reuse, mixed.clone()).await);
-    report.add("paced, one connection", paced(&t, n / 5, &mixed).await);
+    report.add(
+        "paced, one connection",
+        h1(&t, 1, n / 5, paced, mixed.clone()).await,
+    );
     let t = Target::tls(routes, &h2_tls);
     report.add("h2 mTLS, routes", h2(&t, 4, 8, n, mixed.clone()).await);
     let t = Target::plain(out_open);
@@ -195,7 +199,10 @@ protocol = "tcp"
         "h1 via outbound, routes",
         h1(&t, 32, n, reuse, mixed.clone()).await,
     );
-    report.add("paced via outbound", paced(&t, n / 5, &mixed).await);
+    report.add(
+        "paced via outbound",
+        h1(&t, 1, n / 5, paced, mixed.clone()).await,
+    );
     report.add(
         "1 MiB uploads via both",
         h1(&t, 4, 40, reuse, upload(1 << 20)).await,
@@ -423,9 +430,21 @@ async fn read_status(resp: hyper::Response<Incoming>) -> Result<u16> {
     Ok(status)
 }
 
-/// `conns` HTTP/1.1 connections at a time, sending `total` requests one
-/// after another on each; without `reuse`, a new connection per request.
-async fn h1<F>(target: &Target, conns: usize, total: usize, reuse: bool, make: F) -> Tally
+/// How an HTTP/1.1 workload uses its connections.
+#[derive(Clone, Copy)]
+enum Conn {
+    /// Keep-alive: each connection sends its share one after another.
+    Reuse,
+    /// A new connection (and TLS handshake) per request.
+    Fresh,
+    /// Keep-alive with this pause before each request: with one connection,
+    /// the path a sidecar takes when traffic is light (park, wake, serve).
+    Paced(Duration),
+}
+
+/// `conns` HTTP/1.1 connections at a time sending `total` requests, each
+/// connection its share one after another.
+async fn h1<F>(target: &Target, conns: usize, total: usize, how: Conn, make: F) -> Tally
 where
     F: Fn(usize) -> Req + Clone + Send + Sync + 'static,
 {
@@ -439,8 +458,12 @@ where
             let mut i = c * per_conn;
             while i < (c + 1) * per_conn {
                 // A fresh connection; it serves requests until it fails.
-                let end = if reuse { (c + 1) * per_conn } else { i + 1 };
-                let sent = h1_connection(&target, &make, &mut i, end, &mut tally).await;
+                let (end, pause) = match how {
+                    Conn::Reuse => ((c + 1) * per_conn, None),
+                    Conn::Fresh => (i + 1, None),
+                    Conn::Paced(pause) => ((c + 1) * per_conn, Some(pause)),
+                };
+                let sent = h1_connection(&target, &make, &mut i, end, pause, &mut tally).await;
                 if let Err(e) = sent {
                     tally.errors.push(format!("connection: {e:#}"));
                     break;
@@ -461,6 +484,7 @@ async fn h1_connection<F>(
     make: &F,
     i: &mut usize,
     end: usize,
+    pause: Option<Duration>,
     tally: &mut Tally,
 ) -> Result<()>
 where
@@ -472,6 +496,9 @@ where
     while *i < end {
         let req = make(*i);
         *i += 1;
+        if let Some(pause) = pause {
+            tokio::time::sleep(pause).await;
+        }
         send.ready().await?;
         let outcome = match send.send_request(request(&req, None)).await {
             Ok(resp) => {
@@ -560,48 +587,6 @@ where
     let mut tally = Tally::default();
     while let Some(done) = tasks.join_next().await {
         tally.joined(done);
-    }
-    tally
-}
-
-/// One connection, one request at a time with a pause between: the path
-/// a sidecar takes when traffic is light (park, wake, serve, park).
-async fn paced(target: &Target, total: usize, make: impl Fn(usize) -> Req) -> Tally {
-    let mut tally = Tally::default();
-    let mut i = 0;
-    while i < total {
-        let io = match target.connect().await {
-            Ok(io) => io,
-            Err(e) => {
-                tally.errors.push(format!("connect: {e:#}"));
-                break;
-            }
-        };
-        let Ok((mut send, conn)) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await
-        else {
-            tally.errors.push("h1 handshake failed".into());
-            break;
-        };
-        let driver = tokio::spawn(conn);
-        while i < total {
-            let req = make(i);
-            i += 1;
-            tokio::time::sleep(Duration::from_micros(500)).await;
-            if send.ready().await.is_err() {
-                break;
-            }
-            let outcome = match send.send_request(request(&req, None)).await {
-                Ok(resp) => read_status(resp).await,
-                Err(e) => Err(e.into()),
-            };
-            let failed = outcome.is_err();
-            tally.record(&req, outcome);
-            if failed {
-                break;
-            }
-        }
-        drop(send);
-        let _ = driver.await;
     }
     tally
 }
