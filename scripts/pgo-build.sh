@@ -6,16 +6,17 @@
 #
 # 1. an instrumented `dist` build (target/pgo-gen) that counts which branches
 #    and calls the running code takes;
-# 2. `pgo-train` (tools/pgo_train.rs, built normally) runs it as an inbound and
-#    an outbound sidecar and sends them a sidecar's everyday work: HTTP/1.1 and
-#    HTTP/2 over mutual TLS with and without a route policy (allowed, denied,
-#    malformed requests), new connections, a paced trickle, the sidecar pair,
-#    TCP mode, large uploads; it fails if any of it did not answer as expected;
-# 3. llvm-profdata merges what the sidecars wrote when they stopped;
+# 2. `pgo-train` (tools/pgo_train.rs, built normally) runs it as a CA and an
+#    inbound and an outbound sidecar bootstrapped from it, and sends them a
+#    sidecar's everyday work: HTTP/1.1 and HTTP/2 over mutual TLS with and
+#    without a route policy (allowed, denied, malformed and JWT-guarded
+#    requests), new connections, a paced trickle, the sidecar pair, TCP mode,
+#    large uploads; it fails if any of it did not answer as expected;
+# 3. llvm-profdata merges what the processes wrote when they stopped;
 # 4. the `dist` build again (target/pgo-use), compiled with that profile.
 #
 # Needs: cargo, and llvm-profdata from rustup's llvm-tools component (added
-# here if missing). Takes about two `dist` builds plus ~20 s of training.
+# here if missing). Takes about two `dist` builds plus ~15 s of training.
 # RUSTFLAGS from the environment (the Dockerfile's crt-static) apply to both
 # moat builds. An explicit --target keeps RUSTFLAGS off build scripts and
 # proc macros, so only moat's own code is instrumented and optimized.

@@ -377,14 +377,6 @@ impl Tally {
         self.errors.extend(other.errors);
     }
 
-    /// Adds a finished task's tally; a task that panicked counts as an error.
-    fn joined(&mut self, done: Result<Tally, tokio::task::JoinError>) {
-        match done {
-            Ok(tally) => self.merge(tally),
-            Err(e) => self.errors.push(format!("task: {e}")),
-        }
-    }
-
     fn record(&mut self, req: &Req, outcome: Result<u16>) {
         match outcome {
             Ok(status) => {
@@ -398,6 +390,18 @@ impl Tally {
                 .push(format!("{} {}: {e:#}", req.method, req.path)),
         }
     }
+}
+
+/// The tallies of a set of tasks; a task that panicked counts as an error.
+async fn collect(mut tasks: tokio::task::JoinSet<Tally>) -> Tally {
+    let mut tally = Tally::default();
+    while let Some(done) = tasks.join_next().await {
+        match done {
+            Ok(t) => tally.merge(t),
+            Err(e) => tally.errors.push(format!("task: {e}")),
+        }
+    }
+    tally
 }
 
 /// HTTP/1.1 sends the path and a Host header; HTTP/2 the whole URI (its
@@ -472,11 +476,7 @@ where
             tally
         });
     }
-    let mut tally = Tally::default();
-    while let Some(done) = tasks.join_next().await {
-        tally.joined(done);
-    }
-    tally
+    collect(tasks).await
 }
 
 async fn h1_connection<F>(
@@ -500,23 +500,21 @@ where
             tokio::time::sleep(pause).await;
         }
         send.ready().await?;
-        let outcome = match send.send_request(request(&req, None)).await {
+        // A failed send ends the connection; so does `Connection: close`.
+        let (outcome, close) = match send.send_request(request(&req, None)).await {
             Ok(resp) => {
                 let close = resp
                     .headers()
                     .get("connection")
                     .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-                let status = read_status(resp).await;
-                tally.record(&req, status);
-                if close {
-                    break;
-                }
-                continue;
+                (read_status(resp).await, close)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => (Err(e.into()), true),
         };
         tally.record(&req, outcome);
-        break;
+        if close {
+            break;
+        }
     }
     drop(send);
     let _ = driver.await;
@@ -553,14 +551,14 @@ where
                     }
                 };
             let driver = tokio::spawn(conn);
+            let scheme = if target.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
             let mut streams_set = tokio::task::JoinSet::new();
             for s in 0..streams {
                 let mut send = send.clone();
-                let scheme = if target.tls.is_some() {
-                    "https"
-                } else {
-                    "http"
-                };
                 let make = make.clone();
                 streams_set.spawn(async move {
                     let mut tally = Tally::default();
@@ -577,18 +575,12 @@ where
                 });
             }
             drop(send);
-            while let Some(done) = streams_set.join_next().await {
-                tally.joined(done);
-            }
+            tally.merge(collect(streams_set).await);
             driver.abort();
             tally
         });
     }
-    let mut tally = Tally::default();
-    while let Some(done) = tasks.join_next().await {
-        tally.joined(done);
-    }
-    tally
+    collect(tasks).await
 }
 
 #[derive(Default)]

@@ -50,10 +50,11 @@ load_args() {
   esac
 }
 
-# user and system ticks of a process, "U S"; the backend's are its master's and workers' together
+# user and system ticks of a process, "U S"
 ticks_us() { awk '{print $14, $15}' "/proc/$1/stat"; }
 # busy and total ticks of each core, "b0 t0 b1 t1"
 cores() { awk '$1=="cpu0"||$1=="cpu1"{idle=$5+$6; tot=0; for(i=2;i<=9;i++) tot+=$i; printf "%d %d ", tot-idle, tot}' /proc/stat; }
+# the backend's: its master's and workers' together
 backend_ticks() { local p m u=0 s=0 a b; m=$(pgrep -f nginx-backend.conf | head -1); for p in $m $(ps -o pid= --ppid "$m"); do read -r a b < <(ticks_us "$p"); u=$((u+a)); s=$((s+b)); done; echo "$u $s"; }
 
 cpu() {
@@ -78,14 +79,13 @@ n = sum(d["statusCodeDistribution"].values())
 tick = os.sysconf("SC_CLK_TCK")
 (u0, s0), (u1, s1) = (map(int, t.split()) for t in (t0, t1))
 (bu0, bs0), (bu1, bs1) = (map(int, t.split()) for t in (b0, b1))
-cpu = (u1 - u0 + s1 - s0) / tick
-us = lambda ticks: ticks / tick * 1e6 / max(n, 1)
+us = lambda ticks: ticks / tick * 1e6 / max(n, 1)   # µs per request
 db = sqlite3.connect(f"{tmp}/oha.db")
 start = db.execute("select min(start) from oha").fetchone()[0]
 lat = sorted(r[0] for r in db.execute("select duration from oha where start >= ?", (start + 1.0,)))
 q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
 print(f"{os.path.basename(b):16s} {mode} rps={d['summary']['requestsPerSec']:8.0f} "
-      f"cpu_us/req={cpu * 1e6 / max(n, 1):6.2f} (usr {us(u1 - u0):5.2f} sys {us(s1 - s0):5.2f}) "
+      f"cpu_us/req={us(u1 - u0 + s1 - s0):6.2f} (usr {us(u1 - u0):5.2f} sys {us(s1 - s0):5.2f}) "
       f"backend_us/req={us(bu1 - bu0 + bs1 - bs0):5.2f} p50={q(.5):.3f} p99={q(.99):.3f} ms busy={busy[0]:.0f}%/{busy[1]:.0f}% hwm={int(hwm) / 1024:.1f} MiB")
 PY
       rm -f "$TMP/oha.db"
