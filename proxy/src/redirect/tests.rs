@@ -227,7 +227,7 @@ fn netlink_batch_frames_every_message_and_encodes_rules_like_nft() {
     let mut rest = &built.bytes[..];
     while !rest.is_empty() {
         let len = u32::from_ne_bytes(rest[..4].try_into().unwrap()) as usize;
-        assert!(len >= 20 && len % 4 == 0 && len <= rest.len());
+        assert!(len >= 20 && len.is_multiple_of(4) && len <= rest.len());
         let ty = u16::from_ne_bytes(rest[4..6].try_into().unwrap());
         let seq = u32::from_ne_bytes(rest[8..12].try_into().unwrap());
         msgs.push((ty, seq, attrs(&rest[20..len])));
