@@ -599,3 +599,169 @@ fn transparent_inbound_serves_the_app_port_over_mtls_only() {
     drop(server_moat);
     drop(app);
 }
+
+fn unit_text() -> String {
+    std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/systemd/moat-redirect.service"),
+    )
+    .unwrap()
+}
+
+/// The VM unit: a oneshot before the proxy, removed on stop, with
+/// CAP_NET_ADMIN alone and netlink as its only socket family, rated "OK"
+/// by `systemd-analyze security`; and the system calls `moat redirect`
+/// makes (traced applying and removing rules) pass its filter.
+#[test]
+fn systemd_unit_runs_redirect_before_the_proxy_with_only_cap_net_admin() {
+    let text = unit_text();
+    let settings: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .collect();
+    for want in [
+        "Type=oneshot",
+        "RemainAfterExit=yes",
+        "Before=moat-proxy.service network-pre.target",
+        "ExecStart=/usr/local/bin/moat --log-format json redirect --config /etc/moat/proxy.toml",
+        "ExecStop=/usr/local/bin/moat --log-format json redirect --cleanup",
+        "CapabilityBoundingSet=CAP_NET_ADMIN",
+        "AmbientCapabilities=CAP_NET_ADMIN",
+        "NoNewPrivileges=yes",
+        "RestrictAddressFamilies=AF_NETLINK AF_UNIX",
+        "SystemCallFilter=@system-service",
+        "SystemCallFilter=~@privileged @resources",
+    ] {
+        assert!(settings.contains(&want), "missing {want:?}");
+    }
+    for never in ["PrivateUsers=yes", "PrivateNetwork=yes"] {
+        assert!(
+            !settings.contains(&never),
+            "{never} would keep the rules from the host"
+        );
+    }
+    if let Some(why) = missing_tool("systemd-analyze", &["--version"], "systemd") {
+        return skip(&why);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let unit = dir.path().join("moat-redirect.service");
+    std::fs::write(
+        &unit,
+        text.replace("/usr/local/bin/moat", env!("CARGO_BIN_EXE_moat")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["verify", "--man=no"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.lines().any(|l| l.contains("moat-redirect.service")),
+        "systemd-analyze verify:\n{stderr}"
+    );
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["security", "--offline=true", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&out.stdout);
+    let level: f64 = report
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .and_then(|l| l.rsplit_once(": "))
+        .and_then(|(_, r)| r.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no exposure level:\n{report}"));
+    assert!(level <= 2.0, "exposure {level}:\n{report}");
+
+    // What `moat redirect` does, under strace, against the unit's filter.
+    let Some(pods) = pods(&[("strace", &["-V"], "strace")]) else {
+        return;
+    };
+    // A group by name: /etc/group is read too.
+    let config = write(
+        dir.path(),
+        "proxy.toml",
+        "[redirect]\ninbound_ports = [8080]\nproxy_gid = \"nogroup\"\n",
+    );
+    let mut calls = Vec::new();
+    for (n, args) in [
+        vec!["redirect", "--config", path_str(&config)],
+        vec!["redirect", "--cleanup"],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let trace = dir.path().join(format!("{n}.trace"));
+        let out = netns_command(&pods.server.ns, "strace")
+            .args(["-f", "-qq", "-o", path_str(&trace)])
+            .arg(moat_bin())
+            .args(&args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        calls.extend(traced_calls(&trace));
+    }
+    let mut seen = Vec::new();
+    let allowed = syscall_group("@system-service", &mut seen);
+    let mut seen = Vec::new();
+    let mut denied = syscall_group("@privileged", &mut seen);
+    denied.extend(syscall_group("@resources", &mut seen));
+    assert!(calls.iter().any(|c| c == "sendto"), "{calls:?}");
+    let refused: Vec<&String> = calls
+        .iter()
+        .filter(|c| !allowed.contains(c) || denied.contains(c))
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the unit's SystemCallFilter refuses {refused:?}"
+    );
+}
+
+/// The system calls in `systemd-analyze syscall-filter GROUP`, groups
+/// expanded. (As in tests/systemd.rs.)
+fn syscall_group(group: &str, seen: &mut Vec<String>) -> Vec<String> {
+    let out = std::process::Command::new("systemd-analyze")
+        .args(["syscall-filter", "--no-pager", group])
+        .output()
+        .expect("run systemd-analyze syscall-filter");
+    let mut calls = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines().skip(1) {
+        let item = line.trim();
+        if item.is_empty() || item.starts_with('#') {
+            continue;
+        }
+        if item.starts_with('@') {
+            if !seen.iter().any(|s| s == item) {
+                seen.push(item.to_owned());
+                calls.extend(syscall_group(item, seen));
+            }
+        } else {
+            calls.push(item.to_owned());
+        }
+    }
+    calls
+}
+
+/// Every system call name in an `strace -f` log. (As in tests/systemd.rs.)
+fn traced_calls(trace: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(trace).unwrap();
+    let mut calls: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split_once(' ')?.1.trim_start();
+            let name = rest.split_once('(')?.0;
+            name.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+                .then(|| name.to_owned())
+        })
+        .filter(|n| !n.is_empty())
+        .collect();
+    calls.sort();
+    calls.dedup();
+    calls
+}

@@ -459,6 +459,28 @@ impl Config {
                 l.name
             ));
         }
+        if let Some(r) = &self.redirect {
+            let taken = self
+                .inbound
+                .iter()
+                .map(|l| (l.listen.port(), l.name.as_str()))
+                .chain(
+                    self.outbound
+                        .iter()
+                        .map(|l| (l.listen.port(), l.name.as_str())),
+                )
+                .chain([(self.admin.listen.port(), "admin")]);
+            for (port, name) in taken {
+                if port != 0
+                    && (port == r.inbound_listener_port
+                        || (r.outbound && port == r.outbound_listener_port))
+                {
+                    return Err(format!(
+                        "listener {name:?} listens on port {port}, which [redirect] uses for a transparent listener"
+                    ));
+                }
+            }
+        }
         let mut seen: Vec<(u16, &str)> = Vec::new();
         for l in self.inbound.iter().filter(|l| l.forward.ip().is_loopback()) {
             let port = l.forward.port();

@@ -317,3 +317,92 @@ fn attrs(mut buf: &[u8]) -> Vec<(u16, Attr)> {
     }
     out
 }
+
+const PROXY: &str = r#"
+[identity]
+cert = "tls.crt"
+key = "tls.key"
+bundle = "bundle.pem"
+
+[admin]
+listen = "0.0.0.0:9901"
+
+[[inbound]]
+name = "app"
+listen = "0.0.0.0:15443"
+forward = "127.0.0.1:8080"
+"#;
+
+fn proxy(text: &str) -> Result<crate::config::Config, String> {
+    crate::config::Config::parse(Path::new("/etc/moat/proxy.toml"), text).map_err(|e| e.to_string())
+}
+
+#[test]
+fn the_proxy_reads_redirect_and_checks_it_against_its_own_ports() {
+    let c = proxy(&format!("{PROXY}\n[redirect]\ninbound_ports = [8080]\n")).unwrap();
+    assert_eq!(
+        c.redirect.unwrap().inbound_ports,
+        InboundPorts::Listed(vec![8080])
+    );
+    let err = proxy(&format!("{PROXY}\n[redirect]\ninbound_ports = [15443]\n")).unwrap_err();
+    assert!(
+        err.contains("[redirect] inbound_ports lists 15443"),
+        "{err}"
+    );
+    let err = proxy(&format!("{PROXY}\n[redirect]\ninbund_ports = [8080]\n")).unwrap_err();
+    assert!(
+        err.starts_with("/etc/moat/proxy.toml:16:1:") && err.contains("inbund_ports"),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_redirected_port_must_have_one_inbound_listener() {
+    let twice = format!(
+        "{PROXY}\n[[inbound]]\nname = \"again\"\nlisten = \"0.0.0.0:15444\"\nforward = \"127.0.0.1:8080\"\n"
+    );
+    assert!(
+        proxy(&twice).is_ok(),
+        "without [redirect], explicit listeners may share a target"
+    );
+    let err = proxy(&format!("{twice}\n[redirect]\n")).unwrap_err();
+    assert!(err.contains("both forward to port 8080"), "{err}");
+    let reserved = PROXY.replace("name = \"app\"", "name = \"transparent-inbound\"");
+    let err = proxy(&format!("{reserved}\n[redirect]\n")).unwrap_err();
+    assert!(err.contains("reserved"), "{err}");
+}
+
+#[test]
+fn redirect_reads_only_its_section_and_moats_ports_from_the_proxy_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    // Identity files and policies need not exist for the init step.
+    std::fs::write(
+        &path,
+        format!("{PROXY}policy = \"/nowhere/policy.toml\"\n\n[redirect]\noutbound = false\n"),
+    )
+    .unwrap();
+    let (config, own) = load(&path).unwrap();
+    assert!(!config.outbound);
+    assert_eq!((own.admin, own.inbound), (Some(9901), vec![15443]));
+    std::fs::write(&path, "[redirect]\n").unwrap();
+    let (config, own) = load(&path).unwrap();
+    assert_eq!(config, RedirectConfig::default());
+    assert_eq!(own.admin, Some(crate::config::DEFAULT_ADMIN_PORT));
+    std::fs::write(&path, "[redirect]\nproxy_uid = -1\n").unwrap();
+    let err = load(&path).unwrap_err().to_string();
+    assert!(err.contains("proxy.toml:2:13"), "{err}");
+}
+
+#[test]
+fn transparent_listener_ports_must_be_free_in_the_proxy_file() {
+    let explicit = format!(
+        "{PROXY}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:15001\"\nupstream = \"billing:8443\"\npeer = \"spiffe://example.org/b\"\n"
+    );
+    let err = proxy(&format!("{explicit}\n[redirect]\n")).unwrap_err();
+    assert!(
+        err.contains("listener \"billing\" listens on port 15001"),
+        "{err}"
+    );
+    assert!(proxy(&format!("{explicit}\n[redirect]\noutbound = false\n")).is_ok());
+}
