@@ -66,8 +66,8 @@ enum Command {
 /// (Lists are written `::std::vec::Vec` so that clap takes one comma-separated value.)
 #[derive(Args)]
 struct RedirectArgs {
-    /// The proxy's configuration file: `[redirect]`, and moat's own ports
-    /// (`[admin]`, `[[inbound]] listen`), which are never redirected.
+    /// The proxy's configuration file: its `[redirect]` (required), and
+    /// moat's own ports (`[admin]`, `[[inbound]] listen`), never redirected.
     #[arg(long, env = "MOAT_CONFIG")]
     config: Option<PathBuf>,
     /// Print the rules (nft syntax, for `nft -f`) instead of installing them.

@@ -204,6 +204,20 @@ fn redirect_rules_apply_once_replace_print_and_clean_up() {
     assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(stderr.contains("the admin port"), "{stderr}");
 
+    let none = write(
+        dir.path(),
+        "none.toml",
+        "[admin]\nlisten = \"127.0.0.1:9901\"\n",
+    );
+    let out = moat_in(ns, None, &["redirect", "--config", path_str(&none)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("none.toml: no [redirect] section"),
+        "{stderr}"
+    );
+    assert_eq!(nft(ns, &["list", "table", "inet", "moat"]), replaced);
+
     // --cleanup leaves the other table alone, and can run again.
     let printed = moat_ok_in(ns, &["redirect", "--cleanup", "--dry-run"]);
     assert_eq!(printed, "table inet moat\ndelete table inet moat\n");

@@ -294,9 +294,10 @@ impl RedirectConfig {
 }
 
 /// What `moat redirect --config proxy.toml` reads from the proxy's file:
-/// `[redirect]` (absent: every default) and moat's own ports. Other
-/// sections are not read, so an init step needs only this file, not the
-/// certificates or policies it names; `moat proxy` checks the whole file.
+/// `[redirect]` and moat's own ports. Other sections are not read, so an
+/// init step needs only this file, not the certificates or policies it
+/// names; `moat proxy` checks the whole file. A file without `[redirect]`
+/// is refused: its proxy would not listen where the rules send traffic.
 pub fn load(path: &Path) -> Result<(RedirectConfig, OwnPorts), crate::config::ConfigError> {
     #[derive(Deserialize)]
     struct Partial {
@@ -328,7 +329,13 @@ pub fn load(path: &Path) -> Result<(RedirectConfig, OwnPorts), crate::config::Co
         admin: Some(admin),
         inbound: partial.inbound.iter().map(|l| l.listen.port()).collect(),
     };
-    Ok((partial.redirect.unwrap_or_default(), own))
+    let redirect = partial
+        .redirect
+        .ok_or_else(|| crate::config::ConfigError::Invalid {
+            file: path.to_owned(),
+            message: "no [redirect] section: the proxy would not serve what the rules redirect (add `[redirect]`, empty for the defaults)".into(),
+        })?;
+    Ok((redirect, own))
 }
 
 impl Ruleset {

@@ -389,6 +389,9 @@ fn redirect_reads_only_its_section_and_moats_ports_from_the_proxy_file() {
     let (config, own) = load(&path).unwrap();
     assert_eq!(config, RedirectConfig::default());
     assert_eq!(own.admin, Some(crate::config::DEFAULT_ADMIN_PORT));
+    std::fs::write(&path, PROXY).unwrap();
+    let err = load(&path).unwrap_err().to_string();
+    assert!(err.contains("no [redirect] section"), "{err}");
     std::fs::write(&path, "[redirect]\nproxy_uid = -1\n").unwrap();
     let err = load(&path).unwrap_err().to_string();
     assert!(err.contains("proxy.toml:2:13"), "{err}");
