@@ -247,8 +247,23 @@ impl Proxy {
                 cache.run_refresh().await;
             }));
         }
+        // Inbound listeners were bound in `bind` (so a taken port stops the
+        // start) but accept only once an identity is held: before that every
+        // handshake would fail, and be counted against the peer. Until then
+        // connections wait in the listen backlog and are served once the
+        // first certificate arrives.
+        if !self.store.is_ready() && !self.inbound.is_empty() {
+            tracing::info!("inbound listeners accept once the first certificate is held");
+        }
         for l in self.inbound {
-            tokio::spawn(l.serve(watch.clone()));
+            let store = self.store.clone();
+            let watch = watch.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = store.ready() => l.serve(watch).await,
+                    _ = watch.signaled() => {}
+                }
+            });
         }
         for l in self.outbound {
             tokio::spawn(l.serve(watch.clone()));
