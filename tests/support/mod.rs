@@ -61,10 +61,39 @@ impl Running {
     /// Starts `moat ARGS...` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(moat_bin());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
+        cmd.args(args).envs(env.iter().copied());
+        Self::spawn(cmd)
+    }
+
+    /// Starts `moat ARGS...` allowed at most `nofile` open file descriptors
+    /// (RLIMIT_NOFILE, soft and hard).
+    pub fn start_with_fd_limit(args: &[&str], nofile: u64) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(moat_bin());
+        cmd.args(args);
+        // SAFETY: only setrlimit, which is async-signal-safe, runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile as libc::rlim_t,
+                    rlim_max: nofile as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd` (a `moat` command) with info logs on a piped stderr.
+    fn spawn(mut cmd: Command) -> Self {
+        if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn moat");
