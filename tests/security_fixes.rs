@@ -147,17 +147,16 @@ fn fd_count(pid: u32) -> usize {
 }
 
 /// Asserts that the process uses well under one core over ~2 s. A busy
-/// loop uses a whole one; the bound is loose so that a busy machine does
-/// not fail the test.
+/// accept loop uses most of one (or more: the CA spun on two listeners at
+/// once, 1.1 s of CPU in 2 s on a loaded two-core machine); a backing-off
+/// one about 1 %. The bound is loose so that a busy machine cannot fail it.
 fn assert_not_spinning(pid: u32, what: &str) {
     let (cpu0, t0) = (cpu_time(pid), Instant::now());
     std::thread::sleep(Duration::from_secs(2));
-    let (cpu1, t1) = (cpu_time(pid), Instant::now());
-    let share = (cpu1 - cpu0).as_secs_f64() / (t1 - t0).as_secs_f64();
+    let (used, elapsed) = (cpu_time(pid) - cpu0, t0.elapsed());
     assert!(
-        share < 0.30,
-        "{what}: {:.0}% of a core while out of file descriptors (a spinning accept loop)",
-        share * 100.0
+        used.as_secs_f64() < 0.30 * elapsed.as_secs_f64(),
+        "{what}: used {used:?} of CPU in {elapsed:?} while out of file descriptors (a spinning accept loop)"
     );
 }
 
