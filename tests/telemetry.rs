@@ -275,18 +275,24 @@ fn log_level_changes_at_runtime_through_the_admin_listener() {
     assert_eq!(status, 200, "{body}");
     let louder_from = p.server.logs().len();
     assert_eq!(curl_http(p.outbound, "/invoices/2", &[]).0, 200);
-    eventually(Duration::from_secs(10), "debug lines after level=debug", || {
-        debug_lines(&p.server.logs()[louder_from..]) > 0
-    });
+    eventually(
+        Duration::from_secs(10),
+        "debug lines after level=debug",
+        || debug_lines(&p.server.logs()[louder_from..]) > 0,
+    );
     let (status, body) = curl_http(p.server_admin, "/logging?level=warn", &["-X", "PUT"]);
     assert_eq!(status, 200, "{body}");
     let quiet_from = p.server.logs().len();
     assert_eq!(curl_http(p.outbound, "/invoices/3", &[]).0, 200);
-    eventually(Duration::from_secs(10), "the access line at level warn", || {
-        p.server.logs()[quiet_from..]
-            .iter()
-            .any(|l| l.contains("\"access\"") && l.contains("/invoices/3"))
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the access line at level warn",
+        || {
+            p.server.logs()[quiet_from..]
+                .iter()
+                .any(|l| l.contains("\"access\"") && l.contains("/invoices/3"))
+        },
+    );
     assert_eq!(
         debug_lines(&p.server.logs()[quiet_from..]),
         0,
