@@ -681,19 +681,26 @@ async fn shutdown_signal() {
 /// `RUST_LOG`, else `default_level`, else `info`, plus the OpenTelemetry
 /// layer when traces are exported. The log filter does not apply to spans
 /// bound for OpenTelemetry: quieter logs never lose traces. Returns a handle
-/// that changes the log filter at runtime.
+/// that changes the log filter at runtime, which can never quiet the audit
+/// trail (`moat_proxy::telemetry::log_filter`).
 fn init_logging(
     format: LogFormat,
     default_level: Option<&str>,
     traces: Option<&moat_proxy::telemetry::Tracing>,
 ) -> moat_proxy::telemetry::LogLevelHandle {
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{EnvFilter, filter::Targets, fmt, reload};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::try_new(default_level.unwrap_or("info"))
-            .unwrap_or_else(|_| EnvFilter::new("info"))
-    });
-    let (filter, handle) = reload::Layer::new(filter);
+    use tracing_subscriber::{EnvFilter, filter::Targets, fmt};
+    // RUST_LOG when it parses, else the configured level, else info.
+    let startup = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty() && EnvFilter::try_new(v).is_ok())
+        .or_else(|| {
+            default_level
+                .filter(|l| EnvFilter::try_new(l).is_ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "info".to_owned());
+    let (filter, handle) = moat_proxy::telemetry::log_filter(&startup);
     let logs = match format {
         LogFormat::Json => fmt::layer()
             .json()
@@ -715,10 +722,7 @@ fn init_logging(
         .with(logs.with_filter(filter))
         .with(spans)
         .init();
-    std::sync::Arc::new(move |level: &str| {
-        let next = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
-        handle.reload(next).map_err(|e| e.to_string())
-    })
+    handle
 }
 
 /// Parses durations such as `90s`, `15m`, `1h`, `365d`, `500ms`.

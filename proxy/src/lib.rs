@@ -280,13 +280,32 @@ impl Proxy {
                 cache.run_refresh().await;
             }));
         }
-        for l in self.inbound {
-            tokio::spawn(l.serve(watch.clone()));
+        // Inbound listeners were bound in `bind` (so a taken port stops the
+        // start) but accept only once an identity is held: before that every
+        // handshake would fail, and be counted against the peer. Until then
+        // connections wait in the listen backlog and are served once the
+        // first certificate arrives.
+        let accepts_peers = !self.inbound.is_empty() || self.transparent.is_some();
+        if !self.store.is_ready() && accepts_peers {
+            tracing::info!("inbound listeners accept once the first certificate is held");
         }
-        for l in self.outbound {
-            tokio::spawn(l.serve(watch.clone()));
+        let once_ready = |serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            let store = self.store.clone();
+            let watch = watch.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = store.ready() => serve.await,
+                    _ = watch.signaled() => {}
+                }
+            });
+        };
+        for l in self.inbound {
+            once_ready(Box::pin(l.serve(watch.clone())));
         }
         if let Some(l) = self.transparent {
+            once_ready(Box::pin(l.serve(watch.clone())));
+        }
+        for l in self.outbound {
             tokio::spawn(l.serve(watch.clone()));
         }
         drop(watch);

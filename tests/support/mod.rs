@@ -65,10 +65,33 @@ impl Running {
         Self::from_command(cmd)
     }
 
+    /// Starts `moat ARGS...` allowed at most `nofile` open file descriptors
+    /// (RLIMIT_NOFILE, soft and hard).
+    pub fn start_with_fd_limit(args: &[&str], nofile: u64) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(moat_bin());
+        cmd.args(args);
+        // SAFETY: only setrlimit, which is async-signal-safe, runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile as libc::rlim_t,
+                    rlim_max: nofile as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::from_command(cmd)
+    }
+
     /// Starts a prepared command (the `moat` binary, in a network namespace
     /// or as another user, say), collecting its stderr as logs.
     pub fn from_command(mut cmd: Command) -> Self {
-        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+        if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
             cmd.env("RUST_LOG", "info");
         }
         cmd.stdin(Stdio::null())
