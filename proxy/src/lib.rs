@@ -11,10 +11,12 @@
 //! [`outbound`], identity in [`identity`] and [`tls`].
 
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod drain;
+pub mod expect;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -22,6 +24,7 @@ pub mod outbound;
 pub mod policy;
 pub mod telemetry;
 pub mod tls;
+pub mod upgrade;
 pub mod upstream;
 
 use std::future::Future;
