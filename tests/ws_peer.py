@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """WebSocket ends for moat's tests, with the `websockets` library.
 
-    ws_peer.py server            echo server on 127.0.0.1:0; prints its port,
+    ws_peer.py server [PORT]     echo server on 127.0.0.1:PORT (0); prints its port,
                                  then `conn PATH` for each connection
     ws_peer.py check URL [TLS]   text, binary, a 70 KB message and a ping
                                  through URL; prints one JSON line
@@ -10,8 +10,10 @@
                                  the socket (prints `open`, then each echo);
                                  prints `closed <code>` when the far side
                                  closes, or `eof` after closing on stdin EOF
-    ws_peer.py bench URL SECONDS echo round trips for SECONDS; prints JSON
-                                 (messages/s and latency percentiles)
+    ws_peer.py bench URL SECONDS echo round trips (64-byte messages, one at
+                                 a time) for SECONDS; prints JSON (messages/s,
+                                 latency percentiles)
+    --quiet                      (server) no `conn` lines
 
 TLS is `--cert C --key K --ca BUNDLE`: a client certificate, and the chain
 checked against BUNDLE (no host name: moat's certificates name a SPIFFE ID).
@@ -28,6 +30,10 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import serve
 
 
+# The bench's server: no line per connection.
+QUIET = False
+
+
 def tls_context(args):
     if "--cert" not in args:
         return None
@@ -40,7 +46,8 @@ def tls_context(args):
 
 
 async def echo(ws):
-    print(f"conn {ws.request.path}", flush=True)
+    if not QUIET:
+        print(f"conn {ws.request.path}", flush=True)
     try:
         async for message in ws:
             await ws.send(message)
@@ -48,8 +55,8 @@ async def echo(ws):
         pass  # cut off (the sidecar's grace ran out): nothing to report
 
 
-async def server():
-    async with serve(echo, "127.0.0.1", 0, max_size=None) as srv:
+async def server(port):
+    async with serve(echo, "127.0.0.1", port, max_size=None) as srv:
         port = srv.sockets[0].getsockname()[1]
         print(port, flush=True)
         await asyncio.Future()
@@ -138,9 +145,12 @@ async def bench(url, seconds, args):
 
 
 def main():
+    global QUIET
     cmd, args = sys.argv[1], sys.argv[2:]
+    QUIET = "--quiet" in args
+    args = [a for a in args if a != "--quiet"]
     if cmd == "server":
-        asyncio.run(server())
+        asyncio.run(server(int(args[0]) if args else 0))
     elif cmd == "check":
         asyncio.run(check(args[0], args[1:]))
     elif cmd == "hold":
