@@ -90,7 +90,10 @@ fn service(speaks: Speaks) -> SocketAddr {
 
 async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = req.uri().path().to_owned();
-    let n = |prefix: &str| path.strip_prefix(prefix).and_then(|n| n.parse::<usize>().ok());
+    let n = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|n| n.parse::<usize>().ok())
+    };
     let mut resp = Response::new(full("ok"));
     if let Some(count) = n("/headers/") {
         for i in 0..count {
@@ -106,15 +109,21 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         tokio::spawn(async move {
             for i in 0..600 {
-                if tx.send(Bytes::from(format!("data: tick {i}\n\n"))).await.is_err() {
+                if tx
+                    .send(Bytes::from(format!("data: tick {i}\n\n")))
+                    .await
+                    .is_err()
+                {
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
         resp = Response::new(BodyExt::boxed(Events(rx)));
-        resp.headers_mut()
-            .insert("content-type", HeaderValue::from_static("text/event-stream"));
+        resp.headers_mut().insert(
+            "content-type",
+            HeaderValue::from_static("text/event-stream"),
+        );
     } else if path == "/head" {
         resp = Response::new(full("hello from a HEAD"));
         resp.headers_mut()
@@ -231,7 +240,10 @@ fn a_service_declared_http2_gets_h2c_whatever_the_caller_speaks() {
     }
     let client = p.client();
     let (status, body) = curl(p.b_addr, "/v", Some(&client), &["--http1.1"]);
-    assert_eq!((status, json(&body)["version"].clone()), (200, "HTTP/2.0".into()));
+    assert_eq!(
+        (status, json(&body)["version"].clone()),
+        (200, "HTTP/2.0".into())
+    );
 }
 
 #[test]
@@ -244,7 +256,11 @@ fn auto_probes_the_service_instead_of_following_the_caller() {
             assert_eq!(status, 200, "{flag}: {body}");
             assert_eq!(json(&body)["version"], want, "{flag}");
         }
-        let found = if speaks == Speaks::H2c { "h2c" } else { "HTTP/1.1" };
+        let found = if speaks == Speaks::H2c {
+            "h2c"
+        } else {
+            "HTTP/1.1"
+        };
         p.b.wait_for_log(Duration::from_secs(5), |v| {
             v["message"] == "app protocol found by probe" && v["speaks"] == found
         });
@@ -255,7 +271,10 @@ fn auto_probes_the_service_instead_of_following_the_caller() {
 fn forward_http_still_works_with_a_deprecation_warning() {
     let mut p = pair(service(Speaks::H2c), "forward_http = \"http2\"");
     let (status, body) = curl_http(p.a_addr, "/v", &["--http1.1"]);
-    assert_eq!((status, json(&body)["version"].clone()), (200, "HTTP/2.0".into()));
+    assert_eq!(
+        (status, json(&body)["version"].clone()),
+        (200, "HTTP/2.0".into())
+    );
     p.b.wait_for_log(Duration::from_secs(5), |v| {
         v["level"] == "WARN"
             && v["message"]
@@ -269,7 +288,10 @@ fn forward_http_still_works_with_a_deprecation_warning() {
 /// count limit (256) and fail that request alone.
 #[test]
 fn response_header_fields_up_to_the_documented_count_pass() {
-    for (speaks, app_protocol) in [(Speaks::Both, ""), (Speaks::H2c, "app_protocol = \"http2\"")] {
+    for (speaks, app_protocol) in [
+        (Speaks::Both, ""),
+        (Speaks::H2c, "app_protocol = \"http2\""),
+    ] {
         let p = pair(service(speaks), app_protocol);
         for flag in APP_VERSIONS {
             for n in [101, 150, 200] {
@@ -309,7 +331,9 @@ fn request_header_fields_and_targets_get_the_documented_limits() {
     let p = pair(echo_service(), "");
     let client = p.client();
     let dir = tempfile::tempdir().unwrap();
-    let headers: String = (0..150).map(|i| format!("x-field-{i:03}: {}\n", "v".repeat(60))).collect();
+    let headers: String = (0..150)
+        .map(|i| format!("x-field-{i:03}: {}\n", "v".repeat(60)))
+        .collect();
     let file = write(dir.path(), "headers.txt", &headers);
     let at_file = format!("@{}", path_str(&file));
     for flag in APP_VERSIONS {
@@ -343,7 +367,14 @@ struct EventReader {
 impl EventReader {
     fn start(url: &str) -> Self {
         let mut child = Command::new("curl")
-            .args(["-sS", "-N", "--http2-prior-knowledge", "--max-time", "60", url])
+            .args([
+                "-sS",
+                "-N",
+                "--http2-prior-knowledge",
+                "--max-time",
+                "60",
+                url,
+            ])
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
@@ -379,20 +410,30 @@ impl Drop for EventReader {
 /// its own request; an event stream on the same connection goes on.
 #[test]
 fn an_oversized_response_header_fails_its_request_and_no_other_stream() {
-    for (speaks, app_protocol) in [(Speaks::Http1, ""), (Speaks::H2c, "app_protocol = \"http2\"")] {
+    for (speaks, app_protocol) in [
+        (Speaks::Http1, ""),
+        (Speaks::H2c, "app_protocol = \"http2\""),
+    ] {
         let mut p = pair(service(speaks), app_protocol);
         let events = EventReader::start(&format!("http://{}/sse", p.a_addr));
         events.next();
         // The largest first: before the fix it tore the connection down.
         for size in [64 * 1024, 32 * 1024, 17 * 1024] {
-            let (status, body) =
-                curl_http(p.a_addr, &format!("/big/{size}"), &["--http2-prior-knowledge"]);
+            let (status, body) = curl_http(
+                p.a_addr,
+                &format!("/big/{size}"),
+                &["--http2-prior-knowledge"],
+            );
             // Still flowing, on the same connection.
             for _ in 0..2 {
                 events.next();
             }
             assert_eq!(status, 502, "{size} bytes {app_protocol:?}: {body}");
-            assert_eq!(json(&body)["reason"], "response_headers_too_large", "{body}");
+            assert_eq!(
+                json(&body)["reason"],
+                "response_headers_too_large",
+                "{body}"
+            );
         }
         let (status, _) = curl_http(p.a_addr, "/after", &["--http2-prior-knowledge"]);
         assert_eq!(status, 200);
@@ -415,7 +456,10 @@ fn head_to_an_h2c_service_that_sends_a_body_is_answered() {
         let out = curl_raw(p.b_addr, "/head", Some(&client), &[flag, "-I"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains(" 200"), "{flag}: {text}");
-        assert!(text.to_ascii_lowercase().contains("content-length: 17"), "{flag}: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("content-length: 17"),
+            "{flag}: {text}"
+        );
     }
     for flag in APP_VERSIONS {
         let (status, body) = curl_http(p.a_addr, "/head", &[flag, "-I"]);
@@ -542,7 +586,10 @@ fn have_nghttp() -> bool {
         return true;
     }
     let why = "nghttp is not installed (apt-get install nghttp2-client)";
-    assert!(std::env::var("MOAT_TEST_REQUIRE_ALL").as_deref() != Ok("1"), "{why}");
+    assert!(
+        std::env::var("MOAT_TEST_REQUIRE_ALL").as_deref() != Ok("1"),
+        "{why}"
+    );
     eprintln!("SKIPPED: {why}");
     false
 }
@@ -576,7 +623,10 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
         // The service counts until the sidecar closes the connection.
         std::thread::sleep(Duration::from_millis(500));
         let got = received.swap(0, Ordering::SeqCst);
-        assert!(got < ALMOST_NOTHING, "{what}: the service received {got} bytes it refused");
+        assert!(
+            got < ALMOST_NOTHING,
+            "{what}: the service received {got} bytes it refused"
+        );
     };
     let h1: [(&str, &str, &[&str]); 2] = [
         ("pair, HTTP/1.1", &through_pair, &["--http1.1"]),
@@ -585,7 +635,10 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
     for (what, base, flags) in h1 {
         let (status, sent, body) = upload(&format!("{base}/refuse"), &data_arg, flags);
         assert_eq!(status, 413, "{what}: {body}");
-        assert!(sent < ALMOST_NOTHING as u64, "{what}: curl uploaded {sent} bytes of a refused body");
+        assert!(
+            sent < ALMOST_NOTHING as u64,
+            "{what}: curl uploaded {sent} bytes of a refused body"
+        );
         received_after(what);
         let (status, sent, body) = upload(&format!("{base}/accept"), &data_arg, flags);
         assert_eq!(status, 200, "{what}: {body}");
@@ -596,7 +649,12 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
         return;
     }
     let file = path_str(&data);
-    let certs = ["--cert", path_str(&client.cert), "--key", path_str(&client.key)];
+    let certs = [
+        "--cert",
+        path_str(&client.cert),
+        "--key",
+        path_str(&client.key),
+    ];
     let h2: [(&str, &str, &[&str]); 2] = [
         ("pair, h2c", &through_pair, &[]),
         ("inbound, HTTP/2", &to_inbound, &certs),
@@ -607,7 +665,10 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
         received_after(what);
         let (status, out) = nghttp_upload(&format!("{base}/accept"), file, flags);
         assert_eq!(status, 200, "{what}: {out}");
-        assert!(out.contains(&format!("got {SIZE} expect=true")), "{what}: {out}");
+        assert!(
+            out.contains(&format!("got {SIZE} expect=true")),
+            "{what}: {out}"
+        );
     }
 }
 
@@ -620,12 +681,17 @@ fn a_refused_peer_is_logged_as_presented() {
     let (status, body) = curl_http(p.a_addr, "/pay", &[]);
     assert_eq!(status, 502, "{body}");
     assert_eq!(json(&body)["reason"], "peer_refused");
-    let line = p.a.wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
+    let line =
+        p.a.wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
     assert_eq!(line["peer"], B, "{line}");
     assert_eq!(line["expected_peer"], expected, "{line}");
     // An answered request names the peer it reached.
     let mut q = pair(echo_service(), "");
     assert_eq!(curl_http(q.a_addr, "/ok", &[]).0, 200);
-    let line = q.a.wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
-    assert_eq!((line["peer"].clone(), line["expected_peer"].clone()), (B.into(), B.into()));
+    let line =
+        q.a.wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
+    assert_eq!(
+        (line["peer"].clone(), line["expected_peer"].clone()),
+        (B.into(), B.into())
+    );
 }

@@ -231,11 +231,7 @@ fn a_route_that_denies_the_upgrade_path_answers_403_before_any_101() {
         "policy.toml",
         "[[route]]\nname = \"chat\"\npath = \"/chat/*\"\nmethods = [\"GET\"]\npeers = [\"spiffe://example.org/ns/prod/sa/web\"]\n\n[[route]]\nname = \"private\"\npath = \"/private/*\"\ndeny = true\n",
     );
-    let mut p = pair(
-        service,
-        &format!("policy = {:?}", path_str(&policy)),
-        "",
-    );
+    let mut p = pair(service, &format!("policy = {:?}", path_str(&policy)), "");
     let refused = check(&format!("ws://{}/private/room", p.a_addr), &[]);
     assert_eq!(refused["refused"], 403, "{refused}");
     p.b.wait_for_log(Duration::from_secs(5), |v| {
@@ -342,5 +338,8 @@ fn connect_from_the_app_is_refused_with_501() {
     }
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 501"), "{text}");
-    assert!(text.contains("\"reason\":\"connect_not_supported\""), "{text}");
+    assert!(
+        text.contains("\"reason\":\"connect_not_supported\""),
+        "{text}"
+    );
 }
