@@ -51,6 +51,7 @@ enum Speaks {
 /// - `/sse`: an event every 100 ms for a minute;
 /// - `/head`: a body on every method, HEAD included (hyper's HTTP/2 server
 ///   sends it on HEAD);
+/// - `/trailers/N`: `ok`, then a trailer of N bytes;
 /// - anything else: JSON with the version, path, number of request header
 ///   fields and body length it saw.
 fn service(speaks: Speaks) -> SocketAddr {
@@ -124,6 +125,10 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
             "content-type",
             HeaderValue::from_static("text/event-stream"),
         );
+    } else if let Some(size) = n("/trailers/") {
+        let mut trailers = hyper::HeaderMap::new();
+        trailers.insert("x-big", HeaderValue::from_str(&"t".repeat(size)).unwrap());
+        resp = Response::new(BodyExt::boxed(WithTrailers(Some(Bytes::from_static(b"ok")), Some(trailers))));
     } else if path == "/head" {
         resp = Response::new(full("hello from a HEAD"));
         resp.headers_mut()
@@ -141,6 +146,28 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
         resp = Response::new(full(json.to_string()));
     }
     Ok(resp)
+}
+
+/// Data, then trailers.
+struct WithTrailers(Option<Bytes>, Option<hyper::HeaderMap>);
+
+impl hyper::body::Body for WithTrailers {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        let frame = match self.0.take() {
+            Some(data) => Frame::data(data),
+            None => match self.1.take() {
+                Some(t) => Frame::trailers(t),
+                None => return std::task::Poll::Ready(None),
+            },
+        };
+        std::task::Poll::Ready(Some(Ok(frame)))
+    }
 }
 
 /// Server-sent events from a channel, as a body.
@@ -437,6 +464,22 @@ fn an_oversized_response_header_fails_its_request_and_no_other_stream() {
         }
         let (status, _) = curl_http(p.a_addr, "/after", &["--http2-prior-knowledge"]);
         assert_eq!(status, 200);
+        if speaks == Speaks::H2c {
+            // Trailers are held to the same limits: over them, that one
+            // stream is reset (its status was already sent).
+            let trailers = |size: usize| {
+                let url = format!("http://{}/trailers/{size}", p.a_addr);
+                tool("curl", &["-sS", "--http2-prior-knowledge", "--max-time", "10", &url])
+            };
+            let small = trailers(100);
+            assert!(small.status.success(), "{small:?}");
+            assert_eq!(String::from_utf8_lossy(&small.stdout), "ok");
+            let big = trailers(64 * 1024);
+            assert!(!big.status.success(), "the stream with 64 KiB of trailers is reset: {big:?}");
+            for _ in 0..2 {
+                events.next();
+            }
+        }
         p.b.wait_for_log(Duration::from_secs(5), |v| {
             v["message"] == "forwarding failed"
                 && v["error"]

@@ -18,15 +18,35 @@ use crate::config::Limits;
 /// a short one of its own.
 #[derive(Debug)]
 pub enum ProxyBody {
-    /// The upstream's body, streamed.
-    Upstream(Incoming),
+    /// The upstream's body, streamed; its trailers are held to the header
+    /// limits (over them, the body ends in an error: the caller's stream
+    /// is reset, and only it).
+    Upstream {
+        /// The body.
+        body: Incoming,
+        /// The limits its trailers are held to.
+        limit: HeadLimit,
+        /// When it answers a request whose body was held back for
+        /// `Expect: 100-continue` and never asked for: gives that request
+        /// up (closing its upstream connection) once this body ends or drops.
+        give_up: Option<crate::expect::GiveUp>,
+    },
     /// A body the proxy made (an error, or nothing).
     Short(Full<Bytes>),
-    /// The upstream's body, answering a request whose body was held back
-    /// for `Expect: 100-continue` and never asked for: the request is given
-    /// up (its upstream connection closed) once this body ends or drops.
-    Held(Incoming, crate::expect::GiveUp),
 }
+
+/// `max_header_bytes` and `max_header_count`, as a body carries them to
+/// check its trailers.
+#[derive(Debug, Clone, Copy)]
+pub struct HeadLimit {
+    bytes: u32,
+    count: u32,
+}
+
+/// Trailers over the header limits: the stream is ended with an error.
+#[derive(Debug, thiserror::Error)]
+#[error("response trailers over the header limits ({0} fields)")]
+pub struct TrailersTooLarge(usize);
 
 /// The header carrying the verified peer SPIFFE ID to the local service.
 pub static PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
@@ -141,9 +161,7 @@ impl ProxyError {
             ProxyError::ResponseHeadersTooLarge(_) => {
                 "moat: the upstream's response headers are over the limit (max_header_bytes, max_header_count)"
             }
-            ProxyError::AppProtocolMismatch => {
-                "moat: gRPC needs HTTP/2 to the service, and this listener speaks HTTP/1.1 to it; set app_protocol = \"grpc\" on its [[inbound]] if the service speaks h2c"
-            }
+            ProxyError::AppProtocolMismatch => MISMATCH,
             ProxyError::ConnectNotSupported => "moat: CONNECT is not supported",
             ProxyError::BadRequest(_) => "moat: bad request",
         }
@@ -153,6 +171,7 @@ impl ProxyError {
     /// class, the stable `reason` and a message.
     pub fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();
+        let is_mismatch = matches!(self, ProxyError::AppProtocolMismatch);
         let body = serde_json::json!({
             "error": error_class(status),
             "reason": self.reason(),
@@ -167,9 +186,19 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if is_mismatch {
+            // The caller is a gRPC client, which shows `grpc-message` rather
+            // than a body: UNAVAILABLE, with the setting to change.
+            headers.insert(GRPC_STATUS.clone(), HeaderValue::from_static("14"));
+            headers.insert(GRPC_MESSAGE.clone(), HeaderValue::from_static(MISMATCH));
+        }
         resp
     }
 }
+
+static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
+const MISMATCH: &str = "moat: gRPC needs HTTP/2 to the service, and this listener speaks HTTP/1.1 to it; set app_protocol = \"grpc\" on its [[inbound]] if the service speaks h2c";
 
 /// The `error` of a JSON error body: the status's name, in snake case.
 fn error_class(status: StatusCode) -> &'static str {
@@ -203,34 +232,74 @@ impl ProxyBody {
     pub fn empty() -> Self {
         ProxyBody::Short(Full::new(Bytes::new()))
     }
+
+    /// The upstream's body, its trailers held to `limits`.
+    pub fn upstream(body: Incoming, limits: &Limits) -> Self {
+        ProxyBody::Upstream {
+            body,
+            limit: HeadLimit::from(limits),
+            give_up: None,
+        }
+    }
 }
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            ProxyBody::Upstream(b) | ProxyBody::Held(b, _) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Upstream { body, limit, .. } => {
+                let frame = std::task::ready!(Pin::new(body).poll_frame(cx));
+                if let Some(Ok(f)) = &frame
+                    && let Some(trailers) = f.trailers_ref()
+                    && !limit.admits(trailers)
+                {
+                    return Poll::Ready(Some(Err(Box::new(TrailersTooLarge(trailers.len())))));
+                }
+                Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+            }
             ProxyBody::Short(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            ProxyBody::Upstream(b) | ProxyBody::Held(b, _) => b.is_end_stream(),
+            ProxyBody::Upstream { body, .. } => body.is_end_stream(),
             ProxyBody::Short(b) => b.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            ProxyBody::Upstream(b) | ProxyBody::Held(b, _) => b.size_hint(),
+            ProxyBody::Upstream { body, .. } => body.size_hint(),
             ProxyBody::Short(b) => b.size_hint(),
         }
+    }
+}
+
+impl From<&Limits> for HeadLimit {
+    fn from(limits: &Limits) -> Self {
+        let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        Self {
+            bytes: clamp(limits.max_header_bytes),
+            count: clamp(limits.max_header_count),
+        }
+    }
+}
+
+impl HeadLimit {
+    /// True when `headers` is within the limits (see [`head_within`]).
+    pub fn admits(&self, headers: &HeaderMap) -> bool {
+        headers.len() <= self.count as usize
+            && headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+                <= self.bytes as usize
     }
 }
 
@@ -238,12 +307,7 @@ impl Body for ProxyBody {
 /// `max_header_bytes` (each field's name and value, plus 4 bytes for `: `
 /// and CRLF, as HTTP/1.1 writes it; the same count over HTTP/2).
 pub fn head_within(headers: &HeaderMap, limits: &Limits) -> bool {
-    headers.len() <= limits.max_header_count
-        && headers
-            .iter()
-            .map(|(k, v)| k.as_str().len() + v.len() + 4)
-            .sum::<usize>()
-            <= limits.max_header_bytes
+    HeadLimit::from(limits).admits(headers)
 }
 
 /// The parsers' own limits, set above the checks moat makes itself
@@ -262,10 +326,13 @@ pub struct Wire {
     /// `max_header_count` fields, a target and the pseudo-headers.
     pub h2_header_list: u32,
     /// The same for the HTTP/2 clients (to peers and services), four times
-    /// larger: the h2 crate resets the stream of a header block over it,
-    /// and tears down the whole connection only for one four times over
-    /// again, which a peer sidecar (checking its own limits before it
-    /// sends) never sends.
+    /// larger and at least 1 MiB: the h2 crate resets the stream of a
+    /// header block over it, and tears down the whole connection (every
+    /// caller's streams to that peer or service) only for one four times
+    /// over again, which a peer sidecar (checking its own limits before it
+    /// sends) never sends, and a service would have to send several MiB
+    /// of headers to cause. Fields past the limit are not kept, so the
+    /// margin costs decoding time, not memory.
     pub h2_client_header_list: u32,
 }
 
@@ -277,7 +344,7 @@ pub fn wire(limits: &Limits) -> Wire {
     Wire {
         h1_head: (2 * bytes + 4096).max(8192),
         h2_header_list: clamp(list),
-        h2_client_header_list: clamp(4 * list),
+        h2_client_header_list: clamp((4 * list).max(1 << 20)),
     }
 }
 

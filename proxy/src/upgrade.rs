@@ -147,7 +147,8 @@ impl Upgrade {
             )));
         }
         if parts.status != StatusCode::SWITCHING_PROTOCOLS {
-            return Ok((Response::from_parts(parts, ProxyBody::Upstream(body)), None));
+            let body = ProxyBody::upstream(body, limits);
+            return Ok((Response::from_parts(parts, body), None));
         }
         // A 101 must switch to what was asked for (RFC 9110 §15.2.2);
         // anything else would carry a protocol the listener never allowed.

@@ -181,9 +181,12 @@ where
         let body = if head_only {
             ProxyBody::empty()
         } else {
-            match gate {
-                Some(gate) if gate.is_waiting() => ProxyBody::Held(body, gate.give_up_on_drop()),
-                _ => ProxyBody::Upstream(body),
+            ProxyBody::Upstream {
+                body,
+                limit: (&self.limits).into(),
+                give_up: gate
+                    .filter(|g| g.is_waiting())
+                    .map(|g| g.give_up_on_drop()),
             }
         };
         Ok(Response::from_parts(parts, body))

@@ -242,6 +242,13 @@ async fn grpc_to_a_service_declared_http1_names_the_setting() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
+    assert_eq!(resp.headers()["grpc-status"], "14", "UNAVAILABLE, for gRPC clients");
+    assert!(
+        resp.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("app_protocol")
+    );
     let body = resp.into_body().collect().await.unwrap().to_bytes();
     let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(body["reason"], "app_protocol_mismatch", "{body}");
