@@ -128,7 +128,10 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     } else if let Some(size) = n("/trailers/") {
         let mut trailers = hyper::HeaderMap::new();
         trailers.insert("x-big", HeaderValue::from_str(&"t".repeat(size)).unwrap());
-        resp = Response::new(BodyExt::boxed(WithTrailers(Some(Bytes::from_static(b"ok")), Some(trailers))));
+        resp = Response::new(BodyExt::boxed(WithTrailers(
+            Some(Bytes::from_static(b"ok")),
+            Some(trailers),
+        )));
     } else if path == "/head" {
         resp = Response::new(full("hello from a HEAD"));
         resp.headers_mut()
@@ -469,13 +472,19 @@ fn an_oversized_response_header_fails_its_request_and_no_other_stream() {
             // stream is reset (its status was already sent).
             let trailers = |size: usize| {
                 let url = format!("http://{}/trailers/{size}", p.a_addr);
-                tool("curl", &["-sS", "--http2-prior-knowledge", "--max-time", "10", &url])
+                tool(
+                    "curl",
+                    &["-sS", "--http2-prior-knowledge", "--max-time", "10", &url],
+                )
             };
             let small = trailers(100);
             assert!(small.status.success(), "{small:?}");
             assert_eq!(String::from_utf8_lossy(&small.stdout), "ok");
             let big = trailers(64 * 1024);
-            assert!(!big.status.success(), "the stream with 64 KiB of trailers is reset: {big:?}");
+            assert!(
+                !big.status.success(),
+                "the stream with 64 KiB of trailers is reset: {big:?}"
+            );
             for _ in 0..2 {
                 events.next();
             }

@@ -430,7 +430,7 @@ impl Shared {
     async fn upgrade(
         &self,
         req: Request<Incoming>,
-        upgrade: Upgrade,
+        upgrade: Box<Upgrade>,
         peer: &Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let resp = self.upstream.send_upgrade(req).await?;
@@ -440,7 +440,7 @@ impl Shared {
             activity: peer.activity.clone(),
             idle: self.limits.idle_timeout,
         };
-        let (resp, tunnel) = upgrade.relay(resp, &self.limits, cx)?;
+        let (resp, tunnel) = (*upgrade).relay(resp, &self.limits, cx)?;
         if let Some(tunnel) = tunnel {
             peer.tunnel.put(tunnel);
         }
@@ -480,7 +480,7 @@ impl Shared {
     /// Checks a request head before the policy sees it, removes the
     /// headers that only this sidecar may set and the hop-by-hop ones, and
     /// returns the upgrade it asks for if this listener passes it.
-    fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Upgrade>, ProxyError> {
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Box<Upgrade>>, ProxyError> {
         if parts.method == Method::CONNECT {
             return Err(ProxyError::ConnectNotSupported);
         }

@@ -272,7 +272,7 @@ impl Shared {
     async fn upgrade(
         &self,
         req: Request<Incoming>,
-        upgrade: Upgrade,
+        upgrade: Box<Upgrade>,
         local: &LocalConn,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let resp = self.upstream.send_upgrade(req).await?;
@@ -282,7 +282,7 @@ impl Shared {
             activity: local.activity.clone(),
             idle: self.limits.idle_timeout,
         };
-        let (resp, tunnel) = upgrade.relay(resp, &self.limits, cx)?;
+        let (resp, tunnel) = (*upgrade).relay(resp, &self.limits, cx)?;
         if let Some(tunnel) = tunnel {
             local.tunnel.put(tunnel);
         }
@@ -296,7 +296,7 @@ impl Shared {
         &self,
         req: Request<Incoming>,
         span: &tracing::Span,
-    ) -> Result<(Request<Incoming>, Option<Upgrade>, tracing::Span), ProxyError> {
+    ) -> Result<Prepared, ProxyError> {
         if !self.store.is_ready() {
             return Err(ProxyError::NotReady);
         }
@@ -367,6 +367,10 @@ impl Shared {
         Ok((Request::from_parts(parts, body), upgrade, upstream_span))
     }
 }
+
+/// A request ready for the peer: the request, the upgrade it asks for (if
+/// this listener passes it), and its client span.
+type Prepared = (Request<Incoming>, Option<Box<Upgrade>>, tracing::Span);
 
 /// One connection from the local service: its activity, and the tunnel of
 /// an upgraded request on it.

@@ -94,30 +94,39 @@ impl TunnelSlot {
 /// The upgrade a request asks for, if `allowed` passes it: the first token
 /// of its `Upgrade` header (`value`) that is listed. Takes the caller's
 /// side of the connection from the request's extensions (there only on an
-/// HTTP/1.1 connection served with upgrades).
+/// HTTP/1.1 connection served with upgrades). Boxed: a request future
+/// holds a pointer for it, and only an upgrade pays for the rest.
 pub fn accept(
     value: &HeaderValue,
     allowed: &[UpgradeProtocol],
     extensions: &mut http::Extensions,
-) -> Option<Upgrade> {
-    let (protocol, token) = value
+) -> Option<Box<Upgrade>> {
+    let (protocol, token) = choose(value, allowed)?;
+    let client = extensions.remove::<OnUpgrade>()?;
+    Some(Box::new(Upgrade {
+        protocol,
+        token,
+        client,
+    }))
+}
+
+/// The first token of an `Upgrade` value that `allowed` lists, and the
+/// caller's spelling of it.
+fn choose(
+    value: &HeaderValue,
+    allowed: &[UpgradeProtocol],
+) -> Option<(UpgradeProtocol, HeaderValue)> {
+    value
         .to_str()
         .ok()?
         .split(',')
         .map(str::trim)
         .find_map(|t| {
-            allowed
+            let p = allowed
                 .iter()
-                .find(|p| p.as_str().eq_ignore_ascii_case(t))
-                .map(|p| (p.clone(), t))
-        })?;
-    let token = HeaderValue::from_str(token).ok()?;
-    let client = extensions.remove::<OnUpgrade>()?;
-    Some(Upgrade {
-        protocol,
-        token,
-        client,
-    })
+                .find(|p| p.as_str().eq_ignore_ascii_case(t))?;
+            Some((p.clone(), HeaderValue::from_str(t).ok()?))
+        })
 }
 
 impl Upgrade {
@@ -168,8 +177,9 @@ impl Upgrade {
             .metrics
             .upgraded_opened(cx.listener, self.protocol.as_str());
         let listener: Arc<str> = cx.listener.into();
-        let protocol = self.protocol;
-        let client = self.client;
+        let Upgrade {
+            protocol, client, ..
+        } = self;
         let (activity, idle) = (cx.activity, cx.idle);
         let tunnel: Tunnel = Box::pin(async move {
             let _open = open;
@@ -209,14 +219,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_listed_protocols_are_accepted() {
-        let allowed = [UpgradeProtocol::parse("websocket").unwrap()];
-        let accepts = |v: &'static str| {
-            let mut ext = http::Extensions::new();
-            // No `OnUpgrade` outside a real connection: nothing to take.
-            accept(&HeaderValue::from_static(v), &allowed, &mut ext).is_some()
+    fn only_listed_protocols_are_chosen() {
+        let allowed = [
+            UpgradeProtocol::parse("websocket").unwrap(),
+            UpgradeProtocol::parse("mqtt").unwrap(),
+        ];
+        let chosen = |v: &'static str| {
+            choose(&HeaderValue::from_static(v), &allowed)
+                .map(|(p, t)| (p.as_str().to_owned(), t.to_str().unwrap().to_owned()))
         };
-        assert!(!accepts("h2c"));
-        assert!(!accepts("WebSocket"), "no connection to upgrade");
+        assert_eq!(
+            chosen("WebSocket"),
+            Some(("websocket".into(), "WebSocket".into()))
+        );
+        assert_eq!(chosen("h2c, mqtt"), Some(("mqtt".into(), "mqtt".into())));
+        assert_eq!(chosen("h2c"), None);
+        assert_eq!(chosen("TLS/1.2"), None);
+        // No `OnUpgrade` outside a real connection: nothing to accept.
+        let mut ext = http::Extensions::new();
+        assert!(accept(&HeaderValue::from_static("websocket"), &allowed, &mut ext).is_none());
     }
 }

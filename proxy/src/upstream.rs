@@ -184,9 +184,7 @@ where
             ProxyBody::Upstream {
                 body,
                 limit: (&self.limits).into(),
-                give_up: gate
-                    .filter(|g| g.is_waiting())
-                    .map(|g| g.give_up_on_drop()),
+                give_up: gate.filter(|g| g.is_waiting()).map(|g| g.give_up_on_drop()),
             }
         };
         Ok(Response::from_parts(parts, body))

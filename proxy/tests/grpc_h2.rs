@@ -242,7 +242,11 @@ async fn grpc_to_a_service_declared_http1_names_the_setting() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 502);
-    assert_eq!(resp.headers()["grpc-status"], "14", "UNAVAILABLE, for gRPC clients");
+    assert_eq!(
+        resp.headers()["grpc-status"],
+        "14",
+        "UNAVAILABLE, for gRPC clients"
+    );
     assert!(
         resp.headers()["grpc-message"]
             .to_str()
