@@ -241,6 +241,10 @@ impl Shared {
             let conn = Box::pin(streams.run(h2.serve_connection(io, service)));
             conn::serve_http(conn, activity, idle, drain).await
         } else {
+            // With upgrades: after a 101 hyper hands the connection to
+            // the request's tunnel. Two boxes, once per connection: the
+            // inner pins hyper's connection, the outer is what
+            // `serve_http` takes.
             let conn = self.h1.serve_connection(io, service).with_upgrades();
             let conn = Box::pin(UpgradeableH1(Box::pin(conn)));
             conn::serve_http(conn, activity, idle, drain).await
@@ -416,7 +420,11 @@ impl Shared {
             let resp = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
-                    self.app.forget();
+                    // The service failed at the protocol level or went away:
+                    // what a probe found may no longer hold.
+                    if matches!(e, ProxyError::Upstream(_) | ProxyError::LocalUnavailable(_)) {
+                        self.app.forget();
+                    }
                     tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
                     e.into_response()
                 }

@@ -200,7 +200,7 @@ impl Shared {
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
         let forward = self
             .clone()
-            .forward(req, local.clone(), &span)
+            .forward(req, local, &span)
             .instrument(span.clone());
         let this = self.clone();
         forward.map(move |resp| {
@@ -236,20 +236,25 @@ impl Shared {
     fn forward(
         self: Arc<Self>,
         req: Request<Incoming>,
-        local: Arc<LocalConn>,
+        local: &Arc<LocalConn>,
         span: &tracing::Span,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
         let prepared = self.prepare(req, span);
+        // Only an upgrade needs the connection (for its tunnel).
+        let upgrading = match &prepared {
+            Ok((_, Some(_), _)) => Some(local.clone()),
+            _ => None,
+        };
         async move {
-            let sent = match prepared {
-                Err(refused) => return refused.into_response(),
-                Ok((req, None, upstream_span)) => {
-                    self.upstream.send(req).instrument(upstream_span).await
-                }
-                Ok((req, Some(upgrade), upstream_span)) => {
+            let sent = match (prepared, upgrading) {
+                (Err(refused), _) => return refused.into_response(),
+                (Ok((req, Some(upgrade), upstream_span)), Some(local)) => {
                     Box::pin(self.upgrade(req, upgrade, &local))
                         .instrument(upstream_span)
                         .await
+                }
+                (Ok((req, _, upstream_span)), _) => {
+                    self.upstream.send(req).instrument(upstream_span).await
                 }
             };
             sent.unwrap_or_else(|e| {
