@@ -56,8 +56,9 @@ pub enum OutBody<B> {
     Whole(B),
     /// No body.
     Empty,
-    /// The caller's body once the upstream asks for it.
-    Held(HeldBody<B>),
+    /// The caller's body once the upstream asks for it (boxed: rare, and
+    /// larger than the others).
+    Held(Box<HeldBody<B>>),
 }
 
 /// A pooled connection idle at least this long may have been closed by the
@@ -142,7 +143,7 @@ where
         } else if !h2 && expect::expects_continue(req.headers()) {
             let (held, g) = expect::hold(req);
             gate = Some(g);
-            held.map(OutBody::Held)
+            held.map(|b| OutBody::Held(Box::new(b)))
         } else {
             req.map(OutBody::Whole)
         };
@@ -450,7 +451,7 @@ where
         match self.get_mut() {
             OutBody::Whole(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             OutBody::Empty => Poll::Ready(None),
-            OutBody::Held(b) => Pin::new(b).poll_frame(cx),
+            OutBody::Held(b) => Pin::new(&mut **b).poll_frame(cx),
         }
     }
 
