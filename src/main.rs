@@ -57,6 +57,55 @@ enum Command {
     },
     /// Add the moat sidecar to Kubernetes manifests (YAML on stdout).
     Inject(InjectArgs),
+    /// Install the transparent-mode redirect rules (nftables) in this network
+    /// namespace, replacing earlier ones; or print or remove them. Needs CAP_NET_ADMIN.
+    Redirect(RedirectArgs),
+}
+
+/// `moat redirect`: values from `[redirect]` of `--config`, each flag overriding its field.
+/// (Lists are written `::std::vec::Vec` so that clap takes one comma-separated value.)
+#[derive(Args)]
+struct RedirectArgs {
+    /// The proxy's configuration file: its `[redirect]` (required), and
+    /// moat's own ports (`[admin]`, `[[inbound]] listen`), never redirected.
+    #[arg(long, env = "MOAT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the rules (nft syntax, for `nft -f`) instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules (the table inet moat).
+    #[arg(long)]
+    cleanup: bool,
+    /// Port of moat's transparent inbound listener [default: 15006].
+    #[arg(long)]
+    inbound_listener_port: Option<u16>,
+    /// Port of moat's transparent outbound listener [default: 15001].
+    #[arg(long)]
+    outbound_listener_port: Option<u16>,
+    /// Inbound ports to redirect: "all" [default], or a comma-separated list ("" for none).
+    #[arg(long)]
+    inbound_ports: Option<moat_proxy::redirect::InboundPorts>,
+    /// With --inbound-ports all: ports to leave alone (comma-separated).
+    #[arg(long, value_parser = moat_proxy::redirect::parse_ports)]
+    skip_inbound_ports: Option<::std::vec::Vec<u16>>,
+    /// Leave outbound traffic alone.
+    #[arg(long)]
+    no_outbound: bool,
+    /// Outbound destination ports to leave alone (comma-separated).
+    #[arg(long, value_parser = moat_proxy::redirect::parse_ports)]
+    skip_outbound_ports: Option<::std::vec::Vec<u16>>,
+    /// Outbound destination addresses or CIDRs to leave alone (comma-separated).
+    #[arg(long, value_parser = parse_cidrs)]
+    skip_outbound_cidrs: Option<::std::vec::Vec<moat_proxy::redirect::Cidr>>,
+    /// The UID (or user name) moat runs as; its connections are never redirected [default: 65532].
+    #[arg(long)]
+    proxy_uid: Option<moat_proxy::redirect::Owner>,
+    /// Also exempt connections of this GID (or group name).
+    #[arg(long)]
+    proxy_gid: Option<moat_proxy::redirect::Owner>,
+    /// moat's admin port, never redirected [default: from --config, else 9901].
+    #[arg(long)]
+    admin_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -256,6 +305,7 @@ fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
             Ok(demo::run(demo::DemoOptions { keep_running, dir })?)
         }
         Command::Inject(args) => run_inject(args),
+        Command::Redirect(args) => run_redirect(args),
         Command::Proxy(args) => {
             use moat_proxy::telemetry::{Observability, ProxyMetrics, Tracing};
             let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
@@ -290,6 +340,90 @@ fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn run_redirect(args: RedirectArgs) -> Result<(), Failure> {
+    use moat_proxy::redirect::{self, InboundPorts, OwnPorts, RedirectError, Ruleset};
+    let apply_err = |e: RedirectError| match e {
+        RedirectError::Invalid(_) => config_err(e),
+        other => Failure::Other(other.into()),
+    };
+    if args.cleanup {
+        if args.dry_run {
+            print!("{}", redirect::cleanup_nft());
+            return Ok(());
+        }
+        redirect::cleanup().map_err(apply_err)?;
+        tracing::info!(table = "inet moat", "redirect rules removed");
+        return Ok(());
+    }
+    let (mut config, mut own) = match &args.config {
+        Some(path) => redirect::load(path).map_err(config_err)?,
+        None => (
+            Default::default(),
+            OwnPorts {
+                admin: Some(moat_proxy::config::DEFAULT_ADMIN_PORT),
+                inbound: Vec::new(),
+            },
+        ),
+    };
+    if let Some(p) = args.inbound_listener_port {
+        config.inbound_listener_port = p;
+    }
+    if let Some(p) = args.outbound_listener_port {
+        config.outbound_listener_port = p;
+    }
+    if let Some(p) = args.inbound_ports {
+        config.inbound_ports = p;
+    }
+    if let Some(p) = args.skip_inbound_ports {
+        config.skip_inbound_ports = p;
+    }
+    if args.no_outbound {
+        config.outbound = false;
+    }
+    if let Some(p) = args.skip_outbound_ports {
+        config.skip_outbound_ports = p;
+    }
+    if let Some(c) = args.skip_outbound_cidrs {
+        config.skip_outbound_cidrs = c;
+    }
+    if let Some(u) = args.proxy_uid {
+        config.proxy_uid = u;
+    }
+    if let Some(g) = args.proxy_gid {
+        config.proxy_gid = Some(g);
+    }
+    if let Some(p) = args.admin_port {
+        own.admin = Some(p);
+    }
+    let rules = Ruleset::new(&config, &own).map_err(apply_err)?;
+    if args.dry_run {
+        print!("{}", rules.to_nft());
+        return Ok(());
+    }
+    rules.apply().map_err(apply_err)?;
+    let inbound = match &config.inbound_ports {
+        InboundPorts::All => "all".to_owned(),
+        InboundPorts::Listed(p) => format!("{p:?}"),
+    };
+    tracing::info!(
+        table = "inet moat",
+        inbound_ports = %inbound,
+        inbound_listener_port = config.inbound_listener_port,
+        outbound = config.outbound,
+        outbound_listener_port = config.outbound_listener_port,
+        "redirect rules installed"
+    );
+    Ok(())
+}
+
+fn parse_cidrs(s: &str) -> Result<Vec<moat_proxy::redirect::Cidr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 fn run_inject(args: InjectArgs) -> Result<(), Failure> {

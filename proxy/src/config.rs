@@ -41,6 +41,9 @@ pub struct Config {
     /// `[telemetry]`: traces and logs.
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `[redirect]`: transparent mode. The rules `moat redirect` installs,
+    /// and the transparent listener the proxy binds for them.
+    pub redirect: Option<crate::redirect::RedirectConfig>,
     /// The file this configuration was read from (relative paths inside it
     /// are resolved against its directory).
     #[serde(skip)]
@@ -329,12 +332,15 @@ struct RawIdentity {
     retry_max: Option<Duration>,
 }
 
+/// The admin listener's port when `[admin] listen` is not set.
+pub const DEFAULT_ADMIN_PORT: u16 = 9901;
+
 fn default_upgrade_protocols() -> Vec<UpgradeProtocol> {
     vec![UpgradeProtocol("websocket".into())]
 }
 
 fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9901))
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))
 }
 
 impl Default for Admin {
@@ -459,6 +465,11 @@ impl Config {
                 ));
             }
         }
+        if let Some(r) = &self.redirect {
+            r.validate(&self.own_ports())
+                .map_err(|e| format!("[redirect] {e}"))?;
+            self.validate_transparent()?;
+        }
         let l = &self.limits;
         if l.max_connections == 0 || l.max_header_bytes < 1024 {
             return Err(
@@ -471,6 +482,61 @@ impl Config {
                 "[limits] max_header_bytes must be at most 1048576 and max_header_count between 16 and 10000"
                     .into(),
             );
+        }
+        Ok(())
+    }
+
+    /// moat's own ports, which the redirect rules leave alone.
+    pub fn own_ports(&self) -> crate::redirect::OwnPorts {
+        crate::redirect::OwnPorts {
+            admin: Some(self.admin.listen.port()),
+            inbound: self.inbound.iter().map(|l| l.listen.port()).collect(),
+        }
+    }
+
+    /// With `[redirect]`, each redirected connection is served by the
+    /// `[[inbound]]` whose loopback `forward` port is its original port:
+    /// that must be one listener.
+    fn validate_transparent(&self) -> Result<(), String> {
+        let name = crate::transparent::INBOUND_NAME;
+        if let Some(l) = self.inbound.iter().find(|l| l.name == name) {
+            return Err(format!(
+                "[[inbound]] name {:?} is reserved for the transparent listener of [redirect]",
+                l.name
+            ));
+        }
+        if let Some(r) = &self.redirect {
+            let taken = self
+                .inbound
+                .iter()
+                .map(|l| (l.listen.port(), l.name.as_str()))
+                .chain(
+                    self.outbound
+                        .iter()
+                        .map(|l| (l.listen.port(), l.name.as_str())),
+                )
+                .chain([(self.admin.listen.port(), "admin")]);
+            for (port, name) in taken {
+                if port != 0
+                    && (port == r.inbound_listener_port
+                        || (r.outbound && port == r.outbound_listener_port))
+                {
+                    return Err(format!(
+                        "listener {name:?} listens on port {port}, which [redirect] uses for a transparent listener"
+                    ));
+                }
+            }
+        }
+        let mut seen: Vec<(u16, &str)> = Vec::new();
+        for l in self.inbound.iter().filter(|l| l.forward.ip().is_loopback()) {
+            let port = l.forward.port();
+            if let Some((_, other)) = seen.iter().find(|(p, _)| *p == port) {
+                return Err(format!(
+                    "[[inbound]] {:?} and {other:?} both forward to port {port}; with [redirect] a redirected connection to that port must have one listener",
+                    l.name
+                ));
+            }
+            seen.push((port, &l.name));
         }
         Ok(())
     }
@@ -544,7 +610,8 @@ impl Config {
     }
 }
 
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+/// A TOML error as file, line, column and the offending line.
+pub(crate) fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;

@@ -298,6 +298,12 @@ impl<S: Serve> Listener<S> {
         }
     }
 
+    /// What serves this listener's connections (the transparent listener
+    /// hands redirected connections to it).
+    pub fn shared(&self) -> Arc<S> {
+        self.shared.clone()
+    }
+
     /// Serves until the drain starts; open connections finish on their own.
     pub async fn serve(self, drain: drain::Watch) {
         let shared = self.shared;

@@ -22,8 +22,10 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod redirect;
 pub mod telemetry;
 pub mod tls;
+pub mod transparent;
 pub mod upgrade;
 pub mod upstream;
 
@@ -87,6 +89,7 @@ pub struct Proxy {
     admin: admin::AdminListener,
     inbound: Vec<inbound::InboundListener>,
     outbound: Vec<outbound::OutboundListener>,
+    transparent: Option<transparent::TransparentListener>,
     draining: Arc<AtomicBool>,
 }
 
@@ -193,6 +196,35 @@ impl Proxy {
             addrs.push((l.name.clone(), addr));
             inbound.push(listener);
         }
+        if config.redirect.as_ref().is_some_and(|r| r.outbound) {
+            // XXX: phase 1 of transparent mode: the rules redirect outbound
+            // TCP, but this proxy has no transparent outbound listener yet.
+            tracing::warn!(
+                "[redirect] outbound = true: outbound TCP is redirected to the transparent outbound listener, which this version does not bind yet; set outbound = false"
+            );
+        }
+        let transparent = match &config.redirect {
+            Some(r) if r.inbound_ports != redirect::InboundPorts::Listed(Vec::new()) => {
+                // Each redirected connection goes to the inbound listener
+                // that forwards to its original port on loopback.
+                let by_port = config
+                    .inbound
+                    .iter()
+                    .zip(&inbound)
+                    .filter(|(l, _)| l.forward.ip().is_loopback())
+                    .map(|(l, listener)| (l.forward.port(), listener.shared()))
+                    .collect();
+                let (listener, addr) = transparent::TransparentInbound::bind(
+                    r.inbound_listener_port,
+                    by_port,
+                    config.limits.max_connections,
+                )
+                .await?;
+                addrs.push((transparent::INBOUND_NAME.to_owned(), addr));
+                Some(listener)
+            }
+            _ => None,
+        };
         let mut outbound = Vec::new();
         for l in &config.outbound {
             let (listener, addr) =
@@ -214,6 +246,7 @@ impl Proxy {
             admin,
             inbound,
             outbound,
+            transparent,
             draining,
         })
     }
@@ -254,6 +287,9 @@ impl Proxy {
             tokio::spawn(l.serve(watch.clone()));
         }
         for l in self.outbound {
+            tokio::spawn(l.serve(watch.clone()));
+        }
+        if let Some(l) = self.transparent {
             tokio::spawn(l.serve(watch.clone()));
         }
         drop(watch);

@@ -61,10 +61,17 @@ impl Running {
     /// Starts `moat ARGS...` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut cmd = Command::new(moat_bin());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
+        cmd.args(args).envs(env.iter().copied());
+        Self::from_command(cmd)
+    }
+
+    /// Starts a prepared command (the `moat` binary, in a network namespace
+    /// or as another user, say), collecting its stderr as logs.
+    pub fn from_command(mut cmd: Command) -> Self {
+        if !cmd.get_envs().any(|(k, _)| k == "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn moat");
