@@ -11,10 +11,12 @@
 //! [`outbound`], identity in [`identity`] and [`tls`].
 
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod drain;
+pub mod expect;
 pub mod http;
 pub mod identity;
 pub mod inbound;
@@ -24,6 +26,7 @@ pub mod redirect;
 pub mod telemetry;
 pub mod tls;
 pub mod transparent;
+pub mod upgrade;
 pub mod upstream;
 
 use std::future::Future;

@@ -466,6 +466,8 @@ pub struct ProxyMetrics {
     pub handshake_failures: Family<[(&'static str, String); 2], Counter>,
     /// Connections open now, by listener.
     pub open_connections: Family<ListenerLabels, Gauge>,
+    /// Upgraded connections (WebSocket, ...) open now, by listener and protocol.
+    pub upgraded_connections: Family<[(&'static str, String); 2], Gauge>,
     /// Authorization decisions by listener, route, decision and reason.
     pub decisions: Family<[(&'static str, String); 4], Counter>,
     /// Policy reloads by result (`ok`, `failed`).
@@ -499,6 +501,7 @@ impl ProxyMetrics {
         let handshakes = Family::<ListenerLabels, Counter>::default();
         let handshake_failures = Family::<[(&'static str, String); 2], Counter>::default();
         let open_connections = Family::<ListenerLabels, Gauge>::default();
+        let upgraded_connections = Family::<[(&'static str, String); 2], Gauge>::default();
         let decisions = Family::<[(&'static str, String); 4], Counter>::default();
         let policy_reloads = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let policy_info = Family::<[(&'static str, String); 2], Gauge>::default();
@@ -531,6 +534,11 @@ impl ProxyMetrics {
             "moat_open_connections",
             "Connections open now",
             open_connections.clone(),
+        );
+        registry.register(
+            "moat_upgraded_connections",
+            "Upgraded connections (WebSocket and other Upgrade protocols) open now, by listener and protocol",
+            upgraded_connections.clone(),
         );
         registry.register(
             "moat_authz_decisions",
@@ -579,6 +587,7 @@ impl ProxyMetrics {
             handshakes,
             handshake_failures,
             open_connections,
+            upgraded_connections,
             decisions,
             policy_reloads,
             policy_info,
@@ -623,6 +632,19 @@ impl ProxyMetrics {
         let gauge = self
             .open_connections
             .get_or_create(&[("listener", listener.to_owned())])
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// Counts an open upgraded connection until the returned guard drops.
+    pub fn upgraded_opened(&self, listener: &str, protocol: &str) -> OpenConnection {
+        let gauge = self
+            .upgraded_connections
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("protocol", protocol.to_owned()),
+            ])
             .clone();
         gauge.inc();
         OpenConnection(gauge)
@@ -838,8 +860,11 @@ pub struct AccessEntry<'a> {
     pub listener: &'a str,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// The verified peer (inbound: the caller; outbound: the server).
+    /// The peer (inbound: the verified caller; outbound: the server, or
+    /// the identity it presented when it was refused; `-` if none).
     pub peer: &'a str,
+    /// Outbound: the identity the configuration expects of the peer.
+    pub expected_peer: Option<&'a str>,
     /// Method.
     pub method: &'a http::Method,
     /// Path as authorized (no query: it may hold secrets).
@@ -876,6 +901,7 @@ fn access_log(e: &AccessEntry<'_>) {
         listener = e.listener,
         direction = e.direction,
         peer = e.peer,
+        expected_peer = e.expected_peer,
         method = %e.method,
         path = e.path,
         status = e.status,
