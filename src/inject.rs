@@ -60,7 +60,7 @@ mod tree;
 
 use emit::{Inline, Style, V, block_entry, block_item};
 use list::{Layout, Placement};
-use sidecar::{Owned, config_maps, init_containers, volumes};
+use sidecar::{Owned, config_maps, init_containers, proxy_config_map, volumes};
 use tree::{Node, parse};
 
 use report::{Change, Document, Item, Outcome, Report, Workload};
@@ -312,6 +312,36 @@ impl Stream {
             .iter()
             .find(|c| c.namespace.as_deref() == namespace && c.name == name)
     }
+
+    /// What is wrong with the ConfigMaps in the stream that workload `name`
+    /// mounts: a `proxy.toml` unfit for the pod, a bundle without a
+    /// certificate (the sidecar would stop at start).
+    fn problems(&self, namespace: Option<&str>, name: &str, o: &Options) -> Vec<String> {
+        let mut out = Vec::new();
+        let text = |cm: &StreamConfigMap, key: &str| {
+            cm.data
+                .iter()
+                .find(|(k, _)| k == key)
+                .map(|(_, v)| v.clone().unwrap_or_default())
+        };
+        if let Some(cm) = self.config_map(namespace, &proxy_config_map(name)) {
+            match text(cm, "proxy.toml") {
+                Some(toml) => out.extend(config::problems(&toml, o)),
+                None => out.push(format!("ConfigMap {} has no key proxy.toml", cm.name)),
+            }
+        }
+        if let Some(cm) = self.config_map(namespace, &o.bundle_config_map)
+            && !text(cm, "bundle.pem")
+                .is_some_and(|pem| pem.contains("-----BEGIN CERTIFICATE-----"))
+        {
+            out.push(format!(
+                "ConfigMap {}: bundle.pem holds no certificate, so the sidecar stops at start; \
+                 make it from `moat ca bundle` (kubectl create configmap {} --from-file=bundle.pem)",
+                cm.name, cm.name
+            ));
+        }
+        out
+    }
 }
 
 /// A JSON document: a flow mapping whose keys are double-quoted.
@@ -558,19 +588,11 @@ fn plan_document(
         edits.push(lists.new_keys(&new_keys));
     }
 
-    let config_maps = config_maps(o, name);
-    let namespace = report.namespace.as_deref();
-    let mut config_problems = Vec::new();
-    if let Some(cm) = stream.config_map(namespace, &config_maps[0].0) {
-        match cm.data.iter().find(|(k, _)| k == "proxy.toml") {
-            Some((_, Some(text))) => config_problems.extend(config::problems(text, o)),
-            _ => config_problems.push(format!("ConfigMap {} has no key proxy.toml", cm.name)),
-        }
-    }
+    let config_problems = stream.problems(report.namespace.as_deref(), name, o);
     report.outcome = Outcome::Workload(Workload {
         containers,
         volumes,
-        config_maps,
+        config_maps: config_maps(o, name),
         config_problems,
     });
     Ok(Some(report))

@@ -55,7 +55,7 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Add the moat sidecar to Kubernetes manifests (YAML on stdout).
+    /// Add the moat sidecar to Kubernetes manifests (the manifests on stdout, what was done on stderr).
     Inject(InjectArgs),
     /// Install the transparent-mode redirect rules (nftables) in this network
     /// namespace, replacing earlier ones; or print or remove them. Needs CAP_NET_ADMIN.
@@ -110,7 +110,7 @@ struct RedirectArgs {
 
 #[derive(Args)]
 struct InjectArgs {
-    /// A YAML file (one or more documents); `-` or absent reads standard input.
+    /// A YAML or JSON file (one or more YAML documents); `-` or absent reads standard input.
     file: Option<PathBuf>,
     /// The moat image for the sidecar.
     #[arg(long, default_value_t = inject::Options::default().image)]

@@ -708,3 +708,30 @@ fn standard_error_says_what_was_done_to_each_document() {
     );
     assert_eq!(quiet.lines().count(), 3, "{quiet}");
 }
+
+#[test]
+fn a_bundle_config_map_without_a_certificate_is_a_warning() {
+    // config/kubernetes/bundle.yaml as shipped (bundle.pem empty), applied
+    // with the workloads: every sidecar would stop at start.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes");
+    let stream = [
+        std::fs::read_to_string(repo.join("bundle.yaml")).unwrap(),
+        std::fs::read_to_string(repo.join("workload.yaml")).unwrap(),
+    ]
+    .join("---\n");
+    let (_, stderr) = inject_ok(&["--image", "moat:0.1.0", "--quiet"], &stream);
+    for workload in ["billing", "frontend"] {
+        let want = format!(
+            "moat inject: warning: Deployment/{workload} in prod: ConfigMap moat-bundle: bundle.pem holds no certificate"
+        );
+        assert!(stderr.contains(&want), "{want:?} not in:\n{stderr}");
+    }
+    // With a certificate in it, nothing to say.
+    let ca = tempfile::tempdir().unwrap();
+    support::ca_init(&ca.path().join("ca"));
+    let pem = support::moat_ok(&["ca", "bundle", "--dir", path_str(&ca.path().join("ca"))]);
+    let block: String = pem.lines().map(|l| format!("    {l}\n")).collect();
+    let stream = stream.replace("  bundle.pem: \"\"\n", &format!("  bundle.pem: |\n{block}"));
+    let (_, stderr) = inject_ok(&["--image", "moat:0.1.0", "--quiet"], &stream);
+    assert_eq!(stderr, "");
+}

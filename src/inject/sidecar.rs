@@ -123,11 +123,21 @@ fn sidecar(o: &Options) -> V {
     ])
 }
 
+/// The ConfigMap holding workload `name`'s proxy.toml.
+pub(super) fn proxy_config_map(name: &str) -> String {
+    format!("{name}-moat-proxy")
+}
+
+/// The ConfigMap holding workload `name`'s policy.toml.
+fn policy_config_map(name: &str) -> String {
+    format!("{name}-moat-policy")
+}
+
 /// The ConfigMaps the sidecar mounts for workload `name`: (ConfigMap, key read).
 pub(super) fn config_maps(o: &Options, name: &str) -> Vec<(String, &'static str)> {
     vec![
-        (format!("{name}-moat-proxy"), "proxy.toml"),
-        (format!("{name}-moat-policy"), "policy.toml"),
+        (proxy_config_map(name), "proxy.toml"),
+        (policy_config_map(name), "policy.toml"),
         (o.bundle_config_map.clone(), "bundle.pem"),
     ]
 }
@@ -164,7 +174,7 @@ pub(super) fn volumes(o: &Options, name: &str) -> Vec<Owned> {
             ]),
         },
         config_map("moat-bundle", o.bundle_config_map.clone()),
-        config_map("moat-config", format!("{name}-moat-proxy")),
-        config_map("moat-policy", format!("{name}-moat-policy")),
+        config_map("moat-config", proxy_config_map(name)),
+        config_map("moat-policy", policy_config_map(name)),
     ]
 }
