@@ -55,7 +55,7 @@ enum Command {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
-    /// Add the moat sidecar to Kubernetes manifests (YAML on stdout).
+    /// Add the moat sidecar to Kubernetes manifests (the manifests on stdout, what was done on stderr).
     Inject(InjectArgs),
     /// Install the transparent-mode redirect rules (nftables) in this network
     /// namespace, replacing earlier ones; or print or remove them. Needs CAP_NET_ADMIN.
@@ -110,7 +110,7 @@ struct RedirectArgs {
 
 #[derive(Args)]
 struct InjectArgs {
-    /// A YAML file (one or more documents); `-` or absent reads standard input.
+    /// A YAML or JSON file (one or more YAML documents); `-` or absent reads standard input.
     file: Option<PathBuf>,
     /// The moat image for the sidecar.
     #[arg(long, default_value_t = inject::Options::default().image)]
@@ -127,6 +127,14 @@ struct InjectArgs {
     /// The ConfigMap that holds the trust bundle (`bundle.pem`).
     #[arg(long, default_value = "moat-bundle")]
     bundle_config_map: String,
+    /// Replace moat's own init container and volumes where they differ from
+    /// what these flags make (a new --image, --audience, ...), and move the
+    /// sidecar first; without it only what is missing is added.
+    #[arg(long)]
+    upgrade: bool,
+    /// Print only warnings on standard error, not what was done to each document.
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Subcommand)]
@@ -451,9 +459,17 @@ fn run_inject(args: InjectArgs) -> Result<(), Failure> {
         admin_port: args.admin_port,
         audience: args.audience,
         bundle_config_map: args.bundle_config_map,
+        upgrade: args.upgrade,
     };
-    let out = inject::inject(&input, &options).map_err(config_err)?;
-    std::io::stdout().write_all(out.as_bytes())?;
+    let injected = inject::inject(&input, &options).map_err(config_err)?;
+    // What was done goes to stderr, so stdout can be piped to kubectl.
+    let mut stderr = std::io::stderr().lock();
+    for line in injected.report.lines() {
+        if line.warning || !args.quiet {
+            writeln!(stderr, "moat inject: {line}")?;
+        }
+    }
+    std::io::stdout().write_all(injected.output.as_bytes())?;
     Ok(())
 }
 

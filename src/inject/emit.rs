@@ -1,11 +1,14 @@
-//! Writing new YAML: values in block style that follow the manifest's own
-//! indentation, or in flow style where they join a flow collection.
+//! Writing new values: in block style that follows the manifest's own
+//! indentation, in flow style where they join a flow collection, or as JSON
+//! (one line, or pretty-printed like the document around them) where the
+//! document is JSON, so that JSON in is JSON out.
 
 use std::fmt::Write as _;
 
 use super::tree::{Node, dash_col};
 
 /// A value to insert, kept in the order it is written.
+#[derive(Clone)]
 pub(super) enum V {
     S(String),
     N(i64),
@@ -109,6 +112,123 @@ pub(super) fn flow(v: &V) -> String {
     }
 }
 
+/// How values are written where they join a flow collection.
+#[derive(Clone, Copy)]
+pub(super) struct Inline {
+    /// The document is JSON: every key and string double-quoted.
+    pub(super) json: bool,
+    /// The indentation step of a pretty-printed JSON document; `None` when
+    /// the collections joined are written on one line.
+    pub(super) pretty: Option<usize>,
+    /// One-line JSON written without spaces (`{"a":1,"b":2}`, as
+    /// `JSON.stringify` and `kubectl -o json | jq -c` write it).
+    pub(super) tight: bool,
+    /// The document's line break.
+    pub(super) nl: &'static str,
+}
+
+impl Inline {
+    /// `v` written where it starts at column `col` (the column its
+    /// continuation lines are indented from, when pretty-printed).
+    pub(super) fn value(&self, v: &V, col: usize) -> String {
+        match (self.json, self.pretty) {
+            (true, Some(step)) => {
+                let mut out = String::new();
+                self.pretty_json(v, col, step, &mut out);
+                out
+            }
+            (true, None) => json_line(v, self.tight),
+            (false, _) => flow(v),
+        }
+    }
+
+    /// `key: value` (or `"key": value`) starting at column `col`.
+    pub(super) fn entry(&self, key: &str, v: &V, col: usize) -> String {
+        if !self.json {
+            return format!("{key}: {}", self.value(v, col));
+        }
+        let colon = if self.tight && self.pretty.is_none() {
+            ":"
+        } else {
+            ": "
+        };
+        format!("{}{colon}{}", json_string(key), self.value(v, col))
+    }
+
+    /// What goes between two entries: `, ` on one line, or a comma and a
+    /// line break indented to `col` when pretty-printed.
+    pub(super) fn separator(&self, col: usize) -> String {
+        match (self.json, self.pretty) {
+            (true, Some(_)) => format!(",{}{}", self.nl, " ".repeat(col)),
+            (true, None) if self.tight => ",".into(),
+            _ => ", ".into(),
+        }
+    }
+
+    fn pretty_json(&self, v: &V, col: usize, step: usize, out: &mut String) {
+        let open = |out: &mut String, c: char| {
+            out.push(c);
+        };
+        let close = |out: &mut String, c: char| {
+            out.push_str(self.nl);
+            out.push_str(&" ".repeat(col));
+            out.push(c);
+        };
+        let inner = " ".repeat(col + step);
+        match v {
+            V::M(m) if !m.is_empty() => {
+                open(out, '{');
+                for (i, (k, v)) in m.iter().enumerate() {
+                    out.push_str(if i == 0 { "" } else { "," });
+                    out.push_str(self.nl);
+                    out.push_str(&inner);
+                    out.push_str(&json_string(k));
+                    out.push_str(": ");
+                    self.pretty_json(v, col + step, step, out);
+                }
+                close(out, '}');
+            }
+            V::L(l) if !l.is_empty() => {
+                open(out, '[');
+                for (i, v) in l.iter().enumerate() {
+                    out.push_str(if i == 0 { "" } else { "," });
+                    out.push_str(self.nl);
+                    out.push_str(&inner);
+                    self.pretty_json(v, col + step, step, out);
+                }
+                close(out, ']');
+            }
+            other => out.push_str(&json_line(other, false)),
+        }
+    }
+}
+
+/// A value as JSON on one line, spaced like hand-written JSON
+/// (`{"a": 1, "b": [2]}`), or `tight`ly (`{"a":1,"b":[2]}`).
+pub(super) fn json_line(v: &V, tight: bool) -> String {
+    let (colon, comma) = if tight { (":", ",") } else { (": ", ", ") };
+    match v {
+        V::S(s) => json_string(s),
+        V::N(n) => n.to_string(),
+        V::B(b) => b.to_string(),
+        V::M(m) => {
+            let parts: Vec<String> = m
+                .iter()
+                .map(|(k, v)| format!("{}{colon}{}", json_string(k), json_line(v, tight)))
+                .collect();
+            format!("{{{}}}", parts.join(comma))
+        }
+        V::L(l) => {
+            let parts: Vec<String> = l.iter().map(|v| json_line(v, tight)).collect();
+            format!("[{}]", parts.join(comma))
+        }
+    }
+}
+
+fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("a string serializes")
+}
+
 /// A string scalar: plain when that cannot be misread, else double-quoted.
 pub(super) fn scalar(s: &str) -> String {
     let plain_safe = s
@@ -162,5 +282,37 @@ mod tests {
         assert_eq!(scalar("true"), "\"true\"");
         assert_eq!(scalar("a b"), "\"a b\"");
         assert_eq!(scalar("x\"y"), "\"x\\\"y\"");
+    }
+
+    #[test]
+    fn json_is_written_on_one_line_or_pretty_printed() {
+        let v = V::M(vec![
+            ("name", s("moat-proxy")),
+            ("args", V::L(vec![s("--config"), s("a\"b")])),
+            ("empty", V::L(vec![])),
+            ("n", V::N(1)),
+            ("b", V::B(true)),
+        ]);
+        assert_eq!(
+            json_line(&v, false),
+            r#"{"name": "moat-proxy", "args": ["--config", "a\"b"], "empty": [], "n": 1, "b": true}"#
+        );
+        assert_eq!(
+            json_line(&v, true),
+            r#"{"name":"moat-proxy","args":["--config","a\"b"],"empty":[],"n":1,"b":true}"#
+        );
+        let pretty = Inline {
+            json: true,
+            pretty: Some(2),
+            tight: false,
+            nl: "\n",
+        };
+        let text = pretty.value(&v, 4);
+        assert_eq!(
+            text,
+            "{\n      \"name\": \"moat-proxy\",\n      \"args\": [\n        \"--config\",\n        \"a\\\"b\"\n      ],\n      \"empty\": [],\n      \"n\": 1,\n      \"b\": true\n    }"
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(parsed["args"][1], "a\"b");
     }
 }

@@ -1,10 +1,42 @@
-//! What is injected: the sidecar container and its volumes.
+//! What is injected: moat's init containers and its volumes.
+//!
+//! Everything here is *owned* by moat, by name: `moat inject` adds what is
+//! missing, and `--upgrade` replaces what differs from what these functions
+//! return for the flags given. A new init container (transparent mode's
+//! redirect step, for one) is one more entry in [`init_containers`], with
+//! its own `securityContext`; the injector puts the list, in order, first
+//! among the pod's init containers.
 
 use super::emit::{V, s};
 use super::{Options, SIDECAR_NAME};
 
+/// Where the projected service-account token is mounted (`token_file`
+/// in proxy.toml is this directory's `token`).
+pub(super) const TOKEN_DIR: &str = "/var/run/secrets/moat";
+/// Where the trust bundle ConfigMap is mounted (`bundle.pem` in it).
+pub(super) const BUNDLE_DIR: &str = "/etc/moat/bundle";
+/// Where the `<name>-moat-proxy` ConfigMap is mounted (`proxy.toml` in it).
+pub(super) const CONFIG_DIR: &str = "/etc/moat/config";
+/// Where the `<name>-moat-policy` ConfigMap is mounted (`policy.toml` in it).
+pub(super) const POLICY_DIR: &str = "/etc/moat/policy";
+
+/// Something moat owns in a pod spec list, found there by its `name`.
+pub(super) struct Owned {
+    pub(super) name: &'static str,
+    pub(super) value: V,
+}
+
+/// moat's init containers, in the order they must come first in
+/// `initContainers`: today the sidecar alone.
+pub(super) fn init_containers(o: &Options) -> Vec<Owned> {
+    vec![Owned {
+        name: SIDECAR_NAME,
+        value: sidecar(o),
+    }]
+}
+
 /// The sidecar container.
-pub(super) fn sidecar(o: &Options) -> V {
+fn sidecar(o: &Options) -> V {
     let probe = |path: &str, period: i64, failures: i64| {
         V::M(vec![
             (
@@ -40,7 +72,7 @@ pub(super) fn sidecar(o: &Options) -> V {
             V::L(vec![
                 s("proxy"),
                 s("--config"),
-                s("/etc/moat/config/proxy.toml"),
+                V::S(format!("{CONFIG_DIR}/proxy.toml")),
             ]),
         ),
         (
@@ -82,30 +114,47 @@ pub(super) fn sidecar(o: &Options) -> V {
         (
             "volumeMounts",
             V::L(vec![
-                mount("moat-token", "/var/run/secrets/moat"),
-                mount("moat-bundle", "/etc/moat/bundle"),
-                mount("moat-config", "/etc/moat/config"),
-                mount("moat-policy", "/etc/moat/policy"),
+                mount("moat-token", TOKEN_DIR),
+                mount("moat-bundle", BUNDLE_DIR),
+                mount("moat-config", CONFIG_DIR),
+                mount("moat-policy", POLICY_DIR),
             ]),
         ),
     ])
 }
 
-/// The sidecar's volumes, by name.
-pub(super) fn volumes(o: &Options, name: &str) -> Vec<(&'static str, V)> {
-    let config_map = |vol: &'static str, cm: String| {
-        (
-            vol,
-            V::M(vec![
-                ("name", s(vol)),
-                ("configMap", V::M(vec![("name", V::S(cm))])),
-            ]),
-        )
+/// The ConfigMap holding workload `name`'s proxy.toml.
+pub(super) fn proxy_config_map(name: &str) -> String {
+    format!("{name}-moat-proxy")
+}
+
+/// The ConfigMap holding workload `name`'s policy.toml.
+fn policy_config_map(name: &str) -> String {
+    format!("{name}-moat-policy")
+}
+
+/// The ConfigMaps the sidecar mounts for workload `name`: (ConfigMap, key read).
+pub(super) fn config_maps(o: &Options, name: &str) -> Vec<(String, &'static str)> {
+    vec![
+        (proxy_config_map(name), "proxy.toml"),
+        (policy_config_map(name), "policy.toml"),
+        (o.bundle_config_map.clone(), "bundle.pem"),
+    ]
+}
+
+/// The sidecar's volumes.
+pub(super) fn volumes(o: &Options, name: &str) -> Vec<Owned> {
+    let config_map = |vol: &'static str, cm: String| Owned {
+        name: vol,
+        value: V::M(vec![
+            ("name", s(vol)),
+            ("configMap", V::M(vec![("name", V::S(cm))])),
+        ]),
     };
     vec![
-        (
-            "moat-token",
-            V::M(vec![
+        Owned {
+            name: "moat-token",
+            value: V::M(vec![
                 ("name", s("moat-token")),
                 (
                     "projected",
@@ -123,9 +172,9 @@ pub(super) fn volumes(o: &Options, name: &str) -> Vec<(&'static str, V)> {
                     )]),
                 ),
             ]),
-        ),
+        },
         config_map("moat-bundle", o.bundle_config_map.clone()),
-        config_map("moat-config", format!("{name}-moat-proxy")),
-        config_map("moat-policy", format!("{name}-moat-policy")),
+        config_map("moat-config", proxy_config_map(name)),
+        config_map("moat-policy", policy_config_map(name)),
     ]
 }

@@ -29,6 +29,7 @@ pub(super) enum Node {
     },
     Alias {
         start: Pos,
+        end: usize,
     },
 }
 
@@ -46,7 +47,7 @@ impl Node {
             Node::Scalar { start, .. }
             | Node::Seq { start, .. }
             | Node::Map { start, .. }
-            | Node::Alias { start } => *start,
+            | Node::Alias { start, .. } => *start,
         }
     }
 
@@ -100,11 +101,61 @@ impl Node {
         }
     }
 
+    /// The byte offset just past this node's own text. For a block
+    /// collection that may include the line break and indentation of the
+    /// next token; for scalars, aliases and flow collections it is exact.
+    pub(super) fn end(&self) -> usize {
+        match self {
+            Node::Scalar { end, .. }
+            | Node::Seq { end, .. }
+            | Node::Map { end, .. }
+            | Node::Alias { end, .. } => *end,
+        }
+    }
+
+    /// True for a flow (`{...}` or `[...]`) collection.
+    pub(super) fn is_flow(&self) -> bool {
+        matches!(
+            self,
+            Node::Seq { flow: true, .. } | Node::Map { flow: true, .. }
+        )
+    }
+
+    /// True for a plain (unquoted) scalar.
+    pub(super) fn is_plain(&self) -> bool {
+        matches!(
+            self,
+            Node::Scalar {
+                style: ScalarStyle::Plain,
+                ..
+            }
+        )
+    }
+
+    /// True for a double-quoted scalar (how JSON writes every key).
+    pub(super) fn is_double_quoted(&self) -> bool {
+        matches!(
+            self,
+            Node::Scalar {
+                style: ScalarStyle::DoubleQuoted,
+                ..
+            }
+        )
+    }
+
+    /// The items of a sequence (empty for anything else).
+    pub(super) fn items(&self) -> &[Node] {
+        match self {
+            Node::Seq { items, .. } => items,
+            _ => &[],
+        }
+    }
+
     /// The byte offset where the source text of this node's last leaf ends.
     pub(super) fn leaf_end(&self) -> usize {
         match self {
             Node::Scalar { end, .. } => *end,
-            Node::Alias { start } => start.byte,
+            Node::Alias { end, .. } => *end,
             Node::Seq {
                 flow: true, end, ..
             }
@@ -163,6 +214,7 @@ pub(super) fn parse(input: &str) -> Result<Vec<Node>, InjectError> {
             },
             Event::Alias(_) => Node::Alias {
                 start: pos_of(&span.start),
+                end: byte_of(&span.end),
             },
             Event::SequenceStart(style, _, _) => {
                 let seq = Node::Seq {
@@ -217,6 +269,20 @@ pub(super) fn dash_col(text: &str, byte: usize) -> Option<usize> {
     Some(text[ls..dash].chars().count())
 }
 
+/// The byte offset of the start of the line that holds the `-` introducing
+/// the block sequence item whose content starts at `byte`, when that line
+/// holds nothing before the `-` (so whole lines can be removed or inserted
+/// before it). The `-` may be on an earlier line (`-` alone, then the item).
+pub(super) fn item_line_start(text: &str, byte: usize) -> Option<usize> {
+    let trimmed = text[..byte].trim_end_matches([' ', '\t', '\r', '\n']);
+    let dash = trimmed.strip_suffix('-')?.len();
+    let ls = text[..dash].rfind('\n').map_or(0, |i| i + 1);
+    text[ls..dash]
+        .chars()
+        .all(|c| c == ' ' || c == '\t')
+        .then_some(ls)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -226,5 +292,16 @@ mod tests {
         let text = "a:\n  - b: 1\nc:\n- d: 2\n";
         assert_eq!(dash_col(text, text.find("b:").unwrap()), Some(2));
         assert_eq!(dash_col(text, text.find("d:").unwrap()), Some(0));
+    }
+
+    #[test]
+    fn an_item_line_starts_at_its_dash_line() {
+        let text = "a:\n  - b: 1\n  -\n    c: 2\nd: [x]\n";
+        assert_eq!(item_line_start(text, text.find("b:").unwrap()), Some(3));
+        assert_eq!(
+            item_line_start(text, text.find("c:").unwrap()),
+            text.find("  -\n")
+        );
+        assert_eq!(item_line_start(text, text.find('x').unwrap()), None);
     }
 }
