@@ -39,10 +39,17 @@ fn https_path(c: &mut Criterion) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("ca");
     let td = TrustDomain::parse("example.org").unwrap();
-    let ca = CaDir::init(&dir, td, Duration::from_secs(86400)).unwrap();
+    let ca = rt
+        .block_on(CaDir::init(
+            &dir,
+            &moat_ca::store::config::Engine::Sqlite,
+            td,
+            Duration::from_secs(86400),
+        ))
+        .unwrap();
     let id = SpiffeId::parse("spiffe://example.org/vm/bench").unwrap();
     let token = ca.mint_join_token(&id, Duration::from_secs(600)).unwrap();
-    let bundle = ca.bundle().unwrap();
+    let bundle = rt.block_on(ca.bundle()).unwrap();
     let server = rt
         .block_on(CaServer::bind(
             ca,
