@@ -71,7 +71,8 @@ pub fn bin_dir() -> Option<PathBuf> {
         return Some(bin);
     }
     std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path).find(|d| d.join("initdb").exists() && d.join("postgres").exists())
+        std::env::split_paths(&path)
+            .find(|d| d.join("initdb").exists() && d.join("postgres").exists())
     })
 }
 
@@ -328,7 +329,12 @@ impl Database<'_> {
 
     /// `[store]` over the Unix socket, no TLS (loopback only).
     pub fn store_toml_socket(&self) -> String {
-        let sock = self.cluster.socket_dir.display().to_string().replace('/', "%2F");
+        let sock = self
+            .cluster
+            .socket_dir
+            .display()
+            .to_string()
+            .replace('/', "%2F");
         format!(
             "[store]\nurl = \"postgres://{USER}@{sock}:{}/{}?sslmode=disable\"\npool_size = 4\ntimeout = \"3s\"\n",
             self.cluster.port, self.name,
@@ -368,10 +374,18 @@ fn server_user() -> Option<(u32, u32)> {
     let find = |name: &str| {
         passwd.lines().find_map(|l| {
             let f: Vec<&str> = l.split(':').collect();
-            (f.len() > 3 && f[0] == name).then(|| (f[2].parse().ok()?, f[3].parse().ok()?))?
+            if f.len() > 3 && f[0] == name {
+                Some((f[2].parse().ok()?, f[3].parse().ok()?))
+            } else {
+                None
+            }
         })
     };
-    Some(find("postgres").or_else(|| find("nobody")).unwrap_or((65534, 65534)))
+    Some(
+        find("postgres")
+            .or_else(|| find("nobody"))
+            .unwrap_or((65534, 65534)),
+    )
 }
 
 fn run_as(cmd: &mut Command, owner: Option<(u32, u32)>) -> &mut Command {
@@ -433,7 +447,11 @@ fn spawn_tied_to_process(cmd: &mut Command) -> Child {
 /// Removes clusters left by test binaries that are gone (their servers
 /// died with them; see [`spawn_tied_to_process`]).
 fn remove_stale_clusters() {
-    for entry in std::fs::read_dir(std::env::temp_dir()).into_iter().flatten().flatten() {
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
         let name = entry.file_name();
         let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("moat-pg-")) else {
             continue;
