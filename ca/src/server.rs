@@ -194,7 +194,7 @@ impl ServerConfig {
                 _ => return Err("kubernetes needs exactly one of jwks_file or jwks_url".into()),
             }
         }
-        self.store.engine()?;
+        self.store.validate()?;
         Ok(())
     }
 }

@@ -90,6 +90,38 @@ pub const DEFAULT_POOL_SIZE: usize = 16;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl StoreConfig {
+    /// Checks what can be checked without reading the files the section
+    /// names (they may exist only where the CA runs, e.g. a Secret).
+    pub fn validate(&self) -> Result<(), String> {
+        match (&self.url, &self.url_file) {
+            (None, None) => self.engine().map(|_| ()),
+            (Some(_), Some(_)) => Err("store: set url or url_file, not both".into()),
+            (Some(url), None) => {
+                let parsed = PgUrl::parse(url.trim())?;
+                if !matches!(parsed.sslmode.as_str(), "verify-full" | "disable") {
+                    return Err(format!(
+                        "store.url {}: sslmode={} is not supported: use verify-full (TLS, server verified) or disable (loopback only)",
+                        parsed.display, parsed.sslmode
+                    ));
+                }
+                self.limits().map(|_| ())
+            }
+            (None, Some(_)) => self.limits().map(|_| ()),
+        }
+    }
+
+    fn limits(&self) -> Result<(usize, Duration), String> {
+        let pool_size = self.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
+        if pool_size == 0 || pool_size > 1000 {
+            return Err("store.pool_size must be between 1 and 1000".into());
+        }
+        let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
+        if timeout.is_zero() {
+            return Err("store.timeout must be more than 0".into());
+        }
+        Ok((pool_size, timeout))
+    }
+
     /// Checks the section and reads the files it names. Errors say which
     /// field is wrong; the caller adds the file name.
     pub fn engine(&self) -> Result<Engine, String> {
@@ -109,14 +141,7 @@ impl StoreConfig {
                 .to_owned(),
             (Some(_), Some(_)) => return Err("store: set url or url_file, not both".into()),
         };
-        let pool_size = self.pool_size.unwrap_or(DEFAULT_POOL_SIZE);
-        if pool_size == 0 || pool_size > 1000 {
-            return Err("store.pool_size must be between 1 and 1000".into());
-        }
-        let timeout = self.timeout.unwrap_or(DEFAULT_TIMEOUT);
-        if timeout.is_zero() {
-            return Err("store.timeout must be more than 0".into());
-        }
+        let (pool_size, timeout) = self.limits()?;
         let parsed = PgUrl::parse(&url)?;
         let mut config = parsed.config;
         if let Some(file) = &self.password_file {
