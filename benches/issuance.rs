@@ -192,8 +192,8 @@ fn renewals(c: &mut Criterion) {
         });
     }
 
-    let wants_pg = c_wants(&group_name("postgres_1_replica"))
-        || c_wants(&group_name("postgres_2_replicas"));
+    let wants_pg =
+        c_wants(&group_name("postgres_1_replica")) || c_wants(&group_name("postgres_2_replicas"));
     if wants_pg && pg_support::bin_dir().is_none() {
         eprintln!(
             "SKIPPED: renewals/postgres_*: PostgreSQL is not installed (apt-get install postgresql)"

@@ -922,3 +922,97 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
     assert!(stderr.contains("127.0.0.1"), "{stderr}");
     assert!(started.elapsed() < Duration::from_secs(15));
 }
+
+#[test]
+fn replicas_may_run_as_a_role_that_only_reads_and_writes_a_migrated_schema() {
+    let Some(pg) = pg_support::require() else {
+        return;
+    };
+    let db = pg.database("least_privilege");
+    let tmp = tempfile::tempdir().unwrap();
+    // The owner makes the CA (and runs the migrations).
+    let dir = pg_ca(&db, tmp.path(), "ca", &db.store_toml());
+    // The replicas' role: no CREATE anywhere, only the tables' rows.
+    let role = format!("rw_{}", db.name);
+    db.psql(&format!(
+        "CREATE ROLE {role} LOGIN PASSWORD 'rw-password'; \
+         REVOKE CREATE ON SCHEMA public FROM PUBLIC; \
+         GRANT USAGE ON SCHEMA public TO {role}; \
+         GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA public TO {role}; \
+         GRANT USAGE ON ALL SEQUENCES IN SCHEMA public TO {role};"
+    ));
+    let password = tmp.path().join("rw-password");
+    std::fs::write(&password, "rw-password\n").unwrap();
+    let store = db
+        .store_toml()
+        .replace(
+            &format!("postgres://{}@", pg_support::USER),
+            &format!("postgres://{role}@"),
+        )
+        .replace(
+            &pg.password_file.display().to_string(),
+            &password.display().to_string(),
+        );
+    std::fs::write(dir.join("ca.toml"), store).unwrap();
+    let ca = serve(&dir);
+    let rt = rt();
+    let svid = rt
+        .block_on(ca.client(&bundle_of(&dir)).issue(
+            &WorkloadKey::generate().unwrap(),
+            &token(&dir, "spiffe://example.org/vm/rw"),
+        ))
+        .unwrap();
+    assert_eq!(svid.id.as_str(), "spiffe://example.org/vm/rw");
+    // Rotation steps are row changes too.
+    moat_ok(&["ca", "rotate", "--dir", path_str(&dir), "--prepare"]);
+    // But it could not have made the schema itself.
+    let fresh = pg.database("least_privilege_empty");
+    fresh.psql(&format!(
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC; GRANT USAGE ON SCHEMA public TO {role};"
+    ));
+    let empty = tmp.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(
+        empty.join("ca.toml"),
+        fresh
+            .store_toml()
+            .replace(
+                &format!("postgres://{}@", pg_support::USER),
+                &format!("postgres://{role}@"),
+            )
+            .replace(
+                &pg.password_file.display().to_string(),
+                &password.display().to_string(),
+            ),
+    )
+    .unwrap();
+    let out = moat(&["ca", "migrate", "--dir", path_str(&empty)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("permission denied"), "{stderr}");
+}
+
+#[test]
+fn the_kubernetes_ca_runs_replicas_with_a_disruption_budget_and_the_database_from_a_secret() {
+    let yaml = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/kubernetes/ca.yaml"),
+    )
+    .unwrap();
+    let replicas: u32 = yaml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("replicas: "))
+        .and_then(|n| n.parse().ok())
+        .expect("replicas");
+    assert!(replicas >= 2, "{replicas} replicas");
+    assert!(yaml.contains("kind: PodDisruptionBudget"));
+    assert!(yaml.contains("minAvailable: 1"));
+    assert!(yaml.contains("maxUnavailable: 0"));
+    // The URL and password are files from a Secret, not text in the ConfigMap.
+    assert!(yaml.contains("url_file = \"/etc/moat/db/url\""));
+    assert!(yaml.contains("password_file = \"/etc/moat/db/password\""));
+    assert!(yaml.contains("secretName: moat-ca-db"));
+    assert!(!yaml.contains("postgres://moat@db") || yaml.contains("--from-literal=url="));
+    // No volume a second replica would fight over.
+    assert!(!yaml.contains("PersistentVolumeClaim"));
+    assert!(yaml.contains("path: /ready"));
+}

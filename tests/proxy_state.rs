@@ -119,7 +119,10 @@ fn vm_sidecar_with_a_state_dir_restarts_and_renews_without_a_new_token() {
     });
     let restored = identity(admin);
     assert_eq!(restored["id"], ID, "same SPIFFE ID");
-    assert_eq!(restored["serial"], first["serial"], "the stored certificate");
+    assert_eq!(
+        restored["serial"], first["serial"],
+        "the stored certificate"
+    );
     assert_eq!(http_get(admin, "/ready").0, 200, "ready at once");
     // It renews over mutual TLS with the stored certificate and key.
     again.wait_for_log(Duration::from_secs(30), |v| {
@@ -211,7 +214,10 @@ fn a_spent_token_without_state_is_reported_once_and_a_new_token_file_is_picked_u
     proxy.wait_for_log(Duration::from_secs(10), |v| {
         v["message"] == "certificate issued"
     });
-    eprintln!("new token used {:?} after it was written", written.elapsed());
+    eprintln!(
+        "new token used {:?} after it was written",
+        written.elapsed()
+    );
     assert_eq!(identity(admin)["id"], ID);
     assert_eq!(http_get(admin, "/ready").0, 200);
     assert_eq!(replays(&mut ca), 1.0);

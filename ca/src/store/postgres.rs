@@ -124,9 +124,19 @@ impl PgStore {
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(|e| self.err(e))?;
-        tx.batch_execute(migrations::SCHEMA_TABLE)
+        // Only DDL when there is something to change: a role that may read
+        // and write the tables but not create any (migrated by `moat ca
+        // migrate` as the owner) starts as long as the schema is current.
+        let exists: bool = tx
+            .query_one("SELECT to_regclass('moat_schema') IS NOT NULL", &[])
             .await
-            .map_err(|e| self.err(e))?;
+            .map_err(|e| self.err(e))?
+            .get(0);
+        if !exists {
+            tx.batch_execute(migrations::SCHEMA_TABLE)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
         let current = current_version(&tx).await.map_err(|e| self.err(e))?;
         if current > migrations::LATEST {
             return Err(StoreError::SchemaTooNew {
