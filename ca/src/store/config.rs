@@ -53,7 +53,7 @@ pub enum Engine {
     /// SQLite in `DIR/ca.db`.
     Sqlite,
     /// PostgreSQL.
-    Postgres(PgSettings),
+    Postgres(Box<PgSettings>),
 }
 
 /// Everything needed to open the PostgreSQL pool.
@@ -191,13 +191,13 @@ impl StoreConfig {
                 ));
             }
         };
-        Ok(Engine::Postgres(PgSettings {
+        Ok(Engine::Postgres(Box::new(PgSettings {
             config,
             tls,
             pool_size,
             timeout,
             display: parsed.display,
-        }))
+        })))
     }
 }
 
