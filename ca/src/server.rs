@@ -745,7 +745,9 @@ async fn refresh_loop(shared: Arc<Shared>) {
                 "the CA's state store is reachable again"
             );
         }
-        if versions == current.versions
+        // Only a rotation changes the signing state (revocations, later,
+        // will have their own reload).
+        if versions.roots == current.versions.roots
             && health.signing_problem().is_none()
             && SystemTime::now() < current.refresh_at
         {
