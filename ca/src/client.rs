@@ -682,6 +682,33 @@ mod tests {
     }
 
     #[test]
+    fn only_failures_to_answer_are_retried_elsewhere() {
+        let refused = |status: u16| ClientError::Refused {
+            status: StatusCode::from_u16(status).unwrap(),
+            error: String::new(),
+            reason: String::new(),
+        };
+        assert!(refused(503).is_retryable());
+        assert!(refused(500).is_retryable());
+        assert!(refused(429).is_retryable());
+        assert!(
+            !refused(401).is_retryable(),
+            "a spent token is spent everywhere"
+        );
+        assert!(!refused(403).is_retryable());
+        assert!(!refused(400).is_retryable());
+        assert!(ClientError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(
+            ClientError::Connect {
+                addr: "x".into(),
+                source: std::io::ErrorKind::ConnectionRefused.into()
+            }
+            .is_retryable()
+        );
+        assert!(!ClientError::BadUrl("x".into()).is_retryable());
+    }
+
+    #[test]
     fn key_debug_hides_the_key() {
         let key = WorkloadKey::generate().unwrap();
         let shown = format!("{key:?}");
