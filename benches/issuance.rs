@@ -14,8 +14,8 @@
 //! (default 64). Criterion reports them as elements/s (renewals/s).
 //!
 //! Where the time goes, per renewal: on the CA, the TLS 1.3 handshake (an
-//! ECDHE share, an ECDSA P-256 signature, and the client's chain and
-//! CertificateVerify checked: three ECDSA verifications), the CSR's
+//! ECDHE exchange, one ECDSA P-256 signature, and two verifications: the
+//! client certificate's signature and its CertificateVerify), the CSR's
 //! signature checked and the leaf signed (one more of each), then the
 //! record. The record is where the engines differ. SQLite holds one
 //! connection behind a lock and fsyncs its WAL at every commit
