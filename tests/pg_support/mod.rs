@@ -54,7 +54,8 @@ pub struct Database<'a> {
 /// The PostgreSQL binaries' directory, if any.
 pub fn bin_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("MOAT_PG_BIN") {
-        return Some(PathBuf::from(dir));
+        let dir = PathBuf::from(dir);
+        return dir.join("initdb").exists().then_some(dir);
     }
     let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
