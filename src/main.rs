@@ -168,12 +168,23 @@ enum PolicyCommand {
     Test { file: PathBuf, cases: PathBuf },
 }
 
+/// Where a CA's keys and its configuration are.
+#[derive(Args)]
+struct CaLocation {
+    /// The CA directory: keys, and the SQLite state unless ca.toml chooses PostgreSQL.
+    #[arg(long)]
+    dir: PathBuf,
+    /// The CA's configuration file ([store], [kubernetes], limits). Defaults to DIR/ca.toml if present.
+    #[arg(long)]
+    config: Option<PathBuf>,
+}
+
 #[derive(Subcommand)]
 enum CaCommand {
     /// Create a new CA (root key and certificate, token key, state store) in DIR.
     Init {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        at: CaLocation,
         /// The SPIFFE trust domain, e.g. example.org.
         #[arg(long)]
         trust_domain: String,
@@ -185,8 +196,8 @@ enum CaCommand {
     Serve(ServeArgs),
     /// Mint a single-use join token for a VM workload; prints the token alone.
     Token {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        at: CaLocation,
         /// The SPIFFE ID the token's holder will get.
         #[arg(long)]
         id: String,
@@ -196,8 +207,8 @@ enum CaCommand {
     },
     /// Issue a certificate and key directly to files (for file-managed identities).
     Issue {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        at: CaLocation,
         #[arg(long)]
         id: String,
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
@@ -211,18 +222,28 @@ enum CaCommand {
     },
     /// Print the trust bundle (PEM).
     Bundle {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        at: CaLocation,
     },
-    /// Rotate the CA: --prepare, then --activate, then --retire.
+    /// Rotate the CA: --prepare, then --activate, then --retire. Done once,
+    /// against the store; every replica follows within seconds.
     Rotate {
-        #[arg(long)]
-        dir: PathBuf,
+        #[command(flatten)]
+        at: CaLocation,
         #[command(flatten)]
         step: RotateStep,
         /// Lifetime of the new root (with --prepare).
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
+    },
+    /// Bring the store's schema up to date (and nothing else), or copy a
+    /// SQLite CA's whole state into the PostgreSQL store ca.toml names.
+    Migrate {
+        #[command(flatten)]
+        at: CaLocation,
+        /// A SQLite CA to copy from: its ca.db, or the directory holding it.
+        #[arg(long)]
+        from_sqlite: Option<PathBuf>,
     },
 }
 
@@ -242,8 +263,8 @@ struct RotateStep {
 
 #[derive(Args)]
 struct ServeArgs {
-    #[arg(long)]
-    dir: PathBuf,
+    #[command(flatten)]
+    at: CaLocation,
     /// Address to listen on (port 0 picks a free port; the bound address is logged).
     #[arg(long, default_value = "127.0.0.1:8443")]
     listen: std::net::SocketAddr,
@@ -253,9 +274,6 @@ struct ServeArgs {
     /// Plain-HTTP admin listener for /metrics, /live and /ready (loopback by default; "off" disables).
     #[arg(long, default_value = "127.0.0.1:9902")]
     admin: String,
-    /// Configuration file (Kubernetes token verification, limits). Defaults to DIR/ca.toml if present.
-    #[arg(long)]
-    config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -535,126 +553,229 @@ fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
 
 fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> {
     use moat_ca::store::CaDir;
-    match command {
-        CaCommand::Init {
-            dir,
-            trust_domain,
-            root_ttl,
-        } => {
-            let td = moat_ca::TrustDomain::parse(&trust_domain)
-                .map_err(|e| config_err(format!("--trust-domain {trust_domain:?}: {e}")))?;
-            let ca = CaDir::init(&dir, td, root_ttl).map_err(store_err)?;
-            println!(
-                "initialized CA for trust domain {} in {}",
-                ca.trust_domain(),
-                dir.display()
-            );
-            Ok(())
-        }
-        CaCommand::Serve(args) => {
-            let ca = CaDir::open(&args.dir).map_err(store_err)?;
-            let config_path = args.config.clone().or_else(|| {
-                let default = args.dir.join("ca.toml");
-                default.exists().then_some(default)
-            });
-            let config = match config_path {
-                Some(path) => moat_ca::server::ServerConfig::load(&path).map_err(config_err)?,
-                None => moat_ca::server::ServerConfig::default(),
-            };
-            let sans = if args.sans.is_empty() {
-                vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
-            } else {
-                args.sans
-            };
-            let runtime = runtime(None)?;
-            let _inside = runtime.enter();
-            let traces = moat_proxy::telemetry::TelemetryConfig {
-                service_name: Some(
-                    std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "moat-ca".into()),
-                ),
-                ..Default::default()
-            }
-            .resolve(|k| std::env::var(k).ok())
-            .map_err(config_err)?;
-            let tracing = traces
-                .as_ref()
-                .map(|t| moat_proxy::telemetry::Tracing::start(t, Default::default()))
-                .transpose()
-                .map_err(config_err)?;
-            init_logging(log_format, None, tracing.as_ref());
-            runtime.block_on(async move {
-                let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
-                    .await
-                    .map_err(|e| match e {
-                        moat_ca::server::ServerError::Config(_) => config_err(e),
-                        other => Failure::Other(other.into()),
-                    })?;
-                if args.admin != "off" {
-                    let addr = args
-                        .admin
-                        .parse()
-                        .map_err(|e| config_err(format!("--admin {:?}: {e}", args.admin)))?;
-                    server.bind_admin(addr).await?;
-                }
-                server.run(shutdown_signal()).await?;
-                Ok(())
-            })
-        }
-        CaCommand::Token { dir, id, ttl } => {
-            let ca = CaDir::open(&dir).map_err(store_err)?;
-            let id = moat_ca::SpiffeId::parse(&id)
-                .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
-            let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
-            println!("{token}");
-            Ok(())
-        }
-        CaCommand::Issue {
-            dir,
-            id,
-            ttl,
-            cert_out,
-            key_out,
-        } => {
-            let ca = CaDir::open(&dir).map_err(store_err)?;
-            let id = moat_ca::SpiffeId::parse(&id)
-                .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
-            let (svid, key) = ca
-                .issue_to_files(&id, ttl, &cert_out, &key_out)
-                .map_err(store_err)?;
-            println!(
-                "issued {} serial {} valid until {} ({} and {})",
-                svid.id,
-                svid.serial,
-                moat_ca::store::format_time(svid.not_after),
-                cert_out.display(),
-                key_out.display()
-            );
-            drop(key);
-            Ok(())
-        }
-        CaCommand::Bundle { dir } => {
-            let ca = CaDir::open(&dir).map_err(store_err)?;
-            print!("{}", ca.bundle().map_err(store_err)?.to_pem());
-            Ok(())
-        }
-        CaCommand::Rotate {
-            dir,
-            step,
-            root_ttl,
-        } => {
-            let ca = CaDir::open(&dir).map_err(store_err)?;
-            let msg = if step.prepare {
-                ca.rotate_prepare(root_ttl)
-            } else if step.activate {
-                ca.rotate_activate()
-            } else {
-                ca.rotate_retire()
-            }
-            .map_err(store_err)?;
-            println!("{msg}");
-            Ok(())
-        }
+    if let CaCommand::Serve(args) = command {
+        return run_ca_serve(args, log_format);
     }
+    // Every other command is one short conversation with the store.
+    let runtime = runtime(Some(1))?;
+    runtime.block_on(async move {
+        match command {
+            CaCommand::Serve(_) => unreachable!("handled above"),
+            CaCommand::Init {
+                at,
+                trust_domain,
+                root_ttl,
+            } => {
+                let td = moat_ca::TrustDomain::parse(&trust_domain)
+                    .map_err(|e| config_err(format!("--trust-domain {trust_domain:?}: {e}")))?;
+                let (_, engine) = ca_config(&at)?;
+                let ca = CaDir::init(&at.dir, &engine, td, root_ttl)
+                    .await
+                    .map_err(store_err)?;
+                println!(
+                    "initialized CA for trust domain {} in {} (state: {} {})",
+                    ca.trust_domain(),
+                    at.dir.display(),
+                    ca.store().engine(),
+                    ca.store().location()
+                );
+                Ok(())
+            }
+            CaCommand::Token { at, id, ttl } => {
+                let ca = open_ca(&at).await?;
+                let id = moat_ca::SpiffeId::parse(&id)
+                    .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+                let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
+                println!("{token}");
+                Ok(())
+            }
+            CaCommand::Issue {
+                at,
+                id,
+                ttl,
+                cert_out,
+                key_out,
+            } => {
+                let ca = open_ca(&at).await?;
+                let id = moat_ca::SpiffeId::parse(&id)
+                    .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+                let (svid, key) = ca
+                    .issue_to_files(&id, ttl, &cert_out, &key_out)
+                    .await
+                    .map_err(store_err)?;
+                println!(
+                    "issued {} serial {} valid until {} ({} and {})",
+                    svid.id,
+                    svid.serial,
+                    moat_ca::store::format_time(svid.not_after),
+                    cert_out.display(),
+                    key_out.display()
+                );
+                drop(key);
+                Ok(())
+            }
+            CaCommand::Bundle { at } => {
+                let ca = open_ca(&at).await?;
+                print!("{}", ca.bundle().await.map_err(store_err)?.to_pem());
+                Ok(())
+            }
+            CaCommand::Rotate { at, step, root_ttl } => {
+                let ca = open_ca(&at).await?;
+                let msg = if step.prepare {
+                    ca.rotate_prepare(root_ttl).await
+                } else if step.activate {
+                    ca.rotate_activate().await
+                } else {
+                    ca.rotate_retire().await
+                }
+                .map_err(store_err)?;
+                println!("{msg}");
+                Ok(())
+            }
+            CaCommand::Migrate { at, from_sqlite } => run_migrate(&at, from_sqlite).await,
+        }
+    })
+}
+
+fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
+    let (config, engine) = ca_config(&args.at)?;
+    let sans = if args.sans.is_empty() {
+        vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
+    } else {
+        args.sans
+    };
+    let runtime = runtime(None)?;
+    let _inside = runtime.enter();
+    let traces = moat_proxy::telemetry::TelemetryConfig {
+        service_name: Some(std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "moat-ca".into())),
+        ..Default::default()
+    }
+    .resolve(|k| std::env::var(k).ok())
+    .map_err(config_err)?;
+    let tracing = traces
+        .as_ref()
+        .map(|t| moat_proxy::telemetry::Tracing::start(t, Default::default()))
+        .transpose()
+        .map_err(config_err)?;
+    init_logging(log_format, None, tracing.as_ref());
+    runtime.block_on(async move {
+        let ca = moat_ca::store::CaDir::open(&args.at.dir, &engine)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(
+            engine = ca.store().engine(),
+            store = ca.store().location(),
+            "state store opened"
+        );
+        let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
+            .await
+            .map_err(|e| match e {
+                moat_ca::server::ServerError::Config(_) => config_err(e),
+                moat_ca::server::ServerError::Store(e) => store_err(e),
+                other => Failure::Other(other.into()),
+            })?;
+        if args.admin != "off" {
+            let addr = args
+                .admin
+                .parse()
+                .map_err(|e| config_err(format!("--admin {:?}: {e}", args.admin)))?;
+            server.bind_admin(addr).await?;
+        }
+        server.run(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// `moat ca migrate`: the schema alone, or a SQLite CA copied into PostgreSQL.
+async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<(), Failure> {
+    use moat_ca::store::config::Engine;
+    use moat_ca::store::{CaDir, SqliteStore, copy_sqlite_to_postgres};
+    let (_, engine) = ca_config(at)?;
+    let Some(source) = from_sqlite else {
+        let store = CaDir::open_store(&at.dir, &engine)
+            .await
+            .map_err(store_err)?;
+        let version = store.schema_version().await.map_err(store_err)?;
+        println!(
+            "{} {} is at schema version {version}",
+            store.engine(),
+            store.location()
+        );
+        return Ok(());
+    };
+    let Engine::Postgres(settings) = &engine else {
+        return Err(config_err(
+            "--from-sqlite copies into PostgreSQL: set [store] url in the configuration (--config)",
+        ));
+    };
+    let db = if source.is_dir() {
+        source.join("ca.db")
+    } else {
+        source.clone()
+    };
+    if !db.is_file() {
+        return Err(config_err(format!(
+            "--from-sqlite {}: no SQLite CA there (expected DIR/ca.db)",
+            source.display()
+        )));
+    }
+    let roots = db
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("roots");
+    let src = SqliteStore::open(&db, &roots).map_err(store_err)?;
+    let dst = moat_ca::store::PgStore::connect(settings)
+        .await
+        .map_err(store_err)?;
+    let report = copy_sqlite_to_postgres(&src, &dst)
+        .await
+        .map_err(store_err)?;
+    println!(
+        "copied the CA for {} from {} into {}: {} roots, {} issuances, {} spent join tokens, {} revocations. \
+         Serve it with this configuration; keep {} (its keys) as the CA directory of every replica.",
+        report.trust_domain,
+        db.display(),
+        settings.display,
+        report.roots,
+        report.issued,
+        report.used_tokens,
+        report.revocations,
+        at.dir.display()
+    );
+    Ok(())
+}
+
+/// The CA's configuration (DIR/ca.toml unless --config says otherwise) and
+/// the store engine it chooses.
+fn ca_config(
+    at: &CaLocation,
+) -> Result<
+    (
+        moat_ca::server::ServerConfig,
+        moat_ca::store::config::Engine,
+    ),
+    Failure,
+> {
+    let path = at.config.clone().or_else(|| {
+        let default = at.dir.join("ca.toml");
+        default.exists().then_some(default)
+    });
+    let config = match &path {
+        Some(path) => moat_ca::server::ServerConfig::load(path).map_err(config_err)?,
+        None => moat_ca::server::ServerConfig::default(),
+    };
+    let engine = config.store.engine().map_err(|e| match &path {
+        Some(p) => config_err(format!("{}: {e}", p.display())),
+        None => config_err(e),
+    })?;
+    Ok((config, engine))
+}
+
+async fn open_ca(at: &CaLocation) -> Result<moat_ca::store::CaDir, Failure> {
+    let (_, engine) = ca_config(at)?;
+    moat_ca::store::CaDir::open(&at.dir, &engine)
+        .await
+        .map_err(store_err)
 }
 
 /// Operator mistakes (bad flags, a missing or existing CA directory, a refused

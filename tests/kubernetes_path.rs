@@ -79,7 +79,8 @@ fn sh_blocks(markdown: &str) -> Vec<String> {
 }
 
 /// The text of `markdown` from the heading line `heading` to the next
-/// heading of the same or a higher level.
+/// heading of the same or a higher level (a `# comment` inside a fenced
+/// code block is not a heading).
 fn section<'a>(markdown: &'a str, heading: &str) -> &'a str {
     let level = heading.chars().take_while(|c| *c == '#').count();
     let start = markdown
@@ -89,16 +90,20 @@ fn section<'a>(markdown: &'a str, heading: &str) -> &'a str {
     let body = &markdown[start + heading.len()..];
     let end = body
         .lines()
-        .scan(0, |offset, line| {
+        .scan((0, false), |(offset, fenced), line| {
             let at = *offset;
             *offset += line.len() + 1;
-            Some((at, line))
+            if line.trim_start().starts_with("```") {
+                *fenced = !*fenced;
+            }
+            Some((at, line, *fenced))
         })
-        .find(|(_, line)| {
+        .find(|(_, line, fenced)| {
             let hashes = line.chars().take_while(|c| *c == '#').count();
-            hashes > 0 && hashes <= level && line[hashes..].starts_with(' ')
+            !fenced && hashes > 0 && hashes <= level && line[hashes..].starts_with(' ')
         })
-        .map_or(body.len(), |(at, _)| at);
+        .map(|(at, _, _)| at)
+        .unwrap_or(body.len());
     &markdown[start..start + heading.len() + end]
 }
 

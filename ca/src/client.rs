@@ -4,6 +4,8 @@
 //! Start with [`WorkloadKey::generate`] (the private key is made here and
 //! never leaves memory), then [`CaClient::issue`] with a credential, and
 //! [`CaClient::renew`] over mutual TLS at the time [`renew_at`] gives.
+//! [`CaEndpoints`] does the same against several CA replicas, trying them
+//! in turn.
 
 use std::fmt;
 use std::sync::Arc;
@@ -52,6 +54,24 @@ pub struct CaClient {
     bundle: TrustBundle,
     timeout: Duration,
     ttl: Option<Duration>,
+}
+
+/// Several CA replicas, tried in turn: the first URL whose backoff has run
+/// out is asked; one that fails to answer (unreachable, timed out, 5xx) is
+/// backed off and the next is asked at once, so a replica lost in the
+/// middle of a request costs one retry. A refusal (4xx) is the answer of
+/// every replica, and is returned as it is.
+#[derive(Clone)]
+pub struct CaEndpoints {
+    endpoints: Vec<Endpoint>,
+}
+
+#[derive(Clone)]
+struct Endpoint {
+    client: CaClient,
+    url: String,
+    backoff: Backoff,
+    retry_after: Option<std::time::Instant>,
 }
 
 /// Exponential backoff with full jitter, for retrying an unreachable CA.
@@ -370,6 +390,155 @@ impl CaClient {
     }
 }
 
+impl ClientError {
+    /// True when another try (or another replica) may answer differently:
+    /// the CA could not be reached or did not answer properly, as opposed
+    /// to refusing the request.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ClientError::Connect { .. }
+            | ClientError::Tls(_)
+            | ClientError::Http(_)
+            | ClientError::Timeout(_)
+            | ClientError::BadResponse(_) => true,
+            ClientError::Refused { status, .. } => {
+                status.is_server_error()
+                    || *status == StatusCode::REQUEST_TIMEOUT
+                    || *status == StatusCode::TOO_MANY_REQUESTS
+            }
+            _ => false,
+        }
+    }
+}
+
+impl CaEndpoints {
+    /// Clients for `urls`, in order of preference, trusting `bundle`. Each
+    /// URL's backoff after a failure starts at `retry_base` and doubles up
+    /// to `retry_max`.
+    pub fn new(
+        urls: &[String],
+        bundle: TrustBundle,
+        retry_base: Duration,
+        retry_max: Duration,
+    ) -> Result<Self, ClientError> {
+        if urls.is_empty() {
+            return Err(ClientError::BadUrl(String::new()));
+        }
+        let endpoints = urls
+            .iter()
+            .map(|url| {
+                Ok(Endpoint {
+                    client: CaClient::new(url, bundle.clone())?,
+                    url: url.clone(),
+                    backoff: Backoff::new(retry_base, retry_max),
+                    retry_after: None,
+                })
+            })
+            .collect::<Result<_, ClientError>>()?;
+        Ok(Self { endpoints })
+    }
+
+    /// Sets each request's time limit.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        for e in &mut self.endpoints {
+            e.client = e.client.clone().with_timeout(timeout);
+        }
+        self
+    }
+
+    /// Sets the lifetime asked for.
+    pub fn with_ttl(mut self, ttl: Option<Duration>) -> Self {
+        for e in &mut self.endpoints {
+            e.client = e.client.clone().with_ttl(ttl);
+        }
+        self
+    }
+
+    /// Replaces the bundle used to verify the CA.
+    pub fn set_bundle(&mut self, bundle: TrustBundle) {
+        for e in &mut self.endpoints {
+            e.client.set_bundle(bundle.clone());
+        }
+    }
+
+    /// The bundle these clients trust.
+    pub fn bundle(&self) -> &TrustBundle {
+        self.endpoints[0].client.bundle()
+    }
+
+    /// Fetches the trust bundle from the first replica that answers.
+    pub async fn fetch_bundle(&mut self) -> Result<TrustBundle, ClientError> {
+        self.each(|c| async move { c.fetch_bundle().await }).await
+    }
+
+    /// [`CaClient::issue`] at the first replica that answers.
+    pub async fn issue(
+        &mut self,
+        key: &WorkloadKey,
+        credential: &str,
+    ) -> Result<Svid, ClientError> {
+        self.each(|c| async move { c.issue(key, credential).await })
+            .await
+    }
+
+    /// [`CaClient::renew`] at the first replica that answers.
+    pub async fn renew(
+        &mut self,
+        current: &Svid,
+        current_key: &WorkloadKey,
+        new_key: &WorkloadKey,
+    ) -> Result<Svid, ClientError> {
+        self.each(|c| async move { c.renew(current, current_key, new_key).await })
+            .await
+    }
+
+    async fn each<T, F, Fut>(&mut self, mut op: F) -> Result<T, ClientError>
+    where
+        F: FnMut(CaClient) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let now = std::time::Instant::now();
+        // Replicas out of backoff first, in the configured order; then the
+        // rest, soonest out of backoff first.
+        let mut order: Vec<usize> = (0..self.endpoints.len()).collect();
+        order.sort_by_key(|&i| match self.endpoints[i].retry_after {
+            Some(at) if at > now => (1, Some(at), i),
+            _ => (0, None, i),
+        });
+        let mut last = None;
+        for (n, i) in order.iter().copied().enumerate() {
+            let client = self.endpoints[i].client.clone();
+            match op(client).await {
+                Ok(v) => {
+                    let e = &mut self.endpoints[i];
+                    e.backoff.reset();
+                    e.retry_after = None;
+                    return Ok(v);
+                }
+                Err(err) if err.is_retryable() => {
+                    let e = &mut self.endpoints[i];
+                    let wait = e.backoff.next_delay();
+                    e.retry_after = Some(std::time::Instant::now() + wait);
+                    if n + 1 < order.len() {
+                        tracing::warn!(ca_url = %e.url, error = %err, backoff = ?wait, "CA replica failed; trying the next");
+                    }
+                    last = Some(err);
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Err(last.expect("at least one endpoint"))
+    }
+}
+
+impl fmt::Debug for CaEndpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list()
+            .entries(self.endpoints.iter().map(|e| &e.url))
+            .finish()
+    }
+}
+
 impl fmt::Debug for CaClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CaClient").field("url", &self.base).finish()
@@ -513,6 +682,33 @@ mod tests {
         assert!(delays.iter().all(|d| *d <= Duration::from_secs(5)));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+
+    #[test]
+    fn only_failures_to_answer_are_retried_elsewhere() {
+        let refused = |status: u16| ClientError::Refused {
+            status: StatusCode::from_u16(status).unwrap(),
+            error: String::new(),
+            reason: String::new(),
+        };
+        assert!(refused(503).is_retryable());
+        assert!(refused(500).is_retryable());
+        assert!(refused(429).is_retryable());
+        assert!(
+            !refused(401).is_retryable(),
+            "a spent token is spent everywhere"
+        );
+        assert!(!refused(403).is_retryable());
+        assert!(!refused(400).is_retryable());
+        assert!(ClientError::Timeout(Duration::from_secs(1)).is_retryable());
+        assert!(
+            ClientError::Connect {
+                addr: "x".into(),
+                source: std::io::ErrorKind::ConnectionRefused.into()
+            }
+            .is_retryable()
+        );
+        assert!(!ClientError::BadUrl("x".into()).is_retryable());
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! - [`identity`]: [`SpiffeId`], [`TrustDomain`], [`TrustBundle`]: pure types.
 //! - [`issuer`]: turns a verified identity and a CSR into a certificate.
 //! - [`token`]: join tokens and Kubernetes service-account tokens.
-//! - [`store`]: the CA directory: roots on disk, issuance and replay records in SQLite.
+//! - [`store`]: the CA directory (keys) and its state store: SQLite, or
+//!   PostgreSQL shared by several `moat ca serve` replicas.
 //! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`).
 //! - [`metrics`]: Prometheus metrics and the admin listener.
 //! - [`listen`]: the accept loop every listener runs (the proxy's too).

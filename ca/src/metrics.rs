@@ -7,9 +7,16 @@
 //! | `moat_ca_token_replays_total` | | join tokens refused because they were already used |
 //! | `moat_ca_bundle_roots` | | roots in the trust bundle |
 //! | `moat_ca_root_expiry_timestamp_seconds` | `root`, `state` | when each root expires |
+//! | `moat_ca_store_up` | | 1 while the state store answers, 0 while it does not |
+//!
+//! `/ready` answers 200 while the store answers and the active root's key
+//! is at hand, else 503 with the reason; `/live` answers 200 while the
+//! process serves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+
+use arc_swap::ArcSwapOption;
 
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
@@ -34,6 +41,15 @@ pub struct CaMetrics {
     replays: Counter,
     bundle_roots: Gauge,
     root_expiry: Family<RootLabels, Gauge>,
+    health: Health,
+}
+
+/// What `/ready` reports: problems that stop issuance, each `None` when
+/// fine. Set by the server's store poll and by failed issuances.
+pub struct Health {
+    store: ArcSwapOption<String>,
+    signing: ArcSwapOption<String>,
+    store_up: Gauge,
 }
 
 impl CaMetrics {
@@ -44,6 +60,8 @@ impl CaMetrics {
         let replays = Counter::default();
         let bundle_roots = Gauge::default();
         let root_expiry = Family::<RootLabels, Gauge>::default();
+        let store_up = Gauge::default();
+        store_up.set(1);
         registry.register(
             "moat_ca_issuances",
             "Certificates issued (result=ok) or refused (result=reason), by credential kind",
@@ -64,12 +82,22 @@ impl CaMetrics {
             "When each root certificate expires (Unix time)",
             root_expiry.clone(),
         );
+        registry.register(
+            "moat_ca_store_up",
+            "1 while the CA's state store answers, 0 while it does not",
+            store_up.clone(),
+        );
         Self {
             registry,
             issuances,
             replays,
             bundle_roots,
             root_expiry,
+            health: Health {
+                store: ArcSwapOption::empty(),
+                signing: ArcSwapOption::empty(),
+                store_up,
+            },
         }
     }
 
@@ -99,6 +127,20 @@ impl CaMetrics {
         self.bundle_roots.set(in_bundle);
     }
 
+    /// The readiness state.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Marks the store as answering (`true`) or not, with the reason.
+    pub fn set_store_up(&self, up: bool, reason: Option<&str>) {
+        self.health.set_store(if up {
+            None
+        } else {
+            reason.or(Some("store failed"))
+        });
+    }
+
     /// The metrics in the OpenMetrics text format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -117,6 +159,41 @@ impl std::fmt::Debug for CaMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("CaMetrics")
     }
+}
+
+impl Health {
+    /// Records the store's state; true when it changed (to log transitions once).
+    pub fn set_store(&self, problem: Option<&str>) -> bool {
+        self.store_up.set(i64::from(problem.is_none()));
+        swap(&self.store, problem.map(str::to_owned))
+    }
+
+    /// Records whether the CA can sign; true when it changed.
+    pub fn set_signing(&self, problem: Option<String>) -> bool {
+        swap(&self.signing, problem)
+    }
+
+    /// Why the CA cannot sign now, if it cannot.
+    pub fn signing_problem(&self) -> Option<Arc<String>> {
+        self.signing.load_full()
+    }
+
+    /// Every current problem; empty when ready.
+    pub fn problems(&self) -> Vec<String> {
+        [self.store.load_full(), self.signing.load_full()]
+            .into_iter()
+            .flatten()
+            .map(|p| p.to_string())
+            .collect()
+    }
+}
+
+fn swap(slot: &ArcSwapOption<String>, next: Option<String>) -> bool {
+    let changed = slot.load().as_deref() != next.as_ref();
+    if changed {
+        slot.store(next.map(Arc::new));
+    }
+    changed
 }
 
 /// Serves `/metrics`, `/live` and `/ready` in plain HTTP on `listener`
@@ -143,9 +220,22 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) {
                                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                     Bytes::from(metrics.encode()),
                                 ),
-                                "/live" | "/ready" => {
+                                "/live" => {
                                     (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
                                 }
+                                "/ready" => match metrics.health().problems() {
+                                    problems if problems.is_empty() => {
+                                        (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+                                    }
+                                    problems => (
+                                        StatusCode::SERVICE_UNAVAILABLE,
+                                        "text/plain",
+                                        Bytes::from(format!(
+                                            "not ready: {}\n",
+                                            problems.join("; ")
+                                        )),
+                                    ),
+                                },
                                 _ => (
                                     StatusCode::NOT_FOUND,
                                     "text/plain",

@@ -37,11 +37,11 @@ use tokio::net::TcpListener;
 use tracing::Instrument;
 use x509_parser::prelude::FromDer;
 
-use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
+use crate::identity::{SpiffeId, TrustDomain};
 use crate::issuer::{CsrError, IssueError, RootCa, ValidatedCsr};
 use crate::listen::Acceptor;
 use crate::metrics::CaMetrics;
-use crate::store::{CaDir, RootState, StoreError};
+use crate::store::{CaDir, RootState, SigningState, StateVersions, StoreError};
 use crate::token::{
     CredentialKind, JwksSource, KubernetesVerifier, MAX_TOKEN_LEN, TokenError, VerifiedCredential,
 };
@@ -58,6 +58,9 @@ pub struct ServerConfig {
     /// Timeouts and size limits.
     #[serde(default)]
     pub limits: Limits,
+    /// Where the state lives: SQLite in the CA directory (absent) or PostgreSQL.
+    #[serde(default)]
+    pub store: crate::store::config::StoreConfig,
 }
 
 /// `[issuance]`: certificate lifetimes.
@@ -151,6 +154,8 @@ struct Shared {
 
 /// The signing state, rebuilt when the roots change.
 struct Snapshot {
+    /// The store's version counters this state was built from.
+    versions: StateVersions,
     roots: Vec<(i64, RootState)>,
     signer: RootCa,
     bundle_pem: Bytes,
@@ -199,6 +204,7 @@ impl ServerConfig {
                 _ => return Err("kubernetes needs exactly one of jwks_file or jwks_url".into()),
             }
         }
+        self.store.validate()?;
         Ok(())
     }
 }
@@ -253,7 +259,9 @@ impl CaServer {
                 Some(verifier)
             }
         };
-        let snapshot = build_snapshot(&ca, &sans)?;
+        let state = ca.signing_state().await?;
+        let records = state.roots.clone();
+        let snapshot = build_snapshot(state, &sans)?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(|source| ServerError::Bind {
@@ -272,7 +280,7 @@ impl CaServer {
             "listening"
         );
         let metrics = Arc::new(CaMetrics::new());
-        metrics.roots(&ca.roots()?);
+        metrics.roots(&records);
         Ok(Self {
             listener,
             admin: None,
@@ -565,6 +573,13 @@ async fn sign_and_record(
             _ => "csr_malformed",
         },
     })?;
+    if let Some(problem) = shared.metrics.health().signing_problem() {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: problem.to_string(),
+            reason: "signing_key_missing",
+        });
+    }
     let snapshot = shared.snapshot.load_full();
     let issued = snapshot
         .signer
@@ -582,41 +597,36 @@ async fn sign_and_record(
             },
             other => internal(other),
         })?;
-    // SQLite may fsync: keep it off the async worker threads.
-    let record = {
-        let shared = shared.clone();
-        let issued = issued.clone();
-        let credential = credential.clone();
-        tokio::task::spawn_blocking(move || {
-            shared.ca.record_issuance(
-                &issued,
-                &credential.id,
-                credential.kind,
-                credential.single_use.as_ref(),
-            )
-        })
-        .await
-        .map_err(internal)?
-    };
+    // Nothing leaves the CA unrecorded: a store that cannot record answers
+    // 503, and a token whose use was not recorded is not spent.
+    let record = shared
+        .ca
+        .record_issuance(
+            &issued,
+            &credential.id,
+            credential.kind,
+            credential.single_use.as_ref(),
+        )
+        .await;
     if let Err(e) = record {
         return Err(match e {
             StoreError::Token(TokenError::Replayed) => {
                 tracing::warn!(spiffe_id = %credential.id, reason = "token_replayed", "issuance refused");
                 token_refusal(TokenError::Replayed)
             }
-            e if e.is_disk_full() => {
-                tracing::error!(error = %e, "issuance refused: the CA's disk is full");
-                Refusal {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    error: "the CA cannot record issuance right now".into(),
-                    reason: "store_unavailable",
-                }
-            }
             e => {
-                tracing::error!(error = %e, "issuance refused: the CA store failed");
+                let error = if e.is_disk_full() {
+                    "the CA cannot record issuance: its disk is full"
+                } else if e.is_unavailable() {
+                    "the CA cannot record issuance: its state database is unreachable; retry later"
+                } else {
+                    "the CA cannot record issuance right now"
+                };
+                tracing::error!(error = %e, "issuance refused: {error}");
+                shared.metrics.set_store_up(false, Some(error));
                 Refusal {
                     status: StatusCode::SERVICE_UNAVAILABLE,
-                    error: "the CA cannot record issuance right now".into(),
+                    error: error.into(),
                     reason: "store_unavailable",
                 }
             }
@@ -756,34 +766,62 @@ fn refusal_response(r: Refusal) -> Response<Full<Bytes>> {
         .expect("static response")
 }
 
-/// Re-reads the roots every second; rebuilds the signing state when a
-/// rotation step changed them or the serving certificate is half-way through
-/// its life.
+/// Polls the store's version counters every second (one small query);
+/// rebuilds the signing state when a rotation step, here or on another
+/// replica, moved them, or when the serving certificate is half-way
+/// through its life. The poll is also the store's health check behind
+/// `/ready`: a store that does not answer makes the CA unready until it
+/// does again, with nothing to restart.
 async fn refresh_loop(shared: Arc<Shared>) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let health = shared.metrics.health();
     loop {
         tick.tick().await;
         let current = shared.snapshot.load();
-        let records = match shared.ca.roots() {
-            Ok(r) => r,
+        let versions = match shared.ca.versions().await {
+            Ok(v) => v,
             Err(e) => {
-                tracing::warn!(error = %e, "cannot read the roots; keeping the current state");
+                if health.set_store(Some("the CA's state database is unreachable")) {
+                    tracing::error!(error = %e, store = shared.ca.store().location(), "the CA's state store is unreachable: issuance answers 503 and /ready is false until it is back");
+                }
                 continue;
             }
         };
-        let unchanged = records
-            .iter()
-            .map(|r| (r.id, r.state))
-            .eq(current.roots.iter().copied());
-        if unchanged && SystemTime::now() < current.refresh_at {
+        if health.set_store(None) {
+            tracing::info!(
+                store = shared.ca.store().location(),
+                "the CA's state store is reachable again"
+            );
+        }
+        // Only a rotation changes the signing state (revocations, later,
+        // will have their own reload).
+        if versions.roots == current.versions.roots
+            && health.signing_problem().is_none()
+            && SystemTime::now() < current.refresh_at
+        {
             continue;
         }
-        match build_snapshot(&shared.ca, &shared.sans) {
-            Ok(next) => {
-                tracing::info!(roots = ?next.roots, "signing state reloaded");
+        let next = match shared.ca.signing_state().await {
+            Ok(state) => {
+                let records = state.roots.clone();
+                build_snapshot(state, &shared.sans).map(|s| (s, records))
+            }
+            Err(e) => Err(e.into()),
+        };
+        match next {
+            Ok((next, records)) => {
+                tracing::info!(roots = ?next.roots, version = next.versions.roots, "signing state reloaded");
                 shared.metrics.roots(&records);
                 shared.snapshot.store(Arc::new(next));
+                if health.set_signing(None) {
+                    tracing::info!("signing again");
+                }
+            }
+            Err(ServerError::Store(e @ StoreError::KeyMissing { .. })) => {
+                if health.set_signing(Some(e.to_string())) {
+                    tracing::error!(error = %e, "cannot sign with the active root: issuance answers 503 and /ready is false until the key is installed");
+                }
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot reload the signing state; keeping the current one")
@@ -792,10 +830,14 @@ async fn refresh_loop(shared: Arc<Shared>) {
     }
 }
 
-fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> {
-    let roots: Vec<(i64, RootState)> = ca.roots()?.into_iter().map(|r| (r.id, r.state)).collect();
-    let signer = ca.active_root()?;
-    let bundle: TrustBundle = ca.bundle()?;
+fn build_snapshot(state: SigningState, sans: &[String]) -> Result<Snapshot, ServerError> {
+    let SigningState {
+        versions,
+        roots,
+        signer,
+        bundle,
+    } = state;
+    let roots: Vec<(i64, RootState)> = roots.into_iter().map(|r| (r.id, r.state)).collect();
     let server_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     let ttl = Duration::from_secs(24 * 3600);
@@ -827,6 +869,7 @@ fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> 
         .duration_since(SystemTime::now())
         .unwrap_or_default();
     Ok(Snapshot {
+        versions,
         roots,
         signer,
         bundle_pem: Bytes::from(bundle.to_pem()),

@@ -71,8 +71,9 @@ pub enum Identity {
 /// `[identity]` with `ca_url`.
 #[derive(Debug, Clone)]
 pub struct CaIdentity {
-    /// `https://host:port` of the CA.
-    pub ca_url: String,
+    /// `https://host:port` of the CA: one URL (a Kubernetes Service in
+    /// front of the replicas), or several replicas tried in turn.
+    pub ca_urls: Vec<String>,
     /// The trust bundle file: verifies the CA (and peers, until the CA's
     /// own bundle has been fetched).
     pub bundle: PathBuf,
@@ -86,6 +87,9 @@ pub struct CaIdentity {
     pub retry_base: Duration,
     /// The longest wait between retries.
     pub retry_max: Duration,
+    /// Where the current certificate and key are kept across restarts
+    /// (0600, written atomically); `None` keeps the key in memory only.
+    pub state_dir: Option<PathBuf>,
 }
 
 /// `[identity]` with `cert` and `key`.
@@ -317,7 +321,8 @@ pub enum ConfigError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawIdentity {
-    ca_url: Option<String>,
+    ca_url: Option<CaUrls>,
+    state_dir: Option<PathBuf>,
     bundle: PathBuf,
     token_file: Option<PathBuf>,
     cert: Option<PathBuf>,
@@ -551,6 +556,9 @@ impl Config {
             Identity::Ca(ca) => {
                 fix(&mut ca.bundle);
                 fix(&mut ca.token_file);
+                if let Some(dir) = &mut ca.state_dir {
+                    fix(dir);
+                }
             }
             Identity::Files(f) => {
                 fix(&mut f.cert);
@@ -637,11 +645,23 @@ impl<'de> Deserialize<'de> for Identity {
         use serde::de::Error;
         let raw = RawIdentity::deserialize(d)?;
         match (raw.ca_url, raw.token_file, raw.cert, raw.key) {
-            (Some(ca_url), Some(token_file), None, None) => {
-                if !ca_url.starts_with("https://") {
-                    return Err(D::Error::custom(format!(
-                        "identity.ca_url {ca_url:?} must be an https:// URL"
-                    )));
+            (Some(CaUrls(ca_urls)), Some(token_file), None, None) => {
+                if ca_urls.is_empty() {
+                    return Err(D::Error::custom(
+                        "identity.ca_url: name at least one CA URL",
+                    ));
+                }
+                for (i, url) in ca_urls.iter().enumerate() {
+                    if !url.starts_with("https://") {
+                        return Err(D::Error::custom(format!(
+                            "identity.ca_url {url:?} must be an https:// URL"
+                        )));
+                    }
+                    if ca_urls[..i].contains(url) {
+                        return Err(D::Error::custom(format!(
+                            "identity.ca_url {url:?} is listed twice"
+                        )));
+                    }
                 }
                 let retry_base = raw.retry_base.unwrap_or(Duration::from_secs(1));
                 let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(60));
@@ -652,22 +672,24 @@ impl<'de> Deserialize<'de> for Identity {
                     ));
                 }
                 Ok(Identity::Ca(CaIdentity {
-                    ca_url,
+                    ca_urls,
                     bundle: raw.bundle,
                     token_file,
                     bundle_refresh,
                     ttl: raw.ttl,
                     retry_base,
                     retry_max,
+                    state_dir: raw.state_dir,
                 }))
             }
             (None, None, Some(cert), Some(key)) => {
                 if raw.bundle_refresh.is_some()
                     || raw.retry_base.is_some()
                     || raw.retry_max.is_some()
+                    || raw.state_dir.is_some()
                 {
                     return Err(D::Error::custom(
-                        "identity: bundle_refresh, retry_base and retry_max apply to ca_url only",
+                        "identity: bundle_refresh, retry_base, retry_max and state_dir apply to ca_url only",
                     ));
                 }
                 Ok(Identity::Files(FileIdentity {
@@ -741,6 +763,35 @@ impl<'de> Deserialize<'de> for UpgradeProtocol {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let s = String::deserialize(d)?;
         UpgradeProtocol::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// `ca_url`: one URL, or a list of them.
+struct CaUrls(Vec<String>);
+
+impl<'de> Deserialize<'de> for CaUrls {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = CaUrls;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an https:// URL, or a list of them")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CaUrls, E> {
+                Ok(CaUrls(vec![v.to_owned()]))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<CaUrls, A::Error> {
+                let mut urls = Vec::new();
+                while let Some(url) = seq.next_element::<String>()? {
+                    urls.push(url);
+                }
+                Ok(CaUrls(urls))
+            }
+        }
+        d.deserialize_any(Visitor)
     }
 }
 

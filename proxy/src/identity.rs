@@ -2,20 +2,29 @@
 //!
 //! - From the CA ([`CaSource`]): the key is made in memory, the first
 //!   certificate is got with the token, renewed over mutual TLS at about half
-//!   its lifetime (with jitter, and backoff while the CA is down), and the
-//!   trust bundle is fetched again periodically so a CA rotation reaches the
-//!   proxy without a restart.
+//!   its lifetime (with jitter, and backoff while the CA is down; several CA
+//!   URLs are tried in turn), and the trust bundle is fetched again
+//!   periodically so a CA rotation reaches the proxy without a restart. With
+//!   `state_dir` the certificate and key also go to disk ([`state`]), and a
+//!   restart renews from them. A token the CA refused for good is not sent
+//!   again until the file changes ([`token`]).
 //! - From files ([`FileSource`]): cert, key and bundle are read at start and
 //!   again when they change (or on SIGHUP); a broken set is logged and the
 //!   old credentials stay.
+
+pub mod state;
+pub mod token;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use moat_ca::TrustBundle;
-use moat_ca::client::{Backoff, CaClient, Svid, WorkloadKey, renew_at};
+use moat_ca::client::{Backoff, CaEndpoints, ClientError, Svid, WorkloadKey, renew_at};
 use tokio::sync::{Notify, mpsc};
+
+use self::state::StateDir;
+use self::token::TokenFile;
 
 use crate::config::{CaIdentity, FileIdentity};
 use crate::telemetry::ProxyMetrics;
@@ -56,9 +65,10 @@ pub enum IdentityError {
 pub struct CaSource {
     config: CaIdentity,
     store: Arc<CredentialStore>,
-    client: CaClient,
+    client: CaEndpoints,
     refresh_now: Arc<Notify>,
     metrics: ProxyMetrics,
+    state: Option<StateDir>,
 }
 
 /// Credentials from files managed elsewhere.
@@ -96,18 +106,32 @@ fn log_credentials(event: &'static str, svid: &Svid) {
 }
 
 impl CaSource {
-    /// Checks the bundle file and builds the CA client (before any port is bound).
+    /// Checks the bundle file and the state directory and builds the CA
+    /// clients (before any port is bound).
     pub fn new(config: CaIdentity, store: Arc<CredentialStore>) -> Result<Self, IdentityError> {
-        let bundle = read_bundle(&config.bundle)?;
-        let client = CaClient::new(&config.ca_url, bundle)?
-            .with_timeout(Duration::from_secs(10))
-            .with_ttl(config.ttl);
+        let configured = read_bundle(&config.bundle)?;
+        let state = config
+            .state_dir
+            .as_deref()
+            .map(StateDir::open)
+            .transpose()?;
+        // A bundle saved by an earlier run followed the CA's rotations since
+        // the configured file was installed.
+        let bundle = state
+            .as_ref()
+            .and_then(StateDir::load_bundle)
+            .unwrap_or(configured);
+        let client =
+            CaEndpoints::new(&config.ca_urls, bundle, config.retry_base, config.retry_max)?
+                .with_timeout(Duration::from_secs(10))
+                .with_ttl(config.ttl);
         Ok(Self {
             config,
             store,
             client,
             refresh_now: Arc::new(Notify::new()),
             metrics: ProxyMetrics::default(),
+            state,
         })
     }
 
@@ -122,90 +146,170 @@ impl CaSource {
         self.refresh_now.clone()
     }
 
-    /// Runs forever: first certificate, then renewals and bundle refreshes.
+    /// Runs forever: a first certificate (from the state directory, else
+    /// with the token), then renewals and bundle refreshes; a certificate
+    /// that expires before it could be renewed sends it back to the token.
     pub async fn run(mut self) {
-        let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
+        let mut token = TokenFile::new(&self.config.token_file);
         let mut bundle = self.client.bundle().clone();
-        // The first certificate: retry until the CA answers.
-        let (mut svid, mut key) = loop {
-            if let Ok(fresh) = self.client.fetch_bundle().await {
-                bundle = fresh;
-                self.client.set_bundle(bundle.clone());
+        let mut restored = self.restore(&bundle);
+        loop {
+            let (mut svid, mut key) = match restored.take() {
+                Some(pair) => pair,
+                None => self.acquire(&mut token, &mut bundle).await,
+            };
+            let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
+            let mut next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
+            let mut renew_at_time = next_renewal(&svid);
+            loop {
+                let until_renew = renew_at_time
+                    .duration_since(SystemTime::now())
+                    .unwrap_or_default();
+                tokio::select! {
+                    _ = tokio::time::sleep(until_renew) => {
+                        if svid.not_after <= SystemTime::now() {
+                            // Too late for mutual TLS with the old certificate:
+                            // start over with the token (Kubernetes tokens are
+                            // reusable; a spent join token is reported once).
+                            tracing::warn!("the certificate has expired; asking for a new one with the token");
+                            break;
+                        }
+                        match self.renew(&svid, &key, &bundle).await {
+                            Ok((s, k)) => {
+                                self.metrics.renewals.get_or_create(&[("result", "ok")]).inc();
+                                svid = s;
+                                key = k;
+                                backoff.reset();
+                                renew_at_time = next_renewal(&svid);
+                            }
+                            Err(e) => {
+                                self.metrics.renewals.get_or_create(&[("result", "failed")]).inc();
+                                let wait = backoff.next_delay();
+                                tracing::warn!(error = %e, retry_in = ?wait, not_after = %humantime::format_rfc3339_seconds(svid.not_after), "renewal failed; serving with the current certificate");
+                                renew_at_time = SystemTime::now() + wait;
+                            }
+                        }
+                    }
+                    _ = tokio::time::sleep_until(next_refresh) => {
+                        self.refresh_bundle(&mut bundle).await;
+                        next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
+                    }
+                    _ = self.refresh_now.notified() => {
+                        self.refresh_bundle(&mut bundle).await;
+                    }
+                }
             }
-            match self.issue(&bundle).await {
-                Ok(pair) => break pair,
+        }
+    }
+
+    /// The certificate and key a previous run stored, if still valid and
+    /// usable with `bundle`; published at once.
+    fn restore(&self, bundle: &TrustBundle) -> Option<(Svid, WorkloadKey)> {
+        let state = self.state.as_ref()?;
+        let (svid, key) = state.load()?;
+        match Credentials::new(svid.clone(), key.private_key_der(), bundle.clone()) {
+            Ok(creds) => {
+                self.store.publish(creds);
+                log_credentials("certificate restored from the state directory", &svid);
+                Some((svid, key))
+            }
+            Err(e) => {
+                tracing::warn!(state_dir = %state.path().display(), error = %e, "the stored certificate is unusable; using the token");
+                None
+            }
+        }
+    }
+
+    /// A first certificate with the token: retried with backoff while the
+    /// CA cannot answer; a token it refuses is not sent again, and the next
+    /// try waits for the file to change.
+    async fn acquire(
+        &mut self,
+        token_file: &mut TokenFile,
+        bundle: &mut TrustBundle,
+    ) -> (Svid, WorkloadKey) {
+        let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
+        loop {
+            let token = match token_file.read() {
+                Ok(token) if token_file.is_refused(&token) => {
+                    token_file.changed().await;
+                    continue;
+                }
+                Ok(token) => token,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot read the token");
+                    tokio::select! {
+                        _ = tokio::time::sleep(wait) => {}
+                        _ = token_file.changed() => {}
+                    }
+                    continue;
+                }
+            };
+            if let Ok(fresh) = self.client.fetch_bundle().await {
+                *bundle = fresh;
+                self.client.set_bundle(bundle.clone());
+                self.save_bundle(bundle);
+            }
+            match self.issue(&token, bundle).await {
+                Ok(pair) => return pair,
+                Err(IdentityError::Client(e @ ClientError::Refused { .. }))
+                    if !e.is_retryable() =>
+                {
+                    token_file.refuse(token, &e);
+                }
                 Err(e) => {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot get a certificate from the CA yet");
                     tokio::time::sleep(wait).await;
                 }
             }
-        };
-        backoff.reset();
-        let mut next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
-        let mut renew_at_time = next_renewal(&svid);
-        loop {
-            let until_renew = renew_at_time
-                .duration_since(SystemTime::now())
-                .unwrap_or_default();
-            tokio::select! {
-                _ = tokio::time::sleep(until_renew) => {
-                    match self.renew(&svid, &key, &bundle).await {
-                        Ok((s, k)) => {
-                            self.metrics.renewals.get_or_create(&[("result", "ok")]).inc();
-                            svid = s;
-                            key = k;
-                            backoff.reset();
-                            renew_at_time = next_renewal(&svid);
-                        }
-                        Err(e) => {
-                            self.metrics.renewals.get_or_create(&[("result", "failed")]).inc();
-                            let wait = backoff.next_delay();
-                            tracing::warn!(error = %e, retry_in = ?wait, not_after = %humantime::format_rfc3339_seconds(svid.not_after), "renewal failed; serving with the current certificate");
-                            renew_at_time = SystemTime::now() + wait;
-                        }
-                    }
-                }
-                _ = tokio::time::sleep_until(next_refresh) => {
-                    self.refresh_bundle(&mut bundle).await;
-                    next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
-                }
-                _ = self.refresh_now.notified() => {
-                    self.refresh_bundle(&mut bundle).await;
-                }
-            }
         }
     }
 
-    async fn issue(&self, bundle: &TrustBundle) -> Result<(Svid, WorkloadKey), IdentityError> {
-        let token = read(&self.config.token_file)?;
-        let token = String::from_utf8_lossy(&token).trim().to_owned();
+    async fn issue(
+        &mut self,
+        token: &str,
+        bundle: &TrustBundle,
+    ) -> Result<(Svid, WorkloadKey), IdentityError> {
         let key = WorkloadKey::generate()?;
-        let svid = self.client.issue(&key, &token).await?;
+        let svid = self.client.issue(&key, token).await?;
         let creds = Credentials::new(svid.clone(), key.private_key_der(), bundle.clone())?;
         self.store.publish(creds);
         log_credentials("certificate issued", &svid);
+        self.save(&svid, &key);
         Ok((svid, key))
     }
 
     async fn renew(
-        &self,
+        &mut self,
         current: &Svid,
         current_key: &WorkloadKey,
         bundle: &TrustBundle,
     ) -> Result<(Svid, WorkloadKey), IdentityError> {
-        if current.not_after <= SystemTime::now() {
-            // Too late for mutual TLS with the old certificate: start over
-            // with the token (works for Kubernetes tokens, which are reusable).
-            tracing::warn!("the certificate has expired; asking for a new one with the token");
-            return self.issue(bundle).await;
-        }
         let new_key = WorkloadKey::generate()?;
         let svid = self.client.renew(current, current_key, &new_key).await?;
         let creds = Credentials::new(svid.clone(), new_key.private_key_der(), bundle.clone())?;
         self.store.publish(creds);
         log_credentials("certificate renewed", &svid);
+        self.save(&svid, &new_key);
         Ok((svid, new_key))
+    }
+
+    fn save(&self, svid: &Svid, key: &WorkloadKey) {
+        if let Some(state) = &self.state
+            && let Err(e) = state.save(svid, key)
+        {
+            tracing::warn!(state_dir = %state.path().display(), error = %e, "cannot store the certificate; a restart will need a new token");
+        }
+    }
+
+    fn save_bundle(&self, bundle: &TrustBundle) {
+        if let Some(state) = &self.state
+            && let Err(e) = state.save_bundle(bundle)
+        {
+            tracing::warn!(state_dir = %state.path().display(), error = %e, "cannot store the trust bundle");
+        }
     }
 
     async fn refresh_bundle(&mut self, bundle: &mut TrustBundle) {
@@ -227,6 +331,7 @@ impl CaSource {
                 self.store.publish(creds);
                 self.client.set_bundle(fresh.clone());
                 *bundle = fresh;
+                self.save_bundle(bundle);
                 tracing::info!(roots = bundle.roots().len(), "trust bundle updated");
             }
             Err(e) => tracing::warn!(error = %e, "refusing the CA's new trust bundle"),

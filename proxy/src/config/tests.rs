@@ -194,3 +194,53 @@ fn header_count_limit_has_a_generous_default_and_bounds() {
     let err = parse(&text).unwrap_err().to_string();
     assert!(err.contains("max_header_count"), "{err}");
 }
+
+const CA_IDENTITY: &str = r#"
+[identity]
+ca_url = "https://ca:8443"
+bundle = "bundle.pem"
+token_file = "/etc/moat/token"
+
+[[inbound]]
+name = "api"
+listen = "0.0.0.0:8443"
+forward = "127.0.0.1:8080"
+"#;
+
+#[test]
+fn ca_url_is_one_url_or_a_list_and_state_dir_is_resolved() {
+    let c = parse(CA_IDENTITY).unwrap();
+    let Identity::Ca(ca) = &c.identity else {
+        panic!("ca")
+    };
+    assert_eq!(ca.ca_urls, ["https://ca:8443"]);
+    assert!(ca.state_dir.is_none(), "keys stay in memory by default");
+    let text = CA_IDENTITY.replace(
+        "ca_url = \"https://ca:8443\"",
+        "ca_url = [\"https://ca-1:8443\", \"https://ca-2:8443\"]\nstate_dir = \"state\"",
+    );
+    let c = parse(&text).unwrap();
+    let Identity::Ca(ca) = &c.identity else {
+        panic!("ca")
+    };
+    assert_eq!(ca.ca_urls, ["https://ca-1:8443", "https://ca-2:8443"]);
+    assert_eq!(ca.state_dir.as_deref(), Some(Path::new("/etc/moat/state")));
+}
+
+#[test]
+fn bad_ca_url_lists_name_the_field() {
+    for (list, want) in [
+        ("[]", "at least one"),
+        ("[\"https://a:1\", \"http://b:1\"]", "https://"),
+        ("[\"https://a:1\", \"https://a:1\"]", "twice"),
+        ("42", "URL"),
+    ] {
+        let text = CA_IDENTITY.replace("\"https://ca:8443\"", list);
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("proxy.toml:"), "{err}");
+        assert!(err.contains(want), "{list}: {err}");
+    }
+    let text = MINIMAL.replace("[identity]", "[identity]\nstate_dir = \"/var/lib/moat\"");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("state_dir"), "{err}");
+}

@@ -1,0 +1,491 @@
+//! An opened CA: the directory that holds its keys, and the store that
+//! holds its state (see the module above for the layout).
+
+use std::fmt;
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use x509_parser::prelude::FromDer;
+
+use super::config::Engine;
+use super::{
+    IssuanceRecord, PgStore, RootChange, RootRecord, RootState, SqliteStore, StateVersions, Store,
+    StoreError, unix,
+};
+use crate::client::{Svid, WorkloadKey};
+use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
+use crate::issuer::{Issued, RootCa, ValidatedCsr};
+use crate::token::{CredentialKind, JoinTokenKey};
+
+const DB_FILE: &str = "ca.db";
+const TOKEN_KEY_FILE: &str = "token.key";
+const ROOTS_DIR: &str = "roots";
+
+/// An opened CA: its directory (keys) and its state store.
+pub struct CaDir {
+    dir: PathBuf,
+    td: TrustDomain,
+    store: Arc<dyn Store>,
+    token_key: JoinTokenKey,
+}
+
+/// What signs now, read from the store in one pass.
+pub struct SigningState {
+    /// The version counters when the roots were read.
+    pub versions: StateVersions,
+    /// Every root.
+    pub roots: Vec<RootRecord>,
+    /// The active root, with its key.
+    pub signer: RootCa,
+    /// Every root not retired.
+    pub bundle: TrustBundle,
+}
+
+impl CaDir {
+    /// Opens the store `engine` names for the CA in `dir`, creating and
+    /// migrating it as needed, without reading any key.
+    pub async fn open_store(dir: &Path, engine: &Engine) -> Result<Arc<dyn Store>, StoreError> {
+        Ok(match engine {
+            Engine::Sqlite => {
+                let db = dir.join(DB_FILE);
+                let roots = dir.join(ROOTS_DIR);
+                let store = tokio::task::spawn_blocking(move || SqliteStore::open(&db, &roots))
+                    .await
+                    .map_err(|e| StoreError::Corrupt(format!("store task failed: {e}")))??;
+                Arc::new(store)
+            }
+            Engine::Postgres(settings) => Arc::new(PgStore::connect(settings).await?),
+        })
+    }
+
+    /// Creates a new CA: a token key and a first root in `dir`, and the
+    /// CA's record in the store. Refuses a directory or a database that
+    /// already holds a CA.
+    pub async fn init(
+        dir: &Path,
+        engine: &Engine,
+        td: TrustDomain,
+        root_ttl: Duration,
+    ) -> Result<Self, StoreError> {
+        let existing = match engine {
+            Engine::Sqlite => dir.join(DB_FILE).exists() || dir.join(TOKEN_KEY_FILE).exists(),
+            Engine::Postgres(_) => dir.join(TOKEN_KEY_FILE).exists(),
+        };
+        if existing {
+            return Err(StoreError::AlreadyInitialized(dir.display().to_string()));
+        }
+        // The database first: a wrong URL or password fails before any key is made.
+        let pg = match engine {
+            Engine::Sqlite => None,
+            Engine::Postgres(_) => {
+                let store = Self::open_store(dir, engine).await?;
+                if store.trust_domain().await?.is_some() {
+                    return Err(StoreError::AlreadyInitialized(format!(
+                        "the database {}",
+                        store.location()
+                    )));
+                }
+                Some(store)
+            }
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir.join(ROOTS_DIR))
+            .map_err(|source| io_err(dir, source))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            .map_err(|source| io_err(dir, source))?;
+
+        let (token_key, token_pem) = JoinTokenKey::generate()?;
+        write_secret(&dir.join(TOKEN_KEY_FILE), token_pem.as_bytes())?;
+        let store = match pg {
+            Some(store) => store,
+            None => {
+                let store = Self::open_store(dir, engine).await?;
+                let db_path = dir.join(DB_FILE);
+                fs::set_permissions(&db_path, fs::Permissions::from_mode(0o600))
+                    .map_err(|source| io_err(&db_path, source))?;
+                store
+            }
+        };
+        let ca = Self {
+            dir: dir.to_owned(),
+            td,
+            store,
+            token_key,
+        };
+        let first = ca.write_new_root(1, RootState::Active, root_ttl)?;
+        if let Err(e) = ca.store.initialize(ca.td.as_str(), &first).await {
+            ca.remove_root_files(1);
+            return Err(e);
+        }
+        Ok(ca)
+    }
+
+    /// Opens an existing CA: its store, and the token key from `dir`.
+    pub async fn open(dir: &Path, engine: &Engine) -> Result<Self, StoreError> {
+        if matches!(engine, Engine::Sqlite) && !dir.join(DB_FILE).exists() {
+            return Err(StoreError::NotInitialized(format!(
+                "{0} holds no CA; create one with `moat ca init --dir {0}`",
+                dir.display()
+            )));
+        }
+        let store = Self::open_store(dir, engine).await?;
+        let td = store.trust_domain().await?.ok_or_else(|| {
+            StoreError::NotInitialized(format!(
+                "the database {} holds no CA; create one with `moat ca init --dir {}` (with this [store]), \
+                 or copy a SQLite CA into it with `moat ca migrate --from-sqlite DIR/ca.db`",
+                store.location(),
+                dir.display()
+            ))
+        })?;
+        let td = TrustDomain::parse(&td)
+            .map_err(|e| StoreError::Corrupt(format!("trust domain: {e}")))?;
+        let token_path = dir.join(TOKEN_KEY_FILE);
+        let token_pem =
+            fs::read_to_string(&token_path).map_err(|source| io_err(&token_path, source))?;
+        let token_key = JoinTokenKey::from_pem(&token_pem)?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            td,
+            store,
+            token_key,
+        })
+    }
+
+    /// The CA directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// The CA's trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.td
+    }
+
+    /// The join-token key.
+    pub fn token_key(&self) -> &JoinTokenKey {
+        &self.token_key
+    }
+
+    /// Every root the store knows, oldest first.
+    pub async fn roots(&self) -> Result<Vec<RootRecord>, StoreError> {
+        self.store.roots().await
+    }
+
+    /// The version counters replicas poll.
+    pub async fn versions(&self) -> Result<StateVersions, StoreError> {
+        self.store.versions().await
+    }
+
+    /// The trust bundle: every root that is not retired.
+    pub async fn bundle(&self) -> Result<TrustBundle, StoreError> {
+        bundle_of(&self.roots().await?)
+    }
+
+    /// The root that signs now, with its key from this directory.
+    pub async fn active_root(&self) -> Result<RootCa, StoreError> {
+        let roots = self.roots().await?;
+        self.signer_of(&roots)
+    }
+
+    /// The roots, the signer and the bundle, with the versions read first
+    /// (so a change in between is seen again at the next poll).
+    pub async fn signing_state(&self) -> Result<SigningState, StoreError> {
+        let versions = self.versions().await?;
+        let roots = self.roots().await?;
+        let signer = self.signer_of(&roots)?;
+        let bundle = bundle_of(&roots)?;
+        Ok(SigningState {
+            versions,
+            roots,
+            signer,
+            bundle,
+        })
+    }
+
+    fn signer_of(&self, roots: &[RootRecord]) -> Result<RootCa, StoreError> {
+        let active = roots
+            .iter()
+            .find(|r| r.state == RootState::Active)
+            .ok_or_else(|| StoreError::Corrupt("no active root".into()))?;
+        self.load_root(active)
+    }
+
+    /// A root's certificate (from the store) with its key (from this
+    /// directory), checked to belong together.
+    pub fn load_root(&self, root: &RootRecord) -> Result<RootCa, StoreError> {
+        let key_path = self.root_path(root.id, "key");
+        let key = match fs::read_to_string(&key_path) {
+            Ok(key) => key,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::KeyMissing {
+                    root: root.id,
+                    path: key_path,
+                });
+            }
+            Err(source) => return Err(io_err(&key_path, source)),
+        };
+        let pair = rcgen::KeyPair::from_pem(&key)
+            .map_err(|e| StoreError::Corrupt(format!("{}: {e}", key_path.display())))?;
+        let der = CertificateDer::from_pem_slice(root.cert_pem.as_bytes())
+            .map_err(|e| StoreError::Corrupt(format!("root #{} certificate: {e}", root.id)))?;
+        let (_, cert) = x509_parser::certificate::X509Certificate::from_der(&der)
+            .map_err(|e| StoreError::Corrupt(format!("root #{} certificate: {e}", root.id)))?;
+        if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&pair).as_slice()
+        {
+            return Err(StoreError::Corrupt(format!(
+                "{} is not the key of root #{} in the store (a key from another CA?)",
+                key_path.display(),
+                root.id
+            )));
+        }
+        Ok(RootCa::from_pem(&root.cert_pem, &key)?)
+    }
+
+    /// Mints a join token for `id`.
+    pub fn mint_join_token(&self, id: &SpiffeId, ttl: Duration) -> Result<String, StoreError> {
+        let token = self.token_key.mint(&self.td, id, ttl)?;
+        tracing::info!(spiffe_id = %id, ttl_secs = ttl.as_secs(), "join token minted");
+        Ok(token)
+    }
+
+    /// Records an issuance, and for single-use credentials the token ID, in
+    /// one transaction. A token ID seen before (by any replica) fails with
+    /// [`crate::token::TokenError::Replayed`] and nothing is recorded.
+    pub async fn record_issuance(
+        &self,
+        issued: &Issued,
+        id: &SpiffeId,
+        kind: CredentialKind,
+        single_use: Option<&(String, u64)>,
+    ) -> Result<(), StoreError> {
+        let record = IssuanceRecord {
+            serial: issued.serial.clone(),
+            spiffe_id: id.as_str().to_owned(),
+            not_after: unix(issued.not_after),
+            kind: kind.as_str(),
+            issued_at: unix(SystemTime::now()),
+            single_use: single_use.map(|(jti, exp)| (jti.clone(), *exp as i64)),
+        };
+        self.store.record_issuance(&record).await
+    }
+
+    /// True if this join-token ID was already used.
+    pub async fn token_used(&self, jti: &str) -> Result<bool, StoreError> {
+        self.store.token_used(jti).await
+    }
+
+    /// Number of certificates issued, for tests and the admin view.
+    pub async fn issued_count(&self) -> Result<i64, StoreError> {
+        self.store.issued_count().await
+    }
+
+    /// Issues a certificate and key for `id` directly (on the CA host) and
+    /// writes them to files, the key with mode 0600.
+    pub async fn issue_to_files(
+        &self,
+        id: &SpiffeId,
+        ttl: Duration,
+        cert_out: &Path,
+        key_out: &Path,
+    ) -> Result<(Svid, WorkloadKey), StoreError> {
+        let corrupt = |e: &dyn fmt::Display| StoreError::Corrupt(e.to_string());
+        let key = WorkloadKey::generate().map_err(|e| corrupt(&e))?;
+        let csr = ValidatedCsr::parse(key.csr_pem().map_err(|e| corrupt(&e))?.as_bytes())
+            .map_err(|e| corrupt(&e))?;
+        let issued = self
+            .active_root()
+            .await?
+            .sign_svid(&self.td, id, &csr, ttl)?;
+        self.record_issuance(&issued, id, CredentialKind::Local, None)
+            .await?;
+        let svid = Svid::from_chain(vec![issued.cert_der.clone()]).map_err(|e| corrupt(&e))?;
+        write_secret(key_out, key.dangerous_private_key_pem().as_bytes())?;
+        fs::write(cert_out, svid.to_pem()).map_err(|source| io_err(cert_out, source))?;
+        tracing::info!(serial = %svid.serial, spiffe_id = %id, credential = "local", "issued");
+        Ok((svid, key))
+    }
+
+    /// Rotation step 1: add a new root to the bundle; the current root keeps signing.
+    pub async fn rotate_prepare(&self, root_ttl: Duration) -> Result<String, StoreError> {
+        let versions = self.versions().await?;
+        let roots = self.roots().await?;
+        if roots.iter().any(|r| r.state == RootState::Prepared) {
+            return Err(StoreError::Rotation {
+                step: "prepare",
+                why: "a prepared root already waits; run --activate".into(),
+            });
+        }
+        if roots.iter().any(|r| r.state == RootState::Retiring) {
+            return Err(StoreError::Rotation {
+                step: "prepare",
+                why: "the previous rotation is not finished; run --retire first".into(),
+            });
+        }
+        let id = roots.iter().map(|r| r.id).max().unwrap_or(0) + 1;
+        let record = self.write_new_root(id, RootState::Prepared, root_ttl)?;
+        if let Err(e) = self
+            .store
+            .change_roots(versions.roots, &RootChange::Add(record))
+            .await
+        {
+            self.remove_root_files(id);
+            return Err(e);
+        }
+        let shared = if self.store.engine() == "postgres" {
+            format!(
+                " Every replica must have {} before --activate (add it to the CA's Secret).",
+                self.root_path(id, "key").display()
+            )
+        } else {
+            String::new()
+        };
+        Ok(format!(
+            "root #{id} prepared: it is in the bundle now and will sign after --activate. \
+             Let every workload refresh its bundle before activating.{shared}"
+        ))
+    }
+
+    /// Rotation step 2: the prepared root signs from now on; the old one stays trusted.
+    pub async fn rotate_activate(&self) -> Result<String, StoreError> {
+        let versions = self.versions().await?;
+        let roots = self.roots().await?;
+        let prepared = roots
+            .iter()
+            .find(|r| r.state == RootState::Prepared)
+            .ok_or_else(|| StoreError::Rotation {
+                step: "activate",
+                why: "no prepared root; run --prepare first".into(),
+            })?;
+        let id = prepared.id;
+        self.store
+            .change_roots(versions.roots, &RootChange::Activate(id))
+            .await?;
+        Ok(format!(
+            "root #{id} now signs. The old root stays in the bundle; run --retire once every \
+             workload has renewed (after one certificate lifetime)."
+        ))
+    }
+
+    /// Rotation step 3: drop the old root from the bundle.
+    pub async fn rotate_retire(&self) -> Result<String, StoreError> {
+        let versions = self.versions().await?;
+        let roots = self.roots().await?;
+        if !roots.iter().any(|r| r.state == RootState::Retiring) {
+            return Err(StoreError::Rotation {
+                step: "retire",
+                why: "no retiring root; run --prepare and --activate first".into(),
+            });
+        }
+        self.store
+            .change_roots(versions.roots, &RootChange::Retire)
+            .await?;
+        Ok("the old root is retired: it is no longer in the bundle".into())
+    }
+
+    /// Generates root `id` and writes its key and certificate to the
+    /// directory. Refuses to overwrite: a key file already there belongs to
+    /// a `--prepare` that failed half-way or runs now.
+    fn write_new_root(
+        &self,
+        id: i64,
+        state: RootState,
+        ttl: Duration,
+    ) -> Result<RootRecord, StoreError> {
+        let root = RootCa::generate(&self.td, id, ttl)?;
+        let key_path = self.root_path(id, "key");
+        match write_secret(&key_path, root.dangerous_key_pem().as_bytes()) {
+            Err(StoreError::Io { source, .. })
+                if source.kind() == std::io::ErrorKind::AlreadyExists =>
+            {
+                return Err(StoreError::Rotation {
+                    step: "prepare",
+                    why: format!(
+                        "{} exists but root #{id} is not in the store: an earlier --prepare failed half-way \
+                         (or one runs now); remove {} and {} and try again",
+                        key_path.display(),
+                        key_path.display(),
+                        self.root_path(id, "crt").display()
+                    ),
+                });
+            }
+            other => other?,
+        }
+        let cert_path = self.root_path(id, "crt");
+        fs::write(&cert_path, root.cert_pem()).map_err(|source| io_err(&cert_path, source))?;
+        Ok(RootRecord {
+            id,
+            state,
+            not_after: unix(root.not_after()),
+            cert_pem: root.cert_pem(),
+        })
+    }
+
+    fn remove_root_files(&self, id: i64) {
+        let _ = fs::remove_file(self.root_path(id, "key"));
+        let _ = fs::remove_file(self.root_path(id, "crt"));
+    }
+
+    fn root_path(&self, id: i64, ext: &str) -> PathBuf {
+        self.dir.join(ROOTS_DIR).join(format!("{id}.{ext}"))
+    }
+}
+
+impl fmt::Debug for CaDir {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CaDir")
+            .field("dir", &self.dir)
+            .field("trust_domain", &self.td)
+            .field("store", &self.store)
+            .finish()
+    }
+}
+
+/// The bundle of these roots: every one not retired.
+pub fn bundle_of(roots: &[RootRecord]) -> Result<TrustBundle, StoreError> {
+    let mut ders = Vec::new();
+    for root in roots.iter().filter(|r| r.state.in_bundle()) {
+        let bundle = TrustBundle::from_pem(root.cert_pem.as_bytes())
+            .map_err(|e| StoreError::Corrupt(format!("root #{}: {e}", root.id)))?;
+        ders.extend(bundle.roots().iter().cloned());
+    }
+    TrustBundle::new(ders).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|source| io_err(path, source))?;
+    file.write_all(bytes)
+        .and_then(|_| file.sync_all())
+        .map_err(|source| io_err(path, source))
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Formats a time as RFC 3339 UTC, for messages.
+pub fn format_time(t: SystemTime) -> String {
+    time::OffsetDateTime::from(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| format!("{t:?}"))
+}

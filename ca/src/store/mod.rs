@@ -1,0 +1,331 @@
+//! The CA's state: keys in the CA directory, everything else in a store
+//! with two engines behind one interface.
+//!
+//! ```text
+//! DIR/            0700
+//!   ca.toml       optional: [store] chooses PostgreSQL (see config.rs)
+//!   ca.db         SQLite state (the default engine)
+//!   roots/N.crt   root certificate N (PEM; also in the store)
+//!   roots/N.key   root key N (PEM, 0600)
+//!   token.key     join-token signing key (PEM, 0600)
+//! ```
+//!
+//! What is secret stays a file: root keys and the token key, which replicas
+//! get from a Kubernetes Secret or the operator's configuration management.
+//! What changes at run time is in the [`Store`]: the trust domain, every
+//! root's certificate and rotation state, every issuance, every spent
+//! join-token ID, and (schema only, for now) revocations. With SQLite one
+//! `moat ca serve` owns `DIR/ca.db`; with PostgreSQL several replicas share
+//! one database and see each other's writes at once.
+//!
+//! A root is in one of four states. `active` signs and is in the bundle;
+//! `prepared` is in the bundle but does not sign yet; `retiring` no longer
+//! signs but is still in the bundle; `retired` is gone from the bundle.
+//! Every change of root states bumps [`StateVersions::roots`] in the same
+//! transaction; replicas poll the versions every second and reload their
+//! signing state when one moved.
+
+pub mod config;
+mod copy;
+mod dir;
+mod migrations;
+mod postgres;
+mod sqlite;
+
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+
+pub use copy::{CopyReport, copy_sqlite_to_postgres};
+pub use dir::{CaDir, SigningState, bundle_of, format_time};
+pub use postgres::PgStore;
+pub use sqlite::SqliteStore;
+
+use crate::issuer::IssueError;
+use crate::token::TokenError;
+
+/// A store operation in flight.
+pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// The CA's state, whichever engine holds it. Every method is one
+/// transaction; none leaves a partial write behind when it fails.
+///
+/// Revocations (the next feature) fit the same shape: `revoke` inserts a
+/// row and bumps [`StateVersions::revocations`] in one transaction, and
+/// replicas that see the version move read the rows with a larger
+/// `version`. The table and the counter exist already (migration 2).
+pub trait Store: Send + Sync + fmt::Debug {
+    /// `sqlite` or `postgres`.
+    fn engine(&self) -> &'static str;
+
+    /// Where the state lives, for messages: a file or a URL (no password).
+    fn location(&self) -> &str;
+
+    /// The schema version the store is at after its migrations ran.
+    fn schema_version(&self) -> StoreFuture<'_, i64>;
+
+    /// The trust domain recorded by `init`; `None` for an empty store.
+    fn trust_domain(&self) -> StoreFuture<'_, Option<String>>;
+
+    /// Records a new CA: its trust domain and first (active) root. Fails
+    /// with [`StoreError::AlreadyInitialized`] if the store holds one.
+    fn initialize<'a>(
+        &'a self,
+        trust_domain: &'a str,
+        first: &'a RootRecord,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Every root, oldest first.
+    fn roots(&self) -> StoreFuture<'_, Vec<RootRecord>>;
+
+    /// The version counters replicas poll.
+    fn versions(&self) -> StoreFuture<'_, StateVersions>;
+
+    /// Applies one rotation step if the roots are still at
+    /// `expected_version` (else [`StoreError::Conflict`]), and bumps the
+    /// version, in one transaction.
+    fn change_roots<'a>(
+        &'a self,
+        expected_version: i64,
+        change: &'a RootChange,
+    ) -> StoreFuture<'a, ()>;
+
+    /// Records an issuance and, for a single-use credential, its token ID,
+    /// in one transaction. A token ID recorded before (by any replica)
+    /// fails with [`TokenError::Replayed`] and nothing is written, so of
+    /// several concurrent uses of one token exactly one succeeds.
+    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, ()>;
+
+    /// True if this join-token ID was used.
+    fn token_used<'a>(&'a self, jti: &'a str) -> StoreFuture<'a, bool>;
+
+    /// How many certificates were issued.
+    fn issued_count(&self) -> StoreFuture<'_, i64>;
+}
+
+/// A root's place in a rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RootState {
+    /// Signs new certificates; in the bundle.
+    Active,
+    /// In the bundle, not signing yet (after `rotate --prepare`).
+    Prepared,
+    /// No longer signs; still in the bundle (after `rotate --activate`).
+    Retiring,
+    /// Gone from the bundle (after `rotate --retire`).
+    Retired,
+}
+
+/// One root as the store records it.
+#[derive(Debug, Clone)]
+pub struct RootRecord {
+    /// The root's generation number.
+    pub id: i64,
+    /// Its rotation state.
+    pub state: RootState,
+    /// When it expires, seconds since the epoch.
+    pub not_after: i64,
+    /// The certificate, PEM.
+    pub cert_pem: String,
+}
+
+/// The counters replicas poll to notice another replica's (or the CLI's)
+/// writes: each moves by one with every change it covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StateVersions {
+    /// Root states (rotation).
+    pub roots: i64,
+    /// Revocations.
+    pub revocations: i64,
+}
+
+/// One rotation step, as the store applies it.
+#[derive(Debug, Clone)]
+pub enum RootChange {
+    /// Adds a root (`rotate --prepare`).
+    Add(RootRecord),
+    /// The active root starts retiring and this one signs (`rotate --activate`).
+    Activate(i64),
+    /// Retiring roots leave the bundle (`rotate --retire`).
+    Retire,
+}
+
+/// One issuance to record.
+#[derive(Debug, Clone)]
+pub struct IssuanceRecord {
+    /// Certificate serial, lowercase hex.
+    pub serial: String,
+    /// The identity it carries.
+    pub spiffe_id: String,
+    /// Its end of validity, seconds since the epoch.
+    pub not_after: i64,
+    /// The credential kind (`join_token`, `renewal`, ...).
+    pub kind: &'static str,
+    /// When it was issued, seconds since the epoch.
+    pub issued_at: i64,
+    /// The join token's ID and expiry, for single-use credentials.
+    pub single_use: Option<(String, i64)>,
+}
+
+/// Errors from the CA directory and its store.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// `init` found an existing CA (in the directory or the database).
+    #[error("{0} already holds a CA; refusing to overwrite it")]
+    AlreadyInitialized(String),
+    /// `open` found no CA.
+    #[error("{0}")]
+    NotInitialized(String),
+    /// `[store]` in `ca.toml` is unusable.
+    #[error("{0}")]
+    Config(String),
+    /// A rotation step is not possible in the current state.
+    #[error("cannot {step}: {why}")]
+    Rotation {
+        /// The step asked for.
+        step: &'static str,
+        /// Why not.
+        why: String,
+    },
+    /// Another rotation step changed the roots first.
+    #[error(
+        "the roots changed while this step ran (another `moat ca rotate`?); check `moat ca bundle` and run it again"
+    )]
+    Conflict,
+    /// A requested identity or lifetime is not allowed.
+    #[error(transparent)]
+    Issue(#[from] IssueError),
+    /// Token minting or checking failed (including a replayed token).
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    /// The SQLite database failed (including a full disk).
+    #[error("CA state database {path}: {source}")]
+    Db {
+        /// The database file.
+        path: PathBuf,
+        /// The SQLite error.
+        source: rusqlite::Error,
+    },
+    /// PostgreSQL failed or could not be reached.
+    #[error("CA state database {location}: {message}")]
+    Postgres {
+        /// The URL (no password).
+        location: String,
+        /// What failed.
+        message: String,
+    },
+    /// A store operation took longer than `[store] timeout`.
+    #[error("CA state database {location}: no answer within {timeout:?}")]
+    Timeout {
+        /// The URL or file.
+        location: String,
+        /// The limit.
+        timeout: std::time::Duration,
+    },
+    /// The database's schema is newer than this binary.
+    #[error(
+        "CA state database {location} is at schema version {found}, newer than this moat knows ({known}); run a newer moat"
+    )]
+    SchemaTooNew {
+        /// The URL or file.
+        location: String,
+        /// The version found.
+        found: i64,
+        /// The latest version this binary has.
+        known: i64,
+    },
+    /// The key of a root that must sign is not in this replica's directory.
+    #[error(
+        "root #{root} signs now but its key is not at {path} on this replica: install it there (from the CA's Secret or the machine that ran `moat ca rotate --prepare`)"
+    )]
+    KeyMissing {
+        /// The root's generation.
+        root: i64,
+        /// Where its key should be.
+        path: PathBuf,
+    },
+    /// A file in the CA directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The directory's contents are inconsistent.
+    #[error("CA state is inconsistent: {0}")]
+    Corrupt(String),
+}
+
+impl StoreError {
+    /// True for mistakes an operator makes (exit 64), as opposed to failures.
+    pub fn is_operator_error(&self) -> bool {
+        matches!(
+            self,
+            StoreError::AlreadyInitialized(_)
+                | StoreError::NotInitialized(_)
+                | StoreError::Config(_)
+                | StoreError::Rotation { .. }
+                | StoreError::Issue(IssueError::BadTtl(_) | IssueError::WrongTrustDomain { .. })
+                | StoreError::Token(TokenError::WrongTrustDomain(_) | TokenError::Invalid(_))
+        )
+    }
+
+    /// True when the database refused a write because the disk is full.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Db { source: rusqlite::Error::SqliteFailure(e, _), .. }
+                if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
+
+    /// True when the store could not be reached or did not answer in time
+    /// (as opposed to refusing a request).
+    pub fn is_unavailable(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Postgres { .. } | StoreError::Timeout { .. } | StoreError::Db { .. }
+        )
+    }
+}
+
+impl RootState {
+    /// The name stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RootState::Active => "active",
+            RootState::Prepared => "prepared",
+            RootState::Retiring => "retiring",
+            RootState::Retired => "retired",
+        }
+    }
+
+    /// Parses a stored name.
+    pub fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "active" => RootState::Active,
+            "prepared" => RootState::Prepared,
+            "retiring" => RootState::Retiring,
+            "retired" => RootState::Retired,
+            other => return Err(StoreError::Corrupt(format!("unknown root state {other:?}"))),
+        })
+    }
+
+    /// True when roots in this state belong in the trust bundle.
+    pub fn in_bundle(self) -> bool {
+        !matches!(self, RootState::Retired)
+    }
+}
+
+/// Seconds since the epoch.
+pub(crate) fn unix(t: std::time::SystemTime) -> i64 {
+    t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests;

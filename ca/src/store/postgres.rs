@@ -1,0 +1,481 @@
+//! The PostgreSQL engine: several `moat ca serve` replicas on one database.
+//!
+//! A pool of connections per replica (deadpool), statements prepared once
+//! per connection, TLS through rustls on aws-lc-rs. Each issuance is one
+//! statement, so one round trip and one transaction: for a join token the
+//! `used_tokens` insert and the `issued` insert are one `INSERT ... WITH`,
+//! and the primary key on `used_tokens.jti` makes the second of two
+//! concurrent uses (on any replica) wait for the first to commit and then
+//! insert nothing. Every operation is bounded by `[store] timeout`; past it,
+//! or with the database down, the caller gets an error it answers with 503.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+use tokio_postgres::Transaction;
+
+use super::config::{PgSettings, PgTls};
+use super::migrations::{self, Migration};
+use super::{
+    IssuanceRecord, RootChange, RootRecord, RootState, StateVersions, Store, StoreError,
+    StoreFuture, unix,
+};
+use crate::token::TokenError;
+
+/// Serializes schema migrations between replicas that start together
+/// (`pg_advisory_xact_lock`); the bytes of "moat".
+const MIGRATION_LOCK: i64 = 0x6d6f_6174;
+
+/// The PostgreSQL engine. Cheap to clone.
+#[derive(Clone)]
+pub struct PgStore {
+    pool: Pool,
+    location: Arc<str>,
+    timeout: Duration,
+}
+
+impl PgStore {
+    /// Builds the pool, connects once, and brings the schema up to date.
+    pub async fn connect(settings: &PgSettings) -> Result<Self, StoreError> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match &settings.tls {
+            PgTls::Disable => Manager::from_config(
+                settings.config.clone(),
+                tokio_postgres::NoTls,
+                manager_config,
+            ),
+            PgTls::VerifyFull { ca_file } => {
+                let tls = tls_config(ca_file).map_err(StoreError::Config)?;
+                Manager::from_config(
+                    settings.config.clone(),
+                    tokio_postgres_rustls::MakeRustlsConnect::new(tls),
+                    manager_config,
+                )
+            }
+        };
+        let pool = Pool::builder(manager)
+            .max_size(settings.pool_size)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(settings.timeout))
+            .create_timeout(Some(settings.timeout))
+            .recycle_timeout(Some(settings.timeout))
+            .build()
+            .map_err(|e| StoreError::Config(format!("store: {e}")))?;
+        let store = Self {
+            pool,
+            location: settings.display.as_str().into(),
+            timeout: settings.timeout,
+        };
+        store.bounded(store.migrate()).await?;
+        Ok(store)
+    }
+
+    /// A pooled connection.
+    pub(super) async fn client(&self) -> Result<Object, StoreError> {
+        self.pool.get().await.map_err(|e| self.pool_err(e))
+    }
+
+    /// Runs `op` within the operation time limit.
+    pub(super) async fn bounded<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        tokio::time::timeout(self.timeout, op)
+            .await
+            .map_err(|_| StoreError::Timeout {
+                location: self.location.to_string(),
+                timeout: self.timeout,
+            })?
+    }
+
+    pub(super) fn err(&self, e: tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres {
+            location: self.location.to_string(),
+            message: describe(&e),
+        }
+    }
+
+    fn pool_err(&self, e: deadpool_postgres::PoolError) -> StoreError {
+        use deadpool_postgres::PoolError;
+        let message = match e {
+            PoolError::Backend(e) => describe(&e),
+            PoolError::Timeout(_) => {
+                return StoreError::Timeout {
+                    location: self.location.to_string(),
+                    timeout: self.timeout,
+                };
+            }
+            other => other.to_string(),
+        };
+        StoreError::Postgres {
+            location: self.location.to_string(),
+            message,
+        }
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let mut client = self.client().await?;
+        let tx = client.transaction().await.map_err(|e| self.err(e))?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+            .await
+            .map_err(|e| self.err(e))?;
+        // Only DDL when there is something to change: a role that may read
+        // and write the tables but not create any (migrated by `moat ca
+        // migrate` as the owner) starts as long as the schema is current.
+        let exists: bool = tx
+            .query_one("SELECT to_regclass('moat_schema') IS NOT NULL", &[])
+            .await
+            .map_err(|e| self.err(e))?
+            .get(0);
+        if !exists {
+            tx.batch_execute(migrations::SCHEMA_TABLE)
+                .await
+                .map_err(|e| self.err(e))?;
+        }
+        let current = current_version(&tx).await.map_err(|e| self.err(e))?;
+        if current > migrations::LATEST {
+            return Err(StoreError::SchemaTooNew {
+                location: self.location.to_string(),
+                found: current,
+                known: migrations::LATEST,
+            });
+        }
+        let mut applied = Vec::new();
+        for Migration { version, name, sql } in migrations::POSTGRES {
+            if *version <= current {
+                continue;
+            }
+            tx.batch_execute(sql).await.map_err(|e| self.err(e))?;
+            tx.execute(
+                "INSERT INTO moat_schema (version, name, applied_at) VALUES ($1, $2, $3)",
+                &[version, name, &unix(SystemTime::now())],
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+            applied.push((*version, *name));
+        }
+        tx.commit().await.map_err(|e| self.err(e))?;
+        for (version, name) in applied {
+            tracing::info!(
+                engine = "postgres",
+                version,
+                name,
+                "schema migration applied"
+            );
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for PgStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgStore")
+            .field("location", &self.location)
+            .finish()
+    }
+}
+
+impl Store for PgStore {
+    fn engine(&self) -> &'static str {
+        "postgres"
+    }
+
+    fn location(&self) -> &str {
+        &self.location
+    }
+
+    fn schema_version(&self) -> StoreFuture<'_, i64> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT coalesce(max(version), 0) FROM moat_schema", &[])
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(row.get(0))
+        }))
+    }
+
+    fn trust_domain(&self) -> StoreFuture<'_, Option<String>> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("SELECT value FROM meta WHERE key = 'trust_domain'", &[])
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(row.map(|r| r.get(0)))
+        }))
+    }
+
+    fn initialize<'a>(
+        &'a self,
+        trust_domain: &'a str,
+        first: &'a RootRecord,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(self.bounded(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            let inserted = tx
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES ('trust_domain', $1) ON CONFLICT (key) DO NOTHING",
+                    &[&trust_domain],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            if inserted == 0 {
+                return Err(StoreError::AlreadyInitialized(format!(
+                    "the database {}",
+                    self.location
+                )));
+            }
+            insert_root(&tx, first).await.map_err(|e| self.err(e))?;
+            tx.commit().await.map_err(|e| self.err(e))
+        }))
+    }
+
+    fn roots(&self) -> StoreFuture<'_, Vec<RootRecord>> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT id, state, not_after, cert_pem FROM roots ORDER BY id")
+                .await
+                .map_err(|e| self.err(e))?;
+            let rows = client.query(&stmt, &[]).await.map_err(|e| self.err(e))?;
+            rows.iter()
+                .map(|r| {
+                    let id: i64 = r.get(0);
+                    Ok(RootRecord {
+                        id,
+                        state: RootState::parse(r.get(1))?,
+                        not_after: r.get(2),
+                        cert_pem: r.get::<_, Option<String>>(3).ok_or_else(|| {
+                            StoreError::Corrupt(format!("root #{id} has no certificate"))
+                        })?,
+                    })
+                })
+                .collect()
+        }))
+    }
+
+    fn versions(&self) -> StoreFuture<'_, StateVersions> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached("SELECT name, version FROM versions")
+                .await
+                .map_err(|e| self.err(e))?;
+            let rows = client.query(&stmt, &[]).await.map_err(|e| self.err(e))?;
+            let mut out = StateVersions::default();
+            for r in rows {
+                match r.get::<_, &str>(0) {
+                    "roots" => out.roots = r.get(1),
+                    "revocations" => out.revocations = r.get(1),
+                    _ => {}
+                }
+            }
+            Ok(out)
+        }))
+    }
+
+    fn change_roots<'a>(
+        &'a self,
+        expected_version: i64,
+        change: &'a RootChange,
+    ) -> StoreFuture<'a, ()> {
+        Box::pin(self.bounded(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            // The row lock taken here also serializes concurrent rotation steps.
+            let bumped = tx
+                .execute(
+                    "UPDATE versions SET version = version + 1 WHERE name = 'roots' AND version = $1",
+                    &[&expected_version],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            if bumped == 0 {
+                return Err(StoreError::Conflict);
+            }
+            match change {
+                RootChange::Add(root) => insert_root(&tx, root).await,
+                RootChange::Activate(id) => {
+                    match tx
+                        .execute(
+                            "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
+                            &[],
+                        )
+                        .await
+                    {
+                        Ok(_) => {
+                            tx.execute("UPDATE roots SET state = 'active' WHERE id = $1", &[id])
+                                .await
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                RootChange::Retire => {
+                    tx.execute(
+                        "UPDATE roots SET state = 'retired' WHERE state = 'retiring'",
+                        &[],
+                    )
+                    .await
+                }
+            }
+            .map_err(|e| self.err(e))?;
+            tx.commit().await.map_err(|e| self.err(e))
+        }))
+    }
+
+    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, ()> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let inserted = match &record.single_use {
+                None => {
+                    let stmt = client
+                        .prepare_cached(
+                            "INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
+                             VALUES ($1, $2, $3, $4, $5)",
+                        )
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    client
+                        .execute(
+                            &stmt,
+                            &[
+                                &record.serial,
+                                &record.spiffe_id,
+                                &record.not_after,
+                                &record.kind,
+                                &record.issued_at,
+                            ],
+                        )
+                        .await
+                }
+                Some((jti, expires_at)) => {
+                    // One statement, one transaction: the issuance is
+                    // recorded only if this use spent the token.
+                    let stmt = client
+                        .prepare_cached(
+                            "WITH spent AS ( \
+                               INSERT INTO used_tokens (jti, expires_at, used_at) VALUES ($1, $2, $3) \
+                               ON CONFLICT (jti) DO NOTHING RETURNING jti) \
+                             INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
+                             SELECT $4, $5, $6, $7, $3 FROM spent",
+                        )
+                        .await
+                        .map_err(|e| self.err(e))?;
+                    client
+                        .execute(
+                            &stmt,
+                            &[
+                                jti,
+                                expires_at,
+                                &record.issued_at,
+                                &record.serial,
+                                &record.spiffe_id,
+                                &record.not_after,
+                                &record.kind,
+                            ],
+                        )
+                        .await
+                }
+            }
+            .map_err(|e| self.err(e))?;
+            if inserted == 0 {
+                return Err(StoreError::Token(TokenError::Replayed));
+            }
+            Ok(())
+        }))
+    }
+
+    fn token_used<'a>(&'a self, jti: &'a str) -> StoreFuture<'a, bool> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt("SELECT 1 FROM used_tokens WHERE jti = $1", &[&jti])
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(row.is_some())
+        }))
+    }
+
+    fn issued_count(&self) -> StoreFuture<'_, i64> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_one("SELECT count(*) FROM issued", &[])
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(row.get(0))
+        }))
+    }
+}
+
+async fn insert_root(
+    tx: &Transaction<'_>,
+    root: &RootRecord,
+) -> Result<u64, tokio_postgres::Error> {
+    tx.execute(
+        "INSERT INTO roots (id, state, not_after, cert_pem) VALUES ($1, $2, $3, $4)",
+        &[
+            &root.id,
+            &root.state.as_str(),
+            &root.not_after,
+            &root.cert_pem,
+        ],
+    )
+    .await
+}
+
+async fn current_version(tx: &Transaction<'_>) -> Result<i64, tokio_postgres::Error> {
+    tx.query_one("SELECT coalesce(max(version), 0) FROM moat_schema", &[])
+        .await
+        .map(|r| r.get(0))
+}
+
+/// rustls for the database connection: the roots in `ca_file`, nothing else.
+fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, String> {
+    let bad = |e: &dyn std::fmt::Display| format!("store.ca_file {}: {e}", ca_file.display());
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(ca_file)
+        .map_err(|e| bad(&e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad(&e))?;
+    if certs.is_empty() {
+        return Err(bad(&"no certificate in the file"));
+    }
+    for cert in certs {
+        roots.add(cert).map_err(|e| bad(&e))?;
+    }
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// The driver's error with its cause, on one line (the server's message
+/// for database errors; the I/O error for connection failures).
+fn describe(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return format!("{}: {}", db.severity(), db.message());
+    }
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}

@@ -1,0 +1,186 @@
+//! `[identity] state_dir`: the current certificate, its key and the trust
+//! bundle kept on disk, so that a restarted VM sidecar renews over mutual
+//! TLS instead of needing a new join token.
+//!
+//! ```text
+//! state_dir/        0700 (systemd StateDirectory=, StateDirectoryMode=0700)
+//!   identity.pem    the private key, then the chain (0600)
+//!   bundle.pem      the last trust bundle fetched from the CA (0600)
+//! ```
+//!
+//! Each file is written atomically (a temporary file, fsync, rename, fsync
+//! of the directory): a crash leaves the old file or the new one, never a
+//! key from one certificate beside another. The key and the chain share one
+//! file for the same reason. The trade-off: the key rests on disk, readable
+//! by the sidecar's user and root, until the certificate expires (an hour
+//! by default); without a state directory it lives in memory only, and a
+//! restart needs a new join token.
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use moat_ca::TrustBundle;
+use moat_ca::client::{Svid, WorkloadKey};
+
+use super::IdentityError;
+
+const IDENTITY_FILE: &str = "identity.pem";
+const BUNDLE_FILE: &str = "bundle.pem";
+/// A stored certificate this close to expiry is not worth restoring.
+const MIN_LEFT: Duration = Duration::from_secs(5);
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    dir: PathBuf,
+}
+
+impl StateDir {
+    /// Uses `dir`, creating it (0700) if it does not exist.
+    pub fn open(dir: &Path) -> Result<Self, IdentityError> {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| IdentityError::Read {
+                path: dir.to_owned(),
+                source,
+            })?;
+        Ok(Self {
+            dir: dir.to_owned(),
+        })
+    }
+
+    /// The stored certificate and key, if there are any, they parse, and the
+    /// certificate is still valid for a little while.
+    pub fn load(&self) -> Option<(Svid, WorkloadKey)> {
+        let path = self.dir.join(IDENTITY_FILE);
+        let text = match fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "cannot read the stored identity; using the token");
+                return None;
+            }
+        };
+        let parsed = key_block(&text)
+            .ok_or_else(|| "no private key".to_owned())
+            .and_then(|key| WorkloadKey::from_pem(key).map_err(|e| e.to_string()))
+            .and_then(|key| {
+                Svid::from_pem(text.as_bytes())
+                    .map(|svid| (svid, key))
+                    .map_err(|e| e.to_string())
+            });
+        match parsed {
+            Ok((svid, key)) if svid.not_after > SystemTime::now() + MIN_LEFT => Some((svid, key)),
+            Ok((svid, _)) => {
+                tracing::info!(path = %path.display(), id = %svid.id.as_str(), not_after = %humantime::format_rfc3339_seconds(svid.not_after), "the stored certificate has expired; using the token");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the stored identity is unusable; using the token");
+                None
+            }
+        }
+    }
+
+    /// The stored bundle, if any.
+    pub fn load_bundle(&self) -> Option<TrustBundle> {
+        let bytes = fs::read(self.dir.join(BUNDLE_FILE)).ok()?;
+        TrustBundle::from_pem(&bytes).ok()
+    }
+
+    /// Stores the certificate and its key.
+    pub fn save(&self, svid: &Svid, key: &WorkloadKey) -> std::io::Result<()> {
+        let mut text = key.dangerous_private_key_pem();
+        text.push_str(&svid.to_pem());
+        write_atomic(&self.dir, IDENTITY_FILE, text.as_bytes())
+    }
+
+    /// Stores the bundle.
+    pub fn save_bundle(&self, bundle: &TrustBundle) -> std::io::Result<()> {
+        write_atomic(&self.dir, BUNDLE_FILE, bundle.to_pem().as_bytes())
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+}
+
+/// The PKCS#8 block of a PEM text.
+fn key_block(text: &str) -> Option<&str> {
+    const END: &str = "-----END PRIVATE KEY-----";
+    let start = text.find("-----BEGIN PRIVATE KEY-----")?;
+    let end = text[start..].find(END)? + start + END.len();
+    Some(&text[start..end])
+}
+
+/// Temporary file (0600) + fsync + rename + fsync of the directory.
+fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{name}.tmp"));
+    // A leftover from a crash may have other permissions: start afresh.
+    let _ = fs::remove_file(&tmp);
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(&tmp, dir.join(name))?;
+    fs::File::open(dir)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn writes_are_private_and_replace_whole_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("state");
+        let state = StateDir::open(&dir).unwrap();
+        assert_eq!(
+            fs::metadata(&dir).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(state.load().is_none());
+        // A leftover temporary file with loose permissions is not reused.
+        fs::write(dir.join(".identity.pem.tmp"), "junk").unwrap();
+        fs::set_permissions(
+            dir.join(".identity.pem.tmp"),
+            fs::Permissions::from_mode(0o644),
+        )
+        .unwrap();
+        write_atomic(&dir, IDENTITY_FILE, b"one").unwrap();
+        write_atomic(&dir, IDENTITY_FILE, b"two").unwrap();
+        assert_eq!(fs::read(dir.join(IDENTITY_FILE)).unwrap(), b"two");
+        assert_eq!(
+            fs::metadata(dir.join(IDENTITY_FILE))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+        assert!(!dir.join(".identity.pem.tmp").exists());
+        // Garbage is refused, not trusted.
+        assert!(state.load().is_none());
+    }
+
+    #[test]
+    fn key_block_finds_the_key_among_certificates() {
+        let text = "-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----\n-----BEGIN CERTIFICATE-----\nBBB\n-----END CERTIFICATE-----\n";
+        assert_eq!(
+            key_block(text),
+            Some("-----BEGIN PRIVATE KEY-----\nAAA\n-----END PRIVATE KEY-----")
+        );
+        assert_eq!(key_block("nothing"), None);
+    }
+}
