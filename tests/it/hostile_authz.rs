@@ -4,9 +4,8 @@
 //! service only ever sees requests the policy allowed, for the path and
 //! identity the policy decided on.
 
-mod hostile_support;
-mod proxy_support;
-mod support;
+use crate::support::hostile as hostile_support;
+use crate::support::proxy as proxy_support;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 

@@ -1,8 +1,8 @@
 //! Identity: certificates from the CA (first issue, readiness, renewal under
 //! load) and from files (reload on change, broken files keep the old set).
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};

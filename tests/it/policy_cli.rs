@@ -1,7 +1,7 @@
 //! `moat policy check|explain|test` driven through the real binary: exit
 //! codes (0, 1, 64) and `file:line:column: message` diagnostics.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Output;

@@ -4,9 +4,9 @@
 //! a reason that is counted, never burns a token on a refused CSR, and keeps
 //! issuing to legitimate callers.
 
-mod hostile_support;
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::hostile as hostile_support;
+use crate::support::proxy as proxy_support;
 
 use std::path::{Path, PathBuf};
 

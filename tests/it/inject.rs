@@ -1,13 +1,13 @@
 //! `moat inject` end to end: golden files, idempotence, untouched text,
 //! refusals with exit 64, and the output validated against the Kubernetes
-//! schemas by a real validator (`kubernetes-validate`, skipped with a printed
-//! reason when it is not installed).
+//! schemas by a real validator (`kubernetes-validate`; see `support::require`
+//! for what happens when it is not installed).
 //!
 //! Golden files live in `tests/golden/inject/`: `NAME.in.yaml` is the input,
 //! `NAME.out.yaml` the expected output. `MOAT_UPDATE_GOLDEN=1 cargo test
-//! --test inject` rewrites the outputs; review the diff before committing.
+//! --test it inject::` rewrites the outputs; review the diff before committing.
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -315,26 +315,11 @@ fn a_missing_file_is_a_usage_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/moat-inject.yaml"));
 }
 
-/// `kubernetes-validate` if it is installed (`pip install kubernetes-validate`).
-pub fn kubernetes_validate() -> Option<&'static str> {
-    let ok = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: kubernetes-validate is not installed (python3 -m pip install kubernetes-validate==1.37.0); \
-             the output was not checked against the Kubernetes schemas"
-        );
-    }
-    ok.then_some("kubernetes-validate")
-}
-
 #[test]
 fn injected_output_validates_against_the_kubernetes_schemas() {
-    let Some(validator) = kubernetes_validate() else {
+    if !support::require("kubernetes-validate") {
         return;
-    };
+    }
     let dir = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
     for input in golden_inputs() {
@@ -344,7 +329,7 @@ fn injected_output_validates_against_the_kubernetes_schemas() {
     }
     let mut args = vec!["--strict", "--quiet", "-k", "1.37.0"];
     args.extend(files.iter().map(|f| path_str(f)));
-    let out = support::tool(validator, &args);
+    let out = support::tool("kubernetes-validate", &args);
     assert!(
         out.status.success(),
         "kubernetes-validate rejected injected output:\n{}{}",

@@ -4,9 +4,9 @@
 //! the legitimate client. Checked with our own raw client, curl, openssl and
 //! an independent scanner (sslscan).
 
-mod hostile_support;
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::hostile as hostile_support;
+use crate::support::proxy as proxy_support;
 
 use std::io::{Read, Write};
 use std::time::{Duration, Instant};
@@ -167,8 +167,7 @@ fn plaintext_http_on_the_tls_port_is_refused_as_a_protocol_failure() {
 
 #[test]
 fn old_protocol_versions_and_weak_suites_are_refused() {
-    if !have("openssl") {
-        eprintln!("SKIP: openssl not installed");
+    if !support::require("openssl") {
         return;
     }
     let s = sidecar("", "");
@@ -214,8 +213,7 @@ fn old_protocol_versions_and_weak_suites_are_refused() {
 
 #[test]
 fn independent_scanner_sees_tls13_only_and_a_required_client_certificate() {
-    if !have("sslscan") {
-        eprintln!("SKIP: sslscan not installed (apt-get install -y sslscan)");
+    if !support::require("sslscan") {
         return;
     }
     let s = sidecar("", "");

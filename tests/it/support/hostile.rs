@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, pem::PemObject};
 use rustls::{ClientConnection, SignatureScheme, StreamOwned};
 
-use crate::proxy_support::*;
+use crate::support::proxy::*;
 use crate::support::{Running, TestCa, echo_service};
 use moat_proxy::tls::verify::AnyServerCertificate;
 
@@ -212,16 +212,6 @@ impl rustls::client::ResolvesClientCert for Fixed {
     fn has_certs(&self) -> bool {
         true
     }
-}
-
-/// Whether `program` can be run at all.
-pub fn have(program: &str) -> bool {
-    std::process::Command::new(program)
-        .arg("--version")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()
-        .is_ok()
 }
 
 /// `openssl s_client` against `addr` with `args`; true if a TLS session

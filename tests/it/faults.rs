@@ -4,9 +4,9 @@
 //! deleted under traffic, SIGTERM with many requests in flight, and a full
 //! disk under the CA's store.
 
-mod hostile_support;
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::hostile as hostile_support;
+use crate::support::proxy as proxy_support;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -287,8 +287,7 @@ fn policy_file_truncated_deleted_or_replaced_under_traffic() {
 
 #[test]
 fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
-    if unsafe_libc_geteuid() != 0 {
-        eprintln!("SKIP: needs root to mount a small tmpfs");
+    if !support::require_root("mounting a small tmpfs") {
         return;
     }
     let mnt = tempfile::tempdir().unwrap();
@@ -304,8 +303,11 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    if !mounted {
-        eprintln!("SKIP: cannot mount tmpfs here");
+    if !support::require_that(
+        mounted,
+        "cannot mount a tmpfs here",
+        "a kernel and container that allow `mount -t tmpfs`",
+    ) {
         return;
     }
     struct Unmount(std::path::PathBuf);
@@ -405,16 +407,6 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
     let client = moat_ca::client::CaClient::new(&format!("https://{addr}"), bundle).unwrap();
     let r = rt.block_on(client.issue(&moat_ca::client::WorkloadKey::generate().unwrap(), &used));
     assert!(r.is_err(), "still spent after a restart");
-}
-
-fn unsafe_libc_geteuid() -> u32 {
-    std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(1)
 }
 
 #[test]

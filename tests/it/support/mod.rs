@@ -2,7 +2,11 @@
 //! logs, and stand up a CA on a port-0 listener.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+pub mod hostile;
+pub mod otlp;
+pub mod proxy;
+
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -44,6 +48,70 @@ pub fn tool(program: &str, args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap_or_else(|e| panic!("run {program}: {e}"))
+}
+
+/// The programs the tests drive that cargo does not build: how to ask each
+/// whether it runs, and how to install it (what `.ci/run` does).
+const TOOLS: &[(&str, &[&str], &str)] = &[
+    ("curl", &["--version"], "apt-get install curl"),
+    ("openssl", &["version"], "apt-get install openssl"),
+    ("ip", &["-V"], "apt-get install iproute2"),
+    ("python3", &["--version"], "apt-get install python3"),
+    ("nghttp", &["--version"], "apt-get install nghttp2-client"),
+    ("sslscan", &["--version"], "apt-get install sslscan"),
+    ("systemd-analyze", &["--version"], "apt-get install systemd"),
+    ("strace", &["-V"], "apt-get install strace"),
+    ("promtool", &["--version"], "apt-get install prometheus"),
+    (
+        "kubernetes-validate",
+        &["--version"],
+        "python3 -m pip install kubernetes-validate==1.37.0",
+    ),
+];
+
+/// Whether `program` (one of [`TOOLS`]) runs here. If not: a failure
+/// under `MOAT_TEST_REQUIRE_ALL=1`, else a printed `SKIPPED:` and false,
+/// for the test to return.
+pub fn require(program: &str) -> bool {
+    let (_, probe, install) = TOOLS
+        .iter()
+        .find(|(name, _, _)| *name == program)
+        .unwrap_or_else(|| panic!("add {program} to support::TOOLS and to .ci/run"));
+    let runs = Command::new(program)
+        .args(*probe)
+        .stdin(Stdio::null())
+        .output()
+        .is_ok_and(|o| o.status.success());
+    require_that(runs, &format!("{program} is not installed"), install)
+}
+
+/// Whether this process runs as root (namespaces, mounts); if not, as
+/// [`require`].
+pub fn require_root(what: &str) -> bool {
+    let uid = tool("id", &["-u"]).stdout;
+    require_that(
+        uid == b"0\n",
+        &format!("not root, so {what} is not possible"),
+        "run the tests as root, as .ci/run does",
+    )
+}
+
+/// `ok`, or what is missing and how to get it: a failure under
+/// `MOAT_TEST_REQUIRE_ALL=1`, else a printed `SKIPPED:` and false.
+pub fn require_that(ok: bool, missing: &str, how: &str) -> bool {
+    if ok {
+        return true;
+    }
+    if std::env::var_os("MOAT_TEST_REQUIRE_ALL").is_some_and(|v| v == "1") {
+        panic!("MOAT_TEST_REQUIRE_ALL=1 and this test cannot run: {missing} ({how})");
+    }
+    // Straight to stderr, past the test harness's capture: a skip shows in
+    // `cargo test` output even when the test passes.
+    let _ = writeln!(
+        std::io::stderr(),
+        "SKIPPED: {missing} ({how}; set MOAT_TEST_REQUIRE_ALL=1 to make this a failure; .ci/run does)"
+    );
+    false
 }
 
 /// A running `moat` process whose stderr (JSON logs) is collected. Killed on drop.

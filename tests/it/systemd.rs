@@ -2,8 +2,10 @@
 //! --offline=true` rates each one "OK" or better (exposure at most 2.0), and
 //! each carries the settings the deployment issue asks for by name.
 //!
-//! Skipped, with a printed reason, where `systemd-analyze` is not installed
-//! (`apt-get install systemd`).
+//! Needs `systemd-analyze` (`apt-get install systemd`) and, for the syscall
+//! filter, `strace`: see `support::require` for what happens without them.
+
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,16 +19,7 @@ fn unit_path(name: &str) -> PathBuf {
 }
 
 fn systemd_analyze_available() -> bool {
-    let ok = Command::new("systemd-analyze")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: systemd-analyze is not installed (apt-get install systemd); unit exposure not checked"
-        );
-    }
-    ok
+    support::require("systemd-analyze")
 }
 
 /// The "Overall exposure level for X: 1.1 OK" number.
@@ -285,14 +278,18 @@ fn the_syscall_filter_allows_what_the_ca_and_proxy_do() {
     if !systemd_analyze_available() {
         return;
     }
+    if !support::require("strace") {
+        return;
+    }
     let strace_works = Command::new("strace")
         .args(["-f", "-qq", "-o", "/dev/null", "true"])
         .output()
         .is_ok_and(|o| o.status.success());
-    if !strace_works {
-        eprintln!(
-            "SKIPPED: strace is missing or cannot trace here (apt-get install strace); syscall filter not checked against real runs"
-        );
+    if !support::require_that(
+        strace_works,
+        "strace cannot trace here",
+        "ptrace allowed (CAP_SYS_PTRACE, no seccomp profile that forbids it)",
+    ) {
         return;
     }
     let moat = env!("CARGO_BIN_EXE_moat");

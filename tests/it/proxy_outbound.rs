@@ -2,8 +2,8 @@
 //! the proxy originates mutual TLS to the peer's sidecar, checking that the
 //! peer presents the configured SPIFFE ID.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -239,12 +239,7 @@ fn host_routes_match_http2_traffic_through_a_sidecar_pair() {
 /// (nghttp2-client): curl 7.88 cannot multiplex h2c with prior knowledge.
 #[test]
 fn pair_multiplexes_http2_streams_on_one_thread() {
-    if std::process::Command::new("nghttp")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        eprintln!("SKIPPED: nghttp is not installed (apt-get install nghttp2-client)");
+    if !support::require("nghttp") {
         return;
     }
     moat_ca::install_crypto_provider();

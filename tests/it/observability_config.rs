@@ -7,8 +7,8 @@
 //! the rules also go through `promtool check rules` and a few
 //! `promtool test rules` cases.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
@@ -803,27 +803,14 @@ fn every_metric_and_label_in_the_dashboard_and_alerts_is_exported() {
 }
 
 // ---------------------------------------------------------------------------
-// promtool, when there is one.
-
-fn promtool() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("PROMTOOL") {
-        return Some(PathBuf::from(p));
-    }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("promtool"))
-            .find(|p| p.is_file())
-    })
-}
+// promtool ($PROMTOOL, or the one on the PATH).
 
 #[test]
 fn promtool_checks_and_unit_tests_the_rules() {
-    let Some(promtool) = promtool() else {
-        println!(
-            "SKIPPED: no promtool on the PATH and no $PROMTOOL (Debian: the `prometheus` \
-             package ships it)"
-        );
-        return;
+    let promtool = match std::env::var_os("PROMTOOL") {
+        Some(p) => PathBuf::from(p),
+        None if support::require("promtool") => PathBuf::from("promtool"),
+        None => return,
     };
     let rules = repo_file(ALERTS);
     let promtool = path_str(&promtool);

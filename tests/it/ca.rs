@@ -1,7 +1,7 @@
 //! End-to-end tests of `moat ca`: the real binary, real HTTPS on loopback,
 //! `curl` and `openssl` as independent clients.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;

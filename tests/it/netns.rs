@@ -3,8 +3,8 @@
 //! pair, so the mutual TLS between the sidecars crosses a real interface.
 //! Skipped (with the reason printed) when not root or `ip netns` fails.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -148,22 +148,21 @@ fn python_port(line: &str) -> Option<u16> {
 
 #[test]
 fn two_sidecars_in_separate_network_namespaces_over_a_veth_pair() {
-    if support::tool("id", &["-u"]).stdout != b"0\n" {
-        eprintln!("SKIP: not root, cannot create network namespaces");
+    if !support::require_root("creating network namespaces")
+        || !support::require("ip")
+        || !support::require("python3")
+    {
         return;
     }
     let subnet = (std::process::id() % 200) as u8 + 20;
     let ns = match Netns::create(subnet) {
         Ok(ns) => ns,
         Err(e) => {
-            eprintln!("SKIP: ip netns unavailable: {e}");
+            let what = format!("`ip netns` does not work here: {e}");
+            support::require_that(false, &what, "a kernel with network namespaces");
             return;
         }
     };
-    if Command::new("python3").arg("--version").output().is_err() {
-        eprintln!("SKIP: python3 (the service in namespace b) not installed");
-        return;
-    }
     moat_ca::install_crypto_provider();
     let ca = TestCa::start();
     let dir = ca.dir.path();

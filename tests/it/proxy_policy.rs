@@ -2,8 +2,8 @@
 //! handshake, the normalized path forwarded, hot reload, and a broken
 //! policy refused at start with exit 64.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

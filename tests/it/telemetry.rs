@@ -2,10 +2,9 @@
 //! pair, requests unaffected by a collector that is down, and Prometheus
 //! metrics that move with allowed, denied and refused traffic.
 
-#[path = "support/otlp.rs"]
-mod otlp;
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::otlp;
+use crate::support::proxy as proxy_support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,8 +1,8 @@
 //! Inbound: peers reach the local service through mutual TLS, verified by
 //! chain and SPIFFE ID; everyone else is refused at the handshake.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::net::SocketAddr;
 use std::time::Duration;

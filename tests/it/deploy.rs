@@ -4,13 +4,12 @@
 //! configuration embedded in ConfigMaps load, and the Dockerfile builds an
 //! image with nothing but the binary, as a non-root numeric user.
 //!
-//! Schema validation uses `kubernetes-validate` and is skipped, with a
-//! printed reason, when it is not installed.
+//! Schema validation uses `kubernetes-validate` (`support::require`: a
+//! printed skip when it is not installed, a failure in CI).
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use support::{moat, path_str};
 
@@ -67,14 +66,7 @@ fn embedded_toml(yaml: &str) -> Vec<(String, String)> {
 
 #[test]
 fn manifests_validate_against_the_kubernetes_schemas() {
-    let ok = Command::new("kubernetes-validate")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: kubernetes-validate is not installed (python3 -m pip install kubernetes-validate==1.37.0)"
-        );
+    if !support::require("kubernetes-validate") {
         return;
     }
     let files = manifests();

@@ -17,7 +17,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-mod support;
+use crate::support;
 
 const ISS: &str = "https://idp.test";
 

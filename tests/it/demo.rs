@@ -1,6 +1,6 @@
 //! `moat demo` runs to completion and shows what a new user should see.
 
-mod support;
+use crate::support;
 
 #[test]
 fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {

@@ -4,7 +4,7 @@
 //! from the paths a sidecar really takes, not from a run that failed half
 //! way through.
 
-mod support;
+use crate::support;
 
 #[test]
 fn pgo_training_load_runs_every_workload_and_stops_the_sidecars_cleanly() {

@@ -4,8 +4,8 @@
 //! while one keep-alive connection carries steady traffic: no request fails
 //! because of an edit, valid or not, and the connection is never closed.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

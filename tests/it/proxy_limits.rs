@@ -1,7 +1,7 @@
 //! Limits: nothing a client holds open is unbounded.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;

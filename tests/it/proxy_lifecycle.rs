@@ -2,8 +2,8 @@
 //! SIGHUP reloads identity files, and bad configuration exits 64 before
 //! any port is bound.
 
-mod proxy_support;
-mod support;
+use crate::support;
+use crate::support::proxy as proxy_support;
 
 use std::time::{Duration, Instant};
 

@@ -4,9 +4,7 @@
 //! floods. Each is refused or answered unambiguously, and the proxy keeps
 //! serving the legitimate client.
 
-mod hostile_support;
-mod proxy_support;
-mod support;
+use crate::support::hostile as hostile_support;
 
 use std::io::Write;
 use std::time::{Duration, Instant};
