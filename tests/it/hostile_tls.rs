@@ -19,25 +19,12 @@ use support::{TestCa, path_str, tool};
 /// A leaf signed by the test CA's own root, shaped by `edit` (the CA itself
 /// would never sign it).
 fn ca_leaf(ca: &TestCa, name: &str, edit: impl FnOnce(&mut rcgen::CertificateParams)) -> CertFiles {
-    let dir = ca.ca_dir();
-    let root_pem = std::fs::read_to_string(dir.join("roots/1.crt")).unwrap();
-    let root_key =
-        rcgen::KeyPair::from_pem(&std::fs::read_to_string(dir.join("roots/1.key")).unwrap())
-            .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![uri_san(CLIENT_ID)];
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    edit(&mut params);
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    CertFiles {
-        cert: write(ca.dir.path(), &format!("{name}.crt"), &cert.pem()),
-        key: write(ca.dir.path(), &format!("{name}.key"), &key.serialize_pem()),
-    }
+    let issuer = moat_testkit::pki::ca_dir_issuer(&ca.ca_dir()).unwrap();
+    let pem = moat_testkit::pki::leaf(&issuer, "", |p| {
+        p.subject_alt_names = vec![uri_san(CLIENT_ID)];
+        edit(p);
+    });
+    cert_files(ca.dir.path(), name, &pem.unwrap())
 }
 
 fn failures(s: &Sidecar, reason: Option<&str>) -> f64 {

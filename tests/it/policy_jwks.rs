@@ -38,27 +38,18 @@ struct JwksServer {
 
 /// A CA and a server certificate for 127.0.0.1 signed by it.
 fn server_tls() -> (String, rustls::ServerConfig) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "jwks test CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST))];
-    let cert = params.signed_by(&key, &issuer).unwrap();
+    let (issuer, ca_pem) = moat_testkit::pki::foreign_ca("jwks test CA").unwrap();
+    let localhost = rcgen::SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    let cert = moat_testkit::pki::leaf(&issuer, "", |p| p.subject_alt_names = vec![localhost]);
+    let cert = cert.unwrap();
     let config = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_single_cert(
-            vec![CertificateDer::from(cert.der().to_vec())],
-            PrivateKeyDer::from_pem_slice(key.serialize_pem().as_bytes()).unwrap(),
+            vec![CertificateDer::from(cert.der)],
+            PrivateKeyDer::from_pem_slice(cert.key.as_bytes()).unwrap(),
         )
         .unwrap();
-    (ca_cert.pem(), config)
+    (ca_pem, config)
 }
 
 impl JwksServer {

@@ -6,13 +6,13 @@ pub mod hostile;
 pub mod otlp;
 pub mod proxy;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
+use moat_testkit::{Ca, Moat, Process};
 use serde_json::Value;
 
 /// The `moat` binary cargo built for these tests.
@@ -20,26 +20,22 @@ pub fn moat_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moat"))
 }
 
+/// The harness around it: `RUST_LOG=info`, and every child's log echoed
+/// with `MOAT_TEST_ECHO=1`.
+pub fn harness() -> Moat {
+    Moat::new(moat_bin())
+        .env("RUST_LOG", "info")
+        .echo(std::env::var_os("MOAT_TEST_ECHO").is_some())
+}
+
 /// Runs `moat ARGS...` to completion and returns its output.
 pub fn moat(args: &[&str]) -> Output {
-    Command::new(moat_bin())
-        .args(args)
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run moat")
+    harness().output(args).expect("run moat")
 }
 
 /// Runs `moat ARGS...`, asserts success, returns stdout.
 pub fn moat_ok(args: &[&str]) -> String {
-    let out = moat(args);
-    assert!(
-        out.status.success(),
-        "moat {args:?} failed ({}):\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).expect("utf-8 stdout")
+    harness().ok(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Runs an external program (curl, openssl) and returns its output.
@@ -114,10 +110,22 @@ pub fn require_that(ok: bool, missing: &str, how: &str) -> bool {
     false
 }
 
-/// A running `moat` process whose stderr (JSON logs) is collected. Killed on drop.
-pub struct Running {
-    pub child: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+/// A running `moat` process whose stderr (JSON logs) is collected. Killed
+/// on drop. The harness's [`Process`], with waits that panic (showing the
+/// log) instead of returning errors.
+pub struct Running(Process);
+
+impl std::ops::Deref for Running {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Running {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.0
+    }
 }
 
 impl Running {
@@ -128,109 +136,45 @@ impl Running {
 
     /// Starts `moat ARGS...` with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
-        let mut cmd = Command::new(moat_bin());
-        cmd.args(args)
-            .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = cmd.spawn().expect("spawn moat");
-        let stderr = child.stderr.take().expect("stderr");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        let sink = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if std::env::var_os("MOAT_TEST_ECHO").is_some() {
-                    eprintln!("[moat] {line}");
-                }
-                sink.lock().unwrap().push(line);
-            }
-        });
-        Self { child, logs }
+        let moat = env.iter().fold(harness(), |m, (k, v)| m.env(k, v));
+        Self(moat.spawn("moat", args, None).expect("spawn moat"))
     }
 
     /// Every log line so far.
     pub fn logs(&self) -> Vec<String> {
-        self.logs.lock().unwrap().clone()
+        self.0.lines()
     }
 
     /// Every log line so far, parsed as JSON (non-JSON lines are skipped).
     pub fn json_logs(&self) -> Vec<Value> {
-        self.logs()
-            .iter()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        self.0.json_since(0)
     }
 
     /// Waits until a JSON log line satisfies `pred`, or panics after `timeout`
     /// (or if the process exits first).
     pub fn wait_for_log(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.json_logs().into_iter().find(|v| pred(v)) {
-                return v;
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                // Give the reader thread a moment to drain.
-                std::thread::sleep(Duration::from_millis(100));
-                if let Some(v) = self.json_logs().into_iter().find(|v| pred(v)) {
-                    return v;
-                }
-                panic!(
-                    "moat exited ({status}) before the expected log line:\n{}",
-                    self.logs().join("\n")
-                );
-            }
-            if Instant::now() > deadline {
-                panic!(
-                    "timed out waiting for a log line; logs so far:\n{}",
-                    self.logs().join("\n")
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.0
+            .wait_for_log(timeout, pred)
+            .unwrap_or_else(|e| panic!("waiting for a log line: {e:#}"))
     }
 
     /// The address a listener reported in its `listening` log line.
     /// `name` is the listener's name (`ca`, `admin`, or an inbound/outbound name).
     pub fn listening_addr(&mut self, name: &str) -> SocketAddr {
-        let v = self.wait_for_log(Duration::from_secs(30), |v| {
-            v["message"] == "listening" && v["listener"] == name
-        });
-        v["addr"]
-            .as_str()
-            .expect("addr field")
-            .parse()
-            .expect("socket address")
+        self.0
+            .listening(name)
+            .unwrap_or_else(|e| panic!("waiting for listener {name}: {e:#}"))
     }
 
-    /// Sends a signal to the process.
+    /// Sends a signal (`TERM`, `HUP`, `KILL`) to the process.
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .args([&format!("-{sig}"), &self.child.id().to_string()])
-            .status()
-            .expect("kill");
-        assert!(status.success());
-    }
-
-    /// Waits for the process to exit, up to `timeout`.
-    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let sig = match sig {
+            "TERM" => moat_testkit::SIGTERM,
+            "HUP" => moat_testkit::SIGHUP,
+            "KILL" => moat_testkit::SIGKILL,
+            other => panic!("add signal {other} to support::Running::signal"),
+        };
+        self.0.signal(sig).expect("signal");
     }
 }
 
@@ -240,6 +184,7 @@ pub struct TestCa {
     pub server: Running,
     pub addr: SocketAddr,
     pub trust_domain: String,
+    ca: Ca,
 }
 
 impl TestCa {
@@ -251,25 +196,16 @@ impl TestCa {
     /// Initializes a CA, lets `prepare` add files to its directory (e.g. `ca.toml`), then serves it.
     pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca_dir = dir.path().join("ca");
-        ca_init(&ca_dir);
-        prepare(&ca_dir);
-        let mut server = Running::start(&[
-            "ca",
-            "serve",
-            "--dir",
-            path_str(&ca_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ]);
+        let ca = ca_init(&dir.path().join("ca"));
+        prepare(ca.dir());
+        let mut server = Running(ca.serve("ca", &[], None).expect("start moat ca serve"));
         let addr = server.listening_addr("ca");
         Self {
             dir,
             server,
             addr,
             trust_domain: "example.org".into(),
+            ca,
         }
     }
 
@@ -280,7 +216,7 @@ impl TestCa {
 
     /// The CA directory.
     pub fn ca_dir(&self) -> PathBuf {
-        self.dir.path().join("ca")
+        self.ca.dir().to_owned()
     }
 
     /// `https://127.0.0.1:PORT`.
@@ -291,53 +227,27 @@ impl TestCa {
     /// Writes the current bundle to a file and returns its path.
     pub fn bundle_file(&self) -> PathBuf {
         let path = self.dir.path().join("bundle.pem");
-        std::fs::write(
-            &path,
-            moat_ok(&["ca", "bundle", "--dir", path_str(&self.ca_dir())]),
-        )
-        .unwrap();
+        std::fs::write(&path, self.ca.bundle().expect("moat ca bundle")).unwrap();
         path
     }
 
     /// Mints a join token for `id`.
     pub fn token(&self, id: &str) -> String {
-        moat_ok(&["ca", "token", "--dir", path_str(&self.ca_dir()), "--id", id])
-            .trim()
-            .to_owned()
+        self.ca.token(id).expect("moat ca token")
     }
 
     /// Issues a certificate and key to files in the temp dir; returns (cert, key) paths.
     pub fn issue_files(&self, id: &str, ttl: &str, name: &str) -> (PathBuf, PathBuf) {
         let cert = self.dir.path().join(format!("{name}.crt"));
         let key = self.dir.path().join(format!("{name}.key"));
-        moat_ok(&[
-            "ca",
-            "issue",
-            "--dir",
-            path_str(&self.ca_dir()),
-            "--id",
-            id,
-            "--ttl",
-            ttl,
-            "--cert-out",
-            path_str(&cert),
-            "--key-out",
-            path_str(&key),
-        ]);
+        self.ca.issue(id, ttl, &cert, &key).expect("moat ca issue");
         (cert, key)
     }
 }
 
 /// `moat ca init` of a CA for `example.org` in `dir`.
-pub fn ca_init(dir: &Path) {
-    moat_ok(&[
-        "ca",
-        "init",
-        "--dir",
-        path_str(dir),
-        "--trust-domain",
-        "example.org",
-    ]);
+pub fn ca_init(dir: &Path) -> Ca {
+    Ca::init(&harness(), dir, "example.org").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The values of every sample of `name` whose labels include `labels`, read

@@ -9,6 +9,7 @@ use std::process::Output;
 use std::time::Duration;
 
 use crate::support::{Running, TestCa, echo_service, path_str, tool};
+use moat_testkit::pki;
 
 /// A workload certificate and key on disk.
 pub struct CertFiles {
@@ -96,16 +97,8 @@ fn parse_status(out: &Output) -> (u16, String) {
 
 /// A CA that is not ours, and a leaf it signs for `id` (valid for an hour).
 pub fn foreign_cert(dir: &Path, id: &str, name: &str) -> CertFiles {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "not the moat CA");
-    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    leaf_signed_by(dir, id, name, &issuer, &ca_cert.pem())
+    let (issuer, ca_pem) = pki::foreign_ca("not the moat CA").unwrap();
+    leaf_signed_by(dir, id, name, &issuer, &ca_pem)
 }
 
 /// A leaf for `id` signed by `issuer`, with the workload EKUs.
@@ -116,22 +109,17 @@ pub fn leaf_signed_by(
     issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
     chain_pem: &str,
 ) -> CertFiles {
-    use rcgen::{CertificateParams, ExtendedKeyUsagePurpose, KeyPair, SanType};
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
-    params.extended_key_usages = vec![
-        ExtendedKeyUsagePurpose::ServerAuth,
-        ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, issuer).unwrap();
+    let pem = pki::leaf(issuer, chain_pem, |p| {
+        p.subject_alt_names = vec![uri_san(id)]
+    });
+    cert_files(dir, name, &pem.unwrap())
+}
+
+/// Writes `pem` to `name.crt` and `name.key` in `dir`.
+pub fn cert_files(dir: &Path, name: &str, pem: &pki::Pem) -> CertFiles {
     CertFiles {
-        cert: write(
-            dir,
-            &format!("{name}.crt"),
-            &format!("{}{}", cert.pem(), chain_pem),
-        ),
-        key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
+        cert: write(dir, &format!("{name}.crt"), &pem.cert),
+        key: write(dir, &format!("{name}.key"), &pem.key),
     }
 }
 
@@ -150,30 +138,14 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 /// A leaf signed by the test CA's own root (read from its directory), with
 /// whatever SANs the test wants: what the CA itself would never issue.
 pub fn ca_signed(ca: &TestCa, sans: Vec<rcgen::SanType>, name: &str) -> CertFiles {
-    let root_pem = std::fs::read_to_string(ca.ca_dir().join("roots/1.crt")).unwrap();
-    let root_key = rcgen::KeyPair::from_pem(
-        &std::fs::read_to_string(ca.ca_dir().join("roots/1.key")).unwrap(),
-    )
-    .unwrap();
-    let issuer = rcgen::Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = sans;
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    let dir = ca.dir.path();
-    CertFiles {
-        cert: write(dir, &format!("{name}.crt"), &cert.pem()),
-        key: write(dir, &format!("{name}.key"), &key.serialize_pem()),
-    }
+    let issuer = pki::ca_dir_issuer(&ca.ca_dir()).unwrap();
+    let pem = pki::leaf(&issuer, "", |p| p.subject_alt_names = sans).unwrap();
+    cert_files(ca.dir.path(), name, &pem)
 }
 
 /// A URI SAN.
 pub fn uri_san(id: &str) -> rcgen::SanType {
-    rcgen::SanType::URI(id.try_into().unwrap())
+    pki::uri_san(id).unwrap()
 }
 
 /// A CA-mode `[identity]` section: a join token for `id` in a file, short
