@@ -31,80 +31,14 @@ fn read(rel: &str) -> String {
     std::fs::read_to_string(repo_file(rel)).unwrap_or_else(|e| panic!("{rel}: {e}"))
 }
 
-// ---------------------------------------------------------------------------
-// YAML, through the parser the binary already uses for `moat inject`.
-
-/// Parses a one-document YAML file into JSON values (every scalar a string;
-/// anchors, aliases and duplicate keys refused).
-fn yaml_to_json(input: &str) -> Result<Value, String> {
-    use granit_parser::{Event, Parser};
-    enum Open {
-        Seq(Vec<Value>),
-        Map(serde_json::Map<String, Value>, Option<String>),
-    }
-    let mut stack: Vec<Open> = Vec::new();
-    let mut docs = Vec::new();
-    for item in Parser::new_from_str(input) {
-        let (event, span) = item.map_err(|e| {
-            format!(
-                "line {} column {}: {}",
-                e.marker().line(),
-                e.marker().col() + 1,
-                e.info()
-            )
-        })?;
-        let value = match event {
-            Event::Scalar(v, _, 0, _) => Value::String(v.into_owned()),
-            Event::SequenceStart(_, 0, _) => {
-                stack.push(Open::Seq(Vec::new()));
-                continue;
-            }
-            Event::MappingStart(_, 0, _) => {
-                stack.push(Open::Map(serde_json::Map::new(), None));
-                continue;
-            }
-            Event::SequenceEnd | Event::MappingEnd => match stack.pop() {
-                Some(Open::Seq(items)) => Value::Array(items),
-                Some(Open::Map(map, None)) => Value::Object(map),
-                _ => return Err("unbalanced YAML events".into()),
-            },
-            Event::Scalar(..)
-            | Event::SequenceStart(..)
-            | Event::MappingStart(..)
-            | Event::Alias(_)
-            | Event::UnresolvedAlias(_) => {
-                return Err(format!(
-                    "line {}: anchors and aliases are not used in these files",
-                    span.start.line()
-                ));
-            }
-            _ => continue,
-        };
-        match stack.last_mut() {
-            Some(Open::Seq(items)) => items.push(value),
-            Some(Open::Map(map, pending)) => match pending.take() {
-                Some(key) => {
-                    if map.insert(key.clone(), value).is_some() {
-                        return Err(format!("line {}: duplicate key {key:?}", span.start.line()));
-                    }
-                }
-                None => match value {
-                    Value::String(key) => *pending = Some(key),
-                    _ => return Err(format!("line {}: non-scalar key", span.start.line())),
-                },
-            },
-            None => docs.push(value),
-        }
-    }
-    match docs.len() {
-        1 => Ok(docs.pop().unwrap()),
-        n => Err(format!("expected one YAML document, found {n}")),
-    }
+/// The alert rules file as JSON values, read by a YAML parser (duplicate
+/// keys are an error).
+fn alerts_file() -> Value {
+    serde_saphyr::from_str(&read(ALERTS)).unwrap_or_else(|e| panic!("{ALERTS}: {e}"))
 }
 
 fn alert_rules() -> Vec<Value> {
-    let doc = yaml_to_json(&read(ALERTS)).unwrap_or_else(|e| panic!("{ALERTS}: {e}"));
-    doc["groups"]
+    alerts_file()["groups"]
         .as_array()
         .unwrap_or_else(|| panic!("{ALERTS}: no groups"))
         .iter()
@@ -192,7 +126,7 @@ fn variable_queries(dash: &Value) -> Vec<(String, String, String)> {
 
 #[test]
 fn alert_rules_have_the_fields_operators_need() {
-    let doc = yaml_to_json(&read(ALERTS)).unwrap();
+    let doc = alerts_file();
     let groups = doc["groups"].as_array().expect("groups");
     assert!(!groups.is_empty());
     let mut names = BTreeSet::new();
@@ -363,161 +297,76 @@ struct References {
     grouping: BTreeSet<String>,
 }
 
-const KEYWORDS: &[&str] = &[
-    "and",
-    "or",
-    "unless",
-    "offset",
-    "bool",
-    "by",
-    "without",
-    "on",
-    "ignoring",
-    "group_left",
-    "group_right",
-    "inf",
-    "nan",
-    "atan2",
-    // Aggregations, which may be followed by `by (...)` before their `(`.
-    "sum",
-    "min",
-    "max",
-    "avg",
-    "count",
-    "group",
-    "stddev",
-    "stdvar",
-    "topk",
-    "bottomk",
-    "quantile",
-    "count_values",
-    "limitk",
-    "limit_ratio",
-];
-
-/// Reads the metric names and label names of a PromQL expression. A small
-/// tokenizer, enough for what these files use: strings, `{...}` matchers,
-/// `[...]` ranges, numbers and durations, functions and aggregations,
-/// grouping clauses.
+/// Reads the metric names and label names of a PromQL expression with a
+/// PromQL parser. Grafana's interval variables stand where PromQL wants a
+/// duration, so they become one first; its other variables stand only in
+/// label values, which PromQL reads as strings.
 fn promql_references(expr: &str) -> Result<References, String> {
-    let b = expr.as_bytes();
+    let expr = ["$__rate_interval", "$__interval", "$__range"]
+        .into_iter()
+        .fold(expr.to_owned(), |e, v| e.replace(v, "5m"));
+    let ast = promql_parser::parser::parse(&expr).map_err(|e| format!("{expr:?}: {e}"))?;
     let mut refs = References::default();
-    let mut i = 0;
-    let mut last_metric: Option<String> = None;
-    let ident = |i: usize| {
-        let mut j = i;
-        while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b':') {
-            j += 1;
-        }
-        j
-    };
-    let skip_ws = |mut i: usize| {
-        while i < b.len() && b[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        i
-    };
-    let skip_string = |i: usize| -> Result<usize, String> {
-        let q = b[i];
-        let mut j = i + 1;
-        while j < b.len() && b[j] != q {
-            j += if b[j] == b'\\' && q != b'`' { 2 } else { 1 };
-        }
-        if j >= b.len() {
-            return Err(format!("unterminated string in {expr:?}"));
-        }
-        Ok(j + 1)
-    };
-    while i < b.len() {
-        let c = b[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
-        } else if c == b'"' || c == b'\'' || c == b'`' {
-            i = skip_string(i)?;
-            last_metric = None;
-        } else if c == b'[' {
-            i = expr[i..]
-                .find(']')
-                .map(|n| i + n + 1)
-                .ok_or_else(|| format!("unclosed [ in {expr:?}"))?;
-        } else if c == b'{' {
-            let metric = last_metric
-                .take()
-                .ok_or_else(|| format!("a selector without a metric name in {expr:?}"))?;
-            i += 1;
-            loop {
-                i = skip_ws(i);
-                if i < b.len() && b[i] == b'}' {
-                    i += 1;
-                    break;
+    refs.collect(&ast)?;
+    Ok(refs)
+}
+
+impl References {
+    fn collect(&mut self, expr: &promql_parser::parser::Expr) -> Result<(), String> {
+        use promql_parser::parser::Expr;
+        match expr {
+            Expr::Aggregate(a) => {
+                self.grouping_labels(a.modifier.as_ref());
+                if let Some(param) = &a.param {
+                    self.collect(param)?;
                 }
-                let end = ident(i);
-                if end == i {
-                    return Err(format!("bad label matcher at {:?}", &expr[i..]));
-                }
-                refs.metrics
-                    .get_mut(&metric)
-                    .expect("metric recorded")
-                    .insert(expr[i..end].to_owned());
-                i = skip_ws(end);
-                while i < b.len() && matches!(b[i], b'=' | b'!' | b'~') {
-                    i += 1;
-                }
-                i = skip_ws(i);
-                if i >= b.len() || !matches!(b[i], b'"' | b'\'' | b'`') {
-                    return Err(format!("label matcher without a string in {expr:?}"));
-                }
-                i = skip_ws(skip_string(i)?);
-                if i < b.len() && b[i] == b',' {
-                    i += 1;
-                }
+                self.collect(&a.expr)
             }
-        } else if c.is_ascii_digit() || c == b'.' {
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'.') {
-                i += 1;
-            }
-            last_metric = None;
-        } else if c.is_ascii_alphabetic() || c == b'_' || c == b':' {
-            let end = ident(i);
-            let word = &expr[i..end];
-            let next = skip_ws(end);
-            let called = next < b.len() && b[next] == b'(';
-            last_metric = None;
-            if matches!(
-                word,
-                "by" | "without" | "on" | "ignoring" | "group_left" | "group_right"
-            ) && called
-            {
-                let close = expr[next..]
-                    .find(')')
-                    .map(|n| next + n)
-                    .ok_or_else(|| format!("unclosed ( in {expr:?}"))?;
-                for label in expr[next + 1..close].split(',') {
-                    let label = label.trim();
-                    if !label.is_empty() {
-                        refs.grouping.insert(label.to_owned());
-                    }
+            Expr::Binary(b) => {
+                if let Some(m) = &b.modifier {
+                    self.grouping_labels(m.matching.as_ref());
+                    let group = m.card.labels().into_iter().flat_map(|l| &l.labels);
+                    self.grouping.extend(group.cloned());
                 }
-                i = close + 1;
-            } else if called || KEYWORDS.contains(&word) {
-                i = end;
-            } else {
-                refs.metrics.entry(word.to_owned()).or_default();
-                last_metric = Some(word.to_owned());
-                i = end;
+                self.collect(&b.lhs)?;
+                self.collect(&b.rhs)
             }
-        } else {
-            i += 1;
-            last_metric = None;
+            Expr::Unary(u) => self.collect(&u.expr),
+            Expr::Paren(p) => self.collect(&p.expr),
+            Expr::Subquery(s) => self.collect(&s.expr),
+            Expr::Call(c) => c.args.args.iter().try_for_each(|a| self.collect(a)),
+            Expr::VectorSelector(v) => self.selector(v),
+            Expr::MatrixSelector(m) => self.selector(&m.vs),
+            Expr::NumberLiteral(_) | Expr::StringLiteral(_) => Ok(()),
+            Expr::Extension(_) => Err("a parser extension in the expression".into()),
         }
     }
-    Ok(refs)
+
+    /// `by`/`without` of an aggregation, `on`/`ignoring` of a binary operator.
+    fn grouping_labels(&mut self, modifier: Option<&promql_parser::parser::LabelModifier>) {
+        let labels = modifier.into_iter().flat_map(|m| &m.labels().labels);
+        self.grouping.extend(labels.cloned());
+    }
+
+    fn selector(&mut self, v: &promql_parser::parser::VectorSelector) -> Result<(), String> {
+        let name = v
+            .name
+            .as_ref()
+            .ok_or_else(|| format!("a selector without a metric name: {v}"))?;
+        let matchers = v.matchers.matchers.iter();
+        let labels = matchers
+            .chain(v.matchers.or_matchers.iter().flatten())
+            .map(|m| m.name.clone())
+            .filter(|l| l != "__name__");
+        self.metrics.entry(name.clone()).or_default().extend(labels);
+        Ok(())
+    }
 }
 
 #[test]
 fn the_promql_reader_finds_metrics_matchers_and_grouping_labels() {
     let r = promql_references(
-        r#"sum by (job, listener) (rate(moat_a_total{x="1", y=~"$v"}[5m] offset 1h)) > 3 * moat_b unless on (job) count(moat_c{z!="}"}) and time() < 30 * 86400"#,
+        r#"sum by (job, listener) (rate(moat_a_total{x="1", y=~"$v"}[5m] offset 1h)) > 3 * moat_b unless on (job) count(moat_c{z!="}"}) < time() - 30 * 86400"#,
     )
     .unwrap();
     let names: Vec<&str> = r.metrics.keys().map(String::as_str).collect();
