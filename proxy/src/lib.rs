@@ -15,6 +15,8 @@ pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod drain;
+#[cfg(test)]
+mod future_size;
 pub mod http;
 pub mod identity;
 pub mod inbound;
