@@ -150,6 +150,15 @@ protocol = "tcp"
     let out_open = outbound.listening_async("open").await?;
     let out_routes = outbound.listening_async("routes").await?;
     let out_tcp = outbound.listening_async("tcp").await?;
+    // Load only once both sidecars hold a certificate from the CA: before
+    // that, they refuse handshakes, and the run would train the refusal.
+    for sidecar in [&mut inbound, &mut outbound] {
+        sidecar
+            .wait_for_log_async(Duration::from_secs(60), |v| {
+                v["message"] == "certificate issued"
+            })
+            .await?;
+    }
 
     let h1_tls = Arc::new(pki.client_tls(b"http/1.1")?);
     let h2_tls = Arc::new(pki.client_tls(b"h2")?);
