@@ -57,6 +57,55 @@ enum Command {
     },
     /// Add the moat sidecar to Kubernetes manifests (YAML on stdout).
     Inject(InjectArgs),
+    /// Install the transparent-mode redirect rules (nftables) in this network
+    /// namespace, replacing earlier ones; or print or remove them. Needs CAP_NET_ADMIN.
+    Redirect(RedirectArgs),
+}
+
+/// `moat redirect`: values from `[redirect]` of `--config`, each flag overriding its field.
+/// (Lists are written `::std::vec::Vec` so that clap takes one comma-separated value.)
+#[derive(Args)]
+struct RedirectArgs {
+    /// The proxy's configuration file: its `[redirect]` (required), and
+    /// moat's own ports (`[admin]`, `[[inbound]] listen`), never redirected.
+    #[arg(long, env = "MOAT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Print the rules (nft syntax, for `nft -f`) instead of installing them.
+    #[arg(long)]
+    dry_run: bool,
+    /// Remove the rules (the table inet moat).
+    #[arg(long)]
+    cleanup: bool,
+    /// Port of moat's transparent inbound listener [default: 15006].
+    #[arg(long)]
+    inbound_listener_port: Option<u16>,
+    /// Port of moat's transparent outbound listener [default: 15001].
+    #[arg(long)]
+    outbound_listener_port: Option<u16>,
+    /// Inbound ports to redirect: "all" [default], or a comma-separated list ("" for none).
+    #[arg(long)]
+    inbound_ports: Option<moat_proxy::redirect::InboundPorts>,
+    /// With --inbound-ports all: ports to leave alone (comma-separated).
+    #[arg(long, value_parser = moat_proxy::redirect::parse_ports)]
+    skip_inbound_ports: Option<::std::vec::Vec<u16>>,
+    /// Leave outbound traffic alone.
+    #[arg(long)]
+    no_outbound: bool,
+    /// Outbound destination ports to leave alone (comma-separated).
+    #[arg(long, value_parser = moat_proxy::redirect::parse_ports)]
+    skip_outbound_ports: Option<::std::vec::Vec<u16>>,
+    /// Outbound destination addresses or CIDRs to leave alone (comma-separated).
+    #[arg(long, value_parser = parse_cidrs)]
+    skip_outbound_cidrs: Option<::std::vec::Vec<moat_proxy::redirect::Cidr>>,
+    /// The UID (or user name) moat runs as; its connections are never redirected [default: 65532].
+    #[arg(long)]
+    proxy_uid: Option<moat_proxy::redirect::Owner>,
+    /// Also exempt connections of this GID (or group name).
+    #[arg(long)]
+    proxy_gid: Option<moat_proxy::redirect::Owner>,
+    /// moat's admin port, never redirected [default: from --config, else 9901].
+    #[arg(long)]
+    admin_port: Option<u16>,
 }
 
 #[derive(Args)]
@@ -256,6 +305,7 @@ fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
             Ok(demo::run(demo::DemoOptions { keep_running, dir })?)
         }
         Command::Inject(args) => run_inject(args),
+        Command::Redirect(args) => run_redirect(args),
         Command::Proxy(args) => {
             use moat_proxy::telemetry::{Observability, ProxyMetrics, Tracing};
             let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
@@ -290,6 +340,90 @@ fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
             Ok(())
         }
     }
+}
+
+fn run_redirect(args: RedirectArgs) -> Result<(), Failure> {
+    use moat_proxy::redirect::{self, InboundPorts, OwnPorts, RedirectError, Ruleset};
+    let apply_err = |e: RedirectError| match e {
+        RedirectError::Invalid(_) => config_err(e),
+        other => Failure::Other(other.into()),
+    };
+    if args.cleanup {
+        if args.dry_run {
+            print!("{}", redirect::cleanup_nft());
+            return Ok(());
+        }
+        redirect::cleanup().map_err(apply_err)?;
+        tracing::info!(table = "inet moat", "redirect rules removed");
+        return Ok(());
+    }
+    let (mut config, mut own) = match &args.config {
+        Some(path) => redirect::load(path).map_err(config_err)?,
+        None => (
+            Default::default(),
+            OwnPorts {
+                admin: Some(moat_proxy::config::DEFAULT_ADMIN_PORT),
+                inbound: Vec::new(),
+            },
+        ),
+    };
+    if let Some(p) = args.inbound_listener_port {
+        config.inbound_listener_port = p;
+    }
+    if let Some(p) = args.outbound_listener_port {
+        config.outbound_listener_port = p;
+    }
+    if let Some(p) = args.inbound_ports {
+        config.inbound_ports = p;
+    }
+    if let Some(p) = args.skip_inbound_ports {
+        config.skip_inbound_ports = p;
+    }
+    if args.no_outbound {
+        config.outbound = false;
+    }
+    if let Some(p) = args.skip_outbound_ports {
+        config.skip_outbound_ports = p;
+    }
+    if let Some(c) = args.skip_outbound_cidrs {
+        config.skip_outbound_cidrs = c;
+    }
+    if let Some(u) = args.proxy_uid {
+        config.proxy_uid = u;
+    }
+    if let Some(g) = args.proxy_gid {
+        config.proxy_gid = Some(g);
+    }
+    if let Some(p) = args.admin_port {
+        own.admin = Some(p);
+    }
+    let rules = Ruleset::new(&config, &own).map_err(apply_err)?;
+    if args.dry_run {
+        print!("{}", rules.to_nft());
+        return Ok(());
+    }
+    rules.apply().map_err(apply_err)?;
+    let inbound = match &config.inbound_ports {
+        InboundPorts::All => "all".to_owned(),
+        InboundPorts::Listed(p) => format!("{p:?}"),
+    };
+    tracing::info!(
+        table = "inet moat",
+        inbound_ports = %inbound,
+        inbound_listener_port = config.inbound_listener_port,
+        outbound = config.outbound,
+        outbound_listener_port = config.outbound_listener_port,
+        "redirect rules installed"
+    );
+    Ok(())
+}
+
+fn parse_cidrs(s: &str) -> Result<Vec<moat_proxy::redirect::Cidr>, String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .map(str::parse)
+        .collect()
 }
 
 fn run_inject(args: InjectArgs) -> Result<(), Failure> {
@@ -547,19 +681,26 @@ async fn shutdown_signal() {
 /// `RUST_LOG`, else `default_level`, else `info`, plus the OpenTelemetry
 /// layer when traces are exported. The log filter does not apply to spans
 /// bound for OpenTelemetry: quieter logs never lose traces. Returns a handle
-/// that changes the log filter at runtime.
+/// that changes the log filter at runtime, which can never quiet the audit
+/// trail (`moat_proxy::telemetry::log_filter`).
 fn init_logging(
     format: LogFormat,
     default_level: Option<&str>,
     traces: Option<&moat_proxy::telemetry::Tracing>,
 ) -> moat_proxy::telemetry::LogLevelHandle {
     use tracing_subscriber::prelude::*;
-    use tracing_subscriber::{EnvFilter, filter::Targets, fmt, reload};
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        EnvFilter::try_new(default_level.unwrap_or("info"))
-            .unwrap_or_else(|_| EnvFilter::new("info"))
-    });
-    let (filter, handle) = reload::Layer::new(filter);
+    use tracing_subscriber::{EnvFilter, filter::Targets, fmt};
+    // RUST_LOG when it parses, else the configured level, else info.
+    let startup = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty() && EnvFilter::try_new(v).is_ok())
+        .or_else(|| {
+            default_level
+                .filter(|l| EnvFilter::try_new(l).is_ok())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "info".to_owned());
+    let (filter, handle) = moat_proxy::telemetry::log_filter(&startup);
     let logs = match format {
         LogFormat::Json => fmt::layer()
             .json()
@@ -581,10 +722,7 @@ fn init_logging(
         .with(logs.with_filter(filter))
         .with(spans)
         .init();
-    std::sync::Arc::new(move |level: &str| {
-        let next = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
-        handle.reload(next).map_err(|e| e.to_string())
-    })
+    handle
 }
 
 /// Parses durations such as `90s`, `15m`, `1h`, `365d`, `500ms`.

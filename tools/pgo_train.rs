@@ -95,7 +95,7 @@ async fn train(args: Args) -> Result<()> {
 name = "open"
 listen = "127.0.0.1:0"
 forward = "{backend}"
-forward_http = "http1"
+app_protocol = "http1"
 
 [[inbound]]
 name = "routes"

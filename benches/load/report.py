@@ -21,11 +21,14 @@ def main():
     ap.add_argument("--runs", required=True)
     ap.add_argument("--memory", required=True)
     ap.add_argument("--sanity")
+    ap.add_argument("--websocket", help="benches/load/ws_echo.sh's websocket.tsv")
     ap.add_argument("--out", required=True)
     ap.add_argument("--meta", nargs="*", default=[])
     a = ap.parse_args()
     runs = list(csv.DictReader(open(a.runs), delimiter="\t")) if os.path.exists(a.runs) else []
     mem = list(csv.DictReader(open(a.memory), delimiter="\t")) if os.path.exists(a.memory) else []
+    ws = (list(csv.DictReader(open(a.websocket), delimiter="\t"))
+          if a.websocket and os.path.exists(a.websocket) else [])
     meta = dict(m.split("=", 1) for m in a.meta)
     rounds = {}
     for r in runs:
@@ -104,7 +107,7 @@ def main():
     t("(supplementary) full handshakes per proxy CPU-second >= 1.5x haproxy",
       10000 / mc if mc else None, 1.5 * 10000 / hc if hc else None, "min", "hs/CPU-s",
       "CPU s per 10k handshakes: moat %s, haproxy %s" % (mc, hc), ("hs_moat_in", "hs_haproxy_full"))
-    res = dict(meta=meta, runs=runs, memory=mem, targets=targets)
+    res = dict(meta=meta, runs=runs, memory=mem, websocket=ws, targets=targets)
     json.dump(res, open(os.path.join(a.out, "results.json"), "w"), indent=1)
 
     L = []
@@ -156,6 +159,14 @@ def main():
         L.append("| " + " | ".join(keys) + " |")
         L.append("|" + "---|" * len(keys))
         for r in mem:
+            L.append("| " + " | ".join(r[k] for k in keys) + " |")
+        L.append("")
+    if ws:
+        L.append("## WebSocket echo: one 64-byte message in flight, direct and through the sidecar pair\n")
+        keys = list(ws[0].keys())
+        L.append("| " + " | ".join(keys) + " |")
+        L.append("|" + "---|" * len(keys))
+        for r in ws:
             L.append("| " + " | ".join(r[k] for k in keys) + " |")
         L.append("")
     L.append("## Columns\n")

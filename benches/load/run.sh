@@ -10,6 +10,7 @@
 #   oha (client cert) ─TLS1.3 mTLS─> [moat inbound | haproxy | nginx | stunnel4] ──plain──> nginx backend
 #   oha ─plain─> moat outbound ─mTLS─> moat inbound ─plain─> nginx backend            (the sidecar pair)
 #   oha ─plain─────────────────────────────────────────────> nginx backend            (direct baseline)
+#   WebSocket echo, direct and through a pair of its own (phase G, benches/load/ws_echo.sh)
 #
 # * One PKI for every target: certificates come from `moat ca` (ECDSA P-256, SPIFFE URI SAN only).
 #   Because those certificates carry no DNS/IP name, oha runs with --insecure against every TLS target
@@ -84,6 +85,8 @@ install_deps() {
     RUNLEVEL=1 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >"$ROOT/logs/apt.log" 2>&1 \
       || { log "apt-get failed, see $ROOT/logs/apt.log"; exit 1; }
   fi
+  python3 -c 'import websockets.asyncio.client' 2>/dev/null || python3 -m pip install -q websockets==17.4 \
+    >"$ROOT/logs/pip.log" 2>&1 || { log "pip install websockets failed, see $ROOT/logs/pip.log"; exit 1; }
   OHA=${OHA:-}
   if [ -z "$OHA" ]; then
     if [ -x "$ROOT/cargo-root/bin/oha" ]; then OHA="$ROOT/cargo-root/bin/oha"
@@ -218,8 +221,8 @@ verifyChain = yes
 requireCert = yes
 EOF
   # moat: one worker thread (the comparison is one core each), files identity, logs at warn (quiet under load).
-  # The inbound forwards HTTP/1.1 to the backend whatever the client spoke (forward_http = "http1"),
-  # as haproxy and nginx do here: the nginx backend on B_PORT speaks HTTP/1.1 only.
+  # The inbound forwards HTTP/1.1 to the backend whatever the client spoke (app_protocol = "http1",
+  # the default, written out), as haproxy and nginx do here: the nginx backend on B_PORT speaks HTTP/1.1 only.
   cat > $C/moat-in.toml <<EOF
 [runtime]
 worker_threads = 1
@@ -234,7 +237,7 @@ name = "in"
 listen = "127.0.0.1:$MI_PORT"
 forward = "127.0.0.1:$B_PORT"
 protocol = "http"
-forward_http = "http1"
+app_protocol = "http1"
 [[inbound]]
 name = "in_tcp"
 listen = "127.0.0.1:$MI_TCP_PORT"
@@ -564,9 +567,14 @@ sanity
 idle_check
 T_START=$SECONDS
 measure
+if want ws_direct || want ws_moat_pair; then
+  log "G) WebSocket echo, direct and through a sidecar pair, ${DUR}s each (benches/load/ws_echo.sh)"
+  MOAT=$MOAT DUR=$DUR OUT=$OUT SRV_CPU=$SRV_CPU CLI_CPU=$CLI_CPU bash "$HERE/ws_echo.sh" \
+    || log "the WebSocket rows failed (see above)"
+fi
 memory
 cleanup
-python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --out "$OUT" \
+python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --websocket "$OUT/websocket.tsv" --out "$OUT" \
   --meta "dur=$DUR" "fr_dur=$FR_DUR" "rate=$RATE" "rounds=$ROUNDS" "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" \
          "versions=$VERSIONS" "background_before=cpu$SRV_CPU ${BG_SRV}% cpu$CLI_CPU ${BG_CLI}%" \
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \

@@ -311,12 +311,15 @@ impl CaClient {
         client_auth: Option<(&Svid, &WorkloadKey)>,
     ) -> Result<Arc<ClientConfig>, ClientError> {
         let builder = ClientConfig::builder().with_root_certificates(self.bundle.root_store()?);
-        let config = match client_auth {
+        let mut config = match client_auth {
             None => builder.with_no_client_auth(),
             Some((svid, key)) => builder
                 .with_client_auth_cert(svid.chain.clone(), key.private_key_der())
                 .map_err(|e| ClientError::Key(e.to_string()))?,
         };
+        // Every exchange verifies the CA's current certificate against the
+        // current bundle: a resumed session would skip that.
+        config.resumption = rustls::client::Resumption::disabled();
         Ok(Arc::new(config))
     }
 

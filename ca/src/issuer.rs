@@ -98,13 +98,27 @@ pub enum IssueError {
 impl RootCa {
     /// Generates a new self-signed root for `td`: ECDSA P-256, `CA:TRUE`
     /// with path length 0 (it signs leaves only).
+    ///
+    /// Its name is `O=moat, CN=moat root <td> #<generation> <key id>`, the
+    /// key id being the first 4 bytes of its subject key identifier in hex.
+    /// Two CAs made independently for the same trust domain thus never share
+    /// a name: a peer holding one's bundle finds no issuer for the other's
+    /// certificates (alert `unknown_ca`) instead of trying a signature that
+    /// cannot match (alert `decrypt_error`), and an operator can tell the
+    /// roots of a bundle apart. Leaves name the root by that subject and by
+    /// its key identifier (authority key identifier = the root's SKI).
     pub fn generate(td: &TrustDomain, generation: i64, ttl: Duration) -> Result<Self, IssueError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
         let now = SystemTime::now();
         let mut params = CertificateParams::default();
+        let key_id = params.key_identifier(&key);
+        let short_id = hex(&key_id[..key_id.len().min(4)]);
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "moat");
-        dn.push(DnType::CommonName, format!("moat root {td} #{generation}"));
+        dn.push(
+            DnType::CommonName,
+            format!("moat root {td} #{generation} {short_id}"),
+        );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -412,6 +426,50 @@ mod tests {
                 Err(CsrError::UnsupportedKey)
             ));
         }
+    }
+
+    /// Two CAs made independently for one trust domain have different root
+    /// names; each name carries the start of the root's key identifier, and
+    /// a leaf's authority key identifier is its root's subject key identifier.
+    #[test]
+    fn independent_roots_of_one_trust_domain_have_distinct_names_and_matching_key_ids() {
+        use x509_parser::extensions::ParsedExtension;
+        let ski = |cert: &x509_parser::certificate::X509Certificate<'_>| {
+            cert.iter_extensions()
+                .find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::SubjectKeyIdentifier(k) => Some(k.0.to_vec()),
+                    _ => None,
+                })
+        };
+        let a = RootCa::generate(&td(), 1, Duration::from_secs(86400)).unwrap();
+        let b = RootCa::generate(&td(), 1, Duration::from_secs(86400)).unwrap();
+        let (_, ca) = x509_parser::certificate::X509Certificate::from_der(a.cert_der()).unwrap();
+        let (_, cb) = x509_parser::certificate::X509Certificate::from_der(b.cert_der()).unwrap();
+        assert_ne!(ca.subject().to_string(), cb.subject().to_string());
+        let a_ski = ski(&ca).expect("the root has a subject key identifier");
+        let cn = ca.subject().iter_common_name().next().unwrap();
+        assert_eq!(
+            cn.as_str().unwrap(),
+            format!("moat root example.org #1 {}", hex(&a_ski[..4]))
+        );
+
+        let key = WorkloadKey::generate().unwrap();
+        let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/x").unwrap();
+        let leaf = a.sign_svid(&td(), &id, &csr, DEFAULT_SVID_TTL).unwrap();
+        let (_, leaf) =
+            x509_parser::certificate::X509Certificate::from_der(&leaf.cert_der).unwrap();
+        assert_eq!(leaf.issuer(), ca.subject());
+        let aki = leaf
+            .iter_extensions()
+            .find_map(|e| match e.parsed_extension() {
+                ParsedExtension::AuthorityKeyIdentifier(k) => {
+                    k.key_identifier.as_ref().map(|k| k.0.to_vec())
+                }
+                _ => None,
+            })
+            .expect("the leaf has an authority key identifier");
+        assert_eq!(aki, a_ski);
     }
 
     #[test]

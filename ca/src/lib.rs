@@ -13,11 +13,13 @@
 //! - [`store`]: the CA directory: roots on disk, issuance and replay records in SQLite.
 //! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`).
 //! - [`metrics`]: Prometheus metrics and the admin listener.
+//! - [`listen`]: the accept loop every listener runs (the proxy's too).
 //! - [`client`]: what a workload uses to get, renew and trust certificates.
 
 pub mod client;
 pub mod identity;
 pub mod issuer;
+pub mod listen;
 pub mod metrics;
 pub mod server;
 pub mod store;

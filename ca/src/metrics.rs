@@ -120,52 +120,57 @@ impl std::fmt::Debug for CaMetrics {
 }
 
 /// Serves `/metrics`, `/live` and `/ready` in plain HTTP on `listener`
-/// until the task is dropped. Logs `listening` with `listener=admin`.
+/// until the task is dropped, at most
+/// [`ADMIN_MAX_CONNECTIONS`](crate::listen::ADMIN_MAX_CONNECTIONS) at once.
+/// Logs `listening` with `listener=admin`.
 pub async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listener = "admin", %addr, "listening");
     }
-    loop {
-        let Ok((tcp, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let service =
-                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
-                    let metrics = metrics.clone();
-                    async move {
-                        let (status, ctype, body) = match req.uri().path() {
-                            "/metrics" => (
-                                StatusCode::OK,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                Bytes::from(metrics.encode()),
-                            ),
-                            "/live" | "/ready" => {
-                                (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
-                            }
-                            _ => (
-                                StatusCode::NOT_FOUND,
-                                "text/plain",
-                                Bytes::from_static(b"not found\n"),
-                            ),
-                        };
-                        Ok::<_, std::convert::Infallible>(
-                            Response::builder()
-                                .status(status)
-                                .header(header::CONTENT_TYPE, ctype)
-                                .body(Full::new(body))
-                                .expect("static response"),
-                        )
-                    }
-                });
-            let _ = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(std::time::Duration::from_secs(10))
-                .serve_connection(TokioIo::new(tcp), service)
-                .await;
-        });
-    }
+    let acceptor =
+        crate::listen::Acceptor::new(listener, "admin", crate::listen::ADMIN_MAX_CONNECTIONS);
+    acceptor
+        .run(std::future::pending(), move |tcp, _peer| {
+            let metrics = metrics.clone();
+            async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let metrics = metrics.clone();
+                        async move {
+                            let (status, ctype, body) = match req.uri().path() {
+                                "/metrics" => (
+                                    StatusCode::OK,
+                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                                    Bytes::from(metrics.encode()),
+                                ),
+                                "/live" | "/ready" => {
+                                    (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
+                                }
+                                _ => (
+                                    StatusCode::NOT_FOUND,
+                                    "text/plain",
+                                    Bytes::from_static(b"not found\n"),
+                                ),
+                            };
+                            Ok::<_, std::convert::Infallible>(
+                                Response::builder()
+                                    .status(status)
+                                    .header(header::CONTENT_TYPE, ctype)
+                                    .body(Full::new(body))
+                                    .expect("static response"),
+                            )
+                        }
+                    });
+                // The header timeout also closes a connection left idle between
+                // requests, so an idle client gives its slot back.
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(std::time::Duration::from_secs(10))
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            }
+        })
+        .await;
 }
 
 /// Binds the admin listener.

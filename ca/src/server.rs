@@ -11,6 +11,12 @@
 //! The serving certificate is issued by the active root and re-issued when a
 //! rotation changes the active root, so clients that trust only the new
 //! bundle keep reaching the CA.
+//!
+//! No TLS session is ever resumed (no session cache, no tickets): every
+//! connection presents its certificate in a full handshake. `/v1/renew`
+//! does not rely on that alone: it checks the presented certificate again
+//! itself ([`renewal_identity`]), so no TLS setting can let a lapsed
+//! certificate renew.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,14 +29,17 @@ use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use rustls::server::WebPkiClientVerifier;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+use rustls_pki_types::{CertificateDer, UnixTime};
 use serde::Deserialize;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tracing::Instrument;
+use x509_parser::prelude::FromDer;
 
-use crate::identity::{SpiffeId, TrustBundle};
+use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::issuer::{CsrError, IssueError, RootCa, ValidatedCsr};
+use crate::listen::Acceptor;
 use crate::metrics::CaMetrics;
 use crate::store::{CaDir, RootState, StoreError};
 use crate::token::{
@@ -137,7 +146,6 @@ struct Shared {
     kubernetes: Option<KubernetesVerifier>,
     sans: Vec<String>,
     snapshot: ArcSwap<Snapshot>,
-    connections: Arc<Semaphore>,
     metrics: Arc<CaMetrics>,
 }
 
@@ -147,6 +155,8 @@ struct Snapshot {
     signer: RootCa,
     bundle_pem: Bytes,
     tls: Arc<rustls::ServerConfig>,
+    /// Chain verification against this bundle, for `/v1/renew`'s own check.
+    client_verifier: Arc<dyn ClientCertVerifier>,
     /// When the serving certificate should be re-issued.
     refresh_at: SystemTime,
 }
@@ -261,7 +271,6 @@ impl CaServer {
             kubernetes = kubernetes.is_some(),
             "listening"
         );
-        let connections = Arc::new(Semaphore::new(config.limits.max_connections));
         let metrics = Arc::new(CaMetrics::new());
         metrics.roots(&ca.roots()?);
         Ok(Self {
@@ -274,7 +283,6 @@ impl CaServer {
                 kubernetes,
                 sans,
                 snapshot: ArcSwap::from_pointee(snapshot),
-                connections,
             }),
         })
     }
@@ -302,7 +310,8 @@ impl CaServer {
     }
 
     /// Serves until `shutdown` resolves, then lets in-flight requests finish
-    /// (up to the request timeout).
+    /// (up to the request timeout). At most `[limits] max_connections` are
+    /// served at once; more wait in the listen backlog.
     pub async fn run(
         self,
         shutdown: impl std::future::Future<Output = ()>,
@@ -314,40 +323,32 @@ impl CaServer {
                 self.shared.metrics.clone(),
             ))
         });
-        let mut tasks = tokio::task::JoinSet::new();
-        tokio::pin!(shutdown);
-        loop {
-            tokio::select! {
-                _ = &mut shutdown => break,
-                accepted = self.listener.accept() => {
-                    let Ok((tcp, peer)) = accepted else { continue };
-                    let Ok(permit) = self.shared.connections.clone().try_acquire_owned() else {
-                        tracing::warn!(%peer, "connection limit reached; refusing");
-                        continue;
-                    };
-                    let shared = self.shared.clone();
-                    tasks.spawn(async move {
-                        serve_connection(shared, tcp, peer).await;
-                        drop(permit);
-                    });
-                }
-                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            }
-        }
-        tracing::info!("shutting down; finishing in-flight requests");
+        let api = Acceptor::new(
+            self.listener,
+            "ca",
+            self.shared.config.limits.max_connections,
+        );
+        let open = api.open();
+        let shared = self.shared.clone();
+        api.run(shutdown, move |tcp, peer| {
+            serve_connection(shared.clone(), tcp, peer)
+        })
+        .await;
+        tracing::info!(
+            open = open.count(),
+            "shutting down; finishing in-flight requests"
+        );
         refresher.abort();
         if let Some(admin) = admin {
             admin.abort();
         }
         let grace = self.shared.config.limits.request_timeout;
-        let _ =
-            tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+        let _ = tokio::time::timeout(grace, open.closed()).await;
         Ok(())
     }
 }
 
 async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
-    let _ = tcp.set_nodelay(true);
     let limits = shared.config.limits.clone();
     let acceptor = tokio_rustls::TlsAcceptor::from(shared.snapshot.load().tls.clone());
     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
@@ -361,18 +362,16 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer:
             return;
         }
     };
-    // The chain was verified by webpki during the handshake; the identity is
-    // the leaf's single SPIFFE URI SAN.
-    let peer_id = tls
+    // Kept whole for `/v1/renew`, which checks it again itself.
+    let client_chain: Arc<[CertificateDer<'static>]> = tls
         .get_ref()
         .1
         .peer_certificates()
-        .and_then(|certs| certs.first())
-        .map(|leaf| SpiffeId::from_cert_der(leaf));
-    let peer_id = Arc::new(peer_id);
+        .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
+        .unwrap_or_default();
     let service = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
-        let peer_id = peer_id.clone();
+        let client_chain = client_chain.clone();
         async move {
             let timeout = shared.config.limits.request_timeout;
             // One span per request; exported when the process has an OTLP
@@ -386,7 +385,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer:
                 network.peer.address = %peer.ip(),
                 http.response.status_code = tracing::field::Empty,
             );
-            let handled = tokio::time::timeout(timeout, handle(&shared, req, &peer_id))
+            let handled = tokio::time::timeout(timeout, handle(&shared, req, &client_chain))
                 .instrument(span.clone());
             let response = match handled.await {
                 Ok(response) => response,
@@ -414,7 +413,7 @@ async fn serve_connection(shared: Arc<Shared>, tcp: tokio::net::TcpStream, peer:
 async fn handle(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
-    peer_id: &Option<Result<SpiffeId, crate::identity::IdError>>,
+    client_chain: &[CertificateDer<'static>],
 ) -> Response<Full<Bytes>> {
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/bundle") => Ok(pem_response(shared.snapshot.load().bundle_pem.clone())),
@@ -422,9 +421,10 @@ async fn handle(
         (&Method::POST, "/v1/certs") => issue(shared, req)
             .await
             .inspect_err(|r| shared.metrics.issuance("token", r.reason)),
-        (&Method::POST, "/v1/renew") => renew(shared, req, peer_id)
-            .await
-            .inspect_err(|r| shared.metrics.issuance("renewal", r.reason)),
+        (&Method::POST, "/v1/renew") => renew(shared, req, client_chain).await.inspect_err(|r| {
+            shared.metrics.issuance("renewal", r.reason);
+            tracing::info!(reason = r.reason, error = %r.error, "renewal refused");
+        }),
         (_, "/v1/bundle" | "/v1/certs" | "/v1/renew") => Err(Refusal {
             status: StatusCode::METHOD_NOT_ALLOWED,
             error: "method not allowed".into(),
@@ -464,33 +464,15 @@ async fn issue(
 async fn renew(
     shared: &Arc<Shared>,
     req: Request<Incoming>,
-    peer_id: &Option<Result<SpiffeId, crate::identity::IdError>>,
+    client_chain: &[CertificateDer<'static>],
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let ttl = requested_ttl(shared, &req)?;
-    let id = match peer_id {
-        Some(Ok(id)) => id.clone(),
-        Some(Err(e)) => {
-            return Err(Refusal {
-                status: StatusCode::UNAUTHORIZED,
-                error: format!("client certificate: {e}"),
-                reason: "bad_client_certificate",
-            });
-        }
-        None => {
-            return Err(Refusal {
-                status: StatusCode::UNAUTHORIZED,
-                error: "renewal needs a client certificate".into(),
-                reason: "client_certificate_missing",
-            });
-        }
-    };
-    if !id.is_in(shared.ca.trust_domain()) {
-        return Err(Refusal {
-            status: StatusCode::FORBIDDEN,
-            error: format!("{id} is outside this CA's trust domain"),
-            reason: "wrong_trust_domain",
-        });
-    }
+    let id = renewal_identity(
+        &shared.snapshot.load(),
+        shared.ca.trust_domain(),
+        client_chain,
+        SystemTime::now(),
+    )?;
     let body = read_body(shared, req).await?;
     let credential = VerifiedCredential {
         id,
@@ -498,6 +480,73 @@ async fn renew(
         single_use: None,
     };
     sign_and_record(shared, credential, &body, ttl).await
+}
+
+/// Who may renew on this connection: the identity of the client
+/// certificate it presented, checked here whatever the TLS layer did (a
+/// resumed session carries the certificate of an earlier handshake, which
+/// may have lapsed since). The certificate must be valid now, chain to a
+/// root in the current bundle, and carry one SPIFFE ID in our trust domain.
+/// Each check is one step below; a revocation check belongs here too, after
+/// the chain (by the leaf's serial), once the store records revocations.
+fn renewal_identity(
+    snapshot: &Snapshot,
+    trust_domain: &TrustDomain,
+    chain: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<SpiffeId, Refusal> {
+    let refused = |reason: &'static str, error: String| Refusal {
+        status: StatusCode::UNAUTHORIZED,
+        error,
+        reason,
+    };
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(refused(
+            "client_certificate_missing",
+            "renewal needs a client certificate".into(),
+        ));
+    };
+    let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map_err(|e| refused("bad_client_certificate", format!("client certificate: {e}")))?;
+    let unix = now
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    let now_secs = i64::try_from(unix.as_secs()).unwrap_or(i64::MAX);
+    let validity = parsed.validity();
+    if now_secs < validity.not_before.timestamp() {
+        return Err(refused(
+            "client_certificate_not_yet_valid",
+            format!(
+                "the client certificate is not valid before {}",
+                validity.not_before
+            ),
+        ));
+    }
+    if now_secs > validity.not_after.timestamp() {
+        return Err(refused(
+            "client_certificate_expired",
+            format!("the client certificate expired at {}", validity.not_after),
+        ));
+    }
+    snapshot
+        .client_verifier
+        .verify_client_cert(leaf, intermediates, UnixTime::since_unix_epoch(unix))
+        .map_err(|e| {
+            refused(
+                "client_certificate_untrusted",
+                format!("the client certificate does not verify against the trust bundle: {e}"),
+            )
+        })?;
+    let id = SpiffeId::from_cert_der(leaf)
+        .map_err(|e| refused("bad_client_certificate", format!("client certificate: {e}")))?;
+    if !id.is_in(trust_domain) {
+        return Err(Refusal {
+            status: StatusCode::FORBIDDEN,
+            error: format!("{id} is outside this CA's trust domain"),
+            reason: "wrong_trust_domain",
+        });
+    }
+    Ok(id)
 }
 
 async fn sign_and_record(
@@ -763,10 +812,16 @@ fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> 
     .map_err(|e| ServerError::Tls(e.to_string()))?;
     let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
     let mut tls = rustls::ServerConfig::builder()
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.clone())
         .with_single_cert(vec![serving.cert_der.clone()], key_der)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No resumption: a resumed session would hand `/v1/renew` the client
+    // certificate of an earlier handshake without verifying it again (and
+    // `renewal_identity` checks it anyway). Issuance is rare; a full
+    // handshake each time costs nothing that matters.
+    tls.session_storage = Arc::new(NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
     let lifetime = serving
         .not_after
         .duration_since(SystemTime::now())
@@ -776,6 +831,7 @@ fn build_snapshot(ca: &CaDir, sans: &[String]) -> Result<Snapshot, ServerError> 
         signer,
         bundle_pem: Bytes::from(bundle.to_pem()),
         tls: Arc::new(tls),
+        client_verifier: verifier,
         refresh_at: SystemTime::now() + lifetime / 2,
     })
 }
@@ -828,6 +884,69 @@ mod tests {
         assert_eq!(line_col("a\nbc\nd", 0), (1, 1));
         assert_eq!(line_col("a\nbc\nd", 3), (2, 2));
         assert_eq!(line_col("a\nbc\nd", 5), (3, 1));
+    }
+
+    /// `/v1/renew` judges the certificate itself: expired, not yet valid,
+    /// from another CA, or missing is refused whatever the TLS layer let
+    /// through; a current one of ours gives its SPIFFE ID.
+    #[test]
+    fn renewal_checks_the_presented_certificate_itself() {
+        crate::install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let td = TrustDomain::parse("example.org").unwrap();
+        let ca = CaDir::init(
+            &dir.path().join("ca"),
+            td.clone(),
+            Duration::from_secs(86400),
+        )
+        .unwrap();
+        let snapshot = build_snapshot(&ca, &["localhost".to_owned()]).unwrap();
+        let key = crate::client::WorkloadKey::generate().unwrap();
+        let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
+        let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
+        let ttl = Duration::from_secs(60);
+        let issued = ca
+            .active_root()
+            .unwrap()
+            .sign_svid(&td, &id, &csr, ttl)
+            .unwrap();
+        let chain = vec![issued.cert_der.clone()];
+        let during = issued.not_before + Duration::from_secs(30);
+        assert_eq!(
+            renewal_identity(&snapshot, &td, &chain, during).ok(),
+            Some(id)
+        );
+
+        let reason = |chain: &[CertificateDer<'static>], at| {
+            renewal_identity(&snapshot, &td, chain, at)
+                .err()
+                .map(|r| r.reason)
+        };
+        let after = issued.not_after + Duration::from_secs(2);
+        assert_eq!(reason(&chain, after), Some("client_certificate_expired"));
+        let before = issued.not_before - Duration::from_secs(2);
+        assert_eq!(
+            reason(&chain, before),
+            Some("client_certificate_not_yet_valid")
+        );
+        assert_eq!(reason(&[], during), Some("client_certificate_missing"));
+
+        let other = RootCa::generate(&td, 1, Duration::from_secs(86400)).unwrap();
+        let foreign = other
+            .sign_svid(
+                &td,
+                &SpiffeId::parse("spiffe://example.org/web").unwrap(),
+                &csr,
+                ttl,
+            )
+            .unwrap();
+        assert_eq!(
+            reason(
+                &[foreign.cert_der],
+                foreign.not_before + Duration::from_secs(30)
+            ),
+            Some("client_certificate_untrusted")
+        );
     }
 
     #[test]

@@ -438,9 +438,11 @@ async fn fetch_jwks(
     let roots = crate::identity::TrustBundle::from_pem(&pem)
         .and_then(|b| b.root_store())
         .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    let config = rustls::ClientConfig::builder()
+    let mut config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Each fetch verifies the server's current certificate in full.
+    config.resumption = rustls::client::Resumption::disabled();
     let uri: http::Uri = url
         .parse()
         .map_err(|_| TokenError::Jwks(format!("bad URL {url:?}")))?;

@@ -4,25 +4,38 @@
 //! `/ready` is a latch on two facts: a certificate is held, and the proxy is
 //! not draining. `/identity` shows the current SPIFFE ID, certificate serial
 //! and expiry as JSON; never key material.
+//!
+//! Reads (`GET`, `HEAD`) answer anyone who can reach the port: in Kubernetes
+//! that is the kubelet's probes and a Prometheus scraper, so the port is
+//! bound on the pod IP. Everything else (today `PUT /logging`) changes the
+//! proxy and answers only to a peer on loopback (the pod itself, `kubectl
+//! exec`, `kubectl port-forward`); others get 403, counted in
+//! `moat_admin_refusals_total{reason="not_loopback"}` and logged. The check
+//! is on the connection's source address rather than on a second,
+//! loopback-only listener: one port for the kubelet and the operator, no
+//! setting to get wrong, and a TCP peer off this host cannot have a
+//! loopback source address (the kernel drops such packets on any other
+//! interface).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use moat_ca::listen::{ADMIN_MAX_CONNECTIONS, Acceptor};
 use tokio::net::TcpListener;
 
 use crate::Error;
 use arc_swap::ArcSwap;
 
 use crate::policy::{JwksCache, Policy, ReloadStats};
-use crate::telemetry::{Observability, ProxyMetrics};
+use crate::telemetry::{LOG_LEVELS, Observability, ProxyMetrics};
 use crate::tls::CredentialStore;
 
 /// The bound admin listener.
@@ -61,7 +74,7 @@ impl AdminListener {
     ) -> Result<(Self, SocketAddr), Error> {
         let (listener, bound) = crate::conn::bind("admin", addr).await?;
         if !bound.ip().is_loopback() {
-            tracing::info!(addr = %bound, "admin listener is reachable off this host (for probes)");
+            tracing::info!(addr = %bound, "admin listener is reachable off this host (for probes); changes are taken only from loopback");
         }
         tracing::info!(listener = "admin", addr = %bound, "listening");
         Ok((
@@ -80,32 +93,43 @@ impl AdminListener {
     }
 
     /// Serves until the process exits: readiness must stay answerable (and
-    /// false) while draining.
+    /// false) while draining. At most [`ADMIN_MAX_CONNECTIONS`] at once; a
+    /// connection that sends no request for 10 s is closed.
     pub async fn serve(self) {
-        loop {
-            let Ok((stream, _)) = self.listener.accept().await else {
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                continue;
-            };
-            let state = self.state.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(state.handle(&req)) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .http1_only()
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
-            });
-        }
+        let state = self.state;
+        Acceptor::new(self.listener, "admin", ADMIN_MAX_CONNECTIONS)
+            .run(std::future::pending(), move |stream, peer| {
+                let state = state.clone();
+                async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { Ok::<_, Infallible>(state.handle(&req, peer)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .timer(TokioTimer::new())
+                        .header_read_timeout(Duration::from_secs(10))
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                }
+            })
+            .await;
     }
 }
 
+/// True when `peer` is this host over loopback (`127.0.0.0/8`, `::1`, or
+/// an IPv4 loopback address mapped into IPv6 by a dual-stack socket).
+pub fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
 impl State {
-    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    fn handle(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        let reads = req.method() == Method::GET || req.method() == Method::HEAD;
+        if !reads && !is_loopback(peer) {
+            return self.refuse_remote(req, peer);
+        }
         if req.uri().path() == "/logging" {
-            return self.logging(req);
+            return self.logging(req, peer);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
             return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
@@ -183,8 +207,38 @@ impl State {
         r
     }
 
-    /// `PUT /logging?level=debug` changes the log filter at runtime.
-    fn logging(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    /// A change asked for from off this host: 403, counted and logged.
+    fn refuse_remote(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
+        self.obs
+            .metrics
+            .admin_refusals
+            .get_or_create(&[("reason", "not_loopback")])
+            .inc();
+        tracing::warn!(
+            target: "moat::admin",
+            peer_addr = %peer,
+            method = %req.method(),
+            path = req.uri().path(),
+            reason = "not_loopback",
+            "admin request refused: changes are taken only from loopback"
+        );
+        json(
+            StatusCode::FORBIDDEN,
+            serde_json::json!({
+                "error": format!(
+                    "{} {} is taken only from loopback (127.0.0.1 or ::1), not from {}",
+                    req.method(),
+                    req.uri().path(),
+                    peer.ip()
+                ),
+                "reason": "not_loopback",
+            }),
+        )
+    }
+
+    /// `PUT /logging?level=debug` changes the log filter at runtime (see
+    /// [`crate::telemetry::log_filter`]: the audit trail stays on).
+    fn logging(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         if req.method() != Method::PUT && req.method() != Method::POST {
             return text(
                 StatusCode::METHOD_NOT_ALLOWED,
@@ -202,17 +256,24 @@ impl State {
             .query()
             .unwrap_or("")
             .split('&')
-            .find_map(|kv| kv.strip_prefix("level="));
-        let Some(level) = level.filter(|l| !l.is_empty()) else {
-            return text(StatusCode::BAD_REQUEST, "missing ?level=<filter>\n");
+            .find_map(|kv| kv.strip_prefix("level="))
+            .map(percent_decode)
+            .unwrap_or_default();
+        let refuse = |error: String| {
+            json(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({ "error": error, "valid_levels": LOG_LEVELS }),
+            )
         };
-        let level = level.replace("%2C", ",").replace("%3D", "=");
+        if let Err(e) = crate::telemetry::check_log_filter(&level) {
+            return refuse(e.to_string());
+        }
         match handle(&level) {
             Ok(()) => {
-                tracing::info!(level = %level, "log level changed");
+                tracing::warn!(target: "moat::admin", filter = %level, peer_addr = %peer, "log level changed");
                 json(StatusCode::OK, serde_json::json!({ "level": level }))
             }
-            Err(e) => json(StatusCode::BAD_REQUEST, serde_json::json!({ "error": e })),
+            Err(e) => refuse(e),
         }
     }
 
@@ -264,6 +325,31 @@ impl State {
     }
 }
 
+/// Decodes `%XX` escapes and `+` (a query value); bad escapes stay as they are.
+fn percent_decode(s: &str) -> String {
+    let hex = |b: Option<&u8>| b.and_then(|b| (*b as char).to_digit(16));
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
@@ -282,4 +368,39 @@ fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("application/json"),
     );
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_peers_include_mapped_ipv4_and_nothing_else() {
+        for local in [
+            "127.0.0.1:1",
+            "127.0.0.2:1",
+            "[::1]:1",
+            "[::ffff:127.0.0.1]:1",
+        ] {
+            assert!(is_loopback(local.parse().unwrap()), "{local}");
+        }
+        for remote in [
+            "192.0.2.7:1",
+            "[::ffff:192.0.2.7]:1",
+            "0.0.0.0:1",
+            "[2001:db8::1]:1",
+        ] {
+            assert!(!is_loopback(remote.parse().unwrap()), "{remote}");
+        }
+    }
+
+    #[test]
+    fn query_values_are_percent_decoded() {
+        assert_eq!(
+            percent_decode("moat_proxy%3Ddebug%2Cinfo"),
+            "moat_proxy=debug,info"
+        );
+        assert_eq!(percent_decode("a+b%2"), "a b%2");
+        assert_eq!(percent_decode("%zz"), "%zz");
+    }
 }

@@ -14,7 +14,6 @@ use arc_swap::ArcSwap;
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Response, header};
-use http_body_util::Either;
 use moat_ca::SpiffeId;
 
 use crate::http::ProxyBody;
@@ -125,7 +124,7 @@ impl Authorizer {
                     reason: decision.reason.as_str(),
                 },
                 forward_path: None,
-                deny: Some(resp.map(Either::Right)),
+                deny: Some(resp.map(ProxyBody::Short)),
             };
         }
         let forward_path = decision

@@ -41,6 +41,9 @@ pub struct Config {
     /// `[telemetry]`: traces and logs.
     #[serde(default)]
     pub telemetry: crate::telemetry::TelemetryConfig,
+    /// `[redirect]`: transparent mode. The rules `moat redirect` installs,
+    /// and the transparent listener the proxy binds for them.
+    pub redirect: Option<crate::redirect::RedirectConfig>,
     /// The file this configuration was read from (relative paths inside it
     /// are resolved against its directory).
     #[serde(skip)]
@@ -128,8 +131,16 @@ pub struct Limits {
     /// long is closed.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// Largest request header block accepted; larger gets 431.
+    /// Largest header block of a request or a response, counted as
+    /// HTTP/1.1 writes it (each field's name and value plus 4 bytes for
+    /// `: ` and CRLF), the same over HTTP/1.1 and HTTP/2. Also the longest
+    /// request target. Over it: 431 (request headers), 414 (target), 502
+    /// `response_headers_too_large` (a response).
     pub max_header_bytes: usize,
+    /// Most header fields in a request or response head; more gets 431
+    /// (request) or 502 (response). Up to 100 keeps hyper's HTTP/1.1
+    /// parser on the stack; more costs it a heap buffer per head.
+    pub max_header_count: usize,
     /// Most connections open at once on one listener; more wait in the
     /// kernel's accept queue.
     pub max_connections: usize,
@@ -187,27 +198,44 @@ pub struct Inbound {
     pub allow_peers: Option<Vec<PeerPattern>>,
     /// Per-route authorization file (http only).
     pub policy: Option<PathBuf>,
-    /// Which HTTP version to speak to `forward`: as the client spoke
-    /// (`auto`, the default), or always `http1` or `http2` (h2c).
+    /// What the local service speaks; read it with
+    /// [`Inbound::app_protocol`]. Absent: `http1`.
     #[serde(default)]
-    pub forward_http: ForwardHttp,
+    pub app_protocol: Option<AppProtocol>,
+    /// The old name of `app_protocol` (its `auto` now probes the service
+    /// instead of following the caller); accepted with a warning.
+    #[serde(default)]
+    pub forward_http: Option<AppProtocol>,
+    /// `Upgrade` protocols passed through to the service (WebSocket by
+    /// default); an upgrade to anything else is forwarded as a plain request.
+    #[serde(default = "default_upgrade_protocols")]
+    pub upgrade_protocols: Vec<UpgradeProtocol>,
     /// Allow `forward` off loopback (plaintext over a network).
     #[serde(default)]
     pub unsafe_forward: bool,
 }
 
-/// The HTTP version spoken to the local service.
+/// The HTTP version the local service speaks, whatever version the caller
+/// spoke to the sidecar.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum ForwardHttp {
-    /// The version the client spoke.
+pub enum AppProtocol {
+    /// HTTP/1.1 (most Python, Node, Ruby and Java services). A gRPC request
+    /// is answered 502 `app_protocol_mismatch`.
     #[default]
-    Auto,
-    /// Always HTTP/1.1 (for services that do not speak h2c).
     Http1,
-    /// Always HTTP/2 without TLS (h2c, prior knowledge).
+    /// HTTP/2 without TLS (h2c, prior knowledge).
     Http2,
+    /// As `http2`; says that the service is a gRPC server.
+    Grpc,
+    /// Found out: an h2c prior-knowledge probe of the service, its answer
+    /// kept until a request to the service fails.
+    Auto,
 }
+
+/// An `Upgrade` protocol token a listener passes through (lowercase).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpgradeProtocol(String);
 
 /// `[[outbound]]`: this service to a peer.
 #[derive(Debug, Clone, Deserialize)]
@@ -224,6 +252,10 @@ pub struct Outbound {
     /// `http` or `tcp`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// `Upgrade` protocols passed through to the peer (WebSocket by
+    /// default); an upgrade to anything else is forwarded as a plain request.
+    #[serde(default = "default_upgrade_protocols")]
+    pub upgrade_protocols: Vec<UpgradeProtocol>,
     /// Allow `listen` off loopback (plaintext from the network).
     #[serde(default)]
     pub unsafe_listen: bool,
@@ -300,8 +332,15 @@ struct RawIdentity {
     retry_max: Option<Duration>,
 }
 
+/// The admin listener's port when `[admin] listen` is not set.
+pub const DEFAULT_ADMIN_PORT: u16 = 9901;
+
+fn default_upgrade_protocols() -> Vec<UpgradeProtocol> {
+    vec![UpgradeProtocol("websocket".into())]
+}
+
 fn default_admin_listen() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], 9901))
+    SocketAddr::from(([127, 0, 0, 1], DEFAULT_ADMIN_PORT))
 }
 
 impl Default for Admin {
@@ -319,6 +358,7 @@ impl Default for Limits {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
             max_header_bytes: 16 * 1024,
+            max_header_count: 256,
             max_connections: 10_000,
             pool_idle_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(5),
@@ -404,6 +444,12 @@ impl Config {
                     l.name
                 ));
             }
+            if l.app_protocol.is_some() && l.forward_http.is_some() {
+                return Err(format!(
+                    "[[inbound]] {:?}: forward_http is the old name of app_protocol; set app_protocol only",
+                    l.name
+                ));
+            }
             if matches!(&l.allow_peers, Some(p) if p.is_empty()) {
                 return Err(format!(
                     "[[inbound]] {:?}: allow_peers = [] would refuse every peer; remove it to allow the whole trust domain",
@@ -419,12 +465,78 @@ impl Config {
                 ));
             }
         }
+        if let Some(r) = &self.redirect {
+            r.validate(&self.own_ports())
+                .map_err(|e| format!("[redirect] {e}"))?;
+            self.validate_transparent()?;
+        }
         let l = &self.limits;
         if l.max_connections == 0 || l.max_header_bytes < 1024 {
             return Err(
                 "[limits] max_connections must be at least 1 and max_header_bytes at least 1024"
                     .into(),
             );
+        }
+        if l.max_header_bytes > 1 << 20 || !(16..=10_000).contains(&l.max_header_count) {
+            return Err(
+                "[limits] max_header_bytes must be at most 1048576 and max_header_count between 16 and 10000"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// moat's own ports, which the redirect rules leave alone.
+    pub fn own_ports(&self) -> crate::redirect::OwnPorts {
+        crate::redirect::OwnPorts {
+            admin: Some(self.admin.listen.port()),
+            inbound: self.inbound.iter().map(|l| l.listen.port()).collect(),
+        }
+    }
+
+    /// With `[redirect]`, each redirected connection is served by the
+    /// `[[inbound]]` whose loopback `forward` port is its original port:
+    /// that must be one listener.
+    fn validate_transparent(&self) -> Result<(), String> {
+        let name = crate::transparent::INBOUND_NAME;
+        if let Some(l) = self.inbound.iter().find(|l| l.name == name) {
+            return Err(format!(
+                "[[inbound]] name {:?} is reserved for the transparent listener of [redirect]",
+                l.name
+            ));
+        }
+        if let Some(r) = &self.redirect {
+            let taken = self
+                .inbound
+                .iter()
+                .map(|l| (l.listen.port(), l.name.as_str()))
+                .chain(
+                    self.outbound
+                        .iter()
+                        .map(|l| (l.listen.port(), l.name.as_str())),
+                )
+                .chain([(self.admin.listen.port(), "admin")]);
+            for (port, name) in taken {
+                if port != 0
+                    && (port == r.inbound_listener_port
+                        || (r.outbound && port == r.outbound_listener_port))
+                {
+                    return Err(format!(
+                        "listener {name:?} listens on port {port}, which [redirect] uses for a transparent listener"
+                    ));
+                }
+            }
+        }
+        let mut seen: Vec<(u16, &str)> = Vec::new();
+        for l in self.inbound.iter().filter(|l| l.forward.ip().is_loopback()) {
+            let port = l.forward.port();
+            if let Some((_, other)) = seen.iter().find(|(p, _)| *p == port) {
+                return Err(format!(
+                    "[[inbound]] {:?} and {other:?} both forward to port {port}; with [redirect] a redirected connection to that port must have one listener",
+                    l.name
+                ));
+            }
+            seen.push((port, &l.name));
         }
         Ok(())
     }
@@ -464,6 +576,18 @@ impl Config {
                     l.name, l.forward
                 ));
             }
+            if let Some(old) = l.forward_http {
+                out.push(format!(
+                    "inbound {}: forward_http is deprecated; write app_protocol = {:?} (the version the service speaks{})",
+                    l.name,
+                    old.as_str(),
+                    if old == AppProtocol::Auto {
+                        "; \"auto\" now probes the service instead of following the caller"
+                    } else {
+                        ""
+                    }
+                ));
+            }
             if l.protocol == Protocol::Http && l.policy.is_none() {
                 out.push(format!(
                     "inbound {}: no route policy is set; every request from an allowed peer is forwarded",
@@ -486,7 +610,8 @@ impl Config {
     }
 }
 
-fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+/// A TOML error as file, line, column and the offending line.
+pub(crate) fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
     let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
     let before = &text[..start];
     let line = before.matches('\n').count() + 1;
@@ -555,6 +680,67 @@ impl<'de> Deserialize<'de> for Identity {
                 "identity: set either ca_url + token_file + bundle (certificates from the CA) or cert + key + bundle (files), not a mix",
             )),
         }
+    }
+}
+
+impl Inbound {
+    /// What the local service speaks (`app_protocol`, or the deprecated
+    /// `forward_http`; `http1` when neither is set).
+    pub fn app_protocol(&self) -> AppProtocol {
+        self.app_protocol.or(self.forward_http).unwrap_or_default()
+    }
+}
+
+impl AppProtocol {
+    /// The value as written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AppProtocol::Http1 => "http1",
+            AppProtocol::Http2 => "http2",
+            AppProtocol::Grpc => "grpc",
+            AppProtocol::Auto => "auto",
+        }
+    }
+}
+
+impl UpgradeProtocol {
+    /// The token, lowercase.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Parses one `Upgrade` token (RFC 9110 §7.8: `name[/version]`).
+    /// `h2c` is refused: a connection upgraded to HTTP/2 would carry
+    /// requests that no route policy ever sees.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let token = |t: &str| {
+            !t.is_empty()
+                && t.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        };
+        let valid = match s.split_once('/') {
+            Some((name, version)) => token(name) && token(version),
+            None => token(s),
+        };
+        if !valid {
+            return Err(format!(
+                "upgrade_protocols entry {s:?} is not a protocol token (e.g. \"websocket\")"
+            ));
+        }
+        let lower = s.to_ascii_lowercase();
+        if lower == "h2c" || lower.starts_with("h2c/") {
+            return Err(
+                "upgrade_protocols: \"h2c\" is refused: an upgraded connection's HTTP/2 requests would bypass route policy".into(),
+            );
+        }
+        Ok(Self(lower))
+    }
+}
+
+impl<'de> Deserialize<'de> for UpgradeProtocol {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        UpgradeProtocol::parse(&s).map_err(serde::de::Error::custom)
     }
 }
 

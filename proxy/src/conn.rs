@@ -1,5 +1,6 @@
-//! Connection plumbing shared by every listener: bounded accept loops, the
-//! idle watchdog, serving HTTP with graceful shutdown, and TCP splicing.
+//! Connection plumbing shared by every listener: bounded accept loops (the
+//! one loop of [`moat_ca::listen`]), the idle watchdog, serving HTTP with
+//! graceful shutdown, and TCP splicing.
 
 use std::future::Future;
 use std::io;
@@ -18,7 +19,6 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
 
 use crate::config::Limits;
 use crate::drain;
@@ -298,6 +298,12 @@ impl<S: Serve> Listener<S> {
         }
     }
 
+    /// What serves this listener's connections (the transparent listener
+    /// hands redirected connections to it).
+    pub fn shared(&self) -> Arc<S> {
+        self.shared.clone()
+    }
+
     /// Serves until the drain starts; open connections finish on their own.
     pub async fn serve(self, drain: drain::Watch) {
         let shared = self.shared;
@@ -314,6 +320,8 @@ impl<S: Serve> Listener<S> {
 
 /// Accepts connections until the drain starts, never holding more than
 /// `max` at once; each is handled on its own task with a drain watch.
+/// Failing `accept()` calls (out of file descriptors) back off instead of
+/// spinning: see [`moat_ca::listen`].
 pub async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: Arc<str>,
@@ -324,44 +332,24 @@ pub async fn accept_loop<F, Fut>(
     F: Fn(TcpStream, SocketAddr, drain::Watch) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let slots = Arc::new(Semaphore::new(max));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            _ = drain.signaled() => break,
-        };
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off instead of spinning.
-                    tracing::warn!(listener = %name, error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = drain.signaled() => break,
-        };
-        let _ = stream.set_nodelay(true);
-        let fut = handle(stream, peer, drain.clone());
-        tokio::spawn(async move {
-            fut.await;
-            drop(permit);
-        });
-    }
-    tracing::info!(listener = %name, "stopped accepting");
+    let stop = drain.clone();
+    moat_ca::listen::Acceptor::new(listener, name, max)
+        .run(async move { stop.signaled().await }, move |tcp, peer| {
+            handle(tcp, peer, drain.clone())
+        })
+        .await;
 }
 
 // The server settings, applied the same to hyper's builders and to the
-// ones inside hyper-util's `auto` builder (same methods, other types).
+// ones inside hyper-util's `auto` builder (same methods, other types). The
+// parsers' limits sit above `max_header_bytes` and `max_header_count`
+// (`crate::http::wire`); the handlers check those and answer 414/431.
 macro_rules! http1_settings {
     ($b:expr, $limits:expr) => {
         $b.timer(TokioTimer::new())
             .header_read_timeout($limits.header_read_timeout)
-            .max_buf_size($limits.max_header_bytes.max(8192))
+            .max_buf_size(crate::http::wire($limits).h1_head)
+            .max_headers($limits.max_header_count)
             .keep_alive(true)
     };
 }
@@ -369,7 +357,7 @@ macro_rules! http1_settings {
 macro_rules! http2_settings {
     ($b:expr, $limits:expr) => {
         $b.timer(TokioTimer::new())
-            .max_header_list_size($limits.max_header_bytes.min(u32::MAX as usize) as u32)
+            .max_header_list_size(crate::http::wire($limits).h2_header_list)
             .max_concurrent_streams(1000)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20))

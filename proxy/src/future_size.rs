@@ -24,6 +24,7 @@ pub(crate) fn returned_4<A, B, C, D, R>(_: impl FnOnce(A, B, C, D) -> R) -> usiz
 /// Asserts that `size` is within `min..=max` bytes.
 #[track_caller]
 pub(crate) fn assert_between(what: &str, size: usize, min: usize, max: usize) {
+    println!("{what}: {size} bytes (bound {min}..={max})");
     assert!(
         size <= max,
         "{what} is {size} bytes, over its bound of {max}: find what grew before raising it"

@@ -4,16 +4,20 @@
 //! and SPIFFE ID, `allow_peers` checked) → for `http`: HTTP/1.1 or HTTP/2 by
 //! ALPN → strip client-supplied identity headers → [`Authorizer`] → add the
 //! verified peer ID → pooled plaintext connection to `forward`, in the
-//! version the client spoke. For `tcp`: bytes both ways to `forward`.
+//! version the service speaks ([`crate::app`]), or for an allowed
+//! `Upgrade` a connection of its own, spliced after the 101
+//! ([`crate::upgrade`]). For `tcp`: bytes both ways to `forward`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -23,14 +27,17 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
+use crate::app::AppVersion;
 use crate::authz::{self, Authorizer};
-use crate::config::{ForwardHttp, Inbound, Limits, Protocol};
+use crate::config::{Inbound, Limits, Protocol, UpgradeProtocol};
 use crate::conn::{self, Activity, TickBatched, Tracked};
 use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, XFCC, content_length, header_bytes, strip_hop_by_hop,
+    PEER_ID, ProxyBody, ProxyError, XFCC, check_request_head, content_length, is_grpc,
+    strip_hop_by_hop,
 };
 use crate::telemetry::{ListenerMetrics, Observability};
 use crate::tls::TlsFactory;
+use crate::upgrade::{self, TunnelSlot, Upgrade};
 use crate::upstream::{Dial, UpstreamClient};
 use crate::{Error, drain};
 
@@ -79,7 +86,8 @@ pub type InboundListener = conn::Listener<Shared>;
 pub struct Shared {
     name: Arc<str>,
     protocol: Protocol,
-    forward_http: ForwardHttp,
+    app: AppVersion,
+    upgrades: Vec<UpgradeProtocol>,
     forward: SocketAddr,
     forward_authority: Authority,
     acceptor: TlsAcceptor,
@@ -101,6 +109,8 @@ struct Peer {
     header: HeaderValue,
     xfcc: HeaderValue,
     activity: Arc<Activity>,
+    /// An upgraded request's tunnel, run once hyper hands the connection over.
+    tunnel: TunnelSlot,
 }
 
 impl InboundListener {
@@ -126,7 +136,8 @@ impl InboundListener {
         let shared = Shared {
             name: config.name.as_str().into(),
             protocol: config.protocol,
-            forward_http: config.forward_http,
+            app: AppVersion::new(config.app_protocol()),
+            upgrades: config.upgrade_protocols.clone(),
             forward,
             forward_authority: Authority::try_from(forward.to_string())
                 .expect("a socket address is an authority"),
@@ -231,11 +242,21 @@ impl Shared {
             let conn = Box::pin(streams.run(h2.serve_connection(io, service)));
             conn::serve_http(conn, activity, idle, drain).await
         } else {
-            let conn = Box::pin(self.h1.serve_connection(io, service));
+            // With upgrades: after a 101 hyper hands the connection to
+            // the request's tunnel. Two boxes, once per connection: the
+            // inner pins hyper's connection, the outer is what
+            // `serve_http` takes.
+            let conn = self.h1.serve_connection(io, service).with_upgrades();
+            let conn = Box::pin(UpgradeableH1(Box::pin(conn)));
             conn::serve_http(conn, activity, idle, drain).await
         };
         if let Err(e) = served {
             tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "connection ended with an error");
+        }
+        // An upgraded connection: hyper has handed it over, and it lives on
+        // in this task (its slot under max_connections, its drain watch).
+        if let Some(tunnel) = peer.tunnel.take() {
+            tunnel.await;
         }
     }
 
@@ -335,6 +356,7 @@ impl Shared {
                 listener: &this.name,
                 direction: "inbound",
                 peer: peer.id.as_str(),
+                expected_peer: None,
                 method: &method,
                 path: &path,
                 status,
@@ -363,29 +385,75 @@ impl Shared {
         let (mut parts, body) = req.into_parts();
         async move {
             let raw_path = parts.uri.path().to_owned();
-            if let Err(e) = self.admit(&mut parts) {
-                return (e.into_response(), None, raw_path);
-            }
+            let upgrade = match self.admit(&mut parts) {
+                Ok(upgrade) => upgrade,
+                Err(e) => return (e.into_response(), None, raw_path),
+            };
             let outcome = self.authz.authorize(&mut parts, &peer.id).await;
-            let (verdict, path, upstream_span) =
-                match self.decided(outcome, raw_path, &mut parts, &peer, &span) {
-                    Decided::Forward(verdict, path, span) => (verdict, path, span),
-                    Decided::Answered(answered) => return answered,
-                };
-            let sent = self
-                .upstream
-                .send(Request::from_parts(parts, body))
-                .instrument(upstream_span)
-                .await;
+            // An upgrade goes to the service in HTTP/1.1, whatever it
+            // speaks otherwise (an h2c service that takes WebSockets takes
+            // them over HTTP/1.1 too; extended CONNECT is not offered).
+            let to_h2 = match (&upgrade, self.app.known()) {
+                (Some(_), _) => false,
+                (None, Some(h2)) => h2,
+                (None, None) => {
+                    let wait = self.limits.connect_timeout;
+                    Box::pin(self.app.probe(&self.name, self.forward, wait)).await
+                }
+            };
+            let head = self.decided(outcome, raw_path, &mut parts, &peer, &span, to_h2);
+            let (verdict, path, upstream_span) = match head {
+                Decided::Forward(verdict, path, span) => (verdict, path, span),
+                Decided::Answered(answered) => return answered,
+            };
+            if let Some(upgrade) = &upgrade {
+                upgrade.mark(&mut parts.headers);
+            }
+            let req = Request::from_parts(parts, body);
+            let sent = match upgrade {
+                None => self.upstream.send(req).instrument(upstream_span).await,
+                Some(upgrade) => {
+                    Box::pin(self.upgrade(req, upgrade, &peer))
+                        .instrument(upstream_span)
+                        .await
+                }
+            };
             let resp = match sent {
                 Ok(resp) => resp,
                 Err(e) => {
+                    // The service failed at the protocol level or went away:
+                    // what a probe found may no longer hold.
+                    if matches!(e, ProxyError::Upstream(_) | ProxyError::LocalUnavailable(_)) {
+                        self.app.forget();
+                    }
                     tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
                     e.into_response()
                 }
             };
             (resp, verdict, path)
         }
+    }
+
+    /// Sends an upgrade request to the service on a connection of its own;
+    /// after a 101, leaves the tunnel for the caller's connection task.
+    async fn upgrade(
+        &self,
+        req: Request<Incoming>,
+        upgrade: Box<Upgrade>,
+        peer: &Peer,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let resp = self.upstream.send_upgrade(req).await?;
+        let cx = upgrade::TunnelContext {
+            listener: &self.name,
+            metrics: &self.obs.metrics,
+            activity: peer.activity.clone(),
+            idle: self.limits.idle_timeout,
+        };
+        let (resp, tunnel) = (*upgrade).relay(resp, &self.limits, cx)?;
+        if let Some(tunnel) = tunnel {
+            peer.tunnel.put(tunnel);
+        }
+        Ok(resp)
     }
 
     /// Acts on the policy's outcome: the answer if the request goes no
@@ -398,6 +466,7 @@ impl Shared {
         parts: &mut http::request::Parts,
         peer: &Peer,
         span: &tracing::Span,
+        to_h2: bool,
     ) -> Decided {
         let authz::Outcome {
             verdict,
@@ -411,18 +480,20 @@ impl Shared {
         if let Some(denied) = deny {
             return Decided::Answered((denied, verdict, path));
         }
-        match self.upstream_head(parts, forward_path, peer, span) {
+        match self.upstream_head(parts, forward_path, peer, span, to_h2) {
             Ok(upstream_span) => Decided::Forward(verdict, path, upstream_span),
             Err(e) => Decided::Answered((e.into_response(), verdict, path)),
         }
     }
 
-    /// Checks a request head before the policy sees it, and removes the
-    /// headers that only this sidecar may set.
-    fn admit(&self, parts: &mut http::request::Parts) -> Result<(), ProxyError> {
-        if header_bytes(&parts.headers) > self.limits.max_header_bytes {
-            return Err(ProxyError::HeadersTooLarge);
+    /// Checks a request head before the policy sees it, removes the
+    /// headers that only this sidecar may set and the hop-by-hop ones, and
+    /// returns the upgrade it asks for if this listener passes it.
+    fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Box<Upgrade>>, ProxyError> {
+        if parts.method == Method::CONNECT {
+            return Err(ProxyError::ConnectNotSupported);
         }
+        check_request_head(parts, &self.limits)?;
         if parts
             .headers
             .get_all(http::header::HOST)
@@ -448,27 +519,33 @@ impl Shared {
         // Only we say who the peer is.
         parts.headers.remove(&PEER_ID);
         parts.headers.remove(&XFCC);
-        strip_hop_by_hop(&mut parts.headers);
-        Ok(())
+        let upgrade = strip_hop_by_hop(&mut parts.headers);
+        Ok(match upgrade {
+            Some(v) if parts.version == Version::HTTP_11 => {
+                upgrade::accept(&v, &self.upgrades, &mut parts.extensions)
+            }
+            _ => None,
+        })
     }
 
     /// Rewrites an allowed request's head for the local service (peer
     /// identity headers, version, authority, the authorized path) and
-    /// returns the span of the call to it.
+    /// returns the span of the call to it. A gRPC request (which needs
+    /// HTTP/2) to a service spoken to in HTTP/1.1 is refused here, with
+    /// the setting to change.
     fn upstream_head(
         &self,
         parts: &mut http::request::Parts,
         forward_path: Option<http::uri::PathAndQuery>,
         peer: &Peer,
         span: &tracing::Span,
+        to_h2: bool,
     ) -> Result<tracing::Span, ProxyError> {
+        if !to_h2 && parts.version == Version::HTTP_2 && is_grpc(&parts.headers) {
+            return Err(ProxyError::AppProtocolMismatch);
+        }
         parts.headers.insert(PEER_ID.clone(), peer.header.clone());
         parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
-        let to_h2 = match self.forward_http {
-            ForwardHttp::Auto => parts.version == Version::HTTP_2,
-            ForwardHttp::Http1 => false,
-            ForwardHttp::Http2 => true,
-        };
         // The authority the client addressed travels on: in the URI for
         // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
         // always dials `forward`, whatever the URI says.
@@ -541,9 +618,37 @@ fn peer_of(
         header,
         xfcc,
         activity,
+        tunnel: TunnelSlot::default(),
     })
 }
 
+/// An HTTP/1.1 server connection that hands itself over after a 101, as
+/// [`conn::serve_http`] takes it.
+struct UpgradeableH1<C>(Pin<Box<C>>);
+
+type H1Conn<S> = http1::UpgradeableConnection<TokioIo<TlsStream<Tracked<TcpStream>>>, S>;
+
+impl<S> Future for UpgradeableH1<H1Conn<S>>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.get_mut().0.as_mut().poll(cx)
+    }
+}
+
+impl<S> conn::Graceful for UpgradeableH1<H1Conn<S>>
+where
+    S: hyper::service::HttpService<Incoming, ResBody = ProxyBody>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().0.as_mut().graceful_shutdown();
+    }
+}
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -559,8 +664,8 @@ mod tests {
     }
 
     /// The boxed phases, each allocated once per connection: the TLS
-    /// handshake (1,480 bytes measured), HTTP (2,080; what an idle
-    /// keep-alive connection holds) and TCP (4,696).
+    /// handshake (1,480 bytes measured), HTTP (2,120; what an idle
+    /// keep-alive connection holds) and TCP (4,744).
     #[test]
     fn each_connection_phase_stays_small() {
         let handshake = returned_3(Shared::handshake);
@@ -571,12 +676,13 @@ mod tests {
         assert_between("the inbound TCP connection future", tcp, 3760, 5120);
     }
 
-    /// Boxed per request (952 bytes measured, as benches/results/analysis.md
-    /// has it since 18840f0): the request is held once, not once per
-    /// async layer.
+    /// Boxed per request: 1,560 bytes measured (952 at 18840f0, as
+    /// benches/results/analysis.md has it, before upgrades and
+    /// 100-continue joined the request path); the request is held once,
+    /// not once per async layer.
     #[test]
     fn the_request_future_holds_the_request_once() {
         let size = returned_3(Shared::request);
-        assert_between("the inbound request future", size, 768, 1024);
+        assert_between("the inbound request future", size, 1248, 1664);
     }
 }

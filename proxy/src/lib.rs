@@ -11,10 +11,12 @@
 //! [`outbound`], identity in [`identity`] and [`tls`].
 
 pub mod admin;
+pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conn;
 pub mod drain;
+pub mod expect;
 #[cfg(test)]
 mod future_size;
 pub mod http;
@@ -22,8 +24,11 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod redirect;
 pub mod telemetry;
 pub mod tls;
+pub mod transparent;
+pub mod upgrade;
 pub mod upstream;
 
 use std::future::Future;
@@ -86,6 +91,7 @@ pub struct Proxy {
     admin: admin::AdminListener,
     inbound: Vec<inbound::InboundListener>,
     outbound: Vec<outbound::OutboundListener>,
+    transparent: Option<transparent::TransparentListener>,
     draining: Arc<AtomicBool>,
 }
 
@@ -192,6 +198,35 @@ impl Proxy {
             addrs.push((l.name.clone(), addr));
             inbound.push(listener);
         }
+        if config.redirect.as_ref().is_some_and(|r| r.outbound) {
+            // XXX: phase 1 of transparent mode: the rules redirect outbound
+            // TCP, but this proxy has no transparent outbound listener yet.
+            tracing::warn!(
+                "[redirect] outbound = true: outbound TCP is redirected to the transparent outbound listener, which this version does not bind yet; set outbound = false"
+            );
+        }
+        let transparent = match &config.redirect {
+            Some(r) if r.inbound_ports != redirect::InboundPorts::Listed(Vec::new()) => {
+                // Each redirected connection goes to the inbound listener
+                // that forwards to its original port on loopback.
+                let by_port = config
+                    .inbound
+                    .iter()
+                    .zip(&inbound)
+                    .filter(|(l, _)| l.forward.ip().is_loopback())
+                    .map(|(l, listener)| (l.forward.port(), listener.shared()))
+                    .collect();
+                let (listener, addr) = transparent::TransparentInbound::bind(
+                    r.inbound_listener_port,
+                    by_port,
+                    config.limits.max_connections,
+                )
+                .await?;
+                addrs.push((transparent::INBOUND_NAME.to_owned(), addr));
+                Some(listener)
+            }
+            _ => None,
+        };
         let mut outbound = Vec::new();
         for l in &config.outbound {
             let (listener, addr) =
@@ -213,6 +248,7 @@ impl Proxy {
             admin,
             inbound,
             outbound,
+            transparent,
             draining,
         })
     }
@@ -249,8 +285,30 @@ impl Proxy {
                 cache.run_refresh().await;
             }));
         }
+        // Inbound listeners were bound in `bind` (so a taken port stops the
+        // start) but accept only once an identity is held: before that every
+        // handshake would fail, and be counted against the peer. Until then
+        // connections wait in the listen backlog and are served once the
+        // first certificate arrives.
+        let accepts_peers = !self.inbound.is_empty() || self.transparent.is_some();
+        if !self.store.is_ready() && accepts_peers {
+            tracing::info!("inbound listeners accept once the first certificate is held");
+        }
+        let once_ready = |serve: std::pin::Pin<Box<dyn Future<Output = ()> + Send>>| {
+            let store = self.store.clone();
+            let watch = watch.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = store.ready() => serve.await,
+                    _ = watch.signaled() => {}
+                }
+            });
+        };
         for l in self.inbound {
-            tokio::spawn(l.serve(watch.clone()));
+            once_ready(Box::pin(l.serve(watch.clone())));
+        }
+        if let Some(l) = self.transparent {
+            once_ready(Box::pin(l.serve(watch.clone())));
         }
         for l in self.outbound {
             tokio::spawn(l.serve(watch.clone()));

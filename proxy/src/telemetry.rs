@@ -7,6 +7,9 @@
 //!   spans that cannot be exported are dropped and counted.
 //! - **Metrics**: [`ProxyMetrics`], Prometheus text at the admin `/metrics`.
 //! - **Access log**: [`access_log`], one JSON line per request.
+//! - **Log filter**: [`log_filter`], changeable at runtime through the admin
+//!   listener, except that the audit trail ([`AUDIT_TARGETS`]) never gets
+//!   quieter than it started.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -97,6 +100,30 @@ pub struct Observability {
 /// Sets the log filter (an `EnvFilter` directive such as `debug` or
 /// `moat_proxy=debug,info`); returns an error text for a bad directive.
 pub type LogLevelHandle = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// The levels a runtime log filter may name, alone or as `target=level`.
+pub const LOG_LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+
+/// The audit trail: the access log (`moat::access`), authorization
+/// decisions and policy reloads (`moat::policy`), and changes made through
+/// the admin listener (`moat::admin`). A filter set at runtime can make
+/// these louder but never quieter than the filter the process started with.
+pub const AUDIT_TARGETS: [&str; 3] = ["moat::access", "moat::policy", "moat::admin"];
+
+/// Why a runtime log filter was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LogFilterError {
+    /// Nothing was given.
+    #[error("no level given: use one of {}, alone or as target=level (e.g. moat_proxy=debug,info)", LOG_LEVELS.join(", "))]
+    Empty,
+    /// A level that is not one of [`LOG_LEVELS`].
+    #[error("unknown level {0:?}: use one of {levels}, alone or as target=level (e.g. moat_proxy=debug,info)", levels = LOG_LEVELS.join(", "))]
+    UnknownLevel(String),
+    /// A target that is not a Rust module path.
+    #[error("{0:?} is not a log target (letters, digits, _ and ::)")]
+    BadTarget(String),
+}
 
 /// Errors setting up telemetry (bad configuration: exit 64).
 #[derive(Debug, thiserror::Error)]
@@ -294,6 +321,80 @@ impl<E: opentelemetry_sdk::trace::SpanExporter> opentelemetry_sdk::trace::SpanEx
     }
 }
 
+/// Checks a log filter given at runtime: comma-separated directives, each
+/// a level from [`LOG_LEVELS`] or `target=level`. Narrower than what
+/// `RUST_LOG` takes (no span or field directives), so that a word that is
+/// not a level (`verbose`) is refused instead of being read as a target
+/// name, which would switch every other line off.
+pub fn check_log_filter(filter: &str) -> Result<(), LogFilterError> {
+    let mut any = false;
+    for directive in filter.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+        any = true;
+        let (target, level) = match directive.split_once('=') {
+            Some((target, level)) => (Some(target.trim()), level.trim()),
+            None => (None, directive),
+        };
+        if let Some(target) = target {
+            let ok = !target.is_empty()
+                && target.split("::").all(|part| {
+                    !part.is_empty()
+                        && part
+                            .chars()
+                            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                });
+            if !ok {
+                return Err(LogFilterError::BadTarget(target.to_owned()));
+            }
+        }
+        if !LOG_LEVELS.iter().any(|l| l.eq_ignore_ascii_case(level)) {
+            return Err(LogFilterError::UnknownLevel(level.to_owned()));
+        }
+    }
+    if any {
+        Ok(())
+    } else {
+        Err(LogFilterError::Empty)
+    }
+}
+
+/// The log filter for the log output: `startup` (an `EnvFilter` directive
+/// string: `RUST_LOG` or the configured `log_level`), which the returned
+/// handle replaces at runtime, *or* `startup` restricted to the
+/// [`AUDIT_TARGETS`]. Whatever is set at runtime, an audit line that the
+/// start-up filter let through still gets through: `PUT /logging?level=off`
+/// quiets everything else, never the access or decision log. The handle
+/// takes only what [`check_log_filter`] accepts.
+pub fn log_filter<S>(
+    startup: &str,
+) -> (
+    impl tracing_subscriber::layer::Filter<S> + Send + Sync + 'static,
+    LogLevelHandle,
+)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use tracing_subscriber::filter::{EnvFilter, FilterExt, filter_fn};
+    use tracing_subscriber::reload;
+    let parse = |s: &str| EnvFilter::try_new(s).unwrap_or_else(|_| EnvFilter::new("info"));
+    let (runtime, handle) = reload::Layer::new(parse(startup));
+    let audit = parse(startup).and(filter_fn(|meta| is_audit_target(meta.target())));
+    let set: LogLevelHandle = Arc::new(move |level: &str| {
+        check_log_filter(level).map_err(|e| e.to_string())?;
+        let next = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
+        handle.reload(next).map_err(|e| e.to_string())
+    });
+    (runtime.or(audit), set)
+}
+
+/// True for the targets of the audit trail (and their sub-targets).
+pub fn is_audit_target(target: &str) -> bool {
+    AUDIT_TARGETS.iter().any(|t| {
+        target
+            .strip_prefix(t)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with("::"))
+    })
+}
+
 static TRACEPARENT: http::HeaderName = http::HeaderName::from_static("traceparent");
 
 /// Continues the W3C trace context carried by `headers` (if any) as the
@@ -365,6 +466,8 @@ pub struct ProxyMetrics {
     pub handshake_failures: Family<[(&'static str, String); 2], Counter>,
     /// Connections open now, by listener.
     pub open_connections: Family<ListenerLabels, Gauge>,
+    /// Upgraded connections (WebSocket, ...) open now, by listener and protocol.
+    pub upgraded_connections: Family<[(&'static str, String); 2], Gauge>,
     /// Authorization decisions by listener, route, decision and reason.
     pub decisions: Family<[(&'static str, String); 4], Counter>,
     /// Policy reloads by result (`ok`, `failed`).
@@ -379,6 +482,8 @@ pub struct ProxyMetrics {
     pub jwks_fetches: Family<[(&'static str, String); 2], Counter>,
     /// Spans dropped because the collector could not take them.
     pub spans_dropped: Counter,
+    /// Admin requests refused, by reason (`not_loopback`).
+    pub admin_refusals: Family<[(&'static str, &'static str); 1], Counter>,
 }
 
 impl ProxyMetrics {
@@ -396,6 +501,7 @@ impl ProxyMetrics {
         let handshakes = Family::<ListenerLabels, Counter>::default();
         let handshake_failures = Family::<[(&'static str, String); 2], Counter>::default();
         let open_connections = Family::<ListenerLabels, Gauge>::default();
+        let upgraded_connections = Family::<[(&'static str, String); 2], Gauge>::default();
         let decisions = Family::<[(&'static str, String); 4], Counter>::default();
         let policy_reloads = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let policy_info = Family::<[(&'static str, String); 2], Gauge>::default();
@@ -403,6 +509,7 @@ impl ProxyMetrics {
         let renewals = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let jwks_fetches = Family::<[(&'static str, String); 2], Counter>::default();
         let spans_dropped = Counter::default();
+        let admin_refusals = Family::<[(&'static str, &'static str); 1], Counter>::default();
         registry.register(
             "moat_requests",
             "HTTP requests by listener, direction, route, method, status class and decision",
@@ -427,6 +534,11 @@ impl ProxyMetrics {
             "moat_open_connections",
             "Connections open now",
             open_connections.clone(),
+        );
+        registry.register(
+            "moat_upgraded_connections",
+            "Upgraded connections (WebSocket and other Upgrade protocols) open now, by listener and protocol",
+            upgraded_connections.clone(),
         );
         registry.register(
             "moat_authz_decisions",
@@ -463,6 +575,11 @@ impl ProxyMetrics {
             "Spans dropped because the collector could not take them",
             spans_dropped.clone(),
         );
+        registry.register(
+            "moat_admin_refusals",
+            "Admin listener requests refused, by reason (not_loopback: a change asked from off this host)",
+            admin_refusals.clone(),
+        );
         Self {
             registry: Arc::new(std::sync::Mutex::new(registry)),
             requests,
@@ -470,6 +587,7 @@ impl ProxyMetrics {
             handshakes,
             handshake_failures,
             open_connections,
+            upgraded_connections,
             decisions,
             policy_reloads,
             policy_info,
@@ -477,6 +595,7 @@ impl ProxyMetrics {
             renewals,
             jwks_fetches,
             spans_dropped,
+            admin_refusals,
         }
     }
 
@@ -513,6 +632,19 @@ impl ProxyMetrics {
         let gauge = self
             .open_connections
             .get_or_create(&[("listener", listener.to_owned())])
+            .clone();
+        gauge.inc();
+        OpenConnection(gauge)
+    }
+
+    /// Counts an open upgraded connection until the returned guard drops.
+    pub fn upgraded_opened(&self, listener: &str, protocol: &str) -> OpenConnection {
+        let gauge = self
+            .upgraded_connections
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("protocol", protocol.to_owned()),
+            ])
             .clone();
         gauge.inc();
         OpenConnection(gauge)
@@ -728,8 +860,11 @@ pub struct AccessEntry<'a> {
     pub listener: &'a str,
     /// `inbound` or `outbound`.
     pub direction: &'static str,
-    /// The verified peer (inbound: the caller; outbound: the server).
+    /// The peer (inbound: the verified caller; outbound: the server, or
+    /// the identity it presented when it was refused; `-` if none).
     pub peer: &'a str,
+    /// Outbound: the identity the configuration expects of the peer.
+    pub expected_peer: Option<&'a str>,
     /// Method.
     pub method: &'a http::Method,
     /// Path as authorized (no query: it may hold secrets).
@@ -766,6 +901,7 @@ fn access_log(e: &AccessEntry<'_>) {
         listener = e.listener,
         direction = e.direction,
         peer = e.peer,
+        expected_peer = e.expected_peer,
         method = %e.method,
         path = e.path,
         status = e.status,
@@ -840,6 +976,97 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon"),
         ]);
         assert!(TelemetryConfig::default().resolve(env).is_err());
+    }
+
+    #[test]
+    fn runtime_log_filters_name_known_levels_only() {
+        for ok in [
+            "debug",
+            "WARN",
+            "off",
+            "moat_proxy=debug,info",
+            " moat::access = trace , error ",
+            "h2=off,hyper-util=warn,info",
+        ] {
+            assert_eq!(check_log_filter(ok), Ok(()), "{ok}");
+        }
+        assert_eq!(
+            check_log_filter("verbose"),
+            Err(LogFilterError::UnknownLevel("verbose".into()))
+        );
+        assert_eq!(
+            check_log_filter("moat_proxy=loud"),
+            Err(LogFilterError::UnknownLevel("loud".into()))
+        );
+        assert_eq!(check_log_filter(" , "), Err(LogFilterError::Empty));
+        assert!(matches!(
+            check_log_filter("[span{x=1}]=debug"),
+            Err(LogFilterError::BadTarget(_))
+        ));
+        let message = check_log_filter("verbose").unwrap_err().to_string();
+        for level in LOG_LEVELS {
+            assert!(message.contains(level), "{message}");
+        }
+    }
+
+    #[test]
+    fn audit_targets_include_their_sub_targets_only() {
+        assert!(is_audit_target("moat::access"));
+        assert!(is_audit_target("moat::policy::reload"));
+        assert!(!is_audit_target("moat::accessory"));
+        assert!(!is_audit_target("moat_proxy::inbound"));
+    }
+
+    /// Whatever the runtime filter says, an audit line the start-up filter
+    /// passed still gets through; other lines follow the runtime filter.
+    #[test]
+    fn the_runtime_filter_cannot_quiet_the_audit_trail() {
+        use tracing_subscriber::prelude::*;
+        #[derive(Clone, Default)]
+        struct Lines(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Lines::default();
+        let writer = out.clone();
+        let (filter, set) = log_filter("info");
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_filter(filter),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let emit = |n: u32| {
+                tracing::info!(target: "moat::access", n, "audit_access");
+                tracing::warn!(target: "moat::policy", n, "audit_decision");
+                tracing::info!(target: "moat_proxy::inbound", n, "other_line");
+                tracing::debug!(target: "moat::access", n, "debug_access");
+            };
+            emit(1);
+            set("off").unwrap();
+            emit(2);
+            assert!(set("verbose").is_err());
+            set("moat::access=debug,warn").unwrap();
+            emit(3);
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        let has = |msg: &str, n: u32| text.contains(&format!("{msg} n={n}"));
+        for n in [1, 2, 3] {
+            assert!(has("audit_access", n), "access line {n}:\n{text}");
+            assert!(has("audit_decision", n), "decision line {n}:\n{text}");
+        }
+        assert!(has("other_line", 1), "{text}");
+        assert!(!has("other_line", 2), "off quiets other targets:\n{text}");
+        assert!(!has("other_line", 3), "{text}");
+        assert!(!has("debug_access", 1) && !has("debug_access", 2), "{text}");
+        assert!(has("debug_access", 3), "louder is allowed:\n{text}");
     }
 
     #[test]

@@ -10,6 +10,13 @@
 //! request to wait for the connection to become idle again — measured as
 //! the largest user-space share of a forwarded request
 //! (benches/results/analysis.md).
+//!
+//! Response heads are held to the same limits as request heads
+//! (`max_header_bytes`, `max_header_count`): one over them is answered 502
+//! `response_headers_too_large` for its own request, never passed on to a
+//! peer whose parser would have to refuse it (over HTTP/2, a header block
+//! far over the receiver's limit is a connection error that takes every
+//! other stream with it).
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -17,18 +24,20 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
 use futures_util::FutureExt;
 use http::uri::PathAndQuery;
-use http::{HeaderValue, Request, Response, Uri, Version, header};
-use http_body_util::{Either, Empty};
-use hyper::body::{Body, Incoming};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::Limits;
-use crate::http::{ProxyBody, ProxyError, strip_hop_by_hop};
+use crate::expect::{self, Gate, HeldBody};
+use crate::http::{ProxyBody, ProxyError, head_within, strip_hop_by_hop, wire};
 
 /// Opens a new transport connection to the upstream.
 pub trait Dial: Send + Sync + 'static {
@@ -39,9 +48,18 @@ pub trait Dial: Send + Sync + 'static {
     fn dial(&self) -> impl Future<Output = Result<Self::Io, ProxyError>> + Send;
 }
 
-/// What goes upstream: the caller's body, or none (a request without a
-/// body can be sent again).
-type OutBody<B> = Either<B, Empty<Bytes>>;
+/// What goes upstream: the caller's body, none (a request without a body
+/// can be sent again), or the caller's body held back for
+/// `Expect: 100-continue` ([`crate::expect`]).
+pub enum OutBody<B> {
+    /// The caller's body, as it comes.
+    Whole(B),
+    /// No body.
+    Empty,
+    /// The caller's body once the upstream asks for it (boxed: rare, and
+    /// larger than the others).
+    Held(Box<HeldBody<B>>),
+}
 
 /// A pooled connection idle at least this long may have been closed by the
 /// service just as we send on it; a bodiless idempotent request sent on it
@@ -55,7 +73,9 @@ pub struct UpstreamClient<D, B = Incoming> {
     h1: Arc<Mutex<VecDeque<Idle<B>>>>,
     h2: Mutex<Option<http2::SendRequest<OutBody<B>>>>,
     h2_connecting: tokio::sync::Mutex<()>,
-    timeout: Duration,
+    h1_builder: http1::Builder,
+    h2_builder: http2::Builder<TokioExecutor>,
+    limits: Limits,
     max_idle: usize,
 }
 
@@ -77,20 +97,34 @@ where
     pub fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
         let h1 = Arc::new(Mutex::new(VecDeque::new()));
         spawn_reaper(Arc::downgrade(&h1), limits.pool_idle_timeout);
+        let wire = wire(limits);
+        let mut h1_builder = http1::Builder::new();
+        h1_builder
+            .max_headers(limits.max_header_count)
+            .max_header_size(wire.h1_head);
+        let mut h2_builder = http2::Builder::new(TokioExecutor::new());
+        h2_builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .max_header_list_size(wire.h2_client_header_list);
         Self {
             h1_dial,
             h2_dial,
             h1,
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
-            timeout: limits.request_timeout,
+            h1_builder,
+            h2_builder,
+            limits: limits.clone(),
             max_idle: 256,
         }
     }
 
     /// Sends `req` (HTTP/2 if its version says so, else HTTP/1.1) and
-    /// returns the response with hop-by-hop headers removed. The timeout
-    /// covers connecting and the response head.
+    /// returns the response with hop-by-hop headers removed, its head
+    /// checked against the limits, and no body if it answers a HEAD. The
+    /// timeout covers connecting and the response head.
     ///
     /// Not an `async fn`: the request is taken apart before the future is
     /// built, so the future holds it once (inside the boxed send) instead
@@ -101,29 +135,90 @@ where
         &self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + '_ {
-        let (parts, body) = req.into_parts();
-        let body = if body.is_end_stream() {
-            Either::Right(Empty::new())
+        let head_only = req.method() == Method::HEAD;
+        let h2 = req.version() == Version::HTTP_2;
+        let mut gate = None;
+        let req = if req.body().is_end_stream() {
+            req.map(|_| OutBody::Empty)
+        } else if !h2 && expect::expects_continue(req.headers()) {
+            let (held, g) = expect::hold(req);
+            gate = Some(g);
+            held.map(|b| OutBody::Held(Box::new(b)))
         } else {
-            Either::Left(body)
+            req.map(OutBody::Whole)
         };
-        let req = Request::from_parts(parts, body);
-        let send: Pin<Box<dyn Future<Output = _> + Send + '_>> = if req.version() == Version::HTTP_2
-        {
+        let send: Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 {
             Box::pin(self.send_h2(req))
         } else {
             Box::pin(self.send_h1(req))
         };
-        let timeout = self.timeout;
+        let timeout = self.limits.request_timeout;
         tokio::time::timeout(timeout, send).map(move |sent| match sent {
-            Ok(Ok(resp)) => {
-                let (mut parts, body) = resp.into_parts();
-                strip_hop_by_hop(&mut parts.headers);
-                Ok(Response::from_parts(parts, Either::Left(body)))
-            }
+            Ok(Ok(resp)) => self.relay(resp, head_only, gate),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ProxyError::Timeout(timeout)),
         })
+    }
+
+    /// The upstream's response as it goes back: hop-by-hop headers out, the
+    /// head within the limits, no body on a HEAD answer (an HTTP/2 service
+    /// may send one, which HTTP/2 forbids: it is dropped, not passed on as
+    /// a stream error), and a body held for 100-continue given up once the
+    /// final answer is relayed.
+    fn relay(
+        &self,
+        resp: Response<Incoming>,
+        head_only: bool,
+        gate: Option<Arc<Gate>>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        if !head_within(&parts.headers, &self.limits) {
+            return Err(ProxyError::ResponseHeadersTooLarge(format!(
+                "{} fields",
+                parts.headers.len()
+            )));
+        }
+        let body = if head_only {
+            ProxyBody::empty()
+        } else {
+            ProxyBody::Upstream {
+                body,
+                limit: (&self.limits).into(),
+                give_up: gate.filter(|g| g.is_waiting()).map(|g| g.give_up_on_drop()),
+            }
+        };
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// Sends an `Upgrade` request on a connection of its own (HTTP/1.1,
+    /// never pooled: after a 101 it carries the upgraded protocol) and
+    /// returns the response as it came, `OnUpgrade` included. The timeout
+    /// covers connecting and the response head.
+    pub async fn send_upgrade(&self, req: Request<B>) -> Result<Response<Incoming>, ProxyError> {
+        let mut req = req.map(|b| {
+            if b.is_end_stream() {
+                OutBody::Empty
+            } else {
+                OutBody::Whole(b)
+            }
+        });
+        into_origin_form(&mut req);
+        let exchange = async {
+            let io = self.h1_dial.dial().await?;
+            let (mut tx, conn) = self
+                .h1_builder
+                .handshake(TokioIo::new(io))
+                .await
+                .map_err(|e| upstream_error(&e))?;
+            drive(conn.with_upgrades(), "HTTP/1.1 upgrade");
+            tx.send_request(req).await.map_err(|e| upstream_error(&e))
+        };
+        let timeout = self.limits.request_timeout;
+        match tokio::time::timeout(timeout, exchange).await {
+            Ok(sent) => sent,
+            Err(_) => Err(ProxyError::Timeout(timeout)),
+        }
     }
 
     async fn send_h1(
@@ -141,7 +236,7 @@ where
                             self.checkin_h1(tx);
                             Ok(resp)
                         }
-                        Err(e) => Err(ProxyError::Upstream(describe(&e))),
+                        Err(e) => Err(upstream_error(&e)),
                     };
                 }
             };
@@ -163,7 +258,7 @@ where
                     .or_else(|| again.filter(|_| e.error().is_incomplete_message()))
                 {
                     Some(back) => req = back,
-                    None => return Err(ProxyError::Upstream(describe(e.error()))),
+                    None => return Err(upstream_error(e.error())),
                 },
             }
         }
@@ -201,10 +296,11 @@ where
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<OutBody<B>>, ProxyError> {
         let io = self.h1_dial.dial().await?;
-        let (tx, conn) = http1::Builder::new()
+        let (tx, conn) = self
+            .h1_builder
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| ProxyError::Upstream(describe(&e)))?;
+            .map_err(|e| upstream_error(&e))?;
         drive(conn, "HTTP/1.1");
         Ok(tx)
     }
@@ -228,7 +324,7 @@ where
                         self.forget_h2(&tx);
                         req = back;
                     }
-                    _ => return Err(ProxyError::Upstream(describe(e.error()))),
+                    _ => return Err(upstream_error(e.error())),
                 },
             }
         }
@@ -257,13 +353,11 @@ where
             return Ok(tx);
         }
         let io = self.h2_dial.dial().await?;
-        let (tx, conn) = http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(Some(Duration::from_secs(30)))
-            .keep_alive_timeout(Duration::from_secs(20))
+        let (tx, conn) = self
+            .h2_builder
             .handshake(TokioIo::new(io))
             .await
-            .map_err(|e| ProxyError::Upstream(describe(&e)))?;
+            .map_err(|e| upstream_error(&e))?;
         drive(conn, "HTTP/2");
         *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
         Ok(tx)
@@ -305,10 +399,10 @@ fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout
 /// A copy of a request to send again, if it has no body and is idempotent
 /// (RFC 9110 §9.2.2).
 fn replay<B>(req: &Request<OutBody<B>>) -> Option<Request<OutBody<B>>> {
-    if !matches!(req.body(), Either::Right(_)) || !req.method().is_idempotent() {
+    if !matches!(req.body(), OutBody::Empty) || !req.method().is_idempotent() {
         return None;
     }
-    let mut again = Request::new(Either::Right(Empty::new()));
+    let mut again = Request::new(OutBody::Empty);
     *again.method_mut() = req.method().clone();
     *again.uri_mut() = req.uri().clone();
     *again.version_mut() = req.version();
@@ -330,6 +424,52 @@ fn into_origin_form<B>(req: &mut Request<B>) {
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(pq);
+}
+
+/// A failed exchange as the side that failed: a response head over the
+/// limits is the upstream's fault, named as such.
+fn upstream_error(e: &hyper::Error) -> ProxyError {
+    if e.is_parse_too_large() {
+        ProxyError::ResponseHeadersTooLarge(describe(e))
+    } else {
+        ProxyError::Upstream(describe(e))
+    }
+}
+
+impl<B> Body for OutBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            OutBody::Whole(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            OutBody::Empty => Poll::Ready(None),
+            OutBody::Held(b) => Pin::new(&mut **b).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            OutBody::Whole(b) => b.is_end_stream(),
+            OutBody::Empty => true,
+            OutBody::Held(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            OutBody::Whole(b) => b.size_hint(),
+            OutBody::Empty => SizeHint::with_exact(0),
+            OutBody::Held(b) => b.size_hint(),
+        }
+    }
 }
 
 /// An error and its causes on one line.

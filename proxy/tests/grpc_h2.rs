@@ -117,17 +117,14 @@ fn identity(name: &str) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn grpc_over_h2_passes_trailers_through_a_sidecar_pair() {
-    moat_ca::install_crypto_provider();
-    let dir = tempfile::tempdir().unwrap();
-    certificates(dir.path());
-    let service = grpc_like_service().await;
+/// Sidecar B (inbound `in` in front of `service`, `inbound_extra` in its
+/// listener) and sidecar A (outbound `out` to B), serving; A's address.
+async fn pair(dir: &Path, service: SocketAddr, inbound_extra: &str) -> SocketAddr {
     let b = start(
-        dir.path(),
+        dir,
         "b",
         format!(
-            "{}[[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n",
+            "{}[[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n{inbound_extra}\n",
             identity("b")
         ),
     )
@@ -135,7 +132,7 @@ async fn grpc_over_h2_passes_trailers_through_a_sidecar_pair() {
     let b_addr = b.local_addr("in").unwrap();
     tokio::spawn(b.serve(std::future::pending()));
     let a = start(
-        dir.path(),
+        dir,
         "a",
         format!(
             "{}[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{b_addr}\"\npeer = \"{B}\"\n",
@@ -145,24 +142,44 @@ async fn grpc_over_h2_passes_trailers_through_a_sidecar_pair() {
     .await;
     let a_addr = a.local_addr("out").unwrap();
     tokio::spawn(a.serve(std::future::pending()));
+    a_addr
+}
 
-    // One h2c connection from the "application", many concurrent streams.
+/// One h2c connection from the "application" to A.
+async fn h2c(a_addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let tcp = tokio::net::TcpStream::connect(a_addr).await.unwrap();
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
             .await
             .unwrap();
     tokio::spawn(conn);
+    sender
+}
+
+fn grpc_call(a_addr: SocketAddr, payload: Bytes) -> Request<Full<Bytes>> {
+    Request::post(format!("http://{a_addr}/ledger.Ledger/Post"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(Full::new(payload))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_over_h2_passes_trailers_through_a_sidecar_pair() {
+    moat_ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let service = grpc_like_service().await;
+    let a_addr = pair(dir.path(), service, "app_protocol = \"grpc\"").await;
+
+    // One h2c connection from the "application", many concurrent streams.
+    let sender = h2c(a_addr).await;
     let mut calls = Vec::new();
     for i in 0..20 {
         let mut sender = sender.clone();
         calls.push(tokio::spawn(async move {
             let payload = Bytes::from(format!("message {i}"));
-            let req = Request::post(format!("http://{a_addr}/ledger.Ledger/Post"))
-                .header("content-type", "application/grpc")
-                .header("te", "trailers")
-                .body(Full::new(payload.clone()))
-                .unwrap();
+            let req = grpc_call(a_addr, payload.clone());
             let resp = sender.send_request(req).await.unwrap();
             assert_eq!(resp.status(), 200);
             assert_eq!(resp.version(), http::Version::HTTP_2);
@@ -186,4 +203,64 @@ async fn grpc_over_h2_passes_trailers_through_a_sidecar_pair() {
     for call in calls {
         call.await.unwrap();
     }
+}
+
+/// `app_protocol = "auto"` finds out that the service speaks h2c.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_service_is_found_by_the_auto_probe() {
+    moat_ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let service = grpc_like_service().await;
+    let a_addr = pair(dir.path(), service, "app_protocol = \"auto\"").await;
+    let mut sender = h2c(a_addr).await;
+    for i in 0..3 {
+        let payload = Bytes::from(format!("auto {i}"));
+        let resp = sender
+            .send_request(grpc_call(a_addr, payload.clone()))
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.unwrap();
+        assert_eq!(collected.trailers().unwrap()["grpc-status"], "0");
+        assert_eq!(collected.to_bytes(), payload);
+    }
+}
+
+/// Without `app_protocol`, the service is spoken to in HTTP/1.1, and a gRPC
+/// call gets a 502 that names the setting instead of a protocol error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_to_a_service_declared_http1_names_the_setting() {
+    moat_ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    certificates(dir.path());
+    let service = grpc_like_service().await;
+    let a_addr = pair(dir.path(), service, "").await;
+    let mut sender = h2c(a_addr).await;
+    let resp = sender
+        .send_request(grpc_call(a_addr, Bytes::from_static(b"x")))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 502);
+    assert_eq!(
+        resp.headers()["grpc-status"],
+        "14",
+        "UNAVAILABLE, for gRPC clients"
+    );
+    assert!(
+        resp.headers()["grpc-message"]
+            .to_str()
+            .unwrap()
+            .contains("app_protocol")
+    );
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(body["reason"], "app_protocol_mismatch", "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("app_protocol = \"grpc\""),
+        "{body}"
+    );
 }

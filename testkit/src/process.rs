@@ -91,35 +91,7 @@ impl Moat {
     /// Starts `moat ARGS...` as `name`, its stderr (the log) read line by
     /// line, kept, and copied to `log` if given.
     pub fn spawn(&self, name: &str, args: &[&str], log: Option<&Path>) -> Result<Process> {
-        let mut file = log.map(std::fs::File::create).transpose()?;
-        let mut child = self
-            .command(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let echo = self.echo.then(|| name.to_owned());
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(f) = &mut file {
-                    let _ = writeln!(f, "{line}");
-                }
-                if let Some(name) = &echo {
-                    eprintln!("[{name}] {line}");
-                }
-                sink.lock().expect("log lines").push(line);
-            }
-        });
-        Ok(Process {
-            name: name.to_owned(),
-            child,
-            lines,
-            reader: Some(reader),
-            log: log.map(Path::to_owned),
-        })
+        Process::start(name, self.command(args), log, self.echo)
     }
 }
 
@@ -134,6 +106,41 @@ pub struct Process {
 }
 
 impl Process {
+    /// Starts a prepared command as `name` (`moat` in a network namespace,
+    /// say): its stderr (the log) read line by line, kept, copied to `log`
+    /// if given, and echoed to this process's stderr if `echo`.
+    pub fn start(name: &str, mut cmd: Command, log: Option<&Path>, echo: bool) -> Result<Self> {
+        let mut file = log.map(std::fs::File::create).transpose()?;
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("start {name}"))?;
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let echo = echo.then(|| name.to_owned());
+        let reader = std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(f) = &mut file {
+                    let _ = writeln!(f, "{line}");
+                }
+                if let Some(name) = &echo {
+                    eprintln!("[{name}] {line}");
+                }
+                sink.lock().expect("log lines").push(line);
+            }
+        });
+        Ok(Self {
+            name: name.to_owned(),
+            child,
+            lines,
+            reader: Some(reader),
+            log: log.map(Path::to_owned),
+        })
+    }
+
     /// The name it was started as.
     pub fn name(&self) -> &str {
         &self.name

@@ -56,11 +56,10 @@ fn refused_in_handshake(s: &mut Sidecar, files: &CertFiles, reason: &str, what: 
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(
-        count_logs(&s.proxy, "handshake failed"),
-        logged + 1,
-        "{what}: logged"
-    );
+    // The line is written after the count: give the log reader a moment.
+    eventually(Duration::from_secs(5), &format!("{what}: logged"), || {
+        count_logs(&s.proxy, "handshake failed") == logged + 1
+    });
 }
 
 #[test]

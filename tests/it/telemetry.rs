@@ -267,21 +267,35 @@ fn metrics_move_with_allowed_denied_and_refused_traffic() {
 #[test]
 fn log_level_changes_at_runtime_through_the_admin_listener() {
     let p = pair("");
-    let before = p.server.logs().len();
     assert_eq!(curl_http(p.outbound, "/invoices/1", &[]).0, 200);
+    let debug_lines = |logs: &[String]| logs.iter().filter(|l| l.contains("\"DEBUG\"")).count();
+    assert_eq!(debug_lines(&p.server.logs()), 0, "no debug lines at info");
+    let (status, body) = curl_http(p.server_admin, "/logging?level=debug", &["-X", "PUT"]);
+    assert_eq!(status, 200, "{body}");
+    let louder_from = p.server.logs().len();
+    assert_eq!(curl_http(p.outbound, "/invoices/2", &[]).0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "debug lines after level=debug",
+        || debug_lines(&p.server.logs()[louder_from..]) > 0,
+    );
     let (status, body) = curl_http(p.server_admin, "/logging?level=warn", &["-X", "PUT"]);
     assert_eq!(status, 200, "{body}");
     let quiet_from = p.server.logs().len();
-    assert!(
-        quiet_from > before,
-        "info lines were logged before the change"
+    assert_eq!(curl_http(p.outbound, "/invoices/3", &[]).0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "the access line at level warn",
+        || {
+            p.server.logs()[quiet_from..]
+                .iter()
+                .any(|l| l.contains("\"access\"") && l.contains("/invoices/3"))
+        },
     );
-    assert_eq!(curl_http(p.outbound, "/invoices/2", &[]).0, 200);
-    std::thread::sleep(Duration::from_millis(300));
-    let after: Vec<String> = p.server.logs()[quiet_from..].to_vec();
-    assert!(
-        !after.iter().any(|l| l.contains("\"access\"")),
-        "no access line at level warn: {after:?}"
+    assert_eq!(
+        debug_lines(&p.server.logs()[quiet_from..]),
+        0,
+        "no debug lines at warn"
     );
     let (status, _) = curl_http(
         p.server_admin,

@@ -119,3 +119,78 @@ fn durations_are_humane() {
     let text = format!("{MINIMAL}\n[limits]\nhandshake_timeout = \"soon\"\n");
     assert!(parse(&text).is_err());
 }
+
+#[test]
+fn the_service_is_spoken_to_in_http1_unless_the_listener_says_otherwise() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.inbound[0].app_protocol(), AppProtocol::Http1);
+    for (value, want) in [
+        ("http1", AppProtocol::Http1),
+        ("http2", AppProtocol::Http2),
+        ("grpc", AppProtocol::Grpc),
+        ("auto", AppProtocol::Auto),
+    ] {
+        let text = format!("{MINIMAL}app_protocol = \"{value}\"\n");
+        assert_eq!(parse(&text).unwrap().inbound[0].app_protocol(), want);
+    }
+    let err = parse(&format!("{MINIMAL}app_protocol = \"h3\"\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("proxy.toml:12:") && err.contains("app_protocol"),
+        "{err}"
+    );
+}
+
+#[test]
+fn forward_http_is_read_as_app_protocol_with_a_warning() {
+    let c = parse(&format!("{MINIMAL}forward_http = \"http2\"\n")).unwrap();
+    assert_eq!(c.inbound[0].app_protocol(), AppProtocol::Http2);
+    let warnings = c.warnings();
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("forward_http is deprecated") && w.contains("app_protocol")),
+        "{warnings:?}"
+    );
+    let auto = parse(&format!("{MINIMAL}forward_http = \"auto\"\n")).unwrap();
+    assert_eq!(auto.inbound[0].app_protocol(), AppProtocol::Auto);
+    assert!(auto.warnings().iter().any(|w| w.contains("now probes")));
+    let both = format!("{MINIMAL}forward_http = \"http2\"\napp_protocol = \"http1\"\n");
+    let err = parse(&both).unwrap_err().to_string();
+    assert!(err.contains("set app_protocol only"), "{err}");
+}
+
+#[test]
+fn websocket_upgrades_pass_by_default_and_h2c_never() {
+    let c = parse(MINIMAL).unwrap();
+    let protocols: Vec<&str> = c.inbound[0]
+        .upgrade_protocols
+        .iter()
+        .map(UpgradeProtocol::as_str)
+        .collect();
+    assert_eq!(protocols, ["websocket"]);
+    let c = parse(&format!(
+        "{MINIMAL}upgrade_protocols = [\"WebSocket\", \"mqtt/5\"]\n"
+    ))
+    .unwrap();
+    assert_eq!(c.inbound[0].upgrade_protocols[1].as_str(), "mqtt/5");
+    assert_eq!(c.inbound[0].upgrade_protocols[0].as_str(), "websocket");
+    let err = parse(&format!("{MINIMAL}upgrade_protocols = [\"h2c\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("h2c") && err.contains("route policy"), "{err}");
+    let err = parse(&format!("{MINIMAL}upgrade_protocols = [\"web socket\"]\n"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a protocol token"), "{err}");
+}
+
+#[test]
+fn header_count_limit_has_a_generous_default_and_bounds() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(c.limits.max_header_count, 256);
+    let text = format!("[limits]\nmax_header_count = 8\n{MINIMAL}");
+    let err = parse(&text).unwrap_err().to_string();
+    assert!(err.contains("max_header_count"), "{err}");
+}

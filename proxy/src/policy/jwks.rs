@@ -201,9 +201,12 @@ fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, JwksError> {
     let pem = std::fs::read(ca).map_err(|e| bad(e.to_string()))?;
     let bundle = moat_ca::TrustBundle::from_pem(&pem).map_err(|e| bad(e.to_string()))?;
     let roots = bundle.root_store().map_err(|e| bad(e.to_string()))?;
-    let config = ClientConfig::builder()
+    let mut config = ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
+    // Each fetch verifies the server's current certificate in full: a
+    // resumed session would keep trusting one the `jwks_ca` no longer does.
+    config.resumption = rustls::client::Resumption::disabled();
     Ok(Arc::new(config))
 }
 

@@ -171,4 +171,15 @@ impl CredentialStore {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
     }
+
+    /// Resolves once credentials are held (at once if they are already).
+    pub async fn ready(&self) {
+        let mut changed = self.changed.subscribe();
+        while !self.is_ready() {
+            // The sender lives as long as `self`: this cannot fail while we wait.
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    }
 }

@@ -159,6 +159,33 @@ fn client_verifier_checks_trust_domain_and_allow_list() {
     );
 }
 
+/// Two CAs with the same root name (rcgen's default here; two `moat ca
+/// init` of one trust domain before root names carried a key id): the
+/// other's certificate is an unknown issuer both ways, not a bad
+/// signature, so the alert is unknown_ca as the metric says.
+#[test]
+fn a_foreign_ca_with_our_roots_name_is_an_unknown_issuer() {
+    let (ours, theirs) = (new_ca(), new_ca());
+    let store = store_with(&ours, "spiffe://example.org/a");
+    let (peer, _) = leaf(&theirs, &["spiffe://example.org/b"]);
+    let now = UnixTime::now();
+    let unknown = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
+    let inbound = PeerClientVerifier::new(store.clone(), None, provider());
+    assert_eq!(
+        inbound.verify_client_cert(&chain(&peer), &[], now).err(),
+        Some(unknown.clone())
+    );
+    let want = SpiffeId::parse("spiffe://example.org/b").unwrap();
+    let outbound = PeerServerVerifier::new(store, want, provider());
+    let name = ServerName::try_from("b").unwrap();
+    assert_eq!(
+        outbound
+            .verify_server_cert(&chain(&peer), &[], &name, &[], now)
+            .err(),
+        Some(unknown)
+    );
+}
+
 #[test]
 fn verifiers_see_a_new_bundle_at_once() {
     let (old, new) = (new_ca(), new_ca());

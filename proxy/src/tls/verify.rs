@@ -112,6 +112,22 @@ fn reject(e: PeerIdError) -> rustls::Error {
     rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
+/// A chain refused for a bad signature is, to us, a chain from a CA we do
+/// not know. webpki tries each root whose name is the certificate's issuer
+/// name; a root of that name with another key (two CAs made for one trust
+/// domain before root names carried a key identifier) fails on the
+/// signature, and rustls would send alert `decrypt_error`. Calling it an
+/// unknown issuer sends `unknown_ca`, which is what the handshake-failure
+/// metric says too.
+fn unknown_issuer(e: rustls::Error) -> rustls::Error {
+    match e {
+        rustls::Error::InvalidCertificate(CertificateError::BadSignature) => {
+            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        }
+        other => other,
+    }
+}
+
 /// Reads the SPIFFE ID of an already chain-verified leaf and checks its trust domain.
 fn peer_id(store: &CredentialStore, leaf: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
     let creds = store
@@ -162,7 +178,8 @@ impl ServerCertVerifier for PeerServerVerifier {
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
-        )?;
+        )
+        .map_err(unknown_issuer)?;
         let id = peer_id(&self.store, end_entity)?;
         if id != self.expected {
             return Err(reject(PeerIdError::WrongId {
@@ -211,7 +228,8 @@ impl ClientCertVerifier for PeerClientVerifier {
             .ok_or_else(|| reject(PeerIdError::NotReady))?;
         creds
             .client_chain_verifier
-            .verify_client_cert(end_entity, intermediates, now)?;
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(unknown_issuer)?;
         let id = peer_id(&self.store, end_entity)?;
         if let Some(allow) = &self.allow
             && !allow.iter().any(|p| p.matches(&id))

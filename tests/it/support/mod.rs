@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod hostile;
+pub mod netns;
 pub mod otlp;
 pub mod proxy;
 
@@ -138,6 +139,38 @@ impl Running {
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let moat = env.iter().fold(harness(), |m, (k, v)| m.env(k, v));
         Self(moat.spawn("moat", args, None).expect("spawn moat"))
+    }
+
+    /// Starts `moat ARGS...` allowed at most `nofile` open file descriptors
+    /// (RLIMIT_NOFILE, soft and hard).
+    pub fn start_with_fd_limit(args: &[&str], nofile: u64) -> Self {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = harness().command(args);
+        // SAFETY: only setrlimit, which is async-signal-safe, runs between
+        // fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let limit = libc::rlimit {
+                    rlim_cur: nofile as libc::rlim_t,
+                    rlim_max: nofile as libc::rlim_t,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        Self::from_command(cmd)
+    }
+
+    /// Starts a prepared command (the `moat` binary, in a network namespace
+    /// or as another user, say), collecting its stderr as logs.
+    pub fn from_command(mut cmd: Command) -> Self {
+        if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
+            cmd.env("RUST_LOG", "info");
+        }
+        let echo = std::env::var_os("MOAT_TEST_ECHO").is_some();
+        Self(Process::start("moat", cmd, None, echo).expect("spawn moat"))
     }
 
     /// Every log line so far.
