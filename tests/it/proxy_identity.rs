@@ -57,7 +57,7 @@ fn ca_identity_is_not_ready_until_the_first_certificate() {
     proxy.wait_for_log(Duration::from_secs(5), |v| {
         v["message"] == "cannot get a certificate from the CA yet"
     });
-    let _ca = Running::start(&[
+    let mut ca = Running::start(&[
         "ca",
         "serve",
         "--dir",
@@ -65,8 +65,11 @@ fn ca_identity_is_not_ready_until_the_first_certificate() {
         "--listen",
         &format!("127.0.0.1:{port}"),
     ]);
+    // Up, on that port (if another test took the port meanwhile, this
+    // fails showing the CA's log rather than as a readiness timeout).
+    ca.listening_addr("ca");
     eventually(
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         "readiness after the CA came up",
         || curl_http(admin, "/ready", &[]).0 == 200,
     );
