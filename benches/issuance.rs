@@ -32,10 +32,10 @@
 //! need PostgreSQL installed (Debian: `apt-get install postgresql`) and are
 //! skipped with a message otherwise.
 
-#[path = "../tests/pg_support/mod.rs"]
-mod pg_support;
-#[path = "../tests/support/mod.rs"]
+#[path = "../tests/it/support/mod.rs"]
 mod support;
+
+use support::pg as pg_support;
 
 use std::path::Path;
 use std::sync::Arc;

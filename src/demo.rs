@@ -8,19 +8,19 @@
 //! and prints what happened to each: the route that decided, the decision and
 //! the status, taken from billing's sidecar (its deny bodies and access log).
 
-use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use moat_proxy::tls::verify::AnyServerCertificate;
+use moat_testkit::http::Reply;
+use moat_testkit::{Ca, Moat, Process, pki};
 use serde_json::Value;
 
 const TRUST_DOMAIN: &str = "demo.local";
@@ -37,18 +37,10 @@ pub struct DemoOptions {
     pub dir: Option<PathBuf>,
 }
 
-/// A child `moat` process whose JSON log lines are copied to a file and
-/// scanned for `listening` addresses. Terminated on drop.
-struct Proc {
-    name: String,
-    child: Child,
-    lines: Arc<Mutex<Vec<Value>>>,
-}
-
 /// What every sidecar of the demo shares: the CA and where files go.
 struct Sidecar<'a> {
     dir: &'a Path,
-    ca_dir: &'a Path,
+    ca: &'a Ca,
     ca_addr: SocketAddr,
     bundle: &'a Path,
     logs: &'a Path,
@@ -57,12 +49,9 @@ struct Sidecar<'a> {
 impl Sidecar<'_> {
     /// Mints a join token for `id`, writes `NAME-proxy.toml` (identity from
     /// the CA, admin on port 0, then `listeners`), and starts the sidecar.
-    fn start(&self, name: &str, id: &str, listeners: &str) -> Result<Proc> {
+    fn start(&self, name: &str, id: &str, listeners: &str) -> Result<Process> {
         let token = self.dir.join(format!("{name}.token"));
-        std::fs::write(
-            &token,
-            moat(&["ca", "token", "--dir", p(self.ca_dir), "--id", id])?.trim(),
-        )?;
+        self.ca.token_file(id, &token)?;
         let config = self.dir.join(format!("{name}-proxy.toml"));
         std::fs::write(
             &config,
@@ -83,7 +72,7 @@ listen = "127.0.0.1:0"
                 token = token.display(),
             ),
         )?;
-        Proc::spawn(
+        spawn(
             &format!("{name}-sidecar"),
             &["proxy", "--config", p(&config)],
             self.logs,
@@ -135,48 +124,30 @@ async fn demo(dir: &Path, keep_running: bool) -> Result<()> {
     // 1. The CA.
     heading("1. Certificate authority");
     let ca_dir = dir.join("ca");
-    if !ca_dir.join("ca.db").exists() {
-        moat(&[
-            "ca",
-            "init",
-            "--dir",
-            p(&ca_dir),
-            "--trust-domain",
-            TRUST_DOMAIN,
-        ])?;
-    }
+    let ca = if ca_dir.join("ca.db").exists() {
+        Ca::open(&moat()?, &ca_dir)
+    } else {
+        Ca::init(&moat()?, &ca_dir, TRUST_DOMAIN)?
+    };
     std::fs::write(ca_dir.join("ca.toml"), "[issuance]\ndefault_ttl = \"1h\"\n")?;
-    let mut ca = Proc::spawn(
-        "ca",
-        &[
-            "ca",
-            "serve",
-            "--dir",
-            p(&ca_dir),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-        &logs,
-    )?;
-    let ca_addr = ca.listening("ca").await?;
-    let ca_admin = ca.listening("admin").await?;
+    let mut ca_server = ca.serve("ca", JSON_LOG, Some(&logs.join("ca.log")))?;
+    let ca_addr = ca_server.listening_async("ca").await?;
+    let ca_admin = ca_server.listening_async("admin").await?;
     let bundle = dir.join("bundle.pem");
-    std::fs::write(&bundle, moat(&["ca", "bundle", "--dir", p(&ca_dir)])?)?;
+    std::fs::write(&bundle, ca.bundle()?)?;
     println!(
         "   trust domain {TRUST_DOMAIN}; `moat ca serve` on https://{ca_addr} (metrics http://{ca_admin}/metrics)"
     );
 
     // 2. The services, then their sidecars.
     heading("2. Services and their sidecars");
-    let billing = serve(billing_service).await?;
+    let billing = moat_testkit::http::serve(billing_service).await?;
     let (idp_key, jwks) = demo_idp()?;
     std::fs::write(dir.join("idp-jwks.json"), jwks.to_string())?;
     std::fs::write(dir.join("billing-policy.toml"), BILLING_POLICY)?;
     let sidecar = Sidecar {
         dir,
-        ca_dir: &ca_dir,
+        ca: &ca,
         ca_addr,
         bundle: &bundle,
         logs: &logs,
@@ -195,8 +166,8 @@ policy   = "billing-policy.toml"
 "#
         ),
     )?;
-    let billing_inbound = billing_proxy.listening("billing").await?;
-    let billing_admin = billing_proxy.listening("admin").await?;
+    let billing_inbound = billing_proxy.listening_async("billing").await?;
+    let billing_admin = billing_proxy.listening_async("admin").await?;
     let mut frontend_proxy = sidecar.start(
         "frontend",
         FRONTEND_ID,
@@ -211,9 +182,10 @@ protocol = "http"
 "#
         ),
     )?;
-    let frontend_outbound = frontend_proxy.listening("billing").await?;
-    let frontend_admin = frontend_proxy.listening("admin").await?;
-    let frontend = serve(move |req| frontend_service(req, frontend_outbound)).await?;
+    let frontend_outbound = frontend_proxy.listening_async("billing").await?;
+    let frontend_admin = frontend_proxy.listening_async("admin").await?;
+    let frontend =
+        moat_testkit::http::serve(move |req| frontend_service(req, frontend_outbound)).await?;
 
     println!(
         "   billing   service http://{billing}   sidecar inbound  https://{billing_inbound} (mutual TLS) -> billing"
@@ -315,8 +287,8 @@ protocol = "http"
         );
         tokio::signal::ctrl_c().await?;
     }
-    for proc in [&mut frontend_proxy, &mut billing_proxy, &mut ca] {
-        proc.stop();
+    for proc in [&mut frontend_proxy, &mut billing_proxy, &mut ca_server] {
+        let _ = proc.stop(Duration::from_secs(5)).await;
     }
     println!();
     println!(
@@ -372,152 +344,20 @@ fn p(path: &Path) -> &str {
     path.to_str().expect("demo paths are UTF-8")
 }
 
-/// Runs `moat ARGS` to completion (this same binary) and returns stdout.
-fn moat(args: &[&str]) -> Result<String> {
-    let out = Command::new(std::env::current_exe()?)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .output()?;
-    if !out.status.success() {
-        bail!(
-            "moat {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8(out.stdout)?)
+/// This same binary, as the demo runs it: the log filter from `RUST_LOG`,
+/// `info` if unset.
+fn moat() -> Result<Moat> {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    Ok(Moat::current_exe()?.env("RUST_LOG", &filter))
 }
 
-impl Proc {
-    fn spawn(name: &str, args: &[&str], logs: &Path) -> Result<Self> {
-        let mut child = Command::new(std::env::current_exe()?)
-            .args(["--log-format", "json"])
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let mut file = std::fs::File::create(logs.join(format!("{name}.log")))?;
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = writeln!(file, "{line}");
-                if let Ok(v) = serde_json::from_str::<Value>(&line) {
-                    sink.lock().expect("log lines").push(v);
-                }
-            }
-        });
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            lines,
-        })
-    }
+/// JSON logs, whatever `--log-format` the demo was given.
+const JSON_LOG: &[&str] = &["--log-format", "json"];
 
-    /// The address a listener of this process reported.
-    async fn listening(&mut self, listener: &str) -> Result<SocketAddr> {
-        let line = self
-            .wait_for(Duration::from_secs(30), |v| {
-                v["message"] == "listening" && v["listener"] == listener
-            })
-            .await?;
-        Ok(line["addr"].as_str().unwrap_or_default().parse()?)
-    }
-
-    async fn wait_for(
-        &mut self,
-        timeout: Duration,
-        pred: impl Fn(&Value) -> bool,
-    ) -> Result<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self
-                .lines
-                .lock()
-                .expect("log lines")
-                .iter()
-                .find(|v| pred(v))
-            {
-                return Ok(v.clone());
-            }
-            if let Ok(Some(status)) = self.child.try_wait() {
-                bail!("{} exited ({status}); see its log", self.name);
-            }
-            if Instant::now() > deadline {
-                bail!("{} did not report in time; see its log", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Log lines so far.
-    fn count(&self) -> usize {
-        self.lines.lock().expect("log lines").len()
-    }
-
-    /// Lines logged after the first `from`.
-    fn since(&self, from: usize) -> Vec<Value> {
-        self.lines.lock().expect("log lines")[from..].to_vec()
-    }
-
-    fn stop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-type Reply = hyper::Response<Full<Bytes>>;
-
-/// Serves `handler` over plain HTTP/1.1 on 127.0.0.1:0.
-async fn serve<F, Fut>(handler: F) -> Result<SocketAddr>
-where
-    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: std::future::Future<Output = Reply> + Send + 'static,
-{
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let fut = handler(req);
-                    async move { Ok::<_, std::convert::Infallible>(fut.await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
-    Ok(addr)
+/// Starts `moat ARGS` as `name`, its log in `logs/NAME.log`.
+fn spawn(name: &str, args: &[&str], logs: &Path) -> Result<Process> {
+    let log = logs.join(format!("{name}.log"));
+    moat()?.spawn(name, &[JSON_LOG, args].concat(), Some(&log))
 }
 
 fn json_reply(status: u16, body: Value) -> Reply {
@@ -603,7 +443,7 @@ async fn request(
     method: &str,
     path: &str,
     jwt: Option<&str>,
-    billing_proxy: &Proc,
+    billing_proxy: &Process,
 ) -> Result<Outcome> {
     let mark = billing_proxy.count();
     let mut builder = hyper::Request::builder()
@@ -624,7 +464,7 @@ async fn request(
     let mut line = Value::Null;
     for _ in 0..50 {
         if let Some(found) = billing_proxy
-            .since(mark)
+            .json_since(mark)
             .into_iter()
             .find(|v| v["message"] == "access" || v["message"] == "request denied")
         {
@@ -747,19 +587,12 @@ fn foreign_identity() -> Result<(
     Vec<rustls_pki_types::CertificateDer<'static>>,
     rustls_pki_types::PrivateKeyDer<'static>,
 )> {
-    let ca_key = rcgen::KeyPair::generate()?;
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key)?;
-    let issuer = rcgen::Issuer::new(ca_params, ca_key);
-    let key = rcgen::KeyPair::generate()?;
-    let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
-    params.subject_alt_names = vec![rcgen::SanType::URI(FRONTEND_ID.try_into()?)];
-    let cert = params.signed_by(&key, &issuer)?;
-    let _ = ca_cert;
+    let (issuer, _) = pki::foreign_ca("not the demo CA")?;
+    let san = pki::uri_san(FRONTEND_ID)?;
+    let cert = pki::leaf(&issuer, "", |p| p.subject_alt_names = vec![san])?;
     Ok((
-        vec![cert.der().clone()],
-        rustls_pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+        vec![cert.der.into()],
+        rustls_pki_types::PrivateKeyDer::Pkcs8(cert.key_der.into()),
     ))
 }
 

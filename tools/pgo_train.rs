@@ -22,10 +22,8 @@
 //! does not exit cleanly: a training run that silently exercised only error
 //! paths would build a binary optimized for the wrong thing.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -34,6 +32,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use moat_testkit::{Ca, Moat, Process};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
 
@@ -78,23 +77,10 @@ async fn train(args: Args) -> Result<()> {
     let started = Instant::now();
     std::fs::create_dir_all(&args.dir)?;
     let dir = args.dir.canonicalize()?;
-    let pki = Pki::make(&args.moat, &dir)?;
-    let mut ca = Proc::start(
-        &args.moat,
-        &dir,
-        "ca",
-        &[
-            "ca",
-            "serve",
-            "--dir",
-            s(&pki.ca()),
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ],
-    )?;
-    let ca_url = format!("https://{}", ca.listening("ca").await?);
+    let moat = Moat::new(&args.moat).env("RUST_LOG", "info");
+    let pki = Pki::make(&moat, &dir)?;
+    let mut ca = pki.ca.serve("ca", JSON_LOG, Some(&dir.join("ca.log")))?;
+    let ca_url = format!("https://{}", ca.listening_async("ca").await?);
     let backend = backend().await?;
     let tokens = idp(&dir.join("jwks.json"))?;
     let mixed = mixed(&tokens);
@@ -123,14 +109,14 @@ listen = "127.0.0.1:0"
 forward = "{backend}"
 protocol = "tcp"
 "#,
-            identity = pki.identity(&args.moat, &ca_url, "server")?,
+            identity = pki.identity(&ca_url, "server")?,
             policy = policy.display(),
         ),
     )?;
-    let mut inbound = Proc::sidecar(&args.moat, &dir, "inbound", &inbound_config)?;
-    let open = inbound.listening("open").await?;
-    let routes = inbound.listening("routes").await?;
-    let tcp = inbound.listening("tcp").await?;
+    let mut inbound = sidecar(&moat, &dir, "inbound", &inbound_config)?;
+    let open = inbound.listening_async("open").await?;
+    let routes = inbound.listening_async("routes").await?;
+    let tcp = inbound.listening_async("tcp").await?;
 
     let peer = format!("spiffe://{TRUST_DOMAIN}/server");
     let outbound_config = write(
@@ -157,13 +143,22 @@ upstream = "{tcp}"
 peer = "{peer}"
 protocol = "tcp"
 "#,
-            identity = pki.identity(&args.moat, &ca_url, "client")?,
+            identity = pki.identity(&ca_url, "client")?,
         ),
     )?;
-    let mut outbound = Proc::sidecar(&args.moat, &dir, "outbound", &outbound_config)?;
-    let out_open = outbound.listening("open").await?;
-    let out_routes = outbound.listening("routes").await?;
-    let out_tcp = outbound.listening("tcp").await?;
+    let mut outbound = sidecar(&moat, &dir, "outbound", &outbound_config)?;
+    let out_open = outbound.listening_async("open").await?;
+    let out_routes = outbound.listening_async("routes").await?;
+    let out_tcp = outbound.listening_async("tcp").await?;
+    // Load only once both sidecars hold a certificate from the CA: before
+    // that, they refuse handshakes, and the run would train the refusal.
+    for sidecar in [&mut inbound, &mut outbound] {
+        sidecar
+            .wait_for_log_async(Duration::from_secs(60), |v| {
+                v["message"] == "certificate issued"
+            })
+            .await?;
+    }
 
     let h1_tls = Arc::new(pki.client_tls(b"http/1.1")?);
     let h2_tls = Arc::new(pki.client_tls(b"h2")?);
@@ -213,9 +208,9 @@ protocol = "tcp"
     report.print(started.elapsed());
     // The outbound first: its pooled connections to the inbound close, and
     // the inbound has nothing left to drain.
-    outbound.stop().await?;
-    inbound.stop().await?;
-    ca.stop().await?;
+    stop(&mut outbound).await?;
+    stop(&mut inbound).await?;
+    stop(&mut ca).await?;
     report.verdict()
 }
 
@@ -633,43 +628,27 @@ impl Report {
 /// The local service: HTTP/1.1 or h2c, a fixed small answer, or the size
 /// of what was uploaded.
 async fn backend() -> Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            tokio::spawn(async move {
-                let service =
-                    hyper::service::service_fn(|req: hyper::Request<Incoming>| async move {
-                        // No body for HEAD: over HTTP/2 a client resets the stream otherwise.
-                        let reply = if req.method() == hyper::Method::HEAD {
-                            String::new()
-                        } else if req.method() == hyper::Method::POST {
-                            let n = req
-                                .into_body()
-                                .collect()
-                                .await
-                                .map(|b| b.to_bytes().len())
-                                .unwrap_or(0);
-                            format!("{{\"received\":{n}}}\n")
-                        } else {
-                            "hello from the service\n".to_owned()
-                        };
-                        let resp = hyper::Response::builder()
-                            .header("content-type", "text/plain")
-                            .body(Full::new(Bytes::from(reply)))
-                            .expect("static response");
-                        Ok::<_, Infallible>(resp)
-                    });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
+    let addr = moat_testkit::http::serve(|req: hyper::Request<Incoming>| async move {
+        // No body for HEAD: over HTTP/2 a client resets the stream otherwise.
+        let reply = if req.method() == hyper::Method::HEAD {
+            String::new()
+        } else if req.method() == hyper::Method::POST {
+            let n = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            format!("{{\"received\":{n}}}\n")
+        } else {
+            "hello from the service\n".to_owned()
+        };
+        hyper::Response::builder()
+            .header("content-type", "text/plain")
+            .body(Full::new(Bytes::from(reply)))
+            .expect("static response")
+    })
+    .await?;
     Ok(addr)
 }
 
@@ -724,66 +703,31 @@ fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 /// A CA made by `moat ca`, and the identities the run needs.
 struct Pki {
     dir: PathBuf,
+    ca: Ca,
 }
 
 impl Pki {
-    fn make(moat: &Path, dir: &Path) -> Result<Self> {
+    fn make(moat: &Moat, dir: &Path) -> Result<Self> {
         let pki = dir.join("pki");
         let _ = std::fs::remove_dir_all(&pki);
         std::fs::create_dir_all(&pki)?;
-        let ca = pki.join("ca");
-        run(
-            moat,
-            &[
-                "ca",
-                "init",
-                "--dir",
-                s(&ca),
-                "--trust-domain",
-                TRUST_DOMAIN,
-            ],
-        )?;
+        let ca = Ca::init(moat, &pki.join("ca"), TRUST_DOMAIN)?;
         // The load generator's certificate, issued offline; the sidecars get
         // theirs from `moat ca serve` with a join token (Pki::identity).
         let loadgen = format!("spiffe://{TRUST_DOMAIN}/loadgen");
         let (cert, key) = (pki.join("loadgen.crt"), pki.join("loadgen.key"));
-        run(
-            moat,
-            &[
-                "ca",
-                "issue",
-                "--dir",
-                s(&ca),
-                "--id",
-                &loadgen,
-                "--ttl",
-                "24h",
-                "--cert-out",
-                s(&cert),
-                "--key-out",
-                s(&key),
-            ],
-        )?;
-        let bundle = run(moat, &["ca", "bundle", "--dir", s(&ca)])?;
-        std::fs::write(pki.join("bundle.pem"), bundle)?;
-        Ok(Self { dir: pki })
-    }
-
-    fn ca(&self) -> PathBuf {
-        self.dir.join("ca")
+        ca.issue(&loadgen, "24h", &cert, &key)?;
+        std::fs::write(pki.join("bundle.pem"), ca.bundle()?)?;
+        Ok(Self { dir: pki, ca })
     }
 
     /// A sidecar's `[identity]`: a certificate for `spiffe://…/{id}` from
     /// the CA at `ca_url`, bootstrapped with a join token; and one worker
     /// thread, as a pod sidecar on a small CPU limit runs.
-    fn identity(&self, moat: &Path, ca_url: &str, id: &str) -> Result<String> {
+    fn identity(&self, ca_url: &str, id: &str) -> Result<String> {
         let spiffe = format!("spiffe://{TRUST_DOMAIN}/{id}");
-        let token = run(
-            moat,
-            &["ca", "token", "--dir", s(&self.ca()), "--id", &spiffe],
-        )?;
         let token_file = self.dir.join(format!("{id}.token"));
-        std::fs::write(&token_file, String::from_utf8_lossy(&token).trim())?;
+        self.ca.token_file(&spiffe, &token_file)?;
         Ok(format!(
             r#"[runtime]
 worker_threads = 1
@@ -798,7 +742,6 @@ listen = "127.0.0.1:0"
             token = token_file.display(),
         ))
     }
-
     /// The load generator's client: presents `loadgen`'s certificate;
     /// does not check the server's name (its certificate has a SPIFFE URI
     /// only), as `oha --insecure` does in the load bench.
@@ -822,117 +765,22 @@ listen = "127.0.0.1:0"
     }
 }
 
-fn s(p: &Path) -> &str {
-    p.to_str().expect("utf-8 path")
+/// JSON logs: `listening` lines are read from them.
+const JSON_LOG: &[&str] = &["--log-format", "json"];
+
+/// A sidecar with `config`, its log in `DIR/NAME.log`.
+fn sidecar(moat: &Moat, dir: &Path, name: &str, config: &Path) -> Result<Process> {
+    let config = config.to_str().context("utf-8 path")?;
+    let args = [JSON_LOG, &["proxy", "--config", config]].concat();
+    moat.spawn(name, &args, Some(&dir.join(format!("{name}.log"))))
 }
 
-fn run(moat: &Path, args: &[&str]) -> Result<Vec<u8>> {
-    let out = Command::new(moat)
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("run {}", moat.display()))?;
-    if !out.status.success() {
-        bail!(
-            "moat {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
+/// SIGTERM, then a clean exit within 30 s (an instrumented binary writes
+/// its profile on the way out).
+async fn stop(proc: &mut Process) -> Result<()> {
+    let status = proc.stop(Duration::from_secs(30)).await?;
+    if !status.success() {
+        bail!("{} exited with {status}; see its log", proc.name());
     }
-    Ok(out.stdout)
-}
-
-/// A moat process whose JSON log goes to a file.
-struct Proc {
-    name: String,
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn sidecar(moat: &Path, dir: &Path, name: &str, config: &Path) -> Result<Self> {
-        Self::start(moat, dir, name, &["proxy", "--config", s(config)])
-    }
-
-    fn start(moat: &Path, dir: &Path, name: &str, args: &[&str]) -> Result<Self> {
-        let log = dir.join(format!("{name}.log"));
-        let child = Command::new(moat)
-            .args(["--log-format", "json"])
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("start {name}"))?;
-        Ok(Self {
-            name: name.to_owned(),
-            child,
-            log,
-        })
-    }
-
-    /// The address `listener` reported in its `listening` log line.
-    async fn listening(&mut self, listener: &str) -> Result<SocketAddr> {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-            for line in text.lines() {
-                let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
-                    continue;
-                };
-                if v["message"] == "listening" && v["listener"] == listener {
-                    return Ok(v["addr"].as_str().unwrap_or_default().parse()?);
-                }
-            }
-            if let Some(status) = self.child.try_wait()? {
-                bail!(
-                    "{} exited ({status}); see {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "{} did not listen on {listener} in time; see {}",
-                    self.name,
-                    self.log.display()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// SIGTERM, then wait for a clean exit (an instrumented binary writes
-    /// its profile on the way out).
-    async fn stop(&mut self) -> Result<()> {
-        let pid = libc::pid_t::try_from(self.child.id())?;
-        // SAFETY: kill(2) with a pid this process spawned and still owns
-        // (not yet reaped, so it cannot have been reused).
-        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
-            bail!(
-                "SIGTERM to {}: {}",
-                self.name,
-                std::io::Error::last_os_error()
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait()? {
-                if !status.success() {
-                    bail!(
-                        "{} exited with {status}; see {}",
-                        self.name,
-                        self.log.display()
-                    );
-                }
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                bail!("{} did not stop within 30 s of SIGTERM", self.name);
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
+    Ok(())
 }

@@ -932,24 +932,28 @@ mod tests {
     /// `/v1/renew` judges the certificate itself: expired, not yet valid,
     /// from another CA, or missing is refused whatever the TLS layer let
     /// through; a current one of ours gives its SPIFFE ID.
-    #[test]
-    fn renewal_checks_the_presented_certificate_itself() {
+    #[tokio::test]
+    async fn renewal_checks_the_presented_certificate_itself() {
         crate::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let td = TrustDomain::parse("example.org").unwrap();
         let ca = CaDir::init(
             &dir.path().join("ca"),
+            &crate::store::config::Engine::Sqlite,
             td.clone(),
             Duration::from_secs(86400),
         )
+        .await
         .unwrap();
-        let snapshot = build_snapshot(&ca, &["localhost".to_owned()]).unwrap();
+        let state = ca.signing_state().await.unwrap();
+        let snapshot = build_snapshot(state, &["localhost".to_owned()]).unwrap();
         let key = crate::client::WorkloadKey::generate().unwrap();
         let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
         let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
         let ttl = Duration::from_secs(60);
         let issued = ca
             .active_root()
+            .await
             .unwrap()
             .sign_svid(&td, &id, &csr, ttl)
             .unwrap();

@@ -17,6 +17,8 @@ pub mod config;
 pub mod conn;
 pub mod drain;
 pub mod expect;
+#[cfg(test)]
+mod future_size;
 pub mod http;
 pub mod identity;
 pub mod inbound;

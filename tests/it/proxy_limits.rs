@@ -1,0 +1,154 @@
+//! Limits: nothing a client holds open is unbounded.
+
+use crate::support;
+use crate::support::proxy as proxy_support;
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use proxy_support::*;
+use support::{Running, TestCa, echo_service};
+
+const A: &str = "spiffe://example.org/ns/prod/sa/web";
+const B: &str = "spiffe://example.org/ns/prod/sa/billing";
+
+/// B: inbound in front of `service`; A: outbound to B. `limits` goes to both.
+fn pair(
+    ca: &TestCa,
+    service: SocketAddr,
+    limits: &str,
+) -> (Running, Running, SocketAddr, SocketAddr) {
+    let b_files = issue(ca, B, "1h", "b");
+    let b_config = format!(
+        "{}{ADMIN}{limits}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n",
+        file_identity(&b_files, &ca.bundle_file())
+    );
+    let (b, b_addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_config), &["api"]);
+    let a_files = issue(ca, A, "1h", "a");
+    let a_config = format!(
+        "{}{ADMIN}{limits}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{B}\"\n",
+        file_identity(&a_files, &ca.bundle_file()),
+        b_addrs[0]
+    );
+    let (a, a_addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_config), &["billing"]);
+    (a, b, a_addrs[0], b_addrs[0])
+}
+
+/// Reads until EOF or error; true if the peer closed within `within`.
+fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
+    s.set_read_timeout(Some(within)).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return true,
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
+            Err(_) => return false,
+        }
+    }
+}
+
+#[test]
+fn slow_header_sender_is_cut_off() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (_a, _b, a_addr, _) = pair(
+        &ca,
+        echo_service(),
+        "[limits]\nheader_read_timeout = \"300ms\"\n",
+    );
+    let mut s = std::net::TcpStream::connect(a_addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ")
+        .unwrap();
+    let start = Instant::now();
+    assert!(
+        closed_within(&mut s, Duration::from_secs(5)),
+        "the connection was closed"
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(3),
+        "closed after {:?}",
+        start.elapsed()
+    );
+}
+
+#[test]
+fn idle_keep_alive_connection_is_closed() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (_a, _b, a_addr, _) = pair(&ca, echo_service(), "[limits]\nidle_timeout = \"600ms\"\n");
+    let mut conn = KeepAlive::connect(a_addr);
+    assert_eq!(conn.get("/"), 200);
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(conn.get("/"), 0, "the idle connection was closed");
+    // A connection in use is not idle.
+    let mut busy = KeepAlive::connect(a_addr);
+    for _ in 0..8 {
+        assert_eq!(busy.get("/"), 200);
+        std::thread::sleep(Duration::from_millis(150));
+    }
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_for_a_free_slot() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (_a, _b, a_addr, _) = pair(&ca, echo_service(), "[limits]\nmax_connections = 1\n");
+    let mut first = KeepAlive::connect(a_addr);
+    assert_eq!(first.get("/"), 200);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut second = KeepAlive::connect(a_addr);
+        tx.send(second.get("/")).unwrap();
+    });
+    assert!(
+        rx.recv_timeout(Duration::from_millis(700)).is_err(),
+        "a second connection is not served while the first holds the only slot"
+    );
+    drop(first);
+    assert_eq!(
+        rx.recv_timeout(Duration::from_secs(5)).unwrap(),
+        200,
+        "served once the slot is free"
+    );
+}
+
+#[test]
+fn slow_upstream_gets_504_naming_the_upstream() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (slow, _arrived) = slow_service(Duration::from_secs(5));
+    let (_a, _b, a_addr, _) = pair(&ca, slow, "[limits]\nrequest_timeout = \"500ms\"\n");
+    let start = Instant::now();
+    let (status, body) = curl_http(a_addr, "/", &[]);
+    assert_eq!(status, 504, "{body}");
+    assert!(body.contains("upstream timed out"), "{body}");
+    assert!(start.elapsed() < Duration::from_secs(3));
+}
+
+#[test]
+fn garbage_on_any_listener_never_takes_the_proxy_down() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (mut a, mut b, a_addr, b_addr) = pair(&ca, echo_service(), "");
+    let junk: Vec<Vec<u8>> = vec![
+        b"\x16\x03\x01\x00\x05hello".to_vec(),
+        b"GET / HTTP/1.1\r\nhost: \xff\xfe\r\n\r\n".to_vec(),
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x09\x00\x00\x00\x00\x00".to_vec(),
+        (0..4096u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect(),
+        b"GET /../../etc/passwd HTTP/1.0\r\n\r\n".to_vec(),
+    ];
+    for target in [a_addr, b_addr] {
+        for bytes in &junk {
+            let mut s = std::net::TcpStream::connect(target).unwrap();
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let _ = closed_within(&mut s, Duration::from_secs(5));
+        }
+    }
+    assert!(a.child.try_wait().unwrap().is_none() && b.child.try_wait().unwrap().is_none());
+    assert_eq!(curl_http(a_addr, "/still-up", &[]).0, 200);
+}
