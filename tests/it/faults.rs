@@ -38,11 +38,14 @@ fn ca_restarted_during_renewal_is_picked_up_again() {
     moat_ca::install_crypto_provider();
     let mut ca = TestCa::start();
     let client = issue(&ca, A, "1h", "client");
-    let (mut b, api, admin) = ca_inbound(&ca, B, "ttl = \"12s\"");
+    // 30 s: renewal at about half of it, so the CA (a debug build on a busy
+    // machine) has some 15 s to come back before the certificate expires;
+    // after expiry the sidecar could only go back to its spent join token.
+    let (mut b, api, admin) = ca_inbound(&ca, B, "ttl = \"30s\"");
     let first = identity_json(admin)["serial"].clone();
     ca.server.child.kill().unwrap();
     ca.server.child.wait().unwrap();
-    b.wait_for_log(Duration::from_secs(10), |v| {
+    b.wait_for_log(Duration::from_secs(30), |v| {
         v["message"] == "renewal failed; serving with the current certificate"
     });
     assert_eq!(
@@ -63,7 +66,7 @@ fn ca_restarted_during_renewal_is_picked_up_again() {
     // The CA comes back on the same address.
     let ca_dir = ca.ca_dir();
     let listen = ca.addr.to_string();
-    let _back = Running::start(&[
+    let mut back = Running::start(&[
         "ca",
         "serve",
         "--dir",
@@ -71,7 +74,8 @@ fn ca_restarted_during_renewal_is_picked_up_again() {
         "--listen",
         &listen,
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
+    back.listening_addr("ca");
+    let deadline = Instant::now() + Duration::from_secs(15);
     while identity_json(admin)["serial"] == first {
         assert!(
             Instant::now() < deadline,
