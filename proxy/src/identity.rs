@@ -369,14 +369,13 @@ impl FileSource {
             }
         };
         let mut loaded = self.fingerprint();
+        let mut again = false;
         loop {
-            tokio::select! {
-                Some(()) = rx.recv() => {
-                    // Let a burst of writes (cert, then key) settle.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    while rx.try_recv().is_ok() {}
+            if !std::mem::take(&mut again) {
+                tokio::select! {
+                    Some(()) = rx.recv() => settle(&mut rx).await,
+                    _ = self.reload_now.notified() => {}
                 }
-                _ = self.reload_now.notified() => {}
             }
             let now = self.fingerprint();
             if now == loaded {
@@ -387,6 +386,19 @@ impl FileSource {
                     log_credentials("certificate reloaded", &creds.svid);
                     self.store.publish(creds);
                     loaded = now;
+                }
+                // Half a rotation: a new certificate beside the old key, or
+                // the reverse, as when `moat ca issue --force` or a timer
+                // replaces the two files one after the other. Wait for the
+                // other file; only if it does not come is this a problem.
+                Err(IdentityError::Credentials(crate::tls::CredentialError::Key(_)))
+                    if matches!(
+                        tokio::time::timeout(PAIR_SETTLE, rx.recv()).await,
+                        Ok(Some(()))
+                    ) =>
+                {
+                    settle(&mut rx).await;
+                    again = true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "identity files changed but are unusable; keeping the current credentials");
@@ -432,19 +444,35 @@ impl FileSource {
     }
 }
 
+/// How long a certificate and a key that do not fit may wait for the other
+/// file of a rotation to be replaced before the pair is reported unusable.
+const PAIR_SETTLE: Duration = Duration::from_secs(5);
+
+/// Lets a burst of writes (a certificate, then its key) settle.
+async fn settle(rx: &mut mpsc::Receiver<()>) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while rx.try_recv().is_ok() {}
+}
+
 fn load_files(config: &FileIdentity) -> Result<Credentials, IdentityError> {
     let cert = read(&config.cert)?;
     let svid = Svid::from_pem(&cert).map_err(|e| IdentityError::Invalid {
         path: config.cert.clone(),
         message: e.to_string(),
     })?;
+    // The first private key in the file (PKCS#8, PKCS#1 or SEC1), so that
+    // `key` may name the same file as `cert` (`moat ca issue --out`).
+    use rustls_pki_types::pem::PemObject;
     let key_pem = read(&config.key)?;
-    let key = WorkloadKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         IdentityError::Invalid {
             path: config.key.clone(),
-            message: e.to_string(),
+            message: match e {
+                rustls_pki_types::pem::Error::NoItemsFound => "no private key (PEM) in the file".to_owned(),
+                e => format!("not a PEM private key: {e}"),
+            },
         }
     })?;
     let bundle = read_bundle(&config.bundle)?;
-    Ok(Credentials::new(svid, key.private_key_der(), bundle)?)
+    Ok(Credentials::new(svid, key, bundle)?)
 }

@@ -5,37 +5,57 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// `moat [--log-format F] COMMAND ...`.
 #[derive(Parser)]
 #[command(
     name = "moat",
     version,
-    about = "mTLS sidecar proxy and workload certificate authority"
+    about = "mTLS sidecar proxy and workload certificate authority",
+    after_help = examples::MOAT
 )]
 pub struct Cli {
-    /// Log format on standard error.
-    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Json, env = "MOAT_LOG_FORMAT")]
-    pub log_format: LogFormat,
+    /// Log format, before the command (older spelling; each command that
+    /// logs takes `--log-format` itself).
+    #[arg(long, value_enum, hide = true, env = "MOAT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// How logs are written on standard error.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum LogFormat {
+    /// One JSON object a line (for a log collector).
     Json,
+    /// Human-readable lines.
     Text,
+}
+
+/// `--log-format`, on the commands that log.
+#[derive(Args, Clone, Copy)]
+pub struct LogArgs {
+    /// Log format on standard error [default: json].
+    #[arg(long, value_enum, env = "MOAT_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
 pub enum Command {
     /// The workload certificate authority.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = examples::CA)]
     Ca(CaCommand),
     /// Run the sidecar proxy.
+    #[command(after_help = examples::PROXY)]
     Proxy(ProxyArgs),
+    /// Check a proxy configuration and everything it points at, without serving traffic.
+    #[command(after_help = examples::DOCTOR)]
+    Doctor(DoctorArgs),
     /// Check, explain and test route authorization policy files.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = examples::POLICY)]
     Policy(PolicyCommand),
     /// Run the demo: a CA, two services with sidecars, allowed and denied traffic, on loopback.
+    #[command(after_help = examples::DEMO)]
     Demo {
         /// Leave everything running afterwards, for you to curl (Ctrl-C stops it).
         #[arg(long)]
@@ -43,12 +63,37 @@ pub enum Command {
         /// Where to keep the CA, configuration and logs (a temporary directory if absent).
         #[arg(long)]
         dir: Option<PathBuf>,
+        #[command(flatten)]
+        log: LogArgs,
     },
     /// Add the moat sidecar to Kubernetes manifests (the manifests on stdout, what was done on stderr).
+    #[command(after_help = examples::INJECT)]
     Inject(InjectArgs),
     /// Install the transparent-mode redirect rules (nftables) in this network
     /// namespace, replacing earlier ones; or print or remove them. Needs CAP_NET_ADMIN.
+    #[command(after_help = examples::REDIRECT)]
     Redirect(RedirectArgs),
+    /// Print a shell completion script.
+    #[command(after_help = examples::COMPLETION)]
+    Completion {
+        /// The shell to complete for.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// `moat doctor`.
+#[derive(Args)]
+pub struct DoctorArgs {
+    /// The proxy's configuration file (TOML), as `moat proxy --config` takes it.
+    #[arg(long, env = "MOAT_CONFIG")]
+    pub config: PathBuf,
+    /// Print the findings as one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+    /// How long each network check (the CA, the JWKS, the forward target) may take.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `moat redirect`: values from `[redirect]` of `--config`, each flag overriding its field.
@@ -95,6 +140,8 @@ pub struct RedirectArgs {
     /// moat's admin port, never redirected [default: from --config, else 9901].
     #[arg(long)]
     pub admin_port: Option<u16>,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Args)]
@@ -129,21 +176,27 @@ pub struct InjectArgs {
 #[derive(Subcommand)]
 pub enum PolicyCommand {
     /// Validate policy files; prints file:line:column: message for each problem (exit 64).
+    #[command(after_help = examples::POLICY_CHECK)]
     Check {
+        /// The policy files (TOML) to check.
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
     /// Say which route decides a request, and why.
+    #[command(after_help = examples::POLICY_EXPLAIN)]
     Explain {
+        /// The policy file (TOML).
         file: PathBuf,
         /// The caller's SPIFFE ID.
         #[arg(long)]
         peer: String,
+        /// The request method (GET, POST, ...).
         #[arg(long)]
         method: String,
         /// The raw request path, possibly with a query.
         #[arg(long)]
         path: String,
+        /// The request's Host (or :authority), for routes that name hosts.
         #[arg(long)]
         host: Option<String>,
         /// A bearer token, verified with the policy's keys.
@@ -154,7 +207,13 @@ pub enum PolicyCommand {
         claims: Option<String>,
     },
     /// Run a file of expected decisions against a policy (exit 1 if any fails).
-    Test { file: PathBuf, cases: PathBuf },
+    #[command(after_help = examples::POLICY_TEST)]
+    Test {
+        /// The policy file (TOML).
+        file: PathBuf,
+        /// The expected decisions (TOML, `[[case]]` tables).
+        cases: PathBuf,
+    },
 }
 
 /// Where a CA's keys and its configuration are.
@@ -171,6 +230,7 @@ pub struct CaLocation {
 #[derive(Subcommand)]
 pub enum CaCommand {
     /// Create a new CA (root key and certificate, token key, state store) in DIR.
+    #[command(after_help = examples::CA_INIT)]
     Init {
         #[command(flatten)]
         at: CaLocation,
@@ -182,8 +242,10 @@ pub enum CaCommand {
         root_ttl: Duration,
     },
     /// Serve the CA's HTTPS API.
+    #[command(after_help = examples::CA_SERVE)]
     Serve(ServeArgs),
     /// Mint a single-use join token for a VM workload; prints the token alone.
+    #[command(after_help = examples::CA_TOKEN)]
     Token {
         #[command(flatten)]
         at: CaLocation,
@@ -194,28 +256,43 @@ pub enum CaCommand {
         #[arg(long, default_value = "15m", value_parser = parse_duration)]
         ttl: Duration,
     },
-    /// Issue a certificate and key directly to files (for file-managed identities).
+    /// Issue a certificate and key directly to files (for file-managed
+    /// identities). Each file is replaced atomically (written beside it,
+    /// then renamed), so a proxy watching them never reads half a file.
+    #[command(after_help = examples::CA_ISSUE)]
     Issue {
         #[command(flatten)]
         at: CaLocation,
+        /// The SPIFFE ID to put in the certificate.
         #[arg(long)]
         id: String,
+        /// The certificate's lifetime.
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
         /// Where to write the certificate chain (PEM, leaf first).
-        #[arg(long)]
-        cert_out: PathBuf,
+        #[arg(long, required_unless_present = "out", requires = "key_out")]
+        cert_out: Option<PathBuf>,
         /// Where to write the private key (PEM, mode 0600).
+        #[arg(long, requires = "cert_out")]
+        key_out: Option<PathBuf>,
+        /// Write certificate chain and key into this one PEM file (mode 0600)
+        /// instead: one rename replaces both, so a reader never sees a
+        /// certificate without its key. Point `cert` and `key` at it.
+        #[arg(long, conflicts_with_all = ["cert_out", "key_out"])]
+        out: Option<PathBuf>,
+        /// Replace files that exist (a renewal); without it an existing file is refused.
         #[arg(long)]
-        key_out: PathBuf,
+        force: bool,
     },
     /// Print the trust bundle (PEM).
+    #[command(after_help = examples::CA_BUNDLE)]
     Bundle {
         #[command(flatten)]
         at: CaLocation,
     },
     /// Rotate the CA: --prepare, then --activate, then --retire. Done once,
     /// against the store; every replica follows within seconds.
+    #[command(after_help = examples::CA_ROTATE)]
     Rotate {
         #[command(flatten)]
         at: CaLocation,
@@ -227,6 +304,7 @@ pub enum CaCommand {
     },
     /// Bring the store's schema up to date (and nothing else), or copy a
     /// SQLite CA's whole state into the PostgreSQL store ca.toml names.
+    #[command(after_help = examples::CA_MIGRATE)]
     Migrate {
         #[command(flatten)]
         at: CaLocation,
@@ -257,12 +335,15 @@ pub struct ServeArgs {
     /// Address to listen on (port 0 picks a free port; the bound address is logged).
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: std::net::SocketAddr,
-    /// DNS names and IP addresses for the CA's own serving certificate.
+    /// A DNS name or IP address for the CA's own serving certificate (repeat
+    /// for several), added to localhost and 127.0.0.1, which are always in it.
     #[arg(long = "san")]
     pub sans: Vec<String>,
     /// Plain-HTTP admin listener for /metrics, /live and /ready (loopback by default; "off" disables).
     #[arg(long, default_value = "127.0.0.1:9902")]
     pub admin: String,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 #[derive(Args)]
@@ -270,6 +351,8 @@ pub struct ProxyArgs {
     /// The proxy's configuration file (TOML).
     #[arg(long, env = "MOAT_CONFIG")]
     pub config: PathBuf,
+    #[command(flatten)]
+    pub log: LogArgs,
 }
 
 /// Parses durations such as `90s`, `15m`, `1h`, `365d`, `500ms`.
@@ -283,4 +366,156 @@ fn parse_cidrs(s: &str) -> Result<Vec<moat_proxy::redirect::Cidr>, String> {
         .filter(|c| !c.is_empty())
         .map(str::parse)
         .collect()
+}
+
+/// The examples that end each command's `--help`.
+mod examples {
+    pub const MOAT: &str = "\
+Examples:
+  moat ca init --dir ./ca --trust-domain example.org
+  moat ca serve --dir ./ca --listen 0.0.0.0:8443 --san ca.example.internal
+  moat proxy --config /etc/moat/proxy.toml
+  moat doctor --config /etc/moat/proxy.toml
+  moat demo
+
+Exit codes: 0 success; 64 bad configuration or usage (restarting will not help);
+1 anything else (a port in use, a CA that cannot be reached).";
+
+    pub const CA: &str = "\
+Examples:
+  moat ca init --dir ./ca --trust-domain example.org
+  moat ca serve --dir ./ca --listen 0.0.0.0:8443 --san ca.example.internal
+  moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 > billing-1.token
+  moat ca bundle --dir ./ca > bundle.pem";
+
+    pub const CA_INIT: &str = "\
+Examples:
+  moat ca init --dir ./ca --trust-domain example.org
+  moat ca init --dir ./ca --config ./ca.toml --trust-domain example.org --root-ttl 730d";
+
+    pub const CA_SERVE: &str = "\
+Examples:
+  moat ca serve --dir ./ca
+  moat ca serve --dir /var/lib/moat/ca --listen 0.0.0.0:8443 --san ca.example.internal --san 10.0.0.5";
+
+    pub const CA_TOKEN: &str = "\
+Examples:
+  moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 > billing-1.token
+  moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 --ttl 1h";
+
+    pub const CA_ISSUE: &str = "\
+Examples:
+  moat ca issue --dir ./ca --id spiffe://example.org/vm/db --cert-out tls.crt --key-out tls.key
+  # renewal from a timer: one file holding chain and key, replaced atomically
+  moat ca issue --dir ./ca --id spiffe://example.org/vm/db --ttl 24h --out /etc/moat/tls.pem --force";
+
+    pub const CA_BUNDLE: &str = "\
+Examples:
+  moat ca bundle --dir ./ca > bundle.pem";
+
+    pub const CA_ROTATE: &str = "\
+Examples:
+  moat ca rotate --dir ./ca --prepare
+  moat ca rotate --dir ./ca --activate
+  moat ca rotate --dir ./ca --retire    # one certificate lifetime after --activate";
+
+    pub const CA_MIGRATE: &str = "\
+Examples:
+  moat ca migrate --dir ./ca --config ./ca.toml
+  moat ca migrate --dir ./ca --config ./ca.toml --from-sqlite ./ca/ca.db";
+
+    pub const PROXY: &str = "\
+Examples:
+  moat proxy --config /etc/moat/proxy.toml
+  moat proxy --config proxy.toml --log-format text
+  moat doctor --config proxy.toml      # check it first, without serving";
+
+    pub const DOCTOR: &str = "\
+Examples:
+  moat doctor --config /etc/moat/proxy.toml
+  moat doctor --config proxy.toml --json | jq '.findings[]'
+
+Exit codes: 0 all well; 1 findings (each with a fix); 64 the configuration does not parse.";
+
+    pub const POLICY: &str = "\
+Examples:
+  moat policy check policy.toml
+  moat policy explain policy.toml --peer spiffe://example.org/ns/prod/sa/frontend --method GET --path /invoices/42
+  moat policy test policy.toml policy-tests.toml";
+
+    pub const POLICY_CHECK: &str = "\
+Examples:
+  moat policy check /etc/moat/policy.toml
+  moat policy check policies/*.toml";
+
+    pub const POLICY_EXPLAIN: &str = "\
+Examples:
+  moat policy explain policy.toml --peer spiffe://example.org/ns/prod/sa/frontend --method GET --path /invoices/42
+  moat policy explain policy.toml --peer spiffe://example.org/ns/prod/sa/frontend --method GET --path /export \\
+    --claims '{\"sub\":\"alice\",\"scope\":\"invoices:read\"}'";
+
+    pub const POLICY_TEST: &str = "\
+Examples:
+  moat policy test policy.toml policy-tests.toml";
+
+    pub const DEMO: &str = "\
+Examples:
+  moat demo
+  moat demo --keep-running --dir ./moat-demo";
+
+    pub const INJECT: &str = "\
+Examples:
+  moat inject deployment.yaml | kubectl apply -f -
+  kustomize build overlays/prod | moat inject - | kubectl apply -f -
+  kubectl get deploy billing -o json | moat inject --upgrade --image registry.example/moat:0.2.0 - | kubectl apply -f -";
+
+    pub const REDIRECT: &str = "\
+Examples:
+  moat redirect --config /etc/moat/proxy.toml
+  moat redirect --config /etc/moat/proxy.toml --dry-run
+  moat redirect --cleanup";
+
+    pub const COMPLETION: &str = "\
+Examples:
+  moat completion bash > /etc/bash_completion.d/moat
+  moat completion zsh > \"${fpath[1]}/_moat\"
+  moat completion fish > ~/.config/fish/completions/moat.fish";
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    /// clap's own consistency checks, and what `--help` owes an operator:
+    /// every argument described, every command with examples.
+    #[test]
+    fn every_argument_is_described_and_every_command_has_examples() {
+        let cli = Cli::command();
+        cli.clone().debug_assert();
+        fn walk(cmd: &clap::Command, path: &str) {
+            if cmd.get_name() != "help" {
+                assert!(
+                    cmd.get_after_help()
+                        .is_some_and(|h| h.to_string().contains("Examples:")),
+                    "{path}: no examples"
+                );
+            }
+            for arg in cmd.get_arguments() {
+                if arg.is_hide_set() || ["help", "version"].contains(&arg.get_id().as_str()) {
+                    continue;
+                }
+                assert!(
+                    arg.get_help().is_some() || arg.get_long_help().is_some(),
+                    "{path}: {} has no description",
+                    arg.get_id()
+                );
+            }
+            for sub in cmd.get_subcommands() {
+                walk(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        walk(&cli, "moat");
+    }
 }

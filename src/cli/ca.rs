@@ -3,25 +3,25 @@
 use std::path::PathBuf;
 
 use super::args::{CaCommand, CaLocation, LogFormat, ServeArgs};
-use super::{Failure, config_err, init_logging, runtime, shutdown_signal};
+use super::{Failure, config_err, config_msg, init_logging, runtime, shutdown_signal};
 
-pub fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> {
+/// The names always in the CA's serving certificate; `--san` adds to them.
+const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// Every `moat ca` command but `serve`: one short conversation with the store.
+pub fn run_ca(command: CaCommand) -> Result<(), Failure> {
     use moat_ca::store::CaDir;
-    if let CaCommand::Serve(args) = command {
-        return run_ca_serve(args, log_format);
-    }
-    // Every other command is one short conversation with the store.
     let runtime = runtime(Some(1))?;
     runtime.block_on(async move {
         match command {
-            CaCommand::Serve(_) => unreachable!("handled above"),
+            CaCommand::Serve(_) => unreachable!("moat ca serve has its own runtime (run_ca_serve)"),
             CaCommand::Init {
                 at,
                 trust_domain,
                 root_ttl,
             } => {
                 let td = moat_ca::TrustDomain::parse(&trust_domain)
-                    .map_err(|e| config_err(format!("--trust-domain {trust_domain:?}: {e}")))?;
+                    .map_err(|e| config_msg(format!("--trust-domain {trust_domain:?}: {e}")))?;
                 let (_, engine) = ca_config(&at)?;
                 let ca = CaDir::init(&at.dir, &engine, td, root_ttl)
                     .await
@@ -33,12 +33,13 @@ pub fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> 
                     ca.store().engine(),
                     ca.store().location()
                 );
+                print!("{}", next_steps(&at, ca.trust_domain()));
                 Ok(())
             }
             CaCommand::Token { at, id, ttl } => {
                 let ca = open_ca(&at).await?;
                 let id = moat_ca::SpiffeId::parse(&id)
-                    .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+                    .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
                 let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
                 println!("{token}");
                 Ok(())
@@ -49,21 +50,42 @@ pub fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> 
                 ttl,
                 cert_out,
                 key_out,
+                out,
+                force,
             } => {
+                // clap makes sure of one of --out or --cert-out with --key-out.
+                let (cert_out, key_out) = match (out, cert_out, key_out) {
+                    (Some(both), _, _) => (both.clone(), both),
+                    (None, Some(cert), Some(key)) => (cert, key),
+                    _ => return Err(config_msg("give --out, or --cert-out and --key-out")),
+                };
+                if !force {
+                    for path in [&cert_out, &key_out] {
+                        if path.exists() {
+                            return Err(config_msg(format!(
+                                "{} exists; pass --force to replace it (each file is replaced atomically)",
+                                path.display()
+                            )));
+                        }
+                    }
+                }
                 let ca = open_ca(&at).await?;
                 let id = moat_ca::SpiffeId::parse(&id)
-                    .map_err(|e| config_err(format!("--id {id:?}: {e}")))?;
+                    .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
                 let (svid, key) = ca
                     .issue_to_files(&id, ttl, &cert_out, &key_out)
                     .await
                     .map_err(store_err)?;
+                let files = if cert_out == key_out {
+                    format!("{}, certificate and key", cert_out.display())
+                } else {
+                    format!("{} and {}", cert_out.display(), key_out.display())
+                };
                 println!(
-                    "issued {} serial {} valid until {} ({} and {})",
+                    "issued {} serial {} valid until {} ({files})",
                     svid.id,
                     svid.serial,
                     moat_ca::store::format_time(svid.not_after),
-                    cert_out.display(),
-                    key_out.display()
                 );
                 drop(key);
                 Ok(())
@@ -91,13 +113,15 @@ pub fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> 
     })
 }
 
-fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
+/// `moat ca serve`: its own runtime and logging, with the trace exporter.
+pub fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
     let (config, engine) = ca_config(&args.at)?;
-    let sans = if args.sans.is_empty() {
-        vec!["localhost".to_owned(), "127.0.0.1".to_owned()]
-    } else {
-        args.sans
-    };
+    let mut sans: Vec<String> = DEFAULT_SANS.iter().map(|s| (*s).to_owned()).collect();
+    for san in args.sans {
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
     let runtime = runtime(None)?;
     let _inside = runtime.enter();
     let traces = moat_proxy::telemetry::TelemetryConfig {
@@ -123,17 +147,13 @@ fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
         );
         let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
             .await
-            .map_err(|e| match e {
-                moat_ca::server::ServerError::Config(_) => config_err(e),
-                moat_ca::server::ServerError::Store(e) => store_err(e),
-                other => Failure::Other(other.into()),
-            })?;
+            .map_err(server_err)?;
         if args.admin != "off" {
             let addr = args
                 .admin
                 .parse()
-                .map_err(|e| config_err(format!("--admin {:?}: {e}", args.admin)))?;
-            server.bind_admin(addr).await?;
+                .map_err(|e| config_msg(format!("--admin {:?}: {e}", args.admin)))?;
+            server.bind_admin(addr).await.map_err(server_err)?;
         }
         server.run(shutdown_signal()).await?;
         Ok(())
@@ -158,7 +178,7 @@ async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<()
         return Ok(());
     };
     let Engine::Postgres(settings) = &engine else {
-        return Err(config_err(
+        return Err(config_msg(
             "--from-sqlite copies into PostgreSQL: set [store] url in the configuration (--config)",
         ));
     };
@@ -168,7 +188,7 @@ async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<()
         source.clone()
     };
     if !db.is_file() {
-        return Err(config_err(format!(
+        return Err(config_msg(format!(
             "--from-sqlite {}: no SQLite CA there (expected DIR/ca.db)",
             source.display()
         )));
@@ -215,12 +235,12 @@ fn ca_config(
         default.exists().then_some(default)
     });
     let config = match &path {
-        Some(path) => moat_ca::server::ServerConfig::load(path).map_err(config_err)?,
+        Some(path) => moat_ca::server::ServerConfig::load(path).map_err(config_msg)?,
         None => moat_ca::server::ServerConfig::default(),
     };
     let engine = config.store.engine().map_err(|e| match &path {
-        Some(p) => config_err(format!("{}: {e}", p.display())),
-        None => config_err(e),
+        Some(p) => config_msg(format!("{}: {e}", p.display())),
+        None => config_msg(e),
     })?;
     Ok((config, engine))
 }
@@ -236,8 +256,39 @@ async fn open_ca(at: &CaLocation) -> Result<moat_ca::store::CaDir, Failure> {
 /// rotation step) are configuration errors; anything else is a failure.
 fn store_err(e: moat_ca::store::StoreError) -> Failure {
     if e.is_operator_error() {
-        Failure::Config(e.to_string())
+        Failure::Config(e.into())
     } else {
         Failure::Other(e.into())
     }
+}
+
+/// Bad configuration and privileged ports exit 64; a port in use exits 1.
+fn server_err(e: moat_ca::server::ServerError) -> Failure {
+    use moat_ca::server::ServerError;
+    match e {
+        ServerError::Config(_) => config_err(e),
+        ServerError::Store(e) => store_err(e),
+        ServerError::Bind { addr, ref source } => {
+            let denied = super::privileged_port(addr, source);
+            super::bind_failure(denied, e)
+        }
+        other => Failure::Other(other.into()),
+    }
+}
+
+/// What `moat ca init` suggests next.
+fn next_steps(at: &CaLocation, td: &moat_ca::TrustDomain) -> String {
+    let dir = at.dir.display();
+    let config = at
+        .config
+        .as_deref()
+        .map(|c| format!(" --config {}", c.display()))
+        .unwrap_or_default();
+    format!(
+        "\nNext steps:\n\
+         \x20 moat ca serve --dir {dir}{config} --listen 0.0.0.0:8443 --san <name workloads use in ca_url>\n\
+         \x20 moat ca bundle --dir {dir}{config} > bundle.pem        # every workload's trust bundle\n\
+         \x20 moat ca token --dir {dir}{config} --id spiffe://{td}/vm/<name> > <name>.token   # a VM's join token\n\
+         Keep {dir} private: it holds the root key.\n"
+    )
 }

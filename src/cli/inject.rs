@@ -1,7 +1,7 @@
 //! `moat inject`: add the sidecar to Kubernetes manifests.
 
 use super::args::InjectArgs;
-use super::{Failure, config_err};
+use super::{Failure, config_err, config_msg};
 use crate::inject;
 
 pub fn run_inject(args: InjectArgs) -> Result<(), Failure> {
@@ -10,7 +10,7 @@ pub fn run_inject(args: InjectArgs) -> Result<(), Failure> {
         None => None,
         Some(p) if p.as_os_str() == "-" => None,
         Some(p) => Some(
-            std::fs::read_to_string(p).map_err(|e| config_err(format!("{}: {e}", p.display())))?,
+            std::fs::read_to_string(p).map_err(|e| config_msg(format!("{}: {e}", p.display())))?,
         ),
     };
     let input = match input {
@@ -19,7 +19,7 @@ pub fn run_inject(args: InjectArgs) -> Result<(), Failure> {
             let mut text = String::new();
             std::io::stdin()
                 .read_to_string(&mut text)
-                .map_err(|e| config_err(format!("standard input: {e}")))?;
+                .map_err(|e| config_msg(format!("standard input: {e}")))?;
             text
         }
     };

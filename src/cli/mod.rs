@@ -9,7 +9,7 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 
 mod args;
 mod ca;
@@ -25,25 +25,43 @@ const EXIT_CONFIG: u8 = 64;
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // --help and --version print and succeed; a usage error is bad
+        // input like any other: exit 64, not clap's 2.
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     moat_ca::install_crypto_provider();
     match run(cli.command, cli.log_format) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(Failure::Config(msg)) => {
-            eprintln!("moat: {msg}");
+        Err(Failure::Config(err)) => {
+            eprintln!("moat: {}", causes(&err));
             ExitCode::from(EXIT_CONFIG)
         }
         Err(Failure::Other(err)) => {
-            eprintln!("moat: {err:#}");
+            eprintln!("moat: {}", causes(&err));
             ExitCode::from(1)
         }
+        Err(Failure::Findings) => ExitCode::from(1),
     }
 }
 
-/// How a command failed: bad input from the operator (exit 64), or anything else.
+/// How a command failed.
 enum Failure {
-    Config(String),
+    /// Bad input from the operator: usage, configuration, files it names
+    /// (exit 64; a restart will not fix it, so systemd does not retry).
+    Config(anyhow::Error),
+    /// Anything else, such as a port in use or an unreachable CA (exit 1).
     Other(anyhow::Error),
+    /// The command already said what is wrong on its own output (exit 1).
+    Findings,
 }
 
 impl<E: Into<anyhow::Error>> From<E> for Failure {
@@ -52,30 +70,122 @@ impl<E: Into<anyhow::Error>> From<E> for Failure {
     }
 }
 
-fn config_err(e: impl std::fmt::Display) -> Failure {
-    Failure::Config(e.to_string())
+/// A configuration or usage error (exit 64), keeping `e`'s sources.
+fn config_err<E>(e: E) -> Failure
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    Failure::Config(anyhow::Error::new(e))
 }
 
-fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
-    // The proxy and the CA server set up logging themselves, with their
-    // trace exporters; every other command logs plainly.
-    if !matches!(
-        command,
-        Command::Proxy(_) | Command::Ca(CaCommand::Serve(_))
-    ) {
-        init_logging(log_format, None, None);
+/// A configuration or usage error (exit 64) that is a message.
+fn config_msg(msg: impl std::fmt::Display) -> Failure {
+    Failure::Config(anyhow::anyhow!("{msg}"))
+}
+
+/// An error and its causes on one line, outermost first, each said once:
+/// a cause whose text the message before it already contains (as in
+/// `cannot read x: No such file or directory`, whose source is the I/O
+/// error) is not repeated.
+fn causes(err: &anyhow::Error) -> String {
+    let mut line = err.to_string();
+    for cause in err.chain().skip(1) {
+        let text = cause.to_string();
+        if !line.contains(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
     }
+    line
+}
+
+/// True if binding `addr` failed for want of the capability to bind a
+/// privileged port (below `net.ipv4.ip_unprivileged_port_start`, 1024 by default).
+fn privileged_port(addr: std::net::SocketAddr, source: &std::io::Error) -> bool {
+    let start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_unprivileged_port_start")
+        .ok()
+        .and_then(|s| s.trim().parse::<u16>().ok())
+        .unwrap_or(1024);
+    source.kind() == std::io::ErrorKind::PermissionDenied && addr.port() != 0 && addr.port() < start
+}
+
+/// A listener that could not be bound. A privileged port without the
+/// capability is configuration (exit 64, with the fix); anything else, such
+/// as a port still in use, may pass (exit 1: systemd restarts the unit).
+fn bind_failure(privileged: bool, e: impl Into<anyhow::Error>) -> Failure {
+    let e = e.into();
+    if privileged {
+        config_msg(format!(
+            "{}; ports below 1024 need CAP_NET_BIND_SERVICE: add \
+             AmbientCapabilities=CAP_NET_BIND_SERVICE and CapabilityBoundingSet=CAP_NET_BIND_SERVICE \
+             to the systemd unit (or `setcap cap_net_bind_service=+ep` on the binary), or use a port above 1023",
+            causes(&e)
+        ))
+    } else {
+        Failure::Other(e)
+    }
+}
+
+fn run(command: Command, before: Option<LogFormat>) -> Result<(), Failure> {
+    // `--log-format` after the command, else before it (the older place), else JSON.
+    let format = |log: args::LogArgs| log.log_format.or(before).unwrap_or(LogFormat::Json);
     match command {
-        Command::Ca(command) => ca::run_ca(command, log_format),
-        Command::Policy(command) => policy::run_policy(command),
-        Command::Demo { keep_running, dir } => Ok(crate::demo::run(crate::demo::DemoOptions {
+        Command::Ca(CaCommand::Serve(args)) => {
+            let log_format = format(args.log);
+            ca::run_ca_serve(args, log_format)
+        }
+        Command::Ca(command) => {
+            quiet_logging();
+            ca::run_ca(command)
+        }
+        Command::Proxy(args) => {
+            let log_format = format(args.log);
+            proxy::run_proxy(args, log_format)
+        }
+        Command::Doctor(args) => {
+            quiet_logging();
+            match crate::doctor::run(&args.config, args.json, args.timeout) {
+                Ok(crate::doctor::Outcome::Healthy) => Ok(()),
+                Ok(crate::doctor::Outcome::Findings) => Err(Failure::Findings),
+                Err(e) => Err(config_err(e)),
+            }
+        }
+        Command::Policy(command) => {
+            quiet_logging();
+            policy::run_policy(command)
+        }
+        Command::Demo {
             keep_running,
             dir,
-        })?),
-        Command::Inject(args) => inject::run_inject(args),
-        Command::Redirect(args) => redirect::run_redirect(args),
-        Command::Proxy(args) => proxy::run_proxy(args, log_format),
+            log,
+        } => {
+            init_logging(format(log), None, None);
+            Ok(crate::demo::run(crate::demo::DemoOptions {
+                keep_running,
+                dir,
+            })?)
+        }
+        Command::Inject(args) => {
+            quiet_logging();
+            inject::run_inject(args)
+        }
+        Command::Redirect(args) => {
+            init_logging(format(args.log), None, None);
+            redirect::run_redirect(args)
+        }
+        Command::Completion { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "moat", &mut std::io::stdout());
+            Ok(())
+        }
     }
+}
+
+/// Logging for the commands whose output is the point (`ca token`, `policy
+/// check`, ...): warnings and errors only, as text on standard error, so
+/// standard output holds the command's output alone. `RUST_LOG` still
+/// raises it.
+fn quiet_logging() {
+    init_logging(LogFormat::Text, Some("warn"), None);
 }
 
 /// The Tokio runtime. With exactly one worker thread the current-thread

@@ -2,7 +2,7 @@
 
 use super::Failure;
 use super::args::PolicyCommand;
-use super::config_err;
+use super::{config_err, config_msg};
 
 pub fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
     use moat_proxy::policy::cli;
@@ -17,7 +17,7 @@ pub fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
             }
             match report.diagnostics.len() {
                 0 => Ok(()),
-                n => Err(Failure::Config(format!("{n} problem(s) found"))),
+                n => Err(config_msg(format!("{n} problem(s) found"))),
             }
         }
         PolicyCommand::Explain {

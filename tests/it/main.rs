@@ -16,8 +16,10 @@ mod support;
 
 mod ca;
 mod ca_postgres;
+mod cli;
 mod demo;
 mod deploy;
+mod doctor;
 mod faults;
 mod hostile_authz;
 mod hostile_ca;
@@ -45,4 +47,5 @@ mod redirect;
 mod security_fixes;
 mod systemd;
 mod telemetry;
+mod vm_path;
 mod websocket;
