@@ -177,12 +177,11 @@ impl Report {
 pub fn run(path: &Path, json: bool, timeout: Duration) -> Result<Outcome, DoctorError> {
     // `Config::parse`, not `load`: a broken policy is a finding of its own
     // below, with the others, rather than the end of the checks.
-    let text = std::fs::read_to_string(path).map_err(|source| {
-        moat_proxy::config::ConfigError::Read {
+    let text =
+        std::fs::read_to_string(path).map_err(|source| moat_proxy::config::ConfigError::Read {
             file: path.to_owned(),
             source,
-        }
-    })?;
+        })?;
     let config = Config::parse(path, &text)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -215,7 +214,7 @@ async fn check(config: &Config, timeout: Duration) -> Report {
         r.warn(
             "config",
             warning,
-            "see the field's comment in config/proxy.toml; unsafe_* fields widen exposure on purpose",
+            "if this is intended, nothing; otherwise change the field named (config/proxy.toml explains each)",
         );
     }
     match &config.identity {
@@ -481,13 +480,16 @@ fn check_token(r: &mut Report, ca: &moat_proxy::config::CaIdentity) {
         Err(e) if stored.is_some() => {
             r.info(
                 "identity.token",
-                format!("{}: {e} (not needed while the stored certificate is valid)", path.display()),
+                format!(
+                    "{}: {e} (not needed while the stored certificate is valid)",
+                    path.display()
+                ),
             );
             return;
         }
         // systemd's LoadCredential=: the file exists only inside the
         // running service; which file it copies only the unit says.
-        Err(_) if path.starts_with("/run/credentials") => {
+        Err(_) if is_systemd_credential(path) => {
             r.info(
                 "identity.token",
                 format!(
@@ -558,6 +560,15 @@ fn check_token(r: &mut Report, ca: &moat_proxy::config::CaIdentity) {
     }
 }
 
+/// True for a path under `.../run/credentials/`, where systemd puts a
+/// unit's `LoadCredential=` files for the running service alone.
+fn is_systemd_credential(path: &Path) -> bool {
+    let parts: Vec<_> = path.components().map(|c| c.as_os_str()).collect();
+    parts
+        .windows(2)
+        .any(|w| w[0] == "run" && w[1] == "credentials")
+}
+
 /// A JWT's claims, unverified (the CA verifies it).
 fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>> {
     use base64::Engine as _;
@@ -574,8 +585,18 @@ fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>>
 /// Every address the proxy will listen on can be bound now.
 fn check_ports(r: &mut Report, config: &Config) {
     let mut listeners: Vec<(String, SocketAddr)> = vec![("admin".to_owned(), config.admin.listen)];
-    listeners.extend(config.inbound.iter().map(|l| (format!("inbound {}", l.name), l.listen)));
-    listeners.extend(config.outbound.iter().map(|l| (format!("outbound {}", l.name), l.listen)));
+    listeners.extend(
+        config
+            .inbound
+            .iter()
+            .map(|l| (format!("inbound {}", l.name), l.listen)),
+    );
+    listeners.extend(
+        config
+            .outbound
+            .iter()
+            .map(|l| (format!("outbound {}", l.name), l.listen)),
+    );
     if let Some(redirect) = &config.redirect {
         listeners.push((
             "transparent inbound".to_owned(),

@@ -468,7 +468,9 @@ fn load_files(config: &FileIdentity) -> Result<Credentials, IdentityError> {
         IdentityError::Invalid {
             path: config.key.clone(),
             message: match e {
-                rustls_pki_types::pem::Error::NoItemsFound => "no private key (PEM) in the file".to_owned(),
+                rustls_pki_types::pem::Error::NoItemsFound => {
+                    "no private key (PEM) in the file".to_owned()
+                }
                 e => format!("not a PEM private key: {e}"),
             },
         }

@@ -44,8 +44,18 @@ fn run(mut cmd: Command) -> Exit {
     };
     let mut stdout = String::new();
     let mut stderr = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut stdout).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
     Exit {
         code: status.code(),
         stdout,
@@ -56,7 +66,9 @@ fn run(mut cmd: Command) -> Exit {
 /// `moat ARGS...`, with no `RUST_LOG`: what an operator sees.
 fn moat(args: &[&str]) -> Exit {
     let mut cmd = Command::new(moat_bin());
-    cmd.args(args).env_remove("RUST_LOG").env_remove("MOAT_LOG_FORMAT");
+    cmd.args(args)
+        .env_remove("RUST_LOG")
+        .env_remove("MOAT_LOG_FORMAT");
     run(cmd)
 }
 
@@ -128,7 +140,16 @@ fn usage_errors_exit_64_and_help_exits_0() {
         &["no-such-command"][..],
         &["ca", "init", "--trust-domain", "example.org"],
         &["proxy"],
-        &["ca", "token", "--dir", "/nonexistent", "--id", "x", "--ttl", "forever"],
+        &[
+            "ca",
+            "token",
+            "--dir",
+            "/nonexistent",
+            "--id",
+            "x",
+            "--ttl",
+            "forever",
+        ],
         &["completion", "tcsh"],
     ] {
         let out = moat(args);
@@ -187,7 +208,8 @@ fn an_expired_certificate_exits_64() {
     let f = files();
     let issuer = moat_testkit::pki::ca_dir_issuer(&f.ca).unwrap();
     let expired = moat_testkit::pki::leaf(&issuer, "", |p| {
-        p.subject_alt_names = vec![moat_testkit::pki::uri_san("spiffe://example.org/vm/db").unwrap()];
+        p.subject_alt_names =
+            vec![moat_testkit::pki::uri_san("spiffe://example.org/vm/db").unwrap()];
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2020, 1, 2);
     })
@@ -212,7 +234,8 @@ fn a_bundle_of_another_ca_names_the_roots_it_tried() {
     let out = moat(&["proxy", "--config", path_str(&config)]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
     assert!(
-        out.stderr.contains("does not lead to any root of the bundle"),
+        out.stderr
+            .contains("does not lead to any root of the bundle"),
         "{}",
         out.stderr
     );
@@ -277,7 +300,11 @@ fn a_privileged_port_as_non_root_exits_64_with_the_capability_to_add() {
     give_to_nobody(f.dir.path());
     let out = as_nobody(&["proxy", "--config", path_str(&config)]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
-    assert!(out.stderr.contains("CAP_NET_BIND_SERVICE"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("CAP_NET_BIND_SERVICE"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(count(&out.stderr, "Permission denied"), 1, "{}", out.stderr);
 
     let out = as_nobody(&[
@@ -291,7 +318,11 @@ fn a_privileged_port_as_non_root_exits_64_with_the_capability_to_add() {
         "off",
     ]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
-    assert!(out.stderr.contains("CAP_NET_BIND_SERVICE"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("CAP_NET_BIND_SERVICE"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -333,7 +364,9 @@ fn command_paths() -> Vec<Vec<String>> {
                 continue;
             }
             if in_commands {
-                let Some(name) = line.strip_prefix("  ").and_then(|l| l.split_whitespace().next())
+                let Some(name) = line
+                    .strip_prefix("  ")
+                    .and_then(|l| l.split_whitespace().next())
                 else {
                     in_commands = false;
                     continue;
@@ -356,30 +389,47 @@ fn every_help_ends_with_examples_and_describes_every_option() {
     assert!(paths.len() > 15, "found only {paths:?}");
     for path in paths {
         let mut args: Vec<&str> = path.iter().map(String::as_str).collect();
-        args.push("--help");
+        // -h: the one-line form of each entry (--help may put it below).
+        args.push("-h");
         let help = moat(&args).stdout;
-        assert!(help.contains("\nExamples:\n"), "moat {args:?} has no examples:\n{help}");
+        assert!(
+            help.contains("\nExamples:\n"),
+            "moat {args:?} has no examples:\n{help}"
+        );
         let examples = help.split("\nExamples:\n").last().unwrap();
         assert!(
-            examples.lines().any(|l| l.trim_start().starts_with("moat ")),
+            examples
+                .lines()
+                .any(|l| l.trim_start().starts_with("moat ")),
             "moat {args:?}: examples without a moat command:\n{help}"
         );
-        // Under Options: and Arguments:, every entry has a description.
+        // Under Options: and Arguments:, every entry has a description, on
+        // its line or (clap's layout for long entries) indented below it.
+        let lines: Vec<&str> = help.lines().collect();
         let mut section = "";
-        for line in help.lines() {
+        for (i, line) in lines.iter().enumerate() {
             if !line.starts_with(' ') {
                 section = line;
                 continue;
             }
-            if section == "Options:" || section == "Arguments:" {
-                let entry = line.trim_start();
-                let starts_entry = entry.starts_with('-') || entry.starts_with('<') || entry.starts_with('[');
-                let indent = line.len() - entry.len();
-                if starts_entry && indent <= 6 {
-                    let described = entry.split("  ").skip(1).any(|s| !s.trim().is_empty());
-                    assert!(described, "moat {args:?}: {line:?} has no description:\n{help}");
-                }
+            if section != "Options:" && section != "Arguments:" {
+                continue;
             }
+            let entry = line.trim_start();
+            let indent = line.len() - entry.len();
+            let starts_entry = indent <= 6 && entry.starts_with(['-', '<', '[']);
+            if !starts_entry {
+                continue;
+            }
+            let same_line = entry.split("  ").skip(1).any(|s| !s.trim().is_empty());
+            let below = lines.get(i + 1).is_some_and(|next| {
+                let t = next.trim_start();
+                !t.is_empty() && next.len() - t.len() > indent && !t.starts_with('-')
+            });
+            assert!(
+                same_line || below,
+                "moat {args:?}: {line:?} has no description:\n{help}"
+            );
         }
     }
 }
@@ -399,7 +449,11 @@ fn log_format_is_offered_only_by_commands_that_log() {
         (&["--help"], false),
     ] {
         let help = moat(args).stdout;
-        assert_eq!(help.contains("--log-format"), offered, "moat {args:?}:\n{help}");
+        assert_eq!(
+            help.contains("--log-format"),
+            offered,
+            "moat {args:?}:\n{help}"
+        );
     }
 }
 
@@ -414,7 +468,11 @@ fn completion_scripts_for_bash_zsh_and_fish() {
     let script = dir.path().join("moat.bash");
     std::fs::write(&script, &bash.stdout).unwrap();
     let out = support::tool("bash", &["-n", path_str(&script)]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let zsh = moat(&["completion", "zsh"]);
     assert_eq!(zsh.code, Some(0));
@@ -428,11 +486,19 @@ fn completion_scripts_for_bash_zsh_and_fish() {
 fn ca_token_prints_the_token_alone_and_ca_init_the_next_steps() {
     let dir = tempfile::tempdir().unwrap();
     let ca = dir.path().join("ca");
-    let init = moat(&["ca", "init", "--dir", path_str(&ca), "--trust-domain", "example.org"]);
+    let init = moat(&[
+        "ca",
+        "init",
+        "--dir",
+        path_str(&ca),
+        "--trust-domain",
+        "example.org",
+    ]);
     assert_eq!(init.code, Some(0), "{}", init.stderr);
     assert!(init.stdout.contains("Next steps:"), "{}", init.stdout);
     assert!(
-        init.stdout.contains(&format!("moat ca serve --dir {}", ca.display())),
+        init.stdout
+            .contains(&format!("moat ca serve --dir {}", ca.display())),
         "{}",
         init.stdout
     );
@@ -446,7 +512,12 @@ fn ca_token_prints_the_token_alone_and_ca_init_the_next_steps() {
     ]);
     assert_eq!(token.code, Some(0), "{}", token.stderr);
     assert_eq!(token.stdout.lines().count(), 1, "{}", token.stdout);
-    assert_eq!(token.stdout.trim().split('.').count(), 3, "a JWT: {}", token.stdout);
+    assert_eq!(
+        token.stdout.trim().split('.').count(),
+        3,
+        "a JWT: {}",
+        token.stdout
+    );
     assert!(token.stderr.is_empty(), "nothing logged: {}", token.stderr);
     // The older place of --log-format, before the command, still works.
     let old = moat(&[
@@ -503,9 +574,17 @@ fn ca_issue_refuses_to_overwrite_without_force() {
 
 /// Starts a proxy on `config` and waits for its first certificate.
 fn proxy(config: &Path) -> (Running, std::net::SocketAddr) {
-    let mut p = Running::start(&["--log-format", "json", "proxy", "--config", path_str(config)]);
+    let mut p = Running::start(&[
+        "--log-format",
+        "json",
+        "proxy",
+        "--config",
+        path_str(config),
+    ]);
     let admin = p.listening_addr("admin");
-    p.wait_for_log(Duration::from_secs(30), |l| l["message"] == "certificate loaded");
+    p.wait_for_log(Duration::from_secs(30), |l| {
+        l["message"] == "certificate loaded"
+    });
     (p, admin)
 }
 
@@ -521,7 +600,9 @@ fn identity_warnings(p: &Running) -> Vec<Value> {
         .filter(|l| l["level"] == "WARN")
         .filter(|l| {
             let text = l.to_string();
-            text.contains("KeyMismatch") || text.contains("unusable") || text.contains("does not fit")
+            text.contains("KeyMismatch")
+                || text.contains("unusable")
+                || text.contains("does not fit")
         })
         .collect()
 }
@@ -590,7 +671,11 @@ fn one_pem_with_certificate_and_key_serves_and_rotates() {
     p.wait_for_log(Duration::from_secs(30), |l| {
         l["message"] == "certificate reloaded" && l["serial"] == serial.as_str()
     });
-    assert!(identity_warnings(&p).is_empty(), "{:?}", identity_warnings(&p));
+    assert!(
+        identity_warnings(&p).is_empty(),
+        "{:?}",
+        identity_warnings(&p)
+    );
 }
 
 #[test]
@@ -620,7 +705,14 @@ fn san_adds_to_localhost_and_loopback() {
         let url = format!("https://{host}:{}/v1/bundle", addr.port());
         let out = support::tool(
             "curl",
-            &["-sf", "--cacert", path_str(&bundle), "--resolve", &resolve, &url],
+            &[
+                "-sf",
+                "--cacert",
+                path_str(&bundle),
+                "--resolve",
+                &resolve,
+                &url,
+            ],
         );
         assert!(
             out.status.success(),

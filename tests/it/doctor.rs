@@ -75,6 +75,12 @@ fn a_healthy_ca_configuration_passes() {
     let token = dir.path().join("token");
     std::fs::write(&token, ca.token("spiffe://example.org/vm/billing")).unwrap();
     let app = support::echo_service();
+    let policy = dir.path().join("policy.toml");
+    std::fs::write(
+        &policy,
+        "mode = \"enforce\"\n\n[[route]]\nname = \"all\"\npath = \"/*\"\nallow = \"any-peer\"\n",
+    )
+    .unwrap();
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,
@@ -91,10 +97,12 @@ listen = "127.0.0.1:0"
 name = "api"
 listen = "127.0.0.1:0"
 forward = "{app}"
+policy = "{}"
 "#,
             ca.url(),
             bundle.display(),
-            token.display()
+            token.display(),
+            policy.display()
         ),
     )
     .unwrap();
@@ -185,13 +193,22 @@ policy = "{}"
     assert_eq!(code, Some(1), "{report:#}");
     assert_eq!(report["healthy"], false);
     let key = finding(&report, "identity", "problem");
-    assert!(key["message"].as_str().unwrap().contains("does not fit"), "{key}");
+    assert!(
+        key["message"].as_str().unwrap().contains("does not fit"),
+        "{key}"
+    );
     let port = finding(&report, "listen admin", "problem");
-    assert!(port["message"].as_str().unwrap().contains("in use"), "{port}");
+    assert!(
+        port["message"].as_str().unwrap().contains("in use"),
+        "{port}"
+    );
     let grpc = finding(&report, "inbound grpc forward", "problem");
     assert!(grpc["message"].as_str().unwrap().contains("h2c"), "{grpc}");
     assert!(
-        grpc["fix"].as_str().unwrap().contains("app_protocol = \"http2\""),
+        grpc["fix"]
+            .as_str()
+            .unwrap()
+            .contains("app_protocol = \"http2\""),
         "{grpc}"
     );
     finding(&report, "inbound down forward", "warning");
@@ -206,13 +223,26 @@ policy = "{}"
 
 #[test]
 fn a_ca_that_does_not_name_the_url_host_is_found() {
-    let ca = TestCa::start();
     let dir = tempfile::tempdir().unwrap();
-    let bundle = ca.bundle_file();
+    let ca = support::ca_init(&dir.path().join("ca"));
+    // On every address, so that 127.0.0.2 reaches it too; its certificate
+    // names localhost and 127.0.0.1, not 127.0.0.2.
+    let mut server = support::Running::start(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(ca.dir()),
+        "--listen",
+        "0.0.0.0:0",
+        "--admin",
+        "off",
+    ]);
+    let port = server.listening_addr("ca").port();
+    let bundle = dir.path().join("bundle.pem");
+    std::fs::write(&bundle, ca.bundle().unwrap()).unwrap();
     let token = dir.path().join("token");
-    std::fs::write(&token, ca.token("spiffe://example.org/vm/billing")).unwrap();
-    // The CA's certificate names localhost and 127.0.0.1, not 127.0.0.2.
-    let url = format!("https://127.0.0.2:{}", ca.addr.port());
+    std::fs::write(&token, ca.token("spiffe://example.org/vm/billing").unwrap()).unwrap();
+    let url = format!("https://127.0.0.2:{port}");
     let config = dir.path().join("proxy.toml");
     std::fs::write(
         &config,

@@ -189,7 +189,13 @@ fn the_vm_path_of_deploy_md_works_as_written() {
 
     let scratch = tempfile::tempdir().unwrap();
     let root = scratch.path();
-    for dir in ["etc/systemd/system", "etc/sysusers.d", "var/lib", "usr/local/bin", "work"] {
+    for dir in [
+        "etc/systemd/system",
+        "etc/sysusers.d",
+        "var/lib",
+        "usr/local/bin",
+        "work",
+    ] {
         std::fs::create_dir_all(root.join(dir)).unwrap();
     }
     let work = root.join("work");
@@ -209,7 +215,10 @@ fn the_vm_path_of_deploy_md_works_as_written() {
             .replace("/etc/systemd/system", &format!("{r}/etc/systemd/system"))
             .replace("/etc/sysusers.d", &format!("{r}/etc/sysusers.d"))
             .replace("/usr/local/bin", &format!("{r}/usr/local/bin"))
-            .replace("moat-ca.example.internal:8443", &format!("127.0.0.1:{ca_port}"))
+            .replace(
+                "moat-ca.example.internal:8443",
+                &format!("127.0.0.1:{ca_port}"),
+            )
             .replace("127.0.0.1:8443", &format!("127.0.0.1:{ca_port}"))
             .replace("0.0.0.0:8443", &format!("127.0.0.1:{listen_8443}"))
             .replace("127.0.0.1:9901", &format!("127.0.0.1:{admin_port}"))
@@ -236,7 +245,10 @@ fn the_vm_path_of_deploy_md_works_as_written() {
         .env("ROOT", r)
         .env("MOAT_BIN", moat_bin())
         .env("UNIT_SED", unit_sed)
-        .env("PATH", format!("{r}/usr/local/bin:{}", std::env::var("PATH").unwrap()))
+        .env(
+            "PATH",
+            format!("{r}/usr/local/bin:{}", std::env::var("PATH").unwrap()),
+        )
         .env_remove("RUST_LOG")
         .env_remove("MOAT_CONFIG")
         .stdin(Stdio::null())
@@ -253,7 +265,10 @@ fn the_vm_path_of_deploy_md_works_as_written() {
         stdout.trim_end().ends_with("ready"),
         "/ready did not answer ready:\n{stdout}\n{stderr}"
     );
-    assert!(stdout.contains("all well"), "moat doctor found something:\n{stdout}");
+    assert!(
+        stdout.contains("all well"),
+        "moat doctor found something:\n{stdout}"
+    );
 
     // What the CA unit's --san adds: the name in the docs' ca_url.
     let unit = std::fs::read_to_string(root.join("etc/systemd/system/moat-ca.service")).unwrap();
@@ -263,7 +278,14 @@ fn the_vm_path_of_deploy_md_works_as_written() {
     let bundle = root.join("etc/moat/bundle.pem");
     let curl = support::tool(
         "curl",
-        &["-sf", "--cacert", path_str(&bundle), "--resolve", &resolve, &url],
+        &[
+            "-sf",
+            "--cacert",
+            path_str(&bundle),
+            "--resolve",
+            &resolve,
+            &url,
+        ],
     );
     assert!(
         curl.status.success(),
