@@ -392,10 +392,16 @@ impl FileSource {
                 // replaces the two files one after the other. Wait for the
                 // other file; only if it does not come is this a problem.
                 Err(IdentityError::Credentials(crate::tls::CredentialError::Key(_)))
-                    if matches!(
-                        tokio::time::timeout(PAIR_SETTLE, rx.recv()).await,
-                        Ok(Some(()))
-                    ) =>
+                    if {
+                        tracing::info!(
+                            wait = ?PAIR_SETTLE,
+                            "identity files changed but certificate and key do not fit yet; waiting for the other file"
+                        );
+                        matches!(
+                            tokio::time::timeout(PAIR_SETTLE, rx.recv()).await,
+                            Ok(Some(()))
+                        )
+                    } =>
                 {
                     settle(&mut rx).await;
                     again = true;

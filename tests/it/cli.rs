@@ -721,3 +721,43 @@ fn san_adds_to_localhost_and_loopback() {
         );
     }
 }
+
+#[test]
+fn half_a_rotation_waits_for_the_other_file_instead_of_warning() {
+    let f = files();
+    let config = files_config(f.dir.path(), &f.cert, &f.key, &f.bundle, "127.0.0.1:0");
+    let (mut p, _) = proxy(&config);
+    // A new pair made elsewhere, then moved in one file at a time.
+    let staged = tempfile::tempdir_in(f.dir.path()).unwrap();
+    let (cert, key) = (staged.path().join("new.crt"), staged.path().join("new.key"));
+    support::harness()
+        .ok(&[
+            "ca",
+            "issue",
+            "--dir",
+            path_str(&f.ca),
+            "--id",
+            "spiffe://example.org/vm/db",
+            "--cert-out",
+            path_str(&cert),
+            "--key-out",
+            path_str(&key),
+        ])
+        .unwrap();
+    let serial = serial_of(&cert);
+    std::fs::rename(&key, &f.key).unwrap();
+    p.wait_for_log(Duration::from_secs(30), |l| {
+        l["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("do not fit yet; waiting for the other file"))
+    });
+    std::fs::rename(&cert, &f.cert).unwrap();
+    p.wait_for_log(Duration::from_secs(30), |l| {
+        l["message"] == "certificate reloaded" && l["serial"] == serial.as_str()
+    });
+    assert!(
+        identity_warnings(&p).is_empty(),
+        "{:?}",
+        identity_warnings(&p)
+    );
+}
