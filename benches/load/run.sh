@@ -22,9 +22,12 @@
 #       ws      WebSocket echo, direct and through a pair of its own (benches/load/ws_echo.sh)
 #       transparent  (TRANSPARENT=1 adds it) the transparent-interception pair row: needs root, a binary with
 #               `moat redirect`, and benches/load/transparent.sh; skipped with the reason otherwise
-#   DUR=2 ROUNDS=1 WARMUP_ROUND=0 BULK_BYTES=$((64<<20)) IDLE_CONNS=200 AFTER_S=5 bash benches/load/run.sh  # smoke
+#   DUR=2 FR_DUR=3 CC_DUR=2 CC_ROUNDS=1 ROUNDS=1 WARMUP_ROUND=0 BULK_BYTES=$((64<<20)) IDLE_CONNS=200 AFTER_S=5 \
+#     OUT=/tmp/smoke bash benches/load/run.sh   # a smoke run of every phase (~5 min), the committed results untouched
 #   ONLY='ka_moat_pair_c32 ka_haproxy_pair_c32' bash benches/load/run.sh   # a subset of the oha rows, by label
 #                                                                          # (a moat row's label+build also works)
+#   Time of the full run on a quiet box: rounds ~11 min (6 rounds x 16 rows with two builds), rows ~4.5, client
+#   ~1.5, bulk ~1, memtime + idle ~3.5 (10,000 TLS connections from python take ~30 s per proxy), ws: ~23 min.
 #
 #   oha (client cert) ─TLS1.3 mTLS─> [moat inbound | haproxy | nginx | stunnel4] ──plain──> nginx backend
 #   oha ─plain─> [moat outbound | haproxy | nginx] ─mTLS─> [moat inbound | haproxy | nginx] ─plain─> backend (pairs)
@@ -34,7 +37,8 @@
 # * One PKI for every target: certificates come from `moat ca` (ECDSA P-256, SPIFFE URI SAN only).
 #   Because those certificates carry no DNS/IP name, oha runs with --insecure against every TLS target
 #   (same client-side cost for all); it still presents its client certificate, which every server verifies.
-#   The HAProxy and NGINX pairs' outbound side presents the `client` certificate and verifies the chain.
+#   The HAProxy and NGINX pairs' outbound side presents the `client` certificate; HAProxy's verifies the
+#   inbound's chain, NGINX's cannot (it checks a name too, and there is none; see write_configs).
 # * Pinning: backend + proxies on SRV_CPU ("the pod's core"), oha and the other clients on CLI_CPU.
 # * The client is checked, not trusted: every run records oha's own CPU and the client core's; a run where
 #   either passes CLIENT_SAT (90 %) is flagged client_sat=yes, and a verdict resting on such a run reads
@@ -53,6 +57,7 @@ REPO=$(cd "$HERE/../.." && pwd)
 ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
 OUT=${OUT:-$REPO/benches/results}
 if [ -n "${MOAT:-}" ]; then MOAT_BUILDS=${MOAT_BUILDS:-moat=$MOAT}; fi   # MOAT=path: that binary alone
+[ "${PGO:-}" = 0 ] && MOAT_BUILDS=${MOAT_BUILDS:-dist}   # the earlier switch: PGO=0, the plain `dist` build alone
 MOAT_BUILDS=${MOAT_BUILDS:-pgo release}
 PHASES=${PHASES:-rounds rows bulk memtime idle client ws}
 [ "${TRANSPARENT:-0}" = 1 ] && [[ " $PHASES " != *" transparent "* ]] && PHASES+=" transparent"
