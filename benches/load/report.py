@@ -328,6 +328,34 @@ def main():
                  "each second of the run (oha's log): a round slow throughout points at the box (other_pct, "
                  "srv_core_pct), one slow only at its start at warm-up; `proxy_minflt` counts the pages the proxies "
                  "touched for the first time during the run (lazy initialisation, buffers growing).\n")
+        # at a glance: each of the first two rounds against the median of the scored rounds
+        glance = []
+        for base in R.rounds:
+            rs = {r["label"].split("@")[1]: r for r in R.warm.get(base, []) + R.rounds[base] if "@" in r["label"]}
+            field = "p99_ms" if base.startswith("fr_") else "rps"
+            mid, flt = R.med(base, field), R.med(base, "proxy_minflt")
+            if not mid or len(rs) < 2:
+                continue
+
+            def first_s(r):
+                s = [num(x) for x in (r.get("rps_per_s") or "").split("/") if num(x) is not None]
+                return "%.2f" % (s[0] / median(s[1:-1] or s[1:])) if len(s) > 2 and median(s[1:-1] or s[1:]) else "-"
+            cells = []
+            for k in ("0", "1"):
+                r = rs.get(k)
+                cells.append("%.2f" % (num(r[field]) / mid) if r and num(r[field]) is not None else "-")
+                cells.append("%s" % r.get("proxy_minflt", "-") if r else "-")
+                cells.append(first_s(r) if r else "-")
+            glance.append("| %s | %s | %s | %s |" % (base, field, " | ".join(cells), "-" if flt is None else "%g" % flt))
+        if glance:
+            L.append("At a glance: round 0 and round 1 against the median of the scored rounds (rps, or p99 for the "
+                     "fixed-rate rows), their proxies' page faults, and their first second's requests against the "
+                     "run's other full seconds (< 1: a slow start).\n")
+            L.append("| row | figure | round 0 / median | round 0 faults | round 0 first s | round 1 / median | "
+                     "round 1 faults | round 1 first s | median faults |")
+            L.append("|---|---|---|---|---|---|---|---|---|")
+            L += glance
+            L.append("")
         keys = ["label", "rps", "p50_ms", "p99_ms", "proxy_cpu_s_per_10k", "proxy_minflt", "srv_core_pct",
                 "oha_cpu_pct", "other_pct", "client_sat", "rps_per_s"]
         L.append("| " + " | ".join(keys) + " |")
