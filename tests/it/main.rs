@@ -18,6 +18,7 @@ mod ca;
 mod ca_postgres;
 mod demo;
 mod deploy;
+mod examples;
 mod faults;
 mod hostile_authz;
 mod hostile_ca;
