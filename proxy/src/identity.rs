@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use moat_ca::TrustBundle;
-use moat_ca::client::{Backoff, CaEndpoints, ClientError, Svid, WorkloadKey, renew_at};
+use moat_ca::client::{Backoff, CaEndpoints, ClientError, Svid, WorkloadKey};
 use tokio::sync::{Notify, mpsc};
 
 use self::state::StateDir;
@@ -92,14 +92,6 @@ fn read_bundle(path: &Path) -> Result<TrustBundle, IdentityError> {
     })
 }
 
-/// When to renew: about half-way through the part of the lifetime still
-/// ahead. The CA backdates `not_before` for clock skew, which would
-/// otherwise pull a short-lived certificate's renewal into the past.
-fn next_renewal(svid: &Svid) -> SystemTime {
-    let start = svid.not_before.max(SystemTime::now());
-    renew_at(start, svid.not_after.max(start))
-}
-
 fn log_credentials(event: &'static str, svid: &Svid) {
     let expires = humantime::format_rfc3339_seconds(svid.not_after);
     tracing::info!(id = %svid.id.as_str(), serial = %svid.serial, not_after = %expires, "{event}");
@@ -160,7 +152,7 @@ impl CaSource {
             };
             let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
             let mut next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
-            let mut renew_at_time = next_renewal(&svid);
+            let mut renew_at_time = svid.renew_at();
             loop {
                 let until_renew = renew_at_time
                     .duration_since(SystemTime::now())
@@ -180,7 +172,7 @@ impl CaSource {
                                 svid = s;
                                 key = k;
                                 backoff.reset();
-                                renew_at_time = next_renewal(&svid);
+                                renew_at_time = svid.renew_at();
                             }
                             Err(e) => {
                                 self.metrics.renewals.get_or_create(&[("result", "failed")]).inc();

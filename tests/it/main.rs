@@ -20,6 +20,7 @@ mod cli;
 mod demo;
 mod deploy;
 mod doctor;
+mod examples;
 mod faults;
 mod hostile_authz;
 mod hostile_ca;
