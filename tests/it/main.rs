@@ -45,4 +45,5 @@ mod redirect;
 mod security_fixes;
 mod systemd;
 mod telemetry;
+mod transparent;
 mod websocket;
