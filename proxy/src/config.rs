@@ -424,8 +424,16 @@ impl Config {
                     .into(),
             );
         }
+        let mut destinations: Vec<String> = Vec::new();
         for (i, d) in self.destination.iter().enumerate() {
             d.validate(i)?;
+            let label = d.label(i);
+            if destinations.contains(&label) {
+                return Err(format!(
+                    "[[destination]] {label:?} is named twice (set name = to tell them apart)"
+                ));
+            }
+            destinations.push(label);
         }
         let mut names: Vec<&str> = vec!["admin"];
         let all = self
