@@ -1,6 +1,9 @@
 //! The admin listener: `/live`, `/ready`, `/identity`, `/metrics` and
 //! `PUT /logging?level=...`, plaintext on its own port (loopback by default).
 //!
+//! Other modules may add read-only JSON views ([`AdminListener::add_view`]:
+//! `/transparent`).
+//!
 //! `/ready` is a latch on two facts: a certificate is held, and the proxy is
 //! not draining. `/identity` shows the current SPIFFE ID, certificate serial
 //! and expiry as JSON; never key material.
@@ -50,7 +53,11 @@ struct State {
     jwks: Option<Arc<JwksCache>>,
     draining: Arc<AtomicBool>,
     obs: Observability,
+    views: Vec<(&'static str, View)>,
 }
+
+/// A read-only JSON view another module adds (e.g. `/transparent`).
+pub type View = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// One inbound listener's route policy, as the admin shows it.
 pub struct PolicyView {
@@ -86,10 +93,17 @@ impl AdminListener {
                     jwks,
                     draining,
                     obs,
+                    views: Vec::new(),
                 }),
             },
             bound,
         ))
+    }
+
+    /// Adds a read-only JSON view at `path` (before serving).
+    pub fn add_view(&mut self, path: &'static str, view: View) {
+        let state = Arc::get_mut(&mut self.state).expect("views are added before serving");
+        state.views.push((path, view));
     }
 
     /// Serves until the process exits: readiness must stay answerable (and
@@ -158,7 +172,10 @@ impl State {
             }
             "/identity" => self.identity(),
             "/metrics" => self.metrics(),
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            path => match self.views.iter().find(|(p, _)| *p == path) {
+                Some((_, view)) => json(StatusCode::OK, view()),
+                None => text(StatusCode::NOT_FOUND, "not found\n"),
+            },
         }
     }
 

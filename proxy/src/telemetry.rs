@@ -683,6 +683,20 @@ impl ProxyMetrics {
         }
     }
 
+    /// Registers a metric kept by another module (the transparent
+    /// listeners' families).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .expect("metrics registry")
+            .register(name, help, metric);
+    }
+
     /// Raises a counter to `total` (for totals kept elsewhere as atomics).
     pub fn catch_up(counter: &Counter, total: u64) {
         let now = counter.get();

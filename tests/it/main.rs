@@ -48,5 +48,6 @@ mod redirect;
 mod security_fixes;
 mod systemd;
 mod telemetry;
+mod transparent;
 mod vm_path;
 mod websocket;
