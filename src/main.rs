@@ -132,6 +132,10 @@ struct InjectArgs {
     /// sidecar first; without it only what is missing is added.
     #[arg(long)]
     upgrade: bool,
+    /// Explicit mode: the sidecar alone, no redirect init container, probes
+    /// left as they are (the default is transparent mode).
+    #[arg(long)]
+    explicit: bool,
     /// Print only warnings on standard error, not what was done to each document.
     #[arg(long, short)]
     quiet: bool,
@@ -478,6 +482,7 @@ fn run_inject(args: InjectArgs) -> Result<(), Failure> {
         audience: args.audience,
         bundle_config_map: args.bundle_config_map,
         upgrade: args.upgrade,
+        transparent: !args.explicit,
     };
     let injected = inject::inject(&input, &options).map_err(config_err)?;
     // What was done goes to stderr, so stdout can be piped to kubectl.
