@@ -15,6 +15,16 @@
 //!   `moat-policy` (ConfigMap `<name>-moat-policy`, key `policy.toml`), where
 //!   `<name>` is the resource's `metadata.name`.
 //!
+//! In transparent mode (the default; [`Options::transparent`]) two more
+//! things happen: the `moat-redirect` init container goes first of all,
+//! ahead of the sidecar (`moat redirect` installs the nftables rules of
+//! proxy.toml's `[redirect]` and exits; UID 0 with `NET_ADMIN` alone), and
+//! the app containers' `httpGet` and `tcpSocket` probes on ports that are
+//! not moat's own are pointed at the sidecar's admin port, the originals
+//! recorded in the sidecar's environment ([`probes`]). Explicit mode
+//! (`--explicit`) writes exactly what `moat inject` wrote before
+//! transparent mode existed.
+//!
 //! A workload whose own or pod template's annotations say
 //! `moat.dev/inject: "false"` is left alone (the CA's own Deployment does:
 //! its pod cannot wait for a certificate from itself). Other kinds (Service,
@@ -35,11 +45,13 @@
 //!
 //! # Idempotent, and upgradable
 //!
-//! moat owns its init container and its four volumes, by name. Without
+//! moat owns its init containers and its four volumes, by name. Without
 //! `upgrade`, only what is missing is added; one of moat's entries that
-//! differs from what the options would write is kept as it is and reported.
-//! With `upgrade`, such entries are replaced (and the sidecar moved first)
-//! and nothing else is touched. Either way, an entry that already is what
+//! differs from what the options would write is kept as it is and reported
+//! (and so is the redirect step under `--explicit`). With `upgrade`, such
+//! entries are replaced (and the sidecar moved first), the redirect step
+//! removed under `--explicit` with the probes written back, and nothing
+//! else is touched. Either way, an entry that already is what
 //! the options write stays byte for byte, so running `moat inject` (with or
 //! without `--upgrade`) on its own output changes nothing.
 //!

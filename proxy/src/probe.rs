@@ -252,7 +252,10 @@ mod tests {
         assert_eq!(probes.len(), 2);
         assert_eq!(probes.to_json(), TWO);
         assert_eq!(
-            probes.get("/app-health/app/readyz").unwrap().timeout_seconds,
+            probes
+                .get("/app-health/app/readyz")
+                .unwrap()
+                .timeout_seconds,
             Some(3)
         );
     }

@@ -153,7 +153,10 @@ policy = "/etc/moat/policy/policy.toml"
         let found = problems(&without, &Options::default());
         assert!(found[0].contains("no [redirect] section"), "{found:?}");
         let found = problems(POD, &explicit);
-        assert!(found[0].contains("--explicit adds no moat-redirect"), "{found:?}");
+        assert!(
+            found[0].contains("--explicit adds no moat-redirect"),
+            "{found:?}"
+        );
         let named = format!("{POD}proxy_uid = \"moat\"\n");
         let found = problems(&named, &Options::default());
         assert!(found[0].contains("proxy_uid"), "{found:?}");

@@ -61,9 +61,10 @@ pub(super) fn plan(spec: &Node, o: &Options, w: &Writer<'_>) -> ProbePlan {
             };
             let at = format!("{PATH_PREFIX}{name}/{short}");
             let what = format!("container {name} {field}");
-            let Some((key, value)) = entries.iter().find(|(k, _)| {
-                matches!(k.as_str(), Some("httpGet" | "tcpSocket" | "grpc"))
-            }) else {
+            let Some((key, value)) = entries
+                .iter()
+                .find(|(k, _)| matches!(k.as_str(), Some("httpGet" | "tcpSocket" | "grpc")))
+            else {
                 continue; // exec probes run inside the container
             };
             let handler = key.as_str().unwrap_or_default();
@@ -174,7 +175,10 @@ pub(super) fn plan(spec: &Node, o: &Options, w: &Writer<'_>) -> ProbePlan {
                     timeout_seconds,
                 }
             };
-            let rewritten = V::M(vec![("path", V::S(at.clone())), ("port", V::N(o.admin_port.into()))]);
+            let rewritten = V::M(vec![
+                ("path", V::S(at.clone())),
+                ("port", V::N(o.admin_port.into())),
+            ]);
             match replace(w, probe, key, value, "httpGet", &rewritten) {
                 Some(e) => {
                     out.edits.push(e);

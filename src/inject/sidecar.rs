@@ -51,7 +51,9 @@ pub(super) fn init_containers(o: &Options, probes: &AppProbes) -> Vec<Owned> {
         name: SIDECAR_NAME,
         value: sidecar(o, probes),
         // Probes recorded for transparent mode, when there are none now.
-        stale: probes.is_empty().then_some(stale_probes as fn(&Node) -> Vec<String>),
+        stale: probes
+            .is_empty()
+            .then_some(stale_probes as fn(&Node) -> Vec<String>),
     });
     out
 }

@@ -52,8 +52,8 @@ fn app(status: Arc<AtomicU16>, seen: Arc<Mutex<Vec<Seen>>>) -> SocketAddr {
                     let mut r = hyper::Response::new(http_body_util::Full::new(
                         bytes::Bytes::from_static(b"app\n"),
                     ));
-                    *r.status_mut() = hyper::StatusCode::from_u16(status.load(Ordering::SeqCst))
-                        .unwrap();
+                    *r.status_mut() =
+                        hyper::StatusCode::from_u16(status.load(Ordering::SeqCst)).unwrap();
                     r
                 }
             })
@@ -148,10 +148,11 @@ fn injected_probes_are_answered_by_the_sidecar_from_the_app() {
         dir.path(),
         "proxy.toml",
         &format!(
-            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nforward = \"127.0.0.1:{}\"\n",
             path_str(&cert),
             path_str(&key),
-            path_str(&bundle)
+            path_str(&bundle),
+            port
         ),
     );
     let mut proxy = Running::start_with_env(
@@ -163,7 +164,12 @@ fn injected_probes_are_answered_by_the_sidecar_from_the_app() {
     // httpGet: the app's status, relayed; the app saw the original request.
     let (code, body) = curl_http(admin, "/app-health/app/livez", &[]);
     assert_eq!((code, body.as_str()), (200, "app answered 200 OK\n"));
-    let last = seen.lock().unwrap().last().cloned().expect("the app was asked");
+    let last = seen
+        .lock()
+        .unwrap()
+        .last()
+        .cloned()
+        .expect("the app was asked");
     assert_eq!(last.uri, "/healthz?full=1");
     assert_eq!(last.probe_header.as_deref(), Some("liveness"));
     assert_eq!(last.user_agent.as_deref(), Some("kube-probe/moat"));
@@ -209,15 +215,19 @@ fn a_malformed_probe_environment_stops_the_proxy_at_start() {
         dir.path(),
         "proxy.toml",
         &format!(
-            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n",
+            "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[[inbound]]\nname = \"app\"\nlisten = \"127.0.0.1:0\"\nforward = \"127.0.0.1:{}\"\n",
             path_str(&cert),
             path_str(&key),
-            path_str(&bundle)
+            path_str(&bundle),
+            1
         ),
     );
     let out = Command::new(moat_bin())
         .args(["proxy", "--config", path_str(&config)])
-        .env("MOAT_APP_PROBES", r#"{"/app-health/app/livez":{"exec":{}}}"#)
+        .env(
+            "MOAT_APP_PROBES",
+            r#"{"/app-health/app/livez":{"exec":{}}}"#,
+        )
         .output()
         .unwrap();
     assert!(!out.status.success());
