@@ -38,6 +38,7 @@ use crate::Error;
 use arc_swap::ArcSwap;
 
 use crate::policy::{JwksCache, Policy, ReloadStats};
+use crate::probe::AppProbes;
 use crate::telemetry::{LOG_LEVELS, Observability, ProxyMetrics};
 use crate::tls::CredentialStore;
 
@@ -45,6 +46,7 @@ use crate::tls::CredentialStore;
 pub struct AdminListener {
     listener: TcpListener,
     state: Arc<State>,
+    app_probes: Arc<AppProbes>,
 }
 
 struct State {
@@ -95,6 +97,7 @@ impl AdminListener {
                     obs,
                     views: Vec::new(),
                 }),
+                app_probes: Arc::default(),
             },
             bound,
         ))
@@ -111,13 +114,21 @@ impl AdminListener {
     /// connection that sends no request for 10 s is closed.
     pub async fn serve(self) {
         let state = self.state;
+        let app_probes = self.app_probes;
         Acceptor::new(self.listener, "admin", ADMIN_MAX_CONNECTIONS)
             .run(std::future::pending(), move |stream, peer| {
                 let state = state.clone();
+                let app_probes = app_probes.clone();
                 async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.handle(&req, peer)) }
+                        let app_probes = app_probes.clone();
+                        async move {
+                            if let Some(r) = app_probe(&app_probes, &req).await {
+                                return Ok::<_, Infallible>(r);
+                            }
+                            Ok::<_, Infallible>(state.handle(&req, peer))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -128,6 +139,28 @@ impl AdminListener {
             })
             .await;
     }
+}
+
+impl AdminListener {
+    /// Also answers the app's rewritten kubelet probes (see
+    /// [`crate::probe`]) at their `/app-health/...` paths.
+    pub fn with_app_probes(mut self, probes: AppProbes) -> Self {
+        self.app_probes = Arc::new(probes);
+        self
+    }
+}
+
+/// A `GET` (or `HEAD`) of a registered `/app-health/...` path: the app's
+/// probe, run now. `None` for anything else, which [`State::handle`]
+/// answers (404 for an unregistered probe path).
+async fn app_probe(probes: &AppProbes, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let path = req.uri().path();
+    if !path.starts_with(crate::probe::PATH_PREFIX)
+        || !(req.method() == Method::GET || req.method() == Method::HEAD)
+    {
+        return None;
+    }
+    probes.check(path).await
 }
 
 /// True when `peer` is this host over loopback (`127.0.0.0/8`, `::1`, or

@@ -24,6 +24,7 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
 pub mod redirect;
 pub mod telemetry;
 pub mod tls;
@@ -75,6 +76,9 @@ pub enum Error {
     /// An upstream address cannot be used as an HTTP authority.
     #[error("outbound {0}: upstream {1} is not a valid authority")]
     Upstream(String, String),
+    /// The app probes `moat inject` put in the environment cannot be used.
+    #[error("app probes: {0}")]
+    AppProbes(String),
     /// A signal handler could not be installed.
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
@@ -133,6 +137,14 @@ impl Proxy {
         };
         let tls = TlsFactory::new(store.clone(), config.tls.allow_tls12);
         let draining = Arc::new(AtomicBool::new(false));
+        // The app's rewritten kubelet probes, before any port is bound.
+        let app_probes = probe::AppProbes::from_env().map_err(Error::AppProbes)?;
+        if !app_probes.is_empty() {
+            tracing::info!(
+                probes = app_probes.len(),
+                "serving the app's kubelet probes on the admin port"
+            );
+        }
         // Route policies first: a bad one stops the start before any port is bound.
         let mut jwks = None;
         let mut policies = Vec::new();
@@ -192,6 +204,7 @@ impl Proxy {
             obs.clone(),
         )
         .await?;
+        let admin = admin.with_app_probes(app_probes);
         addrs.push(("admin".to_owned(), addr));
         let mut inbound = Vec::new();
         for (l, authz) in config.inbound.iter().zip(authorizers) {

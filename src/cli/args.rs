@@ -168,6 +168,10 @@ pub struct InjectArgs {
     /// sidecar first; without it only what is missing is added.
     #[arg(long)]
     pub upgrade: bool,
+    /// Explicit mode: the sidecar alone, no redirect init container, probes
+    /// left as they are (the default is transparent mode).
+    #[arg(long)]
+    pub explicit: bool,
     /// Print only warnings on standard error, not what was done to each document.
     #[arg(long, short)]
     pub quiet: bool,
@@ -465,7 +469,8 @@ Examples:
 
     pub const INJECT: &str = "\
 Examples:
-  moat inject deployment.yaml | kubectl apply -f -
+  moat inject deployment.yaml | kubectl apply -f -            # transparent mode (redirect init container)
+  moat inject --explicit deployment.yaml | kubectl apply -f - # the sidecar alone, apps call its listeners
   kustomize build overlays/prod | moat inject - | kubectl apply -f -
   kubectl get deploy billing -o json | moat inject --upgrade --image registry.example/moat:0.2.0 - | kubectl apply -f -";
 

@@ -30,6 +30,7 @@ pub fn run_inject(args: InjectArgs) -> Result<(), Failure> {
         audience: args.audience,
         bundle_config_map: args.bundle_config_map,
         upgrade: args.upgrade,
+        transparent: !args.explicit,
     };
     let injected = inject::inject(&input, &options).map_err(config_err)?;
     // What was done goes to stderr, so stdout can be piped to kubectl.

@@ -14,6 +14,7 @@
 
 mod support;
 
+mod app_probes;
 mod ca;
 mod ca_postgres;
 mod cli;
