@@ -318,9 +318,10 @@ fn config_err(e: impl std::fmt::Display) -> Failure {
 fn run(command: Command, log_format: LogFormat) -> Result<(), Failure> {
     // The proxy and the CA server set up logging themselves, with their
     // trace exporters; every other command logs plainly.
+    // `moat policy` prints its findings itself: no log lines in its output.
     if !matches!(
         command,
-        Command::Proxy(_) | Command::Ca(CaCommand::Serve(_))
+        Command::Proxy(_) | Command::Ca(CaCommand::Serve(_)) | Command::Policy(_)
     ) {
         init_logging(log_format, None, None);
     }

@@ -24,6 +24,7 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod process;
 pub mod redirect;
 pub mod telemetry;
 pub mod tls;

@@ -212,6 +212,7 @@ impl Shared {
                 .get::<Presented>()
                 .map_or(this.peer.as_str(), |p| p.0.as_deref().unwrap_or("-"));
             let entry = crate::telemetry::AccessEntry {
+                request_id: crate::telemetry::RequestId::next(),
                 trace_id: &trace_id,
                 listener: &this.name,
                 direction: "outbound",
@@ -219,9 +220,11 @@ impl Shared {
                 expected_peer: Some(this.peer.as_str()),
                 method: &method,
                 path: &path,
+                raw_path: None,
                 status: resp.status().as_u16(),
                 route: "-",
                 decision: "none",
+                reason: None,
                 duration: started.elapsed(),
                 bytes: content_length(&resp),
             };
