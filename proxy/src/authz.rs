@@ -32,7 +32,8 @@ const METHOD_OVERRIDES: [&str; 3] = [
 pub struct Outcome {
     /// What metrics, spans and the access log keep once forwarding is done.
     pub verdict: Verdict,
-    /// Forward with this path and query (the normalized form); `None`: as is.
+    /// The path and query in normalized form: forwarded with when allowed,
+    /// logged beside the raw one either way; `None`: as is (or refused).
     pub forward_path: Option<PathAndQuery>,
     /// Answer the caller with this instead of forwarding (400, 401 or 403).
     pub deny: Option<Response<ProxyBody>>,
@@ -127,6 +128,9 @@ impl Authorizer {
         let decision = policy.authorize_async(&facts, SystemTime::now()).await;
         decision.log(&facts, policy.hash(), request_id);
         let route = decision.route.map(str::to_owned);
+        let forward_path = decision
+            .forward_path()
+            .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
         if let Some(mut resp) = decision.deny_response() {
             if crate::http::is_grpc(&parts.headers) {
                 crate::http::grpc_denial(&mut resp, decision.reason.as_str(), decision.route);
@@ -137,13 +141,10 @@ impl Authorizer {
                     decision: "deny",
                     reason: decision.reason.as_str(),
                 },
-                forward_path: None,
+                forward_path,
                 deny: Some(resp.map(ProxyBody::Short)),
             };
         }
-        let forward_path = decision
-            .forward_path()
-            .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
         let label = if decision.audited {
             "audit_allow"
         } else {

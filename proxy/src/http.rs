@@ -248,10 +248,12 @@ pub fn refusal(
 /// `content-type: application/grpc`) carrying `grpc-status` (401 → 16
 /// UNAUTHENTICATED, 403 → 7 PERMISSION_DENIED, 400 → 3 INVALID_ARGUMENT)
 /// and a `grpc-message` naming the reason and route. The HTTP status is
-/// 200, as the gRPC spec has it for a call that reached a gRPC server:
-/// grpc-core clients (C++, Python, Ruby, ...) otherwise ignore
-/// `grpc-status` and report the HTTP status mapped to a code of their own.
-/// The access log and metrics still show the denial's own status.
+/// 200, as the gRPC spec writes a trailers-only response: grpc-core clients
+/// (Python, C++, Ruby) read `grpc-status` on a 401/403 too (checked with
+/// grpcio, both ways), but others (grpc-go) let a non-200 status win, map it
+/// to a code of their own and drop `grpc-message`. The access log and
+/// metrics of this sidecar still show the denial's own status
+/// ([`logged_status`]); the caller's sidecar relays a 200.
 pub fn grpc_denial(resp: &mut Response<Full<Bytes>>, reason: &str, route: Option<&str>) {
     let code = match resp.status() {
         StatusCode::UNAUTHORIZED => "16",
