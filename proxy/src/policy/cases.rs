@@ -229,7 +229,7 @@ fn run_one(policy: &Policy, case: &Case, now: SystemTime) -> Result<(), String> 
         if policy.route_names().any(|n| n == want) {
             problems.push(format!("expected route {want:?}, got {route:?}"));
         } else {
-            let hint = super::nearest(want, policy.route_names())
+            let hint = super::hint::nearest(want, policy.route_names())
                 .map(|n| format!(": did you mean {n:?}?"))
                 .unwrap_or_default();
             problems.push(format!(

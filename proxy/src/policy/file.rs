@@ -689,7 +689,7 @@ fn compile_jwt(
             // Defined, but refused (its own diagnostic says why).
             return None;
         }
-        let message = match super::nearest(name, defined.iter().copied()) {
+        let message = match super::hint::nearest(name, defined.iter().copied()) {
             Some(near) => format!("unknown issuer {name:?}: did you mean {near:?}?"),
             None => format!("unknown issuer {name:?}: define it with [[issuer]] name = {name:?}"),
         };

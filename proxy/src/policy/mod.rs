@@ -11,7 +11,8 @@
 //! Where to start: [`Policy::load`] (or [`Policy::load_with`] in the proxy,
 //! sharing a [`JwksCache`]), then [`Policy::authorize`] and [`Decision`]. A
 //! running proxy keeps the current policy in a [`PolicyWatcher`]. The modules:
-//! [`path`] (normalization), `file` (format), [`jwt`] (token checks), [`jwks`]
+//! [`path`] (normalization), `pattern` (route paths: templates,
+//! specificity), `file` (format), `hint` ("did you mean"), [`jwt`] (token checks), [`jwks`]
 //! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`), [`cli`]
 //! (what the `moat policy` commands do).
 //!
@@ -60,6 +61,7 @@ use pattern::PathPattern;
 pub mod cases;
 pub mod cli;
 mod file;
+mod hint;
 mod index;
 pub mod jwks;
 pub mod jwt;
@@ -756,45 +758,6 @@ impl PeerRule {
             }),
         }
     }
-}
-
-/// The name in `names` nearest to `name` by edit distance, when it is near
-/// enough to be a typo (at most a third of the name's characters, at least
-/// one, differ): for "did you mean" hints.
-pub(crate) fn nearest<'n>(name: &str, names: impl IntoIterator<Item = &'n str>) -> Option<&'n str> {
-    let limit = (name.chars().count() / 3).max(1);
-    names
-        .into_iter()
-        .map(|n| (edit_distance(name, n), n))
-        .filter(|(d, _)| *d <= limit)
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, n)| n)
-}
-
-/// Levenshtein distance, counting an adjacent swap as one edit (so "crop"
-/// is one edit from "corp").
-fn edit_distance(a: &str, b: &str) -> usize {
-    let (a, b): (Vec<char>, Vec<char>) = (a.chars().collect(), b.chars().collect());
-    let mut rows = vec![vec![0usize; b.len() + 1]; a.len() + 1];
-    for (i, row) in rows.iter_mut().enumerate() {
-        row[0] = i;
-    }
-    for (j, cell) in rows[0].iter_mut().enumerate() {
-        *cell = j;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut d = (rows[i - 1][j] + 1)
-                .min(rows[i][j - 1] + 1)
-                .min(rows[i - 1][j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                d = d.min(rows[i - 2][j - 2] + 1);
-            }
-            rows[i][j] = d;
-        }
-    }
-    rows[a.len()][b.len()]
 }
 
 /// `host[:port]` or `[v6]:port` → host, with a trailing dot removed.
