@@ -179,7 +179,11 @@ impl State {
             return self.logging(req, peer);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "GET or HEAD only (PUT /logging?level=... to change the log filter)",
+            );
         }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
@@ -207,7 +211,11 @@ impl State {
             "/metrics" => self.metrics(),
             path => match self.views.iter().find(|(p, _)| *p == path) {
                 Some((_, view)) => json(StatusCode::OK, view()),
-                None => text(StatusCode::NOT_FOUND, "not found\n"),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "not found: /live, /ready, /identity, /metrics, /transparent, PUT /logging",
+                ),
             },
         }
     }
@@ -223,6 +231,13 @@ impl State {
         for p in &self.policies {
             ok += p.stats.ok.load(Ordering::Relaxed);
             failed += p.stats.failed.load(Ordering::Relaxed);
+            let listener = [("listener", p.name.clone())];
+            m.policy_reload_failed
+                .get_or_create(&listener)
+                .set(i64::from(p.stats.failing()));
+            m.policy_reload_success
+                .get_or_create(&listener)
+                .set(p.stats.last_success_unix() as i64);
         }
         ProxyMetrics::catch_up(&m.policy_reloads.get_or_create(&[("result", "ok")]), ok);
         ProxyMetrics::catch_up(
@@ -290,15 +305,17 @@ impl State {
     /// [`crate::telemetry::log_filter`]: the audit trail stays on).
     fn logging(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         if req.method() != Method::PUT && req.method() != Method::POST {
-            return text(
+            return error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "PUT /logging?level=<filter>\n",
+                "method_not_allowed",
+                "PUT /logging?level=<filter>",
             );
         }
         let Some(handle) = &self.obs.log_level else {
-            return text(
+            return error(
                 StatusCode::NOT_IMPLEMENTED,
-                "the log level is fixed in this process\n",
+                "log_level_fixed",
+                "the log level is fixed in this process",
             );
         };
         let level = req
@@ -312,7 +329,7 @@ impl State {
         let refuse = |error: String| {
             json(
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({ "error": error, "valid_levels": LOG_LEVELS }),
+                serde_json::json!({ "error": error, "reason": "bad_log_level", "valid_levels": LOG_LEVELS }),
             )
         };
         if let Err(e) = crate::telemetry::check_log_filter(&level) {
@@ -408,6 +425,14 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain"),
     );
     r
+}
+
+/// An error answer, shaped like the proxy's own (`reason` is the stable code).
+fn error(status: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        serde_json::json!({ "error": message, "reason": reason }),
+    )
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {

@@ -25,6 +25,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod probe;
+pub mod process;
 pub mod redirect;
 pub mod telemetry;
 pub mod tls;

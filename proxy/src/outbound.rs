@@ -253,6 +253,7 @@ impl Shared {
                 .get::<Presented>()
                 .map_or(&*this.peer, |p| p.0.as_deref().unwrap_or("-"));
             let entry = crate::telemetry::AccessEntry {
+                request_id: crate::telemetry::RequestId::next(),
                 trace_id: &trace_id,
                 listener: &this.name,
                 direction: "outbound",
@@ -260,9 +261,11 @@ impl Shared {
                 expected_peer: Some(&*this.peer),
                 method: &method,
                 path: &path,
+                raw_path: None,
                 status: resp.status().as_u16(),
                 route: "-",
                 decision: "none",
+                reason: None,
                 duration: started.elapsed(),
                 bytes: content_length(&resp),
             };

@@ -150,10 +150,8 @@ fn run(command: Command, before: Option<LogFormat>) -> Result<(), Failure> {
                 Err(e) => Err(config_err(e)),
             }
         }
-        Command::Policy(command) => {
-            quiet_logging();
-            policy::run_policy(command)
-        }
+        // `moat policy` prints its findings itself: no log lines in its output.
+        Command::Policy(command) => policy::run_policy(command),
         Command::Demo {
             keep_running,
             dir,
