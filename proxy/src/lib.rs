@@ -196,7 +196,7 @@ impl Proxy {
                 stats,
             })
             .collect();
-        let (mut admin, addr) = admin::AdminListener::bind(
+        let (admin, addr) = admin::AdminListener::bind(
             config.admin.listen,
             store.clone(),
             policy_listeners,
@@ -205,7 +205,7 @@ impl Proxy {
             obs.clone(),
         )
         .await?;
-        let admin = admin.with_app_probes(app_probes);
+        let mut admin = admin.with_app_probes(app_probes);
         addrs.push(("admin".to_owned(), addr));
         let mut inbound = Vec::new();
         for (l, authz) in config.inbound.iter().zip(authorizers) {

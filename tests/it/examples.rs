@@ -335,17 +335,9 @@ fn grpc_example_calls_through_two_sidecars_and_the_policy_names_the_caller() {
         server_sidecar_addr,
     );
     let status = say_hello(other, "world").expect_err("a caller the policy does not name");
-    // XXX: the denial is a 403 with a JSON body and no grpc-status, which
-    // tonic reports as Internal ("invalid compression flag"). Denials to
-    // gRPC callers carrying grpc-status 7 is being added separately (issue
-    // 21); then this is PermissionDenied only.
-    assert!(
-        matches!(
-            status.code(),
-            tonic::Code::PermissionDenied | tonic::Code::Internal
-        ),
-        "{status:?}"
-    );
+    // The denying sidecar answers a gRPC caller as gRPC: trailers-only,
+    // grpc-status 7 (the access log still says 403).
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
     let denied = server_sidecar.wait_for_log(Duration::from_secs(10), |v| {
         v["message"] == "access" && v["peer"] == "spiffe://example.org/reports"
     });
