@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 mod demo;
 mod inject;
+mod revoke;
 
 /// Exit code for bad configuration or usage (EX_USAGE).
 const EXIT_CONFIG: u8 = 64;
@@ -235,6 +236,22 @@ enum CaCommand {
         /// Lifetime of the new root (with --prepare).
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
+    },
+    /// Revoke a certificate (--serial) or an identity (--id), or --list
+    /// what is revoked. Renewals and tokens of it are refused at once;
+    /// every sidecar closes its connections within seconds.
+    Revoke {
+        #[command(flatten)]
+        at: CaLocation,
+        #[command(flatten)]
+        args: revoke::RevokeArgs,
+    },
+    /// Undo `moat ca revoke`.
+    Unrevoke {
+        #[command(flatten)]
+        at: CaLocation,
+        #[command(flatten)]
+        args: revoke::UnrevokeArgs,
     },
     /// Bring the store's schema up to date (and nothing else), or copy a
     /// SQLite CA's whole state into the PostgreSQL store ca.toml names.
@@ -633,6 +650,12 @@ fn run_ca(command: CaCommand, log_format: LogFormat) -> Result<(), Failure> {
                 Ok(())
             }
             CaCommand::Migrate { at, from_sqlite } => run_migrate(&at, from_sqlite).await,
+            CaCommand::Revoke { at, args } => revoke::revoke(&open_ca(&at).await?, args)
+                .await
+                .map_err(store_err),
+            CaCommand::Unrevoke { at, args } => revoke::unrevoke(&open_ca(&at).await?, args)
+                .await
+                .map_err(store_err),
         }
     })
 }

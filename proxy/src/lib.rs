@@ -15,6 +15,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conn;
+pub mod conn_registry;
 pub mod drain;
 pub mod expect;
 #[cfg(test)]
@@ -25,6 +26,7 @@ pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod redirect;
+pub mod revocation;
 pub mod telemetry;
 pub mod tls;
 pub mod transparent;
@@ -93,6 +95,7 @@ pub struct Proxy {
     outbound: Vec<outbound::OutboundListener>,
     transparent: Option<transparent::TransparentListener>,
     draining: Arc<AtomicBool>,
+    connections: Arc<conn_registry::ConnRegistry>,
 }
 
 /// What SIGHUP re-reads: identity files (or the CA's bundle) and route policies.
@@ -115,7 +118,9 @@ impl Proxy {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        let store = Arc::new(CredentialStore::new());
+        let store = Arc::new(CredentialStore::with_revocations(Arc::new(
+            revocation::RevocationState::new(obs.metrics.revocation.clone()),
+        )));
         let (identity, reload) = match &config.identity {
             Identity::Ca(ca) => {
                 let src = identity::CaSource::new(ca.clone(), store.clone())?
@@ -250,6 +255,7 @@ impl Proxy {
             outbound,
             transparent,
             draining,
+            connections: tls.connections().clone(),
         })
     }
 
@@ -275,6 +281,7 @@ impl Proxy {
         let (signal, watch) = drain::channel();
         let mut background = Vec::new();
         background.push(tokio::spawn(self.admin.serve()));
+        background.push(tokio::spawn(self.connections.clone().run()));
         match self.identity {
             IdentityTask::Ca(src) => background.push(tokio::spawn(src.run())),
             IdentityTask::Files(src) => background.push(tokio::spawn(src.run())),

@@ -436,7 +436,14 @@ impl PeerConnector {
                 let refused = e
                     .get_ref()
                     .and_then(|inner| inner.downcast_ref::<rustls::Error>());
-                if let Some(rustls::Error::InvalidCertificate(why)) = refused {
+                if let Some(rustls::Error::InvalidCertificate(rustls::CertificateError::Revoked)) =
+                    refused
+                {
+                    Err(ProxyError::PeerRevoked(format!(
+                        "{}: {} is revoked",
+                        self.upstream, self.peer
+                    )))
+                } else if let Some(rustls::Error::InvalidCertificate(why)) = refused {
                     let reason = crate::tls::describe_handshake_error(&e);
                     Err(ProxyError::PeerRefused {
                         detail: format!("{}: {reason}", self.upstream),

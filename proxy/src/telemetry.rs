@@ -484,6 +484,8 @@ pub struct ProxyMetrics {
     pub spans_dropped: Counter,
     /// Admin requests refused, by reason (`not_loopback`).
     pub admin_refusals: Family<[(&'static str, &'static str); 1], Counter>,
+    /// The deny-list, and connections closed when a credential lapsed.
+    pub revocation: crate::revocation::RevocationMetrics,
 }
 
 impl ProxyMetrics {
@@ -580,6 +582,7 @@ impl ProxyMetrics {
             "Admin listener requests refused, by reason (not_loopback: a change asked from off this host)",
             admin_refusals.clone(),
         );
+        let revocation = crate::revocation::RevocationMetrics::register(&mut registry);
         Self {
             registry: Arc::new(std::sync::Mutex::new(registry)),
             requests,
@@ -596,6 +599,7 @@ impl ProxyMetrics {
             jwks_fetches,
             spans_dropped,
             admin_refusals,
+            revocation,
         }
     }
 

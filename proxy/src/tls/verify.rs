@@ -17,6 +17,7 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::prelude::FromDer;
 
 use super::store::CredentialStore;
 use crate::config::PeerPattern;
@@ -128,17 +129,37 @@ fn unknown_issuer(e: rustls::Error) -> rustls::Error {
     }
 }
 
-/// Reads the SPIFFE ID of an already chain-verified leaf and checks its trust domain.
-fn peer_id(store: &CredentialStore, leaf: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
+/// Reads the SPIFFE ID of an already chain-verified leaf, checks its trust
+/// domain, and refuses it if the deny-list revokes its serial or its
+/// identity (one parse of the leaf for both; two hash lookups).
+fn peer_id(
+    store: &CredentialStore,
+    leaf: &CertificateDer<'_>,
+    now: UnixTime,
+) -> Result<SpiffeId, rustls::Error> {
     let creds = store
         .current()
         .ok_or_else(|| reject(PeerIdError::NotReady))?;
-    let id = SpiffeId::from_cert_der(leaf).map_err(|e| reject(PeerIdError::NoId(e)))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
+        .map_err(|_| reject(PeerIdError::NoId(moat_ca::identity::IdError::BadCertificate)))?;
+    let id = SpiffeId::from_x509(&cert).map_err(|e| reject(PeerIdError::NoId(e)))?;
     if !id.is_in(&creds.trust_domain) {
         return Err(reject(PeerIdError::ForeignTrustDomain {
             id: id.as_str().to_owned(),
             trust_domain: creds.trust_domain.as_str().to_owned(),
         }));
+    }
+    let deny = store.revocations().current();
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    if let Some(revoked) = deny.revoked(cert.raw_serial(), id.as_str(), now) {
+        tracing::info!(
+            peer = id.as_str(),
+            serial = %moat_ca::issuer::hex(cert.raw_serial()),
+            reason = %revoked.reason,
+            "peer certificate revoked"
+        );
+        // rustls sends the `certificate_revoked` alert for this one.
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
     }
     Ok(id)
 }
@@ -180,7 +201,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             self.provider.signature_verification_algorithms.all,
         )
         .map_err(unknown_issuer)?;
-        let id = peer_id(&self.store, end_entity)?;
+        let id = peer_id(&self.store, end_entity, now)?;
         if id != self.expected {
             return Err(reject(PeerIdError::WrongId {
                 got: id.as_str().to_owned(),
@@ -230,7 +251,7 @@ impl ClientCertVerifier for PeerClientVerifier {
             .client_chain_verifier
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(unknown_issuer)?;
-        let id = peer_id(&self.store, end_entity)?;
+        let id = peer_id(&self.store, end_entity, now)?;
         if let Some(allow) = &self.allow
             && !allow.iter().any(|p| p.matches(&id))
         {
