@@ -6,12 +6,13 @@
 
 use std::time::SystemTime;
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 use moat_ca::store::{CaDir, NO_END, RevocationTarget, StoreError, format_unix};
 
 /// What `moat ca revoke` takes.
 #[derive(Args)]
-#[group(id = "revoke_what", required = true, multiple = false)]
+#[group(skip)]
+#[command(group = ArgGroup::new("revoke_what").required(true).multiple(false))]
 pub struct RevokeArgs {
     /// Revoke one certificate by its serial number (hex, as the CA's
     /// `issued` log line and `/identity` show it).
@@ -37,7 +38,8 @@ pub struct RevokeArgs {
 
 /// What `moat ca unrevoke` takes.
 #[derive(Args)]
-#[group(id = "unrevoke_what", required = true, multiple = false)]
+#[group(skip)]
+#[command(group = ArgGroup::new("unrevoke_what").required(true).multiple(false))]
 pub struct UnrevokeArgs {
     /// The certificate serial to restore.
     #[arg(long, group = "unrevoke_what")]
@@ -80,7 +82,10 @@ async fn list(ca: &CaDir) -> Result<(), StoreError> {
         println!("nothing is revoked");
         return Ok(());
     }
-    println!("{:<10} {:<45} {:<21} {:<21} REASON", "KIND", "WHAT", "REVOKED", "UNTIL");
+    println!(
+        "{:<10} {:<45} {:<21} {:<21} REASON",
+        "KIND", "WHAT", "REVOKED", "UNTIL"
+    );
     for r in revocations {
         let (kind, what) = match (&r.serial, &r.spiffe_id) {
             (Some(serial), Some(id)) => ("serial", format!("{serial} ({id})")),

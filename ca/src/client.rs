@@ -629,8 +629,8 @@ pub async fn https_request(
         timeout,
         https_request_inner(config, server_name, req, MAX_RESPONSE),
     )
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))?
+    .await
+    .map_err(|_| ClientError::Timeout(timeout))?
 }
 
 async fn https_request_inner(

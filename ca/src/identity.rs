@@ -177,7 +177,9 @@ impl SpiffeId {
     }
 
     /// The SPIFFE ID in an already parsed certificate's one URI SAN.
-    pub fn from_x509(cert: &x509_parser::certificate::X509Certificate<'_>) -> Result<Self, IdError> {
+    pub fn from_x509(
+        cert: &x509_parser::certificate::X509Certificate<'_>,
+    ) -> Result<Self, IdError> {
         let mut uris = Vec::new();
         for ext in cert.extensions() {
             if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {

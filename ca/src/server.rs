@@ -920,7 +920,9 @@ async fn refresh_loop(shared: Arc<Shared>) {
                     );
                     shared.revocations.store(Arc::new(list));
                 }
-                Err(e) => tracing::error!(error = %e, "cannot reload revocations; serving the current list"),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload revocations; serving the current list")
+                }
             }
         }
         // Only a rotation changes the signing state.

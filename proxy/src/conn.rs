@@ -567,12 +567,7 @@ where
 /// Splices two streams: bytes both ways, half-close passed on, until both
 /// directions end, the pair is idle too long, or the drain's grace runs out
 /// (the process exits then).
-pub async fn splice<A, B>(
-    a: A,
-    b: B,
-    activity: &Activity,
-    idle: Duration,
-) -> io::Result<(u64, u64)>
+pub async fn splice<A, B>(a: A, b: B, activity: &Activity, idle: Duration) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,

@@ -215,11 +215,9 @@ impl Shared {
             tracing::warn!(listener = %self.name, peer_addr = %addr, "peer certificate has no SPIFFE ID");
             return None;
         };
-        peer.lease = self.connections.register(
-            &self.name,
-            tls.get_ref().1.peer_certificates(),
-            None,
-        );
+        peer.lease =
+            self.connections
+                .register(&self.name, tls.get_ref().1.peer_certificates(), None);
         tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
         Some((tls, peer))
     }
@@ -295,7 +293,8 @@ impl Shared {
         // XXX: a TCP stream has no request boundary to drain at; it runs until
         // it ends or the shutdown grace expires and the process exits.
         let lapsed = conn_registry::closed(peer.lease.as_ref());
-        let spliced = conn::splice_until(tls, local, &peer.activity, self.limits.idle_timeout, lapsed);
+        let spliced =
+            conn::splice_until(tls, local, &peer.activity, self.limits.idle_timeout, lapsed);
         if let Err(e) = spliced.await {
             tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "tcp stream ended with an error");
         }

@@ -222,7 +222,10 @@ impl RevocationState {
 
     /// Counts one connection closed for `reason`.
     pub fn count_closed(&self, reason: &'static str) {
-        self.metrics.closed.get_or_create(&[("reason", reason)]).inc();
+        self.metrics
+            .closed
+            .get_or_create(&[("reason", reason)])
+            .inc();
     }
 }
 
@@ -304,7 +307,11 @@ mod tests {
         };
         let deny = DenyList::new(&list, 100);
         assert_eq!(deny.version(), Some(3));
-        assert_eq!(deny.len(), 2, "the expired and the malformed entries are left out");
+        assert_eq!(
+            deny.len(),
+            2,
+            "the expired and the malformed entries are left out"
+        );
         // A serial revokes that certificate only, not its identity.
         assert!(deny.revoked(&[0x40, 0xab], "spiffe://td/a", 100).is_some());
         assert!(deny.revoked(&[0x40, 0xac], "spiffe://td/a", 100).is_none());
@@ -320,9 +327,18 @@ mod tests {
         let entries = (0..10_000u32)
             .map(|i| entry(Some(&format!("{i:08x}")), None, i64::MAX))
             .collect();
-        let deny = DenyList::new(&RevocationList { version: 1, entries }, 0);
+        let deny = DenyList::new(
+            &RevocationList {
+                version: 1,
+                entries,
+            },
+            0,
+        );
         assert_eq!(deny.len(), 10_000);
-        assert!(deny.revoked(&[0, 0, 0x27, 0x0f], "spiffe://td/x", 1).is_some());
+        assert!(
+            deny.revoked(&[0, 0, 0x27, 0x0f], "spiffe://td/x", 1)
+                .is_some()
+        );
         assert!(deny.revoked(&[0xff; 16], "spiffe://td/x", 1).is_none());
     }
 }

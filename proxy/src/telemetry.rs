@@ -529,7 +529,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "moat_tls_handshake_failures",
-            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, wrong_identity, timeout, protocol, other)",
+            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, revoked, wrong_identity, timeout, protocol, other)",
             handshake_failures.clone(),
         );
         registry.register(

@@ -417,10 +417,9 @@ impl Store for SqliteStore {
                 .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
                 .map_err(err)?;
             let removed = match &target {
-                RevocationTarget::Serial(serial) => tx.execute(
-                    "DELETE FROM revocations WHERE serial = ?1",
-                    params![serial],
-                ),
+                RevocationTarget::Serial(serial) => {
+                    tx.execute("DELETE FROM revocations WHERE serial = ?1", params![serial])
+                }
                 RevocationTarget::Id(id) => tx.execute(
                     "DELETE FROM revocations WHERE serial IS NULL AND spiffe_id = ?1",
                     params![id],
@@ -521,11 +520,8 @@ fn revoke(tx: &rusqlite::Transaction<'_>, new: &NewRevocation) -> Result<Revocat
                     "no certificate with serial {serial} was issued by this CA (see the `issued` log lines of `moat ca serve`)"
                 ));
             };
-            tx.execute(
-                "DELETE FROM revocations WHERE serial = ?1",
-                params![serial],
-            )
-            .map_err(e)?;
+            tx.execute("DELETE FROM revocations WHERE serial = ?1", params![serial])
+                .map_err(e)?;
             let until = new.until.map_or(not_after, |u| u.min(not_after));
             (Some(serial.clone()), id, until)
         }

@@ -140,8 +140,11 @@ fn peer_id(
     let creds = store
         .current()
         .ok_or_else(|| reject(PeerIdError::NotReady))?;
-    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf)
-        .map_err(|_| reject(PeerIdError::NoId(moat_ca::identity::IdError::BadCertificate)))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).map_err(|_| {
+        reject(PeerIdError::NoId(
+            moat_ca::identity::IdError::BadCertificate,
+        ))
+    })?;
     let id = SpiffeId::from_x509(&cert).map_err(|e| reject(PeerIdError::NoId(e)))?;
     if !id.is_in(&creds.trust_domain) {
         return Err(reject(PeerIdError::ForeignTrustDomain {
