@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
@@ -31,7 +32,7 @@ use crate::app::AppVersion;
 use crate::authz::{self, Authorizer};
 use crate::config::{Inbound, Limits, Protocol, UpgradeProtocol};
 use crate::conn::{self, Activity, TickBatched, Tracked};
-use crate::conn_registry::{self, ConnRegistry, Lease};
+use crate::conn_registry::{self, AllowPeers, ConnRegistry, Lease};
 use crate::http::{
     PEER_ID, ProxyBody, ProxyError, XFCC, check_request_head, content_length, is_grpc,
     strip_hop_by_hop,
@@ -100,6 +101,8 @@ pub struct Shared {
     requests: ListenerMetrics,
     listen_addr: SocketAddr,
     connections: Arc<ConnRegistry>,
+    /// `allow_peers`, replaced on reload (SIGHUP).
+    allow: AllowPeers,
 }
 
 /// Per-connection facts, built once after the handshake.
@@ -130,7 +133,8 @@ impl InboundListener {
             Protocol::Http => crate::tls::ALPN_HTTP,
             Protocol::Tcp => &[],
         };
-        let server = tls.server(config.allow_peers.clone(), alpn)?;
+        let allow: AllowPeers = Arc::new(ArcSwap::from_pointee(config.allow_peers.clone()));
+        let server = tls.server_with_allow(allow.clone(), alpn)?;
         let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let forward = config.forward;
         let dial = || LocalDial {
@@ -154,9 +158,17 @@ impl InboundListener {
             requests: obs.metrics.listener(&config.name, "inbound"),
             listen_addr: addr,
             connections: tls.connections().clone(),
+            allow,
         };
         let (name, max) = (shared.name.clone(), shared.limits.max_connections);
         Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
+    }
+}
+
+impl Shared {
+    /// This listener's `allow_peers`, which a reload replaces.
+    pub fn allow_peers(&self) -> AllowPeers {
+        self.allow.clone()
     }
 }
 
@@ -215,9 +227,11 @@ impl Shared {
             tracing::warn!(listener = %self.name, peer_addr = %addr, "peer certificate has no SPIFFE ID");
             return None;
         };
-        peer.lease =
-            self.connections
-                .register(&self.name, tls.get_ref().1.peer_certificates(), None);
+        peer.lease = self.connections.register(
+            &self.name,
+            tls.get_ref().1.peer_certificates(),
+            Some(self.allow.clone()),
+        );
         tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
         Some((tls, peer))
     }

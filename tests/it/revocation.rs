@@ -414,3 +414,150 @@ fn a_connection_is_closed_when_the_peer_certificate_expires_and_no_request_fails
             .all(|l| l["peer"] == FRONTEND)
     );
 }
+
+#[test]
+fn retiring_a_root_closes_the_connections_authenticated_under_it() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let old = issue(&ca, FRONTEND, "1h", "old-root");
+    let (mut billing, api, admin) = ca_inbound(&ca, BILLING, "bundle_refresh = \"1s\"");
+    let rt = runtime();
+    let mut under_old = rt.block_on(hold(api, &old, true));
+
+    ca_cmd(&ca, &["rotate", "--prepare"]);
+    eventually(WITHIN, "billing to trust both roots", || {
+        identity_json(admin)["bundle_roots"] == 2
+    });
+    ca_cmd(&ca, &["rotate", "--activate"]);
+    billing.wait_for_log(WITHIN, |v| v["message"] == "trust bundle updated");
+    let new = issue(&ca, FRONTEND, "1h", "new-root");
+    let mut under_new = rt.block_on(hold(api, &new, true));
+    assert!(
+        under_old.closed.try_recv().is_err(),
+        "adding a root closes nothing"
+    );
+
+    ca_cmd(&ca, &["rotate", "--retire"]);
+    rt.block_on(async {
+        tokio::time::timeout(WITHIN, &mut under_old.closed)
+            .await
+            .expect("the connection under the retired root closes")
+            .unwrap();
+    });
+    let lines = closed_for(&billing, "root_retired");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["peer"], FRONTEND);
+    assert!(
+        under_new.closed.try_recv().is_err(),
+        "the connection under the new root stays"
+    );
+    assert_eq!(curl(api, "/", Some(&new), &["--http1.1"]).0, 200);
+}
+
+/// A TCP service that echoes every read at once, on each connection.
+fn tcp_echo() -> SocketAddr {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 1024];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// A mutual-TLS byte stream to a TCP inbound listener.
+async fn tcp_session(
+    addr: SocketAddr,
+    files: &CertFiles,
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(tls_client(files, b"x")));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// Writes `msg` and reads it back; false if the stream ended instead.
+async fn echoes(
+    s: &mut tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    msg: &[u8],
+) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    if s.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut got = vec![0u8; msg.len()];
+    matches!(
+        tokio::time::timeout(WITHIN, s.read_exact(&mut got)).await,
+        Ok(Ok(_))
+    ) && got == msg
+}
+
+#[test]
+fn a_tcp_listener_closes_a_peer_its_reloaded_allow_peers_no_longer_lists() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let frontend = issue(&ca, FRONTEND, "1h", "frontend");
+    let reports_id = "spiffe://example.org/reports";
+    let reports = issue(&ca, reports_id, "1h", "reports");
+    let service = tcp_echo();
+    let config = |allow: &str| {
+        format!(
+            "{}{ADMIN}\n[[inbound]]\nname = \"db\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\nprotocol = \"tcp\"\nallow_peers = [{allow}]\n",
+            ca_identity(&ca, BILLING, "billing", "")
+        )
+    };
+    let path = write(
+        ca.dir.path(),
+        "billing.toml",
+        &config(&format!("\"{FRONTEND}\", \"{reports_id}\"")),
+    );
+    let (mut billing, addrs) = start_proxy(&path, &["db", "admin"]);
+    billing.wait_for_log(WITHIN, |v| v["message"] == "certificate issued");
+    let (db, admin) = (addrs[0], addrs[1]);
+    let rt = runtime();
+    rt.block_on(async {
+        let mut from_frontend = tcp_session(db, &frontend).await;
+        let mut from_reports = tcp_session(db, &reports).await;
+        assert!(echoes(&mut from_frontend, b"hello").await);
+        assert!(echoes(&mut from_reports, b"hello").await);
+
+        // The port's `listen` is 0: the reload keeps the bound listeners.
+        std::fs::write(&path, config(&format!("\"{reports_id}\""))).unwrap();
+        billing.signal("HUP");
+        billing.wait_for_log(WITHIN, |v| v["reason"] == "policy");
+        assert!(
+            !echoes(&mut from_frontend, b"after").await,
+            "frontend's stream is closed"
+        );
+        assert!(echoes(&mut from_reports, b"after").await, "reports' stays");
+    });
+    let lines = closed_for(&billing, "policy");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["peer"], FRONTEND);
+    assert_eq!(
+        metric(
+            admin,
+            "moat_connections_closed_total",
+            &[("reason", "policy")]
+        ),
+        1.0
+    );
+    // And a new handshake from frontend is refused.
+    let refused = rt.block_on(async {
+        let mut s = tcp_session(db, &frontend).await;
+        !echoes(&mut s, b"again").await
+    });
+    assert!(refused);
+}

@@ -79,7 +79,18 @@ impl TlsFactory {
         allow: Option<Vec<PeerPattern>>,
         alpn: &[&[u8]],
     ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-        let verifier = PeerClientVerifier::new(self.store.clone(), allow, self.provider.clone());
+        self.server_with_allow(Arc::new(arc_swap::ArcSwap::from_pointee(allow)), alpn)
+    }
+
+    /// [`TlsFactory::server`] with `allow_peers` read from `allow` at each
+    /// handshake (replaced on reload).
+    pub fn server_with_allow(
+        &self,
+        allow: crate::conn_registry::AllowPeers,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let verifier =
+            PeerClientVerifier::with_allow(self.store.clone(), allow, self.provider.clone());
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(self.versions)?
             .with_client_cert_verifier(Arc::new(verifier))

@@ -19,8 +19,11 @@ use rustls::{
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 use x509_parser::prelude::FromDer;
 
+use arc_swap::ArcSwap;
+
 use super::store::CredentialStore;
 use crate::config::PeerPattern;
+use crate::conn_registry::AllowPeers;
 
 /// The handshake-signature half of a verifier: the same for all of ours
 /// (checked with the `provider` field's algorithms).
@@ -105,7 +108,7 @@ pub struct PeerServerVerifier {
 /// trust domain and, if configured, match `allow_peers`.
 pub struct PeerClientVerifier {
     store: Arc<CredentialStore>,
-    allow: Option<Vec<PeerPattern>>,
+    allow: AllowPeers,
     provider: Arc<CryptoProvider>,
 }
 
@@ -225,6 +228,16 @@ impl PeerClientVerifier {
         allow: Option<Vec<PeerPattern>>,
         provider: Arc<CryptoProvider>,
     ) -> Self {
+        Self::with_allow(store, Arc::new(ArcSwap::from_pointee(allow)), provider)
+    }
+
+    /// A verifier reading `allow_peers` from `allow` at each handshake, so
+    /// that a reload applies to the next one.
+    pub fn with_allow(
+        store: Arc<CredentialStore>,
+        allow: AllowPeers,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
         Self {
             store,
             allow,
@@ -255,7 +268,7 @@ impl ClientCertVerifier for PeerClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(unknown_issuer)?;
         let id = peer_id(&self.store, end_entity, now)?;
-        if let Some(allow) = &self.allow
+        if let Some(allow) = self.allow.load().as_ref()
             && !allow.iter().any(|p| p.matches(&id))
         {
             return Err(reject(PeerIdError::NotAllowed(id.as_str().to_owned())));
