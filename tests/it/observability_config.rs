@@ -559,6 +559,16 @@ jwt   = {{ issuer = "corp" }}
             scrape(admin).contains("moat_certificate_renewals_total{result=\"ok\"}")
         });
     }
+    // The server closes the client's pooled connection when the client's
+    // 4-second certificate expires (moat_connections_closed_total).
+    eventually(
+        Duration::from_secs(30),
+        "a connection closed at expiry",
+        || {
+            scrape(server_admin)
+                .contains("moat_connections_closed_total{reason=\"peer_cert_expired\"}")
+        },
+    );
     let mut exported = Exported::default();
     for admin in [server_admin, client_admin, ca_admin] {
         exported.add(&scrape(admin));
