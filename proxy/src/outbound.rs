@@ -29,6 +29,7 @@ use tracing::Instrument;
 
 use crate::config::{Limits, Outbound, Protocol, UpgradeProtocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
+use crate::conn_registry::{self, ConnRegistry, Lease};
 use crate::http::{
     PEER_ID, ProxyBody, ProxyError, XFCC, check_request_head, content_length, strip_hop_by_hop,
 };
@@ -68,6 +69,7 @@ struct PeerConnector {
     name: Arc<str>,
     peer: SpiffeId,
     obs: Observability,
+    connections: Arc<ConnRegistry>,
 }
 
 impl OutboundListener {
@@ -93,6 +95,7 @@ impl OutboundListener {
                 name: name.clone(),
                 peer: config.peer.clone(),
                 obs: obs.clone(),
+                connections: tls.connections().clone(),
             })
         };
         let (listener, addr) = conn::bind(&config.name, config.listen).await?;
@@ -156,8 +159,11 @@ impl conn::Serve for Shared {
                         return;
                     }
                 };
-                if let Err(e) = conn::splice(local, peer, &activity, self.limits.idle_timeout).await
-                {
+                let lease = self.connector.lease(&peer);
+                let lapsed = conn_registry::closed(lease.as_ref());
+                let spliced =
+                    conn::splice_until(local, peer, &activity, self.limits.idle_timeout, lapsed);
+                if let Err(e) = spliced.await {
                     tracing::debug!(listener = %self.name, error = %e, "tcp stream ended with an error");
                 }
             }
@@ -469,6 +475,11 @@ impl Dial for PeerConnector {
 
     fn dial(&self) -> impl std::future::Future<Output = Result<Self::Io, ProxyError>> + Send {
         self.connect()
+    }
+
+    fn lease(&self, io: &Self::Io) -> Option<Lease> {
+        self.connections
+            .register(&self.name, io.get_ref().1.peer_certificates(), None)
     }
 }
 

@@ -561,3 +561,48 @@ fn a_tcp_listener_closes_a_peer_its_reloaded_allow_peers_no_longer_lists() {
     });
     assert!(refused);
 }
+
+#[test]
+fn an_outbound_sidecar_drops_pooled_connections_to_a_revoked_peer_and_answers_502_revoked() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (_billing, api, _) = ca_inbound(&ca, BILLING, "");
+    let config = format!(
+        "{}{ADMIN}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{api}\"\npeer = \"{BILLING}\"\n",
+        ca_identity(&ca, FRONTEND, "frontend", "")
+    );
+    let (mut frontend, addrs) = start_proxy(
+        &write(ca.dir.path(), "f.toml", &config),
+        &["billing", "admin"],
+    );
+    frontend.wait_for_log(WITHIN, |v| v["message"] == "certificate issued");
+    let (out, admin) = (addrs[0], addrs[1]);
+    // One pooled HTTP/1.1 and one HTTP/2 connection to billing.
+    assert_eq!(curl_http(out, "/", &[]).0, 200);
+    assert_eq!(curl_http(out, "/", &["--http2-prior-knowledge"]).0, 200);
+
+    ca_cmd(
+        &ca,
+        &["revoke", "--id", BILLING, "--reason", "decommissioned"],
+    );
+    eventually(WITHIN, "frontend to close both pooled connections", || {
+        closed_for(&frontend, "revoked").len() == 2
+    });
+    assert!(
+        closed_for(&frontend, "revoked")
+            .iter()
+            .all(|l| l["peer"] == BILLING && l["listener"] == "billing")
+    );
+    let (status, body) = curl_http(out, "/", &[]);
+    assert_eq!(status, 502, "{body}");
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["reason"], "revoked", "{body}");
+    assert_eq!(
+        metric(
+            admin,
+            "moat_tls_handshake_failures_total",
+            &[("reason", "revoked")]
+        ),
+        1.0
+    );
+}
