@@ -510,17 +510,19 @@ pub fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> 
 ///
 /// The connection comes boxed: an async fn keeps a by-value argument in its
 /// state twice (rustc #62958), and hyper's connection state is kilobytes.
-pub async fn serve_http<C, E>(
+pub fn serve_http<'a, C, E>(
     conn: Pin<Box<C>>,
-    activity: &Activity,
+    activity: &'a Activity,
     idle: Duration,
-    drain: &drain::Watch,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+    drain: &'a drain::Watch,
+) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + 'a
 where
-    C: Graceful<Output = Result<(), E>> + ?Sized,
-    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    C: Graceful<Output = Result<(), E>> + ?Sized + 'a,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'a,
 {
-    serve_http_until(conn, activity, idle, drain, std::future::pending::<()>()).await
+    // Not an async fn: the caller holds `serve_http_until`'s future alone,
+    // not a second copy of the arguments around it.
+    serve_http_until(conn, activity, idle, drain, std::future::pending::<()>())
 }
 
 /// [`serve_http`], also closing gracefully when `close` resolves (the

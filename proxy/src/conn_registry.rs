@@ -281,12 +281,19 @@ impl Drop for Lease {
     }
 }
 
-/// Resolves when `lease` says to close; never without one.
-pub async fn closed(lease: Option<&Lease>) -> CloseReason {
-    match lease {
-        Some(lease) => lease.closed().await,
-        None => std::future::pending().await,
-    }
+/// Resolves when `lease` says to close; never without one. Boxed: a
+/// connection's task holds it for its whole life, and the timer and watch
+/// inside would otherwise add their size to every connection future
+/// (`inbound`'s size tests).
+pub fn closed(
+    lease: Option<&Lease>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = CloseReason> + Send + '_>> {
+    Box::pin(async move {
+        match lease {
+            Some(lease) => lease.closed().await,
+            None => std::future::pending().await,
+        }
+    })
 }
 
 fn verify_chain(

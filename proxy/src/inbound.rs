@@ -307,9 +307,9 @@ impl Shared {
         // XXX: a TCP stream has no request boundary to drain at; it runs until
         // it ends or the shutdown grace expires and the process exits.
         let lapsed = conn_registry::closed(peer.lease.as_ref());
-        let spliced =
-            conn::splice_until(tls, local, &peer.activity, self.limits.idle_timeout, lapsed);
-        if let Err(e) = spliced.await {
+        if let Err(e) =
+            conn::splice_until(tls, local, &peer.activity, self.limits.idle_timeout, lapsed).await
+        {
             tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "tcp stream ended with an error");
         }
     }
