@@ -81,7 +81,7 @@ pub struct UpstreamClient<D, B = Incoming> {
     h1_dial: D,
     h2_dial: D,
     h1: Arc<Mutex<VecDeque<Idle<B>>>>,
-    h2: Arc<Mutex<Option<(http2::SendRequest<OutBody<B>>, Lapsed)>>>,
+    h2: Arc<Mutex<Option<PooledH2<B>>>>,
     h2_connecting: tokio::sync::Mutex<()>,
     h1_builder: http1::Builder,
     h2_builder: http2::Builder<TokioExecutor>,
@@ -95,6 +95,9 @@ struct Idle<B> {
     since: Instant,
     lapsed: Lapsed,
 }
+
+/// The shared HTTP/2 connection's handle, and whether its peer lapsed.
+type PooledH2<B> = (http2::SendRequest<OutBody<B>>, Lapsed);
 
 /// Set once the peer's credential behind a pooled connection lapsed
 /// (revoked, expired, root retired): the connection takes no new request,
