@@ -157,6 +157,7 @@ impl CaSource {
         let mut token = TokenFile::new(&self.config.token_file);
         let mut bundle = self.client.bundle().clone();
         let mut restored = self.restore(&bundle);
+        self.restore_revocations();
         loop {
             let (mut svid, mut key) = match restored.take() {
                 Some(pair) => pair,
@@ -321,6 +322,26 @@ impl CaSource {
         }
     }
 
+    /// The deny-list a previous run stored: in force until the CA answers
+    /// (its age counts from when it was stored).
+    fn restore_revocations(&self) {
+        let Some((list, written)) = self.state.as_ref().and_then(StateDir::load_revocations) else {
+            return;
+        };
+        let state = self.store.revocations();
+        state.publish(&list);
+        let at = written
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        state.checked(at);
+        state.update_age();
+        tracing::info!(
+            version = list.version,
+            "deny-list restored from the state directory"
+        );
+    }
+
     /// Asks the CA whether the deny-list changed; publishes a new one. A
     /// failure keeps the current list (its age grows) and is logged once
     /// until the CA answers again.
@@ -330,7 +351,14 @@ impl CaSource {
         match self.client.fetch_revocations(svid, key, since).await {
             Ok(fetched) => {
                 match fetched {
-                    Some(list) => state.publish(&list),
+                    Some(list) => {
+                        state.publish(&list);
+                        if let Some(dir) = &self.state
+                            && let Err(e) = dir.save_revocations(&list)
+                        {
+                            tracing::warn!(state_dir = %dir.path().display(), error = %e, "cannot store the deny-list");
+                        }
+                    }
                     None => state.checked(crate::revocation::unix_now()),
                 }
                 if std::mem::take(&mut self.revocations_failing) {

@@ -162,9 +162,11 @@ fn runtime() -> tokio::runtime::Runtime {
 /// Waits until the sidecar at `admin` enforces deny-list version `at_least`.
 fn wait_for_list(admin: SocketAddr, at_least: i64) {
     eventually(WITHIN, "the sidecar to fetch the deny-list", || {
-        identity_json(admin)["revocations"]["version"]
-            .as_i64()
-            .is_some_and(|v| v >= at_least)
+        let (status, body) = curl_http(admin, "/identity", &[]);
+        status == 200
+            && serde_json::from_str::<Value>(&body).unwrap()["revocations"]["version"]
+                .as_i64()
+                .is_some_and(|v| v >= at_least)
     });
 }
 
@@ -605,4 +607,40 @@ fn an_outbound_sidecar_drops_pooled_connections_to_a_revoked_peer_and_answers_50
         ),
         1.0
     );
+}
+
+#[test]
+fn a_sidecar_restarted_while_the_ca_is_down_enforces_the_stored_deny_list() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let frontend = issue(&ca, FRONTEND, "1h", "frontend");
+    let reports = issue(&ca, "spiffe://example.org/reports", "1h", "reports");
+    let state = ca.dir.path().join("billing-state");
+    let config = format!(
+        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
+        ca_identity(
+            &ca,
+            BILLING,
+            "billing",
+            &format!("state_dir = {:?}", path_str(&state))
+        ),
+        crate::support::echo_service()
+    );
+    let path = write(ca.dir.path(), "billing.toml", &config);
+    let (billing, addrs) = start_proxy(&path, &["api", "admin"]);
+    ca_cmd(&ca, &["revoke", "--id", FRONTEND]);
+    wait_for_list(addrs[1], 1);
+    drop(billing);
+    ca.server.signal("KILL");
+
+    let (mut billing, addrs) = start_proxy(&path, &["api", "admin"]);
+    billing.wait_for_log(WITHIN, |v| {
+        v["message"] == "deny-list restored from the state directory"
+    });
+    let (api, admin) = (addrs[0], addrs[1]);
+    eventually(WITHIN, "the restored certificate to serve", || {
+        curl(api, "/", Some(&reports), &["--http1.1"]).0 == 200
+    });
+    assert_eq!(curl(api, "/", Some(&frontend), &["--http1.1"]).0, 0);
+    assert_eq!(identity_json(admin)["revocations"]["entries"], 1);
 }
