@@ -752,6 +752,19 @@ fn promtool_checks_and_unit_tests_the_rules() {
                 ],
             },
             {
+                // A deny-list confirmed every poll, then the CA gone for 20 minutes.
+                "interval": "1m",
+                "input_series": [{
+                    "series": format!("moat_revocation_list_age_seconds{{{p}}}"),
+                    "values": "0x10 60+60x20",
+                }],
+                "promql_expr_test": [
+                    case("MoatRevocationListStale", "10m", json!([])),
+                    case("MoatRevocationListStale", "25m",
+                        json!([{"labels": format!("{{{p}}}"), "value": 900}])),
+                ],
+            },
+            {
                 // A retiring root about to expire, an active one with 20 days left.
                 "interval": "1m",
                 "input_series": [

@@ -301,6 +301,11 @@ impl CaDir {
         cert_out: &Path,
         key_out: &Path,
     ) -> Result<(Svid, WorkloadKey), StoreError> {
+        if self.revocation_for(None, id).await?.is_some() {
+            return Err(StoreError::Revocation(format!(
+                "{id} is revoked; `moat ca unrevoke --id {id}` first"
+            )));
+        }
         let corrupt = |e: &dyn fmt::Display| StoreError::Corrupt(e.to_string());
         let key = WorkloadKey::generate().map_err(|e| corrupt(&e))?;
         let csr = ValidatedCsr::parse(key.csr_pem().map_err(|e| corrupt(&e))?.as_bytes())

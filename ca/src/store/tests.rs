@@ -254,6 +254,16 @@ async fn revocations_bump_the_version_and_end_with_what_they_name() {
         .unwrap();
     assert_eq!(ca.revocations().await.unwrap().len(), 2);
 
+    // Not even the operator's offline `moat ca issue` gives it a certificate.
+    let refused = ca
+        .issue_to_files(
+            &id,
+            Duration::from_secs(600),
+            &tmp.path().join("c2.pem"),
+            &tmp.path().join("k2.pem"),
+        )
+        .await;
+    assert!(refused.unwrap_err().is_operator_error());
     ca.unrevoke(whole.clone()).await.unwrap();
     assert!(ca.revocation_for(None, &id).await.unwrap().is_none());
     let err = ca.unrevoke(whole).await.unwrap_err();
