@@ -25,8 +25,8 @@ pub struct RevokeArgs {
     /// List the revocations in force.
     #[arg(long, group = "revoke_what")]
     list: bool,
-    /// Why (kept with the revocation, logged by every sidecar that closes a
-    /// connection for it).
+    /// Why (kept with the revocation: shown by --list, in the CA's 403, and
+    /// in the log line of each sidecar that refuses a handshake for it).
     #[arg(long, default_value = "unspecified")]
     reason: String,
     /// When the revocation ends: a duration from now (`2h`) or an RFC 3339
