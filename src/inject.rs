@@ -15,6 +15,16 @@
 //!   `moat-policy` (ConfigMap `<name>-moat-policy`, key `policy.toml`), where
 //!   `<name>` is the resource's `metadata.name`.
 //!
+//! In transparent mode (the default; [`Options::transparent`]) two more
+//! things happen: the `moat-redirect` init container goes first of all,
+//! ahead of the sidecar (`moat redirect` installs the nftables rules of
+//! proxy.toml's `[redirect]` and exits; UID 0 with `NET_ADMIN` alone), and
+//! the app containers' `httpGet` and `tcpSocket` probes on ports that are
+//! not moat's own are pointed at the sidecar's admin port, the originals
+//! recorded in the sidecar's environment ([`probes`]). Explicit mode
+//! (`--explicit`) writes exactly what `moat inject` wrote before
+//! transparent mode existed.
+//!
 //! A workload whose own or pod template's annotations say
 //! `moat.dev/inject: "false"` is left alone (the CA's own Deployment does:
 //! its pod cannot wait for a certificate from itself). Other kinds (Service,
@@ -35,11 +45,13 @@
 //!
 //! # Idempotent, and upgradable
 //!
-//! moat owns its init container and its four volumes, by name. Without
+//! moat owns its init containers and its four volumes, by name. Without
 //! `upgrade`, only what is missing is added; one of moat's entries that
-//! differs from what the options would write is kept as it is and reported.
-//! With `upgrade`, such entries are replaced (and the sidecar moved first)
-//! and nothing else is touched. Either way, an entry that already is what
+//! differs from what the options would write is kept as it is and reported
+//! (and so is the redirect step under `--explicit`). With `upgrade`, such
+//! entries are replaced (and the sidecar moved first), the redirect step
+//! removed under `--explicit` with the probes written back, and nothing
+//! else is touched. Either way, an entry that already is what
 //! the options write stays byte for byte, so running `moat inject` (with or
 //! without `--upgrade`) on its own output changes nothing.
 //!
@@ -54,19 +66,25 @@
 mod config;
 mod emit;
 mod list;
+mod probes;
 mod report;
 mod sidecar;
 mod tree;
 
 use emit::{Inline, Style, V, block_entry, block_item};
 use list::{Layout, Placement};
-use sidecar::{Owned, config_maps, init_containers, proxy_config_map, volumes};
+use sidecar::{
+    Owned, config_maps, init_containers, proxy_config_map, retired_init_containers, volumes,
+};
 use tree::{Node, parse};
 
 use report::{Change, Document, Item, Outcome, Report, Workload};
 
 /// The sidecar container's name; its presence marks a pod spec as injected.
 pub const SIDECAR_NAME: &str = "moat-proxy";
+
+/// The redirect step's init container (transparent mode).
+pub const REDIRECT_NAME: &str = "moat-redirect";
 
 /// The annotation that keeps `moat inject` away from a workload, on the
 /// workload's or the pod template's `metadata.annotations`: `"false"`
@@ -90,6 +108,11 @@ pub struct Options {
     /// what these options write (and move the sidecar first); without it,
     /// only what is missing is added.
     pub upgrade: bool,
+    /// Transparent mode (the default): the redirect step first among the
+    /// init containers, and the app's probes rewritten to the sidecar's
+    /// admin port. `false` is explicit mode (`--explicit`): the sidecar
+    /// alone, as before transparent mode existed.
+    pub transparent: bool,
 }
 
 impl Default for Options {
@@ -101,6 +124,7 @@ impl Default for Options {
             audience: "moat-ca".into(),
             bundle_config_map: "moat-bundle".into(),
             upgrade: false,
+            transparent: true,
         }
     }
 }
@@ -153,6 +177,7 @@ pub fn inject(input: &str, options: &Options) -> Result<Injected, InjectError> {
             .iter()
             .map(|c| (c.namespace.clone(), c.name.clone()))
             .collect(),
+        transparent: options.transparent,
         ..Report::default()
     };
     let mut edits = Vec::new();
@@ -532,13 +557,16 @@ fn plan_document(
         Some(c @ Node::Seq { .. }) => c,
         _ => return Err(ctx.refuse("the pod spec has no containers list")),
     };
-    let desired_init = init_containers(o);
-    for owned in &desired_init {
-        if containers.names().contains(&owned.name) {
+    let owned_names: &[&str] = if o.transparent {
+        &[REDIRECT_NAME, SIDECAR_NAME]
+    } else {
+        &[SIDECAR_NAME]
+    };
+    for name in owned_names {
+        if containers.names().contains(name) {
             return Err(ctx.refuse(format!(
-                "containers already has a container named {}; the sidecar belongs in initContainers \
-                 (restartPolicy: Always). Remove it and inject again",
-                owned.name
+                "containers already has a container named {name}; moat's containers belong in \
+                 initContainers. Remove it and inject again"
             )));
         }
     }
@@ -561,6 +589,17 @@ fn plan_document(
         tight: ctx.json && is_tight(ctx.text, doc),
         nl: ctx.nl,
     };
+    let probe_plan = probes::plan(
+        spec,
+        o,
+        &probes::Writer {
+            ctx: &ctx,
+            style: &style,
+            inline,
+        },
+    );
+    let desired_init = init_containers(o, &probe_plan.registered);
+    let retired = retired_init_containers(o);
     let desired_volumes = volumes(o, name);
     let mut new_keys: Vec<(&'static str, V)> = Vec::new();
     let lists = Lists {
@@ -573,6 +612,7 @@ fn plan_document(
     let containers = lists.reconcile(
         "initContainers",
         &desired_init,
+        &retired,
         Placement::Front,
         edits,
         &mut new_keys,
@@ -580,12 +620,30 @@ fn plan_document(
     let volumes = lists.reconcile(
         "volumes",
         &desired_volumes,
+        &[],
         Placement::Anywhere,
         edits,
         &mut new_keys,
     )?;
     if !new_keys.is_empty() {
         edits.push(lists.new_keys(&new_keys));
+    }
+    // The probes change with the sidecar that answers them: not when an
+    // existing sidecar is kept as it is (no --upgrade).
+    let mut probe_warnings = probe_plan.warnings;
+    let mut probe_lines = Vec::new();
+    let sidecar_kept = containers
+        .iter()
+        .any(|c| c.name == SIDECAR_NAME && matches!(c.change, Change::Kept { .. }));
+    if sidecar_kept && !probe_plan.edits.is_empty() {
+        probe_warnings.push(format!(
+            "{} app probe(s) not rewritten, because the sidecar that would answer them is kept \
+             as it is: --upgrade rewrites both",
+            probe_plan.edits.len()
+        ));
+    } else {
+        edits.extend(probe_plan.edits);
+        probe_lines = probe_plan.done;
     }
 
     let config_problems = stream.problems(report.namespace.as_deref(), name, o);
@@ -594,6 +652,8 @@ fn plan_document(
         volumes,
         config_maps: config_maps(o, name),
         config_problems,
+        probes: probe_lines,
+        probe_warnings,
     });
     Ok(Some(report))
 }
@@ -632,6 +692,7 @@ impl Lists<'_> {
         &self,
         key: &'static str,
         desired: &[Owned],
+        retired: &[&str],
         placement: Placement,
         edits: &mut Vec<Edit>,
         new_keys: &mut Vec<(&'static str, V)>,
@@ -639,7 +700,7 @@ impl Lists<'_> {
         let ctx = self.ctx;
         match self.spec.get(key) {
             Some(seq @ Node::Seq { items, .. }) if !items.is_empty() => {
-                let plan = list::plan(items, desired, placement, self.upgrade);
+                let plan = list::plan(items, desired, retired, placement, self.upgrade);
                 let layout = if seq.is_flow() {
                     Layout::Inline(self.inline)
                 } else {

@@ -2,7 +2,7 @@
 """Opens N idle mTLS connections to 127.0.0.1:PORT, each after one HTTP/1.1 keep-alive request,
 holds them, then closes them. Bounded: at most --timeout seconds in all.
 
-Used by benches/load/run.sh to read a proxy's RSS with 1,000 idle peers. The server certificate is
+Used by benches/load/run.sh to read a proxy's RSS with 1,000 and 10,000 idle peers. The server certificate is
 not verified (moat certificates carry a SPIFFE URI SAN only, no name to check); the client
 certificate is presented, and the server verifies it.
 """
@@ -42,6 +42,7 @@ async def main():
     ap.add_argument("--hold", type=float, default=5.0)
     ap.add_argument("--parallel", type=int, default=32)
     ap.add_argument("--ready-file")
+    ap.add_argument("--timeout", type=float, default=110, help="seconds for the whole run")
     a = ap.parse_args()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
@@ -73,9 +74,13 @@ async def main():
           % (len(conns), a.conns, t_open, alive, a.hold, len(errors), sorted(set(errors))[:3]))
 
 
+async def bounded():
+    await asyncio.wait_for(main(), float(sys.argv[sys.argv.index("--timeout") + 1]) if "--timeout" in sys.argv else 110)
+
+
 if __name__ == "__main__":
     try:
-        asyncio.run(asyncio.wait_for(main(), 110))
+        asyncio.run(bounded())
     except asyncio.TimeoutError:
         print("timed out", file=sys.stderr)
         sys.exit(1)

@@ -2,22 +2,29 @@
 """One oha run -> one TSV row for benches/load/run.sh (see the header printed there).
 
 argv: oha-json label group target conc oha-rc clk_tck has-proxy snap0 snap1 oha-sqlite warm-seconds extra-file
+      client-sat-pct
 
-A snapshot is "epoch in_ticks out_ticks backend_ticks srv_busy srv_total cli_busy cli_total rss_kb hwm_kb oha_ticks",
-taken at the start of the run and 0.3 s before its end (oha's own sqlite write is kept out).
+A snapshot is "epoch in_ticks out_ticks backend_ticks srv_busy srv_total cli_busy cli_total rss_kb hwm_kb oha_ticks
+proxy_minflt", taken at the start of the run and 0.3 s before its end (oha's own sqlite write is kept out).
+
+Besides the figures, a row says whether the client was the bottleneck (client_sat: oha's own CPU or its core
+above client-sat-pct), the proxies' minor page faults during the run (memory they touched for the first time:
+lazy initialisation, buffers growing) and the requests completed in each second of the run (rps_per_s), which
+show whether a slow run was slow throughout or only at its start.
 """
 import json
 import os
 import sqlite3
 import sys
 
-(f, label, group, target, conc, rc, clk, has_proxy, snap0, snap1, db, warm, extra) = sys.argv[1:14]
+(f, label, group, target, conc, rc, clk, has_proxy, snap0, snap1, db, warm, extra, sat) = sys.argv[1:15]
+sat = float(sat)
 clk = float(clk)
 has_proxy = has_proxy == "1"
 try:
     a = [float(x) for x in snap0.split()]
     b = [float(x) for x in snap1.split()]
-    assert len(a) == 11 and len(b) == 11
+    assert len(a) == 12 and len(b) == 12
 except Exception:
     a = b = None
 
@@ -40,9 +47,16 @@ except Exception:
 
 # steady-state percentiles from oha's per-request log, without the first `warm` seconds
 ss = [None, None, None]
+per_s = "-"
 try:
+    if not os.path.exists(db):
+        raise FileNotFoundError(db)
     con = sqlite3.connect(db)
     t_first = con.execute("select min(start) from oha").fetchone()[0]
+    per_s = "/".join(
+        str(n) for _, n in con.execute(
+            "select cast((end - ?) as int) as s, count(*) from oha where status = 200 group by s order by s",
+            (t_first,)))
     lat = sorted(
         r[0]
         for r in con.execute(
@@ -85,6 +99,8 @@ if a and b:
         cli_core_pct="%.0f" % cli,
         oha_cpu_pct="%.0f" % (oha_s / wall * 100),
         other_pct="%.0f" % max(0.0, other / wall * 100),
+        client_sat="yes" if max(cli, oha_s / wall * 100) > sat else "no",
+        proxy_minflt="%d" % (b[11] - a[11]) if has_proxy else "-",
     )
 names = ["proxy_cpu_pct", "proxy_cpu_s_per_10k", "in_cpu_s_per_10k", "out_cpu_s_per_10k", "backend_cpu_pct",
          "proxy_rss_mb", "proxy_hwm_mb", "srv_core_pct", "cli_core_pct", "oha_cpu_pct", "other_pct"]
@@ -97,4 +113,5 @@ if rc not in ("0",):
     ext = (ext + " oha_rc=" + rc).strip()
 print("\t".join([label, group, target, conc, "%.0f" % rps, ms(ss[0]), ms(ss[1]), ms(ss[2]),
                  "%.3f" % (p99all * 1000) if p99all is not None else "NA", str(ok), str(bad)]
-                + [cols.get(n, "NA") for n in names] + [ext or "-"]))
+                + [cols.get(n, "NA") for n in names] + [ext or "-"]
+                + [cols.get("client_sat", "NA"), cols.get("proxy_minflt", "NA"), per_s]))

@@ -3,7 +3,7 @@
 //!
 //! Start with [`WorkloadKey::generate`] (the private key is made here and
 //! never leaves memory), then [`CaClient::issue`] with a credential, and
-//! [`CaClient::renew`] over mutual TLS at the time [`renew_at`] gives.
+//! [`CaClient::renew`] over mutual TLS at the time [`Svid::renew_at`] gives.
 //! [`CaEndpoints`] does the same against several CA replicas, trying them
 //! in turn.
 
@@ -217,6 +217,27 @@ impl Svid {
         self.not_after
             .duration_since(self.not_before)
             .unwrap_or_default()
+    }
+
+    /// When to renew this certificate: about half-way (±10% jitter, so a
+    /// fleet issued at once does not renew at once) through the part of its
+    /// lifetime still ahead. Counting from `not_before` would be wrong for
+    /// short certificates: the CA backdates `not_before` for clock skew, so
+    /// half the nominal lifetime can already be behind us at issuance, and
+    /// a loop sleeping until then would renew at once, again and again.
+    pub fn renew_at(&self) -> SystemTime {
+        self.renew_at_from(SystemTime::now())
+    }
+
+    fn renew_at_from(&self, now: SystemTime) -> SystemTime {
+        let start = self.not_before.max(now);
+        let end = self.not_after.max(start);
+        let fraction = rand::rng().random_range(0.4..0.6);
+        start
+            + end
+                .duration_since(start)
+                .unwrap_or_default()
+                .mul_f64(fraction)
     }
 
     /// Seconds since the Unix epoch at which the certificate expires.
@@ -683,14 +704,6 @@ async fn https_request_inner(
     Ok((status, body))
 }
 
-/// When to renew a certificate: at about half its lifetime, with ±10% jitter
-/// so that a fleet issued at once does not renew at once.
-pub fn renew_at(not_before: SystemTime, not_after: SystemTime) -> SystemTime {
-    let lifetime = not_after.duration_since(not_before).unwrap_or_default();
-    let fraction = rand::rng().random_range(0.4..0.6);
-    not_before + lifetime.mul_f64(fraction)
-}
-
 impl Backoff {
     /// Backoff starting at `base`, never waiting more than `max`.
     pub fn new(base: Duration, max: Duration) -> Self {
@@ -736,17 +749,51 @@ fn asn1_to_system(t: x509_parser::time::ASN1Time) -> SystemTime {
 mod tests {
     use super::*;
 
+    /// An SVID valid from `not_before` to `not_after` (only the times matter here).
+    fn svid_between(not_before: SystemTime, not_after: SystemTime) -> Svid {
+        Svid {
+            chain: Vec::new(),
+            id: SpiffeId::parse("spiffe://example.org/w").unwrap(),
+            not_before,
+            not_after,
+            serial: "01".into(),
+        }
+    }
+
     #[test]
     fn renewal_lands_near_half_life() {
         let start = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let end = start + Duration::from_secs(3600);
+        let svid = svid_between(start, start + Duration::from_secs(3600));
         for _ in 0..100 {
-            let at = renew_at(start, end).duration_since(start).unwrap();
+            let at = svid.renew_at_from(start).duration_since(start).unwrap();
             assert!(
                 at >= Duration::from_secs(1440) && at <= Duration::from_secs(2160),
                 "{at:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_short_backdated_certificate_is_not_renewed_at_once() {
+        // The CA backdates not_before by 60 s: a 20 s certificate issued
+        // now runs from now - 60 s to now + 20 s. Half of that nominal
+        // lifetime is already past; the renewal must still lie ahead.
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let svid = svid_between(now - Duration::from_secs(60), now + Duration::from_secs(20));
+        for _ in 0..100 {
+            let ahead = svid.renew_at_from(now).duration_since(now).unwrap();
+            assert!(
+                ahead >= Duration::from_secs(8) && ahead <= Duration::from_secs(12),
+                "{ahead:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_expired_certificate_is_due_now() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let svid = svid_between(now - Duration::from_secs(60), now - Duration::from_secs(1));
+        assert_eq!(svid.renew_at_from(now), now);
     }
 
     #[test]

@@ -1,6 +1,9 @@
 //! The admin listener: `/live`, `/ready`, `/identity`, `/metrics` and
 //! `PUT /logging?level=...`, plaintext on its own port (loopback by default).
 //!
+//! Other modules may add read-only JSON views ([`AdminListener::add_view`]:
+//! `/transparent`).
+//!
 //! `/ready` is a latch on two facts: a certificate is held, and the proxy is
 //! not draining. `/identity` shows the current SPIFFE ID, certificate serial
 //! and expiry as JSON; never key material.
@@ -35,6 +38,7 @@ use crate::Error;
 use arc_swap::ArcSwap;
 
 use crate::policy::{JwksCache, Policy, ReloadStats};
+use crate::probe::AppProbes;
 use crate::telemetry::{LOG_LEVELS, Observability, ProxyMetrics};
 use crate::tls::CredentialStore;
 
@@ -42,6 +46,7 @@ use crate::tls::CredentialStore;
 pub struct AdminListener {
     listener: TcpListener,
     state: Arc<State>,
+    app_probes: Arc<AppProbes>,
 }
 
 struct State {
@@ -50,7 +55,11 @@ struct State {
     jwks: Option<Arc<JwksCache>>,
     draining: Arc<AtomicBool>,
     obs: Observability,
+    views: Vec<(&'static str, View)>,
 }
+
+/// A read-only JSON view another module adds (e.g. `/transparent`).
+pub type View = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// One inbound listener's route policy, as the admin shows it.
 pub struct PolicyView {
@@ -86,10 +95,18 @@ impl AdminListener {
                     jwks,
                     draining,
                     obs,
+                    views: Vec::new(),
                 }),
+                app_probes: Arc::default(),
             },
             bound,
         ))
+    }
+
+    /// Adds a read-only JSON view at `path` (before serving).
+    pub fn add_view(&mut self, path: &'static str, view: View) {
+        let state = Arc::get_mut(&mut self.state).expect("views are added before serving");
+        state.views.push((path, view));
     }
 
     /// Serves until the process exits: readiness must stay answerable (and
@@ -97,13 +114,21 @@ impl AdminListener {
     /// connection that sends no request for 10 s is closed.
     pub async fn serve(self) {
         let state = self.state;
+        let app_probes = self.app_probes;
         Acceptor::new(self.listener, "admin", ADMIN_MAX_CONNECTIONS)
             .run(std::future::pending(), move |stream, peer| {
                 let state = state.clone();
+                let app_probes = app_probes.clone();
                 async move {
                     let svc = hyper::service::service_fn(move |req| {
                         let state = state.clone();
-                        async move { Ok::<_, Infallible>(state.handle(&req, peer)) }
+                        let app_probes = app_probes.clone();
+                        async move {
+                            if let Some(r) = app_probe(&app_probes, &req).await {
+                                return Ok::<_, Infallible>(r);
+                            }
+                            Ok::<_, Infallible>(state.handle(&req, peer))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .timer(TokioTimer::new())
@@ -114,6 +139,28 @@ impl AdminListener {
             })
             .await;
     }
+}
+
+impl AdminListener {
+    /// Also answers the app's rewritten kubelet probes (see
+    /// [`crate::probe`]) at their `/app-health/...` paths.
+    pub fn with_app_probes(mut self, probes: AppProbes) -> Self {
+        self.app_probes = Arc::new(probes);
+        self
+    }
+}
+
+/// A `GET` (or `HEAD`) of a registered `/app-health/...` path: the app's
+/// probe, run now. `None` for anything else, which [`State::handle`]
+/// answers (404 for an unregistered probe path).
+async fn app_probe(probes: &AppProbes, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
+    let path = req.uri().path();
+    if !path.starts_with(crate::probe::PATH_PREFIX)
+        || !(req.method() == Method::GET || req.method() == Method::HEAD)
+    {
+        return None;
+    }
+    probes.check(path).await
 }
 
 /// True when `peer` is this host over loopback (`127.0.0.0/8`, `::1`, or
@@ -132,7 +179,11 @@ impl State {
             return self.logging(req, peer);
         }
         if req.method() != Method::GET && req.method() != Method::HEAD {
-            return text(StatusCode::METHOD_NOT_ALLOWED, "GET only\n");
+            return error(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "GET or HEAD only (PUT /logging?level=... to change the log filter)",
+            );
         }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
@@ -158,7 +209,14 @@ impl State {
             }
             "/identity" => self.identity(),
             "/metrics" => self.metrics(),
-            _ => text(StatusCode::NOT_FOUND, "not found\n"),
+            path => match self.views.iter().find(|(p, _)| *p == path) {
+                Some((_, view)) => json(StatusCode::OK, view()),
+                None => error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "not found: /live, /ready, /identity, /metrics, /transparent, PUT /logging",
+                ),
+            },
         }
     }
 
@@ -174,6 +232,13 @@ impl State {
         for p in &self.policies {
             ok += p.stats.ok.load(Ordering::Relaxed);
             failed += p.stats.failed.load(Ordering::Relaxed);
+            let listener = [("listener", p.name.clone())];
+            m.policy_reload_failed
+                .get_or_create(&listener)
+                .set(i64::from(p.stats.failing()));
+            m.policy_reload_success
+                .get_or_create(&listener)
+                .set(p.stats.last_success_unix() as i64);
         }
         ProxyMetrics::catch_up(&m.policy_reloads.get_or_create(&[("result", "ok")]), ok);
         ProxyMetrics::catch_up(
@@ -241,15 +306,17 @@ impl State {
     /// [`crate::telemetry::log_filter`]: the audit trail stays on).
     fn logging(&self, req: &Request<Incoming>, peer: SocketAddr) -> Response<Full<Bytes>> {
         if req.method() != Method::PUT && req.method() != Method::POST {
-            return text(
+            return error(
                 StatusCode::METHOD_NOT_ALLOWED,
-                "PUT /logging?level=<filter>\n",
+                "method_not_allowed",
+                "PUT /logging?level=<filter>",
             );
         }
         let Some(handle) = &self.obs.log_level else {
-            return text(
+            return error(
                 StatusCode::NOT_IMPLEMENTED,
-                "the log level is fixed in this process\n",
+                "log_level_fixed",
+                "the log level is fixed in this process",
             );
         };
         let level = req
@@ -263,7 +330,7 @@ impl State {
         let refuse = |error: String| {
             json(
                 StatusCode::BAD_REQUEST,
-                serde_json::json!({ "error": error, "valid_levels": LOG_LEVELS }),
+                serde_json::json!({ "error": error, "reason": "bad_log_level", "valid_levels": LOG_LEVELS }),
             )
         };
         if let Err(e) = crate::telemetry::check_log_filter(&level) {
@@ -373,6 +440,14 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
         header::HeaderValue::from_static("text/plain"),
     );
     r
+}
+
+/// An error answer, shaped like the proxy's own (`reason` is the stable code).
+fn error(status: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    json(
+        status,
+        serde_json::json!({ "error": message, "reason": reason }),
+    )
 }
 
 fn json(status: StatusCode, v: serde_json::Value) -> Response<Full<Bytes>> {

@@ -86,6 +86,13 @@ impl AppVersion {
     }
 }
 
+/// Asks the service at `addr` once, without remembering the answer (`moat
+/// doctor`): `Some(true)` if it answers the HTTP/2 preface with SETTINGS
+/// (h2c), `Some(false)` if it answers otherwise, `None` if it cannot be reached.
+pub async fn probe_h2c(addr: SocketAddr, wait: Duration) -> Option<bool> {
+    ask(addr, wait).await
+}
+
 /// `Some(true)` if the service answers the HTTP/2 preface with SETTINGS,
 /// `Some(false)` if it answers otherwise, `None` if it cannot be reached.
 async fn ask(addr: SocketAddr, wait: Duration) -> Option<bool> {

@@ -13,11 +13,12 @@ use std::time::SystemTime;
 use arc_swap::ArcSwap;
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Response, header};
+use http::{Response, StatusCode, header};
 use moat_ca::SpiffeId;
 
 use crate::http::ProxyBody;
 use crate::policy::{Policy, RequestFacts, authorization_value};
+use crate::telemetry::RequestId;
 
 /// Headers that ask a service to treat a request as another method.
 const METHOD_OVERRIDES: [&str; 3] = [
@@ -31,7 +32,8 @@ const METHOD_OVERRIDES: [&str; 3] = [
 pub struct Outcome {
     /// What metrics, spans and the access log keep once forwarding is done.
     pub verdict: Verdict,
-    /// Forward with this path and query (the normalized form); `None`: as is.
+    /// The path and query in normalized form: forwarded with when allowed,
+    /// logged beside the raw one either way; `None`: as is (or refused).
     pub forward_path: Option<PathAndQuery>,
     /// Answer the caller with this instead of forwarding (400, 401 or 403).
     pub deny: Option<Response<ProxyBody>>,
@@ -60,7 +62,15 @@ pub enum Authorizer {
 impl Authorizer {
     /// Authorizes one request, rewriting its head as the policy says
     /// (claim headers in, client-sent claim headers and consumed tokens out).
-    pub async fn authorize(&self, parts: &mut Parts, peer: &SpiffeId) -> Outcome {
+    /// `request_id` goes on the decision log line, as on the access log's.
+    /// A gRPC caller's denial carries `grpc-status` and `grpc-message` (see
+    /// [`crate::http::grpc_denial`]).
+    pub async fn authorize(
+        &self,
+        parts: &mut Parts,
+        peer: &SpiffeId,
+        request_id: RequestId,
+    ) -> Outcome {
         let policy = match self {
             Authorizer::AllowAll => {
                 return Outcome {
@@ -88,9 +98,11 @@ impl Authorizer {
                     reason: "method_override",
                 },
                 forward_path: None,
-                deny: Some(crate::http::short_response(
-                    http::StatusCode::BAD_REQUEST,
-                    "moat: method override headers are refused\n",
+                deny: Some(crate::http::refusal(
+                    StatusCode::BAD_REQUEST,
+                    "method_override",
+                    "moat: method override headers are refused",
+                    crate::http::is_grpc(&parts.headers),
                 )),
             };
         }
@@ -114,22 +126,25 @@ impl Authorizer {
             authorization: authorization.as_deref(),
         };
         let decision = policy.authorize_async(&facts, SystemTime::now()).await;
-        decision.log(&facts, policy.hash());
+        decision.log(&facts, policy.hash(), request_id);
         let route = decision.route.map(str::to_owned);
-        if let Some(resp) = decision.deny_response() {
+        let forward_path = decision
+            .forward_path()
+            .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
+        if let Some(mut resp) = decision.deny_response() {
+            if crate::http::is_grpc(&parts.headers) {
+                crate::http::grpc_denial(&mut resp, decision.reason.as_str(), decision.route);
+            }
             return Outcome {
                 verdict: Verdict {
                     route,
                     decision: "deny",
                     reason: decision.reason.as_str(),
                 },
-                forward_path: None,
+                forward_path,
                 deny: Some(resp.map(ProxyBody::Short)),
             };
         }
-        let forward_path = decision
-            .forward_path()
-            .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
         let label = if decision.audited {
             "audit_allow"
         } else {

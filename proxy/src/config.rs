@@ -44,6 +44,10 @@ pub struct Config {
     /// `[redirect]`: transparent mode. The rules `moat redirect` installs,
     /// and the transparent listener the proxy binds for them.
     pub redirect: Option<crate::redirect::RedirectConfig>,
+    /// `[[destination]]`: where the app's redirected outbound connections
+    /// go over mutual TLS, and to whom (transparent mode).
+    #[serde(default)]
+    pub destination: Vec<crate::transparent::Destination>,
     /// The file this configuration was read from (relative paths inside it
     /// are resolved against its directory).
     #[serde(skip)]
@@ -410,8 +414,26 @@ impl Config {
 
     /// Every listener name, inbound then outbound.
     fn validate(&self) -> Result<(), String> {
-        if self.inbound.is_empty() && self.outbound.is_empty() {
+        let transparent_out = self.redirect.as_ref().is_some_and(|r| r.outbound);
+        if self.inbound.is_empty() && self.outbound.is_empty() && !transparent_out {
             return Err("no [[inbound]] or [[outbound]] listener is configured".into());
+        }
+        if !self.destination.is_empty() && !transparent_out {
+            return Err(
+                "[[destination]] needs [redirect] with outbound = true: only redirected connections are looked up in it"
+                    .into(),
+            );
+        }
+        let mut destinations: Vec<String> = Vec::new();
+        for (i, d) in self.destination.iter().enumerate() {
+            d.validate(i)?;
+            let label = d.label(i);
+            if destinations.contains(&label) {
+                return Err(format!(
+                    "[[destination]] {label:?} is named twice (set name = to tell them apart)"
+                ));
+            }
+            destinations.push(label);
         }
         let mut names: Vec<&str> = vec!["admin"];
         let all = self
@@ -821,6 +843,12 @@ impl PeerPattern {
             }
             None => SpiffeId::parse(s).map(PeerPattern::Exact).map_err(bad),
         }
+    }
+}
+
+impl From<SpiffeId> for PeerPattern {
+    fn from(id: SpiffeId) -> Self {
+        PeerPattern::Exact(id)
     }
 }
 

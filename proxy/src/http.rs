@@ -220,6 +220,105 @@ fn error_class(status: StatusCode) -> &'static str {
     }
 }
 
+/// A refusal made by the proxy itself (not by the policy file): the JSON
+/// body of every proxy error, or for a gRPC caller a trailers-only gRPC
+/// answer (see [`grpc_denial`]).
+pub fn refusal(
+    status: StatusCode,
+    reason: &'static str,
+    message: &'static str,
+    grpc: bool,
+) -> Response<ProxyBody> {
+    let body = serde_json::json!({
+        "error": error_class(status),
+        "reason": reason,
+        "message": message,
+    })
+    .to_string();
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    *resp.status_mut() = status;
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    if grpc {
+        grpc_denial(&mut resp, reason, None);
+    }
+    resp.map(ProxyBody::Short)
+}
+
+/// Reshapes a denial for a gRPC caller, which reads `grpc-status` rather
+/// than the HTTP status or a body: a trailers-only answer (no body,
+/// `content-type: application/grpc`) carrying `grpc-status` (401 → 16
+/// UNAUTHENTICATED, 403 → 7 PERMISSION_DENIED, 400 → 3 INVALID_ARGUMENT)
+/// and a `grpc-message` naming the reason and route. The HTTP status is
+/// 200, as the gRPC spec writes a trailers-only response: grpc-core clients
+/// (Python, C++, Ruby) read `grpc-status` on a 401/403 too (checked with
+/// grpcio, both ways), but others (grpc-go) let a non-200 status win, map it
+/// to a code of their own and drop `grpc-message`. The access log and
+/// metrics of this sidecar still show the denial's own status
+/// ([`logged_status`]); the caller's sidecar relays a 200.
+pub fn grpc_denial(resp: &mut Response<Full<Bytes>>, reason: &str, route: Option<&str>) {
+    let code = match resp.status() {
+        StatusCode::UNAUTHORIZED => "16",
+        StatusCode::FORBIDDEN => "7",
+        StatusCode::BAD_REQUEST => "3",
+        _ => "2",
+    };
+    let message = match route {
+        Some(route) => format!("moat: denied by route {route:?}: {reason}"),
+        None => format!("moat: denied: {reason}"),
+    };
+    *resp.body_mut() = Full::new(Bytes::new());
+    let headers = resp.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    headers.insert(GRPC_STATUS.clone(), HeaderValue::from_static(code));
+    if let Ok(v) = HeaderValue::from_str(&grpc_percent_encode(&message)) {
+        headers.insert(GRPC_MESSAGE.clone(), v);
+    }
+    if GRPC_DENIAL_AS_200 {
+        // The denial's own status, for the access log and metrics.
+        let denied = DeniedStatus(resp.status());
+        resp.extensions_mut().insert(denied);
+        *resp.status_mut() = StatusCode::OK;
+    }
+}
+
+/// See [`grpc_denial`].
+const GRPC_DENIAL_AS_200: bool = true;
+
+/// The status a gRPC denial stands for, on a response sent as 200.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeniedStatus(pub StatusCode);
+
+/// The status to log and count for a response: a gRPC denial's own
+/// status rather than the 200 it is sent with.
+pub fn logged_status<B>(resp: &Response<B>) -> u16 {
+    resp.extensions()
+        .get::<DeniedStatus>()
+        .map_or(resp.status(), |d| d.0)
+        .as_u16()
+}
+
+/// `grpc-message` is percent-encoded: bytes outside printable ASCII, and
+/// `%`, become `%XX` (gRPC over HTTP/2, "Responses").
+fn grpc_percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
 /// A small plain-text response.
 pub fn short_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(ProxyBody::Short(Full::new(Bytes::from_static(
@@ -540,6 +639,26 @@ mod tests {
         assert!(head_within(&h, &limits), "5 + 1015 + 4 bytes");
         h.insert("x-big", HeaderValue::from_str(&"a".repeat(1016)).unwrap());
         assert!(!head_within(&h, &limits));
+    }
+
+    #[test]
+    fn grpc_denials_carry_the_grpc_status_and_a_readable_message() {
+        for (status, code) in [
+            (StatusCode::UNAUTHORIZED, "16"),
+            (StatusCode::FORBIDDEN, "7"),
+            (StatusCode::BAD_REQUEST, "3"),
+        ] {
+            let mut resp = Response::new(Full::new(Bytes::from_static(b"{}")));
+            *resp.status_mut() = status;
+            grpc_denial(&mut resp, "peer_not_allowed", Some("caf\u{e9} 100%"));
+            assert_eq!(resp.headers()["grpc-status"], code);
+            assert_eq!(
+                resp.headers()["grpc-message"],
+                "moat: denied by route \"caf%C3%A9 100%25\": peer_not_allowed"
+            );
+            assert_eq!(resp.headers()["content-type"], "application/grpc");
+            assert_eq!(logged_status(&resp), status.as_u16());
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use moat_ca::TrustBundle;
-use moat_ca::client::{Backoff, CaEndpoints, ClientError, Svid, WorkloadKey, renew_at};
+use moat_ca::client::{Backoff, CaEndpoints, ClientError, Svid, WorkloadKey};
 use tokio::sync::{Notify, mpsc};
 
 use self::state::StateDir;
@@ -95,14 +95,6 @@ fn read_bundle(path: &Path) -> Result<TrustBundle, IdentityError> {
     })
 }
 
-/// When to renew: about half-way through the part of the lifetime still
-/// ahead. The CA backdates `not_before` for clock skew, which would
-/// otherwise pull a short-lived certificate's renewal into the past.
-fn next_renewal(svid: &Svid) -> SystemTime {
-    let start = svid.not_before.max(SystemTime::now());
-    renew_at(start, svid.not_after.max(start))
-}
-
 fn log_credentials(event: &'static str, svid: &Svid) {
     let expires = humantime::format_rfc3339_seconds(svid.not_after);
     tracing::info!(id = %svid.id.as_str(), serial = %svid.serial, not_after = %expires, "{event}");
@@ -165,7 +157,7 @@ impl CaSource {
             };
             let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
             let mut next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
-            let mut renew_at_time = next_renewal(&svid);
+            let mut renew_at_time = svid.renew_at();
             let mut next_revocations = tokio::time::Instant::now();
             loop {
                 let until_renew = renew_at_time
@@ -186,7 +178,7 @@ impl CaSource {
                                 svid = s;
                                 key = k;
                                 backoff.reset();
-                                renew_at_time = next_renewal(&svid);
+                                renew_at_time = svid.renew_at();
                             }
                             Err(e) => {
                                 self.metrics.renewals.get_or_create(&[("result", "failed")]).inc();
@@ -432,14 +424,13 @@ impl FileSource {
             }
         };
         let mut loaded = self.fingerprint();
+        let mut again = false;
         loop {
-            tokio::select! {
-                Some(()) = rx.recv() => {
-                    // Let a burst of writes (cert, then key) settle.
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    while rx.try_recv().is_ok() {}
+            if !std::mem::take(&mut again) {
+                tokio::select! {
+                    Some(()) = rx.recv() => settle(&mut rx).await,
+                    _ = self.reload_now.notified() => {}
                 }
-                _ = self.reload_now.notified() => {}
             }
             let now = self.fingerprint();
             if now == loaded {
@@ -450,6 +441,25 @@ impl FileSource {
                     log_credentials("certificate reloaded", &creds.svid);
                     self.store.publish(creds);
                     loaded = now;
+                }
+                // Half a rotation: a new certificate beside the old key, or
+                // the reverse, as when `moat ca issue --force` or a timer
+                // replaces the two files one after the other. Wait for the
+                // other file; only if it does not come is this a problem.
+                Err(IdentityError::Credentials(crate::tls::CredentialError::Key(_)))
+                    if {
+                        tracing::info!(
+                            wait = ?PAIR_SETTLE,
+                            "identity files changed but certificate and key do not fit yet; waiting for the other file"
+                        );
+                        matches!(
+                            tokio::time::timeout(PAIR_SETTLE, rx.recv()).await,
+                            Ok(Some(()))
+                        )
+                    } =>
+                {
+                    settle(&mut rx).await;
+                    again = true;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "identity files changed but are unusable; keeping the current credentials");
@@ -495,19 +505,37 @@ impl FileSource {
     }
 }
 
+/// How long a certificate and a key that do not fit may wait for the other
+/// file of a rotation to be replaced before the pair is reported unusable.
+const PAIR_SETTLE: Duration = Duration::from_secs(5);
+
+/// Lets a burst of writes (a certificate, then its key) settle.
+async fn settle(rx: &mut mpsc::Receiver<()>) {
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    while rx.try_recv().is_ok() {}
+}
+
 fn load_files(config: &FileIdentity) -> Result<Credentials, IdentityError> {
     let cert = read(&config.cert)?;
     let svid = Svid::from_pem(&cert).map_err(|e| IdentityError::Invalid {
         path: config.cert.clone(),
         message: e.to_string(),
     })?;
+    // The first private key in the file (PKCS#8, PKCS#1 or SEC1), so that
+    // `key` may name the same file as `cert` (`moat ca issue --out`).
+    use rustls_pki_types::pem::PemObject;
     let key_pem = read(&config.key)?;
-    let key = WorkloadKey::from_pem(&String::from_utf8_lossy(&key_pem)).map_err(|e| {
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         IdentityError::Invalid {
             path: config.key.clone(),
-            message: e.to_string(),
+            message: match e {
+                rustls_pki_types::pem::Error::NoItemsFound => {
+                    "no private key (PEM) in the file".to_owned()
+                }
+                e => format!("not a PEM private key: {e}"),
+            },
         }
     })?;
     let bundle = read_bundle(&config.bundle)?;
-    Ok(Credentials::new(svid, key.private_key_der(), bundle)?)
+    Ok(Credentials::new(svid, key, bundle)?)
 }

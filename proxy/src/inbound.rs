@@ -71,13 +71,20 @@ impl Dial for LocalDial {
 }
 
 /// A request's answer, with what its access-log line needs: the policy's
-/// verdict (if it decided) and the path as authorized.
-type Forwarded = (Response<ProxyBody>, Option<authz::Verdict>, String);
+/// verdict (if it decided) and the path as received and as authorized.
+type Forwarded = (Response<ProxyBody>, Option<authz::Verdict>, Paths);
 
-/// After the policy: forward (verdict, path as authorized, span of the
-/// call to the service), or the answer already made.
+/// The request's path as received and, when the policy normalized it to
+/// something else, as authorized (the common case allocates nothing more).
+struct Paths {
+    raw: String,
+    normalized: Option<String>,
+}
+
+/// After the policy: forward (verdict, paths, span of the call to the
+/// service), or the answer already made.
 enum Decided {
-    Forward(Option<authz::Verdict>, String, tracing::Span),
+    Forward(Option<authz::Verdict>, Paths, tracing::Span),
     Answered(Forwarded),
 }
 
@@ -328,6 +335,7 @@ impl Shared {
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
         let inflight = peer.activity.request();
         let started = Instant::now();
+        let request_id = crate::telemetry::RequestId::next();
         let method = req.method().clone();
         // Spans are built only when they are exported: an untraced proxy
         // pays nothing per request for them.
@@ -356,12 +364,12 @@ impl Shared {
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
         let forward = self
             .clone()
-            .forward(req, peer.clone(), span.clone())
+            .forward(req, peer.clone(), span.clone(), request_id)
             .instrument(span.clone());
         let (this, peer) = (self.clone(), peer.clone());
-        forward.map(move |(resp, outcome, path)| {
+        forward.map(move |(resp, outcome, paths)| {
             let _inflight = inflight;
-            let status = resp.status().as_u16();
+            let status = crate::http::logged_status(&resp);
             let route = outcome
                 .as_ref()
                 .and_then(|o| o.route.as_deref())
@@ -380,17 +388,27 @@ impl Shared {
                     span.record("moat.deny.reason", o.reason);
                 }
             }
+            let (path, raw_path) = match &paths.normalized {
+                Some(normalized) => (normalized.as_str(), Some(paths.raw.as_str())),
+                None => (paths.raw.as_str(), None),
+            };
             let entry = crate::telemetry::AccessEntry {
+                request_id,
                 trace_id: &trace_id,
                 listener: &this.name,
                 direction: "inbound",
                 peer: peer.id.as_str(),
                 expected_peer: None,
                 method: &method,
-                path: &path,
+                path,
+                raw_path,
                 status,
                 route,
                 decision,
+                reason: outcome
+                    .as_ref()
+                    .filter(|o| o.decision == "deny" || o.decision == "audit_allow")
+                    .map(|o| o.reason),
                 duration: elapsed,
                 bytes: content_length(&resp),
             };
@@ -410,15 +428,22 @@ impl Shared {
         req: Request<Incoming>,
         peer: Arc<Peer>,
         span: tracing::Span,
+        request_id: crate::telemetry::RequestId,
     ) -> impl Future<Output = Forwarded> + Send + 'static {
         let (mut parts, body) = req.into_parts();
         async move {
             let raw_path = parts.uri.path().to_owned();
             let upgrade = match self.admit(&mut parts) {
                 Ok(upgrade) => upgrade,
-                Err(e) => return (e.into_response(), None, raw_path),
+                Err(e) => {
+                    let paths = Paths {
+                        raw: raw_path,
+                        normalized: None,
+                    };
+                    return (e.into_response(), None, paths);
+                }
             };
-            let outcome = self.authz.authorize(&mut parts, &peer.id).await;
+            let outcome = self.authz.authorize(&mut parts, &peer.id, request_id).await;
             // An upgrade goes to the service in HTTP/1.1, whatever it
             // speaks otherwise (an h2c service that takes WebSockets takes
             // them over HTTP/1.1 too; extended CONNECT is not offered).
@@ -431,8 +456,8 @@ impl Shared {
                 }
             };
             let head = self.decided(outcome, raw_path, &mut parts, &peer, &span, to_h2);
-            let (verdict, path, upstream_span) = match head {
-                Decided::Forward(verdict, path, span) => (verdict, path, span),
+            let (verdict, paths, upstream_span) = match head {
+                Decided::Forward(verdict, paths, span) => (verdict, paths, span),
                 Decided::Answered(answered) => return answered,
             };
             if let Some(upgrade) = &upgrade {
@@ -459,7 +484,7 @@ impl Shared {
                     e.into_response()
                 }
             };
-            (resp, verdict, path)
+            (resp, verdict, paths)
         }
     }
 
@@ -502,16 +527,22 @@ impl Shared {
             forward_path,
             deny,
         } = outcome;
-        let path = forward_path
+        let normalized = forward_path
             .as_ref()
-            .map_or(raw_path, |pq| pq.path().to_owned());
+            .map(|pq| pq.path())
+            .filter(|p| *p != raw_path)
+            .map(str::to_owned);
+        let paths = Paths {
+            raw: raw_path,
+            normalized,
+        };
         let verdict = Some(verdict);
         if let Some(denied) = deny {
-            return Decided::Answered((denied, verdict, path));
+            return Decided::Answered((denied, verdict, paths));
         }
         match self.upstream_head(parts, forward_path, peer, span, to_h2) {
-            Ok(upstream_span) => Decided::Forward(verdict, path, upstream_span),
-            Err(e) => Decided::Answered((e.into_response(), verdict, path)),
+            Ok(upstream_span) => Decided::Forward(verdict, paths, upstream_span),
+            Err(e) => Decided::Answered((e.into_response(), verdict, paths)),
         }
     }
 

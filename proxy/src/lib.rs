@@ -25,6 +25,8 @@ pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
+pub mod probe;
+pub mod process;
 pub mod redirect;
 pub mod revocation;
 pub mod telemetry;
@@ -77,6 +79,9 @@ pub enum Error {
     /// An upstream address cannot be used as an HTTP authority.
     #[error("outbound {0}: upstream {1} is not a valid authority")]
     Upstream(String, String),
+    /// The app probes `moat inject` put in the environment cannot be used.
+    #[error("app probes: {0}")]
+    AppProbes(String),
     /// A signal handler could not be installed.
     #[error("cannot install a signal handler: {0}")]
     Signal(std::io::Error),
@@ -94,6 +99,8 @@ pub struct Proxy {
     inbound: Vec<inbound::InboundListener>,
     outbound: Vec<outbound::OutboundListener>,
     transparent: Option<transparent::TransparentListener>,
+    transparent_out: Vec<transparent::TransparentOutboundListener>,
+    destinations: Option<Arc<transparent::DestinationTable>>,
     draining: Arc<AtomicBool>,
     connections: Arc<conn_registry::ConnRegistry>,
 }
@@ -142,6 +149,14 @@ impl Proxy {
         };
         let tls = TlsFactory::new(store.clone(), config.tls.allow_tls12);
         let draining = Arc::new(AtomicBool::new(false));
+        // The app's rewritten kubelet probes, before any port is bound.
+        let app_probes = probe::AppProbes::from_env().map_err(Error::AppProbes)?;
+        if !app_probes.is_empty() {
+            tracing::info!(
+                probes = app_probes.len(),
+                "serving the app's kubelet probes on the admin port"
+            );
+        }
         // Route policies first: a bad one stops the start before any port is bound.
         let mut jwks = None;
         let mut policies = Vec::new();
@@ -201,6 +216,7 @@ impl Proxy {
             obs.clone(),
         )
         .await?;
+        let mut admin = admin.with_app_probes(app_probes);
         addrs.push(("admin".to_owned(), addr));
         let mut inbound = Vec::new();
         for (l, authz) in config.inbound.iter().zip(authorizers) {
@@ -209,15 +225,14 @@ impl Proxy {
             addrs.push((l.name.clone(), addr));
             inbound.push(listener);
         }
-        if config.redirect.as_ref().is_some_and(|r| r.outbound) {
-            // XXX: phase 1 of transparent mode: the rules redirect outbound
-            // TCP, but this proxy has no transparent outbound listener yet.
-            tracing::warn!(
-                "[redirect] outbound = true: outbound TCP is redirected to the transparent outbound listener, which this version does not bind yet; set outbound = false"
-            );
-        }
-        let transparent = match &config.redirect {
-            Some(r) if r.inbound_ports != redirect::InboundPorts::Listed(Vec::new()) => {
+        let transparent_metrics = config
+            .redirect
+            .as_ref()
+            .map(|_| transparent::TransparentMetrics::register(&obs.metrics));
+        let transparent = match (&config.redirect, &transparent_metrics) {
+            (Some(r), Some(metrics))
+                if r.inbound_ports != redirect::InboundPorts::Listed(Vec::new()) =>
+            {
                 // Each redirected connection goes to the inbound listener
                 // that forwards to its original port on loopback.
                 let by_port = config
@@ -225,12 +240,25 @@ impl Proxy {
                     .iter()
                     .zip(&inbound)
                     .filter(|(l, _)| l.forward.ip().is_loopback())
-                    .map(|(l, listener)| (l.forward.port(), listener.shared()))
+                    .map(|(l, listener)| {
+                        let target = transparent::inbound::PortTarget {
+                            shared: listener.shared(),
+                            forward: l.forward,
+                        };
+                        (l.forward.port(), target)
+                    })
                     .collect();
+                let settings = transparent::inbound::InboundSettings {
+                    mode: r.mode,
+                    opaque_ports: r.opaque_ports.clone(),
+                    detection_timeout: r.detection_timeout,
+                };
                 let (listener, addr) = transparent::TransparentInbound::bind(
                     r.inbound_listener_port,
                     by_port,
-                    config.limits.max_connections,
+                    settings,
+                    &config.limits,
+                    metrics.clone(),
                 )
                 .await?;
                 addrs.push((transparent::INBOUND_NAME.to_owned(), addr));
@@ -238,6 +266,45 @@ impl Proxy {
             }
             _ => None,
         };
+        let mut transparent_out = Vec::new();
+        let mut destinations = None;
+        if let (Some(r), Some(metrics)) = (&config.redirect, &transparent_metrics)
+            && r.outbound
+        {
+            warn_if_not_proxy_uid(r);
+            let table = Arc::new(transparent::DestinationTable::new(
+                &config.destination,
+                r.dns_refresh,
+            ));
+            table.resolve_all().await;
+            let bound =
+                transparent::TransparentOutbound::bind(transparent::outbound::OutboundParts {
+                    redirect: r,
+                    table: table.clone(),
+                    limits: &config.limits,
+                    tls: &tls,
+                    store: store.clone(),
+                    obs: &obs,
+                    metrics: metrics.clone(),
+                })
+                .await?;
+            for (listener, addr) in bound {
+                let name = match addr.ip() {
+                    std::net::IpAddr::V4(_) => transparent::OUTBOUND_NAME.to_owned(),
+                    std::net::IpAddr::V6(_) => format!("{}-v6", transparent::OUTBOUND_NAME),
+                };
+                addrs.push((name, addr));
+                transparent_out.push(listener);
+            }
+            destinations = Some(table);
+        }
+        if let Some(r) = &config.redirect {
+            let (r, table) = (r.clone(), destinations.clone());
+            admin.add_view(
+                "/transparent",
+                Arc::new(move || transparent::admin_view(&r, table.as_deref())),
+            );
+        }
         let mut outbound = Vec::new();
         for l in &config.outbound {
             let (listener, addr) =
@@ -269,6 +336,8 @@ impl Proxy {
             inbound,
             outbound,
             transparent,
+            transparent_out,
+            destinations,
             draining,
             connections: tls.connections().clone(),
         })
@@ -335,6 +404,12 @@ impl Proxy {
         for l in self.outbound {
             tokio::spawn(l.serve(watch.clone()));
         }
+        for l in self.transparent_out {
+            tokio::spawn(l.serve(watch.clone()));
+        }
+        if let Some(table) = self.destinations {
+            background.push(tokio::spawn(table.run_refresh()));
+        }
         drop(watch);
         shutdown.await;
         self.draining.store(true, Ordering::Relaxed);
@@ -393,6 +468,23 @@ impl Reloader {
         if changed {
             self.connections.policy_changed();
         }
+    }
+}
+
+/// With outbound redirection, moat's own connections are exempt only when
+/// it runs as `proxy_uid`: otherwise each connection it makes to a peer or
+/// a passed-through destination is redirected back to it.
+fn warn_if_not_proxy_uid(r: &redirect::RedirectConfig) {
+    // SAFETY: geteuid has no preconditions.
+    let uid = unsafe { libc::geteuid() };
+    if let redirect::Owner::Id(want) = r.proxy_uid
+        && want != uid
+    {
+        tracing::warn!(
+            uid,
+            proxy_uid = want,
+            "[redirect] outbound: moat runs as another UID than proxy_uid, so the rules redirect its own outbound connections back to it; run it as proxy_uid"
+        );
     }
 }
 

@@ -19,7 +19,6 @@ use http::uri::{Authority, Scheme};
 use http::{Method, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use moat_ca::SpiffeId;
 use rustls::ClientConfig;
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -27,7 +26,7 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
-use crate::config::{Limits, Outbound, Protocol, UpgradeProtocol, Upstream};
+use crate::config::{Limits, Outbound, PeerPattern, Protocol, UpgradeProtocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
 use crate::conn_registry::{self, ConnRegistry, Lease};
 use crate::http::{
@@ -49,7 +48,8 @@ pub struct Shared {
     protocol: Protocol,
     upgrades: Vec<UpgradeProtocol>,
     upstream_authority: Authority,
-    peer: SpiffeId,
+    /// The expected peer (an ID or a `/*` pattern), for logs and spans.
+    peer: Arc<str>,
     store: Arc<CredentialStore>,
     limits: Limits,
     connector: PeerConnector,
@@ -67,7 +67,7 @@ struct PeerConnector {
     tls: TlsConnector,
     connect_timeout: std::time::Duration,
     name: Arc<str>,
-    peer: SpiffeId,
+    peer: Arc<str>,
     obs: Observability,
     connections: Arc<ConnRegistry>,
 }
@@ -81,42 +81,83 @@ impl OutboundListener {
         store: Arc<CredentialStore>,
         obs: &Observability,
     ) -> Result<(Self, SocketAddr), Error> {
-        let name: Arc<str> = config.name.as_str().into();
-        let upstream = Arc::new(config.upstream.clone());
+        let (listener, addr) = conn::bind(&config.name, config.listen).await?;
+        let target = PeerTarget {
+            name: config.name.as_str().into(),
+            upstream: config.upstream.clone(),
+            peer: PeerPattern::Exact(config.peer.clone()),
+            protocol: config.protocol,
+            upgrades: config.upgrade_protocols.clone(),
+        };
+        let shared = Shared::new(target, limits, tls, store, obs, addr)?;
+        let (name, max) = (shared.name.clone(), shared.limits.max_connections);
+        Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
+    }
+}
+
+/// Where an outbound path leads: an explicit `[[outbound]]`, or one
+/// transparent destination's original address
+/// ([`crate::transparent::outbound`]).
+#[derive(Debug, Clone)]
+pub struct PeerTarget {
+    /// Name in logs and metrics.
+    pub name: Arc<str>,
+    /// The peer sidecar's address.
+    pub upstream: Upstream,
+    /// Who the peer must be.
+    pub peer: PeerPattern,
+    /// `http` or `tcp`.
+    pub protocol: Protocol,
+    /// `Upgrade` protocols passed through.
+    pub upgrades: Vec<UpgradeProtocol>,
+}
+
+impl Shared {
+    /// Everything a connection to `target` needs: its TLS clients and
+    /// connection pools. `listen_addr` is where the service's connections
+    /// arrive (for spans).
+    pub fn new(
+        target: PeerTarget,
+        limits: &Limits,
+        tls: &TlsFactory,
+        store: Arc<CredentialStore>,
+        obs: &Observability,
+        listen_addr: SocketAddr,
+    ) -> Result<Self, Error> {
+        let name = target.name.clone();
+        let peer: Arc<str> = format!("{:?}", target.peer).into();
+        let upstream = Arc::new(target.upstream.clone());
         let server_name = ServerName::try_from(upstream.host.clone())
             .unwrap_or_else(|_| ServerName::try_from("moat.invalid").expect("a valid DNS name"));
         let connector = |alpn: &[&[u8]]| -> Result<PeerConnector, Error> {
-            let client: Arc<ClientConfig> = tls.client(config.peer.clone(), alpn)?;
+            let client: Arc<ClientConfig> = tls.client(target.peer.clone(), alpn)?;
             Ok(PeerConnector {
                 upstream: upstream.clone(),
                 server_name: server_name.clone(),
                 tls: TlsConnector::from(client),
                 connect_timeout: limits.connect_timeout,
                 name: name.clone(),
-                peer: config.peer.clone(),
+                peer: peer.clone(),
                 obs: obs.clone(),
                 connections: tls.connections().clone(),
             })
         };
-        let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let upstream_authority = Authority::try_from(upstream.to_string())
-            .map_err(|_| Error::Upstream(config.name.clone(), upstream.to_string()))?;
-        let shared = Shared {
+            .map_err(|_| Error::Upstream(name.to_string(), upstream.to_string()))?;
+        Ok(Shared {
             name: name.clone(),
-            protocol: config.protocol,
-            upgrades: config.upgrade_protocols.clone(),
+            protocol: target.protocol,
+            upgrades: target.upgrades,
             upstream_authority,
-            peer: config.peer.clone(),
+            peer: peer.clone(),
             store,
             limits: limits.clone(),
             connector: connector(&[])?,
             upstream: UpstreamClient::new(connector(&[b"http/1.1"])?, connector(&[b"h2"])?, limits),
             obs: obs.clone(),
-            requests: obs.metrics.listener(&config.name, "outbound"),
-            listen_addr: addr,
-        };
-        let (name, max) = (shared.name.clone(), shared.limits.max_connections);
-        Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
+            requests: obs.metrics.listener(&name, "outbound"),
+            listen_addr,
+        })
     }
 }
 
@@ -202,7 +243,7 @@ impl Shared {
                 http.response.status_code = tracing::field::Empty,
                 server.address = %self.listen_addr,
                 moat.listener = &*self.name,
-                moat.peer.id = self.peer.as_str(),
+                moat.peer.id = &*self.peer,
             );
             crate::telemetry::continue_trace(&span, req.headers());
             span
@@ -222,18 +263,21 @@ impl Shared {
             let peer = resp
                 .extensions()
                 .get::<Presented>()
-                .map_or(this.peer.as_str(), |p| p.0.as_deref().unwrap_or("-"));
+                .map_or(&*this.peer, |p| p.0.as_deref().unwrap_or("-"));
             let entry = crate::telemetry::AccessEntry {
+                request_id: crate::telemetry::RequestId::next(),
                 trace_id: &trace_id,
                 listener: &this.name,
                 direction: "outbound",
                 peer,
-                expected_peer: Some(this.peer.as_str()),
+                expected_peer: Some(&*this.peer),
                 method: &method,
                 path: &path,
+                raw_path: None,
                 status: resp.status().as_u16(),
                 route: "-",
                 decision: "none",
+                reason: None,
                 duration: started.elapsed(),
                 bytes: content_length(&resp),
             };
@@ -375,7 +419,7 @@ impl Shared {
                 otel.kind = "client",
                 server.address = %self.upstream_authority,
                 http.request.method = %parts.method,
-                moat.peer.id = self.peer.as_str(),
+                moat.peer.id = &*self.peer,
             )
         } else {
             tracing::Span::none()
@@ -427,7 +471,7 @@ impl PeerConnector {
                 "tls_handshake",
                 otel.kind = "client",
                 server.address = %self.upstream,
-                moat.peer.id = self.peer.as_str(),
+                moat.peer.id = &*self.peer,
             )
         } else {
             tracing::Span::none()

@@ -474,6 +474,11 @@ pub struct ProxyMetrics {
     pub policy_reloads: Family<[(&'static str, &'static str); 1], Counter>,
     /// 1 for the active policy hash of each listener.
     pub policy_info: Family<[(&'static str, String); 2], Gauge>,
+    /// 1 while a listener's policy file holds a refused edit (the running
+    /// policy is older than the file), else 0.
+    pub policy_reload_failed: Family<ListenerLabels, Gauge>,
+    /// When each listener's policy file was last found valid and in force.
+    pub policy_reload_success: Family<ListenerLabels, Gauge>,
     /// When the current certificate expires (Unix seconds).
     pub cert_expiry: Gauge,
     /// Certificate renewals by result.
@@ -507,6 +512,8 @@ impl ProxyMetrics {
         let decisions = Family::<[(&'static str, String); 4], Counter>::default();
         let policy_reloads = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let policy_info = Family::<[(&'static str, String); 2], Gauge>::default();
+        let policy_reload_failed = Family::<ListenerLabels, Gauge>::default();
+        let policy_reload_success = Family::<ListenerLabels, Gauge>::default();
         let cert_expiry = Gauge::default();
         let renewals = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let jwks_fetches = Family::<[(&'static str, String); 2], Counter>::default();
@@ -558,6 +565,26 @@ impl ProxyMetrics {
             policy_info.clone(),
         );
         registry.register(
+            "moat_policy_reload_failed",
+            "1 while the policy file holds an edit that was refused (the last good policy still runs), else 0",
+            policy_reload_failed.clone(),
+        );
+        registry.register(
+            "moat_policy_last_reload_success_timestamp_seconds",
+            "When the policy file was last found valid and in force (Unix time)",
+            policy_reload_success.clone(),
+        );
+        // A gauge set to 1 rather than an OpenMetrics `info` family: the
+        // `_info` gauge is what Prometheus-era parsers and dashboards know.
+        let build_info = Family::<[(&'static str, &'static str); 3], Gauge>::default();
+        build_info.get_or_create(&build_labels()).set(1);
+        registry.register(
+            "moat_build_info",
+            "The moat build (value 1; version, commit and compiler as labels)",
+            build_info,
+        );
+        registry.register_collector(Box::new(crate::process::ProcessCollector::new()));
+        registry.register(
             "moat_certificate_expiry_timestamp_seconds",
             "When the current workload certificate expires (Unix time)",
             cert_expiry.clone(),
@@ -594,6 +621,8 @@ impl ProxyMetrics {
             decisions,
             policy_reloads,
             policy_info,
+            policy_reload_failed,
+            policy_reload_success,
             cert_expiry,
             renewals,
             jwks_fetches,
@@ -687,6 +716,20 @@ impl ProxyMetrics {
         }
     }
 
+    /// Registers a metric kept by another module (the transparent
+    /// listeners' families).
+    pub fn register(
+        &self,
+        name: &str,
+        help: &str,
+        metric: impl prometheus_client::registry::Metric,
+    ) {
+        self.registry
+            .lock()
+            .expect("metrics registry")
+            .register(name, help, metric);
+    }
+
     /// Raises a counter to `total` (for totals kept elsewhere as atomics).
     pub fn catch_up(counter: &Counter, total: u64) {
         let now = counter.get();
@@ -702,6 +745,23 @@ impl ProxyMetrics {
             .expect("writing to a String cannot fail");
         out
     }
+}
+
+/// `moat_build_info`'s labels: the crate version, and the commit and
+/// compiler when the build recorded them (`MOAT_GIT_COMMIT` at build time;
+/// proxy/build.rs), else `unknown`.
+fn build_labels() -> [(&'static str, &'static str); 3] {
+    [
+        ("version", env!("CARGO_PKG_VERSION")),
+        (
+            "commit",
+            option_env!("MOAT_GIT_COMMIT").unwrap_or("unknown"),
+        ),
+        (
+            "rustc",
+            option_env!("MOAT_RUSTC_VERSION").unwrap_or("unknown"),
+        ),
+    ]
 }
 
 impl Default for ProxyMetrics {
@@ -855,9 +915,34 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
+/// A request's id in this proxy's logs: the access-log line and the
+/// decision line of one request carry the same `request_id`. A `u64` (a
+/// random start per process, then a counter), formatted as 16 hex digits
+/// only when a line is written: nothing is allocated for it per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RequestId(u64);
+
+impl RequestId {
+    /// The next id of this process.
+    pub fn next() -> Self {
+        use std::sync::LazyLock;
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: LazyLock<AtomicU64> = LazyLock::new(|| AtomicU64::new(rand::random()));
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+impl std::fmt::Display for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
 /// One access-log entry.
 #[derive(Debug)]
 pub struct AccessEntry<'a> {
+    /// This request's id (also on its decision log line).
+    pub request_id: RequestId,
     /// The trace this request belongs to.
     pub trace_id: &'a str,
     /// Listener name.
@@ -871,14 +956,20 @@ pub struct AccessEntry<'a> {
     pub expected_peer: Option<&'a str>,
     /// Method.
     pub method: &'a http::Method,
-    /// Path as authorized (no query: it may hold secrets).
+    /// Path as authorized: normalized by the policy (no query: it may hold
+    /// secrets).
     pub path: &'a str,
+    /// The path as received, when normalization changed it.
+    pub raw_path: Option<&'a str>,
     /// Status sent back.
     pub status: u16,
     /// Route that decided (`-` when none).
     pub route: &'a str,
     /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
     pub decision: &'a str,
+    /// For a denial or an audited one: the policy's reason code
+    /// (`no_route`, `peer_not_allowed`, `jwt_expired`, ...).
+    pub reason: Option<&'a str>,
     /// Time to the response head.
     pub duration: Duration,
     /// Response body bytes, when known from `content-length`.
@@ -896,11 +987,17 @@ pub fn request_done(span: &tracing::Span, metrics: &ListenerMetrics, e: &AccessE
     access_log(e);
 }
 
+/// Milliseconds, rounded to the microsecond (`0.165`, not `0.16532100000000002`).
+pub fn millis(d: Duration) -> f64 {
+    d.as_micros() as f64 / 1000.0
+}
+
 /// Writes one access-log line (target `moat::access`, message `access`).
 /// Tokens and keys never appear: only the fields above.
 fn access_log(e: &AccessEntry<'_>) {
     tracing::info!(
         target: "moat::access",
+        request_id = %e.request_id,
         trace_id = e.trace_id,
         listener = e.listener,
         direction = e.direction,
@@ -908,10 +1005,12 @@ fn access_log(e: &AccessEntry<'_>) {
         expected_peer = e.expected_peer,
         method = %e.method,
         path = e.path,
+        raw_path = e.raw_path,
         status = e.status,
         route = e.route,
         decision = e.decision,
-        duration_ms = e.duration.as_secs_f64() * 1000.0,
+        reason = e.reason,
+        duration_ms = millis(e.duration),
         bytes = e.bytes,
         "access"
     );
@@ -1071,6 +1170,29 @@ mod tests {
         assert!(!has("other_line", 3), "{text}");
         assert!(!has("debug_access", 1) && !has("debug_access", 2), "{text}");
         assert!(has("debug_access", 3), "louder is allowed:\n{text}");
+    }
+
+    #[test]
+    fn durations_are_logged_in_whole_microseconds() {
+        assert_eq!(millis(Duration::from_nanos(165_321)), 0.165);
+        assert_eq!(
+            millis(Duration::from_nanos(165_321_999)).to_string(),
+            "165.321"
+        );
+        assert_eq!(millis(Duration::from_secs(2)), 2000.0);
+    }
+
+    #[test]
+    fn request_ids_are_distinct_16_hex_digits() {
+        let (a, b) = (RequestId::next(), RequestId::next());
+        assert_ne!(a, b);
+        for id in [a, b] {
+            let s = id.to_string();
+            assert!(
+                s.len() == 16 && s.bytes().all(|c| c.is_ascii_hexdigit()),
+                "{s}"
+            );
+        }
     }
 
     #[test]

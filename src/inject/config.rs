@@ -9,9 +9,10 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use moat_proxy::config::{Config, Identity};
+use moat_proxy::redirect::Owner;
 
 use super::Options;
-use super::sidecar::{BUNDLE_DIR, CONFIG_DIR, POLICY_DIR, TOKEN_DIR};
+use super::sidecar::{BUNDLE_DIR, CONFIG_DIR, POLICY_DIR, SIDECAR_UID, TOKEN_DIR};
 
 /// What is wrong with `text` as the proxy.toml of an injected pod; empty
 /// when nothing is.
@@ -66,6 +67,27 @@ pub(super) fn problems(text: &str, o: &Options) -> Vec<String> {
                 .into(),
         ),
     }
+    match (&config.redirect, o.transparent) {
+        (None, true) => out.push(
+            "proxy.toml: no [redirect] section, so the moat-redirect init container stops at \
+             start and the pod never runs; add [redirect] (empty for the defaults), or inject \
+             with --explicit"
+                .into(),
+        ),
+        (Some(r), true) if r.proxy_uid != Owner::Id(SIDECAR_UID) => out.push(format!(
+            "proxy.toml: [redirect] proxy_uid = {:?}, but the sidecar runs as UID {SIDECAR_UID} \
+             (a name cannot be looked up in the image): its own connections would be redirected \
+             back to it; leave proxy_uid out",
+            r.proxy_uid
+        )),
+        (Some(_), false) => out.push(
+            "proxy.toml: [redirect] is set, but --explicit adds no moat-redirect init container, \
+             so no rule sends traffic to the transparent listeners; remove [redirect] or inject \
+             without --explicit"
+                .into(),
+        ),
+        _ => {}
+    }
     for l in &config.inbound {
         if let Some(policy) = &l.policy
             && !policy.starts_with(POLICY_DIR)
@@ -99,6 +121,8 @@ listen = "0.0.0.0:15443"
 forward = "127.0.0.1:8080"
 protocol = "http"
 policy = "/etc/moat/policy/policy.toml"
+
+[redirect]
 "#;
 
     #[test]
@@ -116,6 +140,26 @@ policy = "/etc/moat/policy/policy.toml"
         let found = problems(&vm, &Options::default());
         assert_eq!(found.len(), 4, "{found:#?}");
         assert!(found[0].contains("kubelet"), "{found:#?}");
+    }
+
+    #[test]
+    fn transparent_mode_needs_redirect_and_explicit_mode_does_not_want_it() {
+        let explicit = Options {
+            transparent: false,
+            ..Options::default()
+        };
+        let without = POD.replace("\n[redirect]\n", "\n");
+        assert_eq!(problems(&without, &explicit), Vec::<String>::new());
+        let found = problems(&without, &Options::default());
+        assert!(found[0].contains("no [redirect] section"), "{found:?}");
+        let found = problems(POD, &explicit);
+        assert!(
+            found[0].contains("--explicit adds no moat-redirect"),
+            "{found:?}"
+        );
+        let named = format!("{POD}proxy_uid = \"moat\"\n");
+        let found = problems(&named, &Options::default());
+        assert!(found[0].contains("proxy_uid"), "{found:?}");
     }
 
     #[test]

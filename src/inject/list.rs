@@ -56,9 +56,14 @@ impl ListPlan<'_> {
 /// moat's that differs or is out of place is kept and reported. With
 /// `upgrade`, such entries are replaced (and moved into place); entries
 /// that already are what moat would write stay byte for byte.
+///
+/// `retired` names entries moat owned in another mode and no longer wants
+/// (the redirect step under `--explicit`): `upgrade` removes them, and
+/// without it they are kept and reported.
 pub(super) fn plan<'a>(
     existing: &[Node],
     desired: &'a [Owned],
+    retired: &[&str],
     placement: Placement,
     upgrade: bool,
 ) -> ListPlan<'a> {
@@ -67,13 +72,18 @@ pub(super) fn plan<'a>(
         .iter()
         .map(|n| name_of(n).and_then(|name| desired.iter().position(|d| d.name == name)))
         .collect();
+    let unwanted: Vec<Option<&str>> = existing
+        .iter()
+        .map(|n| name_of(n).and_then(|name| retired.iter().find(|r| **r == name).copied()))
+        .collect();
     // The first occurrence of each desired name (Kubernetes refuses two).
     let found: Vec<Option<usize>> = (0..desired.len())
         .map(|d| owned.iter().position(|o| *o == Some(d)))
         .collect();
-    let first_foreign = owned
-        .iter()
-        .position(Option::is_none)
+    // A retired entry of moat's is not someone else's: it does not make
+    // the sidecar behind it "out of place".
+    let first_foreign = (0..existing.len())
+        .find(|j| owned[*j].is_none() && unwanted[*j].is_none())
         .unwrap_or(existing.len());
 
     let mut slots = Vec::new();
@@ -91,7 +101,7 @@ pub(super) fn plan<'a>(
                         items.push(item(d, Change::Added));
                     }
                     Some(j) => {
-                        let differs = differences(&existing[*j], &d.value);
+                        let differs = owned_differences(&existing[*j], d);
                         let misplaced = *j >= first_foreign;
                         items.push(item(
                             d,
@@ -105,6 +115,12 @@ pub(super) fn plan<'a>(
                 }
             }
             slots.extend((0..existing.len()).map(Slot::Keep));
+            for name in unwanted.iter().flatten() {
+                items.push(Item {
+                    name: (*name).to_owned(),
+                    change: Change::Unwanted,
+                });
+            }
         }
         (Placement::Front, true) => {
             let mut last_kept = None;
@@ -115,7 +131,7 @@ pub(super) fn plan<'a>(
                         items.push(item(d, Change::Added));
                     }
                     Some(j) => {
-                        let differs = differences(&existing[*j], &d.value);
+                        let differs = owned_differences(&existing[*j], d);
                         let in_place = *j < first_foreign && last_kept.is_none_or(|k| k < *j);
                         if differs.is_empty() && in_place {
                             slots.push(Slot::Keep(*j));
@@ -134,12 +150,19 @@ pub(super) fn plan<'a>(
                     }
                 }
             }
-            // Every other entry of moat's (duplicates, replaced ones) goes.
+            // Every other entry of moat's (duplicates, replaced ones,
+            // retired ones) goes.
             slots.extend(
                 (0..existing.len())
-                    .filter(|j| owned[*j].is_none())
+                    .filter(|j| owned[*j].is_none() && unwanted[*j].is_none())
                     .map(Slot::Keep),
             );
+            for name in unwanted.iter().flatten() {
+                items.push(Item {
+                    name: (*name).to_owned(),
+                    change: Change::Removed,
+                });
+            }
         }
         (Placement::Anywhere, upgrade) => {
             for (j, node) in existing.iter().enumerate() {
@@ -155,7 +178,7 @@ pub(super) fn plan<'a>(
                     }
                     continue;
                 }
-                let differs = differences(node, &desired[d].value);
+                let differs = owned_differences(node, &desired[d]);
                 if differs.is_empty() {
                     slots.push(Slot::Keep(j));
                     items.push(item(&desired[d], Change::Unchanged));
@@ -320,6 +343,15 @@ fn flow_edit(ctx: &DocCtx<'_>, seq: &Node, plan: &ListPlan<'_>, inline: &Inline)
         delete: last.end() - first.start().byte,
         insert,
     }
+}
+
+/// Where `node`, an existing entry of moat's, differs from what `d` says.
+fn owned_differences(node: &Node, d: &Owned) -> Vec<String> {
+    let mut out = differences(node, &d.value);
+    if let Some(stale) = d.stale {
+        out.extend(stale(node));
+    }
+    out
 }
 
 /// Where `node` differs from `want`, as `path (found → wanted)`; empty when

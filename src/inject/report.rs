@@ -14,6 +14,8 @@ pub struct Report {
     pub documents: Vec<Document>,
     /// `(namespace, name)` of every ConfigMap in the stream.
     pub config_maps_in_stream: Vec<(Option<String>, String)>,
+    /// Injected in transparent mode (the default) rather than explicit.
+    pub transparent: bool,
 }
 
 /// One document of the stream.
@@ -68,6 +70,11 @@ pub struct Workload {
     /// Problems with this workload's proxy.toml, when its ConfigMap is in
     /// the stream.
     pub config_problems: Vec<String>,
+    /// The app's kubelet probes rewritten to the sidecar's admin port
+    /// (transparent mode) or restored (`--upgrade --explicit`), one line each.
+    pub probes: Vec<String>,
+    /// Probes that stay as they are and will fail, or could not be handled.
+    pub probe_warnings: Vec<String>,
 }
 
 /// One of moat's entries in a pod spec list.
@@ -100,6 +107,11 @@ pub enum Change {
         /// It is not where it belongs.
         misplaced: bool,
     },
+    /// An entry of moat's that this mode does not use (the redirect step
+    /// under `--explicit`), left as it is (no `--upgrade`).
+    Unwanted,
+    /// `--upgrade` removed an entry of moat's that this mode does not use.
+    Removed,
 }
 
 /// One line for standard error.
@@ -213,6 +225,18 @@ impl Report {
                 text: format!("  {whose}, key {key}: {status}"),
             });
         }
+        if self.transparent {
+            out.push(Line {
+                warning: false,
+                text: "transparent mode: moat inject adds the moat-redirect init container, the \
+                       sidecar and its volumes, and points the app's probes at the sidecar; each \
+                       proxy.toml is yours to write, with a [redirect] section (the rules and \
+                       the transparent listeners) and an [[inbound]] forwarding to \
+                       127.0.0.1:<port> for each app port peers call (--explicit: the sidecar \
+                       alone, without redirect rules)"
+                    .into(),
+            });
+        }
     }
 }
 
@@ -222,10 +246,15 @@ fn workload_lines(label: &str, w: &Workload, out: &mut Vec<Line>) {
     for c in &w.containers {
         let what = if c.name == super::SIDECAR_NAME {
             "sidecar".to_owned()
+        } else if c.name == super::REDIRECT_NAME {
+            format!("redirect step (init container {})", c.name)
         } else {
             format!("init container {}", c.name)
         };
         match &c.change {
+            Change::Added if c.name == super::REDIRECT_NAME => {
+                done.push(format!("{what} added, ahead of the sidecar"));
+            }
             Change::Added => done.push(format!("{what} added, first among the init containers")),
             Change::Unchanged => done.push(format!("{what} already present")),
             Change::Replaced { differs, moved } => {
@@ -247,6 +276,11 @@ fn workload_lines(label: &str, w: &Workload, out: &mut Vec<Line>) {
                     why.join("; ")
                 ));
             }
+            Change::Unwanted => warnings.push(format!(
+                "{label}: has the {what}, which explicit mode does not use; left as it is \
+                 (the pod stays in transparent mode): --upgrade removes it"
+            )),
+            Change::Removed => done.push(format!("{what} removed (explicit mode)")),
         }
     }
     let names = |pick: fn(&Change) -> bool| -> Vec<&str> {
@@ -278,6 +312,13 @@ fn workload_lines(label: &str, w: &Workload, out: &mut Vec<Line>) {
         warning: false,
         text: format!("{label}: {}", done.join("; ")),
     });
+    for p in &w.probes {
+        out.push(Line {
+            warning: false,
+            text: format!("{label}: {p}"),
+        });
+    }
+    warnings.extend(w.probe_warnings.iter().map(|p| format!("{label}: {p}")));
     for p in &w.config_problems {
         warnings.push(format!("{label}: {p}"));
     }

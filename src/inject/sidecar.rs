@@ -2,13 +2,15 @@
 //!
 //! Everything here is *owned* by moat, by name: `moat inject` adds what is
 //! missing, and `--upgrade` replaces what differs from what these functions
-//! return for the flags given. A new init container (transparent mode's
-//! redirect step, for one) is one more entry in [`init_containers`], with
-//! its own `securityContext`; the injector puts the list, in order, first
-//! among the pod's init containers.
+//! return for the flags given (and removes what the mode no longer uses:
+//! the redirect step under `--explicit`). The injector puts
+//! [`init_containers`], in order, first among the pod's init containers.
+
+use moat_proxy::probe::AppProbes;
 
 use super::emit::{V, s};
-use super::{Options, SIDECAR_NAME};
+use super::tree::Node;
+use super::{Options, REDIRECT_NAME, SIDECAR_NAME};
 
 /// Where the projected service-account token is mounted (`token_file`
 /// in proxy.toml is this directory's `token`).
@@ -19,24 +21,134 @@ pub(super) const BUNDLE_DIR: &str = "/etc/moat/bundle";
 pub(super) const CONFIG_DIR: &str = "/etc/moat/config";
 /// Where the `<name>-moat-policy` ConfigMap is mounted (`policy.toml` in it).
 pub(super) const POLICY_DIR: &str = "/etc/moat/policy";
+/// The sidecar's UID (and GID): the image's `nonroot`, and the owner the
+/// redirect rules exempt.
+pub(super) const SIDECAR_UID: u32 = 65532;
 
 /// Something moat owns in a pod spec list, found there by its `name`.
 pub(super) struct Owned {
     pub(super) name: &'static str,
     pub(super) value: V,
+    /// What an existing entry has that moat does not write and must not
+    /// keep (a differences list, like [`super::list::differences`]).
+    pub(super) stale: Option<fn(&Node) -> Vec<String>>,
 }
 
 /// moat's init containers, in the order they must come first in
-/// `initContainers`: today the sidecar alone.
-pub(super) fn init_containers(o: &Options) -> Vec<Owned> {
-    vec![Owned {
+/// `initContainers`: in transparent mode the redirect step, then the
+/// sidecar; in explicit mode the sidecar alone. `probes` are the app's
+/// rewritten kubelet probes the sidecar answers (transparent mode only).
+pub(super) fn init_containers(o: &Options, probes: &AppProbes) -> Vec<Owned> {
+    let mut out = Vec::new();
+    if o.transparent {
+        out.push(Owned {
+            name: REDIRECT_NAME,
+            value: redirect(o),
+            stale: None,
+        });
+    }
+    out.push(Owned {
         name: SIDECAR_NAME,
-        value: sidecar(o),
-    }]
+        value: sidecar(o, probes),
+        // Probes recorded for transparent mode, when there are none now.
+        stale: probes
+            .is_empty()
+            .then_some(stale_probes as fn(&Node) -> Vec<String>),
+    });
+    out
+}
+
+/// moat's init containers that this mode does not use: `--upgrade` removes
+/// them (the redirect step, under `--explicit`).
+pub(super) fn retired_init_containers(o: &Options) -> Vec<&'static str> {
+    if o.transparent {
+        Vec::new()
+    } else {
+        vec![REDIRECT_NAME]
+    }
+}
+
+/// The sidecar's environment variable that lists the app's probes, when
+/// there are none to list.
+fn stale_probes(node: &Node) -> Vec<String> {
+    let has = node.get("env").is_some_and(|env| {
+        env.items()
+            .iter()
+            .any(|e| e.get("name").and_then(Node::as_str) == Some(moat_proxy::probe::ENV))
+    });
+    if has {
+        vec![format!(
+            "env.{} (set, but no app probe is rewritten)",
+            moat_proxy::probe::ENV
+        )]
+    } else {
+        Vec::new()
+    }
+}
+
+/// The redirect step: `moat redirect` installs the nftables rules in the
+/// pod's network namespace and exits. It needs `CAP_NET_ADMIN` and nothing
+/// else: it speaks nf_tables netlink itself (no `iptables`, so no
+/// `NET_RAW`). It runs as UID 0 because Kubernetes gives a non-root
+/// container no ambient capabilities (an added capability only reaches the
+/// bounding set), and the image has no file capabilities to fall back on.
+fn redirect(o: &Options) -> V {
+    V::M(vec![
+        ("name", s(REDIRECT_NAME)),
+        ("image", s(&o.image)),
+        (
+            "args",
+            V::L(vec![
+                s("redirect"),
+                s("--config"),
+                V::S(format!("{CONFIG_DIR}/proxy.toml")),
+            ]),
+        ),
+        (
+            "resources",
+            V::M(vec![
+                (
+                    "requests",
+                    V::M(vec![("cpu", s("10m")), ("memory", s("16Mi"))]),
+                ),
+                (
+                    "limits",
+                    V::M(vec![("cpu", s("100m")), ("memory", s("32Mi"))]),
+                ),
+            ]),
+        ),
+        (
+            "securityContext",
+            V::M(vec![
+                ("runAsNonRoot", V::B(false)),
+                ("runAsUser", V::N(0)),
+                ("runAsGroup", V::N(0)),
+                ("readOnlyRootFilesystem", V::B(true)),
+                ("allowPrivilegeEscalation", V::B(false)),
+                (
+                    "capabilities",
+                    V::M(vec![
+                        ("add", V::L(vec![s("NET_ADMIN")])),
+                        ("drop", V::L(vec![s("ALL")])),
+                    ]),
+                ),
+                ("seccompProfile", V::M(vec![("type", s("RuntimeDefault"))])),
+            ]),
+        ),
+        (
+            "volumeMounts",
+            // proxy.toml only: the step reads [redirect] and moat's ports.
+            V::L(vec![V::M(vec![
+                ("name", s("moat-config")),
+                ("mountPath", s(CONFIG_DIR)),
+                ("readOnly", V::B(true)),
+            ])]),
+        ),
+    ])
 }
 
 /// The sidecar container.
-fn sidecar(o: &Options) -> V {
+fn sidecar(o: &Options, probes: &AppProbes) -> V {
     let probe = |path: &str, period: i64, failures: i64| {
         V::M(vec![
             (
@@ -61,7 +173,7 @@ fn sidecar(o: &Options) -> V {
             ("protocol", s("TCP")),
         ])
     };
-    V::M(vec![
+    let mut fields = vec![
         ("name", s(SIDECAR_NAME)),
         ("image", s(&o.image)),
         // A native sidecar: starts before the app containers, stops after
@@ -75,6 +187,17 @@ fn sidecar(o: &Options) -> V {
                 V::S(format!("{CONFIG_DIR}/proxy.toml")),
             ]),
         ),
+    ];
+    if !probes.is_empty() {
+        fields.push((
+            "env",
+            V::L(vec![V::M(vec![
+                ("name", s(moat_proxy::probe::ENV)),
+                ("value", V::S(probes.to_json())),
+            ])]),
+        ));
+    }
+    fields.extend([
         (
             "ports",
             V::L(vec![
@@ -103,8 +226,8 @@ fn sidecar(o: &Options) -> V {
             "securityContext",
             V::M(vec![
                 ("runAsNonRoot", V::B(true)),
-                ("runAsUser", V::N(65532)),
-                ("runAsGroup", V::N(65532)),
+                ("runAsUser", V::N(SIDECAR_UID.into())),
+                ("runAsGroup", V::N(SIDECAR_UID.into())),
                 ("readOnlyRootFilesystem", V::B(true)),
                 ("allowPrivilegeEscalation", V::B(false)),
                 ("capabilities", V::M(vec![("drop", V::L(vec![s("ALL")]))])),
@@ -120,7 +243,8 @@ fn sidecar(o: &Options) -> V {
                 mount("moat-policy", POLICY_DIR),
             ]),
         ),
-    ])
+    ]);
+    V::M(fields)
 }
 
 /// The ConfigMap holding workload `name`'s proxy.toml.
@@ -150,6 +274,7 @@ pub(super) fn volumes(o: &Options, name: &str) -> Vec<Owned> {
             ("name", s(vol)),
             ("configMap", V::M(vec![("name", V::S(cm))])),
         ]),
+        stale: None,
     };
     vec![
         Owned {
@@ -172,6 +297,7 @@ pub(super) fn volumes(o: &Options, name: &str) -> Vec<Owned> {
                     )]),
                 ),
             ]),
+            stale: None,
         },
         config_map("moat-bundle", o.bundle_config_map.clone()),
         config_map("moat-config", proxy_config_map(name)),

@@ -246,10 +246,11 @@ fn embedded_proxy_policy_and_ca_configuration_load() {
 
 #[test]
 fn every_container_is_locked_down() {
-    // Each container and init container in the manifests runs as a fixed
-    // non-root UID with a read-only root filesystem, no privilege
-    // escalation and no capabilities. Counted, not parsed: every
-    // `image:` must come with one of each setting.
+    // Each container and init container in the manifests runs with a
+    // read-only root filesystem and no privilege escalation, and as a fixed
+    // non-root UID with no capabilities, but transparent mode's redirect
+    // step: UID 0 with NET_ADMIN alone, which it needs to install the rules.
+    // Counted, not parsed: every `image:` must come with one of each setting.
     for file in manifests() {
         let yaml = std::fs::read_to_string(&file).unwrap();
         let count = |needle: &str| yaml.lines().filter(|l| l.trim() == needle).count();
@@ -257,18 +258,25 @@ fn every_container_is_locked_down() {
             .lines()
             .filter(|l| l.trim_start().starts_with("image:"))
             .count();
-        for needle in [
-            "readOnlyRootFilesystem: true",
-            "allowPrivilegeEscalation: false",
-            "runAsNonRoot: true",
+        let redirects = count("- name: moat-redirect");
+        for (needle, want) in [
+            ("readOnlyRootFilesystem: true", images),
+            ("allowPrivilegeEscalation: false", images),
+            ("runAsNonRoot: true", images - redirects),
+            ("runAsNonRoot: false", redirects),
+            ("- NET_ADMIN", redirects),
+            ("add:", redirects),
         ] {
             assert!(
-                count(needle) >= images,
-                "{}: {images} images but {} × {needle:?}",
+                count(needle) >= want,
+                "{}: {images} images, {redirects} redirect steps, but {} × {needle:?}",
                 file.display(),
                 count(needle)
             );
         }
+        // No capability is added but NET_ADMIN, and only to the redirect step.
+        assert_eq!(count("add:"), redirects, "{}", file.display());
+        assert_eq!(count("- NET_ADMIN"), redirects, "{}", file.display());
         assert!(!yaml.contains("privileged: true"), "{}", file.display());
         assert!(!yaml.contains("hostNetwork: true"), "{}", file.display());
     }

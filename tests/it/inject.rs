@@ -6,7 +6,11 @@
 //!
 //! Golden files live in `tests/golden/inject/`: `NAME.in.yaml` (or
 //! `NAME.in.json`) is the input, `NAME.out.yaml` (`NAME.out.json`) the
-//! expected output of `moat inject --image registry.example/moat:0.1.0`.
+//! expected output of `moat inject --explicit --image registry.example/moat:0.1.0`
+//! (explicit mode: what `moat inject` wrote before transparent mode, byte
+//! for byte), and `NAME.transparent.yaml` (`.json`) that of the default,
+//! transparent mode. Most tests here run in explicit mode; those named
+//! `transparent_*` run in the default mode.
 //! `MOAT_UPDATE_GOLDEN=1 cargo test --test it inject::` rewrites the outputs;
 //! review the diff before committing.
 
@@ -53,9 +57,25 @@ fn expected_path(input: &Path) -> PathBuf {
     PathBuf::from(path_str(input).replace(".in.", ".out."))
 }
 
-/// `moat inject --image IMAGE FILE`, asserting success; returns stdout.
+fn transparent_path(input: &Path) -> PathBuf {
+    PathBuf::from(path_str(input).replace(".in.", ".transparent."))
+}
+
+/// `moat inject --explicit --image IMAGE FILE`, asserting success; returns stdout.
 fn inject_file(file: &Path) -> String {
-    let out = moat(&["inject", "--image", IMAGE, path_str(file)]);
+    inject_file_with(&["--explicit"], file)
+}
+
+/// `moat inject --image IMAGE FILE` (transparent mode), asserting success.
+fn inject_file_transparent(file: &Path) -> String {
+    inject_file_with(&[], file)
+}
+
+fn inject_file_with(flags: &[&str], file: &Path) -> String {
+    let mut args = vec!["inject", "--image", IMAGE];
+    args.extend(flags);
+    args.push(path_str(file));
+    let out = moat(&args);
     assert!(
         out.status.success(),
         "moat inject {} failed ({}): {}",
@@ -66,8 +86,16 @@ fn inject_file(file: &Path) -> String {
     String::from_utf8(out.stdout).expect("utf-8 output")
 }
 
-/// `moat inject ARGS` with `input` on standard input.
+/// `moat inject --explicit ARGS` with `input` on standard input.
 fn inject_stdin(args: &[&str], input: &str) -> std::process::Output {
+    let mut all = vec!["--explicit"];
+    all.extend(args);
+    inject_stdin_transparent(&all, input)
+}
+
+/// `moat inject ARGS` (transparent unless ARGS say `--explicit`) with
+/// `input` on standard input.
+fn inject_stdin_transparent(args: &[&str], input: &str) -> std::process::Output {
     let mut child = Command::new(moat_bin())
         .arg("inject")
         .args(args)
@@ -388,9 +416,17 @@ fn windows_line_endings_and_a_missing_final_newline_are_handled() {
     assert_eq!(String::from_utf8(again.stdout).unwrap(), out);
 }
 
-/// `moat inject ARGS` on `input`, asserting success; (stdout, stderr).
+/// `moat inject --explicit ARGS` on `input`, asserting success; (stdout, stderr).
 fn inject_ok(args: &[&str], input: &str) -> (String, String) {
-    let out = inject_stdin(args, input);
+    let mut all = vec!["--explicit"];
+    all.extend(args);
+    inject_ok_transparent(&all, input)
+}
+
+/// `moat inject ARGS` on `input` (transparent unless ARGS say
+/// `--explicit`), asserting success; (stdout, stderr).
+fn inject_ok_transparent(args: &[&str], input: &str) -> (String, String) {
+    let out = inject_stdin_transparent(args, input);
     let stderr = String::from_utf8(out.stderr).unwrap();
     assert!(
         out.status.success(),
@@ -696,7 +732,7 @@ fn a_bundle_config_map_without_a_certificate_is_a_warning() {
         std::fs::read_to_string(repo.join("workload.yaml")).unwrap(),
     ]
     .join("---\n");
-    let (_, stderr) = inject_ok(&["--image", "moat:0.1.0", "--quiet"], &stream);
+    let (_, stderr) = inject_ok_transparent(&["--image", "moat:0.1.0", "--quiet"], &stream);
     for workload in ["billing", "frontend"] {
         let want = format!(
             "moat inject: warning: Deployment/{workload} in prod: ConfigMap moat-bundle: bundle.pem holds no certificate"
@@ -709,6 +745,251 @@ fn a_bundle_config_map_without_a_certificate_is_a_warning() {
     let pem = support::moat_ok(&["ca", "bundle", "--dir", path_str(&ca.path().join("ca"))]);
     let block: String = pem.lines().map(|l| format!("    {l}\n")).collect();
     let stream = stream.replace("  bundle.pem: \"\"\n", &format!("  bundle.pem: |\n{block}"));
-    let (_, stderr) = inject_ok(&["--image", "moat:0.1.0", "--quiet"], &stream);
+    let (_, stderr) = inject_ok_transparent(&["--image", "moat:0.1.0", "--quiet"], &stream);
     assert_eq!(stderr, "");
+}
+
+#[test]
+fn transparent_every_kind_matches_its_golden_file() {
+    let update = std::env::var_os("MOAT_UPDATE_GOLDEN").is_some();
+    let mut mismatched = Vec::new();
+    for input in golden_inputs() {
+        let got = inject_file_transparent(&input);
+        let expected_file = transparent_path(&input);
+        if update {
+            std::fs::write(&expected_file, &got).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_file).unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (run with MOAT_UPDATE_GOLDEN=1 to create it)",
+                expected_file.display()
+            )
+        });
+        if got != expected {
+            mismatched.push(format!("{}:\n{got}", input.display()));
+        }
+    }
+    assert!(
+        mismatched.is_empty(),
+        "output differs from the golden file:\n{}",
+        mismatched.join("\n")
+    );
+}
+
+#[test]
+fn transparent_injecting_twice_is_byte_identical() {
+    for input in golden_inputs() {
+        let once = inject_file_transparent(&input);
+        let (again, stderr) = inject_ok_transparent(&["--image", IMAGE, "-"], &once);
+        assert_eq!(
+            again,
+            once,
+            "{}: a second injection changed the output",
+            input.display()
+        );
+        assert!(
+            !stderr.contains("not rewritten"),
+            "{}: {stderr}",
+            input.display()
+        );
+        // --upgrade is a fixed point too (once it has replaced what differs,
+        // such as pod.in.yaml's hand-written token volume).
+        let (up, _) = inject_ok_transparent(&["--upgrade", "--image", IMAGE], &once);
+        let (twice, _) = inject_ok_transparent(&["--upgrade", "--image", IMAGE], &up);
+        assert_eq!(
+            twice,
+            up,
+            "{}: a second --upgrade changed the output",
+            input.display()
+        );
+    }
+}
+
+#[test]
+fn transparent_output_validates_against_the_kubernetes_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut files = Vec::new();
+    for input in golden_inputs() {
+        let out = dir.path().join(input.file_name().unwrap());
+        std::fs::write(&out, inject_file_transparent(&input)).unwrap();
+        files.push(out);
+    }
+    validate(&files);
+}
+
+/// The init containers of the first workload in a JSON output.
+fn init_containers(out: &str) -> Vec<serde_json::Value> {
+    let mut v: serde_json::Value = serde_json::from_str(out).unwrap();
+    pod_spec_mut(&mut v)["initContainers"]
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+#[test]
+fn transparent_mode_puts_a_hardened_redirect_step_first() {
+    let out = inject_file_transparent(&golden_dir().join("kubectl.in.json"));
+    let init = init_containers(&out);
+    let names: Vec<&str> = init.iter().map(|c| c["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["moat-redirect", "moat-proxy", "migrate"]);
+    let redirect = &init[0];
+    assert_eq!(redirect["image"], IMAGE);
+    assert_eq!(
+        redirect["args"],
+        serde_json::json!(["redirect", "--config", "/etc/moat/config/proxy.toml"])
+    );
+    // Not a native sidecar: it runs to completion before the sidecar starts.
+    assert!(redirect.get("restartPolicy").is_none());
+    let sc = &redirect["securityContext"];
+    assert_eq!(sc["runAsUser"], 0);
+    assert_eq!(sc["runAsNonRoot"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["add"], serde_json::json!(["NET_ADMIN"]));
+    assert_eq!(sc["capabilities"]["drop"], serde_json::json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert!(sc.get("privileged").is_none());
+    // proxy.toml is all it reads.
+    assert_eq!(
+        redirect["volumeMounts"],
+        serde_json::json!([{"name": "moat-config", "mountPath": "/etc/moat/config", "readOnly": true}])
+    );
+    // The sidecar is the one explicit mode makes: UID 65532, which the rules exempt.
+    let explicit = init_containers(&inject_file(&golden_dir().join("kubectl.in.json")));
+    assert_eq!(init[1], explicit[0]);
+    assert_eq!(init[1]["securityContext"]["runAsUser"], 65532);
+}
+
+#[test]
+fn transparent_and_explicit_switch_with_upgrade_both_ways() {
+    for input in [
+        "deployment.in.yaml",
+        "statefulset.in.yaml",
+        "probes.in.yaml",
+        "kubectl.in.json",
+    ] {
+        let file = golden_dir().join(input);
+        let explicit = inject_file(&file);
+        let transparent = inject_file_transparent(&file);
+        // Without --upgrade, transparent mode adds the redirect step ...
+        let (added, stderr) = inject_ok_transparent(&["--image", IMAGE], &explicit);
+        assert!(
+            stderr.contains(
+                "redirect step (init container moat-redirect) added, ahead of the sidecar"
+            ),
+            "{input}: {stderr}"
+        );
+        if input == "probes.in.yaml" {
+            // ... but leaves the sidecar, and so the probes, as they are.
+            assert!(stderr.contains("app probe(s) not rewritten"), "{stderr}");
+            assert_ne!(added, transparent);
+        } else {
+            assert_eq!(added, transparent, "{input}");
+        }
+        // With --upgrade it becomes what transparent mode makes of the input.
+        let (up, _) = inject_ok_transparent(&["--upgrade", "--image", IMAGE], &explicit);
+        assert_eq!(up, transparent, "{input}: explicit -> transparent");
+        // --explicit without --upgrade keeps the redirect step, and says so.
+        let (kept, stderr) = inject_ok(&["--image", IMAGE], &transparent);
+        assert_eq!(kept, transparent, "{input}");
+        assert!(
+            stderr.contains("which explicit mode does not use; left as it is")
+                && stderr.contains("--upgrade removes it"),
+            "{input}: {stderr}"
+        );
+        // --upgrade --explicit takes it out again (and restores the probes).
+        let (back, stderr) = inject_ok(&["--upgrade", "--image", IMAGE], &transparent);
+        assert!(
+            stderr.contains("redirect step (init container moat-redirect) removed (explicit mode)"),
+            "{input}: {stderr}"
+        );
+        if input == "probes.in.yaml" {
+            // The originals come back from the sidecar's record, written
+            // anew: the named port as its number, flow style as block.
+            assert!(
+                !back.contains("app-health") && !back.contains("MOAT_APP_PROBES"),
+                "{back}"
+            );
+            for needle in [
+                "          httpGet:
+            path: /healthz
+            port: 8080
+            httpHeaders:
+            - name: X-Probe
+              value: liveness
+          periodSeconds: 10   # kept as it is
+",
+                "        readinessProbe:
+          tcpSocket:
+            port: 8080
+          timeoutSeconds: 2
+",
+                "livenessProbe: {httpGet: {path: /live, port: 9090}, periodSeconds: 5}",
+            ] {
+                assert!(
+                    back.contains(needle),
+                    "{needle:?} not in:
+{back}"
+                );
+            }
+            assert!(
+                stderr
+                    .contains("container app livenessProbe restored (GET 127.0.0.1:8080/healthz)"),
+                "{stderr}"
+            );
+        } else {
+            assert_eq!(back, explicit, "{input}: transparent -> explicit");
+        }
+        // And each is a fixed point of its own mode, with --upgrade.
+        let (again, _) = inject_ok(&["--upgrade", "--image", IMAGE], &back);
+        assert_eq!(again, back, "{input}");
+    }
+}
+
+#[test]
+fn transparent_mode_points_app_probes_at_the_sidecar() {
+    let out = inject_file_transparent(&golden_dir().join("probes.in.yaml"));
+    for needle in [
+        // The block probe, by named port: rewritten; its other keys kept.
+        "        livenessProbe:\n          httpGet:\n            path: /app-health/app/livez\n            port: 9901\n          periodSeconds: 10   # kept as it is\n",
+        // The tcpSocket probe, written in flow style: an httpGet now.
+        "        readinessProbe:\n          httpGet:\n            path: /app-health/app/readyz\n            port: 9901\n          timeoutSeconds: 2\n",
+        // exec probes run in the container: untouched.
+        "        startupProbe:\n          exec:\n            command: [/bin/true]\n",
+        // A flow-style probe stays in flow style.
+        "livenessProbe: {httpGet: {path: /app-health/worker/livez, port: 9901}, periodSeconds: 5}",
+        // HTTPS: untouched.
+        "            port: 9443\n            scheme: HTTPS\n",
+    ] {
+        assert!(out.contains(needle), "{needle:?} not in:\n{out}");
+    }
+    // The originals, for the sidecar's admin listener.
+    let env = out
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("value: "))
+        .filter(|v| v.contains("app-health"))
+        .expect("the sidecar's MOAT_APP_PROBES");
+    let json: String = serde_json::from_str(env).expect("a double-quoted YAML string is JSON here");
+    let probes: serde_json::Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(
+        probes,
+        serde_json::json!({
+            "/app-health/app/livez": {"httpGet": {"path": "/healthz", "port": 8080,
+                "httpHeaders": [{"name": "X-Probe", "value": "liveness"}]}},
+            "/app-health/app/readyz": {"tcpSocket": {"port": 8080}, "timeoutSeconds": 2},
+            "/app-health/worker/livez": {"httpGet": {"path": "/live", "port": 9090}},
+        })
+    );
+    let (_, stderr) = inject_ok_transparent(&["--image", IMAGE], &golden("probes.in.yaml"));
+    for needle in [
+        "Deployment/orders in shop: container app livenessProbe rewritten to GET :9901/app-health/app/livez (the sidecar checks GET 127.0.0.1:8080/healthz)",
+        "Deployment/orders in shop: container app readinessProbe rewritten to GET :9901/app-health/app/readyz (the sidecar checks a TCP connection to 127.0.0.1:8080)",
+        "warning: Deployment/orders in shop: container worker readinessProbe: an HTTPS probe of port 9443",
+        "transparent mode: moat inject adds the moat-redirect init container",
+    ] {
+        assert!(stderr.contains(needle), "{needle:?} not in:\n{stderr}");
+    }
+    // Explicit mode leaves every probe alone.
+    assert!(!inject_file(&golden_dir().join("probes.in.yaml")).contains("app-health"));
 }

@@ -14,10 +14,14 @@
 
 mod support;
 
+mod app_probes;
 mod ca;
 mod ca_postgres;
+mod cli;
 mod demo;
 mod deploy;
+mod doctor;
+mod examples;
 mod faults;
 mod hostile_authz;
 mod hostile_ca;
@@ -46,4 +50,6 @@ mod revocation;
 mod security_fixes;
 mod systemd;
 mod telemetry;
+mod transparent;
+mod vm_path;
 mod websocket;

@@ -765,6 +765,20 @@ fn promtool_checks_and_unit_tests_the_rules() {
                 ],
             },
             {
+                // A policy edit refused at 10m, fixed at 20m.
+                "interval": "1m",
+                "input_series": [{
+                    "series": format!("moat_policy_reload_failed{{{p}, listener=\"in\"}}"),
+                    "values": "0x9 1x10 0x10",
+                }],
+                "promql_expr_test": [
+                    case("MoatPolicyReloadFailed", "9m", json!([])),
+                    case("MoatPolicyReloadFailed", "15m",
+                        json!([{"labels": format!("{{{p}, listener=\"in\"}}"), "value": 1}])),
+                    case("MoatPolicyReloadFailed", "25m", json!([])),
+                ],
+            },
+            {
                 // A retiring root about to expire, an active one with 20 days left.
                 "interval": "1m",
                 "input_series": [

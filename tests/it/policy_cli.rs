@@ -281,3 +281,161 @@ fn policy_test_runs_cases_and_fails_with_the_case_line() {
     ]));
     assert_eq!(code, 64);
 }
+
+#[test]
+fn policy_check_names_a_missing_jwks_file_once_and_suggests_near_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(example("policy.toml"))
+        .unwrap()
+        .replace("policy-jwks.json", "missing-jwks.json");
+    let file = dir.path().join("policy.toml");
+    std::fs::write(&file, &policy).unwrap();
+    let (code, stdout, stderr) = text(&moat(&["policy", "check", path_str(&file)]));
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    let problems: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with(&file.display().to_string()))
+        .collect();
+    assert_eq!(problems.len(), 1, "one problem, the file:\n{stderr}");
+    assert!(
+        problems[0].contains("missing-jwks.json"),
+        "the missing file is named: {stderr}"
+    );
+    assert!(!stderr.contains("unknown issuer"), "{stderr}");
+    assert!(
+        !stderr
+            .lines()
+            .chain(stdout.lines())
+            .any(|l| l.starts_with('{')),
+        "no JSON log line in the CLI's output:\n{stdout}{stderr}"
+    );
+
+    // A typo in an issuer name: the nearest defined one is suggested.
+    let typo = std::fs::read_to_string(example("policy.toml"))
+        .unwrap()
+        .replacen(
+            "issuer = \"corp\", claims = { scope = \"invoices:read\" }",
+            "issuer = \"crop\", claims = { scope = \"invoices:read\" }",
+            1,
+        );
+    let jwks = std::fs::read_to_string(example("policy-jwks.json")).unwrap();
+    std::fs::write(dir.path().join("policy-jwks.json"), jwks).unwrap();
+    std::fs::write(&file, typo).unwrap();
+    let (code, _, stderr) = text(&moat(&["policy", "check", path_str(&file)]));
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("unknown issuer \"crop\": did you mean \"corp\"?"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn policy_explain_takes_a_lower_case_method_and_names_the_unmet_claim() {
+    let policy = example("policy.toml");
+    let explain = |method: &str, claims: &str| {
+        text(&moat(&[
+            "policy",
+            "explain",
+            path_str(&policy),
+            "--peer",
+            "spiffe://example.org/ns/prod/sa/frontend",
+            "--method",
+            method,
+            "--path",
+            "/invoices/42",
+            "--claims",
+            claims,
+        ]))
+    };
+    let (code, stdout, stderr) = explain("get", r#"{"sub": "alice", "scope": "invoices:read"}"#);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("decision: allow (allowed)"),
+        "--method get is GET: {stdout}"
+    );
+    assert!(stderr.is_empty(), "no log lines: {stderr}");
+    let (_, stdout, _) = explain("GET", r#"{"sub": "alice", "scope": "invoices:write"}"#);
+    assert!(
+        stdout.contains("(claim_mismatch)")
+            && stdout.contains("claim \"scope\" must hold \"invoices:read\""),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn policy_tools_handle_path_templates() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.toml");
+    let refund = "[[route]]\nname = \"refund\"\npath = \"/v1/orders/{id}/refund\"\nmethods = [\"POST\"]\npeers = [\"spiffe://example.org/ns/prod/sa/frontend\"]\n";
+    let export = "[[route]]\nname = \"export\"\npath = \"/v1/orders/export/refund\"\ndeny = true\n";
+    // The broader route first: refused, naming both and a request they share.
+    std::fs::write(&file, format!("{refund}\n{export}")).unwrap();
+    let (code, _, stderr) = text(&moat(&["policy", "check", path_str(&file)]));
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "{}:9:8: route \"export\" (\"/v1/orders/export/refund\") is more specific than route \"refund\" (\"/v1/orders/{{id}}/refund\", line 1), which comes first and so decides POST /v1/orders/export/refund",
+            file.display()
+        )),
+        "{stderr}"
+    );
+    // Ambiguous: neither covers the other.
+    let ambiguous = "[[route]]\nname = \"a\"\npath = \"/v1/*/refund\"\nallow = \"any-peer\"\n\n[[route]]\nname = \"b\"\npath = \"/v1/orders/*\"\nallow = \"any-peer\"\n";
+    std::fs::write(&file, ambiguous).unwrap();
+    let (code, _, stderr) = text(&moat(&["policy", "check", path_str(&file)]));
+    assert_eq!(code, 64, "{stderr}");
+    assert!(
+        stderr.contains("are ambiguous: both match GET /v1/orders/refund"),
+        "{stderr}"
+    );
+
+    // The more specific first: valid, and explain shows the template.
+    std::fs::write(&file, format!("{export}\n{refund}")).unwrap();
+    let (code, stdout, stderr) = text(&moat(&["policy", "check", path_str(&file)]));
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let (code, stdout, stderr) = text(&moat(&[
+        "policy",
+        "explain",
+        path_str(&file),
+        "--peer",
+        "spiffe://example.org/ns/prod/sa/frontend",
+        "--method",
+        "post",
+        "--path",
+        "/v1/orders/42/refund",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains(
+            "skipped route \"export\" (line 1): path does not match \"/v1/orders/export/refund\""
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("deciding route: \"refund\" (line 6): path \"/v1/orders/{id}/refund\""),
+        "{stdout}"
+    );
+    assert!(stdout.contains("decision: allow (allowed)"), "{stdout}");
+
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        "[[case]]\nname = \"refund\"\npeer = \"spiffe://example.org/ns/prod/sa/frontend\"\nmethod = \"POST\"\npath = \"/v1/orders/7/refund\"\nexpect = \"allow\"\nroute = \"refund\"\n\n\
+         [[case]]\nname = \"typo\"\npeer = \"spiffe://example.org/ns/prod/sa/frontend\"\nmethod = \"POST\"\npath = \"/v1/orders/export/refund\"\nexpect = \"deny\"\nroute = \"exprot\"\n",
+    )
+    .unwrap();
+    let (code, stdout, _) = text(&moat(&[
+        "policy",
+        "test",
+        path_str(&file),
+        path_str(&cases),
+    ]));
+    assert_eq!(code, 1, "{stdout}");
+    assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
+    assert!(
+        stdout.contains(
+            "expected route \"exprot\", which the policy does not define: did you mean \"export\"?"
+        ),
+        "{stdout}"
+    );
+}

@@ -183,3 +183,44 @@ fn configmap_symlink_swap_is_applied() {
     });
     assert_eq!(watcher.stats().failed.load(Ordering::Relaxed), 0);
 }
+
+#[test]
+fn a_restored_policy_clears_the_reload_error_by_watch_and_by_reload() {
+    moat_ca::install_crypto_provider();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.toml");
+    let good = policy("v1");
+    let bad = "[[route]]\nname = \"broken\"\npath = \"/x\"\nunknown = 1\n";
+    std::fs::write(&path, &good).unwrap();
+
+    // SIGHUP's path: an explicit re-read, no file watch.
+    let watcher = PolicyWatcher::load(&path, JwksCache::new()).unwrap();
+    let stats = watcher.stats();
+    let loaded_at = stats.last_success_unix();
+    assert!(loaded_at > 0 && !stats.failing());
+    std::fs::write(&path, bad).unwrap();
+    assert!(matches!(watcher.reload(), ReloadOutcome::Refused(_)));
+    assert!(stats.failing());
+    let error = stats.last_error().expect("the refusal is kept");
+    assert!(error.contains("unknown field"), "{error}");
+    // The good file back: the same content as the running policy.
+    std::fs::write(&path, &good).unwrap();
+    assert!(matches!(watcher.reload(), ReloadOutcome::Unchanged));
+    assert!(!stats.failing(), "restoring the file clears the refusal");
+    assert_eq!(stats.last_error(), None);
+    assert!(stats.last_success_unix() >= loaded_at);
+    assert_eq!(stats.failed.load(Ordering::Relaxed), 1);
+    drop(watcher);
+
+    // The file watch's path.
+    let mut watcher = PolicyWatcher::load(&path, JwksCache::new()).unwrap();
+    watcher.watch().unwrap();
+    let stats = watcher.stats();
+    write_rename(&path, bad);
+    eventually("the bad edit to be refused", || stats.failing());
+    write_rename(&path, &good);
+    eventually("the restored file to clear the refusal", || {
+        !stats.failing() && stats.last_error().is_none()
+    });
+    assert_eq!(routes(&watcher), ["always", "v1"]);
+}

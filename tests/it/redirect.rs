@@ -29,7 +29,7 @@ const CLIENT: &str = "spiffe://example.org/ns/shop/sa/web";
 const SERVER: &str = "spiffe://example.org/ns/shop/sa/billing";
 
 /// The pods, or `None` after saying why the test cannot run.
-fn pods(tools: &[(&str, &[&str], &str)]) -> Option<Pods> {
+pub(crate) fn pods(tools: &[(&str, &[&str], &str)]) -> Option<Pods> {
     if let Some(why) = unavailable() {
         skip(&why);
         return None;
@@ -50,12 +50,12 @@ fn pods(tools: &[(&str, &[&str], &str)]) -> Option<Pods> {
 }
 
 /// `moat ARGS` inside `ns`, as root unless `user`.
-fn moat_in(ns: &str, user: Option<u32>, args: &[&str]) -> Output {
+pub(crate) fn moat_in(ns: &str, user: Option<u32>, args: &[&str]) -> Output {
     let mut cmd = netns_command_as(ns, moat_bin(), user);
     cmd.args(args).output().expect("run moat")
 }
 
-fn moat_ok_in(ns: &str, args: &[&str]) -> String {
+pub(crate) fn moat_ok_in(ns: &str, args: &[&str]) -> String {
     let out = moat_in(ns, None, args);
     assert!(
         out.status.success(),
@@ -66,7 +66,7 @@ fn moat_ok_in(ns: &str, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-fn nft(ns: &str, args: &[&str]) -> String {
+pub(crate) fn nft(ns: &str, args: &[&str]) -> String {
     let out = netns_command(ns, "nft").args(args).output().expect("nft");
     assert!(
         out.status.success(),
@@ -376,7 +376,7 @@ fn outsider_ip(outsider: &Pod, dst: std::net::IpAddr) -> std::net::IpAddr {
 /// The server pod's app: HTTP/1.1 on `[::]:8080` (every address, both
 /// families), answering with the headers it got and logging each request
 /// (JSON on stderr, for [`Running`]).
-const APP: &str = r#"
+pub(crate) const APP: &str = r#"
 import http.server, json, socket, socketserver, sys
 class App(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
@@ -404,7 +404,7 @@ srv.serve_forever()
 "#;
 
 /// curl inside `ns` (as root): the status (0 when no HTTP answer) and body.
-fn curl_in(ns: &str, args: &[&str]) -> (u16, String) {
+pub(crate) fn curl_in(ns: &str, args: &[&str]) -> (u16, String) {
     let out = netns_command(ns, "curl")
         .args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
         .args(args)
@@ -415,7 +415,13 @@ fn curl_in(ns: &str, args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_owned())
 }
 
-fn sidecar_config(dir: &Path, name: &str, files: &CertFiles, bundle: &Path, rest: &str) -> String {
+pub(crate) fn sidecar_config(
+    dir: &Path,
+    name: &str,
+    files: &CertFiles,
+    bundle: &Path,
+    rest: &str,
+) -> String {
     for f in [&files.cert, &files.key] {
         give_to_moat(f);
     }

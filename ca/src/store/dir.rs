@@ -293,7 +293,9 @@ impl CaDir {
     }
 
     /// Issues a certificate and key for `id` directly (on the CA host) and
-    /// writes them to files, the key with mode 0600.
+    /// writes them to files, the key with mode 0600, each replacing what was
+    /// there atomically. With `cert_out == key_out` one file (0600) holds
+    /// the chain, then the key.
     pub async fn issue_to_files(
         &self,
         id: &SpiffeId,
@@ -317,8 +319,17 @@ impl CaDir {
         self.record_issuance(&issued, id, CredentialKind::Local, None)
             .await?;
         let svid = Svid::from_chain(vec![issued.cert_der.clone()]).map_err(|e| corrupt(&e))?;
-        write_secret(key_out, key.dangerous_private_key_pem().as_bytes())?;
-        fs::write(cert_out, svid.to_pem()).map_err(|source| io_err(cert_out, source))?;
+        let key_pem = key.dangerous_private_key_pem();
+        if cert_out == key_out {
+            let both = format!("{}{key_pem}", svid.to_pem());
+            replace_file(cert_out, both.as_bytes(), 0o600)?;
+        } else {
+            // Each file is replaced whole by a rename. A reader between the
+            // two renames sees a new key beside the old certificate; the
+            // proxy's file watch waits for the pair to fit again.
+            replace_file(key_out, key_pem.as_bytes(), 0o600)?;
+            replace_file(cert_out, svid.to_pem().as_bytes(), 0o644)?;
+        }
         tracing::info!(serial = %svid.serial, spiffe_id = %id, credential = "local", "issued");
         Ok((svid, key))
     }
@@ -573,6 +584,40 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
     file.write_all(bytes)
         .and_then(|_| file.sync_all())
         .map_err(|source| io_err(path, source))
+}
+
+/// Replaces `path` atomically: the bytes go to a new file beside it (with
+/// `mode` from the start, synced), which is then renamed over it, and the
+/// directory synced. A reader sees the old file or the new one, never a part.
+fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io_err(path, std::io::Error::other("not a file name")))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .and_then(|mut file| file.write_all(bytes).and_then(|_| file.sync_all()))
+        .and_then(|_| fs::rename(&tmp, path));
+    if let Err(source) = written {
+        let _ = fs::remove_file(&tmp);
+        return Err(io_err(path, source));
+    }
+    // The rename is durable once the directory is.
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> StoreError {

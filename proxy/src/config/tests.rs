@@ -244,3 +244,35 @@ fn bad_ca_url_lists_name_the_field() {
     let err = parse(&text).unwrap_err().to_string();
     assert!(err.contains("state_dir"), "{err}");
 }
+
+#[test]
+fn destinations_need_outbound_redirection_and_distinct_names() {
+    let base = MINIMAL.to_owned()
+        + "\n[[destination]]\nip = \"10.0.0.5\"\npeer = \"spiffe://example.org/ns/prod/sa/billing\"\n";
+    let err = parse(&base).unwrap_err().to_string();
+    assert!(err.contains("[[destination]] needs [redirect]"), "{err}");
+    let with_redirect =
+        base.clone() + "\n[redirect]\nunmatched = \"deny\"\nmode = \"permissive\"\n";
+    let c = parse(&with_redirect).unwrap();
+    assert_eq!(c.destination.len(), 1);
+    let r = c.redirect.unwrap();
+    assert_eq!(r.unmatched, crate::transparent::Unmatched::Deny);
+    assert_eq!(r.mode, crate::transparent::InboundMode::Permissive);
+    assert_eq!(r.detection_timeout, Duration::from_secs(5));
+    let twice = with_redirect.clone()
+        + "\n[[destination]]\nip = \"10.0.0.5\"\npeer = \"spiffe://example.org/ns/prod/sa/other\"\n";
+    let err = parse(&twice).unwrap_err().to_string();
+    assert!(err.contains("named twice"), "{err}");
+    let bad_peer = with_redirect.replace("spiffe://example.org/ns/prod/sa/billing", "billing");
+    let err = parse(&bad_peer).unwrap_err().to_string();
+    assert!(
+        err.contains("proxy.toml:") && err.contains("billing"),
+        "{err}"
+    );
+    // A transparent client pod may have no listener of its own.
+    let only =
+        "[identity]\ncert = \"c\"\nkey = \"k\"\nbundle = \"b\"\n\n[redirect]\ninbound_ports = []\n";
+    assert!(parse(only).is_ok());
+    let none = only.replace("[redirect]\ninbound_ports = []\n", "");
+    assert!(parse(&none).is_err());
+}

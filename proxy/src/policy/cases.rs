@@ -226,18 +226,31 @@ fn run_one(policy: &Policy, case: &Case, now: SystemTime) -> Result<(), String> 
     if let Some(want) = &case.route
         && want != route
     {
-        problems.push(format!("expected route {want:?}, got {route:?}"));
+        if policy.route_names().any(|n| n == want) {
+            problems.push(format!("expected route {want:?}, got {route:?}"));
+        } else {
+            let hint = super::hint::nearest(want, policy.route_names())
+                .map(|n| format!(": did you mean {n:?}?"))
+                .unwrap_or_default();
+            problems.push(format!(
+                "expected route {want:?}, which the policy does not define{hint} (got {route:?})"
+            ));
+        }
     }
     if let Some(want) = &case.reason
         && want != d.reason.as_str()
     {
         problems.push(format!("expected reason {want}, got {}", d.reason));
     }
+    let claim = d
+        .claim
+        .map(|c| format!(" (claim {c:?})"))
+        .unwrap_or_default();
     if problems.is_empty() {
         Ok(())
     } else {
         Err(format!(
-            "{} (route {route:?}, reason {}: {})",
+            "{} (route {route:?}, reason {}: {}{claim})",
             problems.join("; "),
             d.reason,
             d.detail

@@ -75,7 +75,9 @@ pub fn check(files: &[PathBuf]) -> CheckReport {
 /// Explains the decision for one request, at the current time.
 pub fn explain(file: &Path, req: &ExplainRequest) -> Result<Explanation, CliError> {
     let peer = SpiffeId::parse(&req.peer).map_err(|e| CliError::Peer(req.peer.clone(), e))?;
-    let method = Method::from_bytes(req.method.as_bytes())
+    // Methods are case-sensitive on the wire and in policy files, but a
+    // person typing `--method get` means GET.
+    let method = Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
         .map_err(|_| CliError::Method(req.method.clone()))?;
     let claims: Option<Map<String, Value>> = match &req.claims {
         None => None,

@@ -1,7 +1,10 @@
 //! The policy file format (TOML) and its compilation into a [`Policy`].
 //!
 //! Parsing is strict: unknown fields are refused, every reference is checked,
-//! and a route that an earlier route always shadows is an error. Every error
+//! and routes must be in an order that agrees with their specificity: a
+//! route that an earlier route always shadows, a broader route before a more
+//! specific one it overlaps, and two overlapping routes neither of which is
+//! more specific are errors. Every error
 //! names the file, line and column of the offending value.
 
 use std::collections::{BTreeMap, HashSet};
@@ -17,7 +20,6 @@ use serde::Deserialize;
 use toml::Spanned;
 
 use super::jwks::{JwksCache, JwksSource};
-use super::path;
 use super::{
     ClaimValue, Diagnostic, Issuer, JwtRule, Mode, PathPattern, PeerPattern, PeerRule, Policy,
     PolicyError, Route, Rule,
@@ -179,6 +181,13 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
     let mode = raw.mode.map_or(Mode::Enforce, |m| m.into_inner());
 
     let mut issuers: Vec<Arc<Issuer>> = Vec::new();
+    // Every issuer name the file defines, usable or not: a route naming an
+    // issuer whose JWKS file is missing gets no second, misleading error.
+    let defined: Vec<&str> = raw
+        .issuers
+        .iter()
+        .map(|i| i.get_ref().name.get_ref().as_str())
+        .collect();
     for spanned in &raw.issuers {
         if let Some(issuer) = compile_issuer(spanned.get_ref(), base, cache, &mut diags) {
             if issuers.iter().any(|i| i.name == issuer.name) {
@@ -204,15 +213,9 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
             );
         }
         let line = line_col(text, spanned.span().start).0;
-        if let Some(route) = compile_route(raw, line, &issuers, &mut diags) {
-            if let Some(earlier) = routes.iter().find(|r| r.shadows(&route)) {
-                diags.at(
-                    raw.path.span(),
-                    format!(
-                        "route {:?} can never match: route {:?} (line {}) comes first and matches every request it would",
-                        route.name, earlier.name, earlier.line
-                    ),
-                );
+        if let Some(route) = compile_route(raw, line, &issuers, &defined, &mut diags) {
+            if let Some(problem) = routes.iter().find_map(|r| ordering_problem(r, &route)) {
+                diags.at(raw.path.span(), problem);
             }
             routes.push(route);
         }
@@ -437,9 +440,12 @@ fn compile_route(
     raw: &RawRoute,
     line: usize,
     issuers: &[Arc<Issuer>],
+    defined: &[&str],
     diags: &mut Diags<'_>,
 ) -> Option<Route> {
     let before = diags.list.len();
+    // Set when the route needs an issuer that failed on its own account.
+    let mut broken_issuer = false;
     let name = raw.name.get_ref().clone();
     if name.is_empty() {
         diags.at(raw.name.span(), "route name is empty");
@@ -527,10 +533,11 @@ fn compile_route(
                 PeerRule::Any
             }
         };
-        let jwt = raw
-            .jwt
-            .as_ref()
-            .and_then(|jwt| compile_jwt(jwt.get_ref(), issuers, diags));
+        let jwt = raw.jwt.as_ref().and_then(|jwt| {
+            let rule = compile_jwt(jwt.get_ref(), issuers, defined, diags);
+            broken_issuer |= rule.is_none();
+            rule
+        });
         if jwt.is_none() && raw.jwt.is_none() {
             if let Some(fc) = &raw.forward_claims {
                 diags.at(
@@ -577,7 +584,7 @@ fn compile_route(
         }
     }
     let mode = raw.mode.as_ref().map(|m| *m.get_ref());
-    if diags.list.len() > before {
+    if diags.list.len() > before || broken_issuer {
         return None;
     }
     Some(Route {
@@ -595,55 +602,50 @@ fn compile_route(
 
 fn compile_path(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PathPattern> {
     let s = raw.get_ref();
-    let (base, prefix) = match s.strip_suffix("/*") {
-        Some(base) => (base, true),
-        None => (s.as_str(), false),
-    };
-    if !s.starts_with('/') {
-        diags.at(raw.span(), format!("path {s:?} must start with '/'"));
+    match PathPattern::parse(s) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            diags.at(raw.span(), format!("path {s:?} {e}"));
+            None
+        }
+    }
+}
+
+/// Why `later` cannot come after `earlier`, if it cannot: `earlier` always
+/// shadows it, or the two can match the same request and `later` is the
+/// more specific one (file order decides, so the more specific route must
+/// come first), or neither is more specific (ambiguous).
+fn ordering_problem(earlier: &Route, later: &Route) -> Option<String> {
+    if earlier.shadows(later) {
+        return Some(format!(
+            "route {:?} can never match: route {:?} (line {}) comes first and matches every request it would",
+            later.name, earlier.name, earlier.line
+        ));
+    }
+    let example = earlier.overlap(later)?;
+    if later.path.covers(&earlier.path) {
+        // The earlier route is the more specific (or the same path with
+        // other methods or host): file order and specificity agree.
         return None;
     }
-    if base.contains('*') {
-        diags.at(
-            raw.span(),
-            format!("path {s:?}: only a trailing \"/*\" is a wildcard"),
-        );
-        return None;
+    if earlier.path.covers(&later.path) {
+        return Some(format!(
+            "route {:?} ({:?}) is more specific than route {:?} ({:?}, line {}), which comes first and so decides {example}: put the more specific route first",
+            later.name,
+            later.path.as_str(),
+            earlier.name,
+            earlier.path.as_str(),
+            earlier.line
+        ));
     }
-    let check = if prefix {
-        format!("{base}/")
-    } else {
-        base.to_owned()
-    };
-    if let Err(e) = path::normalize(&check) {
-        diags.at(
-            raw.span(),
-            format!("path {s:?} would never match a request: {e}"),
-        );
-        return None;
-    }
-    if !path::is_normal(&check) {
-        let normal = path::normalize(&check)
-            .map(|n| n.path.into_owned())
-            .unwrap_or_default();
-        diags.at(
-            raw.span(),
-            format!("path {s:?} is not in normal form and would never match; write {normal:?} (requests are matched after normalization)"),
-        );
-        return None;
-    }
-    if prefix && base.ends_with('/') {
-        diags.at(
-            raw.span(),
-            format!("path {s:?} has an empty segment before \"/*\""),
-        );
-        return None;
-    }
-    Some(if prefix {
-        PathPattern::Prefix(base.to_owned())
-    } else {
-        PathPattern::Exact(base.to_owned())
-    })
+    Some(format!(
+        "route {:?} ({:?}) and route {:?} ({:?}, line {}) are ambiguous: both match {example} and neither is more specific; make them disjoint, or make one cover the other and put the more specific first",
+        later.name,
+        later.path.as_str(),
+        earlier.name,
+        earlier.path.as_str(),
+        earlier.line
+    ))
 }
 
 fn compile_peer(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PeerPattern> {
@@ -675,16 +677,23 @@ fn compile_peer(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PeerPatt
     }
 }
 
-fn compile_jwt(raw: &RawJwt, issuers: &[Arc<Issuer>], diags: &mut Diags<'_>) -> Option<JwtRule> {
-    let Some(issuer) = issuers.iter().position(|i| i.name == *raw.issuer.get_ref()) else {
-        diags.at(
-            raw.issuer.span(),
-            format!(
-                "unknown issuer {:?}: define it with [[issuer]] name = {:?}",
-                raw.issuer.get_ref(),
-                raw.issuer.get_ref()
-            ),
-        );
+fn compile_jwt(
+    raw: &RawJwt,
+    issuers: &[Arc<Issuer>],
+    defined: &[&str],
+    diags: &mut Diags<'_>,
+) -> Option<JwtRule> {
+    let name = raw.issuer.get_ref();
+    let Some(issuer) = issuers.iter().position(|i| i.name == *name) else {
+        if defined.contains(&name.as_str()) {
+            // Defined, but refused (its own diagnostic says why).
+            return None;
+        }
+        let message = match super::hint::nearest(name, defined.iter().copied()) {
+            Some(near) => format!("unknown issuer {name:?}: did you mean {near:?}?"),
+            None => format!("unknown issuer {name:?}: define it with [[issuer]] name = {name:?}"),
+        };
+        diags.at(raw.issuer.span(), message);
         return None;
     };
     let audiences = match &raw.audiences {

@@ -1,14 +1,15 @@
 //! Routes indexed by the first segment of their path, so a decision only
-//! tries the routes that can match: those with the request's first segment,
-//! and those matching every path (`/*`). Candidates come out in file order,
+//! tries the routes that can match: those whose pattern starts with the
+//! request's first segment, and those whose first segment is a wildcard
+//! (`/*`, `/{tenant}/...`). Candidates come out in file order,
 //! so first-match-wins is unchanged; `explain` still scans every route to
 //! say why each one did not match.
 
 use std::collections::HashMap;
 
-use super::{PathPattern, Route};
+use super::Route;
 
-/// Route positions by first path segment, plus the `/*` routes.
+/// Route positions by first path segment, plus those with a wildcard there.
 #[derive(Debug, Default)]
 pub(crate) struct RouteIndex {
     by_segment: HashMap<String, Vec<usize>>,
@@ -31,11 +32,11 @@ impl RouteIndex {
     pub(crate) fn build(routes: &[Route]) -> Self {
         let mut index = Self::default();
         for (i, route) in routes.iter().enumerate() {
-            match &route.path {
-                PathPattern::Prefix(p) if p.is_empty() => index.every_path.push(i),
-                PathPattern::Prefix(p) | PathPattern::Exact(p) => index
+            match route.path.first_literal() {
+                None => index.every_path.push(i),
+                Some(first) => index
                     .by_segment
-                    .entry(first_segment(p).to_owned())
+                    .entry(first.to_owned())
                     .or_default()
                     .push(i),
             }

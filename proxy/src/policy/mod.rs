@@ -4,14 +4,15 @@
 //! Matching semantics (the README's five lines):
 //! 1. The path is normalized first (query split off, unreserved `%XX` decoded, `//` and `.`/`..` resolved); `%2F`, `\`, `;`, control characters, bad escapes and `..` above `/` get 400.
 //! 2. Routes are tried in file order; a route matches when the method is in `methods` (absent: any; HEAD is not implied by GET), `host` (if set) equals the Host header without port, case-insensitively, and the path matches.
-//! 3. `path = "/a/b"` matches exactly `/a/b` (case-sensitive; `/a/b/` is another path); `path = "/a/*"` matches `/a` and everything under `/a/`; `"/*"` matches every path.
+//! 3. `path = "/a/b"` matches exactly `/a/b` (case-sensitive; `/a/b/` is another path); `path = "/a/*"` matches `/a` and everything under `/a/`; `"/*"` matches every path; `*` as an inner segment, or `{name}` as any segment, matches one non-empty segment (`/v1/orders/{id}/refund`). When two routes can match the same request, the more specific (the one matching a subset of the other's paths: a literal segment beats a wildcard, a longer pattern the prefix it extends) must come first, and two overlapping routes neither of which is more specific are refused (see [`pattern`]).
 //! 4. The first matching route decides: `deny = true` → 403; peer not in `peers` → 403; JWT missing or invalid → 401; claim conditions unmet → 403; otherwise allow. No route matches → 403.
 //! 5. `mode = "audit"` (file or route) logs what would be denied and lets it through; a 400 for a bad path is never audited away.
 //!
 //! Where to start: [`Policy::load`] (or [`Policy::load_with`] in the proxy,
 //! sharing a [`JwksCache`]), then [`Policy::authorize`] and [`Decision`]. A
 //! running proxy keeps the current policy in a [`PolicyWatcher`]. The modules:
-//! [`path`] (normalization), `file` (format), [`jwt`] (token checks), [`jwks`]
+//! [`path`] (normalization), `pattern` (route paths: templates,
+//! specificity), `file` (format), `hint` ("did you mean"), [`jwt`] (token checks), [`jwks`]
 //! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`), [`cli`]
 //! (what the `moat policy` commands do).
 //!
@@ -29,7 +30,7 @@
 //! let p = policy.load_full();                       // an Arc: fine across .await
 //! let facts = RequestFacts { method, host, path, peer, authorization };
 //! let d = p.authorize_async(&facts, SystemTime::now()).await;
-//! d.log(&facts, p.hash());                          // denials and audited denials only
+//! d.log(&facts, p.hash(), request_id);              // denials and audited denials only
 //! if let Some(resp) = d.deny_response() { return resp; }
 //! d.apply_to_headers(req.headers_mut());            // strip claim headers / token, add claims
 //! // forward with d.forward_path() as the request's path and query
@@ -39,7 +40,8 @@
 //! asymmetric signatures, so HS/RS confusion cannot arise); `jwks_url` needs
 //! `jwks_ca` (moat ships no public web roots); `moat policy check` reads
 //! `jwks_file`s but does not fetch `jwks_url`s; a route that an earlier route
-//! always shadows is an error, in `check` and on reload alike.
+//! always shadows, a broader route before a more specific one it overlaps,
+//! and two ambiguous routes are errors, in `check` and on reload alike.
 
 use std::borrow::Cow;
 use std::fmt;
@@ -54,13 +56,17 @@ use jsonwebtoken::{Algorithm, Validation};
 use moat_ca::SpiffeId;
 use serde_json::{Map, Value};
 
+use pattern::PathPattern;
+
 pub mod cases;
 pub mod cli;
 mod file;
+mod hint;
 mod index;
 pub mod jwks;
 pub mod jwt;
 pub mod path;
+mod pattern;
 pub mod watch;
 
 /// Re-exported so callers can build [`RequestFacts`] without naming `http`.
@@ -188,6 +194,8 @@ pub struct Decision<'a> {
     pub path: Option<NormalizedPath<'a>>,
     /// A short, secret-free explanation (for `explain` and debug logs).
     pub detail: &'static str,
+    /// For `claim_mismatch`: the claim whose condition is unmet.
+    pub claim: Option<&'a str>,
     /// Verified token's `iss`, for the decision log.
     pub jwt_iss: Option<String>,
     /// Verified token's `sub`, for the decision log.
@@ -254,13 +262,6 @@ pub(crate) struct Route {
     pub(crate) mode: Option<Mode>,
 }
 
-pub(crate) enum PathPattern {
-    /// Exactly this path.
-    Exact(String),
-    /// This path and everything under it (`""` for `/*`: every path).
-    Prefix(String),
-}
-
 pub(crate) enum Rule {
     Deny,
     Allow {
@@ -325,11 +326,15 @@ pub struct Explanation {
     pub route: Option<String>,
     /// The deciding route's line in the file.
     pub route_line: Option<usize>,
+    /// The deciding route's path pattern, as written.
+    pub route_path: Option<String>,
     /// The normalized path and query (what the service would receive), or
     /// the normalization error.
     pub normalized: Result<String, PathError>,
     /// Short explanation.
     pub detail: &'static str,
+    /// For `claim_mismatch`: the unmet condition, as `"scope" must hold "a:read"`.
+    pub claim: Option<String>,
     /// True when audit mode would let a denial through.
     pub audited: bool,
     /// One line per route tried before the decision.
@@ -509,16 +514,21 @@ impl Policy {
             None => Credential::Header(facts.authorization),
         };
         let d = self.decide(facts, cred, now, Some(&mut trace));
+        let deciding = d
+            .route
+            .and_then(|n| self.routes.iter().find(|r| r.name == n));
         Explanation {
             status: d.status().as_u16(),
             reason: d.reason.as_str(),
             route: d.route.map(str::to_owned),
-            route_line: d
-                .route
-                .and_then(|n| self.routes.iter().find(|r| r.name == n))
-                .map(|r| r.line),
+            route_line: deciding.map(|r| r.line),
+            route_path: deciding.map(|r| r.path.as_str().to_owned()),
             normalized: path::normalize(facts.path).map(|n| n.path_and_query().into_owned()),
             detail: d.detail,
+            claim: d.claim.and_then(|name| {
+                let want = deciding?.claim_condition(name)?;
+                Some(format!("{name:?} must hold {}", want.describe()))
+            }),
             audited: d.audited,
             trace,
             add_headers: d
@@ -543,6 +553,7 @@ impl Policy {
             audited: false,
             path: None,
             detail: "no route matches the request",
+            claim: None,
             jwt_iss: None,
             jwt_sub: None,
             add_headers: Vec::new(),
@@ -596,9 +607,9 @@ impl Policy {
                 Ok(()) => true,
                 Err(why) => {
                     let why = match why {
-                        Mismatch::Method => "method does not match",
-                        Mismatch::Host => "host does not match",
-                        Mismatch::Path => "path does not match",
+                        Mismatch::Method => "method does not match".to_owned(),
+                        Mismatch::Host => "host does not match".to_owned(),
+                        Mismatch::Path => format!("path does not match {:?}", route.path),
                     };
                     trace.push(format!(
                         "route {:?} (line {}): {why}",
@@ -653,13 +664,14 @@ impl Policy {
             };
             d.jwt_iss = claims.get("iss").and_then(Value::as_str).map(str::to_owned);
             d.jwt_sub = claims.get("sub").and_then(Value::as_str).map(str::to_owned);
-            if rule
+            if let Some((name, _)) = rule
                 .claims
                 .iter()
-                .any(|(name, want)| !claim_holds(claims.get(name), name, want))
+                .find(|(name, want)| !claim_holds(claims.get(name), name, want))
             {
                 d.reason = Reason::ClaimMismatch;
                 d.detail = "a claim condition of the route is not met";
+                d.claim = Some(name);
                 return;
             }
             for (claim, header) in &route.forward_claims {
@@ -692,6 +704,16 @@ impl Route {
         Ok(())
     }
 
+    /// The route's condition on claim `name`, if it has one.
+    fn claim_condition(&self, name: &str) -> Option<&ClaimValue> {
+        match &self.rule {
+            Rule::Allow { jwt: Some(jwt), .. } => {
+                jwt.claims.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+            }
+            _ => None,
+        }
+    }
+
     /// True when this (earlier) route matches every request `later` would.
     pub(crate) fn shadows(&self, later: &Route) -> bool {
         let methods = match (&self.methods, &later.methods) {
@@ -704,32 +726,25 @@ impl Route {
             (Some(a), Some(b)) => a == b,
             (Some(_), None) => false,
         };
-        let path = match (&self.path, &later.path) {
-            (PathPattern::Exact(a), PathPattern::Exact(b)) => a == b,
-            (PathPattern::Exact(_), PathPattern::Prefix(_)) => false,
-            (PathPattern::Prefix(_), PathPattern::Exact(b)) => self.path.matches(b),
-            (PathPattern::Prefix(a), PathPattern::Prefix(b)) => {
-                a.is_empty()
-                    || b == a
-                    || b.strip_prefix(a.as_str())
-                        .is_some_and(|r| r.starts_with('/'))
-            }
-        };
-        methods && host && path
+        methods && host && self.path.covers(&later.path)
     }
-}
 
-impl PathPattern {
-    fn matches(&self, path: &str) -> bool {
-        match self {
-            Self::Exact(p) => p == path,
-            Self::Prefix(p) => {
-                p.is_empty()
-                    || path
-                        .strip_prefix(p.as_str())
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            }
+    /// A request both this (earlier) route and `later` match, as
+    /// `METHOD /path`, if there is one.
+    pub(crate) fn overlap(&self, later: &Route) -> Option<String> {
+        let method = match (&self.methods, &later.methods) {
+            (None, None) => Method::GET,
+            (Some(a), None) => a.first()?.clone(),
+            (None, Some(b)) => b.first()?.clone(),
+            (Some(a), Some(b)) => a.iter().find(|m| b.contains(m))?.clone(),
+        };
+        if let (Some(a), Some(b)) = (&self.host, &later.host)
+            && a != b
+        {
+            return None;
         }
+        let path = self.path.overlap(&later.path)?;
+        Some(format!("{method} {path}"))
     }
 }
 
@@ -759,6 +774,24 @@ fn host_without_port(host: &str) -> &str {
         })
     };
     host.strip_suffix('.').unwrap_or(host)
+}
+
+impl ClaimValue {
+    /// As written in the policy file (`"a"`, `3`, `true`, `["a", "b"]`).
+    fn describe(&self) -> String {
+        match self {
+            Self::String(s) => format!("{s:?}"),
+            Self::Integer(i) => i.to_string(),
+            Self::Bool(b) => b.to_string(),
+            Self::All(all) => format!(
+                "[{}]",
+                all.iter()
+                    .map(Self::describe)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
 }
 
 /// Does the token's claim satisfy the route's condition? Strings equal, or
@@ -917,9 +950,10 @@ impl Decision<'_> {
     }
 
     /// Emits the decision log line for a denial or an audited would-be
-    /// denial (nothing for an allow): route, policy hash, peer, JWT `iss` and
-    /// `sub`, method, path and reason, as structured fields.
-    pub fn log(&self, facts: &RequestFacts<'_>, policy_hash: &str) {
+    /// denial (nothing for an allow): request id (the access log line's),
+    /// route (`-` for none, as in the access log), policy hash, peer, JWT
+    /// `iss` and `sub`, method, path and reason, as structured fields.
+    pub fn log(&self, facts: &RequestFacts<'_>, policy_hash: &str, request_id: impl fmt::Display) {
         if self.verdict == Verdict::Allow {
             return;
         }
@@ -931,9 +965,10 @@ impl Decision<'_> {
         };
         tracing::warn!(
             target: "moat::policy",
+            request_id = %request_id,
             decision = if self.forwards() { "audit" } else { "deny" },
             status = self.status().as_u16(),
-            route = self.route.unwrap_or(""),
+            route = self.route.unwrap_or("-"),
             policy_hash,
             peer = %facts.peer,
             jwt_iss = self.jwt_iss.as_deref().unwrap_or(""),
@@ -941,6 +976,7 @@ impl Decision<'_> {
             method = %facts.method,
             path,
             reason = self.reason.as_str(),
+            claim = self.claim,
             "{message}"
         );
     }
@@ -956,14 +992,27 @@ impl fmt::Display for Explanation {
             writeln!(f, "  skipped {line}")?;
         }
         match (&self.route, self.route_line) {
-            (Some(r), Some(line)) => writeln!(f, "deciding route: {r:?} (line {line})")?,
+            (Some(r), Some(line)) => {
+                write!(f, "deciding route: {r:?} (line {line})")?;
+                match &self.route_path {
+                    Some(p) => writeln!(f, ": path {p:?}")?,
+                    None => writeln!(f)?,
+                }
+            }
             _ => writeln!(f, "deciding route: none")?,
         }
         let verdict = match self.status {
             200 => "allow".to_owned(),
             s => format!("deny {s}"),
         };
-        writeln!(f, "decision: {verdict} ({}): {}", self.reason, self.detail)?;
+        match &self.claim {
+            Some(claim) => writeln!(
+                f,
+                "decision: {verdict} ({}): {}: claim {claim}",
+                self.reason, self.detail
+            )?,
+            None => writeln!(f, "decision: {verdict} ({}): {}", self.reason, self.detail)?,
+        }
         if self.audited {
             writeln!(f, "audit mode: the request would be let through and logged")?;
         }

@@ -678,7 +678,7 @@ fn audit_mode_lets_would_be_denials_through_but_not_bad_paths() {
         assert_ne!(d.verdict, Verdict::Allow, "{path}");
         assert_eq!(d.forwards(), forwards, "{path}");
         assert_eq!(d.deny_response().is_none(), forwards, "{path}");
-        d.log(&facts, f.policy.hash());
+        d.log(&facts, f.policy.hash(), "0123456789abcdef");
     }
 }
 
@@ -808,7 +808,10 @@ fn file_errors_name_line_and_column() {
         ("mode = \"enforced\"\n".into(), "1:8: unknown variant `enforced`"),
         ("[[route]]\nname = \"a\"\npath = \"/a\"\nallow = \"everyone\"\n".into(), "4:9: unknown variant `everyone`"),
         ("[[route]]\nname = \"a\"\npath = \"a\"\nallow = \"any-peer\"\n".into(), "3:8: path \"a\" must start with '/'"),
-        ("[[route]]\nname = \"a\"\npath = \"/a/*/b\"\nallow = \"any-peer\"\n".into(), "3:8: path \"/a/*/b\": only a trailing \"/*\" is a wildcard"),
+        ("[[route]]\nname = \"a\"\npath = \"/a*/b\"\nallow = \"any-peer\"\n".into(), "3:8: path \"/a*/b\" has a wildcard inside the segment \"a*\""),
+        ("[[route]]\nname = \"a\"\npath = \"/orders/order-{id}\"\nallow = \"any-peer\"\n".into(), "3:8: path \"/orders/order-{id}\" has a wildcard inside the segment"),
+        ("[[route]]\nname = \"a\"\npath = \"/v1/*/refund\"\nallow = \"any-peer\"\n[[route]]\nname = \"b\"\npath = \"/v1/orders/*\"\nallow = \"any-peer\"\n".into(), "7:8: route \"b\" (\"/v1/orders/*\") and route \"a\" (\"/v1/*/refund\", line 1) are ambiguous: both match GET /v1/orders/refund"),
+        ("[[route]]\nname = \"any\"\npath = \"/v1/orders/*/refund\"\nmethods = [\"POST\"]\nallow = \"any-peer\"\n[[route]]\nname = \"one\"\npath = \"/v1/orders/export/refund\"\ndeny = true\n".into(), "8:8: route \"one\" (\"/v1/orders/export/refund\") is more specific than route \"any\" (\"/v1/orders/*/refund\", line 1), which comes first and so decides POST /v1/orders/export/refund"),
         ("[[route]]\nname = \"a\"\npath = \"/a//b\"\nallow = \"any-peer\"\n".into(), "3:8: path \"/a//b\" is not in normal form"),
         ("[[route]]\nname = \"a\"\npath = \"/a%2Fb\"\nallow = \"any-peer\"\n".into(), "3:8: path \"/a%2Fb\" would never match a request"),
         ("[[route]]\nname = \"a\"\npath = \"/a\"\n".into(), "2:8: route needs allow = \"any-peer\", peers = [...], or deny = true"),
@@ -887,6 +890,71 @@ fn shadowing_rules() {
         let errors = errors_of(&format!("{first}{second}"));
         assert!(errors.is_empty(), "{first}{second}: {errors:?}");
     }
+}
+
+#[test]
+fn path_templates_match_one_segment_and_the_more_specific_route_decides() {
+    let text = r#"
+[[route]]
+name  = "refund-export"
+path  = "/v1/orders/export/refund"
+deny  = true
+
+[[route]]
+name  = "refund"
+path  = "/v1/orders/{id}/refund"
+methods = ["POST"]
+peers = ["spiffe://example.org/ns/prod/sa/frontend"]
+
+[[route]]
+name  = "order"
+path  = "/v1/orders/*/*"
+methods = ["GET"]
+allow = "any-peer"
+
+[[route]]
+name  = "tenant-health"
+path  = "/*/health"
+allow = "any-peer"
+"#;
+    let f = fixture_with(text);
+    let any = "spiffe://example.org/ns/dev/sa/other";
+    use Reason::*;
+    use Verdict::*;
+    #[rustfmt::skip]
+    let cases: &[Row] = &[
+        ("POST", None, "/v1/orders/42/refund", FRONTEND, None, Allow, Allowed, Some("refund")),
+        ("POST", None, "/v1/orders/42/refund", any, None, Forbidden, PeerNotAllowed, Some("refund")),
+        ("POST", None, "/v1/orders/export/refund", FRONTEND, None, Forbidden, ExplicitDeny, Some("refund-export")),
+        ("POST", None, "/v1/orders//refund", FRONTEND, None, Forbidden, NoRoute, None),
+        ("POST", None, "/v1/orders/42/refund/", FRONTEND, None, Forbidden, NoRoute, None),
+        ("POST", None, "/v1/orders/4/2/refund", FRONTEND, None, Forbidden, NoRoute, None),
+        ("POST", None, "/v1/orders/x/../42/refund", FRONTEND, None, Allow, Allowed, Some("refund")),
+        ("GET", None, "/v1/orders/42", any, None, Allow, Allowed, Some("order")),
+        ("GET", None, "/v1/orders/42/lines/7", any, None, Allow, Allowed, Some("order")),
+        ("GET", None, "/v1/orders", any, None, Forbidden, NoRoute, None),
+        ("GET", None, "/acme/health", any, None, Allow, Allowed, Some("tenant-health")),
+        ("GET", None, "/health", any, None, Forbidden, NoRoute, None),
+    ];
+    for (method, host, path, peer, token, verdict, reason, route) in cases {
+        let got = decide(&f.policy, method, *host, path, peer, *token);
+        assert_eq!(
+            got,
+            (*verdict, *reason, route.map(str::to_owned)),
+            "{method} {path} as {peer}"
+        );
+    }
+    // The same routes in the other order: the broader one first is refused.
+    let swapped = text.replacen("refund-export", "tmp", 1);
+    let (head, tail) = swapped.split_at(swapped.find("[[route]]\nname  = \"refund\"").unwrap());
+    let (refund, rest) = tail.split_at(tail.find("[[route]]\nname  = \"order\"").unwrap());
+    let errors = errors_of(&format!("{refund}{head}{rest}"));
+    assert!(
+        errors.iter().any(|e| e.contains(
+            "route \"tmp\" (\"/v1/orders/export/refund\") is more specific than route \"refund\""
+        ) && e.contains("POST /v1/orders/export/refund")),
+        "{errors:?}"
+    );
 }
 
 #[test]
@@ -1102,19 +1170,32 @@ fn audited_requests_on_a_jwt_route_never_forward_the_token() {
 fn indexed_and_linear_route_lookup_agree() {
     use rand::Rng;
     let segs = ["a", "b", "ab", "c"];
-    let mut text = String::new();
-    let mut n = 0;
+    // Routes may also have single-segment wildcards (requests never do);
+    // literals are likelier, so that not every route overlaps every other.
+    let route_segs = ["a", "b", "ab", "c", "a", "b", "c", "*", "{x}"];
+    let mut routes: Vec<String> = Vec::new();
     let mut seen = std::collections::HashSet::new();
     let mut rng = rand::rng();
-    for _ in 0..2000 {
-        if n == 60 {
+    let parses = |routes: &[String]| {
+        Policy::parse(
+            Path::new("/nonexistent/p.toml"),
+            &routes.concat(),
+            &JwksCache::default(),
+        )
+        .is_ok()
+    };
+    for _ in 0..3000 {
+        if routes.len() == 40 {
             break;
         }
-        let depth = rng.random_range(0..3);
+        let depth = rng.random_range(0..4);
         let mut path = String::new();
         for _ in 0..depth {
             path.push('/');
-            path.push_str(segs[rng.random_range(0..segs.len())]);
+            path.push_str(route_segs[rng.random_range(0..route_segs.len())]);
+        }
+        if path.ends_with("/*") && rng.random_range(0..2) == 0 {
+            path.push_str("/c");
         }
         let path = match (path.is_empty(), rng.random_range(0..3)) {
             (true, 0) => "/".to_owned(),
@@ -1126,29 +1207,33 @@ fn indexed_and_linear_route_lookup_agree() {
             "",
             "methods = [\"GET\"]\n",
             "methods = [\"POST\", \"GET\"]\n",
-        ][rng.random_range(0..3)];
+            "methods = [\"DELETE\"]\n",
+        ][rng.random_range(0..4)];
         let host = ["", "host = \"h.example\"\n"][rng.random_range(0..2)];
         if path == "/*" && methods.is_empty() && host.is_empty() {
             continue;
         }
-        let candidate = format!(
-            "[[route]]\nname = \"r{n}\"\npath = \"{path}\"\n{methods}{host}allow = \"any-peer\"\n"
-        );
-        // Keep only routes no earlier one shadows (the parser refuses those).
-        let attempt = format!("{text}{candidate}");
-        if !seen.insert((path.clone(), methods, host))
-            || Policy::parse(
-                Path::new("/nonexistent/p.toml"),
-                &attempt,
-                &JwksCache::default(),
-            )
-            .is_err()
-        {
+        if !seen.insert((path.clone(), methods, host)) {
             continue;
         }
-        text = attempt;
-        n += 1;
+        let candidate = format!(
+            "[[route]]\nname = \"r{}\"\npath = \"{path}\"\n{methods}{host}allow = \"any-peer\"\n",
+            routes.len()
+        );
+        // Keep only routes the parser accepts (not shadowed, in
+        // specificity order): last, or else first.
+        routes.push(candidate);
+        if parses(&routes) {
+            continue;
+        }
+        let candidate = routes.pop().unwrap();
+        routes.insert(0, candidate);
+        if !parses(&routes) {
+            routes.remove(0);
+        }
     }
+    let n = routes.len();
+    let mut text = routes.concat();
     assert!(n >= 8, "only {n} routes:\n{text}");
     // A catch-all last, so that some requests fall through to it.
     text.push_str(

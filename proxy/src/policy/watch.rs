@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use notify::{RecursiveMode, Watcher};
@@ -29,7 +29,11 @@ pub struct ReloadStats {
     /// The same invalid content seen again (several events for one save) is
     /// counted once.
     pub failed: AtomicU64,
-    /// The last refusal's first diagnostic, cleared by a successful reload.
+    /// When the file was last found valid and in force (Unix seconds): the
+    /// first load, a reload that applied, or a re-read that found the file
+    /// back to the running policy.
+    last_success_unix: AtomicU64,
+    /// The last refusal's first diagnostic, cleared by the next good load.
     last_error: Mutex<Option<String>>,
     /// Hash of the last refused content, to count and log it once.
     last_refused: Mutex<Option<String>>,
@@ -40,6 +44,27 @@ impl ReloadStats {
     /// reload attempt was refused.
     pub fn last_error(&self) -> Option<String> {
         self.last_error.lock().expect("reload stats").clone()
+    }
+
+    /// True when the last reload attempt was refused (the running policy is
+    /// older than the file).
+    pub fn failing(&self) -> bool {
+        self.last_error.lock().expect("reload stats").is_some()
+    }
+
+    /// When the file was last found valid and in force, as Unix seconds.
+    pub fn last_success_unix(&self) -> u64 {
+        self.last_success_unix.load(Ordering::Relaxed)
+    }
+
+    /// The file is valid and in force: forget the last refusal.
+    fn succeeded(&self) {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        self.last_success_unix.store(now, Ordering::Relaxed);
+        *self.last_error.lock().expect("reload stats") = None;
+        *self.last_refused.lock().expect("reload stats") = None;
     }
 }
 
@@ -72,11 +97,13 @@ impl PolicyWatcher {
     /// error), binding its issuers to `cache`. Does not watch yet.
     pub fn load(path: &Path, cache: Arc<JwksCache>) -> Result<Self, PolicyError> {
         let policy = Policy::load_with(path, &cache)?;
+        let stats = Arc::new(ReloadStats::default());
+        stats.succeeded();
         Ok(Self {
             path: path.to_path_buf(),
             current: Arc::new(ArcSwap::from_pointee(policy)),
             cache,
-            stats: Arc::default(),
+            stats,
             _watcher: None,
         })
     }
@@ -165,6 +192,12 @@ fn reload(
     };
     let content_hash = super::file::short_hash(text.as_bytes());
     if content_hash == current.load().hash() {
+        // The file is back to the running policy (a bad edit undone): the
+        // refusal no longer describes the file.
+        if stats.failing() {
+            stats.succeeded();
+            tracing::info!(target: "moat::policy", file = %path.display(), policy_hash = %content_hash, "policy file restored to the running policy");
+        }
         return ReloadOutcome::Unchanged;
     }
     match Policy::parse(path, &text, cache) {
@@ -173,8 +206,7 @@ fn reload(
             let old = current.load().hash().to_owned();
             current.store(Arc::new(policy));
             stats.ok.fetch_add(1, Ordering::Relaxed);
-            *stats.last_error.lock().expect("reload stats") = None;
-            *stats.last_refused.lock().expect("reload stats") = None;
+            stats.succeeded();
             tracing::info!(target: "moat::policy", file = %path.display(), policy_hash = %hash, previous_hash = %old, "policy reloaded");
             ReloadOutcome::Applied { hash }
         }

@@ -76,6 +76,23 @@ pub struct RedirectConfig {
     /// Also exempt connections owned by this GID (absent: UID only).
     #[serde(default)]
     pub proxy_gid: Option<Owner>,
+    /// The proxy's transparent inbound: `strict` (mutual TLS only, the
+    /// default) or `permissive` (plaintext too, counted). Not a rule.
+    #[serde(default)]
+    pub mode: crate::transparent::InboundMode,
+    /// Ports of server-first protocols (MySQL, SMTP): never peeked at.
+    #[serde(default)]
+    pub opaque_ports: Vec<u16>,
+    /// How long `permissive` waits for a connection's first byte.
+    #[serde(default = "default_detection_timeout", with = "humantime_serde")]
+    pub detection_timeout: std::time::Duration,
+    /// What the transparent outbound does with a destination no
+    /// `[[destination]]` matches.
+    #[serde(default)]
+    pub unmatched: crate::transparent::Unmatched,
+    /// How often `[[destination]]` host names are resolved again.
+    #[serde(default = "default_dns_refresh", with = "humantime_serde")]
+    pub dns_refresh: std::time::Duration,
 }
 
 /// Which inbound ports are redirected.
@@ -206,6 +223,14 @@ fn default_proxy_uid() -> Owner {
     Owner::Id(DEFAULT_PROXY_UID)
 }
 
+fn default_detection_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
+}
+
+fn default_dns_refresh() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
 fn yes() -> bool {
     true
 }
@@ -222,6 +247,11 @@ impl Default for RedirectConfig {
             skip_outbound_cidrs: Vec::new(),
             proxy_uid: default_proxy_uid(),
             proxy_gid: None,
+            mode: Default::default(),
+            opaque_ports: Vec::new(),
+            detection_timeout: default_detection_timeout(),
+            unmatched: Default::default(),
+            dns_refresh: default_dns_refresh(),
         }
     }
 }
@@ -249,6 +279,10 @@ impl RedirectConfig {
         };
         zero("skip_inbound_ports", &self.skip_inbound_ports)?;
         zero("skip_outbound_ports", &self.skip_outbound_ports)?;
+        zero("opaque_ports", &self.opaque_ports)?;
+        if self.detection_timeout.is_zero() || self.dns_refresh.is_zero() {
+            return Err("detection_timeout and dns_refresh must be positive".into());
+        }
         match &self.inbound_ports {
             InboundPorts::All => {}
             InboundPorts::Listed(ports) => {

@@ -12,7 +12,6 @@ pub mod verify;
 use std::fmt;
 use std::sync::Arc;
 
-use moat_ca::SpiffeId;
 use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
@@ -105,13 +104,15 @@ impl TlsFactory {
         Ok(Arc::new(config))
     }
 
-    /// An outbound client configuration expecting the peer `expected`.
+    /// An outbound client configuration expecting the peer `expected` (an
+    /// ID, or a `/*` pattern for a transparent destination).
     pub fn client(
         &self,
-        expected: SpiffeId,
+        expected: impl Into<PeerPattern>,
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, TlsConfigError> {
-        let verifier = PeerServerVerifier::new(self.store.clone(), expected, self.provider.clone());
+        let verifier =
+            PeerServerVerifier::new(self.store.clone(), expected.into(), self.provider.clone());
         let mut config = ClientConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(self.versions)?
             .dangerous()

@@ -92,7 +92,7 @@ impl Credentials {
             rustls_pki_types::UnixTime::now(),
             provider.signature_verification_algorithms.all,
         )
-        .map_err(|e| CredentialError::Chain(e.to_string()))?;
+        .map_err(|e| CredentialError::Chain(chain_failure(&e, &svid, &bundle)))?;
         let trust_domain = TrustDomain::parse(svid.id.trust_domain_name())
             .map_err(|e| CredentialError::Chain(e.to_string()))?;
         Ok(Self {
@@ -128,6 +128,45 @@ impl Credentials {
             trust_domain: self.trust_domain.clone(),
         })
     }
+}
+
+/// Why our own chain does not verify. When it leads to none of the
+/// bundle's roots (the usual cause: a bundle from another CA, or from before
+/// a rotation), says who issued the certificate and which roots were tried.
+fn chain_failure(e: &rustls::Error, svid: &Svid, bundle: &TrustBundle) -> String {
+    use rustls::CertificateError;
+    let leads_nowhere = matches!(
+        e,
+        rustls::Error::InvalidCertificate(
+            CertificateError::BadSignature | CertificateError::UnknownIssuer
+        )
+    );
+    if !leads_nowhere {
+        return e.to_string();
+    }
+    let name = |der: &[u8], issuer: bool| {
+        x509_parser::parse_x509_certificate(der)
+            .map(|(_, c)| {
+                if issuer {
+                    c.issuer().to_string()
+                } else {
+                    c.subject().to_string()
+                }
+            })
+            .unwrap_or_else(|_| "an unparsable certificate".to_owned())
+    };
+    let issuer = name(&svid.chain[0], true);
+    let tried: Vec<String> = bundle
+        .roots()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| format!("{}. {}", i + 1, name(r, false)))
+        .collect();
+    format!(
+        "{e}: the chain (certificate issued by \"{issuer}\") does not lead to any root of the bundle; tried {} root(s): {}",
+        tried.len(),
+        tried.join("; ")
+    )
 }
 
 impl fmt::Debug for Credentials {

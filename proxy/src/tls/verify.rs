@@ -97,10 +97,11 @@ pub enum PeerIdError {
 }
 
 /// Outbound: the server (peer sidecar) must chain to the bundle and present
-/// exactly the configured SPIFFE ID.
+/// exactly the configured SPIFFE ID (or one under a transparent
+/// destination's `/*` pattern).
 pub struct PeerServerVerifier {
     store: Arc<CredentialStore>,
-    expected: SpiffeId,
+    expected: PeerPattern,
     provider: Arc<CryptoProvider>,
 }
 
@@ -174,12 +175,12 @@ impl PeerServerVerifier {
     /// A verifier expecting `expected`.
     pub fn new(
         store: Arc<CredentialStore>,
-        expected: SpiffeId,
+        expected: impl Into<PeerPattern>,
         provider: Arc<CryptoProvider>,
     ) -> Self {
         Self {
             store,
-            expected,
+            expected: expected.into(),
             provider,
         }
     }
@@ -208,10 +209,10 @@ impl ServerCertVerifier for PeerServerVerifier {
         )
         .map_err(unknown_issuer)?;
         let id = peer_id(&self.store, end_entity, now)?;
-        if id != self.expected {
+        if !self.expected.matches(&id) {
             return Err(reject(PeerIdError::WrongId {
                 got: id.as_str().to_owned(),
-                want: self.expected.as_str().to_owned(),
+                want: format!("{:?}", self.expected),
             }));
         }
         Ok(ServerCertVerified::assertion())

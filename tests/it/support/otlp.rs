@@ -103,7 +103,12 @@ fn hex(bytes: &[u8]) -> String {
 impl Receiver {
     /// Starts a receiver on 127.0.0.1:0.
     pub fn start() -> Self {
-        let std_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+    }
+
+    /// Starts a receiver on a bound listener (one made in another network
+    /// namespace, say).
+    pub fn start_on(std_listener: std::net::TcpListener) -> Self {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));

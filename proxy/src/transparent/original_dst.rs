@@ -1,28 +1,10 @@
-//! Transparent mode: connections that the redirect rules (`moat redirect`,
-//! [`crate::redirect`]) sent to moat, and where they were going.
-//!
-//! [`original_dst`] reads a redirected connection's original destination
-//! from conntrack (`SO_ORIGINAL_DST`, `IP6T_SO_ORIGINAL_DST`).
-//! [`TransparentInbound`] is the listener the inbound rules redirect to: it
-//! reads the original port of each connection and hands the connection to
-//! the `[[inbound]]` listener that forwards to `127.0.0.1:<that port>`, which
-//! does what it does for its own connections (mutual TLS, `allow_peers`,
-//! route policy, forwarding). A port no `[[inbound]]` forwards to is
-//! refused: plaintext from outside never reaches the app.
+//! `SO_ORIGINAL_DST`: where a redirected TCP connection was going before
+//! the redirect rules' NAT changed it.
 
-use std::collections::HashMap;
 use std::io;
 use std::mem::MaybeUninit;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd};
-use std::sync::Arc;
-
-use tokio::net::TcpStream;
-
-use crate::{conn, drain, inbound};
-
-/// The name of the transparent inbound listener in logs and metrics.
-pub const INBOUND_NAME: &str = "transparent-inbound";
 
 /// The destination a redirected TCP connection had before NAT changed it.
 ///
@@ -110,77 +92,10 @@ fn getsockopt<T: Copy>(fd: libc::c_int, level: libc::c_int, name: libc::c_int) -
     Ok(unsafe { value.assume_init() })
 }
 
-/// The transparent inbound listener: redirected connections, each served by
-/// the `[[inbound]]` listener whose `forward` port is its original port.
-pub struct TransparentInbound {
-    by_port: HashMap<u16, Arc<inbound::Shared>>,
-    listen_port: u16,
-}
-
-/// One bound transparent inbound listener, ready to serve.
-pub type TransparentListener = conn::Listener<TransparentInbound>;
-
-impl TransparentInbound {
-    /// Binds `[::]:port` (IPv4 and IPv6; `0.0.0.0:port` where the host has
-    /// no IPv6), serving connections by their original port with `by_port`.
-    pub async fn bind(
-        port: u16,
-        by_port: HashMap<u16, Arc<inbound::Shared>>,
-        max_connections: usize,
-    ) -> Result<(TransparentListener, SocketAddr), crate::Error> {
-        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
-        let (listener, addr) = match conn::bind(INBOUND_NAME, any6).await {
-            Ok(bound) => bound,
-            Err(crate::Error::Bind { source, .. })
-                if matches!(
-                    source.raw_os_error(),
-                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
-                ) =>
-            {
-                conn::bind(
-                    INBOUND_NAME,
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                )
-                .await?
-            }
-            Err(e) => return Err(e),
-        };
-        let shared = Self {
-            by_port,
-            listen_port: addr.port(),
-        };
-        let listener =
-            conn::Listener::new(listener, addr, INBOUND_NAME.into(), max_connections, shared);
-        Ok((listener, addr))
-    }
-}
-
-impl conn::Serve for TransparentInbound {
-    async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
-        let dst = match original_dst(&tcp) {
-            Ok(dst) => dst,
-            Err(e) => {
-                tracing::info!(listener = INBOUND_NAME, peer_addr = %addr, error = %e, "refused: no original destination (not redirected?)");
-                return;
-            }
-        };
-        // A connection made to this port directly was not redirected; its
-        // "original" port is ours, and forwarding it would loop.
-        let target = (dst.port() != self.listen_port)
-            .then(|| self.by_port.get(&dst.port()))
-            .flatten();
-        match target {
-            Some(shared) => shared.clone().connection(tcp, addr, drain).await,
-            None => {
-                tracing::info!(listener = INBOUND_NAME, peer_addr = %addr, original_dst = %dst, "refused: no [[inbound]] forwards to this port");
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::net::TcpStream;
 
     #[tokio::test]
     async fn a_connection_that_was_not_redirected_has_no_other_destination() {

@@ -1,0 +1,240 @@
+//! The transparent outbound listener: what the app dials, redirected by the
+//! `output` rules to `127.0.0.1:15001` (`[::1]:15001` for IPv6).
+//!
+//! Each connection's original destination is looked up in the
+//! `[[destination]]` table. A match is served exactly as an explicit
+//! `[[outbound]]` would serve it ([`crate::outbound::Shared`]: pooled
+//! HTTP/1.1, multiplexed HTTP/2, upgrades, limits, metrics, access log),
+//! with the original `ip:port` as its upstream and the entry's peer pattern
+//! pinned in the handshake: the peer pod's redirect rules hand that
+//! connection to its transparent inbound. One such path (and its pool) is
+//! kept per entry and address. Anything else follows `unmatched`: plain TCP
+//! to where the app was going (`passthrough`), or closed (`deny`); either
+//! way counted per destination.
+
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+
+use super::destinations::DestinationTable;
+use super::{OUTBOUND_NAME, TransparentMetrics, Unmatched, detect, original_dst};
+use crate::config::{Limits, Upstream};
+use crate::conn::{self, Activity, Serve, Tracked};
+use crate::outbound::{self, PeerTarget};
+use crate::telemetry::Observability;
+use crate::tls::{CredentialStore, TlsFactory};
+use crate::{drain, redirect::RedirectConfig};
+
+/// Most (destination, address) paths kept with their connection pools; a
+/// `cidr` entry could otherwise grow the map without bound. Past it, a
+/// connection gets a path of its own, dropped with it.
+const MAX_PATHS: usize = 4096;
+
+/// The transparent outbound listener's state (shared by its IPv4 and IPv6
+/// sockets).
+pub struct TransparentOutbound {
+    table: Arc<DestinationTable>,
+    unmatched: Unmatched,
+    opaque_ports: Vec<u16>,
+    detection_timeout: Duration,
+    listen_port: u16,
+    limits: Limits,
+    tls: TlsFactory,
+    store: Arc<CredentialStore>,
+    obs: Observability,
+    metrics: TransparentMetrics,
+    paths: Mutex<HashMap<(usize, SocketAddr), Arc<outbound::Shared>>>,
+}
+
+/// One bound socket of the transparent outbound listener.
+pub type TransparentOutboundListener = conn::Listener<Arc<TransparentOutbound>>;
+
+/// Everything the transparent outbound listener is built from.
+pub struct OutboundParts<'a> {
+    /// `[redirect]`.
+    pub redirect: &'a RedirectConfig,
+    /// The destination table.
+    pub table: Arc<DestinationTable>,
+    /// `[limits]`.
+    pub limits: &'a Limits,
+    /// TLS configurations.
+    pub tls: &'a TlsFactory,
+    /// The workload's credentials.
+    pub store: Arc<CredentialStore>,
+    /// Metrics and tracing.
+    pub obs: &'a Observability,
+    /// The transparent metrics.
+    pub metrics: TransparentMetrics,
+}
+
+impl TransparentOutbound {
+    /// Binds `127.0.0.1:outbound_listener_port` and, where the host has
+    /// IPv6, `[::1]` on the same port.
+    pub async fn bind(
+        parts: OutboundParts<'_>,
+    ) -> Result<Vec<(TransparentOutboundListener, SocketAddr)>, crate::Error> {
+        let port = parts.redirect.outbound_listener_port;
+        let (v4, addr4) =
+            conn::bind(OUTBOUND_NAME, SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
+        let v6 =
+            match conn::bind(OUTBOUND_NAME, SocketAddr::from((Ipv6Addr::LOCALHOST, port))).await {
+                Ok(bound) => Some(bound),
+                Err(crate::Error::Bind { source, .. })
+                    if matches!(
+                        source.raw_os_error(),
+                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    ) =>
+                {
+                    None
+                }
+                Err(e) => return Err(e),
+            };
+        let r = parts.redirect;
+        let state = Arc::new(Self {
+            table: parts.table,
+            unmatched: r.unmatched,
+            opaque_ports: r.opaque_ports.clone(),
+            detection_timeout: r.detection_timeout,
+            listen_port: addr4.port(),
+            limits: parts.limits.clone(),
+            tls: parts.tls.clone(),
+            store: parts.store,
+            obs: parts.obs.clone(),
+            metrics: parts.metrics,
+            paths: Mutex::default(),
+        });
+        let max = parts.limits.max_connections;
+        let mut out = Vec::new();
+        for (listener, addr) in std::iter::once((v4, addr4)).chain(v6) {
+            let l = conn::Listener::new(listener, addr, OUTBOUND_NAME.into(), max, state.clone());
+            out.push((l, addr));
+        }
+        Ok(out)
+    }
+
+    /// The path to `dst` for the entry `index`, made on first use.
+    fn path(&self, index: usize, dst: SocketAddr) -> Result<Arc<outbound::Shared>, crate::Error> {
+        let key = (index, dst);
+        if let Some(p) = self.paths.lock().expect("paths").get(&key) {
+            return Ok(p.clone());
+        }
+        let entry = &self.table.entries()[index];
+        let target = PeerTarget {
+            name: format!("{OUTBOUND_NAME}/{}", entry.name).into(),
+            upstream: Upstream {
+                host: dst.ip().to_canonical().to_string(),
+                port: dst.port(),
+            },
+            peer: entry.config.peer.clone(),
+            protocol: entry.config.listener_protocol(),
+            upgrades: vec![
+                crate::config::UpgradeProtocol::parse("websocket").expect("a valid protocol token"),
+            ],
+        };
+        let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.listen_port));
+        let shared = Arc::new(outbound::Shared::new(
+            target,
+            &self.limits,
+            &self.tls,
+            self.store.clone(),
+            &self.obs,
+            listen,
+        )?);
+        let mut paths = self.paths.lock().expect("paths");
+        if paths.len() < MAX_PATHS {
+            paths.entry(key).or_insert_with(|| shared.clone());
+        }
+        Ok(shared)
+    }
+
+    /// Which entry serves a connection to `dst`, if any.
+    async fn choose(&self, tcp: &TcpStream, dst: SocketAddr) -> Option<usize> {
+        let candidates = self.table.matching(dst);
+        match candidates.as_slice() {
+            [] => None,
+            [one] => Some(*one),
+            [first, ..] => {
+                let http = self.table.entries()[*first].config.is_http();
+                let host = if http && !self.opaque_ports.contains(&dst.port()) {
+                    detect::http1_host(tcp, self.detection_timeout).await
+                } else {
+                    None
+                };
+                Some(self.table.select(&candidates, host.as_deref()))
+            }
+        }
+    }
+
+    /// Plain TCP to where the app was going.
+    async fn passthrough(&self, tcp: TcpStream, dst: SocketAddr) {
+        let _open = self.obs.metrics.connection_opened(OUTBOUND_NAME);
+        let remote = match tokio::time::timeout(
+            self.limits.connect_timeout,
+            TcpStream::connect(dst),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                tracing::info!(listener = OUTBOUND_NAME, original_dst = %dst, error = %e, "passthrough: cannot connect");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(listener = OUTBOUND_NAME, original_dst = %dst, "passthrough: connect timed out");
+                return;
+            }
+        };
+        let _ = remote.set_nodelay(true);
+        let activity = Activity::new();
+        let local = Tracked::new(tcp, activity.clone());
+        let remote = Tracked::new(remote, activity.clone());
+        if let Err(e) = conn::splice(local, remote, &activity, self.limits.idle_timeout).await {
+            tracing::debug!(listener = OUTBOUND_NAME, original_dst = %dst, error = %e, "passthrough stream ended with an error");
+        }
+    }
+}
+
+impl Serve for Arc<TransparentOutbound> {
+    async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
+        let this: &Arc<TransparentOutbound> = &self;
+        let dst = match original_dst(&tcp) {
+            Ok(dst) => dst,
+            Err(e) => {
+                tracing::info!(listener = OUTBOUND_NAME, peer_addr = %addr, error = %e, "refused: no original destination (not redirected?)");
+                return;
+            }
+        };
+        // Dialed directly (loopback is never redirected): there is nowhere
+        // else to go, and passing it through would loop.
+        if dst.ip().to_canonical().is_loopback() && dst.port() == this.listen_port {
+            tracing::info!(listener = OUTBOUND_NAME, peer_addr = %addr, "refused: a direct connection, not a redirected one");
+            return;
+        }
+        let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        let Some(index) = this.choose(&tcp, dst).await else {
+            match this.unmatched {
+                Unmatched::Passthrough => {
+                    this.metrics.unmatched(dst, "passthrough");
+                    tracing::debug!(listener = OUTBOUND_NAME, original_dst = %dst, "no [[destination]]: passed through as plain TCP");
+                    Box::pin(this.passthrough(tcp, dst)).await;
+                }
+                Unmatched::Deny => {
+                    this.metrics.unmatched(dst, "denied");
+                    tracing::info!(listener = OUTBOUND_NAME, original_dst = %dst, "refused: no [[destination]] matches (unmatched = \"deny\")");
+                }
+            }
+            return;
+        };
+        let entry = &this.table.entries()[index];
+        this.metrics.outbound(&entry.name, "matched");
+        match this.path(index, dst) {
+            Ok(path) => Box::pin(path.connection(tcp, addr, drain)).await,
+            Err(e) => {
+                tracing::warn!(listener = OUTBOUND_NAME, destination = %entry.name, original_dst = %dst, error = %e, "cannot build the path to the destination");
+            }
+        }
+    }
+}

@@ -1,0 +1,300 @@
+//! `moat ca ...`: create, serve and operate the workload CA.
+
+use std::path::PathBuf;
+
+use super::args::{CaCommand, CaLocation, LogFormat, ServeArgs};
+use super::{Failure, config_err, config_msg, init_logging, runtime, shutdown_signal};
+
+/// The names always in the CA's serving certificate; `--san` adds to them.
+const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
+
+/// Every `moat ca` command but `serve`: one short conversation with the store.
+pub fn run_ca(command: CaCommand) -> Result<(), Failure> {
+    use moat_ca::store::CaDir;
+    let runtime = runtime(Some(1))?;
+    runtime.block_on(async move {
+        match command {
+            CaCommand::Serve(_) => unreachable!("moat ca serve has its own runtime (run_ca_serve)"),
+            CaCommand::Init {
+                at,
+                trust_domain,
+                root_ttl,
+            } => {
+                let td = moat_ca::TrustDomain::parse(&trust_domain)
+                    .map_err(|e| config_msg(format!("--trust-domain {trust_domain:?}: {e}")))?;
+                let (_, engine) = ca_config(&at)?;
+                let ca = CaDir::init(&at.dir, &engine, td, root_ttl)
+                    .await
+                    .map_err(store_err)?;
+                println!(
+                    "initialized CA for trust domain {} in {} (state: {} {})",
+                    ca.trust_domain(),
+                    at.dir.display(),
+                    ca.store().engine(),
+                    ca.store().location()
+                );
+                print!("{}", next_steps(&at, ca.trust_domain()));
+                Ok(())
+            }
+            CaCommand::Token { at, id, ttl } => {
+                let ca = open_ca(&at).await?;
+                let id = moat_ca::SpiffeId::parse(&id)
+                    .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
+                let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
+                println!("{token}");
+                Ok(())
+            }
+            CaCommand::Issue {
+                at,
+                id,
+                ttl,
+                cert_out,
+                key_out,
+                out,
+                force,
+            } => {
+                // clap makes sure of one of --out or --cert-out with --key-out.
+                let (cert_out, key_out) = match (out, cert_out, key_out) {
+                    (Some(both), _, _) => (both.clone(), both),
+                    (None, Some(cert), Some(key)) => (cert, key),
+                    _ => return Err(config_msg("give --out, or --cert-out and --key-out")),
+                };
+                if !force {
+                    for path in [&cert_out, &key_out] {
+                        if path.exists() {
+                            return Err(config_msg(format!(
+                                "{} exists; pass --force to replace it (each file is replaced atomically)",
+                                path.display()
+                            )));
+                        }
+                    }
+                }
+                let ca = open_ca(&at).await?;
+                let id = moat_ca::SpiffeId::parse(&id)
+                    .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
+                let (svid, key) = ca
+                    .issue_to_files(&id, ttl, &cert_out, &key_out)
+                    .await
+                    .map_err(store_err)?;
+                let files = if cert_out == key_out {
+                    format!("{}, certificate and key", cert_out.display())
+                } else {
+                    format!("{} and {}", cert_out.display(), key_out.display())
+                };
+                println!(
+                    "issued {} serial {} valid until {} ({files})",
+                    svid.id,
+                    svid.serial,
+                    moat_ca::store::format_time(svid.not_after),
+                );
+                drop(key);
+                Ok(())
+            }
+            CaCommand::Bundle { at } => {
+                let ca = open_ca(&at).await?;
+                print!("{}", ca.bundle().await.map_err(store_err)?.to_pem());
+                Ok(())
+            }
+            CaCommand::Rotate { at, step, root_ttl } => {
+                let ca = open_ca(&at).await?;
+                let msg = if step.prepare {
+                    ca.rotate_prepare(root_ttl).await
+                } else if step.activate {
+                    ca.rotate_activate().await
+                } else {
+                    ca.rotate_retire().await
+                }
+                .map_err(store_err)?;
+                println!("{msg}");
+                Ok(())
+            }
+            CaCommand::Migrate { at, from_sqlite } => run_migrate(&at, from_sqlite).await,
+            CaCommand::Revoke { at, args } => crate::revoke::revoke(&open_ca(&at).await?, args)
+                .await
+                .map_err(store_err),
+            CaCommand::Unrevoke { at, args } => crate::revoke::unrevoke(&open_ca(&at).await?, args)
+                .await
+                .map_err(store_err),
+        }
+    })
+}
+
+/// `moat ca serve`: its own runtime and logging, with the trace exporter.
+pub fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
+    let (config, engine) = ca_config(&args.at)?;
+    let mut sans: Vec<String> = DEFAULT_SANS.iter().map(|s| (*s).to_owned()).collect();
+    for san in args.sans {
+        if !sans.contains(&san) {
+            sans.push(san);
+        }
+    }
+    let runtime = runtime(None)?;
+    let _inside = runtime.enter();
+    let traces = moat_proxy::telemetry::TelemetryConfig {
+        service_name: Some(std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "moat-ca".into())),
+        ..Default::default()
+    }
+    .resolve(|k| std::env::var(k).ok())
+    .map_err(config_err)?;
+    let tracing = traces
+        .as_ref()
+        .map(|t| moat_proxy::telemetry::Tracing::start(t, Default::default()))
+        .transpose()
+        .map_err(config_err)?;
+    init_logging(log_format, None, tracing.as_ref());
+    runtime.block_on(async move {
+        let ca = moat_ca::store::CaDir::open(&args.at.dir, &engine)
+            .await
+            .map_err(store_err)?;
+        tracing::info!(
+            engine = ca.store().engine(),
+            store = ca.store().location(),
+            "state store opened"
+        );
+        let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
+            .await
+            .map_err(server_err)?;
+        if args.admin != "off" {
+            let addr = args
+                .admin
+                .parse()
+                .map_err(|e| config_msg(format!("--admin {:?}: {e}", args.admin)))?;
+            server.bind_admin(addr).await.map_err(server_err)?;
+        }
+        server.run(shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+/// `moat ca migrate`: the schema alone, or a SQLite CA copied into PostgreSQL.
+async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<(), Failure> {
+    use moat_ca::store::config::Engine;
+    use moat_ca::store::{CaDir, SqliteStore, copy_sqlite_to_postgres};
+    let (_, engine) = ca_config(at)?;
+    let Some(source) = from_sqlite else {
+        let store = CaDir::open_store(&at.dir, &engine)
+            .await
+            .map_err(store_err)?;
+        let version = store.schema_version().await.map_err(store_err)?;
+        println!(
+            "{} {} is at schema version {version}",
+            store.engine(),
+            store.location()
+        );
+        return Ok(());
+    };
+    let Engine::Postgres(settings) = &engine else {
+        return Err(config_msg(
+            "--from-sqlite copies into PostgreSQL: set [store] url in the configuration (--config)",
+        ));
+    };
+    let db = if source.is_dir() {
+        source.join("ca.db")
+    } else {
+        source.clone()
+    };
+    if !db.is_file() {
+        return Err(config_msg(format!(
+            "--from-sqlite {}: no SQLite CA there (expected DIR/ca.db)",
+            source.display()
+        )));
+    }
+    let roots = db
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join("roots");
+    let src = SqliteStore::open(&db, &roots).map_err(store_err)?;
+    let dst = moat_ca::store::PgStore::connect(settings)
+        .await
+        .map_err(store_err)?;
+    let report = copy_sqlite_to_postgres(&src, &dst)
+        .await
+        .map_err(store_err)?;
+    println!(
+        "copied the CA for {} from {} into {}: {} roots, {} issuances, {} spent join tokens, {} revocations. \
+         Serve it with this configuration; keep {} (its keys) as the CA directory of every replica.",
+        report.trust_domain,
+        db.display(),
+        settings.display,
+        report.roots,
+        report.issued,
+        report.used_tokens,
+        report.revocations,
+        at.dir.display()
+    );
+    Ok(())
+}
+
+/// The CA's configuration (DIR/ca.toml unless --config says otherwise) and
+/// the store engine it chooses.
+fn ca_config(
+    at: &CaLocation,
+) -> Result<
+    (
+        moat_ca::server::ServerConfig,
+        moat_ca::store::config::Engine,
+    ),
+    Failure,
+> {
+    let path = at.config.clone().or_else(|| {
+        let default = at.dir.join("ca.toml");
+        default.exists().then_some(default)
+    });
+    let config = match &path {
+        Some(path) => moat_ca::server::ServerConfig::load(path).map_err(config_msg)?,
+        None => moat_ca::server::ServerConfig::default(),
+    };
+    let engine = config.store.engine().map_err(|e| match &path {
+        Some(p) => config_msg(format!("{}: {e}", p.display())),
+        None => config_msg(e),
+    })?;
+    Ok((config, engine))
+}
+
+async fn open_ca(at: &CaLocation) -> Result<moat_ca::store::CaDir, Failure> {
+    let (_, engine) = ca_config(at)?;
+    moat_ca::store::CaDir::open(&at.dir, &engine)
+        .await
+        .map_err(store_err)
+}
+
+/// Operator mistakes (bad flags, a missing or existing CA directory, a refused
+/// rotation step) are configuration errors; anything else is a failure.
+fn store_err(e: moat_ca::store::StoreError) -> Failure {
+    if e.is_operator_error() {
+        Failure::Config(e.into())
+    } else {
+        Failure::Other(e.into())
+    }
+}
+
+/// Bad configuration and privileged ports exit 64; a port in use exits 1.
+fn server_err(e: moat_ca::server::ServerError) -> Failure {
+    use moat_ca::server::ServerError;
+    match e {
+        ServerError::Config(_) => config_err(e),
+        ServerError::Store(e) => store_err(e),
+        ServerError::Bind { addr, ref source } => {
+            let denied = super::privileged_port(addr, source);
+            super::bind_failure(denied, e)
+        }
+        other => Failure::Other(other.into()),
+    }
+}
+
+/// What `moat ca init` suggests next.
+fn next_steps(at: &CaLocation, td: &moat_ca::TrustDomain) -> String {
+    let dir = at.dir.display();
+    let config = at
+        .config
+        .as_deref()
+        .map(|c| format!(" --config {}", c.display()))
+        .unwrap_or_default();
+    format!(
+        "\nNext steps:\n\
+         \x20 moat ca serve --dir {dir}{config} --listen 0.0.0.0:8443 --san <name workloads use in ca_url>\n\
+         \x20 moat ca bundle --dir {dir}{config} > bundle.pem        # every workload's trust bundle\n\
+         \x20 moat ca token --dir {dir}{config} --id spiffe://{td}/vm/<name> > <name>.token   # a VM's join token\n\
+         Keep {dir} private: it holds the root key.\n"
+    )
+}

@@ -1,0 +1,68 @@
+//! `moat proxy`: load the configuration, start telemetry, run the sidecar.
+
+use super::args::{LogFormat, ProxyArgs};
+use super::{Failure, config_err, config_msg, init_logging, runtime};
+
+pub fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Failure> {
+    use moat_proxy::telemetry::{Observability, ProxyMetrics, Tracing};
+    let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
+    let traces = config
+        .telemetry
+        .resolve(|k| std::env::var(k).ok())
+        .map_err(|e| config_msg(format!("{}: {e}", args.config.display())))?;
+    let runtime = runtime(config.runtime.worker_threads)?;
+    // The gRPC exporter must be built inside the runtime.
+    let _inside = runtime.enter();
+    let metrics = ProxyMetrics::new();
+    let tracing = traces
+        .as_ref()
+        .map(|t| Tracing::start(t, metrics.spans_dropped.clone()))
+        .transpose()
+        .map_err(config_err)?;
+    let log_level = init_logging(
+        log_format,
+        config.telemetry.log_level.as_deref(),
+        tracing.as_ref(),
+    );
+    if let Some(t) = &traces {
+        tracing::info!(endpoint = %t.endpoint, protocol = ?t.protocol, service = %t.service_name, sample_ratio = t.sample_ratio, "exporting traces");
+    }
+    let obs = Observability {
+        metrics,
+        tracing: tracing.is_some(),
+        log_level: Some(log_level),
+    };
+    runtime
+        .block_on(moat_proxy::run_with(config, obs))
+        .map_err(proxy_err)?;
+    drop(tracing);
+    Ok(())
+}
+
+/// Which of the proxy's start failures are the operator's to fix (exit 64:
+/// files the configuration names that are missing, unreadable, do not fit
+/// together or have expired; a policy; a privileged port) and which may
+/// pass by themselves (exit 1: a port still in use).
+fn proxy_err(e: moat_proxy::Error) -> Failure {
+    use moat_ca::client::ClientError;
+    use moat_proxy::Error;
+    use moat_proxy::identity::IdentityError;
+    match e {
+        Error::Bind {
+            addr, ref source, ..
+        } => {
+            let privileged = super::privileged_port(addr, source);
+            super::bind_failure(privileged, e)
+        }
+        Error::Identity(
+            IdentityError::Read { .. }
+            | IdentityError::Invalid { .. }
+            | IdentityError::Credentials(_)
+            | IdentityError::Client(ClientError::BadUrl(_) | ClientError::Bundle(_)),
+        )
+        | Error::Policy { .. }
+        | Error::Upstream(..)
+        | Error::Tls(_) => config_err(e),
+        other => Failure::Other(other.into()),
+    }
+}

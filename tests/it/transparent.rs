@@ -1,0 +1,637 @@
+//! Transparent mode end to end, against the real kernel: a client pod and a
+//! server pod, each with its app, its sidecar (as UID 65532, so the UID
+//! exemption is what keeps the sidecar's own connections out of the rules)
+//! and its redirect rules, and an outsider.
+//!
+//! The client app calls `http://<server-ip>:8080/` with no proxy settings:
+//! its sidecar takes the connection (transparent outbound), looks the
+//! address up in `[[destination]]`, and opens mutual TLS to the same address,
+//! where the server pod's rules hand it to the server sidecar (transparent
+//! inbound), which checks the peer and the route policy and forwards to the
+//! app. HTTP/1.1, HTTP/2, gRPC and raw TCP go through the pair with only TLS
+//! on the wire; the outsider's plaintext and foreign certificates are
+//! refused (strict) or its plaintext let through and counted (permissive);
+//! an unmatched destination is passed through or denied.
+//!
+//! Root and network namespaces are required; under `MOAT_TEST_REQUIRE_ALL=1`
+//! a test that cannot run fails.
+
+use crate::redirect::{APP, curl_in, moat_ok_in, nft, pods, sidecar_config};
+use crate::support;
+use crate::support::netns::*;
+use crate::support::proxy::{eventually, foreign_cert, issue, write};
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use support::{Running, TestCa, metric_samples, moat_bin, path_str};
+
+const CLIENT: &str = "spiffe://example.org/ns/shop/sa/web";
+const SERVER: &str = "spiffe://example.org/ns/shop/sa/billing";
+const IMPOSTOR: &str = "spiffe://example.org/ns/shop/sa/impostor";
+
+/// Only `/api/*`, for the client; `/admin/*` for someone else.
+const POLICY: &str = r#"
+mode = "enforce"
+
+[[route]]
+name = "api"
+path = "/api/*"
+peers = ["spiffe://example.org/ns/shop/sa/web"]
+
+[[route]]
+name = "admin"
+path = "/admin/*"
+peers = ["spiffe://example.org/ns/ops/sa/admin"]
+"#;
+
+/// A sidecar in `ns`, as moat's UID, started and listening.
+fn sidecar(ns: &str, config: &str, wait_for: &str) -> Running {
+    let mut moat = Running::from_command({
+        let mut cmd = netns_command_as(ns, moat_bin(), Some(MOAT_UID));
+        cmd.args(["proxy", "--config", config]);
+        cmd
+    });
+    moat.listening_addr(wait_for);
+    moat
+}
+
+/// The sidecar's metrics, read from its admin port inside `ns`.
+fn scrape(ns: &str) -> String {
+    let (status, body) = curl_in(ns, &["http://127.0.0.1:9901/metrics"]);
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+fn count(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    metric_samples(text, name, labels).iter().sum()
+}
+
+/// A TCP echo service on `[::]:port` in `ns` (both families).
+fn echo_app(ns: &str, port: u16) {
+    let listener = in_netns(ns, move || {
+        std::net::TcpListener::bind(("::", port)).unwrap_or_else(|e| panic!("bind {port}: {e}"))
+    });
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 || s.write_all(&buf[..n]).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Connects from `ns` (as root), sends `ping` and returns what came back
+/// (empty when the connection was closed on it).
+fn echo_from(ns: &str, to: SocketAddr) -> Vec<u8> {
+    in_netns(ns, move || {
+        let Ok(mut s) = TcpStream::connect_timeout(&to, Duration::from_secs(10)) else {
+            return Vec::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        if s.write_all(b"ping").is_err() {
+            return Vec::new();
+        }
+        let mut got = vec![0u8; 4];
+        match s.read_exact(&mut got) {
+            Ok(()) => got,
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
+/// One gRPC call (OTLP trace export) from `ns` to `endpoint`, made by
+/// tonic on a runtime whose sockets belong to `ns`.
+fn grpc_export_from(ns: &str, endpoint: String) -> Result<(), String> {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
+    use opentelemetry_proto::tonic::trace::v1::{ResourceSpans, ScopeSpans, Span};
+    in_netns(ns, move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let mut client = TraceServiceClient::connect(endpoint)
+                .await
+                .map_err(|e| format!("connect: {e}"))?;
+            let span = Span {
+                trace_id: vec![1; 16],
+                span_id: vec![2; 8],
+                name: "through-the-transparent-pair".into(),
+                ..Default::default()
+            };
+            let request = ExportTraceServiceRequest {
+                resource_spans: vec![ResourceSpans {
+                    scope_spans: vec![ScopeSpans {
+                        spans: vec![span],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            };
+            client
+                .export(request)
+                .await
+                .map(|_| ())
+                .map_err(|e| format!("export: {e}"))
+        })
+    })
+}
+
+/// The server pod: the app on `[::]:8080` (HTTP/1.1), a gRPC service on
+/// `0.0.0.0:4317` and a TCP echo on `[::]:9000`.
+struct ServerApps {
+    http: Running,
+    grpc: support::otlp::Receiver,
+}
+
+fn server_apps(ns: &str) -> ServerApps {
+    let mut http = {
+        let mut cmd = netns_command(ns, "python3");
+        cmd.args(["-u", "-c", APP]);
+        Running::from_command(cmd)
+    };
+    http.wait_for_log(Duration::from_secs(20), |v| v["message"] == "ready");
+    let listener = in_netns(ns, || std::net::TcpListener::bind("0.0.0.0:4317").unwrap());
+    let grpc = support::otlp::Receiver::start_on(listener);
+    echo_app(ns, 9000);
+    ServerApps { http, grpc }
+}
+
+/// The server sidecar's listeners: the app (with a route policy), the gRPC
+/// service, the echo; `redirect` is the `[redirect]` section.
+fn server_config(dir: &std::path::Path, ca: &TestCa, name: &str, redirect: &str) -> String {
+    let policy = write(dir, "policy.toml", POLICY);
+    sidecar_config(
+        dir,
+        name,
+        &issue(ca, SERVER, "1h", name),
+        &ca.bundle_file(),
+        &format!(
+            "[[inbound]]\nname = \"app\"\nlisten = \"0.0.0.0:15443\"\nforward = \"127.0.0.1:8080\"\npolicy = {:?}\n\n\
+             [[inbound]]\nname = \"grpc\"\nlisten = \"0.0.0.0:15444\"\nforward = \"127.0.0.1:4317\"\napp_protocol = \"grpc\"\n\n\
+             [[inbound]]\nname = \"echo\"\nlisten = \"0.0.0.0:15445\"\nforward = \"127.0.0.1:9000\"\nprotocol = \"tcp\"\n\n\
+             [[inbound]]\nname = \"elsewhere\"\nlisten = \"0.0.0.0:15446\"\nforward = \"127.0.0.1:8079\"\n\n\
+             [redirect]\n{redirect}\n",
+            path_str(&policy)
+        ),
+    )
+}
+
+#[test]
+fn transparent_pair_carries_http1_h2_grpc_and_tcp_over_mtls_without_app_changes() {
+    let Some(pods) = pods(&[
+        ("curl", &["--version"], "curl"),
+        ("python3", &["--version"], "python3"),
+        ("nft", &["--version"], "nftables"),
+    ]) else {
+        return;
+    };
+    let (client, server) = (&pods.client, &pods.server);
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    give_to_moat(dir);
+    let apps = server_apps(&server.ns);
+    let server_cfg = server_config(dir, &ca, "server.toml", "");
+    let client_cfg = sidecar_config(
+        dir,
+        "client.toml",
+        &issue(&ca, CLIENT, "1h", "client"),
+        &ca.bundle_file(),
+        &format!(
+            "[redirect]\ninbound_ports = []\nunmatched = \"deny\"\n\n\
+             [[destination]]\nname = \"billing\"\nip = \"{s4}\"\nport = 8080\npeer = \"{SERVER}\"\n\n\
+             [[destination]]\nname = \"billing-v6\"\ncidr = \"{s6}/128\"\nport = 8080\npeer = \"{SERVER}\"\nprotocol = \"http2\"\n\n\
+             [[destination]]\nname = \"billing-grpc\"\nip = \"{s4}\"\nport = 4317\npeer = \"spiffe://example.org/ns/shop/*\"\nprotocol = \"grpc\"\n\n\
+             [[destination]]\nname = \"billing-echo\"\nip = \"{s4}\"\nport = 9000\npeer = \"{SERVER}\"\nprotocol = \"tcp\"\n\n\
+             [[destination]]\nname = \"impostor\"\nip = \"{s4}\"\nport = 8079\npeer = \"{IMPOSTOR}\"\n",
+            s4 = server.ip4,
+            s6 = server.ip6,
+        ),
+    );
+    // The rules, applied twice in each pod: one table each.
+    for (ns, cfg) in [(&server.ns, &server_cfg), (&client.ns, &client_cfg)] {
+        moat_ok_in(ns, &["redirect", "--config", cfg]);
+        moat_ok_in(ns, &["redirect", "--config", cfg]);
+        let ruleset = nft(ns, &["list", "ruleset"]);
+        assert_eq!(ruleset.matches("table inet moat").count(), 1, "{ruleset}");
+    }
+    let server_moat = sidecar(&server.ns, &server_cfg, "transparent-inbound");
+    let mut client_moat = sidecar(&client.ns, &client_cfg, "transparent-outbound");
+    client_moat.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "listening"
+            && v["listener"] == "transparent-outbound"
+            && v["addr"] == "[::1]:15001"
+    });
+
+    let capture = Capture::start(&pods.hub, &client.veth);
+    // HTTP/1.1 and HTTP/2 (h2c prior knowledge) from the app, v4 and v6,
+    // no proxy settings: the server app sees the client's verified ID.
+    let h2 = "--http2-prior-knowledge";
+    let calls = [
+        (format!("http://{}:8080/api/hello", server.ip4), None),
+        (format!("http://[{}]:8080/api/v6", server.ip6), None),
+        (format!("http://{}:8080/api/h2", server.ip4), Some(h2)),
+        (format!("http://[{}]:8080/api/h2v6", server.ip6), Some(h2)),
+    ];
+    for (url, flag) in &calls {
+        let mut args: Vec<&str> = flag.iter().copied().collect();
+        args.push(url);
+        let (status, body) = curl_in(&client.ns, &args);
+        assert_eq!(status, 200, "{url}: {body}");
+        let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(seen["headers"]["x-moat-peer-id"], CLIENT, "{body}");
+        assert!(
+            url.ends_with(seen["path"].as_str().unwrap()),
+            "{url}: {body}"
+        );
+    }
+    // The route policy still decides, per route.
+    let (status, body) = curl_in(
+        &client.ns,
+        &[&format!("http://{}:8080/admin/users", server.ip4)],
+    );
+    assert_eq!(status, 403, "{body}");
+    // A destination whose peer is not who answers: 502, and the app never
+    // sees it.
+    let (status, body) = curl_in(&client.ns, &[&format!("http://{}:8079/", server.ip4)]);
+    assert_eq!(status, 502, "{body}");
+    client_moat.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "request to peer failed"
+            && v["error"].as_str().is_some_and(|e| e.contains(IMPOSTOR))
+    });
+    // gRPC (a real tonic client and server, HTTP/2 with trailers).
+    grpc_export_from(&client.ns, format!("http://{}:4317", server.ip4)).unwrap();
+    apps.grpc.wait_for(Duration::from_secs(20), |spans| {
+        spans
+            .iter()
+            .any(|s| s.name == "through-the-transparent-pair")
+    });
+    // Raw TCP.
+    assert_eq!(
+        echo_from(&client.ns, SocketAddr::new(server.ip4.into(), 9000)),
+        b"ping"
+    );
+
+    // On the wire between the pods: TLS records only, for every port.
+    let frames = capture.stop();
+    let streams = tcp_streams(&frames);
+    let between: Vec<_> = streams
+        .iter()
+        .filter(|((src, dst), bytes)| {
+            !bytes.is_empty()
+                && [src.ip(), dst.ip()].contains(&server.ip4.into())
+                    | [src.ip(), dst.ip()].contains(&server.ip6.into())
+        })
+        .collect();
+    for port in [8080, 8079, 4317, 9000] {
+        assert!(
+            between.iter().any(|((_, dst), _)| dst.port() == port),
+            "a connection to port {port} on the wire: {:?}",
+            streams.keys()
+        );
+    }
+    for ((src, dst), bytes) in &between {
+        let records = tls_records(bytes).unwrap_or_else(|e| panic!("{src} -> {dst}: {e}"));
+        assert!(records > 0, "{src} -> {dst}");
+        let text = String::from_utf8_lossy(bytes);
+        assert!(
+            !text.contains("/api/") && !text.contains("ping") && !text.contains("HTTP/1.1"),
+            "{src} -> {dst} carries plaintext"
+        );
+    }
+
+    // Counted per destination; the sidecar's own connections were never
+    // redirected back to it (each is counted once, as the app's).
+    let metrics = scrape(&client.ns);
+    let outcome = |dest: &str| {
+        count(
+            &metrics,
+            "moat_transparent_outbound_connections_total",
+            &[("destination", dest), ("outcome", "matched")],
+        )
+    };
+    assert_eq!(outcome("billing"), 3.0, "{metrics}");
+    assert_eq!(outcome("billing-v6"), 2.0, "{metrics}");
+    assert_eq!(outcome("billing-echo"), 1.0, "{metrics}");
+    assert_eq!(outcome("impostor"), 1.0, "{metrics}");
+    assert!(outcome("billing-grpc") >= 1.0, "{metrics}");
+    assert_eq!(
+        count(
+            &metrics,
+            "moat_requests_total",
+            &[("listener", "transparent-outbound/billing")]
+        ),
+        3.0,
+        "{metrics}"
+    );
+    // The admin view: the redirect settings and the destination table.
+    let (status, body) = curl_in(&client.ns, &["http://127.0.0.1:9901/transparent"]);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(view["redirect"]["unmatched"], "deny");
+    assert_eq!(view["redirect"]["mode"], "strict");
+    assert_eq!(view["destinations"][0]["name"], "billing");
+    assert_eq!(
+        view["destinations"][0]["addresses"][0],
+        server.ip4.to_string()
+    );
+    assert_eq!(
+        view["destinations"][2]["peer"],
+        "spiffe://example.org/ns/shop/*"
+    );
+
+    // The app saw only moat, over loopback, and never the denied route.
+    let requests: Vec<_> = apps
+        .http
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["message"] == "request")
+        .collect();
+    assert_eq!(requests.len(), 4, "{requests:?}");
+    drop(server_moat);
+    drop(client_moat);
+
+    // --cleanup leaves nothing of moat's behind.
+    for ns in [&server.ns, &client.ns] {
+        moat_ok_in(ns, &["redirect", "--cleanup"]);
+        let ruleset = nft(ns, &["list", "ruleset"]);
+        assert!(!ruleset.contains("moat"), "{ruleset}");
+    }
+}
+
+#[test]
+fn transparent_inbound_strict_refuses_outsiders_and_permissive_counts_their_plaintext() {
+    let Some(pods) = pods(&[
+        ("curl", &["--version"], "curl"),
+        ("python3", &["--version"], "python3"),
+    ]) else {
+        return;
+    };
+    let (server, outsider) = (&pods.server, &pods.outsider);
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    give_to_moat(dir);
+    let apps = server_apps(&server.ns);
+    let strict_cfg = server_config(dir, &ca, "strict.toml", "");
+    moat_ok_in(&server.ns, &["redirect", "--config", &strict_cfg]);
+    let foreign = foreign_cert(dir, CLIENT, "foreign");
+    let url = format!("http://{}:8080/api/plain", server.ip4);
+    let tls_url = format!("https://{}:8080/api/foreign", server.ip4);
+    let foreign_args = [
+        "-k",
+        "--cert",
+        path_str(&foreign.cert),
+        "--key",
+        path_str(&foreign.key),
+        &tls_url,
+    ];
+
+    // Strict: plaintext gets no answer, and is counted as a failed
+    // handshake on the app's listener; so is another CA's certificate.
+    let strict = sidecar(&server.ns, &strict_cfg, "transparent-inbound");
+    let (status, _) = curl_in(&outsider.ns, &[&url]);
+    assert_eq!(status, 0, "plaintext got an HTTP answer in strict mode");
+    let (status, _) = curl_in(&outsider.ns, &foreign_args);
+    assert_eq!(status, 0, "another CA's certificate got an answer");
+    let metrics = scrape(&server.ns);
+    let failures = |reason: &str| {
+        count(
+            &metrics,
+            "moat_tls_handshake_failures_total",
+            &[("listener", "app"), ("reason", reason)],
+        )
+    };
+    assert_eq!(failures("protocol"), 1.0, "{metrics}");
+    assert_eq!(failures("unknown_ca"), 1.0, "{metrics}");
+    drop(strict);
+
+    // Permissive: plaintext reaches the app (without a peer ID), counted
+    // and logged with its source; TLS is still verified; a silent client
+    // is served as plaintext after the detection timeout; an opaque port
+    // is never peeked at, so it stays mutual TLS only.
+    let permissive_cfg = server_config(
+        dir,
+        &ca,
+        "permissive.toml",
+        "mode = \"permissive\"\ndetection_timeout = \"300ms\"\nopaque_ports = [9000]\n",
+    );
+    let mut permissive = sidecar(&server.ns, &permissive_cfg, "transparent-inbound");
+    let (status, body) = curl_in(&outsider.ns, &[&url]);
+    assert_eq!(status, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(seen["headers"].get("x-moat-peer-id").is_none(), "{body}");
+    permissive.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "permissive: plaintext connection forwarded to the app"
+            && v["peer_addr"]
+                .as_str()
+                .is_some_and(|a| a.contains(&outsider.ip4.to_string()))
+    });
+    let (status, _) = curl_in(&outsider.ns, &foreign_args);
+    assert_eq!(status, 0, "another CA's certificate got an answer");
+    let to = SocketAddr::new(server.ip4.into(), 8080);
+    let mut silent = in_netns(&outsider.ns, move || {
+        TcpStream::connect_timeout(&to, Duration::from_secs(10)).unwrap()
+    });
+    // Nothing sent: the sidecar waits out the detection timeout (the app,
+    // a client-first server, then waits for a request).
+    eventually(Duration::from_secs(20), "a detection timeout", || {
+        count(
+            &scrape(&server.ns),
+            "moat_transparent_detection_timeouts_total",
+            &[("port", "8080")],
+        ) == 1.0
+    });
+    silent
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    silent
+        .write_all(b"GET /api/late HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut answer = String::new();
+    let _ = silent.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // (What comes back, if anything, is the TLS alert.)
+    assert_ne!(
+        echo_from(&outsider.ns, SocketAddr::new(server.ip4.into(), 9000)),
+        b"ping",
+        "plaintext reached an opaque port"
+    );
+    let metrics = scrape(&server.ns);
+    assert_eq!(
+        count(
+            &metrics,
+            "moat_transparent_inbound_plaintext_connections_total",
+            &[("port", "8080")]
+        ),
+        2.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        count(
+            &metrics,
+            "moat_transparent_detection_timeouts_total",
+            &[("port", "8080")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert!(
+        count(
+            &metrics,
+            "moat_tls_handshake_failures_total",
+            &[("listener", "echo")]
+        ) >= 1.0,
+        "{metrics}"
+    );
+    let paths: Vec<String> = apps
+        .http
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["message"] == "request")
+        .map(|v| v["path"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(paths, ["/api/plain", "/api/late"]);
+}
+
+/// A DNS server for one name, on UDP port 53: answers every A query with
+/// 10.200.0.2 (the server pod).
+const DNS: &str = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("0.0.0.0", 53))
+print(json.dumps({"message": "ready"}), file=sys.stderr, flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    end = 12
+    while q[end] != 0:
+        end += q[end] + 1
+    end += 5
+    answer = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + bytes([10, 200, 0, 2])
+    s.sendto(q[:2] + b"\x81\x80\x00\x01\x00\x01\x00\x00\x00\x00" + q[12:end] + answer, peer)
+"#;
+
+/// A DNS query for `billing.shop` over UDP from `ns`; the answer's last
+/// four bytes (the A record).
+fn resolve_from(ns: &str, server: SocketAddr) -> Vec<u8> {
+    in_netns(ns, move || {
+        let s = UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut q = vec![0x12, 0x34, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0];
+        for label in ["billing", "shop"] {
+            q.push(label.len() as u8);
+            q.extend_from_slice(label.as_bytes());
+        }
+        q.extend_from_slice(&[0, 0, 1, 0, 1]);
+        s.send_to(&q, server).unwrap();
+        let mut buf = [0u8; 512];
+        let n = s.recv(&mut buf).expect("a DNS answer");
+        assert_eq!(&buf[..2], &[0x12, 0x34]);
+        buf[n - 4..n].to_vec()
+    })
+}
+
+#[test]
+fn unmatched_destinations_pass_through_or_are_denied_and_dns_is_untouched() {
+    let Some(pods) = pods(&[
+        ("curl", &["--version"], "curl"),
+        ("python3", &["--version"], "python3"),
+    ]) else {
+        return;
+    };
+    let (client, outsider) = (&pods.client, &pods.outsider);
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    give_to_moat(dir);
+    // The outsider runs a plain web server (not meshed) and a DNS server.
+    let mut web = {
+        let mut cmd = netns_command(&outsider.ns, "python3");
+        cmd.args(["-u", "-c", APP]);
+        Running::from_command(cmd)
+    };
+    web.wait_for_log(Duration::from_secs(20), |v| v["message"] == "ready");
+    let mut dns = {
+        let mut cmd = netns_command(&outsider.ns, "python3");
+        cmd.args(["-u", "-c", DNS]);
+        Running::from_command(cmd)
+    };
+    dns.wait_for_log(Duration::from_secs(20), |v| v["message"] == "ready");
+    let files = issue(&ca, CLIENT, "1h", "client");
+    let config = |name: &str, unmatched: &str| {
+        sidecar_config(
+            dir,
+            name,
+            &files,
+            &ca.bundle_file(),
+            &format!(
+                "[redirect]\ninbound_ports = []\nunmatched = \"{unmatched}\"\n\n\
+                 [[destination]]\nname = \"billing\"\nip = \"10.200.0.2\"\nport = 8080\npeer = \"{SERVER}\"\n"
+            ),
+        )
+    };
+    let pass_cfg = config("pass.toml", "passthrough");
+    moat_ok_in(&client.ns, &["redirect", "--config", &pass_cfg]);
+    let url = format!("http://{}:8080/unmeshed", outsider.ip4);
+    let dst = format!("{}:8080", outsider.ip4);
+
+    // Passthrough: plain TCP to where the app was going, counted by
+    // destination; the connection to the outsider comes from the sidecar
+    // (moat's UID is exempt, so it is not redirected again).
+    let pass = sidecar(&client.ns, &pass_cfg, "transparent-outbound");
+    let (status, body) = curl_in(&client.ns, &[&url]);
+    assert_eq!(status, 200, "{body}");
+    let metrics = scrape(&client.ns);
+    assert_eq!(
+        count(
+            &metrics,
+            "moat_transparent_outbound_connections_total",
+            &[("destination", &dst), ("outcome", "passthrough")]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    // DNS over UDP is never redirected.
+    assert_eq!(
+        resolve_from(&client.ns, SocketAddr::new(outsider.ip4.into(), 53)),
+        [10, 200, 0, 2]
+    );
+    drop(pass);
+
+    // Deny: closed, counted.
+    let deny_cfg = config("deny.toml", "deny");
+    let mut deny = sidecar(&client.ns, &deny_cfg, "transparent-outbound");
+    let (status, _) = curl_in(&client.ns, &[&url]);
+    assert_eq!(status, 0, "a denied destination answered");
+    deny.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "refused: no [[destination]] matches (unmatched = \"deny\")"
+            && v["original_dst"] == dst.as_str()
+    });
+    eventually(Duration::from_secs(10), "the denial is counted", || {
+        count(
+            &scrape(&client.ns),
+            "moat_transparent_outbound_connections_total",
+            &[("destination", &dst), ("outcome", "denied")],
+        ) == 1.0
+    });
+    assert_eq!(
+        resolve_from(&client.ns, SocketAddr::new(outsider.ip4.into(), 53)),
+        [10, 200, 0, 2]
+    );
+    let seen: Vec<_> = web
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["message"] == "request")
+        .collect();
+    assert_eq!(seen.len(), 1, "only the passed-through request: {seen:?}");
+}
