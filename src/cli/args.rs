@@ -309,6 +309,7 @@ pub enum CaCommand {
     /// Revoke a certificate (--serial) or an identity (--id), or --list
     /// what is revoked. Renewals and tokens of it are refused at once;
     /// every sidecar closes its connections within seconds.
+    #[command(after_help = examples::CA_REVOKE)]
     Revoke {
         #[command(flatten)]
         at: CaLocation,
@@ -316,6 +317,7 @@ pub enum CaCommand {
         args: crate::revoke::RevokeArgs,
     },
     /// Undo `moat ca revoke`.
+    #[command(after_help = examples::CA_UNREVOKE)]
     Unrevoke {
         #[command(flatten)]
         at: CaLocation,
@@ -438,6 +440,18 @@ Examples:
   moat ca rotate --dir ./ca --prepare
   moat ca rotate --dir ./ca --activate
   moat ca rotate --dir ./ca --retire    # one certificate lifetime after --activate";
+
+    pub const CA_REVOKE: &str = "\
+Examples:
+  moat ca revoke --dir ./ca --id spiffe://example.org/ns/shop/sa/frontend --reason \"key compromise\"
+  moat ca revoke --dir ./ca --serial 4f3a9c...e1     # one certificate
+  moat ca revoke --dir ./ca --id spiffe://example.org/vm/db1 --until 2h
+  moat ca revoke --dir ./ca --list";
+
+    pub const CA_UNREVOKE: &str = "\
+Examples:
+  moat ca unrevoke --dir ./ca --id spiffe://example.org/ns/shop/sa/frontend
+  moat ca unrevoke --dir ./ca --serial 4f3a9c...e1";
 
     pub const CA_MIGRATE: &str = "\
 Examples:
