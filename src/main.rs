@@ -7,6 +7,7 @@ mod cli;
 mod demo;
 mod doctor;
 mod inject;
+mod revoke;
 
 fn main() -> std::process::ExitCode {
     cli::main()

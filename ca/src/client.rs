@@ -22,6 +22,7 @@ use tokio::net::TcpStream;
 use x509_parser::prelude::FromDer;
 
 use crate::identity::{BundleError, IdError, SpiffeId, TrustBundle, der_to_pem};
+use crate::revocation::RevocationList;
 
 /// The largest response body the client reads (chains and bundles are small).
 const MAX_RESPONSE: usize = 1 << 20;
@@ -347,6 +348,65 @@ impl CaClient {
         Svid::from_pem(&body)
     }
 
+    /// The CA's deny-list over mutual TLS, if its version is not `since`
+    /// (`None`: unchanged).
+    pub async fn fetch_revocations(
+        &self,
+        current: &Svid,
+        current_key: &WorkloadKey,
+        since: Option<i64>,
+    ) -> Result<Option<RevocationList>, ClientError> {
+        let config = self.tls_config(Some((current, current_key)))?;
+        let query = since.map(|v| format!("?since={v}")).unwrap_or_default();
+        let authority = self
+            .base
+            .authority()
+            .map(|a| a.as_str())
+            .unwrap_or_default();
+        let uri = format!("https://{authority}/v1/revocations{query}");
+        let uri: Uri = uri.parse().map_err(|_| ClientError::BadUrl(uri))?;
+        let req = Request::builder()
+            .method(Method::GET)
+            .uri(uri)
+            .body(Full::new(Bytes::new()))
+            .map_err(|e| ClientError::Http(e.to_string()))?;
+        let (status, body) = tokio::time::timeout(
+            self.timeout,
+            https_request_inner(
+                config,
+                self.server_name.clone(),
+                req,
+                crate::revocation::MAX_BODY,
+            ),
+        )
+        .await
+        .map_err(|_| ClientError::Timeout(self.timeout))??;
+        match status {
+            StatusCode::NOT_MODIFIED => Ok(None),
+            s if s.is_success() => {
+                let list: RevocationList = serde_json::from_slice(&body)
+                    .map_err(|e| ClientError::BadResponse(format!("revocation list: {e}")))?;
+                if list.entries.len() > crate::revocation::MAX_ENTRIES {
+                    return Err(ClientError::BadResponse(format!(
+                        "revocation list has {} entries, more than the {} a sidecar takes",
+                        list.entries.len(),
+                        crate::revocation::MAX_ENTRIES
+                    )));
+                }
+                Ok(Some(list))
+            }
+            _ => {
+                let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                let field = |k: &str| parsed[k].as_str().unwrap_or("").to_owned();
+                Err(ClientError::Refused {
+                    status,
+                    error: field("error"),
+                    reason: field("reason"),
+                })
+            }
+        }
+    }
+
     fn tls_config(
         &self,
         client_auth: Option<(&Svid, &WorkloadKey)>,
@@ -502,6 +562,17 @@ impl CaEndpoints {
             .await
     }
 
+    /// [`CaClient::fetch_revocations`] at the first replica that answers.
+    pub async fn fetch_revocations(
+        &mut self,
+        current: &Svid,
+        current_key: &WorkloadKey,
+        since: Option<i64>,
+    ) -> Result<Option<RevocationList>, ClientError> {
+        self.each(|c| async move { c.fetch_revocations(current, current_key, since).await })
+            .await
+    }
+
     /// [`CaClient::renew`] at the first replica that answers.
     pub async fn renew(
         &mut self,
@@ -575,15 +646,19 @@ pub async fn https_request(
     req: Request<Full<Bytes>>,
     timeout: Duration,
 ) -> Result<(StatusCode, Bytes), ClientError> {
-    tokio::time::timeout(timeout, https_request_inner(config, server_name, req))
-        .await
-        .map_err(|_| ClientError::Timeout(timeout))?
+    tokio::time::timeout(
+        timeout,
+        https_request_inner(config, server_name, req, MAX_RESPONSE),
+    )
+    .await
+    .map_err(|_| ClientError::Timeout(timeout))?
 }
 
 async fn https_request_inner(
     config: Arc<ClientConfig>,
     server_name: ServerName<'static>,
     req: Request<Full<Bytes>>,
+    max_body: usize,
 ) -> Result<(StatusCode, Bytes), ClientError> {
     let authority = req
         .uri()
@@ -621,7 +696,7 @@ async fn https_request_inner(
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?;
     let status = resp.status();
-    let body = Limited::new(resp.into_body(), MAX_RESPONSE)
+    let body = Limited::new(resp.into_body(), max_body)
         .collect()
         .await
         .map_err(|e| ClientError::Http(e.to_string()))?

@@ -173,6 +173,13 @@ impl SpiffeId {
     pub fn from_cert_der(der: &[u8]) -> Result<Self, IdError> {
         let (_, cert) = x509_parser::certificate::X509Certificate::from_der(der)
             .map_err(|_| IdError::BadCertificate)?;
+        Self::from_x509(&cert)
+    }
+
+    /// The SPIFFE ID in an already parsed certificate's one URI SAN.
+    pub fn from_x509(
+        cert: &x509_parser::certificate::X509Certificate<'_>,
+    ) -> Result<Self, IdError> {
         let mut uris = Vec::new();
         for ext in cert.extensions() {
             if let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() {

@@ -22,6 +22,7 @@ pub mod identity;
 pub mod issuer;
 pub mod listen;
 pub mod metrics;
+pub mod revocation;
 pub mod server;
 pub mod store;
 pub mod token;

@@ -6,8 +6,15 @@
 //! - `POST /v1/renew`: a CSR over mutual TLS with a current workload
 //!   certificate → a new certificate for the same SPIFFE ID.
 //!
+//! - `GET /v1/revocations?since=V`: over mutual TLS with a current workload
+//!   certificate, the deny-list as JSON (`{"version": V, "entries": [...]}`,
+//!   each entry a `serial` or an identity with its `expires` time); `304`
+//!   when the list is still at version `V`. Sidecars poll it every few
+//!   seconds (see `moat_proxy::identity`).
+//!
 //! Both issuing endpoints take an optional `?ttl=30m` query (capped by the
-//! configured maximum). Errors are JSON `{"error": "...", "reason": "..."}`.
+//! configured maximum). A revoked certificate or identity is refused with
+//! 403 and reason `revoked`, whether it renews or redeems a token. Errors are JSON `{"error": "...", "reason": "..."}`.
 //! The serving certificate is issued by the active root and re-issued when a
 //! rotation changes the active root, so clients that trust only the new
 //! bundle keep reaching the CA.
@@ -41,7 +48,7 @@ use crate::identity::{SpiffeId, TrustDomain};
 use crate::issuer::{CsrError, IssueError, RootCa, ValidatedCsr};
 use crate::listen::Acceptor;
 use crate::metrics::CaMetrics;
-use crate::store::{CaDir, RootState, SigningState, StateVersions, StoreError};
+use crate::store::{CaDir, RevocationRecord, RootState, SigningState, StateVersions, StoreError};
 use crate::token::{
     CredentialKind, JwksSource, KubernetesVerifier, MAX_TOKEN_LEN, TokenError, VerifiedCredential,
 };
@@ -149,7 +156,16 @@ struct Shared {
     kubernetes: Option<KubernetesVerifier>,
     sans: Vec<String>,
     snapshot: ArcSwap<Snapshot>,
+    revocations: ArcSwap<Revocations>,
     metrics: Arc<CaMetrics>,
+}
+
+/// The deny-list as last read from the store.
+#[derive(Default)]
+struct Revocations {
+    /// `versions.revocations` when it was read.
+    version: i64,
+    entries: Vec<RevocationRecord>,
 }
 
 /// The signing state, rebuilt when the roots change.
@@ -281,6 +297,7 @@ impl CaServer {
         );
         let metrics = Arc::new(CaMetrics::new());
         metrics.roots(&records);
+        let revocations = load_revocations(&ca).await?;
         Ok(Self {
             listener,
             admin: None,
@@ -291,6 +308,7 @@ impl CaServer {
                 kubernetes,
                 sans,
                 snapshot: ArcSwap::from_pointee(snapshot),
+                revocations: ArcSwap::from_pointee(revocations),
             }),
         })
     }
@@ -433,7 +451,8 @@ async fn handle(
             shared.metrics.issuance("renewal", r.reason);
             tracing::info!(reason = r.reason, error = %r.error, "renewal refused");
         }),
-        (_, "/v1/bundle" | "/v1/certs" | "/v1/renew") => Err(Refusal {
+        (&Method::GET, "/v1/revocations") => revocation_list(shared, &req, client_chain),
+        (_, "/v1/bundle" | "/v1/certs" | "/v1/renew" | "/v1/revocations") => Err(Refusal {
             status: StatusCode::METHOD_NOT_ALLOWED,
             error: "method not allowed".into(),
             reason: "method_not_allowed",
@@ -465,8 +484,99 @@ async fn issue(
         Err(TokenError::Invalid("not a join token of this CA".into()))
     }
     .map_err(token_refusal)?;
+    refuse_revoked(shared, None, &credential.id).await?;
     let body = read_body(shared, req).await?;
     sign_and_record(shared, credential, &body, ttl).await
+}
+
+/// 403 `revoked` when the store says this certificate or identity is
+/// revoked (asked each time: renewals are rare, and a replica's cached
+/// list may be a second behind); 503 when it cannot say.
+async fn refuse_revoked(
+    shared: &Arc<Shared>,
+    serial: Option<&str>,
+    id: &SpiffeId,
+) -> Result<(), Refusal> {
+    match shared.ca.revocation_for(serial, id).await {
+        Ok(None) => Ok(()),
+        Ok(Some(r)) => {
+            let what = match &r.serial {
+                Some(serial) => format!("certificate {serial} of {id} is revoked"),
+                None => format!("{id} is revoked"),
+            };
+            tracing::warn!(spiffe_id = %id, serial = serial.unwrap_or("-"), reason = %r.reason, "issuance refused: revoked");
+            Err(Refusal {
+                status: StatusCode::FORBIDDEN,
+                error: format!("{what}: {}", r.reason),
+                reason: "revoked",
+            })
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot check revocations");
+            Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: "the CA cannot check revocations: its state database is unreachable; retry later".into(),
+                reason: "store_unavailable",
+            })
+        }
+    }
+}
+
+/// `GET /v1/revocations[?since=V]`: the deny-list for sidecars, to holders
+/// of a current certificate of ours only (a revoked one may read it too:
+/// it names nothing secret to them).
+fn revocation_list(
+    shared: &Arc<Shared>,
+    req: &Request<Incoming>,
+    client_chain: &[CertificateDer<'static>],
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    renewal_identity(
+        &shared.snapshot.load(),
+        shared.ca.trust_domain(),
+        client_chain,
+        SystemTime::now(),
+    )?;
+    let list = shared.revocations.load();
+    let since = req
+        .uri()
+        .query()
+        .into_iter()
+        .flat_map(|q| q.split('&'))
+        .find_map(|p| p.strip_prefix("since="))
+        .and_then(|v| v.parse::<i64>().ok());
+    if since == Some(list.version) {
+        return Ok(Response::builder()
+            .status(StatusCode::NOT_MODIFIED)
+            .body(Full::new(Bytes::new()))
+            .expect("static response"));
+    }
+    let now = crate::store::unix_now();
+    let published = crate::revocation::RevocationList {
+        version: list.version,
+        entries: list
+            .entries
+            .iter()
+            .filter(|r| r.expires > now)
+            .map(|r| crate::revocation::RevocationEntry {
+                serial: r.serial.clone(),
+                spiffe_id: r.spiffe_id.clone(),
+                reason: r.reason.clone(),
+                expires: r.expires,
+            })
+            .collect(),
+    };
+    let body = serde_json::to_vec(&published).map_err(internal)?;
+    Ok(Response::builder()
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body)))
+        .expect("static response"))
+}
+
+async fn load_revocations(ca: &CaDir) -> Result<Revocations, StoreError> {
+    // The version first: a change in between is read again at the next poll.
+    let version = ca.versions().await?.revocations;
+    let entries = ca.revocations().await?;
+    Ok(Revocations { version, entries })
 }
 
 async fn renew(
@@ -481,6 +591,12 @@ async fn renew(
         client_chain,
         SystemTime::now(),
     )?;
+    let serial = client_chain.first().and_then(|leaf| {
+        x509_parser::certificate::X509Certificate::from_der(leaf)
+            .ok()
+            .map(|(_, c)| crate::issuer::hex(c.raw_serial()))
+    });
+    refuse_revoked(shared, serial.as_deref(), &id).await?;
     let body = read_body(shared, req).await?;
     let credential = VerifiedCredential {
         id,
@@ -495,8 +611,8 @@ async fn renew(
 /// resumed session carries the certificate of an earlier handshake, which
 /// may have lapsed since). The certificate must be valid now, chain to a
 /// root in the current bundle, and carry one SPIFFE ID in our trust domain.
-/// Each check is one step below; a revocation check belongs here too, after
-/// the chain (by the leaf's serial), once the store records revocations.
+/// Each check is one step below. Whether it is revoked is the caller's to
+/// ask ([`refuse_revoked`]: a store query, where this is pure).
 fn renewal_identity(
     snapshot: &Snapshot,
     trust_domain: &TrustDomain,
@@ -794,8 +910,22 @@ async fn refresh_loop(shared: Arc<Shared>) {
                 "the CA's state store is reachable again"
             );
         }
-        // Only a rotation changes the signing state (revocations, later,
-        // will have their own reload).
+        if versions.revocations != shared.revocations.load().version {
+            match load_revocations(&shared.ca).await {
+                Ok(list) => {
+                    tracing::info!(
+                        version = list.version,
+                        entries = list.entries.len(),
+                        "revocations reloaded"
+                    );
+                    shared.revocations.store(Arc::new(list));
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reload revocations; serving the current list")
+                }
+            }
+        }
+        // Only a rotation changes the signing state.
         if versions.roots == current.versions.roots
             && health.signing_problem().is_none()
             && SystemTime::now() < current.refresh_at

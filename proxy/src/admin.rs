@@ -227,6 +227,7 @@ impl State {
         if let Some(creds) = self.store.current() {
             m.cert_expiry.set(creds.svid.not_after_unix() as i64);
         }
+        self.store.revocations().update_age();
         let (mut ok, mut failed) = (0, 0);
         for p in &self.policies {
             ok += p.stats.ok.load(Ordering::Relaxed);
@@ -344,6 +345,19 @@ impl State {
         }
     }
 
+    /// The deny-list this sidecar enforces: its version, size, and how long
+    /// ago the CA last confirmed it (`null` before the first time, and in
+    /// file mode, where there is no CA to ask).
+    fn revocations_view(&self) -> serde_json::Value {
+        let state = self.store.revocations();
+        let list = state.current();
+        serde_json::json!({
+            "version": list.version(),
+            "entries": list.len(),
+            "age_seconds": state.age().map(|a| a.as_secs()),
+        })
+    }
+
     fn identity(&self) -> Response<Full<Bytes>> {
         let Some(creds) = self.store.current() else {
             return json(
@@ -374,6 +388,7 @@ impl State {
                 "not_after_unix": unix(svid.not_after),
                 "expires_in_seconds": expires_in,
                 "bundle_roots": creds.bundle.roots().len(),
+                "revocations": self.revocations_view(),
                 "policies": self.policies.iter().map(|p| {
                     let policy = p.policy.load();
                     serde_json::json!({

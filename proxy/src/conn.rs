@@ -510,17 +510,40 @@ pub fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> 
 ///
 /// The connection comes boxed: an async fn keeps a by-value argument in its
 /// state twice (rustc #62958), and hyper's connection state is kilobytes.
-pub async fn serve_http<C, E>(
+pub fn serve_http<'a, C, E>(
+    conn: Pin<Box<C>>,
+    activity: &'a Activity,
+    idle: Duration,
+    drain: &'a drain::Watch,
+) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + 'a
+where
+    C: Graceful<Output = Result<(), E>> + ?Sized + 'a,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'a,
+{
+    // Not an async fn: the caller holds `serve_http_until`'s future alone,
+    // not a second copy of the arguments around it.
+    serve_http_until(conn, activity, idle, drain, std::future::pending::<()>())
+}
+
+/// [`serve_http`], also closing gracefully when `close` resolves (the
+/// peer's credential lapsed: [`crate::conn_registry`]). HTTP/2 sends
+/// GOAWAY and finishes its open streams; HTTP/1.1 finishes the request in
+/// flight, if any, and closes.
+pub async fn serve_http_until<C, E, X>(
     mut conn: Pin<Box<C>>,
     activity: &Activity,
     idle: Duration,
     drain: &drain::Watch,
+    close: X,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     C: Graceful<Output = Result<(), E>> + ?Sized,
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    X: Future,
 {
     let mut closing = false;
+    let close = std::pin::pin!(close);
+    let mut close = close;
     loop {
         tokio::select! {
             // The connection first, and no random branch order to draw
@@ -535,6 +558,10 @@ where
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
+            _ = close.as_mut(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
         }
     }
 }
@@ -542,19 +569,32 @@ where
 /// Splices two streams: bytes both ways, half-close passed on, until both
 /// directions end, the pair is idle too long, or the drain's grace runs out
 /// (the process exits then).
-pub async fn splice<A, B>(
-    mut a: A,
-    mut b: B,
-    activity: &Activity,
-    idle: Duration,
-) -> io::Result<(u64, u64)>
+pub async fn splice<A, B>(a: A, b: B, activity: &Activity, idle: Duration) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
+    splice_until(a, b, activity, idle, std::future::pending::<()>()).await
+}
+
+/// [`splice`], also ending at once when `close` resolves (the peer's
+/// credential lapsed: a byte stream has no boundary to wait for).
+pub async fn splice_until<A, B, X>(
+    mut a: A,
+    mut b: B,
+    activity: &Activity,
+    idle: Duration,
+    close: X,
+) -> io::Result<(u64, u64)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+    X: Future,
+{
     tokio::select! {
         res = tokio::io::copy_bidirectional(&mut a, &mut b) => res,
         _ = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        _ = close => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's credential lapsed")),
     }
 }
 

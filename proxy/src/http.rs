@@ -79,6 +79,9 @@ pub enum ProxyError {
         /// The SPIFFE ID the peer presented, if its certificate had one.
         presented: Option<String>,
     },
+    /// The peer's certificate or identity is revoked (outbound).
+    #[error("peer revoked: {0}")]
+    PeerRevoked(String),
     /// The upstream (service or peer) failed mid-exchange.
     #[error("upstream failed: {0}")]
     Upstream(String),
@@ -117,6 +120,7 @@ impl ProxyError {
             ProxyError::LocalUnavailable(_)
             | ProxyError::PeerUnavailable(_)
             | ProxyError::PeerRefused { .. }
+            | ProxyError::PeerRevoked(_)
             | ProxyError::Upstream(_)
             | ProxyError::ResponseHeadersTooLarge(_)
             | ProxyError::AppProtocolMismatch => StatusCode::BAD_GATEWAY,
@@ -135,6 +139,7 @@ impl ProxyError {
             ProxyError::LocalUnavailable(_) => "local_unavailable",
             ProxyError::PeerUnavailable(_) => "peer_unavailable",
             ProxyError::PeerRefused { .. } => "peer_refused",
+            ProxyError::PeerRevoked(_) => "revoked",
             ProxyError::Upstream(_) => "upstream_failed",
             ProxyError::Timeout(_) => "upstream_timeout",
             ProxyError::NotReady => "not_ready",
@@ -153,6 +158,7 @@ impl ProxyError {
             ProxyError::LocalUnavailable(_) => "moat: local service unavailable",
             ProxyError::PeerUnavailable(_) => "moat: peer unavailable",
             ProxyError::PeerRefused { .. } => "moat: peer identity refused",
+            ProxyError::PeerRevoked(_) => "moat: the peer's certificate is revoked",
             ProxyError::Upstream(_) => "moat: upstream failed",
             ProxyError::Timeout(_) => "moat: upstream timed out",
             ProxyError::NotReady => "moat: proxy not ready",

@@ -7,7 +7,8 @@
 //!   periodically so a CA rotation reaches the proxy without a restart. With
 //!   `state_dir` the certificate and key also go to disk ([`state`]), and a
 //!   restart renews from them. A token the CA refused for good is not sent
-//!   again until the file changes ([`token`]).
+//!   again until the file changes ([`token`]). Over the same mutual TLS it
+//!   polls the CA's deny-list every few seconds ([`crate::revocation`]).
 //! - From files ([`FileSource`]): cert, key and bundle are read at start and
 //!   again when they change (or on SIGHUP); a broken set is logged and the
 //!   old credentials stay.
@@ -69,6 +70,8 @@ pub struct CaSource {
     refresh_now: Arc<Notify>,
     metrics: ProxyMetrics,
     state: Option<StateDir>,
+    /// The last deny-list poll failed (logged once per outage).
+    revocations_failing: bool,
 }
 
 /// Credentials from files managed elsewhere.
@@ -124,6 +127,7 @@ impl CaSource {
             refresh_now: Arc::new(Notify::new()),
             metrics: ProxyMetrics::default(),
             state,
+            revocations_failing: false,
         })
     }
 
@@ -145,6 +149,7 @@ impl CaSource {
         let mut token = TokenFile::new(&self.config.token_file);
         let mut bundle = self.client.bundle().clone();
         let mut restored = self.restore(&bundle);
+        self.restore_revocations();
         loop {
             let (mut svid, mut key) = match restored.take() {
                 Some(pair) => pair,
@@ -153,6 +158,7 @@ impl CaSource {
             let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
             let mut next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
             let mut renew_at_time = svid.renew_at();
+            let mut next_revocations = tokio::time::Instant::now();
             loop {
                 let until_renew = renew_at_time
                     .duration_since(SystemTime::now())
@@ -188,6 +194,10 @@ impl CaSource {
                     }
                     _ = self.refresh_now.notified() => {
                         self.refresh_bundle(&mut bundle).await;
+                    }
+                    _ = tokio::time::sleep_until(next_revocations) => {
+                        self.refresh_revocations(&svid, &key).await;
+                        next_revocations = tokio::time::Instant::now() + crate::revocation::POLL_INTERVAL;
                     }
                 }
             }
@@ -301,6 +311,59 @@ impl CaSource {
             && let Err(e) = state.save_bundle(bundle)
         {
             tracing::warn!(state_dir = %state.path().display(), error = %e, "cannot store the trust bundle");
+        }
+    }
+
+    /// The deny-list a previous run stored: in force until the CA answers
+    /// (its age counts from when it was stored).
+    fn restore_revocations(&self) {
+        let Some((list, written)) = self.state.as_ref().and_then(StateDir::load_revocations) else {
+            return;
+        };
+        let state = self.store.revocations();
+        state.publish(&list);
+        let at = written
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs() as i64)
+            .unwrap_or(0);
+        state.checked(at);
+        state.update_age();
+        tracing::info!(
+            version = list.version,
+            "deny-list restored from the state directory"
+        );
+    }
+
+    /// Asks the CA whether the deny-list changed; publishes a new one. A
+    /// failure keeps the current list (its age grows) and is logged once
+    /// until the CA answers again.
+    async fn refresh_revocations(&mut self, svid: &Svid, key: &WorkloadKey) {
+        let state = self.store.revocations().clone();
+        let since = state.current().version();
+        match self.client.fetch_revocations(svid, key, since).await {
+            Ok(fetched) => {
+                match fetched {
+                    Some(list) => {
+                        state.publish(&list);
+                        if let Some(dir) = &self.state
+                            && let Err(e) = dir.save_revocations(&list)
+                        {
+                            tracing::warn!(state_dir = %dir.path().display(), error = %e, "cannot store the deny-list");
+                        }
+                    }
+                    None => state.checked(crate::revocation::unix_now()),
+                }
+                if std::mem::take(&mut self.revocations_failing) {
+                    tracing::info!("the CA answers again: the deny-list is current");
+                }
+            }
+            Err(e) => {
+                state.check_failed();
+                if !self.revocations_failing {
+                    self.revocations_failing = true;
+                    tracing::warn!(error = %e, version = ?since, "cannot fetch the deny-list from the CA; enforcing the last one until it answers (see moat_revocation_list_age_seconds)");
+                }
+            }
         }
     }
 

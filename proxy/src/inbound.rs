@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
 
+use arc_swap::ArcSwap;
 use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version};
@@ -31,6 +32,7 @@ use crate::app::AppVersion;
 use crate::authz::{self, Authorizer};
 use crate::config::{Inbound, Limits, Protocol, UpgradeProtocol};
 use crate::conn::{self, Activity, TickBatched, Tracked};
+use crate::conn_registry::{self, AllowPeers, ConnRegistry, Lease};
 use crate::http::{
     PEER_ID, ProxyBody, ProxyError, XFCC, check_request_head, content_length, is_grpc,
     strip_hop_by_hop,
@@ -105,6 +107,9 @@ pub struct Shared {
     obs: Observability,
     requests: ListenerMetrics,
     listen_addr: SocketAddr,
+    connections: Arc<ConnRegistry>,
+    /// `allow_peers`, replaced on reload (SIGHUP).
+    allow: AllowPeers,
 }
 
 /// Per-connection facts, built once after the handshake.
@@ -118,6 +123,8 @@ struct Peer {
     activity: Arc<Activity>,
     /// An upgraded request's tunnel, run once hyper hands the connection over.
     tunnel: TunnelSlot,
+    /// The connection's registration: says when its credential lapsed.
+    lease: Option<Lease>,
 }
 
 impl InboundListener {
@@ -133,7 +140,8 @@ impl InboundListener {
             Protocol::Http => crate::tls::ALPN_HTTP,
             Protocol::Tcp => &[],
         };
-        let server = tls.server(config.allow_peers.clone(), alpn)?;
+        let allow: AllowPeers = Arc::new(ArcSwap::from_pointee(config.allow_peers.clone()));
+        let server = tls.server_with_allow(allow.clone(), alpn)?;
         let (listener, addr) = conn::bind(&config.name, config.listen).await?;
         let forward = config.forward;
         let dial = || LocalDial {
@@ -156,9 +164,18 @@ impl InboundListener {
             obs: obs.clone(),
             requests: obs.metrics.listener(&config.name, "inbound"),
             listen_addr: addr,
+            connections: tls.connections().clone(),
+            allow,
         };
         let (name, max) = (shared.name.clone(), shared.limits.max_connections);
         Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
+    }
+}
+
+impl Shared {
+    /// This listener's `allow_peers`, which a reload replaces.
+    pub fn allow_peers(&self) -> AllowPeers {
+        self.allow.clone()
     }
 }
 
@@ -212,11 +229,16 @@ impl Shared {
             }
         };
         self.obs.metrics.handshake_ok(&self.name);
-        let Some(peer) = peer_of(&tls, addr, activity) else {
+        let Some(mut peer) = peer_of(&tls, addr, activity) else {
             // The verifier admitted the chain, so this cannot happen; refuse anyway.
             tracing::warn!(listener = %self.name, peer_addr = %addr, "peer certificate has no SPIFFE ID");
             return None;
         };
+        peer.lease = self.connections.register(
+            &self.name,
+            tls.get_ref().1.peer_certificates(),
+            Some(self.allow.clone()),
+        );
         tracing::debug!(listener = %self.name, peer_addr = %addr, peer = %peer.id.as_str(), "peer connected");
         Some((tls, peer))
     }
@@ -243,11 +265,12 @@ impl Shared {
         // there, not the whole request state (measured: unboxed, HTTP/2 took
         // 10 % more CPU per request).
         let service = hyper::service::service_fn(move |req| Box::pin(handle(req)));
+        let lapsed = conn_registry::closed(peer.lease.as_ref());
         let served = if h2 {
             let streams = conn::Streams::for_connection();
             let h2 = conn::http2_server(&self.limits, streams.clone());
             let conn = Box::pin(streams.run(h2.serve_connection(io, service)));
-            conn::serve_http(conn, activity, idle, drain).await
+            conn::serve_http_until(conn, activity, idle, drain, lapsed).await
         } else {
             // With upgrades: after a 101 hyper hands the connection to
             // the request's tunnel. Two boxes, once per connection: the
@@ -255,7 +278,7 @@ impl Shared {
             // `serve_http` takes.
             let conn = self.h1.serve_connection(io, service).with_upgrades();
             let conn = Box::pin(UpgradeableH1(Box::pin(conn)));
-            conn::serve_http(conn, activity, idle, drain).await
+            conn::serve_http_until(conn, activity, idle, drain, lapsed).await
         };
         if let Err(e) = served {
             tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "connection ended with an error");
@@ -263,7 +286,10 @@ impl Shared {
         // An upgraded connection: hyper has handed it over, and it lives on
         // in this task (its slot under max_connections, its drain watch).
         if let Some(tunnel) = peer.tunnel.take() {
-            tunnel.await;
+            tokio::select! {
+                _ = tunnel => {}
+                _ = conn_registry::closed(peer.lease.as_ref()) => {}
+            }
         }
     }
 
@@ -287,7 +313,10 @@ impl Shared {
         let _ = local.set_nodelay(true);
         // XXX: a TCP stream has no request boundary to drain at; it runs until
         // it ends or the shutdown grace expires and the process exits.
-        if let Err(e) = conn::splice(tls, local, &peer.activity, self.limits.idle_timeout).await {
+        let lapsed = conn_registry::closed(peer.lease.as_ref());
+        if let Err(e) =
+            conn::splice_until(tls, local, &peer.activity, self.limits.idle_timeout, lapsed).await
+        {
             tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "tcp stream ended with an error");
         }
     }
@@ -650,6 +679,7 @@ fn peer_of(
         xfcc,
         activity,
         tunnel: TunnelSlot::default(),
+        lease: None,
     })
 }
 

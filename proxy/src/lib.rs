@@ -15,6 +15,7 @@ pub mod app;
 pub mod authz;
 pub mod config;
 pub mod conn;
+pub mod conn_registry;
 pub mod drain;
 pub mod expect;
 #[cfg(test)]
@@ -27,6 +28,7 @@ pub mod policy;
 pub mod probe;
 pub mod process;
 pub mod redirect;
+pub mod revocation;
 pub mod telemetry;
 pub mod tls;
 pub mod transparent;
@@ -100,13 +102,20 @@ pub struct Proxy {
     transparent_out: Vec<transparent::TransparentOutboundListener>,
     destinations: Option<Arc<transparent::DestinationTable>>,
     draining: Arc<AtomicBool>,
+    connections: Arc<conn_registry::ConnRegistry>,
 }
 
-/// What SIGHUP re-reads: identity files (or the CA's bundle) and route policies.
+/// What SIGHUP re-reads: identity files (or the CA's bundle), route
+/// policies, and each inbound listener's `allow_peers`.
 #[derive(Clone)]
 pub struct Reloader {
     identity: Arc<Notify>,
     policies: Vec<Arc<policy::PolicyWatcher>>,
+    /// The configuration file, for `allow_peers`.
+    config: std::path::PathBuf,
+    /// Each inbound listener's replaceable `allow_peers`, by name.
+    allow_peers: Vec<(String, conn_registry::AllowPeers)>,
+    connections: Arc<conn_registry::ConnRegistry>,
 }
 
 enum IdentityTask {
@@ -122,7 +131,9 @@ impl Proxy {
         for warning in config.warnings() {
             tracing::warn!("{warning}");
         }
-        let store = Arc::new(CredentialStore::new());
+        let store = Arc::new(CredentialStore::with_revocations(Arc::new(
+            revocation::RevocationState::new(obs.metrics.revocation.clone()),
+        )));
         let (identity, reload) = match &config.identity {
             Identity::Ca(ca) => {
                 let src = identity::CaSource::new(ca.clone(), store.clone())?
@@ -302,15 +313,24 @@ impl Proxy {
             addrs.push((l.name.clone(), addr));
             outbound.push(listener);
         }
+        let reloader = Reloader {
+            identity: reload,
+            policies,
+            config: config.source.clone(),
+            allow_peers: config
+                .inbound
+                .iter()
+                .zip(&inbound)
+                .map(|(l, listener)| (l.name.clone(), listener.shared().allow_peers()))
+                .collect(),
+            connections: tls.connections().clone(),
+        };
         Ok(Self {
             config,
             store,
             addrs,
             identity,
-            reloader: Reloader {
-                identity: reload,
-                policies,
-            },
+            reloader,
             jwks,
             admin,
             inbound,
@@ -319,6 +339,7 @@ impl Proxy {
             transparent_out,
             destinations,
             draining,
+            connections: tls.connections().clone(),
         })
     }
 
@@ -344,6 +365,7 @@ impl Proxy {
         let (signal, watch) = drain::channel();
         let mut background = Vec::new();
         background.push(tokio::spawn(self.admin.serve()));
+        background.push(tokio::spawn(self.connections.clone().run()));
         match self.identity {
             IdentityTask::Ca(src) => background.push(tokio::spawn(src.run())),
             IdentityTask::Files(src) => background.push(tokio::spawn(src.run())),
@@ -413,6 +435,38 @@ impl Reloader {
         for p in &self.policies {
             // The watcher logs and counts a refused reload itself.
             let _outcome = p.reload();
+        }
+        self.reload_allow_peers();
+    }
+
+    /// Applies the configuration file's `allow_peers` to the listeners of
+    /// the same name: new handshakes at once, and open connections of peers
+    /// it no longer lists are closed (reason `policy`). Other changes to
+    /// the file need a restart; an unreadable file changes nothing.
+    fn reload_allow_peers(&self) {
+        if self.allow_peers.is_empty() || self.config.as_os_str().is_empty() {
+            return;
+        }
+        let fresh = match config::Config::load(&self.config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "configuration reload refused; allow_peers unchanged");
+                return;
+            }
+        };
+        let mut changed = false;
+        for l in &fresh.inbound {
+            let Some((_, allow)) = self.allow_peers.iter().find(|(n, _)| *n == l.name) else {
+                continue;
+            };
+            if **allow.load() != l.allow_peers {
+                tracing::info!(listener = %l.name, allow_peers = ?l.allow_peers, "allow_peers reloaded");
+                allow.store(Arc::new(l.allow_peers.clone()));
+                changed = true;
+            }
+        }
+        if changed {
+            self.connections.policy_changed();
         }
     }
 }

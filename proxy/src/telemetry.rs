@@ -498,6 +498,8 @@ pub struct ProxyMetrics {
     pub spans_dropped: Counter,
     /// Admin requests refused, by reason (`not_loopback`).
     pub admin_refusals: Family<[(&'static str, &'static str); 1], Counter>,
+    /// The deny-list, and connections closed when a credential lapsed.
+    pub revocation: crate::revocation::RevocationMetrics,
 }
 
 impl ProxyMetrics {
@@ -543,7 +545,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "moat_tls_handshake_failures",
-            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, wrong_identity, timeout, protocol, other)",
+            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, revoked, wrong_identity, timeout, protocol, other)",
             handshake_failures.clone(),
         );
         registry.register(
@@ -616,6 +618,7 @@ impl ProxyMetrics {
             "Admin listener requests refused, by reason (not_loopback: a change asked from off this host)",
             admin_refusals.clone(),
         );
+        let revocation = crate::revocation::RevocationMetrics::register(&mut registry);
         Self {
             registry: Arc::new(std::sync::Mutex::new(registry)),
             requests,
@@ -634,6 +637,7 @@ impl ProxyMetrics {
             jwks_fetches,
             spans_dropped,
             admin_refusals,
+            revocation,
         }
     }
 

@@ -21,6 +21,7 @@
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -36,6 +37,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::config::Limits;
+use crate::conn_registry::Lease;
 use crate::expect::{self, Gate, HeldBody};
 use crate::http::{ProxyBody, ProxyError, head_within, strip_hop_by_hop, wire};
 
@@ -46,6 +48,14 @@ pub trait Dial: Send + Sync + 'static {
 
     /// Dials the upstream; the error names the side that failed.
     fn dial(&self) -> impl Future<Output = Result<Self::Io, ProxyError>> + Send;
+
+    /// Registers a dialed connection with the open-connection registry,
+    /// when its peer authenticated it (peer sidecars; not the local
+    /// service). The pool stops using the connection once the lease says
+    /// the peer's credential lapsed.
+    fn lease(&self, _io: &Self::Io) -> Option<Lease> {
+        None
+    }
 }
 
 /// What goes upstream: the caller's body, none (a request without a body
@@ -71,7 +81,7 @@ pub struct UpstreamClient<D, B = Incoming> {
     h1_dial: D,
     h2_dial: D,
     h1: Arc<Mutex<VecDeque<Idle<B>>>>,
-    h2: Mutex<Option<http2::SendRequest<OutBody<B>>>>,
+    h2: Arc<Mutex<Option<PooledH2<B>>>>,
     h2_connecting: tokio::sync::Mutex<()>,
     h1_builder: http1::Builder,
     h2_builder: http2::Builder<TokioExecutor>,
@@ -83,6 +93,22 @@ pub struct UpstreamClient<D, B = Incoming> {
 struct Idle<B> {
     tx: http1::SendRequest<OutBody<B>>,
     since: Instant,
+    lapsed: Lapsed,
+}
+
+/// The shared HTTP/2 connection's handle, and whether its peer lapsed.
+type PooledH2<B> = (http2::SendRequest<OutBody<B>>, Lapsed);
+
+/// Set once the peer's credential behind a pooled connection lapsed
+/// (revoked, expired, root retired): the connection takes no new request,
+/// and closes once the ones on it have answered.
+#[derive(Clone, Default)]
+struct Lapsed(Option<Arc<AtomicBool>>);
+
+impl Lapsed {
+    fn is_set(&self) -> bool {
+        self.0.as_ref().is_some_and(|f| f.load(Ordering::Relaxed))
+    }
 }
 
 impl<D, B> UpstreamClient<D, B>
@@ -112,7 +138,7 @@ where
             h1_dial,
             h2_dial,
             h1,
-            h2: Mutex::new(None),
+            h2: Arc::default(),
             h2_connecting: tokio::sync::Mutex::new(()),
             h1_builder,
             h2_builder,
@@ -206,12 +232,22 @@ where
         into_origin_form(&mut req);
         let exchange = async {
             let io = self.h1_dial.dial().await?;
+            let lease = self.h1_dial.lease(&io);
             let (mut tx, conn) = self
                 .h1_builder
                 .handshake(TokioIo::new(io))
                 .await
                 .map_err(|e| upstream_error(&e))?;
-            drive(conn.with_upgrades(), "HTTP/1.1 upgrade");
+            // A tunnel has no request boundary: it ends at once when the
+            // peer's credential lapses.
+            drive(
+                conn.with_upgrades(),
+                "HTTP/1.1 upgrade",
+                lease,
+                Lapsed::default(),
+                || {},
+                true,
+            );
             tx.send_request(req).await.map_err(|e| upstream_error(&e))
         };
         let timeout = self.limits.request_timeout;
@@ -227,13 +263,13 @@ where
     ) -> Result<Response<Incoming>, ProxyError> {
         into_origin_form(&mut req);
         loop {
-            let (mut tx, idle) = match self.checkout_h1() {
+            let (mut tx, idle, lapsed) = match self.checkout_h1() {
                 Some(pooled) => pooled,
                 None => {
-                    let mut tx = self.connect_h1().await?;
+                    let (mut tx, lapsed) = self.connect_h1().await?;
                     return match tx.send_request(req).await {
                         Ok(resp) => {
-                            self.checkin_h1(tx);
+                            self.checkin_h1(tx, lapsed);
                             Ok(resp)
                         }
                         Err(e) => Err(upstream_error(&e)),
@@ -247,7 +283,7 @@ where
             };
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.checkin_h1(tx);
+                    self.checkin_h1(tx, lapsed);
                     return Ok(resp);
                 }
                 // The pooled connection was closed under us: the request
@@ -267,16 +303,16 @@ where
     /// The most recently used idle connection that is ready for a request,
     /// and how long it has been idle. Connections still streaming a
     /// response body stay in the pool.
-    fn checkout_h1(&self) -> Option<(http1::SendRequest<OutBody<B>>, Duration)> {
+    fn checkout_h1(&self) -> Option<(http1::SendRequest<OutBody<B>>, Duration, Lapsed)> {
         let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
             let entry = &idle[i];
-            if entry.tx.is_closed() {
+            if entry.tx.is_closed() || entry.lapsed.is_set() {
                 idle.remove(i);
             } else if entry.tx.is_ready() {
-                return idle.remove(i).map(|e| (e.tx, e.since.elapsed()));
+                return idle.remove(i).map(|e| (e.tx, e.since.elapsed(), e.lapsed));
             }
         }
         None
@@ -284,25 +320,40 @@ where
 
     /// Returns a connection to the pool; it takes the next request once its
     /// response has been read to the end.
-    fn checkin_h1(&self, tx: http1::SendRequest<OutBody<B>>) {
+    fn checkin_h1(&self, tx: http1::SendRequest<OutBody<B>>, lapsed: Lapsed) {
+        if lapsed.is_set() {
+            // Dropped: the connection closes once this response is read.
+            return;
+        }
         let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
         if idle.len() < self.max_idle {
             idle.push_back(Idle {
                 tx,
                 since: Instant::now(),
+                lapsed,
             });
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<OutBody<B>>, ProxyError> {
+    async fn connect_h1(&self) -> Result<(http1::SendRequest<OutBody<B>>, Lapsed), ProxyError> {
         let io = self.h1_dial.dial().await?;
+        let lease = self.h1_dial.lease(&io);
         let (tx, conn) = self
             .h1_builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| upstream_error(&e))?;
-        drive(conn, "HTTP/1.1");
-        Ok(tx)
+        let lapsed = Lapsed(lease.is_some().then(Arc::default));
+        let pool = Arc::downgrade(&self.h1);
+        // Idle pooled connections of the lapsed peer close at once.
+        let purge = move || {
+            if let Some(pool) = pool.upgrade() {
+                let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+                idle.retain(|e| !e.lapsed.is_set());
+            }
+        };
+        drive(conn, "HTTP/1.1", lease, lapsed.clone(), purge, false);
+        Ok((tx, lapsed))
     }
 
     async fn send_h2(&self, req: Request<OutBody<B>>) -> Result<Response<Incoming>, ProxyError> {
@@ -332,14 +383,16 @@ where
 
     fn current_h2(&self) -> Option<http2::SendRequest<OutBody<B>>> {
         let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
-        slot.as_ref().filter(|tx| !tx.is_closed()).cloned()
+        slot.as_ref()
+            .filter(|(tx, lapsed)| !tx.is_closed() && !lapsed.is_set())
+            .map(|(tx, _)| tx.clone())
     }
 
     fn forget_h2(&self, dead: &http2::SendRequest<OutBody<B>>) {
         let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
         if slot
             .as_ref()
-            .is_some_and(|tx| tx.is_closed() || dead.is_closed())
+            .is_some_and(|(tx, lapsed)| tx.is_closed() || lapsed.is_set() || dead.is_closed())
         {
             *slot = None;
         }
@@ -353,25 +406,67 @@ where
             return Ok(tx);
         }
         let io = self.h2_dial.dial().await?;
+        let lease = self.h2_dial.lease(&io);
         let (tx, conn) = self
             .h2_builder
             .handshake(TokioIo::new(io))
             .await
             .map_err(|e| upstream_error(&e))?;
-        drive(conn, "HTTP/2");
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some(tx.clone());
+        let lapsed = Lapsed(lease.is_some().then(Arc::default));
+        let slot = Arc::downgrade(&self.h2);
+        // Our handle is dropped: new requests open a new connection, and
+        // this one closes once its open streams have answered.
+        let purge = move || {
+            if let Some(slot) = slot.upgrade() {
+                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                if slot.as_ref().is_some_and(|(_, l)| l.is_set()) {
+                    *slot = None;
+                }
+            }
+        };
+        drive(conn, "HTTP/2", lease, lapsed.clone(), purge, false);
+        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), lapsed));
         Ok(tx)
     }
 }
 
-/// Runs a client connection on its own task until it closes.
-fn drive<C, E>(conn: C, version: &'static str)
-where
+/// Runs a client connection on its own task until it closes. With a
+/// lease, when the peer's credential lapses: `lapsed` is set and `purge`
+/// drops the pool's handles, so the connection takes no new request and
+/// ends once the open ones have answered; `abort` ends it at once (a
+/// tunnel, which has no request boundary).
+fn drive<C, E>(
+    conn: C,
+    version: &'static str,
+    lease: Option<Lease>,
+    lapsed: Lapsed,
+    purge: impl FnOnce() + Send + 'static,
+    abort: bool,
+) where
     C: Future<Output = Result<(), E>> + Send + 'static,
-    E: std::fmt::Display,
+    E: std::fmt::Display + Send,
 {
     tokio::spawn(async move {
-        if let Err(e) = conn.await {
+        let mut conn = std::pin::pin!(conn);
+        let ended = match &lease {
+            None => Some(conn.as_mut().await),
+            Some(lease) => tokio::select! {
+                ended = conn.as_mut() => Some(ended),
+                _ = lease.closed() => None,
+            },
+        };
+        let ended = match ended {
+            Some(ended) => ended,
+            None if abort => return,
+            None => {
+                if let Some(flag) = &lapsed.0 {
+                    flag.store(true, Ordering::Relaxed);
+                }
+                purge();
+                conn.await
+            }
+        };
+        if let Err(e) = ended {
             tracing::debug!(version, error = %e, "upstream connection ended with an error");
         }
     });
@@ -391,7 +486,7 @@ fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout
             let Some(pool) = pool.upgrade() else { return };
             let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
             // Oldest first: check-ins push to the back.
-            idle.retain(|e| !e.tx.is_closed() && e.since.elapsed() < timeout);
+            idle.retain(|e| !e.tx.is_closed() && !e.lapsed.is_set() && e.since.elapsed() < timeout);
         }
     });
 }

@@ -306,6 +306,24 @@ pub enum CaCommand {
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
     },
+    /// Revoke a certificate (--serial) or an identity (--id), or --list
+    /// what is revoked. Renewals and tokens of it are refused at once;
+    /// every sidecar closes its connections within seconds.
+    #[command(after_help = examples::CA_REVOKE)]
+    Revoke {
+        #[command(flatten)]
+        at: CaLocation,
+        #[command(flatten)]
+        args: crate::revoke::RevokeArgs,
+    },
+    /// Undo `moat ca revoke`.
+    #[command(after_help = examples::CA_UNREVOKE)]
+    Unrevoke {
+        #[command(flatten)]
+        at: CaLocation,
+        #[command(flatten)]
+        args: crate::revoke::UnrevokeArgs,
+    },
     /// Bring the store's schema up to date (and nothing else), or copy a
     /// SQLite CA's whole state into the PostgreSQL store ca.toml names.
     #[command(after_help = examples::CA_MIGRATE)]
@@ -422,6 +440,18 @@ Examples:
   moat ca rotate --dir ./ca --prepare
   moat ca rotate --dir ./ca --activate
   moat ca rotate --dir ./ca --retire    # one certificate lifetime after --activate";
+
+    pub const CA_REVOKE: &str = "\
+Examples:
+  moat ca revoke --dir ./ca --id spiffe://example.org/ns/shop/sa/frontend --reason \"key compromise\"
+  moat ca revoke --dir ./ca --serial 4f3a9c...e1     # one certificate
+  moat ca revoke --dir ./ca --id spiffe://example.org/vm/db1 --until 2h
+  moat ca revoke --dir ./ca --list";
+
+    pub const CA_UNREVOKE: &str = "\
+Examples:
+  moat ca unrevoke --dir ./ca --id spiffe://example.org/ns/shop/sa/frontend
+  moat ca unrevoke --dir ./ca --serial 4f3a9c...e1";
 
     pub const CA_MIGRATE: &str = "\
 Examples:

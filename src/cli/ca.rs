@@ -109,6 +109,12 @@ pub fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 Ok(())
             }
             CaCommand::Migrate { at, from_sqlite } => run_migrate(&at, from_sqlite).await,
+            CaCommand::Revoke { at, args } => crate::revoke::revoke(&open_ca(&at).await?, args)
+                .await
+                .map_err(store_err),
+            CaCommand::Unrevoke { at, args } => crate::revoke::unrevoke(&open_ca(&at).await?, args)
+                .await
+                .map_err(store_err),
         }
     })
 }

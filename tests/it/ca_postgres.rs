@@ -1016,3 +1016,53 @@ fn the_kubernetes_ca_runs_replicas_with_a_disruption_budget_and_the_database_fro
     assert!(!yaml.contains("PersistentVolumeClaim"));
     assert!(yaml.contains("path: /ready"));
 }
+
+#[test]
+fn a_revocation_made_once_is_enforced_by_every_replica() {
+    let Some(pg) = pg_support::require() else {
+        return;
+    };
+    let db = pg.database("revocation");
+    let tmp = tempfile::tempdir().unwrap();
+    let a_dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
+    let b_dir = replica_dir(&a_dir, &tmp.path().join("b"));
+    let b = serve(&b_dir);
+    let rt = rt();
+    let bundle = bundle_of(&a_dir);
+    let key = WorkloadKey::generate().unwrap();
+    let svid = rt
+        .block_on(
+            b.client(&bundle)
+                .issue(&key, &token(&a_dir, "spiffe://example.org/vm/one")),
+        )
+        .unwrap();
+    let out = moat_ok(&[
+        "ca",
+        "revoke",
+        "--dir",
+        path_str(&a_dir),
+        "--serial",
+        &svid.serial,
+        "--reason",
+        "test",
+    ]);
+    assert!(out.contains("revoked"), "{out}");
+    // B refuses the renewal at once (it asks the store), and lists it
+    // within its one-second poll.
+    let renew = rt.block_on(b.client(&bundle).renew(&svid, &key, &key));
+    assert!(
+        matches!(&renew, Err(ClientError::Refused { reason, .. }) if reason == "revoked"),
+        "{renew:?}"
+    );
+    eventually(Duration::from_secs(10), "replica B to list it", || {
+        rt.block_on(b.client(&bundle).fetch_revocations(&svid, &key, None))
+            .unwrap()
+            .is_some_and(|l| {
+                l.entries
+                    .iter()
+                    .any(|e| e.serial.as_deref() == Some(&svid.serial))
+            })
+    });
+    let list = moat_ok(&["ca", "revoke", "--list", "--dir", path_str(&b_dir)]);
+    assert!(list.contains(&svid.serial), "{list}");
+}

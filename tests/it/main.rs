@@ -46,6 +46,7 @@ mod proxy_outbound;
 mod proxy_policy;
 mod proxy_state;
 mod redirect;
+mod revocation;
 mod security_fixes;
 mod systemd;
 mod telemetry;

@@ -559,6 +559,16 @@ jwt   = {{ issuer = "corp" }}
             scrape(admin).contains("moat_certificate_renewals_total{result=\"ok\"}")
         });
     }
+    // The server closes the client's pooled connection when the client's
+    // 4-second certificate expires (moat_connections_closed_total).
+    eventually(
+        Duration::from_secs(30),
+        "a connection closed at expiry",
+        || {
+            scrape(server_admin)
+                .contains("moat_connections_closed_total{reason=\"peer_cert_expired\"}")
+        },
+    );
     let mut exported = Exported::default();
     for admin in [server_admin, client_admin, ca_admin] {
         exported.add(&scrape(admin));
@@ -739,6 +749,19 @@ fn promtool_checks_and_unit_tests_the_rules() {
                         json!([{"labels": format!("{{{p}, listener=\"in\"}}"), "value": 2}])),
                     case("MoatTlsHandshakeFailures", "80m",
                         json!([{"labels": format!("{{{p}, listener=\"in\", reason=\"no_client_cert\"}}"), "value": 0.5}])),
+                ],
+            },
+            {
+                // A deny-list confirmed every poll, then the CA gone for 20 minutes.
+                "interval": "1m",
+                "input_series": [{
+                    "series": format!("moat_revocation_list_age_seconds{{{p}}}"),
+                    "values": "0x10 60+60x20",
+                }],
+                "promql_expr_test": [
+                    case("MoatRevocationListStale", "10m", json!([])),
+                    case("MoatRevocationListStale", "25m",
+                        json!([{"labels": format!("{{{p}}}"), "value": 900}])),
                 ],
             },
             {

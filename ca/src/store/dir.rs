@@ -15,8 +15,8 @@ use x509_parser::prelude::FromDer;
 
 use super::config::Engine;
 use super::{
-    IssuanceRecord, PgStore, RootChange, RootRecord, RootState, SqliteStore, StateVersions, Store,
-    StoreError, unix,
+    IssuanceRecord, NewRevocation, PgStore, RevocationRecord, RevocationTarget, RootChange,
+    RootRecord, RootState, SqliteStore, StateVersions, Store, StoreError, unix,
 };
 use crate::client::{Svid, WorkloadKey};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
@@ -303,6 +303,11 @@ impl CaDir {
         cert_out: &Path,
         key_out: &Path,
     ) -> Result<(Svid, WorkloadKey), StoreError> {
+        if self.revocation_for(None, id).await?.is_some() {
+            return Err(StoreError::Revocation(format!(
+                "{id} is revoked; `moat ca unrevoke --id {id}` first"
+            )));
+        }
         let corrupt = |e: &dyn fmt::Display| StoreError::Corrupt(e.to_string());
         let key = WorkloadKey::generate().map_err(|e| corrupt(&e))?;
         let csr = ValidatedCsr::parse(key.csr_pem().map_err(|e| corrupt(&e))?.as_bytes())
@@ -388,6 +393,100 @@ impl CaDir {
             "root #{id} now signs. The old root stays in the bundle; run --retire once every \
              workload has renewed (after one certificate lifetime)."
         ))
+    }
+
+    /// Revokes a certificate or an identity (see [`Store::revoke`]). An
+    /// identity must be in this CA's trust domain.
+    pub async fn revoke(
+        &self,
+        target: RevocationTarget,
+        reason: &str,
+        until: Option<SystemTime>,
+    ) -> Result<RevocationRecord, StoreError> {
+        let target = self.check_target(target)?;
+        let now = SystemTime::now();
+        if let Some(until) = until
+            && until <= now
+        {
+            return Err(StoreError::Revocation(
+                "--until is in the past: nothing would be revoked".into(),
+            ));
+        }
+        let record = self
+            .store
+            .revoke(&NewRevocation {
+                target: target.clone(),
+                reason: reason.to_owned(),
+                until: until.map(unix),
+                now: unix(now),
+            })
+            .await?;
+        tracing::warn!(target = %target.describe(), reason, until = %format_time(from_unix(record.until)), "revoked");
+        Ok(record)
+    }
+
+    /// Undoes the revocation of `target`; refuses when it is not revoked.
+    pub async fn unrevoke(&self, target: RevocationTarget) -> Result<(), StoreError> {
+        let target = self.check_target(target)?;
+        match self.store.unrevoke(&target).await? {
+            0 => Err(StoreError::Revocation(format!(
+                "{} is not revoked (see `moat ca revoke --list`)",
+                target.describe()
+            ))),
+            _ => {
+                tracing::warn!(target = %target.describe(), "revocation removed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Every revocation in force now.
+    pub async fn revocations(&self) -> Result<Vec<RevocationRecord>, StoreError> {
+        self.store.revocations(unix(SystemTime::now())).await
+    }
+
+    /// The revocation covering this certificate (serial) or identity now.
+    pub async fn revocation_for(
+        &self,
+        serial: Option<&str>,
+        id: &SpiffeId,
+    ) -> Result<Option<RevocationRecord>, StoreError> {
+        self.store
+            .revocation_for(serial, id.as_str(), unix(SystemTime::now()))
+            .await
+    }
+
+    /// A serial in the CA's form (lowercase hex, no separators or leading
+    /// `0x`); an identity parsed and in this trust domain.
+    fn check_target(&self, target: RevocationTarget) -> Result<RevocationTarget, StoreError> {
+        match target {
+            RevocationTarget::Serial(s) => {
+                let hex: String = s
+                    .trim()
+                    .trim_start_matches("0x")
+                    .chars()
+                    .filter(|c| *c != ':')
+                    .collect::<String>()
+                    .to_ascii_lowercase();
+                if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
+                    return Err(StoreError::Revocation(format!(
+                        "--serial {s:?} is not a hexadecimal serial number"
+                    )));
+                }
+                Ok(RevocationTarget::Serial(hex))
+            }
+            RevocationTarget::Id(id) => {
+                let parsed = SpiffeId::parse(&id)
+                    .map_err(|e| StoreError::Revocation(format!("--id {id:?}: {e}")))?;
+                if !parsed.is_in(&self.td) {
+                    return Err(StoreError::Revocation(format!(
+                        "--id {id}: not in this CA's trust domain {}",
+                        self.td
+                    )));
+                }
+                Ok(RevocationTarget::Id(parsed.as_str().to_owned()))
+            }
+        }
     }
 
     /// Rotation step 3: drop the old root from the bundle.
@@ -526,6 +625,16 @@ fn io_err(path: &Path, source: std::io::Error) -> StoreError {
         path: path.to_owned(),
         source,
     }
+}
+
+/// Seconds since the epoch as a time.
+fn from_unix(secs: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs.max(0) as u64)
+}
+
+/// Formats seconds since the epoch as RFC 3339 UTC, for messages.
+pub fn format_unix(secs: i64) -> String {
+    format_time(from_unix(secs))
 }
 
 /// Formats a time as RFC 3339 UTC, for messages.

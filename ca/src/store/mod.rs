@@ -14,7 +14,7 @@
 //! get from a Kubernetes Secret or the operator's configuration management.
 //! What changes at run time is in the [`Store`]: the trust domain, every
 //! root's certificate and rotation state, every issuance, every spent
-//! join-token ID, and (schema only, for now) revocations. With SQLite one
+//! join-token ID, and every revocation. With SQLite one
 //! `moat ca serve` owns `DIR/ca.db`; with PostgreSQL several replicas share
 //! one database and see each other's writes at once.
 //!
@@ -24,6 +24,12 @@
 //! Every change of root states bumps [`StateVersions::roots`] in the same
 //! transaction; replicas poll the versions every second and reload their
 //! signing state when one moved.
+//!
+//! A revocation names one certificate (by serial) or every certificate of
+//! an identity, until a time. `revoke` and `unrevoke` bump
+//! [`StateVersions::revocations`] in the same transaction; replicas that
+//! see it move read the whole list again (it is small: entries leave it
+//! once the certificates they name have expired).
 
 pub mod config;
 mod copy;
@@ -38,7 +44,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 pub use copy::{CopyReport, copy_sqlite_to_postgres};
-pub use dir::{CaDir, SigningState, bundle_of, format_time};
+pub use dir::{CaDir, SigningState, bundle_of, format_time, format_unix};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -51,10 +57,9 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>>
 /// The CA's state, whichever engine holds it. Every method is one
 /// transaction; none leaves a partial write behind when it fails.
 ///
-/// Revocations (the next feature) fit the same shape: `revoke` inserts a
-/// row and bumps [`StateVersions::revocations`] in one transaction, and
-/// replicas that see the version move read the rows with a larger
-/// `version`. The table and the counter exist already (migration 2).
+/// Revocations: `revoke` and `unrevoke` change rows and bump
+/// [`StateVersions::revocations`] in one transaction; replicas that see
+/// the version move read the current list again.
 pub trait Store: Send + Sync + fmt::Debug {
     /// `sqlite` or `postgres`.
     fn engine(&self) -> &'static str;
@@ -102,7 +107,79 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// How many certificates were issued.
     fn issued_count(&self) -> StoreFuture<'_, i64>;
+
+    /// Revokes `target` (replacing an earlier revocation of the same
+    /// target) and bumps the revocations version, in one transaction.
+    /// A serial must be one this CA issued; its revocation lasts until the
+    /// certificate expires (or `until`, if sooner). An identity's lasts
+    /// until `until`, or until it is un-revoked. Rows whose time has
+    /// passed are deleted in the same transaction.
+    fn revoke<'a>(&'a self, revocation: &'a NewRevocation) -> StoreFuture<'a, RevocationRecord>;
+
+    /// Removes the revocation of `target` and bumps the version; the
+    /// number of rows removed (0: it was not revoked, nothing changed).
+    fn unrevoke<'a>(&'a self, target: &'a RevocationTarget) -> StoreFuture<'a, u64>;
+
+    /// Every revocation still in force at `now`, oldest first, each with
+    /// the time it stops mattering ([`RevocationRecord::expires`]).
+    fn revocations(&self, now: i64) -> StoreFuture<'_, Vec<RevocationRecord>>;
+
+    /// The revocation in force at `now` that covers the certificate with
+    /// this serial or this identity, if any.
+    fn revocation_for<'a>(
+        &'a self,
+        serial: Option<&'a str>,
+        spiffe_id: &'a str,
+        now: i64,
+    ) -> StoreFuture<'a, Option<RevocationRecord>>;
 }
+
+/// What a revocation names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevocationTarget {
+    /// One certificate, by serial (lowercase hex, no separators).
+    Serial(String),
+    /// Every certificate of this SPIFFE ID, now and until un-revoked.
+    Id(String),
+}
+
+/// A revocation to record.
+#[derive(Debug, Clone)]
+pub struct NewRevocation {
+    /// What it names.
+    pub target: RevocationTarget,
+    /// Why (free text, for the operator and the logs).
+    pub reason: String,
+    /// When it ends, seconds since the epoch; `None`: when the certificate
+    /// expires (serial) or never, until un-revoked (identity).
+    pub until: Option<i64>,
+    /// Now, seconds since the epoch.
+    pub now: i64,
+}
+
+/// A revocation as the store holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevocationRecord {
+    /// The revoked serial, for a certificate's revocation.
+    pub serial: Option<String>,
+    /// The identity: the revoked one, or the revoked certificate's.
+    pub spiffe_id: Option<String>,
+    /// Why.
+    pub reason: String,
+    /// When, seconds since the epoch.
+    pub revoked_at: i64,
+    /// Until when, as recorded ([`NO_END`] for an identity revoked until
+    /// un-revoked).
+    pub until: i64,
+    /// When it stops mattering to a sidecar: `until`, or sooner when
+    /// every certificate it covers has expired (the last certificate
+    /// issued to a revoked identity; a revoked identity gets no new one).
+    pub expires: i64,
+}
+
+/// `until` of a revocation that lasts until it is un-revoked
+/// (9999-12-31T23:59:59Z).
+pub const NO_END: i64 = 253_402_300_799;
 
 /// A root's place in a rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -257,6 +334,10 @@ pub enum StoreError {
     /// The directory's contents are inconsistent.
     #[error("CA state is inconsistent: {0}")]
     Corrupt(String),
+    /// A revocation cannot be made or undone as asked (an unknown serial,
+    /// nothing to un-revoke).
+    #[error("{0}")]
+    Revocation(String),
 }
 
 impl StoreError {
@@ -268,6 +349,7 @@ impl StoreError {
                 | StoreError::NotInitialized(_)
                 | StoreError::Config(_)
                 | StoreError::Rotation { .. }
+                | StoreError::Revocation(_)
                 | StoreError::Issue(IssueError::BadTtl(_) | IssueError::WrongTrustDomain { .. })
                 | StoreError::Token(TokenError::WrongTrustDomain(_) | TokenError::Invalid(_))
         )
@@ -320,11 +402,43 @@ impl RootState {
     }
 }
 
+/// Now, in seconds since the epoch.
+pub(crate) fn unix_now() -> i64 {
+    unix(std::time::SystemTime::now())
+}
+
 /// Seconds since the epoch.
 pub(crate) fn unix(t: std::time::SystemTime) -> i64 {
     t.duration_since(std::time::SystemTime::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+impl RevocationTarget {
+    /// `serial X` or `identity spiffe://...`, for messages.
+    pub fn describe(&self) -> String {
+        match self {
+            RevocationTarget::Serial(s) => format!("certificate serial {s}"),
+            RevocationTarget::Id(id) => format!("identity {id}"),
+        }
+    }
+}
+
+impl RevocationRecord {
+    /// The recorded `until` and the certificate's end of validity give the
+    /// time a serial's revocation ends; an identity's ends at `until`, or
+    /// when its last certificate (`last_not_after`) has expired.
+    pub(crate) fn effective_expiry(
+        serial: Option<&str>,
+        until: i64,
+        last_not_after: Option<i64>,
+    ) -> i64 {
+        match (serial, last_not_after) {
+            (Some(_), _) => until,
+            (None, Some(last)) => until.min(last),
+            (None, None) => until.min(0),
+        }
+    }
 }
 
 #[cfg(test)]

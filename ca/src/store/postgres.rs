@@ -20,8 +20,8 @@ use tokio_postgres::Transaction;
 use super::config::{PgSettings, PgTls};
 use super::migrations::{self, Migration};
 use super::{
-    IssuanceRecord, RootChange, RootRecord, RootState, StateVersions, Store, StoreError,
-    StoreFuture, unix,
+    IssuanceRecord, NO_END, NewRevocation, RevocationRecord, RevocationTarget, RootChange,
+    RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
 };
 use crate::token::TokenError;
 
@@ -413,6 +413,170 @@ impl Store for PgStore {
             Ok(row.get(0))
         }))
     }
+
+    fn revoke<'a>(&'a self, revocation: &'a NewRevocation) -> StoreFuture<'a, RevocationRecord> {
+        Box::pin(self.bounded(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            match revoke(&tx, revocation).await.map_err(|e| self.err(e))? {
+                Ok(record) => {
+                    tx.commit().await.map_err(|e| self.err(e))?;
+                    Ok(record)
+                }
+                // Dropping the transaction rolls the version bump back.
+                Err(why) => Err(StoreError::Revocation(why)),
+            }
+        }))
+    }
+
+    fn unrevoke<'a>(&'a self, target: &'a RevocationTarget) -> StoreFuture<'a, u64> {
+        Box::pin(self.bounded(async move {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await.map_err(|e| self.err(e))?;
+            let removed = match target {
+                RevocationTarget::Serial(serial) => {
+                    tx.execute("DELETE FROM revocations WHERE serial = $1", &[serial])
+                        .await
+                }
+                RevocationTarget::Id(id) => {
+                    tx.execute(
+                        "DELETE FROM revocations WHERE serial IS NULL AND spiffe_id = $1",
+                        &[id],
+                    )
+                    .await
+                }
+            }
+            .map_err(|e| self.err(e))?;
+            if removed > 0 {
+                tx.execute(
+                    "UPDATE versions SET version = version + 1 WHERE name = 'revocations'",
+                    &[],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            }
+            tx.commit().await.map_err(|e| self.err(e))?;
+            Ok(removed)
+        }))
+    }
+
+    fn revocations(&self, now: i64) -> StoreFuture<'_, Vec<RevocationRecord>> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > $1 ORDER BY r.id"
+                ))
+                .await
+                .map_err(|e| self.err(e))?;
+            let rows = client.query(&stmt, &[&now]).await.map_err(|e| self.err(e))?;
+            Ok(rows.iter().map(revocation_row).collect())
+        }))
+    }
+
+    fn revocation_for<'a>(
+        &'a self,
+        serial: Option<&'a str>,
+        spiffe_id: &'a str,
+        now: i64,
+    ) -> StoreFuture<'a, Option<RevocationRecord>> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let stmt = client
+                .prepare_cached(&format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > $1 \
+                     AND ((r.serial IS NULL AND r.spiffe_id = $2) OR r.serial = $3) \
+                     ORDER BY r.id LIMIT 1"
+                ))
+                .await
+                .map_err(|e| self.err(e))?;
+            let row = client
+                .query_opt(&stmt, &[&now, &spiffe_id, &serial])
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(row.as_ref().map(revocation_row))
+        }))
+    }
+}
+
+/// The columns [`revocation_row`] reads (as SQLite's).
+const REVOCATION_COLUMNS: &str = "r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \
+     CASE WHEN r.serial IS NULL THEN \
+       (SELECT max(i.not_after) FROM issued i WHERE i.spiffe_id = r.spiffe_id) END";
+
+fn revocation_row(r: &tokio_postgres::Row) -> RevocationRecord {
+    let serial: Option<String> = r.get(0);
+    let until: i64 = r.get(4);
+    let last: Option<i64> = r.get(5);
+    RevocationRecord {
+        expires: RevocationRecord::effective_expiry(serial.as_deref(), until, last),
+        serial,
+        spiffe_id: r.get(1),
+        reason: r.get(2),
+        revoked_at: r.get(3),
+        until,
+    }
+}
+
+/// The revocation's writes, in `tx`; `Ok(Err(why))` for a refusal.
+async fn revoke(
+    tx: &Transaction<'_>,
+    new: &NewRevocation,
+) -> Result<Result<RevocationRecord, String>, tokio_postgres::Error> {
+    // The version row's lock serializes revocations (and their reads of
+    // `issued`) across replicas and CLIs.
+    let version: i64 = tx
+        .query_one(
+            "UPDATE versions SET version = version + 1 WHERE name = 'revocations' RETURNING version",
+            &[],
+        )
+        .await?
+        .get(0);
+    tx.execute("DELETE FROM revocations WHERE until <= $1", &[&new.now])
+        .await?;
+    let (serial, spiffe_id, until) = match &new.target {
+        RevocationTarget::Serial(serial) => {
+            let issued = tx
+                .query_opt(
+                    "SELECT spiffe_id, not_after FROM issued WHERE serial = $1",
+                    &[serial],
+                )
+                .await?;
+            let Some(row) = issued else {
+                return Ok(Err(format!(
+                    "no certificate with serial {serial} was issued by this CA (see the `issued` log lines of `moat ca serve`)"
+                )));
+            };
+            let (id, not_after): (String, i64) = (row.get(0), row.get(1));
+            tx.execute("DELETE FROM revocations WHERE serial = $1", &[serial])
+                .await?;
+            let until = new.until.map_or(not_after, |u| u.min(not_after));
+            (Some(serial.clone()), id, until)
+        }
+        RevocationTarget::Id(id) => {
+            tx.execute(
+                "DELETE FROM revocations WHERE serial IS NULL AND spiffe_id = $1",
+                &[id],
+            )
+            .await?;
+            (None, id.clone(), new.until.unwrap_or(NO_END))
+        }
+    };
+    let row = tx
+        .query_one(
+            "INSERT INTO revocations (serial, spiffe_id, reason, revoked_at, until, version) \
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING id",
+            &[&serial, &spiffe_id, &new.reason, &new.now, &until, &version],
+        )
+        .await?;
+    let id: i64 = row.get(0);
+    let row = tx
+        .query_one(
+            &format!("SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.id = $1"),
+            &[&id],
+        )
+        .await?;
+    Ok(Ok(revocation_row(&row)))
 }
 
 async fn insert_root(

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::migrations::{self, Migration};
 use super::{
-    IssuanceRecord, RootChange, RootRecord, RootState, StateVersions, Store, StoreError,
-    StoreFuture, unix,
+    IssuanceRecord, NO_END, NewRevocation, RevocationRecord, RevocationTarget, RootChange,
+    RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
 };
 use crate::token::TokenError;
 
@@ -393,6 +393,165 @@ impl Store for SqliteStore {
                 .map_err(|source| db_err(&path, source))
         })
     }
+
+    fn revoke<'a>(&'a self, revocation: &'a NewRevocation) -> StoreFuture<'a, RevocationRecord> {
+        let path = self.path();
+        let revocation = revocation.clone();
+        self.call(move |conn| {
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|source| db_err(&path, source))?;
+            // A refusal (unknown serial) rolls back with the transaction.
+            let record = revoke(&tx, &revocation).map_err(StoreError::Revocation)?;
+            tx.commit().map_err(|source| db_err(&path, source))?;
+            Ok(record)
+        })
+    }
+
+    fn unrevoke<'a>(&'a self, target: &'a RevocationTarget) -> StoreFuture<'a, u64> {
+        let path = self.path();
+        let target = target.clone();
+        self.call(move |conn| {
+            let err = |source| db_err(&path, source);
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(err)?;
+            let removed = match &target {
+                RevocationTarget::Serial(serial) => {
+                    tx.execute("DELETE FROM revocations WHERE serial = ?1", params![serial])
+                }
+                RevocationTarget::Id(id) => tx.execute(
+                    "DELETE FROM revocations WHERE serial IS NULL AND spiffe_id = ?1",
+                    params![id],
+                ),
+            }
+            .map_err(err)?;
+            if removed > 0 {
+                tx.execute(
+                    "UPDATE versions SET version = version + 1 WHERE name = 'revocations'",
+                    [],
+                )
+                .map_err(err)?;
+            }
+            tx.commit().map_err(err)?;
+            Ok(removed as u64)
+        })
+    }
+
+    fn revocations(&self, now: i64) -> StoreFuture<'_, Vec<RevocationRecord>> {
+        let path = self.path();
+        self.call(move |conn| {
+            let err = |source| db_err(&path, source);
+            let mut stmt = conn
+                .prepare_cached(&format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > ?1 ORDER BY r.id"
+                ))
+                .map_err(err)?;
+            stmt.query_map(params![now], revocation_row)
+                .and_then(|rows| rows.collect())
+                .map_err(err)
+        })
+    }
+
+    fn revocation_for<'a>(
+        &'a self,
+        serial: Option<&'a str>,
+        spiffe_id: &'a str,
+        now: i64,
+    ) -> StoreFuture<'a, Option<RevocationRecord>> {
+        let path = self.path();
+        let serial = serial.map(str::to_owned);
+        let id = spiffe_id.to_owned();
+        self.call(move |conn| {
+            conn.query_row(
+                &format!(
+                    "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > ?1 \
+                     AND ((r.serial IS NULL AND r.spiffe_id = ?2) OR r.serial = ?3) \
+                     ORDER BY r.id LIMIT 1"
+                ),
+                params![now, id, serial],
+                revocation_row,
+            )
+            .optional()
+            .map_err(|source| db_err(&path, source))
+        })
+    }
+}
+
+/// The columns [`revocation_row`] reads: the row, and for an identity's
+/// revocation the end of its last certificate.
+const REVOCATION_COLUMNS: &str = "r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \
+     CASE WHEN r.serial IS NULL THEN \
+       (SELECT max(i.not_after) FROM issued i WHERE i.spiffe_id = r.spiffe_id) END";
+
+fn revocation_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RevocationRecord> {
+    let serial: Option<String> = r.get(0)?;
+    let until: i64 = r.get(4)?;
+    let last: Option<i64> = r.get(5)?;
+    Ok(RevocationRecord {
+        expires: RevocationRecord::effective_expiry(serial.as_deref(), until, last),
+        serial,
+        spiffe_id: r.get(1)?,
+        reason: r.get(2)?,
+        revoked_at: r.get(3)?,
+        until,
+    })
+}
+
+fn revoke(tx: &rusqlite::Transaction<'_>, new: &NewRevocation) -> Result<RevocationRecord, String> {
+    let e = |e: rusqlite::Error| e.to_string();
+    tx.execute(
+        "DELETE FROM revocations WHERE until <= ?1",
+        params![new.now],
+    )
+    .map_err(e)?;
+    let (serial, spiffe_id, until) = match &new.target {
+        RevocationTarget::Serial(serial) => {
+            let issued: Option<(String, i64)> = tx
+                .query_row(
+                    "SELECT spiffe_id, not_after FROM issued WHERE serial = ?1",
+                    params![serial],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()
+                .map_err(e)?;
+            let Some((id, not_after)) = issued else {
+                return Err(format!(
+                    "no certificate with serial {serial} was issued by this CA (see the `issued` log lines of `moat ca serve`)"
+                ));
+            };
+            tx.execute("DELETE FROM revocations WHERE serial = ?1", params![serial])
+                .map_err(e)?;
+            let until = new.until.map_or(not_after, |u| u.min(not_after));
+            (Some(serial.clone()), id, until)
+        }
+        RevocationTarget::Id(id) => {
+            tx.execute(
+                "DELETE FROM revocations WHERE serial IS NULL AND spiffe_id = ?1",
+                params![id],
+            )
+            .map_err(e)?;
+            (None, id.clone(), new.until.unwrap_or(NO_END))
+        }
+    };
+    tx.execute(
+        "UPDATE versions SET version = version + 1 WHERE name = 'revocations'",
+        [],
+    )
+    .map_err(e)?;
+    tx.execute(
+        "INSERT INTO revocations (serial, spiffe_id, reason, revoked_at, until, version) \
+         VALUES (?1, ?2, ?3, ?4, ?5, (SELECT version FROM versions WHERE name = 'revocations'))",
+        params![serial, spiffe_id, new.reason, new.now, until],
+    )
+    .map_err(e)?;
+    let id = tx.last_insert_rowid();
+    tx.query_row(
+        &format!("SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.id = ?1"),
+        params![id],
+        revocation_row,
+    )
+    .map_err(e)
 }
 
 fn trust_domain(conn: &Connection) -> rusqlite::Result<Option<String>> {

@@ -203,3 +203,94 @@ async fn a_schema_newer_than_the_binary_is_refused() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn revocations_bump_the_version_and_end_with_what_they_name() {
+    let (tmp, ca) = new_ca().await;
+    let id = SpiffeId::parse("spiffe://example.org/frontend").unwrap();
+    let (svid, _) = ca
+        .issue_to_files(
+            &id,
+            Duration::from_secs(600),
+            &tmp.path().join("c.pem"),
+            &tmp.path().join("k.pem"),
+        )
+        .await
+        .unwrap();
+    let v0 = ca.versions().await.unwrap().revocations;
+
+    // A serial: until the certificate expires; its identity is not revoked.
+    let upper = svid.serial.to_uppercase();
+    let serial = RevocationTarget::Serial(upper);
+    let r = ca
+        .revoke(serial.clone(), "lost laptop", None)
+        .await
+        .unwrap();
+    assert_eq!(
+        r.serial.as_deref(),
+        Some(svid.serial.as_str()),
+        "normalized"
+    );
+    assert_eq!(r.until, unix(svid.not_after));
+    assert_eq!(ca.versions().await.unwrap().revocations, v0 + 1);
+    assert!(
+        ca.revocation_for(Some(&svid.serial), &id)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(ca.revocation_for(Some("00"), &id).await.unwrap().is_none());
+
+    // An identity: until un-revoked, but it stops mattering to sidecars
+    // once its last certificate has expired.
+    let whole = RevocationTarget::Id(id.as_str().to_owned());
+    let r = ca.revoke(whole.clone(), "compromised", None).await.unwrap();
+    assert_eq!(r.until, NO_END);
+    assert_eq!(r.expires, unix(svid.not_after));
+    assert!(ca.revocation_for(None, &id).await.unwrap().is_some());
+    // Revoking again replaces; the list holds one row per target.
+    ca.revoke(whole.clone(), "still compromised", None)
+        .await
+        .unwrap();
+    assert_eq!(ca.revocations().await.unwrap().len(), 2);
+
+    // Not even the operator's offline `moat ca issue` gives it a certificate.
+    let refused = ca
+        .issue_to_files(
+            &id,
+            Duration::from_secs(600),
+            &tmp.path().join("c2.pem"),
+            &tmp.path().join("k2.pem"),
+        )
+        .await;
+    assert!(refused.unwrap_err().is_operator_error());
+    ca.unrevoke(whole.clone()).await.unwrap();
+    assert!(ca.revocation_for(None, &id).await.unwrap().is_none());
+    let err = ca.unrevoke(whole).await.unwrap_err();
+    assert!(err.is_operator_error(), "{err}");
+    let v = ca.versions().await.unwrap().revocations;
+    assert_eq!(v, v0 + 4, "a refused un-revoke changes nothing");
+
+    // Unknown serials, foreign identities and past times are refused.
+    for bad in [
+        ca.revoke(RevocationTarget::Serial("abcdef".into()), "x", None)
+            .await,
+        ca.revoke(RevocationTarget::Serial("xyz".into()), "x", None)
+            .await,
+        ca.revoke(
+            RevocationTarget::Id("spiffe://other.org/a".into()),
+            "x",
+            None,
+        )
+        .await,
+        ca.revoke(
+            serial,
+            "x",
+            Some(std::time::SystemTime::now() - Duration::from_secs(5)),
+        )
+        .await,
+    ] {
+        assert!(bad.as_ref().unwrap_err().is_operator_error(), "{bad:?}");
+    }
+    assert_eq!(ca.versions().await.unwrap().revocations, v);
+}

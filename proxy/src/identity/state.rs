@@ -6,6 +6,8 @@
 //! state_dir/        0700 (systemd StateDirectory=, StateDirectoryMode=0700)
 //!   identity.pem    the private key, then the chain (0600)
 //!   bundle.pem      the last trust bundle fetched from the CA (0600)
+//!   revocations.json the last deny-list fetched from the CA (0600), so a
+//!                   sidecar restarted while the CA is down still enforces it
 //! ```
 //!
 //! Each file is written atomically (a temporary file, fsync, rename, fsync
@@ -24,11 +26,13 @@ use std::time::{Duration, SystemTime};
 
 use moat_ca::TrustBundle;
 use moat_ca::client::{Svid, WorkloadKey};
+use moat_ca::revocation::RevocationList;
 
 use super::IdentityError;
 
 const IDENTITY_FILE: &str = "identity.pem";
 const BUNDLE_FILE: &str = "bundle.pem";
+const REVOCATIONS_FILE: &str = "revocations.json";
 /// A stored certificate this close to expiry is not worth restoring.
 const MIN_LEFT: Duration = Duration::from_secs(5);
 
@@ -103,6 +107,26 @@ impl StateDir {
     /// Stores the bundle.
     pub fn save_bundle(&self, bundle: &TrustBundle) -> std::io::Result<()> {
         write_atomic(&self.dir, BUNDLE_FILE, bundle.to_pem().as_bytes())
+    }
+
+    /// The stored deny-list and when it was written, if any parses.
+    pub fn load_revocations(&self) -> Option<(RevocationList, SystemTime)> {
+        let path = self.dir.join(REVOCATIONS_FILE);
+        let bytes = fs::read(&path).ok()?;
+        let written = fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+        match serde_json::from_slice(&bytes) {
+            Ok(list) => Some((list, written)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the stored deny-list is unusable; waiting for the CA's");
+                None
+            }
+        }
+    }
+
+    /// Stores the deny-list.
+    pub fn save_revocations(&self, list: &RevocationList) -> std::io::Result<()> {
+        let bytes = serde_json::to_vec(list).map_err(std::io::Error::other)?;
+        write_atomic(&self.dir, REVOCATIONS_FILE, &bytes)
     }
 
     /// The directory.

@@ -35,6 +35,7 @@ pub struct CurrentCert {
 #[derive(Clone)]
 pub struct TlsFactory {
     store: Arc<CredentialStore>,
+    connections: Arc<crate::conn_registry::ConnRegistry>,
     provider: Arc<CryptoProvider>,
     versions: &'static [&'static SupportedProtocolVersion],
 }
@@ -55,6 +56,7 @@ impl TlsFactory {
             .cloned()
             .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
         Self {
+            connections: crate::conn_registry::ConnRegistry::new(store.clone()),
             store,
             provider,
             versions: if allow_tls12 {
@@ -65,13 +67,29 @@ impl TlsFactory {
         }
     }
 
+    /// The registry of open peer connections made with these configurations.
+    pub fn connections(&self) -> &Arc<crate::conn_registry::ConnRegistry> {
+        &self.connections
+    }
+
     /// An inbound server configuration: client certificate required.
     pub fn server(
         &self,
         allow: Option<Vec<PeerPattern>>,
         alpn: &[&[u8]],
     ) -> Result<Arc<ServerConfig>, TlsConfigError> {
-        let verifier = PeerClientVerifier::new(self.store.clone(), allow, self.provider.clone());
+        self.server_with_allow(Arc::new(arc_swap::ArcSwap::from_pointee(allow)), alpn)
+    }
+
+    /// [`TlsFactory::server`] with `allow_peers` read from `allow` at each
+    /// handshake (replaced on reload).
+    pub fn server_with_allow(
+        &self,
+        allow: crate::conn_registry::AllowPeers,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ServerConfig>, TlsConfigError> {
+        let verifier =
+            PeerClientVerifier::with_allow(self.store.clone(), allow, self.provider.clone());
         let mut config = ServerConfig::builder_with_provider(self.provider.clone())
             .with_protocol_versions(self.versions)?
             .with_client_cert_verifier(Arc::new(verifier))
@@ -135,8 +153,8 @@ impl fmt::Debug for CurrentCert {
 }
 
 /// A short, bounded label for why a handshake failed, for logs and metrics:
-/// `no_client_cert`, `unknown_ca`, `expired`, `wrong_identity`, `protocol`
-/// or `other` (`timeout` is the caller's to say).
+/// `no_client_cert`, `unknown_ca`, `expired`, `revoked`, `wrong_identity`,
+/// `protocol` or `other` (`timeout` is the caller's to say).
 pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error as E};
     let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
@@ -150,6 +168,8 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
         E::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => "expired",
+        // Only our verifier says this: the deny-list has the peer.
+        E::InvalidCertificate(CertificateError::Revoked) => "revoked",
         // webpki reports some chain failures (a CA:TRUE leaf) as `Other`
         // too: only our own verifier's refusals are about identity.
         E::InvalidCertificate(CertificateError::Other(o)) if o.0.is::<PeerIdError>() => {

@@ -19,6 +19,8 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::PrivateKeyDer;
 use tokio::sync::watch;
 
+use crate::revocation::RevocationState;
+
 /// One consistent set of credentials.
 pub struct Credentials {
     /// The workload certificate, parsed.
@@ -54,6 +56,7 @@ pub enum CredentialError {
 pub struct CredentialStore {
     current: ArcSwapOption<Credentials>,
     changed: watch::Sender<u64>,
+    revocations: Arc<RevocationState>,
 }
 
 impl Credentials {
@@ -184,10 +187,21 @@ impl Default for CredentialStore {
 impl CredentialStore {
     /// An empty store: not ready until the first credentials are published.
     pub fn new() -> Self {
+        Self::with_revocations(Arc::default())
+    }
+
+    /// An empty store enforcing the deny-list `revocations`.
+    pub fn with_revocations(revocations: Arc<RevocationState>) -> Self {
         Self {
             current: ArcSwapOption::empty(),
             changed: watch::Sender::new(0),
+            revocations,
         }
+    }
+
+    /// The deny-list the verifiers check peers against.
+    pub fn revocations(&self) -> &Arc<RevocationState> {
+        &self.revocations
     }
 
     /// The current credentials, if any.

@@ -17,9 +17,13 @@ use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
 };
 use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use x509_parser::prelude::FromDer;
+
+use arc_swap::ArcSwap;
 
 use super::store::CredentialStore;
 use crate::config::PeerPattern;
+use crate::conn_registry::AllowPeers;
 
 /// The handshake-signature half of a verifier: the same for all of ours
 /// (checked with the `provider` field's algorithms).
@@ -105,7 +109,7 @@ pub struct PeerServerVerifier {
 /// trust domain and, if configured, match `allow_peers`.
 pub struct PeerClientVerifier {
     store: Arc<CredentialStore>,
-    allow: Option<Vec<PeerPattern>>,
+    allow: AllowPeers,
     provider: Arc<CryptoProvider>,
 }
 
@@ -129,17 +133,40 @@ fn unknown_issuer(e: rustls::Error) -> rustls::Error {
     }
 }
 
-/// Reads the SPIFFE ID of an already chain-verified leaf and checks its trust domain.
-fn peer_id(store: &CredentialStore, leaf: &CertificateDer<'_>) -> Result<SpiffeId, rustls::Error> {
+/// Reads the SPIFFE ID of an already chain-verified leaf, checks its trust
+/// domain, and refuses it if the deny-list revokes its serial or its
+/// identity (one parse of the leaf for both; two hash lookups).
+fn peer_id(
+    store: &CredentialStore,
+    leaf: &CertificateDer<'_>,
+    now: UnixTime,
+) -> Result<SpiffeId, rustls::Error> {
     let creds = store
         .current()
         .ok_or_else(|| reject(PeerIdError::NotReady))?;
-    let id = SpiffeId::from_cert_der(leaf).map_err(|e| reject(PeerIdError::NoId(e)))?;
+    let (_, cert) = x509_parser::certificate::X509Certificate::from_der(leaf).map_err(|_| {
+        reject(PeerIdError::NoId(
+            moat_ca::identity::IdError::BadCertificate,
+        ))
+    })?;
+    let id = SpiffeId::from_x509(&cert).map_err(|e| reject(PeerIdError::NoId(e)))?;
     if !id.is_in(&creds.trust_domain) {
         return Err(reject(PeerIdError::ForeignTrustDomain {
             id: id.as_str().to_owned(),
             trust_domain: creds.trust_domain.as_str().to_owned(),
         }));
+    }
+    let deny = store.revocations().current();
+    let now = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+    if let Some(revoked) = deny.revoked(cert.raw_serial(), id.as_str(), now) {
+        tracing::info!(
+            peer = id.as_str(),
+            serial = %moat_ca::issuer::hex(cert.raw_serial()),
+            reason = %revoked.reason,
+            "peer certificate revoked"
+        );
+        // rustls sends the `certificate_revoked` alert for this one.
+        return Err(rustls::Error::InvalidCertificate(CertificateError::Revoked));
     }
     Ok(id)
 }
@@ -181,7 +208,7 @@ impl ServerCertVerifier for PeerServerVerifier {
             self.provider.signature_verification_algorithms.all,
         )
         .map_err(unknown_issuer)?;
-        let id = peer_id(&self.store, end_entity)?;
+        let id = peer_id(&self.store, end_entity, now)?;
         if !self.expected.matches(&id) {
             return Err(reject(PeerIdError::WrongId {
                 got: id.as_str().to_owned(),
@@ -200,6 +227,16 @@ impl PeerClientVerifier {
     pub fn new(
         store: Arc<CredentialStore>,
         allow: Option<Vec<PeerPattern>>,
+        provider: Arc<CryptoProvider>,
+    ) -> Self {
+        Self::with_allow(store, Arc::new(ArcSwap::from_pointee(allow)), provider)
+    }
+
+    /// A verifier reading `allow_peers` from `allow` at each handshake, so
+    /// that a reload applies to the next one.
+    pub fn with_allow(
+        store: Arc<CredentialStore>,
+        allow: AllowPeers,
         provider: Arc<CryptoProvider>,
     ) -> Self {
         Self {
@@ -231,8 +268,8 @@ impl ClientCertVerifier for PeerClientVerifier {
             .client_chain_verifier
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(unknown_issuer)?;
-        let id = peer_id(&self.store, end_entity)?;
-        if let Some(allow) = &self.allow
+        let id = peer_id(&self.store, end_entity, now)?;
+        if let Some(allow) = self.allow.load().as_ref()
             && !allow.iter().any(|p| p.matches(&id))
         {
             return Err(reject(PeerIdError::NotAllowed(id.as_str().to_owned())));
