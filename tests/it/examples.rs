@@ -12,10 +12,14 @@
 //! - `vm/`: the proxy and CA configuration loads, the policies pass their
 //!   tests, and the application units pass `systemd-analyze verify` beside
 //!   `config/systemd/moat-proxy.service`.
-//! - `kubernetes/`: `moat inject` takes `shop.yaml` without a warning, the
-//!   output passes the Kubernetes schemas (`kubernetes-validate --strict`)
-//!   and does not change when injected again, and each embedded proxy
-//!   configuration and policy loads and passes its tests.
+//! - `kubernetes/`: `moat inject` takes `shop.yaml` without a warning and
+//!   makes each pod transparent (the `moat-redirect` init container ahead of
+//!   the sidecar), the output passes the Kubernetes schemas
+//!   (`kubernetes-validate --strict`) and does not change when injected
+//!   again, and so with `--explicit`; each embedded proxy configuration
+//!   loads with its `[redirect]` and a `[[destination]]` per peer URL the
+//!   app is given, `moat redirect --dry-run` prints its rules, and each
+//!   policy passes its tests.
 //!
 //! The examples' files name fixed ports and paths for a person to run them;
 //! the tests load them as they are and change only the addresses (to ports
@@ -496,16 +500,18 @@ fn vm_example_units_verify_beside_the_sidecar_unit() {
 
 const IMAGE: &str = "registry.example/moat:0.1.0";
 
-/// `moat inject --image IMAGE FILE`: (stdout, stderr), asserting success.
-fn inject(file: &Path) -> (String, String) {
+/// `moat inject --image IMAGE [FLAGS...] FILE`: (stdout, stderr), asserting success.
+fn inject(file: &Path, flags: &[&str]) -> (String, String) {
     let out = std::process::Command::new(moat_bin())
-        .args(["inject", "--image", IMAGE, path_str(file)])
+        .args(["inject", "--image", IMAGE])
+        .args(flags)
+        .arg(file)
         .output()
         .expect("run moat inject");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
-        "moat inject {}: {stderr}",
+        "moat inject {flags:?} {}: {stderr}",
         file.display()
     );
     (String::from_utf8(out.stdout).unwrap(), stderr)
@@ -520,15 +526,16 @@ fn documents(yaml: &str) -> Vec<Value> {
         .collect()
 }
 
-#[test]
-fn kubernetes_example_injects_cleanly_and_validates() {
+/// `moat inject FLAGS` on `shop.yaml`, checked as `kubectl apply` would
+/// take it: every Deployment got the sidecar and the init containers
+/// `want_init` names, in that order, every ConfigMap a pod mounts is in the
+/// file (but for the bundle the README makes from the CA's), injecting the
+/// output again changes nothing, and the output passes the Kubernetes
+/// schemas. Returns what `moat inject` said on standard error.
+fn inject_shop(flags: &[&str], want_init: &[&str]) -> String {
     let k8s = examples_dir().join("kubernetes");
-    let shop = k8s.join("shop.yaml");
-    let (injected, report) = inject(&shop);
-    assert!(!report.contains("warning:"), "{report}");
+    let (injected, report) = inject(&k8s.join("shop.yaml"), flags);
 
-    // Every Deployment got the sidecar; every ConfigMap a pod mounts is in
-    // the file, but for the bundle the README makes from the CA's.
     let docs = documents(&injected);
     let configmaps: Vec<&str> = docs
         .iter()
@@ -540,11 +547,30 @@ fn kubernetes_example_injects_cleanly_and_validates() {
         deployments += 1;
         let name = d["metadata"]["name"].as_str().unwrap();
         let pod = &d["spec"]["template"]["spec"];
-        let sidecar = pod["initContainers"]
+        let init = pod["initContainers"]
             .as_array()
-            .and_then(|c| c.iter().find(|c| c["name"] == "moat-proxy"))
-            .unwrap_or_else(|| panic!("{name}: no sidecar injected"));
-        assert_eq!(sidecar["image"], IMAGE, "{name}");
+            .unwrap_or_else(|| panic!("{name}: no init containers injected"));
+        let names: Vec<&str> = init.iter().filter_map(|c| c["name"].as_str()).collect();
+        assert_eq!(names, want_init, "{name} {flags:?}: init containers");
+        for c in init {
+            assert_eq!(c["image"], IMAGE, "{name}: {}", c["name"]);
+        }
+        if let Some(redirect) = init.iter().find(|c| c["name"] == "moat-redirect") {
+            let args: Vec<&str> = redirect["args"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{name}: moat-redirect has no args"))
+                .iter()
+                .filter_map(|a| a.as_str())
+                .collect();
+            assert_eq!(
+                args,
+                ["redirect", "--config", "/etc/moat/config/proxy.toml"],
+                "{name}: moat-redirect"
+            );
+            let caps = &redirect["securityContext"]["capabilities"];
+            assert_eq!(caps["add"], serde_json::json!(["NET_ADMIN"]), "{name}");
+            assert_eq!(caps["drop"], serde_json::json!(["ALL"]), "{name}");
+        }
         for volume in pod["volumes"].as_array().unwrap() {
             if let Some(cm) = volume["configMap"]["name"].as_str() {
                 assert!(
@@ -556,11 +582,13 @@ fn kubernetes_example_injects_cleanly_and_validates() {
     }
     assert_eq!(deployments, 3, "frontend, orders, billing");
 
-    // Injecting the output again changes nothing.
     let dir = tempfile::tempdir().unwrap();
     let out_file = write(dir.path(), "shop.injected.yaml", &injected);
-    let (again, _) = inject(&out_file);
-    assert_eq!(again, injected, "a second injection changed the output");
+    let (again, _) = inject(&out_file, flags);
+    assert_eq!(
+        again, injected,
+        "{flags:?}: a second injection changed the output"
+    );
 
     if support::require("kubernetes-validate") {
         let namespace = k8s.join("namespace.yaml");
@@ -577,10 +605,29 @@ fn kubernetes_example_injects_cleanly_and_validates() {
         );
         assert!(
             out.status.success(),
-            "kubernetes-validate:\n{}{}",
+            "kubernetes-validate {flags:?}:\n{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+    report
+}
+
+#[test]
+fn kubernetes_example_injects_transparent_without_a_warning_and_validates() {
+    let report = inject_shop(&[], &["moat-redirect", "moat-proxy"]);
+    assert!(!report.contains("warning:"), "{report}");
+}
+
+#[test]
+fn kubernetes_example_still_injects_in_explicit_mode_and_validates() {
+    let report = inject_shop(&["--explicit"], &["moat-proxy"]);
+    // The only complaint: the [redirect] sections that nothing installs
+    // in explicit mode (the README says what else to change).
+    let warnings: Vec<&str> = report.lines().filter(|l| l.contains("warning:")).collect();
+    assert_eq!(warnings.len(), 3, "one per workload:\n{report}");
+    for w in warnings {
+        assert!(w.contains("[redirect] is set, but --explicit"), "{w}");
     }
 }
 
@@ -588,9 +635,10 @@ fn kubernetes_example_injects_cleanly_and_validates() {
 fn kubernetes_example_configmaps_load_and_the_policies_pass_their_tests() {
     let k8s = examples_dir().join("kubernetes");
     let yaml = std::fs::read_to_string(k8s.join("shop.yaml")).unwrap();
+    let docs = documents(&yaml);
     let dir = tempfile::tempdir().unwrap();
     let mut seen = Vec::new();
-    for doc in documents(&yaml) {
+    for doc in &docs {
         if doc["kind"] != "ConfigMap" {
             continue;
         }
@@ -599,20 +647,23 @@ fn kubernetes_example_configmaps_load_and_the_policies_pass_their_tests() {
             let path = write(dir.path(), &format!("{name}.toml"), text);
             let config = moat_proxy::config::Config::parse(&path, text)
                 .unwrap_or_else(|e| panic!("{name}: {e}"));
-            // What `moat inject` declares and probes: admin on the pod IP
-            // at 9901, mutual TLS at 15443, the app on loopback.
-            let admin = config.admin.listen;
+            let service = name.trim_end_matches("-moat-proxy");
+            assert_transparent_pod(service, &config, &docs);
+            // The rules the pod's moat-redirect init container installs.
+            let out = moat(&["redirect", "--config", path_str(&path), "--dry-run"]);
+            let rules = String::from_utf8_lossy(&out.stdout);
             assert!(
-                admin.ip().is_unspecified() && admin.port() == 9901,
-                "{name}: admin"
+                out.status.success(),
+                "{name}: moat redirect --dry-run: {}",
+                String::from_utf8_lossy(&out.stderr)
             );
-            for l in &config.inbound {
-                assert_eq!(l.listen.port(), 15443, "{name}: inbound port");
-                assert!(l.forward.ip().is_loopback(), "{name}: forward");
-            }
-            for l in &config.outbound {
-                assert!(l.upstream.host.ends_with(".shop.svc"), "{name}: upstream");
-            }
+            let inbound = rules.contains(":15006");
+            assert_eq!(
+                inbound,
+                service != "frontend",
+                "{name}: inbound rule:\n{rules}"
+            );
+            assert!(rules.contains(":15001"), "{name}: outbound rule:\n{rules}");
         }
         if let Some(text) = doc["data"]["policy.toml"].as_str() {
             let path = write(dir.path(), &format!("{name}.toml"), text);
@@ -636,5 +687,109 @@ fn kubernetes_example_configmaps_load_and_the_policies_pass_their_tests() {
             let want = format!("{service}-moat-{kind}");
             assert!(seen.contains(&want), "shop.yaml has no ConfigMap {want}");
         }
+    }
+}
+
+/// `service`'s proxy configuration is the transparent pod the README
+/// describes: admin on the pod IP at 9901 (what `moat inject` probes), the
+/// app's port 8080 redirected to an `[[inbound]]` that forwards to it (but
+/// for the edge, frontend), no explicit `[[outbound]]`, and a
+/// `[[destination]]` for every peer URL the app is given, naming the
+/// peer's Service, its port, and its identity.
+fn assert_transparent_pod(service: &str, config: &moat_proxy::config::Config, docs: &[Value]) {
+    use moat_proxy::config::PeerPattern;
+    use moat_proxy::redirect::{InboundPorts, Owner};
+
+    let admin = config.admin.listen;
+    assert!(
+        admin.ip().is_unspecified() && admin.port() == 9901,
+        "{service}: admin"
+    );
+    let redirect = config
+        .redirect
+        .as_ref()
+        .unwrap_or_else(|| panic!("{service}: no [redirect]"));
+    assert!(redirect.outbound, "{service}: outbound redirected");
+    assert_eq!(
+        redirect.proxy_uid,
+        Owner::Id(65532),
+        "{service}: the sidecar's UID"
+    );
+    assert!(
+        config.outbound.is_empty(),
+        "{service}: an explicit [[outbound]]"
+    );
+    if service == "frontend" {
+        // The edge: its ingress speaks plaintext to the app.
+        assert_eq!(
+            redirect.inbound_ports,
+            InboundPorts::Listed(vec![]),
+            "{service}"
+        );
+        assert!(config.inbound.is_empty(), "{service}: [[inbound]]");
+    } else {
+        assert_eq!(
+            redirect.inbound_ports,
+            InboundPorts::Listed(vec![8080]),
+            "{service}"
+        );
+        assert_eq!(config.inbound.len(), 1, "{service}: [[inbound]]");
+        let l = &config.inbound[0];
+        assert_eq!(
+            l.forward.to_string(),
+            "127.0.0.1:8080",
+            "{service}: forward"
+        );
+        assert_eq!(l.listen.port(), 15443, "{service}: the moat-mtls port");
+        assert!(l.policy.is_some(), "{service}: policy");
+    }
+
+    // The peers the app calls, by the URLs in its environment.
+    let deployment = docs
+        .iter()
+        .find(|d| d["kind"] == "Deployment" && d["metadata"]["name"] == service)
+        .unwrap_or_else(|| panic!("no Deployment {service}"));
+    let app = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let urls: Vec<&str> = app["env"]
+        .as_array()
+        .map(|env| env.iter().filter_map(|e| e["value"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(
+        urls.len(),
+        config.destination.len(),
+        "{service}: one [[destination]] per peer URL"
+    );
+    for url in urls {
+        let authority = url
+            .strip_prefix("http://")
+            .unwrap_or_else(|| panic!("{service}: {url}"));
+        let (host, port) = authority.split_once(':').unwrap();
+        let port: u16 = port.trim_end_matches('/').parse().unwrap();
+        let peer = host
+            .strip_suffix(".shop.svc")
+            .unwrap_or_else(|| panic!("{service}: {url}"));
+        let d = config
+            .destination
+            .iter()
+            .find(|d| d.host.as_deref() == Some(&format!("{host}.cluster.local")))
+            .unwrap_or_else(|| panic!("{service}: no [[destination]] for {url}"));
+        assert_eq!(d.port, Some(port), "{service}: {url}");
+        match &d.peer {
+            PeerPattern::Exact(id) => assert_eq!(
+                id.as_str(),
+                format!("spiffe://example.org/ns/shop/sa/{peer}"),
+                "{service}: {url}"
+            ),
+            other => panic!("{service}: {url}: peer {other:?}, not one identity"),
+        }
+        // The peer's Service takes the call on that port, at the app's port
+        // (where the peer's rules pick it up).
+        let svc = docs
+            .iter()
+            .find(|d| d["kind"] == "Service" && d["metadata"]["name"] == peer)
+            .unwrap_or_else(|| panic!("no Service {peer}"));
+        let ports = &svc["spec"]["ports"][0];
+        assert_eq!(ports["port"], port, "Service {peer}");
+        assert_eq!(ports["targetPort"], "http", "Service {peer}");
     }
 }
