@@ -1,5 +1,6 @@
 //! `moat demo --transparent`: the same two services, each in its own network
-//! namespace (a "pod") with its app listening on `0.0.0.0:8080`, its sidecar
+//! namespace (a "pod") with its app on port 8080 (billing's on every
+//! address, frontend's on loopback, where the demo calls it), its sidecar
 //! running as UID 65532 with `[redirect]` and `[[destination]]`, and the
 //! rules of `moat redirect` installed. frontend calls billing by billing's
 //! plain address (`BILLING_URL=http://10.200.0.2:8080`), with no proxy
@@ -117,15 +118,17 @@ async fn demo(dir: &Path, net: &Network, keep_running: bool) -> Result<()> {
         println!("   {name:<9} {id}");
     }
 
-    heading("3. Apps on 0.0.0.0:8080, sidecars as UID 65532, `moat redirect` in each pod");
+    heading("3. Apps on port 8080, sidecars as UID 65532, `moat redirect` in each pod");
     let (_, jwks) = demo_idp()?;
     std::fs::write(dir.join("idp-jwks.json"), jwks.to_string())?;
     std::fs::write(dir.join("billing-policy.toml"), BILLING_POLICY)?;
-    serve_app(&billing.ns, billing_service)?;
+    serve_app(&billing.ns, Ipv4Addr::UNSPECIFIED, billing_service)?;
     let billing_url: Arc<str> = format!("http://{}:{APP_PORT}", billing.ip4).into();
     {
         let url = billing_url.clone();
-        serve_app(&frontend.ns, move |req| {
+        // On loopback: the demo calls it from inside its pod, and frontend's
+        // rules redirect nothing inbound (it has no [[inbound]]).
+        serve_app(&frontend.ns, Ipv4Addr::LOCALHOST, move |req| {
             frontend_service(req, url.clone(), None)
         })?;
     }
@@ -185,7 +188,7 @@ protocol = "http1"
         "   billing   app http://0.0.0.0:{APP_PORT}; rules send arriving TCP to port {APP_PORT} to its sidecar (mutual TLS, route policy)"
     );
     println!(
-        "   frontend  app http://0.0.0.0:{APP_PORT} with BILLING_URL={billing_url}; rules send what it opens to its sidecar"
+        "   frontend  app http://127.0.0.1:{APP_PORT} with BILLING_URL={billing_url}; rules send what it opens to its sidecar"
     );
     println!(
         "   configs   {}/{{billing,frontend}}-proxy.toml",
@@ -318,10 +321,10 @@ fn sidecar(host: &Host, name: &str, config: &Path, logs: &Path) -> Result<Proces
     Process::start(&format!("{name}-sidecar"), cmd, Some(&log), false)
 }
 
-/// Serves `handler` on `0.0.0.0:8080` inside `ns`, on a thread of its own
-/// (with its own runtime, so the connections the app opens belong to `ns`
-/// too), for the rest of the demo.
-fn serve_app<F, Fut>(ns: &str, handler: F) -> Result<()>
+/// Serves `handler` on `ip:8080` inside `ns`, on a thread of its own (with
+/// its own runtime, so the connections the app opens belong to `ns` too),
+/// for the rest of the demo.
+fn serve_app<F, Fut>(ns: &str, ip: Ipv4Addr, handler: F) -> Result<()>
 where
     F: Fn(hyper::Request<hyper::body::Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = moat_testkit::http::Reply> + Send + 'static,
@@ -336,7 +339,7 @@ where
             Err(e) => return drop(bound.send(Err(e))),
         };
         runtime.block_on(async move {
-            match tokio::net::TcpListener::bind((Ipv4Addr::UNSPECIFIED, APP_PORT)).await {
+            match tokio::net::TcpListener::bind((ip, APP_PORT)).await {
                 Ok(listener) => {
                     let _ = bound.send(Ok(()));
                     moat_testkit::http::serve_on(listener, handler).await;
@@ -348,7 +351,7 @@ where
     ready
         .recv()
         .context("the app thread ended")?
-        .with_context(|| format!("app on 0.0.0.0:{APP_PORT} in {ns}"))
+        .with_context(|| format!("app on {ip}:{APP_PORT} in {ns}"))
 }
 
 /// Runs the future `f` makes on a thread inside `ns`: every socket it
