@@ -119,11 +119,16 @@ fn transparent_demo_calls_by_plain_address_over_mtls_and_refuses_the_outsider() 
 
 /// The demo's process ID, read from the namespace names it printed.
 fn out_pid(stdout: &str) -> String {
-    let at = stdout.find("moat-demo-").expect("a namespace name") + "moat-demo-".len();
-    stdout[at..]
+    let at = stdout
+        .find("namespace moat-demo-")
+        .expect("a namespace name")
+        + "namespace moat-demo-".len();
+    let pid: String = stdout[at..]
         .chars()
         .take_while(char::is_ascii_digit)
-        .collect()
+        .collect();
+    assert!(!pid.is_empty(), "no process ID in the namespace names");
+    pid
 }
 
 #[test]
@@ -141,4 +146,46 @@ fn transparent_demo_without_root_says_so_and_exits_64() {
         stderr.contains("needs root: network namespaces and nftables"),
         "{stderr}"
     );
+}
+
+#[test]
+fn transparent_demo_interrupted_removes_its_namespaces() {
+    use std::io::{BufRead, BufReader};
+    if !support::require_root("moat demo --transparent (network namespaces)") {
+        return;
+    }
+    let mut child = transparent_demo()
+        .arg("--keep-running")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run moat demo");
+    // Read until it says everything keeps running, then Ctrl-C it.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("Ctrl-C to stop") {
+        line.clear();
+        let n = stdout.read_line(&mut line).expect("read the demo's output");
+        assert!(n > 0, "the demo ended before it kept running:\n{seen}");
+        seen.push_str(&line);
+    }
+    let pid = child.id();
+    assert_eq!(out_pid(&seen), pid.to_string());
+    let exists = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        String::from_utf8_lossy(&out.stdout).contains(&format!("moat-demo-{pid}-"))
+    };
+    assert!(exists(), "no namespaces while it runs");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}:\n{seen}{rest}");
+    assert!(rest.contains("removed the network namespaces"), "{rest}");
+    assert!(!exists(), "namespaces left behind after Ctrl-C");
 }
