@@ -154,12 +154,15 @@ fn transparent_demo_interrupted_removes_its_namespaces() {
     if !support::require_root("moat demo --transparent (network namespaces)") {
         return;
     }
-    let mut child = transparent_demo()
-        .arg("--keep-running")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("run moat demo");
+    let mut child = Interrupted(
+        transparent_demo()
+            .arg("--keep-running")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run moat demo"),
+    );
+    let child = &mut child.0;
     // Read until it says everything keeps running, then Ctrl-C it.
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut seen = String::new();
@@ -188,4 +191,18 @@ fn transparent_demo_interrupted_removes_its_namespaces() {
     assert!(status.success(), "{status}:\n{seen}{rest}");
     assert!(rest.contains("removed the network namespaces"), "{rest}");
     assert!(!exists(), "namespaces left behind after Ctrl-C");
+}
+
+/// A demo that gets Ctrl-C (and is waited for) when the test ends, failed
+/// or not, so that it removes its namespaces.
+struct Interrupted(std::process::Child);
+
+impl Drop for Interrupted {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+            let _ = self.0.wait();
+        }
+    }
 }
