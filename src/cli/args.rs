@@ -63,6 +63,10 @@ pub enum Command {
         /// Where to keep the CA, configuration and logs (a temporary directory if absent).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// Transparent mode instead: each service in its own network namespace with
+        /// `moat redirect` rules, calling its peer by plain address (needs root).
+        #[arg(long)]
+        transparent: bool,
         #[command(flatten)]
         log: LogArgs,
     },
@@ -495,7 +499,8 @@ Examples:
     pub const DEMO: &str = "\
 Examples:
   moat demo
-  moat demo --keep-running --dir ./moat-demo";
+  moat demo --keep-running --dir ./moat-demo
+  sudo moat demo --transparent   # network namespaces, redirect rules, plain http:// between services";
 
     pub const INJECT: &str = "\
 Examples:

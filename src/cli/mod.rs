@@ -155,12 +155,20 @@ fn run(command: Command, before: Option<LogFormat>) -> Result<(), Failure> {
         Command::Demo {
             keep_running,
             dir,
+            transparent,
             log,
         } => {
+            if transparent && !moat_testkit::netns::is_root() {
+                return Err(config_msg(
+                    "moat demo --transparent needs root: network namespaces and nftables \
+                     (the plain `moat demo` does not)",
+                ));
+            }
             init_logging(format(log), None, None);
             Ok(crate::demo::run(crate::demo::DemoOptions {
                 keep_running,
                 dir,
+                transparent,
             })?)
         }
         Command::Inject(args) => {

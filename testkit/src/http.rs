@@ -24,23 +24,31 @@ where
 {
     let listener = tokio::net::TcpListener::bind(LOOPBACK_ANY_PORT).await?;
     let addr = listener.local_addr()?;
-    tokio::spawn(async move {
-        loop {
-            let Ok((tcp, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = tcp.set_nodelay(true);
-            let handler = handler.clone();
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let reply = handler(req);
-                    async move { Ok::<_, Infallible>(reply.await) }
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
-            });
-        }
-    });
+    tokio::spawn(serve_on(listener, handler));
     Ok(addr)
+}
+
+/// Serves `handler` on `listener` (bound in a network namespace, say)
+/// until the runtime stops, each connection on its own task.
+pub async fn serve_on<F, Fut>(listener: tokio::net::TcpListener, handler: F)
+where
+    F: Fn(hyper::Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = Reply> + Send + 'static,
+{
+    loop {
+        let Ok((tcp, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let reply = handler(req);
+                async move { Ok::<_, Infallible>(reply.await) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), service)
+                .await;
+        });
+    }
 }

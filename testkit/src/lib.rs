@@ -9,13 +9,15 @@
 //! `moat ca init`, with its tokens, bundle, offline issuance and
 //! `moat ca serve`; [`pki`] makes the certificates the CA would never issue
 //! (another CA, odd SANs); [`http::serve`] runs an HTTP service on a
-//! loopback port 0.
+//! loopback port 0; [`netns`] makes network namespaces joined by a bridge
+//! (root only) and runs commands and threads inside them.
 //!
 //! Not shipped (`publish = false`); its dependencies are all the `moat`
 //! binary's own.
 
 mod ca;
 pub mod http;
+pub mod netns;
 pub mod pki;
 mod process;
 

@@ -1,4 +1,5 @@
-//! `moat demo` runs to completion and shows what a new user should see.
+//! `moat demo` (and `moat demo --transparent`, as root) runs to completion
+//! and shows what a new user should see.
 
 use crate::support;
 
@@ -51,4 +52,157 @@ fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {
     assert!(line("renewed over mutual TLS").contains("->"));
     assert!(line("after renewal").contains("200"));
     assert!(stdout.contains("demo finished"));
+}
+
+/// `moat demo --transparent` as a user would run it: it needs root.
+fn transparent_demo() -> std::process::Command {
+    let mut cmd = std::process::Command::new(support::moat_bin());
+    cmd.args(["demo", "--transparent"]).env("RUST_LOG", "info");
+    cmd
+}
+
+#[test]
+fn transparent_demo_calls_by_plain_address_over_mtls_and_refuses_the_outsider() {
+    if !support::require_root("moat demo --transparent (network namespaces)") {
+        return;
+    }
+    let out = transparent_demo().output().expect("run moat demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let line = |needle: &str| {
+        stdout
+            .lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{stdout}"))
+            .to_owned()
+    };
+    // The app called billing by its address, with no proxy settings.
+    assert!(line("4. Requests").contains("http://10.200.0.2:8080/"));
+    // The call went through, and billing saw frontend's verified ID.
+    let read = line("GET /invoices/42");
+    assert!(
+        read.contains("200")
+            && read.contains("read-invoices")
+            && read.contains("billing saw caller spiffe://demo.local/ns/shop/sa/frontend"),
+        "{read}"
+    );
+    // billing's route policy still decides.
+    let write = line("POST /invoices/42");
+    assert!(
+        write.contains("403") && write.contains("write-invoices"),
+        "{write}"
+    );
+    // The outsider's plaintext, and TLS without the mesh's certificate, are
+    // refused, and billing's sidecar counted the plaintext.
+    for what in ["plaintext HTTP", "no certificate", "another CA"] {
+        let l = line(what);
+        assert!(l.contains("refused"), "{l}");
+    }
+    assert!(
+        line("moat_tls_handshake_failures_total{listener=\"billing\",reason=\"protocol\"}")
+            .ends_with(" 1")
+    );
+    // Nothing is left behind.
+    let pid = out_pid(&stdout);
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(
+        !left.contains(&format!("moat-demo-{pid}-")),
+        "namespaces left behind:\n{left}"
+    );
+    assert!(stdout.contains("demo finished"));
+}
+
+/// The demo's process ID, read from the namespace names it printed.
+fn out_pid(stdout: &str) -> String {
+    let at = stdout
+        .find("namespace moat-demo-")
+        .expect("a namespace name")
+        + "namespace moat-demo-".len();
+    let pid: String = stdout[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    assert!(!pid.is_empty(), "no process ID in the namespace names");
+    pid
+}
+
+#[test]
+fn transparent_demo_without_root_says_so_and_exits_64() {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = transparent_demo();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.uid(65532).gid(65532);
+    }
+    let out = cmd.output().expect("run moat demo");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("needs root: network namespaces and nftables"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn transparent_demo_interrupted_removes_its_namespaces() {
+    use std::io::{BufRead, BufReader};
+    if !support::require_root("moat demo --transparent (network namespaces)") {
+        return;
+    }
+    let mut child = Interrupted(
+        transparent_demo()
+            .arg("--keep-running")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run moat demo"),
+    );
+    let child = &mut child.0;
+    // Read until it says everything keeps running, then Ctrl-C it.
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("Ctrl-C to stop") {
+        line.clear();
+        let n = stdout.read_line(&mut line).expect("read the demo's output");
+        assert!(n > 0, "the demo ended before it kept running:\n{seen}");
+        seen.push_str(&line);
+    }
+    let pid = child.id();
+    assert_eq!(out_pid(&seen), pid.to_string());
+    let exists = || {
+        let out = std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .expect("ip netns list");
+        String::from_utf8_lossy(&out.stdout).contains(&format!("moat-demo-{pid}-"))
+    };
+    assert!(exists(), "no namespaces while it runs");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}:\n{seen}{rest}");
+    assert!(rest.contains("removed the network namespaces"), "{rest}");
+    assert!(!exists(), "namespaces left behind after Ctrl-C");
+}
+
+/// A demo that gets Ctrl-C (and is waited for) when the test ends, failed
+/// or not, so that it removes its namespaces.
+struct Interrupted(std::process::Child);
+
+impl Drop for Interrupted {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGINT) };
+            let _ = self.0.wait();
+        }
+    }
 }

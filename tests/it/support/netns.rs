@@ -3,24 +3,26 @@
 //! veth pair to a bridge in a hub namespace, on 10.200.0.0/24 and
 //! fd00:200::/64; commands and threads run inside them (as root or as
 //! moat's UID); packets captured on a pod's veth with an `AF_PACKET`
-//! socket; every namespace deleted on drop, panics included.
+//! socket; every namespace deleted on drop, panics included. The
+//! namespaces, `ip`, and entering them come from `moat_testkit::netns`,
+//! shared with `moat demo --transparent`; the capture and inspection tools
+//! are the tests' own.
 //!
 //! The addresses are the same in every instance: each instance has its own
 //! namespaces, so nothing collides, and no packet leaves them.
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::ffi::OsStr;
-use std::fs::File;
 use std::io::Read;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use moat_testkit::netns::Network;
 
 /// The UID and GID moat runs as in the image (and in these tests).
 pub const MOAT_UID: u32 = 65532;
@@ -35,17 +37,9 @@ pub fn skip(why: &str) {
     );
 }
 
-/// Why namespaces cannot be made here (not root, no `ip`), if they cannot.
-pub fn unavailable() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("not root: network namespaces need root".into());
-    }
-    match Command::new("ip").arg("-V").output() {
-        Ok(o) if o.status.success() => None,
-        _ => Some("the `ip` tool is missing (apt-get install iproute2)".into()),
-    }
-}
+// The benches include this module too and use none of these.
+#[allow(unused_imports)]
+pub use moat_testkit::netns::{in_netns, netns_command, netns_command_as, unavailable};
 
 /// Why `program` cannot be used (for tools the tests only inspect with).
 pub fn missing_tool(program: &str, args: &[&str], package: &str) -> Option<String> {
@@ -58,24 +52,17 @@ pub fn missing_tool(program: &str, args: &[&str], package: &str) -> Option<Strin
 }
 
 /// One pod: a namespace whose `eth0` is on the hub's bridge.
-pub struct Pod {
-    /// The namespace's name (under /run/netns).
-    pub ns: String,
-    /// `eth0`'s IPv4 address.
-    pub ip4: Ipv4Addr,
-    /// `eth0`'s IPv6 address.
-    pub ip6: Ipv6Addr,
-    /// The hub end of the pod's veth pair (in [`Pods::hub`]).
-    pub veth: String,
-}
+pub type Pod = moat_testkit::netns::Host;
 
-/// Client, server and outsider pods on one bridge.
+/// Client, server and outsider pods on one bridge; the namespaces are
+/// deleted on drop.
 pub struct Pods {
     /// The namespace holding the bridge and the hub ends of the veths.
     pub hub: String,
     pub client: Pod,
     pub server: Pod,
     pub outsider: Pod,
+    _net: Network,
 }
 
 static INSTANCE: AtomicUsize = AtomicUsize::new(0);
@@ -83,153 +70,28 @@ static INSTANCE: AtomicUsize = AtomicUsize::new(0);
 impl Pods {
     /// Makes the namespaces and links; on error, removes what it made.
     pub fn create() -> Result<Self, String> {
-        sweep_stale();
+        moat_testkit::netns::sweep_stale("moat-t");
         let prefix = format!(
             "moat-t{}-{}",
             std::process::id(),
             INSTANCE.fetch_add(1, Ordering::Relaxed)
         );
-        let pod = |role: &str, host: u8| Pod {
-            ns: format!("{prefix}-{role}"),
-            ip4: Ipv4Addr::new(10, 200, 0, host),
-            ip6: Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, host as u16),
-            veth: format!("v-{role}"),
-        };
-        let pods = Pods {
-            hub: format!("{prefix}-hub"),
-            client: pod("client", 1),
-            server: pod("server", 2),
-            outsider: pod("outsider", 3),
-        };
-        // From here on, dropping `pods` deletes whatever was made.
-        ip(&["netns", "add", &pods.hub])?;
-        ip(&["-n", &pods.hub, "link", "add", "br0", "type", "bridge"])?;
-        ip(&["-n", &pods.hub, "link", "set", "br0", "up"])?;
-        ip(&["-n", &pods.hub, "link", "set", "lo", "up"])?;
-        for p in pods.all() {
-            ip(&["netns", "add", &p.ns])?;
-            ip(&[
-                "link", "add", "eth0", "netns", &p.ns, "type", "veth", "peer", "name", &p.veth,
-                "netns", &pods.hub,
-            ])?;
-            ip(&[
-                "-n", &pods.hub, "link", "set", &p.veth, "master", "br0", "up",
-            ])?;
-            let v4 = format!("{}/24", p.ip4);
-            let v6 = format!("{}/64", p.ip6);
-            ip(&["-n", &p.ns, "addr", "add", &v4, "dev", "eth0"])?;
-            ip(&["-n", &p.ns, "addr", "add", &v6, "dev", "eth0", "nodad"])?;
-            ip(&["-n", &p.ns, "link", "set", "eth0", "up"])?;
-            ip(&["-n", &p.ns, "link", "set", "lo", "up"])?;
-        }
-        Ok(pods)
+        let net = Network::create(&prefix, &["client", "server", "outsider"])
+            .map_err(|e| format!("{e:#}"))?;
+        let [client, server, outsider] = [0, 1, 2].map(|i| net.hosts[i].clone());
+        Ok(Pods {
+            hub: net.hub.clone(),
+            client,
+            server,
+            outsider,
+            _net: net,
+        })
     }
 
     /// The three pods.
     pub fn all(&self) -> [&Pod; 3] {
         [&self.client, &self.server, &self.outsider]
     }
-}
-
-impl Drop for Pods {
-    fn drop(&mut self) {
-        // Deleting a namespace deletes its links; processes still inside
-        // (none should be: their handles drop first) keep it alive unnamed.
-        for ns in self
-            .all()
-            .map(|p| p.ns.clone())
-            .into_iter()
-            .chain([self.hub.clone()])
-        {
-            let _ = Command::new("ip").args(["netns", "del", &ns]).output();
-        }
-    }
-}
-
-/// Removes namespaces left by test processes that no longer run (killed
-/// before their drop ran).
-fn sweep_stale() {
-    let Ok(dir) = std::fs::read_dir("/run/netns") else {
-        return;
-    };
-    for entry in dir.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("moat-t")
-            .and_then(|r| r.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        }
-    }
-}
-
-/// Runs `ip ARGS`, with its stderr in the error.
-pub fn ip(args: &[&str]) -> Result<(), String> {
-    let out = Command::new("ip")
-        .args(args)
-        .output()
-        .map_err(|e| format!("ip: {e}"))?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "ip {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ))
-    }
-}
-
-fn open_netns(ns: &str) -> File {
-    File::open(format!("/run/netns/{ns}")).unwrap_or_else(|e| panic!("open netns {ns}: {e}"))
-}
-
-/// `program` run inside `ns`, as root.
-pub fn netns_command(ns: &str, program: impl AsRef<OsStr>) -> Command {
-    netns_command_as(ns, program, None)
-}
-
-/// `program` run inside `ns`; with `user`, as that UID and GID with no
-/// supplementary groups (so with no capabilities). The namespace is entered
-/// before the IDs change: entering needs `CAP_SYS_ADMIN`.
-pub fn netns_command_as(ns: &str, program: impl AsRef<OsStr>, user: Option<u32>) -> Command {
-    let netns = Arc::new(open_netns(ns));
-    let mut cmd = Command::new(program);
-    // SAFETY: the closure only makes async-signal-safe system calls.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if let Some(id) = user
-                && (libc::setgroups(0, std::ptr::null()) != 0
-                    || libc::setgid(id) != 0
-                    || libc::setuid(id) != 0)
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    cmd
-}
-
-/// Runs `f` on a thread that has entered `ns`: sockets it makes belong to
-/// `ns` for their whole life, whichever thread uses them afterwards.
-pub fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let netns = open_netns(ns);
-    std::thread::spawn(move || {
-        // SAFETY: setns on this thread only (network namespaces are per thread).
-        let rc = unsafe { libc::setns(netns.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .expect("thread in the namespace")
 }
 
 /// A connection a [`Recorder`] accepted.

@@ -7,6 +7,9 @@
 //! frontend → frontend's sidecar → mutual TLS → billing's sidecar → billing,
 //! and prints what happened to each: the route that decided, the decision and
 //! the status, taken from billing's sidecar (its deny bodies and access log).
+//!
+//! `moat demo --transparent` ([`transparent`]) runs the same services in
+//! network namespaces with transparent interception instead (root only).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -23,6 +26,8 @@ use moat_testkit::http::Reply;
 use moat_testkit::{Ca, Moat, Process, pki};
 use serde_json::Value;
 
+mod transparent;
+
 const TRUST_DOMAIN: &str = "demo.local";
 const FRONTEND_ID: &str = "spiffe://demo.local/ns/shop/sa/frontend";
 const BILLING_ID: &str = "spiffe://demo.local/ns/shop/sa/billing";
@@ -35,6 +40,9 @@ pub struct DemoOptions {
     pub keep_running: bool,
     /// Where to put the CA, configs and logs (a temporary directory if absent).
     pub dir: Option<PathBuf>,
+    /// Network namespaces and transparent interception instead of loopback
+    /// and explicit listeners (root only).
+    pub transparent: bool,
 }
 
 /// What every sidecar of the demo shares: the CA and where files go.
@@ -106,6 +114,9 @@ pub fn run(opts: DemoOptions) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    if opts.transparent {
+        return runtime.block_on(transparent::run(&dir, opts.keep_running));
+    }
     runtime.block_on(demo(&dir, opts.keep_running))
 }
 
@@ -184,8 +195,11 @@ protocol = "http"
     )?;
     let frontend_outbound = frontend_proxy.listening_async("billing").await?;
     let frontend_admin = frontend_proxy.listening_async("admin").await?;
-    let frontend =
-        moat_testkit::http::serve(move |req| frontend_service(req, frontend_outbound)).await?;
+    let billing_url: Arc<str> = format!("http://{frontend_outbound}").into();
+    let frontend = moat_testkit::http::serve(move |req| {
+        frontend_service(req, billing_url.clone(), Some("billing"))
+    })
+    .await?;
 
     println!(
         "   billing   service http://{billing}   sidecar inbound  https://{billing_inbound} (mutual TLS) -> billing"
@@ -397,9 +411,14 @@ async fn billing_service(req: hyper::Request<Incoming>) -> Reply {
     }
 }
 
-/// frontend: forwards `/…` to billing through its sidecar's outbound
-/// listener, passing the user's Authorization header along.
-async fn frontend_service(req: hyper::Request<Incoming>, outbound: SocketAddr) -> Reply {
+/// frontend: forwards `/…` to billing at `billing_url` (its sidecar's
+/// outbound listener, or billing's own address in transparent mode),
+/// passing the user's Authorization header along.
+async fn frontend_service(
+    req: hyper::Request<Incoming>,
+    billing_url: Arc<str>,
+    host: Option<&'static str>,
+) -> Reply {
     let (parts, body) = req.into_parts();
     let body = body
         .collect()
@@ -408,8 +427,10 @@ async fn frontend_service(req: hyper::Request<Incoming>, outbound: SocketAddr) -
         .unwrap_or_default();
     let mut builder = hyper::Request::builder()
         .method(parts.method)
-        .uri(format!("http://{outbound}{}", parts.uri.path()))
-        .header("host", "billing");
+        .uri(format!("{billing_url}{}", parts.uri.path()));
+    if let Some(host) = host {
+        builder = builder.header("host", host);
+    }
     if let Some(auth) = parts.headers.get("authorization") {
         builder = builder.header("authorization", auth);
     }
@@ -446,6 +467,17 @@ async fn request(
     billing_proxy: &Process,
 ) -> Result<Outcome> {
     let mark = billing_proxy.count();
+    let (status, body) = send(frontend, method, path, jwt).await?;
+    outcome(status, body, billing_proxy, mark).await
+}
+
+/// Sends one request to `frontend`: the status and the JSON body.
+async fn send(
+    frontend: SocketAddr,
+    method: &str,
+    path: &str,
+    jwt: Option<&str>,
+) -> Result<(u16, Value)> {
     let mut builder = hyper::Request::builder()
         .method(method)
         .uri(format!("http://{frontend}{path}"));
@@ -460,6 +492,17 @@ async fn request(
     let status = resp.status().as_u16();
     let body: Value = serde_json::from_slice(&resp.into_body().collect().await?.to_bytes())
         .unwrap_or(Value::Null);
+    Ok((status, body))
+}
+
+/// What billing's sidecar decided about the request that got `status` and
+/// `body`: its deny body, else its log lines after `mark`.
+async fn outcome(
+    status: u16,
+    body: Value,
+    billing_proxy: &Process,
+    mark: usize,
+) -> Result<Outcome> {
     // The sidecar logs the request as it finishes; give it a moment.
     let mut line = Value::Null;
     for _ in 0..50 {
