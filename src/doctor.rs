@@ -441,11 +441,22 @@ async fn check_ca_url(r: &mut Report, url: &str, bundle: &TrustBundle, timeout: 
             format!("TLS with the CA failed: {e}"),
             "the CA's certificate must come from the bundle's root: install its current bundle (moat ca bundle)",
         ),
-        Err(e @ (ClientError::Connect { .. } | ClientError::Timeout(_))) => r.problem(
-            check,
-            e.to_string(),
-            "start the CA (systemctl status moat-ca), or check ca_url's host and port and the firewall between here and there",
-        ),
+        Err(e @ (ClientError::Connect { .. } | ClientError::Timeout(_))) => {
+            // A name that does not resolve is not a CA that is down: say
+            // which, since the fixes differ.
+            let unresolved = match &e {
+                ClientError::Connect { addr, .. } => {
+                    tokio::net::lookup_host(addr.as_str()).await.is_err()
+                }
+                _ => false,
+            };
+            let fix = if unresolved {
+                "ca_url's host does not resolve on this machine: fix the name in ca_url, or the resolver (/etc/hosts, /etc/resolv.conf)"
+            } else {
+                "start the CA (systemctl status moat-ca), or check ca_url's host and port and the firewall between here and there"
+            };
+            r.problem(check, e.to_string(), fix);
+        }
         Err(e) => r.problem(
             check,
             e.to_string(),
