@@ -201,6 +201,97 @@ fn a_key_of_another_certificate_exits_64() {
     let out = moat(&["proxy", "--config", path_str(&config)]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
     assert!(out.stderr.contains("does not fit"), "{}", out.stderr);
+    // Which two files, in words: not rustls's `KeyMismatch`.
+    assert!(
+        out.stderr.contains(&format!(
+            "key {}, certificate {}: it is the key of another certificate",
+            other_key.display(),
+            f.cert.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("KeyMismatch"), "{}", out.stderr);
+}
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let f = files();
+    let config = f.dir.path().join("proxy.toml");
+    // An inbound without a policy warns at start; the missing key then stops it.
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\ncert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"127.0.0.1:8080\"\n",
+            f.cert.display(),
+            f.dir.path().join("missing.key").display(),
+            f.bundle.display()
+        ),
+    )
+    .unwrap();
+    let out = moat(&[
+        "proxy",
+        "--config",
+        path_str(&config),
+        "--log-format",
+        "text",
+    ]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(out.stderr.contains("no route policy"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains('\u{1b}'),
+        "escape codes in a pipe: {:?}",
+        out.stderr
+    );
+}
+
+#[test]
+fn ca_issue_without_an_output_names_both_ways_to_give_one() {
+    let f = files();
+    let out = moat(&[
+        "ca",
+        "issue",
+        "--dir",
+        path_str(&f.ca),
+        "--id",
+        "spiffe://example.org/vm/db",
+    ]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--cert-out") && out.stderr.contains("--out"),
+        "both --cert-out/--key-out and --out are offered: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_host_name_where_an_address_belongs_says_what_is_expected() {
+    let f = files();
+    let config = f.dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\ncert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\n\n\
+             [[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"localhost:8080\"\n",
+            f.cert.display(),
+            f.key.display(),
+            f.bundle.display()
+        ),
+    )
+    .unwrap();
+    let out = moat(&["proxy", "--config", path_str(&config)]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(":9:11:")
+            && out
+                .stderr
+                .contains("\"localhost:8080\" is not an IP address and port")
+            && out.stderr.contains("host names are not resolved here"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]

@@ -303,6 +303,17 @@ fn log_level_changes_at_runtime_through_the_admin_listener() {
         &["-X", "PUT"],
     );
     assert_eq!(status, 400);
+    // A 404 lists what this sidecar serves: no /transparent without
+    // transparent mode, and asking for it says why.
+    let (status, body) = curl_http(p.server_admin, "/", &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("/identity") && !body.contains("/transparent"),
+        "{body}"
+    );
+    let (status, body) = curl_http(p.server_admin, "/transparent", &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("transparent mode only"), "{body}");
 }
 
 fn scrape(admin: SocketAddr) -> String {
