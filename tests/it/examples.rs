@@ -496,10 +496,12 @@ fn vm_example_units_verify_beside_the_sidecar_unit() {
 
 const IMAGE: &str = "registry.example/moat:0.1.0";
 
-/// `moat inject --image IMAGE FILE`: (stdout, stderr), asserting success.
+/// `moat inject --explicit --image IMAGE FILE`, as the example's README
+/// runs it (its apps call their sidecar; the namespace is `restricted`):
+/// (stdout, stderr), asserting success.
 fn inject(file: &Path) -> (String, String) {
     let out = std::process::Command::new(moat_bin())
-        .args(["inject", "--image", IMAGE, path_str(file)])
+        .args(["inject", "--explicit", "--image", IMAGE, path_str(file)])
         .output()
         .expect("run moat inject");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -526,6 +528,16 @@ fn kubernetes_example_injects_cleanly_and_validates() {
     let shop = k8s.join("shop.yaml");
     let (injected, report) = inject(&shop);
     assert!(!report.contains("warning:"), "{report}");
+    // The command the READMEs give is the one run here.
+    let command = format!("moat inject --explicit --image {IMAGE} examples/kubernetes/shop.yaml");
+    for readme in [k8s.join("README.md"), examples_dir().join("../README.md")] {
+        let text = std::fs::read_to_string(&readme).unwrap();
+        assert!(
+            text.contains(&command),
+            "{} lacks `{command}`",
+            readme.display()
+        );
+    }
 
     // Every Deployment got the sidecar; every ConfigMap a pod mounts is in
     // the file, but for the bundle the README makes from the CA's.
