@@ -248,6 +248,51 @@ fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
 }
 
 #[test]
+fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
+    let f = files();
+    let token = moat(&[
+        "ca",
+        "token",
+        "--dir",
+        path_str(&f.ca),
+        "--id",
+        "spiffe://example.org/vm/db",
+        "--ttl",
+        "30d",
+    ]);
+    assert_eq!(token.code, Some(64), "{}", token.stderr);
+    assert!(
+        token
+            .stderr
+            .contains("a join token's lifetime must be more than 0 and at most 24h, not 30days"),
+        "{}",
+        token.stderr
+    );
+    // Minting is not verifying: no "the credential is not a valid token".
+    assert!(!token.stderr.contains("credential"), "{}", token.stderr);
+    let issue = moat(&[
+        "ca",
+        "issue",
+        "--dir",
+        path_str(&f.ca),
+        "--id",
+        "spiffe://example.org/vm/db",
+        "--ttl",
+        "48h",
+        "--out",
+        path_str(&f.dir.path().join("db.pem")),
+    ]);
+    assert_eq!(issue.code, Some(64), "{}", issue.stderr);
+    assert!(
+        issue
+            .stderr
+            .contains("certificate lifetime 2days is not allowed"),
+        "{}",
+        issue.stderr
+    );
+}
+
+#[test]
 fn ca_issue_without_an_output_names_both_ways_to_give_one() {
     let f = files();
     let out = moat(&[

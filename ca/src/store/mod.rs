@@ -269,7 +269,11 @@ impl StoreError {
                 | StoreError::Config(_)
                 | StoreError::Rotation { .. }
                 | StoreError::Issue(IssueError::BadTtl(_) | IssueError::WrongTrustDomain { .. })
-                | StoreError::Token(TokenError::WrongTrustDomain(_) | TokenError::Invalid(_))
+                | StoreError::Token(
+                    TokenError::WrongTrustDomain(_)
+                        | TokenError::Invalid(_)
+                        | TokenError::BadTtl(_)
+                )
         )
     }
 
