@@ -394,6 +394,7 @@ Examples:
   moat ca init --dir ./ca --trust-domain example.org
   moat ca serve --dir ./ca --listen 0.0.0.0:8443 --san ca.example.internal
   moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 > billing-1.token
+  moat ca issue --dir ./ca --id spiffe://example.org/vm/db --out db.pem   # a certificate without a CA call
   moat ca bundle --dir ./ca > bundle.pem";
 
     pub const CA_INIT: &str = "\
