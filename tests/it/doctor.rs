@@ -331,6 +331,70 @@ peer = "spiffe://example.org/peer"
 }
 
 #[test]
+fn peers_outside_the_trust_domain_are_found() {
+    let ca = TestCa::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue_files("spiffe://example.org/vm/db", "1h", "db");
+    let bundle = ca.bundle_file();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[identity]
+cert = "{}"
+key = "{}"
+bundle = "{}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[inbound]]
+name = "api"
+listen = "127.0.0.1:0"
+forward = "{}"
+protocol = "tcp"
+allow_peers = ["spiffe://example.org/vm/billing", "spiffe://exmaple.org/ns/prod/*"]
+
+[[outbound]]
+name = "ledger"
+listen = "127.0.0.1:0"
+upstream = "localhost:8443"
+peer = "spiffe://exmaple.org/vm/ledger"
+"#,
+            cert.display(),
+            key.display(),
+            bundle.display(),
+            support::echo_service(),
+        ),
+    )
+    .unwrap();
+    let (code, report) = doctor(&config);
+    assert_eq!(code, Some(1), "{report:#}");
+    let inbound = finding(&report, "inbound api allow_peers", "warning");
+    let message = inbound["message"].as_str().unwrap();
+    assert!(
+        message.contains("spiffe://exmaple.org/ns/prod/*") && message.contains("not example.org"),
+        "{inbound}"
+    );
+    let outbound = finding(&report, "outbound ledger peer", "warning");
+    assert!(
+        outbound["message"]
+            .as_str()
+            .unwrap()
+            .contains("exmaple.org"),
+        "{outbound}"
+    );
+    // The entry in the right trust domain is not reported.
+    let reported = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == "inbound api allow_peers")
+        .count();
+    assert_eq!(reported, 1, "{report:#}");
+}
+
+#[test]
 fn a_configuration_that_does_not_parse_is_exit_64() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("proxy.toml");
