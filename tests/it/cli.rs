@@ -394,6 +394,26 @@ fn a_port_in_use_exits_1_and_says_so_once() {
         out.stderr
     );
     assert_eq!(count(&out.stderr, &admin), 1, "{}", out.stderr);
+    // The CA names which of its two listeners, and how to do without the
+    // admin one.
+    let out = moat(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(&f.ca),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        &admin,
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "moat: listener admin (--admin; --admin off disables it): cannot listen on {admin}: Address already in use"
+        )),
+        "{}",
+        out.stderr
+    );
     drop(taken);
 }
 
