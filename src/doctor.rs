@@ -6,7 +6,8 @@
 //! (certificate, key and bundle readable, fitting together, valid with time
 //! left, the chain leading to the bundle; or, with a CA, the bundle, each CA
 //! reachable under the name in `ca_url`, the token file present and not
-//! expired); the listen ports are free; each forward target is reachable and
+//! expired); `allow_peers` and outbound peers in the proxy's own trust
+//! domain; the listen ports are free; each forward target is reachable and
 //! speaks the HTTP version `app_protocol` says; each outbound upstream
 //! resolves; each route policy is valid and its JWKS reachable.
 //!
@@ -220,6 +221,9 @@ async fn check(config: &Config, timeout: Duration) -> Report {
     match &config.identity {
         Identity::Files(files) => check_files(&mut r, files),
         Identity::Ca(ca) => check_ca(&mut r, ca, timeout).await,
+    }
+    if let Some(td) = own_trust_domain(&config.identity) {
+        check_peer_trust_domains(&mut r, config, &td);
     }
     check_ports(&mut r, config);
     for l in &config.inbound {
@@ -441,11 +445,22 @@ async fn check_ca_url(r: &mut Report, url: &str, bundle: &TrustBundle, timeout: 
             format!("TLS with the CA failed: {e}"),
             "the CA's certificate must come from the bundle's root: install its current bundle (moat ca bundle)",
         ),
-        Err(e @ (ClientError::Connect { .. } | ClientError::Timeout(_))) => r.problem(
-            check,
-            e.to_string(),
-            "start the CA (systemctl status moat-ca), or check ca_url's host and port and the firewall between here and there",
-        ),
+        Err(e @ (ClientError::Connect { .. } | ClientError::Timeout(_))) => {
+            // A name that does not resolve is not a CA that is down: say
+            // which, since the fixes differ.
+            let unresolved = match &e {
+                ClientError::Connect { addr, .. } => {
+                    tokio::net::lookup_host(addr.as_str()).await.is_err()
+                }
+                _ => false,
+            };
+            let fix = if unresolved {
+                "ca_url's host does not resolve on this machine: fix the name in ca_url, or the resolver (/etc/hosts, /etc/resolv.conf)"
+            } else {
+                "start the CA (systemctl status moat-ca), or check ca_url's host and port and the firewall between here and there"
+            };
+            r.problem(check, e.to_string(), fix);
+        }
         Err(e) => r.problem(
             check,
             e.to_string(),
@@ -579,6 +594,73 @@ fn jwt_claims(token: &str) -> Option<serde_json::Map<String, serde_json::Value>>
     match serde_json::from_slice(&bytes).ok()? {
         serde_json::Value::Object(map) => Some(map),
         _ => None,
+    }
+}
+
+/// The trust domain this proxy's certificate will be in, where the files
+/// tell: the certificate (files, or a state directory), else the join
+/// token's subject. A Kubernetes token names no trust domain.
+fn own_trust_domain(identity: &Identity) -> Option<String> {
+    let svid_td = |path: &Path| {
+        let svid = Svid::from_pem(&std::fs::read(path).ok()?).ok()?;
+        Some(svid.id.trust_domain_name().to_owned())
+    };
+    match identity {
+        Identity::Files(files) => svid_td(&files.cert),
+        Identity::Ca(ca) => ca
+            .state_dir
+            .as_ref()
+            .and_then(|d| svid_td(&d.join("identity.pem")))
+            .or_else(|| {
+                let token = std::fs::read_to_string(&ca.token_file).ok()?;
+                let sub = jwt_claims(token.trim())?.get("sub")?.as_str()?.to_owned();
+                let id = moat_ca::SpiffeId::parse(&sub).ok()?;
+                Some(id.trust_domain_name().to_owned())
+            }),
+    }
+}
+
+/// Peers are verified against this proxy's bundle, in its own trust domain:
+/// an `allow_peers` entry or an outbound `peer` in another one can never
+/// match (a typo such as `exmaple.org` refuses everyone it names).
+fn check_peer_trust_domains(r: &mut Report, config: &Config, own: &str) {
+    use moat_proxy::config::PeerPattern;
+    let td_of = |id: &str| {
+        id.strip_prefix("spiffe://")
+            .and_then(|rest| rest.split('/').next())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let fix = format!(
+        "peers are verified against this proxy's bundle and must be in its trust domain, {own}: fix the entry's trust domain"
+    );
+    for l in &config.inbound {
+        for pattern in l.allow_peers.iter().flatten() {
+            let (text, td) = match pattern {
+                PeerPattern::Exact(id) => (id.to_string(), id.trust_domain_name().to_owned()),
+                PeerPattern::Prefix(prefix) => (format!("{prefix}*"), td_of(prefix)),
+            };
+            if td != own {
+                r.warn(
+                    format!("inbound {} allow_peers", l.name),
+                    format!("{text} is in trust domain {td}, not {own}: no peer can match it"),
+                    fix.clone(),
+                );
+            }
+        }
+    }
+    for l in &config.outbound {
+        let td = l.peer.trust_domain_name();
+        if td != own {
+            r.warn(
+                format!("outbound {} peer", l.name),
+                format!(
+                    "{} is in trust domain {td}, not {own}: every connection will be refused",
+                    l.peer
+                ),
+                fix.clone(),
+            );
+        }
     }
 }
 

@@ -77,7 +77,10 @@ pub enum CsrError {
 #[non_exhaustive]
 pub enum IssueError {
     /// The requested lifetime is over [`MAX_SVID_TTL`] or zero.
-    #[error("certificate lifetime {0:?} is not allowed: it must be more than 0 and at most 24h")]
+    #[error(
+        "certificate lifetime {} is not allowed: it must be more than 0 and at most 24h",
+        humantime::format_duration(*.0)
+    )]
     BadTtl(Duration),
     /// The SPIFFE ID is outside the CA's trust domain.
     #[error("{id} is outside trust domain {trust_domain}")]

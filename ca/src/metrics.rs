@@ -236,10 +236,14 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) {
                                         )),
                                     ),
                                 },
+                                // JSON, naming what is served, as the
+                                // proxy's admin listener answers.
                                 _ => (
                                     StatusCode::NOT_FOUND,
-                                    "text/plain",
-                                    Bytes::from_static(b"not found\n"),
+                                    "application/json",
+                                    Bytes::from_static(
+                                        br#"{"error":"not found: /live, /ready, /metrics","reason":"not_found"}"#,
+                                    ),
                                 ),
                             };
                             Ok::<_, std::convert::Infallible>(

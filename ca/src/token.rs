@@ -140,6 +140,12 @@ pub enum TokenError {
     /// The JWKS could not be read or fetched.
     #[error("cannot load the Kubernetes JWKS: {0}")]
     Jwks(String),
+    /// A join token asked for with a lifetime of zero or over 24 hours.
+    #[error(
+        "a join token's lifetime must be more than 0 and at most 24h, not {}",
+        humantime::format_duration(*.0)
+    )]
+    BadTtl(Duration),
 }
 
 impl TokenError {
@@ -154,6 +160,7 @@ impl TokenError {
             TokenError::UnknownKey => "unknown_key",
             TokenError::WrongTrustDomain(_) => "wrong_trust_domain",
             TokenError::Jwks(_) => "jwks_unavailable",
+            TokenError::BadTtl(_) => "bad_ttl",
         }
     }
 }
@@ -215,9 +222,7 @@ impl JoinTokenKey {
             return Err(TokenError::WrongTrustDomain(id.to_string()));
         }
         if ttl.is_zero() || ttl > MAX_JOIN_TTL {
-            return Err(TokenError::Invalid(format!(
-                "token lifetime {ttl:?} must be more than 0 and at most 24h"
-            )));
+            return Err(TokenError::BadTtl(ttl));
         }
         let now = unix_now();
         let mut jti = [0u8; 16];

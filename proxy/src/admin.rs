@@ -211,13 +211,27 @@ impl State {
             "/metrics" => self.metrics(),
             path => match self.views.iter().find(|(p, _)| *p == path) {
                 Some((_, view)) => json(StatusCode::OK, view()),
-                None => error(
-                    StatusCode::NOT_FOUND,
-                    "not_found",
-                    "not found: /live, /ready, /identity, /metrics, /transparent, PUT /logging",
-                ),
+                None => self.not_found(path),
             },
         }
+    }
+
+    /// 404, listing what this process does serve: views (`/transparent`)
+    /// are named only where they exist, so the list never sends an
+    /// operator to another 404.
+    fn not_found(&self, path: &str) -> Response<Full<Bytes>> {
+        let mut paths = vec!["/live", "/ready", "/identity", "/metrics"];
+        paths.extend(self.views.iter().map(|(p, _)| *p));
+        let hint = if path == "/transparent" {
+            " (/transparent is served in transparent mode only: a [redirect] section in the configuration)"
+        } else {
+            ""
+        };
+        error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            &format!("not found{hint}: {}, PUT /logging", paths.join(", ")),
+        )
     }
 
     /// Brings the metrics kept elsewhere (policy reloads, JWKS fetches,

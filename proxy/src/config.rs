@@ -112,7 +112,7 @@ pub struct FileIdentity {
 #[serde(deny_unknown_fields)]
 pub struct Admin {
     /// Address of `/live`, `/ready` and `/identity`.
-    #[serde(default = "default_admin_listen")]
+    #[serde(default = "default_admin_listen", deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
 }
 
@@ -196,8 +196,10 @@ pub struct Inbound {
     /// Name used in logs and metrics.
     pub name: String,
     /// Where peers connect (mutual TLS).
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// The local service, plaintext.
+    #[serde(deserialize_with = "socket_addr")]
     pub forward: SocketAddr,
     /// `http` or `tcp`.
     #[serde(default)]
@@ -252,6 +254,7 @@ pub struct Outbound {
     /// Name used in logs and metrics.
     pub name: String,
     /// Where the local service connects (plaintext, loopback).
+    #[serde(deserialize_with = "socket_addr")]
     pub listen: SocketAddr,
     /// `host:port` of the peer's sidecar, resolved by DNS at each connect.
     pub upstream: Upstream,
@@ -346,6 +349,19 @@ pub const DEFAULT_ADMIN_PORT: u16 = 9901;
 
 fn default_upgrade_protocols() -> Vec<UpgradeProtocol> {
     vec![UpgradeProtocol("websocket".into())]
+}
+
+/// An `ip:port`, refused with a message that says what is expected: the
+/// standard library's `invalid socket address syntax` does not say that a
+/// host name (`localhost:8080`) is not accepted here.
+fn socket_addr<'de, D: serde::Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(d)?;
+    text.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "{text:?} is not an IP address and port, such as 127.0.0.1:8080 or [::1]:8080 \
+             (host names are not resolved here)"
+        ))
+    })
 }
 
 fn default_admin_listen() -> SocketAddr {

@@ -537,5 +537,15 @@ fn load_files(config: &FileIdentity) -> Result<Credentials, IdentityError> {
         }
     })?;
     let bundle = read_bundle(&config.bundle)?;
-    Ok(Credentials::new(svid, key, bundle)?)
+    Credentials::new(svid, key, bundle).map_err(|e| match e {
+        // Name the files: which of the two is stale is for the operator to see.
+        crate::tls::CredentialError::Key(why) => {
+            IdentityError::Credentials(crate::tls::CredentialError::Key(format!(
+                "key {}, certificate {}: {why}",
+                config.key.display(),
+                config.cert.display()
+            )))
+        }
+        e => e.into(),
+    })
 }

@@ -480,7 +480,7 @@ impl Shared {
                     if matches!(e, ProxyError::Upstream(_) | ProxyError::LocalUnavailable(_)) {
                         self.app.forget();
                     }
-                    tracing::warn!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                    tracing::warn!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
                     e.into_response()
                 }
             };

@@ -414,7 +414,9 @@ impl Proxy {
         shutdown.await;
         self.draining.store(true, Ordering::Relaxed);
         let grace = self.config.limits.shutdown_grace;
-        tracing::info!(grace = ?grace, open = signal.watchers(), "draining");
+        // Each listener holds a watch too: naming the count `open` read as
+        // open connections where there were none.
+        tracing::info!(grace = ?grace, listeners_and_connections = signal.watchers(), "draining");
         match tokio::time::timeout(grace, signal.drain()).await {
             Ok(()) => tracing::info!("drained"),
             Err(_) => tracing::warn!("shutdown grace expired; closing what is still open"),

@@ -251,9 +251,11 @@ impl Shared {
             tracing::Span::none()
         };
         let trace_id = crate::telemetry::trace_id(&span, req.headers());
+        // Taken now, so that a failure's warning and the access line share it.
+        let request_id = crate::telemetry::RequestId::next();
         let forward = self
             .clone()
-            .forward(req, local, &span)
+            .forward(req, local, &span, request_id)
             .instrument(span.clone());
         let this = self.clone();
         forward.map(move |resp| {
@@ -265,7 +267,7 @@ impl Shared {
                 .get::<Presented>()
                 .map_or(&*this.peer, |p| p.0.as_deref().unwrap_or("-"));
             let entry = crate::telemetry::AccessEntry {
-                request_id: crate::telemetry::RequestId::next(),
+                request_id,
                 trace_id: &trace_id,
                 listener: &this.name,
                 direction: "outbound",
@@ -294,6 +296,7 @@ impl Shared {
         req: Request<Incoming>,
         local: &Arc<LocalConn>,
         span: &tracing::Span,
+        request_id: crate::telemetry::RequestId,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
         let prepared = self.prepare(req, span);
         // Only an upgrade needs the connection (for its tunnel).
@@ -314,7 +317,7 @@ impl Shared {
                 }
             };
             sent.unwrap_or_else(|e| {
-                tracing::warn!(listener = %self.name, error = %e, "request to peer failed");
+                tracing::warn!(request_id = %request_id, listener = %self.name, error = %e, "request to peer failed");
                 let presented = match &e {
                     ProxyError::PeerRefused { presented, .. } => Some(Presented(presented.clone())),
                     _ => None,

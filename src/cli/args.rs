@@ -267,7 +267,11 @@ pub enum CaCommand {
     /// Issue a certificate and key directly to files (for file-managed
     /// identities). Each file is replaced atomically (written beside it,
     /// then renamed), so a proxy watching them never reads half a file.
+    // One group for the two ways to say where the files go, so a command
+    // with neither names both (`--cert-out` alone sent people looking for
+    // a third flag to pair with it).
     #[command(after_help = examples::CA_ISSUE)]
+    #[command(group(clap::ArgGroup::new("output").required(true).args(["cert_out", "out"])))]
     Issue {
         #[command(flatten)]
         at: CaLocation,
@@ -278,7 +282,7 @@ pub enum CaCommand {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         ttl: Duration,
         /// Where to write the certificate chain (PEM, leaf first).
-        #[arg(long, required_unless_present = "out", requires = "key_out")]
+        #[arg(long, requires = "key_out")]
         cert_out: Option<PathBuf>,
         /// Where to write the private key (PEM, mode 0600).
         #[arg(long, requires = "cert_out")]
@@ -412,6 +416,7 @@ Examples:
   moat ca init --dir ./ca --trust-domain example.org
   moat ca serve --dir ./ca --listen 0.0.0.0:8443 --san ca.example.internal
   moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 > billing-1.token
+  moat ca issue --dir ./ca --id spiffe://example.org/vm/db --out db.pem   # a certificate without a CA call
   moat ca bundle --dir ./ca > bundle.pem";
 
     pub const CA_INIT: &str = "\

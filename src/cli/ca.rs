@@ -153,13 +153,16 @@ pub fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failur
         );
         let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
             .await
-            .map_err(server_err)?;
+            .map_err(|e| listener_err("ca (--listen)", e))?;
         if args.admin != "off" {
             let addr = args
                 .admin
                 .parse()
                 .map_err(|e| config_msg(format!("--admin {:?}: {e}", args.admin)))?;
-            server.bind_admin(addr).await.map_err(server_err)?;
+            server
+                .bind_admin(addr)
+                .await
+                .map_err(|e| listener_err("admin (--admin; --admin off disables it)", e))?;
         }
         server.run(shutdown_signal()).await?;
         Ok(())
@@ -279,6 +282,23 @@ fn server_err(e: moat_ca::server::ServerError) -> Failure {
             super::bind_failure(denied, e)
         }
         other => Failure::Other(other.into()),
+    }
+}
+
+/// A listener that could not be bound, named as the proxy names its own
+/// (`listener admin: cannot listen on ...`): the CA has two, and the admin
+/// one's default port is easy to find taken by another CA on the host.
+fn listener_err(listener: &str, e: moat_ca::server::ServerError) -> Failure {
+    use moat_ca::server::ServerError;
+    match e {
+        ServerError::Bind { addr, ref source } => {
+            let denied = super::privileged_port(addr, source);
+            super::bind_failure(
+                denied,
+                anyhow::Error::new(e).context(format!("listener {listener}")),
+            )
+        }
+        e => server_err(e),
     }
 }
 

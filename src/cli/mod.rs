@@ -143,7 +143,12 @@ fn run(command: Command, before: Option<LogFormat>) -> Result<(), Failure> {
             proxy::run_proxy(args, log_format)
         }
         Command::Doctor(args) => {
-            quiet_logging();
+            // The doctor reports every finding itself, with a fix; a log
+            // line would only repeat one (an unreadable JWKS file is both
+            // a problem and a loader's warning), so logs only on request.
+            if std::env::var_os("RUST_LOG").is_some() {
+                quiet_logging();
+            }
             match crate::doctor::run(&args.config, args.json, args.timeout) {
                 Ok(crate::doctor::Outcome::Healthy) => Ok(()),
                 Ok(crate::doctor::Outcome::Findings) => Err(Failure::Findings),
@@ -252,7 +257,12 @@ fn init_logging(
             .with_span_list(false)
             .with_writer(std::io::stderr)
             .boxed(),
-        LogFormat::Text => fmt::layer().with_writer(std::io::stderr).boxed(),
+        // Colours only for a terminal: escape codes in a file or a
+        // journal are noise.
+        LogFormat::Text => fmt::layer()
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .with_writer(std::io::stderr)
+            .boxed(),
     };
     let spans = traces.map(|t| {
         t.layer().with_filter(

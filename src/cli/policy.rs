@@ -10,7 +10,8 @@ pub fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
         PolicyCommand::Check { files } => {
             let report = cli::check(&files);
             for (file, hash, routes) in &report.valid {
-                println!("{}: ok ({routes} routes, hash {hash})", file.display());
+                let s = if *routes == 1 { "" } else { "s" };
+                println!("{}: ok ({routes} route{s}, hash {hash})", file.display());
             }
             for d in &report.diagnostics {
                 eprintln!("{d}");

@@ -228,6 +228,16 @@ fn join_token_is_single_use_even_after_a_ca_restart() {
         "{metrics}"
     );
     assert!(metrics.contains("moat_ca_bundle_roots 1"), "{metrics}");
+    // Anything else on the admin port: JSON naming what is there.
+    let out = tool("curl", &["-sS", "-i", &format!("http://{admin}/metricz")]);
+    let answer = String::from_utf8(out.stdout).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 404")
+            && answer.contains("application/json")
+            && answer.contains(r#""reason":"not_found""#)
+            && answer.contains("/metrics"),
+        "{answer}"
+    );
 }
 
 #[test]

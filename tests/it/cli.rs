@@ -201,6 +201,142 @@ fn a_key_of_another_certificate_exits_64() {
     let out = moat(&["proxy", "--config", path_str(&config)]);
     assert_eq!(out.code, Some(64), "{}", out.stderr);
     assert!(out.stderr.contains("does not fit"), "{}", out.stderr);
+    // Which two files, in words: not rustls's `KeyMismatch`.
+    assert!(
+        out.stderr.contains(&format!(
+            "key {}, certificate {}: it is the key of another certificate",
+            other_key.display(),
+            f.cert.display()
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains("KeyMismatch"), "{}", out.stderr);
+}
+
+#[test]
+fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let f = files();
+    let config = f.dir.path().join("proxy.toml");
+    // An inbound without a policy warns at start; the missing key then stops it.
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\ncert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\n\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n\n\
+             [[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"127.0.0.1:8080\"\n",
+            f.cert.display(),
+            f.dir.path().join("missing.key").display(),
+            f.bundle.display()
+        ),
+    )
+    .unwrap();
+    let out = moat(&[
+        "proxy",
+        "--config",
+        path_str(&config),
+        "--log-format",
+        "text",
+    ]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(out.stderr.contains("no route policy"), "{}", out.stderr);
+    assert!(
+        !out.stderr.contains('\u{1b}'),
+        "escape codes in a pipe: {:?}",
+        out.stderr
+    );
+}
+
+#[test]
+fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
+    let f = files();
+    let token = moat(&[
+        "ca",
+        "token",
+        "--dir",
+        path_str(&f.ca),
+        "--id",
+        "spiffe://example.org/vm/db",
+        "--ttl",
+        "30d",
+    ]);
+    assert_eq!(token.code, Some(64), "{}", token.stderr);
+    assert!(
+        token
+            .stderr
+            .contains("a join token's lifetime must be more than 0 and at most 24h, not 30days"),
+        "{}",
+        token.stderr
+    );
+    // Minting is not verifying: no "the credential is not a valid token".
+    assert!(!token.stderr.contains("credential"), "{}", token.stderr);
+    let issue = moat(&[
+        "ca",
+        "issue",
+        "--dir",
+        path_str(&f.ca),
+        "--id",
+        "spiffe://example.org/vm/db",
+        "--ttl",
+        "48h",
+        "--out",
+        path_str(&f.dir.path().join("db.pem")),
+    ]);
+    assert_eq!(issue.code, Some(64), "{}", issue.stderr);
+    assert!(
+        issue
+            .stderr
+            .contains("certificate lifetime 2days is not allowed"),
+        "{}",
+        issue.stderr
+    );
+}
+
+#[test]
+fn ca_issue_without_an_output_names_both_ways_to_give_one() {
+    let f = files();
+    let out = moat(&[
+        "ca",
+        "issue",
+        "--dir",
+        path_str(&f.ca),
+        "--id",
+        "spiffe://example.org/vm/db",
+    ]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("--cert-out") && out.stderr.contains("--out"),
+        "both --cert-out/--key-out and --out are offered: {}",
+        out.stderr
+    );
+}
+
+#[test]
+fn a_host_name_where_an_address_belongs_says_what_is_expected() {
+    let f = files();
+    let config = f.dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[identity]\ncert = \"{}\"\nkey = \"{}\"\nbundle = \"{}\"\n\n\
+             [[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"localhost:8080\"\n",
+            f.cert.display(),
+            f.key.display(),
+            f.bundle.display()
+        ),
+    )
+    .unwrap();
+    let out = moat(&["proxy", "--config", path_str(&config)]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(":9:11:")
+            && out
+                .stderr
+                .contains("\"localhost:8080\" is not an IP address and port")
+            && out.stderr.contains("host names are not resolved here"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -258,6 +394,26 @@ fn a_port_in_use_exits_1_and_says_so_once() {
         out.stderr
     );
     assert_eq!(count(&out.stderr, &admin), 1, "{}", out.stderr);
+    // The CA names which of its two listeners, and how to do without the
+    // admin one.
+    let out = moat(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(&f.ca),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        &admin,
+    ]);
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(
+        out.stderr.contains(&format!(
+            "moat: listener admin (--admin; --admin off disables it): cannot listen on {admin}: Address already in use"
+        )),
+        "{}",
+        out.stderr
+    );
     drop(taken);
 }
 

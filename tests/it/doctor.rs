@@ -218,7 +218,65 @@ policy = "{}"
     for f in report["findings"].as_array().unwrap() {
         assert!(f["fix"].as_str().is_some_and(|s| !s.is_empty()), "{f}");
     }
+    // As an operator runs it (no RUST_LOG): the findings alone, no log line
+    // repeating one (the JWKS loader's own warning about the missing file).
+    let out = std::process::Command::new(support::moat_bin())
+        .args(["doctor", "--config", path_str(&config)])
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.is_empty(), "no log lines: {stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("missing-jwks.json"));
     drop(taken);
+}
+
+#[test]
+fn a_ca_url_whose_host_does_not_resolve_is_told_from_a_ca_that_is_down() {
+    let ca = TestCa::start();
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = ca.bundle_file();
+    let token = dir.path().join("token");
+    std::fs::write(&token, ca.token("spiffe://example.org/vm/billing")).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = closed.local_addr().unwrap();
+    drop(closed);
+    let config = dir.path().join("proxy.toml");
+    // `.invalid` never resolves (RFC 6761).
+    std::fs::write(
+        &config,
+        format!(
+            r#"[identity]
+ca_url = ["https://moat-ca.invalid:8443", "https://{down}"]
+bundle = "{}"
+token_file = "{}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[outbound]]
+name = "out"
+listen = "127.0.0.1:0"
+upstream = "localhost:8443"
+peer = "spiffe://example.org/peer"
+"#,
+            bundle.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let (code, report) = doctor(&config);
+    assert_eq!(code, Some(1), "{report:#}");
+    let name = finding(&report, "ca https://moat-ca.invalid", "problem");
+    assert!(
+        name["fix"].as_str().unwrap().contains("does not resolve"),
+        "{name}"
+    );
+    let refused = finding(&report, &format!("ca https://{down}"), "problem");
+    assert!(
+        refused["fix"].as_str().unwrap().contains("start the CA"),
+        "{refused}"
+    );
 }
 
 #[test]
@@ -270,6 +328,70 @@ peer = "spiffe://example.org/peer"
     assert_eq!(code, Some(1), "{report:#}");
     let name = finding(&report, "ca https://127.0.0.2", "problem");
     assert!(name["fix"].as_str().unwrap().contains("--san"), "{name}");
+}
+
+#[test]
+fn peers_outside_the_trust_domain_are_found() {
+    let ca = TestCa::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = ca.issue_files("spiffe://example.org/vm/db", "1h", "db");
+    let bundle = ca.bundle_file();
+    let config = dir.path().join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[identity]
+cert = "{}"
+key = "{}"
+bundle = "{}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[[inbound]]
+name = "api"
+listen = "127.0.0.1:0"
+forward = "{}"
+protocol = "tcp"
+allow_peers = ["spiffe://example.org/vm/billing", "spiffe://exmaple.org/ns/prod/*"]
+
+[[outbound]]
+name = "ledger"
+listen = "127.0.0.1:0"
+upstream = "localhost:8443"
+peer = "spiffe://exmaple.org/vm/ledger"
+"#,
+            cert.display(),
+            key.display(),
+            bundle.display(),
+            support::echo_service(),
+        ),
+    )
+    .unwrap();
+    let (code, report) = doctor(&config);
+    assert_eq!(code, Some(1), "{report:#}");
+    let inbound = finding(&report, "inbound api allow_peers", "warning");
+    let message = inbound["message"].as_str().unwrap();
+    assert!(
+        message.contains("spiffe://exmaple.org/ns/prod/*") && message.contains("not example.org"),
+        "{inbound}"
+    );
+    let outbound = finding(&report, "outbound ledger peer", "warning");
+    assert!(
+        outbound["message"]
+            .as_str()
+            .unwrap()
+            .contains("exmaple.org"),
+        "{outbound}"
+    );
+    // The entry in the right trust domain is not reported.
+    let reported = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["check"] == "inbound api allow_peers")
+        .count();
+    assert_eq!(reported, 1, "{report:#}");
 }
 
 #[test]

@@ -363,6 +363,34 @@ fn policy_explain_takes_a_lower_case_method_and_names_the_unmet_claim() {
 }
 
 #[test]
+fn policy_test_reads_a_lower_case_method_as_explain_does_and_says_decisions_as_the_file_does() {
+    let policy = example("policy.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        "[[case]]\nname = \"lower-case method\"\npeer = \"spiffe://example.org/a\"\nmethod = \"get\"\npath = \"/healthz\"\nexpect = \"allow\"\nroute = \"health\"\n\n\
+         [[case]]\nname = \"wrong\"\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/admin\"\nexpect = \"bad-request\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = text(&moat(&[
+        "policy",
+        "test",
+        path_str(&policy),
+        path_str(&cases),
+    ]));
+    assert_eq!(code, 1, "{stdout}{stderr}");
+    assert!(
+        stdout.contains("1 passed, 1 failed") && !stdout.contains("lower-case method"),
+        "method = \"get\" is GET, as with explain --method get: {stdout}"
+    );
+    assert!(
+        stdout.contains("expected bad-request, got deny"),
+        "decisions spelled as the cases file spells them, not as Rust enum names: {stdout}"
+    );
+}
+
+#[test]
 fn policy_tools_handle_path_templates() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("policy.toml");

@@ -64,6 +64,9 @@ fn ca_identity_is_not_ready_until_the_first_certificate() {
         path_str(&ca_dir),
         "--listen",
         &format!("127.0.0.1:{port}"),
+        // Not the default 127.0.0.1:9902, which any CA on this host holds.
+        "--admin",
+        "off",
     ]);
     // Up, on that port (if another test took the port meanwhile, this
     // fails showing the CA's log rather than as a readiness timeout).

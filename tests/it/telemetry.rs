@@ -303,6 +303,74 @@ fn log_level_changes_at_runtime_through_the_admin_listener() {
         &["-X", "PUT"],
     );
     assert_eq!(status, 400);
+    // A 404 lists what this sidecar serves: no /transparent without
+    // transparent mode, and asking for it says why.
+    let (status, body) = curl_http(p.server_admin, "/", &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body.contains("/identity") && !body.contains("/transparent"),
+        "{body}"
+    );
+    let (status, body) = curl_http(p.server_admin, "/transparent", &[]);
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("transparent mode only"), "{body}");
+}
+
+#[test]
+fn a_failed_forward_warns_with_the_request_id_of_its_access_line() {
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let down = closed.local_addr().unwrap();
+    drop(closed);
+    // billing's sidecar forwards to a service that is not there (502
+    // local_unavailable); frontend's has one outbound to it and one to a
+    // peer that is not there (502 peer_unavailable).
+    let server_cfg = write(
+        dir,
+        "server.toml",
+        &format!(
+            "{}{ADMIN}[[inbound]]\nname = \"in\"\nlisten = \"127.0.0.1:0\"\nforward = \"{down}\"\n",
+            ca_identity(&ca, SERVER, "server", ""),
+        ),
+    );
+    let (server, addrs) = start_proxy(&server_cfg, &["in", "admin"]);
+    let (inbound, server_admin) = (addrs[0], addrs[1]);
+    let client_cfg = write(
+        dir,
+        "client.toml",
+        &format!(
+            "{}{ADMIN}[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{inbound}\"\npeer = \"{SERVER}\"\n\
+             [[outbound]]\nname = \"dead\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{down}\"\npeer = \"{SERVER}\"\n",
+            ca_identity(&ca, CLIENT, "client", ""),
+        ),
+    );
+    let (client, addrs) = start_proxy(&client_cfg, &["out", "dead", "admin"]);
+    for admin in [server_admin, addrs[2]] {
+        eventually(Duration::from_secs(20), "sidecar ready", || {
+            curl_http(admin, "/ready", &[]).0 == 200
+        });
+    }
+    assert_eq!(curl_http(addrs[0], "/invoices/1", &[]).0, 502);
+    assert_eq!(curl_http(addrs[1], "/invoices/1", &[]).0, 502);
+    // The warning that says why, and the access line that says what: one id.
+    let joined = |proxy: &Running, listener: &str, warning: &str| {
+        let mut found = None;
+        eventually(Duration::from_secs(10), warning, || {
+            let logs = proxy.json_logs();
+            let warn = logs.iter().find(|l| l["message"] == warning);
+            let access = logs
+                .iter()
+                .find(|l| l["message"] == "access" && l["listener"] == listener);
+            found = warn.zip(access).map(|(w, a)| (w.clone(), a.clone()));
+            found.is_some()
+        });
+        let (warn, access) = found.unwrap();
+        assert!(warn["request_id"].is_string(), "{warn}");
+        assert_eq!(warn["request_id"], access["request_id"], "{warn}\n{access}");
+    };
+    joined(&server, "in", "forwarding failed");
+    joined(&client, "dead", "request to peer failed");
 }
 
 fn scrape(admin: SocketAddr) -> String {

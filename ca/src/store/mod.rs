@@ -351,7 +351,11 @@ impl StoreError {
                 | StoreError::Rotation { .. }
                 | StoreError::Revocation(_)
                 | StoreError::Issue(IssueError::BadTtl(_) | IssueError::WrongTrustDomain { .. })
-                | StoreError::Token(TokenError::WrongTrustDomain(_) | TokenError::Invalid(_))
+                | StoreError::Token(
+                    TokenError::WrongTrustDomain(_)
+                        | TokenError::Invalid(_)
+                        | TokenError::BadTtl(_)
+                )
         )
     }
 

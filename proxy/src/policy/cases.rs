@@ -104,6 +104,24 @@ struct Case {
     reason: Option<String>,
 }
 
+impl Expect {
+    /// The spelling a cases file uses for this decision.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Expect::Allow => "allow",
+            Expect::Deny => "deny",
+            Expect::Unauthenticated => "unauthenticated",
+            Expect::BadRequest => "bad-request",
+        }
+    }
+}
+
+impl std::fmt::Display for Expect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Reads a cases file and runs every case against `policy` at time `now`.
 /// A malformed cases file is an error with file:line:column diagnostics.
 pub fn run_cases(
@@ -153,7 +171,11 @@ fn parse_cases(file: &Path, text: &str) -> Result<Vec<Case>, PolicyError> {
                 None
             }
         };
-        let method = match Method::from_bytes(raw.method.get_ref().as_bytes()) {
+        // Methods are case-sensitive on the wire, but a case that says
+        // `method = "get"` means GET (as `moat policy explain --method get`
+        // does), not a method no route lists.
+        let method = match Method::from_bytes(raw.method.get_ref().to_ascii_uppercase().as_bytes())
+        {
             Ok(m) => Some(m),
             Err(_) => {
                 diags.at(
@@ -221,7 +243,7 @@ fn run_one(policy: &Policy, case: &Case, now: SystemTime) -> Result<(), String> 
     let route = d.route.unwrap_or("(none)");
     let mut problems = Vec::new();
     if got != case.expect {
-        problems.push(format!("expected {:?}, got {:?}", case.expect, got));
+        problems.push(format!("expected {}, got {}", case.expect, got));
     }
     if let Some(want) = &case.route
         && want != route

@@ -71,7 +71,7 @@ impl Credentials {
             .cloned()
             .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
         let certified_key = CertifiedKey::from_der(svid.chain.clone(), key, &provider)
-            .map_err(|e| CredentialError::Key(e.to_string()))?;
+            .map_err(|e| CredentialError::Key(key_failure(&e)))?;
         let roots = Arc::new(
             bundle
                 .root_store()
@@ -133,6 +133,21 @@ impl Credentials {
 /// Why our own chain does not verify. When it leads to none of the
 /// bundle's roots (the usual cause: a bundle from another CA, or from before
 /// a rotation), says who issued the certificate and which roots were tried.
+/// Why a key was refused, in words: rustls's own text for a mismatch is
+/// `keys may not be consistent: KeyMismatch`.
+fn key_failure(e: &rustls::Error) -> String {
+    use rustls::InconsistentKeys;
+    match e {
+        rustls::Error::InconsistentKeys(InconsistentKeys::KeyMismatch) => {
+            "it is the key of another certificate".to_owned()
+        }
+        rustls::Error::InconsistentKeys(InconsistentKeys::Unknown) => {
+            "its public key cannot be compared with the certificate's".to_owned()
+        }
+        e => e.to_string(),
+    }
+}
+
 fn chain_failure(e: &rustls::Error, svid: &Svid, bundle: &TrustBundle) -> String {
     use rustls::CertificateError;
     let leads_nowhere = matches!(
