@@ -857,6 +857,8 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
             path_str(&dir),
             "--listen",
             "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
         ]);
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "{store}: {stderr}");

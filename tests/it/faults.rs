@@ -73,6 +73,8 @@ fn ca_restarted_during_renewal_is_picked_up_again() {
         path_str(&ca_dir),
         "--listen",
         &listen,
+        "--admin",
+        "127.0.0.1:0",
     ]);
     back.listening_addr("ca");
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -334,6 +336,8 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
         path_str(&ca_dir),
         "--listen",
         "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
     ]);
     let addr = server.listening_addr("ca");
     let url = format!("https://{addr}");
@@ -401,6 +405,8 @@ fn full_disk_under_the_ca_store_refuses_issuance_cleanly_and_recovers() {
         "--dir",
         path_str(&ca_dir),
         "--listen",
+        "127.0.0.1:0",
+        "--admin",
         "127.0.0.1:0",
     ]);
     let addr = again.listening_addr("ca");

@@ -424,7 +424,7 @@ peers = ["{BATCH}"]
     );
     let (mut server_proxy, addrs) = start_proxy(&write(dir, "proxy.toml", &config), &["api"]);
     let client_config = format!(
-        "{}[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{SERVER}\"\n",
+        "{}{ADMIN}\n[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{SERVER}\"\n",
         file_identity(&web, &ca.bundle_file()),
         addrs[0]
     );
