@@ -568,8 +568,7 @@ jwt   = {{ issuer = "corp" }}
         "a connection closed at expiry",
         || {
             [server_admin, client_admin].iter().any(|a| {
-                scrape(*a)
-                    .contains("moat_connections_closed_total{reason=\"peer_cert_expired\"}")
+                scrape(*a).contains("moat_connections_closed_total{reason=\"peer_cert_expired\"}")
             })
         },
     );

@@ -333,7 +333,16 @@ fn the_syscall_filter_allows_what_the_ca_and_proxy_do() {
     // a SIGTERM drain at the end.
     let mut ca = Traced::start(
         &d("ca.trace"),
-        &["ca", "serve", "--dir", ca_dir, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"],
+        &[
+            "ca",
+            "serve",
+            "--dir",
+            ca_dir,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ],
     );
     let ca_addr = ca.listening("ca");
     let policy = "[[route]]\nname = \"all\"\npath = \"/*\"\nallow = \"any-peer\"\n";
