@@ -276,6 +276,11 @@ protocol = "http"
     print_outcome("GET", "/invoices/42", "after renewal", &outcome);
 
     heading("Where to look");
+    if !keep_running {
+        // Everything below stops (and its temporary directory goes) when
+        // this run ends: say how to keep it.
+        println!("   (the demo stops now; run `moat demo --keep-running` to try these)");
+    }
     println!(
         "   identity   curl http://{frontend_admin}/identity   (and http://{billing_admin}/identity)"
     );

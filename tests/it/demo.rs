@@ -51,6 +51,8 @@ fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {
     // A renewal happened and traffic still flows.
     assert!(line("renewed over mutual TLS").contains("->"));
     assert!(line("after renewal").contains("200"));
+    // The addresses under "Where to look" stop with this run: it says so.
+    assert!(stdout.contains("the demo stops now"), "{stdout}");
     assert!(stdout.contains("demo finished"));
 }
 
