@@ -237,6 +237,11 @@ protocol = "http1"
     }
 
     heading("Where to look");
+    if !keep_running {
+        println!(
+            "   (the namespaces go when the demo ends; run `moat demo --transparent --keep-running` to try these)"
+        );
+    }
     println!(
         "   rules      ip netns exec {} nft list table inet moat",
         billing.ns
