@@ -7,7 +7,10 @@
 //! - `full/stock`: rustls' stock WebPKI verifiers, resumption off — the
 //!   floor for a full handshake with these keys;
 //! - `resumed/stock`: the same with TLS 1.3 tickets (PSK + ECDHE), the
-//!   client holding a ticket — what resumption would cost instead.
+//!   client holding a ticket — what resumption would cost instead;
+//! - `full/moat_denylist_10k`: `full/moat` with 10,000 revocations on both
+//!   sides (5,000 serials, 5,000 identities, none of them the peer's):
+//!   the deny-list check every handshake pays (issue 20: within 2 %).
 //!
 //! Each iteration is one complete handshake, client and server both, on one
 //! thread: divide by two for a rough per-side figure.
@@ -72,12 +75,42 @@ fn leaf(pki: &Pki, id: &str) -> Leaf {
 }
 
 fn moat_store(pki: &Pki, id: &str) -> Arc<CredentialStore> {
+    moat_store_with(pki, id, Arc::default())
+}
+
+fn moat_store_with(
+    pki: &Pki,
+    id: &str,
+    revocations: Arc<moat_proxy::revocation::RevocationState>,
+) -> Arc<CredentialStore> {
     let l = leaf(pki, id);
     let svid = Svid::from_chain(l.chain).unwrap();
     let bundle = TrustBundle::new(vec![pki.root.clone()]).unwrap();
-    let store = Arc::new(CredentialStore::new());
+    let store = Arc::new(CredentialStore::with_revocations(revocations));
     store.publish(Credentials::new(svid, l.key, bundle).unwrap());
     store
+}
+
+/// A deny-list of `n` entries, half serials and half identities, none of
+/// which names the bench's own certificates.
+fn deny_list(n: usize) -> Arc<moat_proxy::revocation::RevocationState> {
+    use moat_ca::revocation::{RevocationEntry, RevocationList};
+    let expires = moat_proxy::revocation::unix_now() + 86_400;
+    let entries = (0..n)
+        .map(|i| RevocationEntry {
+            serial: (i % 2 == 0).then(|| format!("{:032x}", 0x5eed_0000_u64 + i as u64)),
+            spiffe_id: Some(format!("spiffe://example.org/ns/revoked/sa/w{i}")),
+            reason: "bench".into(),
+            expires,
+        })
+        .collect();
+    let state = Arc::new(moat_proxy::revocation::RevocationState::default());
+    state.publish(&RevocationList {
+        version: 1,
+        entries,
+    });
+    assert_eq!(state.current().len(), n);
+    state
 }
 
 fn stock_configs(pki: &Pki, resume: bool) -> (Arc<ServerConfig>, Arc<ClientConfig>) {
@@ -175,6 +208,27 @@ fn handshakes(c: &mut Criterion) {
         .unwrap();
     assert!(!handshake(&moat_server, &moat_client));
     group.bench_function("full/moat", |b| {
+        b.iter(|| handshake(&moat_server, &moat_client))
+    });
+
+    let denied = deny_list(10_000);
+    let moat_server = TlsFactory::new(
+        moat_store_with(&pki, "spiffe://example.org/server", denied.clone()),
+        false,
+    )
+    .server(None, ALPN_HTTP)
+    .unwrap();
+    let moat_client = TlsFactory::new(
+        moat_store_with(&pki, "spiffe://example.org/client", denied),
+        false,
+    )
+    .client(
+        SpiffeId::parse("spiffe://example.org/server").unwrap(),
+        ALPN_HTTP,
+    )
+    .unwrap();
+    assert!(!handshake(&moat_server, &moat_client));
+    group.bench_function("full/moat_denylist_10k", |b| {
         b.iter(|| handshake(&moat_server, &moat_client))
     });
 
