@@ -20,7 +20,7 @@
 # Output: one TSV line per binary and row on stdout: bin, row, instructions/request (inbound, outbound).
 set -euo pipefail
 
-N1=${N1:-100}; N2=${N2:-500}
+N1=${N1:-100}; N2=${N2:-1100}
 ROWS=${ROWS:-in_h1 in_h2 pair_h1 pair_h2}
 W=$(mktemp -d); trap 'jobs -p | xargs -r kill 2>/dev/null; rm -rf "$W"' EXIT
 [ $# -ge 1 ] || { sed -n 2,4p "$0" >&2; exit 64; }
