@@ -255,13 +255,26 @@ impl Lease {
             reason = signaled => reason,
         };
         let t = &self.tracked;
-        tracing::warn!(
-            listener = %t.listener,
-            peer = t.peer.as_str(),
-            serial = %moat_ca::issuer::hex(&t.serial),
-            reason = reason.as_str(),
-            "closing connection: the credential it was authenticated with no longer holds"
-        );
+        let serial = moat_ca::issuer::hex(&t.serial);
+        macro_rules! closing {
+            ($level:ident) => {
+                tracing::$level!(
+                    listener = %t.listener,
+                    peer = t.peer.as_str(),
+                    serial = %serial,
+                    reason = reason.as_str(),
+                    "closing connection: the credential it was authenticated with no longer holds"
+                )
+            };
+        }
+        // A certificate reaching its end is routine (the peer reconnects
+        // with its renewed one): info. Revocation, a retired root or a
+        // policy change is something an operator did or should see: warn.
+        if reason == CloseReason::PeerCertExpired {
+            closing!(info);
+        } else {
+            closing!(warn);
+        }
         self.registry
             .store
             .revocations()
