@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 use super::detect::{self, FirstBytes};
 use super::{INBOUND_NAME, InboundMode, TransparentMetrics, original_dst};
 use crate::config::Limits;
-use crate::conn::{self, Activity, Serve, Tracked};
+use crate::conn::{self, RelayConnectError, Serve};
 use crate::{drain, inbound};
 
 /// The `[[inbound]]` that serves one app port.
@@ -111,24 +111,15 @@ impl TransparentInbound {
             .get_or_create(&[("port", port)])
             .inc();
         tracing::warn!(listener = INBOUND_NAME, peer_addr = %addr, original_dst = %dst, "permissive: plaintext connection forwarded to the app");
-        let app = match tokio::time::timeout(self.limits.connect_timeout, TcpStream::connect(to))
-            .await
-        {
-            Ok(Ok(app)) => app,
-            Ok(Err(e)) => {
+        let (connect, idle) = (self.limits.connect_timeout, self.limits.idle_timeout);
+        match conn::relay_plain(tcp, to, connect, idle, INBOUND_NAME).await {
+            Ok(()) => {}
+            Err(RelayConnectError::Refused(e)) => {
                 tracing::warn!(listener = INBOUND_NAME, forward = %to, error = %e, "permissive: the app refused the connection");
-                return;
             }
-            Err(_) => {
+            Err(RelayConnectError::TimedOut) => {
                 tracing::warn!(listener = INBOUND_NAME, forward = %to, "permissive: connecting to the app timed out");
-                return;
             }
-        };
-        let activity = Activity::new();
-        let tcp = Tracked::new(tcp, activity.clone());
-        let app = Tracked::new(app, activity.clone());
-        if let Err(e) = conn::splice(tcp, app, &activity, self.limits.idle_timeout).await {
-            tracing::debug!(listener = INBOUND_NAME, error = %e, "plaintext stream ended with an error");
         }
     }
 }

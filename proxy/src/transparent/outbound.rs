@@ -22,7 +22,7 @@ use tokio::net::TcpStream;
 use super::destinations::DestinationTable;
 use super::{OUTBOUND_NAME, TransparentMetrics, Unmatched, detect, original_dst};
 use crate::config::{Limits, Upstream};
-use crate::conn::{self, Activity, Serve, Tracked};
+use crate::conn::{self, RelayConnectError, Serve};
 use crate::outbound::{self, PeerTarget};
 use crate::telemetry::Observability;
 use crate::tls::{CredentialStore, TlsFactory};
@@ -171,28 +171,15 @@ impl TransparentOutbound {
     /// Plain TCP to where the app was going.
     async fn passthrough(&self, tcp: TcpStream, dst: SocketAddr) {
         let _open = self.obs.metrics.connection_opened(OUTBOUND_NAME);
-        let remote = match tokio::time::timeout(
-            self.limits.connect_timeout,
-            TcpStream::connect(dst),
-        )
-        .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => {
+        let (connect, idle) = (self.limits.connect_timeout, self.limits.idle_timeout);
+        match conn::relay_plain(tcp, dst, connect, idle, OUTBOUND_NAME).await {
+            Ok(()) => {}
+            Err(RelayConnectError::Refused(e)) => {
                 tracing::info!(listener = OUTBOUND_NAME, original_dst = %dst, error = %e, "passthrough: cannot connect");
-                return;
             }
-            Err(_) => {
+            Err(RelayConnectError::TimedOut) => {
                 tracing::info!(listener = OUTBOUND_NAME, original_dst = %dst, "passthrough: connect timed out");
-                return;
             }
-        };
-        let _ = remote.set_nodelay(true);
-        let activity = Activity::new();
-        let local = Tracked::new(tcp, activity.clone());
-        let remote = Tracked::new(remote, activity.clone());
-        if let Err(e) = conn::splice(local, remote, &activity, self.limits.idle_timeout).await {
-            tracing::debug!(listener = OUTBOUND_NAME, original_dst = %dst, error = %e, "passthrough stream ended with an error");
         }
     }
 }
