@@ -1,0 +1,27 @@
+//! Connection plumbing shared by every listener: bounded accept loops (the
+//! one loop of [`moat_ca::listen`]), the idle watchdog, serving HTTP with
+//! graceful shutdown, and TCP splicing.
+//!
+//! - `listener`: binding, [`Listener`] and [`accept_loop`].
+//! - `activity`: idle tracking ([`Activity`], [`Tracked`], [`InFlight`]).
+//! - `tick_batched`: [`TickBatched`], writes deferred to the tick's end.
+//! - `server`: hyper's server builders, HTTP/2 streams on their
+//!   connection's task ([`Streams`]), and [`serve_http`] with graceful close.
+//! - `relay`: TCP splicing and [`relay_plain`].
+//!
+//! Every public item is re-exported here, so callers name `conn::X`.
+
+mod activity;
+mod listener;
+mod relay;
+mod server;
+mod tick_batched;
+
+pub use activity::{Activity, InFlight, Tracked};
+pub use listener::{Listener, Serve, accept_loop, bind};
+pub use relay::{RelayConnectError, relay_plain, splice, splice_until};
+pub use server::{
+    Graceful, Streams, WithStreams, http_server, http1_server, http2_server, serve_http,
+    serve_http_until,
+};
+pub use tick_batched::TickBatched;

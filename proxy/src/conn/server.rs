@@ -1,0 +1,247 @@
+//! Serving HTTP on an accepted connection: hyper's server builders with the
+//! configured limits, HTTP/2 streams on their connection's own task on a
+//! one-thread runtime ([`Streams`]), and [`serve_http`], which closes a
+//! connection gracefully on idle, drain, or a lapsed peer credential.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use hyper::server::conn::{http1, http2};
+use hyper_util::rt::TokioTimer;
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulConnection;
+
+use super::Activity;
+use crate::config::Limits;
+use crate::drain;
+
+// The server settings, applied the same to hyper's builders and to the
+// ones inside hyper-util's `auto` builder (same methods, other types). The
+// parsers' limits sit above `max_header_bytes` and `max_header_count`
+// (`crate::http::wire`); the handlers check those and answer 414/431.
+macro_rules! http1_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .header_read_timeout($limits.header_read_timeout)
+            .max_buf_size(crate::http::wire($limits).h1_head)
+            .max_headers($limits.max_header_count)
+            .keep_alive(true)
+    };
+}
+
+macro_rules! http2_settings {
+    ($b:expr, $limits:expr) => {
+        $b.timer(TokioTimer::new())
+            .max_header_list_size(crate::http::wire($limits).h2_header_list)
+            .max_concurrent_streams(1000)
+            .keep_alive_interval(Some(Duration::from_secs(30)))
+            .keep_alive_timeout(Duration::from_secs(20))
+    };
+}
+
+/// The HTTP/1.1 server side of a TLS listener (ALPN chose the version).
+pub fn http1_server(limits: &Limits) -> http1::Builder {
+    let mut b = http1::Builder::new();
+    http1_settings!(b, limits);
+    b
+}
+
+/// The HTTP/2 server side of a TLS listener (ALPN chose the version),
+/// its streams run by `streams`.
+pub fn http2_server(limits: &Limits, streams: Streams) -> http2::Builder<Streams> {
+    let mut b = http2::Builder::new(streams);
+    http2_settings!(b, limits);
+    b
+}
+
+type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where an HTTP/2 connection's streams run.
+///
+/// On a one-thread runtime (`[runtime] worker_threads = 1`), on the
+/// connection's own task: hyper hands each new stream to this executor and
+/// [`WithStreams`] polls the streams beside the connection, so a stream's
+/// response is written by the same poll that finished it, with no task
+/// spawned, scheduled and woken in between (HTTP/2 4x8 on one core: +4 %
+/// requests/s, benches/results/analysis.md). On more threads each stream
+/// is a task of its own, so one connection's streams (a gRPC client's,
+/// say) spread over the cores. On one thread a stream that panicked (none
+/// should) would end its whole connection, not only itself.
+#[derive(Clone)]
+pub struct Streams {
+    /// Streams started since [`WithStreams`] last looked; `None`: each
+    /// stream is spawned.
+    new: Option<Arc<std::sync::Mutex<Vec<StreamFuture>>>>,
+}
+
+impl<F> hyper::rt::Executor<F> for Streams
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        match &self.new {
+            Some(new) => new
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(Box::pin(fut)),
+            None => {
+                tokio::spawn(fut);
+            }
+        }
+    }
+}
+
+impl Streams {
+    /// For one connection on the current runtime (see [`Streams`]).
+    pub fn for_connection() -> Self {
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        let one_thread = Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
+        Self {
+            new: one_thread.then(Arc::default),
+        }
+    }
+
+    /// The connection `conn` (built with this executor) together with its
+    /// streams, as one future.
+    pub fn run<C>(self, conn: C) -> WithStreams<C> {
+        WithStreams {
+            conn: Box::pin(conn),
+            streams: self,
+            running: FuturesUnordered::new(),
+            spawned: Vec::new(),
+        }
+    }
+}
+
+/// An HTTP/2 connection and the streams it started on its own task (see
+/// [`Streams`]). It ends when the connection does: after a graceful close
+/// that is once every stream has answered; streams still running when the
+/// connection fails (its client has gone) are dropped with it.
+pub struct WithStreams<C> {
+    conn: Pin<Box<C>>,
+    streams: Streams,
+    running: FuturesUnordered<StreamFuture>,
+    spawned: Vec<StreamFuture>,
+}
+
+impl<C: Future> Future for WithStreams<C> {
+    type Output = C::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<C::Output> {
+        let this = self.get_mut();
+        let Some(new) = &this.streams.new else {
+            return this.conn.as_mut().poll(cx);
+        };
+        loop {
+            // Streams first, so that the connection's poll below writes the
+            // responses they finished.
+            while let Poll::Ready(Some(())) = this.running.poll_next_unpin(cx) {}
+            if let Poll::Ready(done) = this.conn.as_mut().poll(cx) {
+                return Poll::Ready(done);
+            }
+            std::mem::swap(
+                &mut this.spawned,
+                &mut new.lock().unwrap_or_else(|p| p.into_inner()),
+            );
+            if this.spawned.is_empty() {
+                return Poll::Pending;
+            }
+            this.running.extend(this.spawned.drain(..));
+        }
+    }
+}
+
+/// A connection [`serve_http`] can close gracefully.
+pub trait Graceful: Future {
+    /// Stops taking new requests; the future ends once the open ones have.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+impl<C: GracefulConnection> Graceful for C {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        GracefulConnection::graceful_shutdown(self)
+    }
+}
+
+impl<C: Graceful> Graceful for WithStreams<C> {
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        self.get_mut().conn.as_mut().graceful_shutdown()
+    }
+}
+
+/// The HTTP server side of a plaintext listener, which tells HTTP/2 (prior
+/// knowledge, h2c) from HTTP/1.1 by the first bytes; same settings, the
+/// HTTP/2 streams run by `streams`.
+pub fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> {
+    let mut b = auto::Builder::new(streams);
+    http1_settings!(b.http1(), limits);
+    http2_settings!(b.http2(), limits);
+    b
+}
+
+/// Serves one HTTP connection (any of hyper's) until it ends, closing it
+/// gracefully (in-flight requests finish) when it has been idle too long or
+/// the drain starts.
+///
+/// The connection comes boxed: an async fn keeps a by-value argument in its
+/// state twice (rustc #62958), and hyper's connection state is kilobytes.
+pub fn serve_http<'a, C, E>(
+    conn: Pin<Box<C>>,
+    activity: &'a Activity,
+    idle: Duration,
+    drain: &'a drain::Watch,
+) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + 'a
+where
+    C: Graceful<Output = Result<(), E>> + ?Sized + 'a,
+    E: Into<Box<dyn std::error::Error + Send + Sync>> + 'a,
+{
+    // Not an async fn: the caller holds `serve_http_until`'s future alone,
+    // not a second copy of the arguments around it.
+    serve_http_until(conn, activity, idle, drain, std::future::pending::<()>())
+}
+
+/// [`serve_http`], also closing gracefully when `close` resolves (the
+/// peer's credential lapsed: [`crate::conn_registry`]). HTTP/2 sends
+/// GOAWAY and finishes its open streams; HTTP/1.1 finishes the request in
+/// flight, if any, and closes.
+pub async fn serve_http_until<C, E, X>(
+    mut conn: Pin<Box<C>>,
+    activity: &Activity,
+    idle: Duration,
+    drain: &drain::Watch,
+    close: X,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    C: Graceful<Output = Result<(), E>> + ?Sized,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    X: Future,
+{
+    let mut closing = false;
+    let close = std::pin::pin!(close);
+    let mut close = close;
+    loop {
+        tokio::select! {
+            // The connection first, and no random branch order to draw
+            // on each of its wake-ups.
+            biased;
+            res = conn.as_mut() => return res.map_err(Into::into),
+            _ = drain.signaled(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.idle_for(idle), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = close.as_mut(), if !closing => {
+                closing = true;
+                conn.as_mut().graceful_shutdown();
+            }
+        }
+    }
+}
