@@ -4,6 +4,28 @@
 //! a [`Watch`]. On SIGTERM the signal fires: listeners stop accepting,
 //! connections finish what is in flight and close, and each dropped `Watch`
 //! counts down. [`Signal::drain`] resolves when the last one is gone.
+//!
+//! Why not the `drain` crate itself (0.2, what ztunnel wraps): it is the
+//! same mechanism in about as many lines, but its API would make the
+//! call sites worse and change what an operator sees:
+//!
+//! - Its `Signal` cannot say how many watches are held, and the `draining`
+//!   log line reports that count (`listeners_and_connections`); dropping
+//!   the field is a change an operator would notice.
+//! - Its `Watch::signaled` takes the watch by value (it returns the
+//!   release token), while our waits borrow it: the select loop in
+//!   `conn::serve_http_until` and the accept loop's stop would each become
+//!   `drain.clone().signaled()`.
+//! - Its `Watch` is two channel handles (an `mpsc::Sender` whose closing
+//!   is the drain, and a `watch::Receiver` for the signal); ours is one
+//!   `watch::Receiver`, whose closing is the drain. A watch is cloned for
+//!   every accepted connection and lives in every connection's future, so
+//!   the crate costs one more reference count per connection and a larger
+//!   per-connection future, for nothing we use (`ReleaseShutdown`,
+//!   `ignore_signaled`).
+//!
+//! Revisit if drain modes (graceful vs immediate, as ztunnel adds on top)
+//! are ever needed.
 
 use tokio::sync::watch;
 
