@@ -18,6 +18,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// benches/results/analysis.md). A write is deferred once, never twice, so
 /// nothing waits for anything but the scheduler; reads, flushes and
 /// shutdowns pass straight through.
+///
+/// XXX: that figure is from the one-thread runtime (`[runtime]
+/// worker_threads = 1`, which builds tokio's `current_thread` runtime: the
+/// load harness's setting). On the multi-thread runtime it is unmeasured:
+/// there a task that wakes itself goes to the back of its worker's queue
+/// and may wake an idle worker to steal it, so the deferral may cost more
+/// than it saves. Measure both before keeping it there (issue 17, item 14).
 #[derive(Debug)]
 pub struct TickBatched<T> {
     inner: T,
