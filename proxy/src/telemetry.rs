@@ -27,6 +27,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde::Deserialize;
 
+use crate::authz::{AuthzDecision, AuthzReason};
+
 /// `[telemetry]` in the proxy configuration. Every field falls back to the
 /// standard OpenTelemetry environment variable, then to a default.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -701,13 +703,19 @@ impl ProxyMetrics {
     }
 
     /// Counts one authorization decision.
-    pub fn decision(&self, listener: &str, route: &str, decision: &str, reason: &str) {
+    pub fn decision(
+        &self,
+        listener: &str,
+        route: &str,
+        decision: AuthzDecision,
+        reason: AuthzReason,
+    ) {
         self.decisions
             .get_or_create(&[
                 ("listener", listener.to_owned()),
                 ("route", route.to_owned()),
-                ("decision", decision.to_owned()),
-                ("reason", reason.to_owned()),
+                ("decision", decision.as_str().to_owned()),
+                ("reason", reason.as_str().to_owned()),
             ])
             .inc();
     }
@@ -811,8 +819,7 @@ const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
 ];
 const STATUSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const DECISIONS: [&str; 4] = ["none", "allow", "deny", "audit_allow"];
-const SLOTS: usize = METHODS.len() * STATUSES.len() * DECISIONS.len();
+const SLOTS: usize = METHODS.len() * STATUSES.len() * AuthzDecision::ALL.len();
 
 /// The request counters of one route, by method × status class × decision.
 #[derive(Debug)]
@@ -831,7 +838,7 @@ impl ListenerMetrics {
         route: &str,
         method: &http::Method,
         status: u16,
-        decision: &str,
+        decision: AuthzDecision,
         elapsed: Duration,
     ) {
         self.duration.observe(elapsed.as_secs_f64());
@@ -839,8 +846,7 @@ impl ListenerMetrics {
         let status = status_class(status);
         let index = METHODS.iter().position(|m| *m == method).and_then(|m| {
             let s = STATUSES.iter().position(|s| *s == status)?;
-            let d = DECISIONS.iter().position(|d| *d == decision)?;
-            Some((m * STATUSES.len() + s) * DECISIONS.len() + d)
+            Some((m * STATUSES.len() + s) * AuthzDecision::ALL.len() + decision.index())
         });
         let Some(index) = index else {
             self.counter(route, method, status, decision).inc();
@@ -872,7 +878,7 @@ impl ListenerMetrics {
             .clone()
     }
 
-    fn counter(&self, route: &str, method: &str, status: &str, decision: &str) -> Counter {
+    fn counter(&self, route: &str, method: &str, status: &str, decision: AuthzDecision) -> Counter {
         self.requests
             .get_or_create(&[
                 ("listener", self.listener.clone()),
@@ -880,7 +886,7 @@ impl ListenerMetrics {
                 ("route", route.to_owned()),
                 ("method", method.to_owned()),
                 ("status", status.to_owned()),
-                ("decision", decision.to_owned()),
+                ("decision", decision.as_str().to_owned()),
             ])
             .clone()
     }
@@ -973,10 +979,10 @@ pub struct AccessEntry<'a> {
     /// Route that decided (`-` when none).
     pub route: &'a str,
     /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
-    pub decision: &'a str,
+    pub decision: AuthzDecision,
     /// For a denial or an audited one: the policy's reason code
     /// (`no_route`, `peer_not_allowed`, `jwt_expired`, ...).
-    pub reason: Option<&'a str>,
+    pub reason: Option<AuthzReason>,
     /// Time to the response head.
     pub duration: Duration,
     /// Response body bytes, when known from `content-length`.
@@ -1015,8 +1021,8 @@ fn access_log(e: &AccessEntry<'_>) {
         raw_path = e.raw_path,
         status = e.status,
         route = e.route,
-        decision = e.decision,
-        reason = e.reason,
+        decision = e.decision.as_str(),
+        reason = e.reason.map(AuthzReason::as_str),
         duration_ms = millis(e.duration),
         bytes = e.bytes,
         "access"
@@ -1219,7 +1225,7 @@ mod tests {
             "read",
             &http::Method::GET,
             200,
-            "allow",
+            AuthzDecision::Allow,
             Duration::from_millis(3),
         );
         m.handshake_failed("api", "unknown_ca");
