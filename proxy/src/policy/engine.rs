@@ -1,7 +1,7 @@
 //! The decision engine: which route a request matches and what that
 //! route decides (peers, JWT, claim conditions). Everything here runs on
 //! every inbound request; the explanation for `moat policy explain` is a
-//! separate pass in [`super::explain`].
+//! separate pass in `explain.rs`.
 
 use std::borrow::Cow;
 use std::time::SystemTime;
@@ -118,7 +118,7 @@ impl Policy {
     }
 
     /// The decision once the first matching route (if any) is known; shared
-    /// by [`Policy::decide`] and `explain`, which find that route differently.
+    /// by `decide` and `explain`, which find that route differently.
     pub(super) fn decide_on<'a>(
         &'a self,
         matched: Option<&'a Route>,
