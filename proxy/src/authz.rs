@@ -17,7 +17,7 @@ use http::{Response, StatusCode, header};
 use moat_ca::SpiffeId;
 
 use crate::http::ProxyBody;
-use crate::policy::{Policy, RequestFacts, authorization_value};
+use crate::policy::{Policy, Reason, RequestFacts, authorization_value};
 use crate::telemetry::RequestId;
 
 /// Headers that ask a service to treat a request as another method.
@@ -31,7 +31,7 @@ const METHOD_OVERRIDES: [&str; 3] = [
 #[derive(Debug)]
 pub struct Outcome {
     /// What metrics, spans and the access log keep once forwarding is done.
-    pub verdict: Verdict,
+    pub record: AuthzRecord,
     /// The path and query in normalized form: forwarded with when allowed,
     /// logged beside the raw one either way; `None`: as is (or refused).
     pub forward_path: Option<PathAndQuery>,
@@ -39,15 +39,43 @@ pub struct Outcome {
     pub deny: Option<Response<ProxyBody>>,
 }
 
-/// The decision as metrics, spans and the access log name it.
+/// The authorization of one request as metrics, spans and the access log
+/// name it. (Not [`crate::policy::Verdict`], the policy's status class.)
 #[derive(Debug)]
-pub struct Verdict {
+pub struct AuthzRecord {
     /// The route that decided (`None`: no policy, or no route matched).
     pub route: Option<String>,
-    /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
-    pub decision: &'static str,
-    /// The policy's reason code (`allowed`, `peer_not_allowed`, `no_route`, ...).
-    pub reason: &'static str,
+    /// What became of the request.
+    pub decision: AuthzDecision,
+    /// Why.
+    pub reason: AuthzReason,
+}
+
+/// What the authorization step did with a request; [`AuthzDecision::as_str`]
+/// is the `decision` label of the access log, metrics and spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthzDecision {
+    /// No policy decided: none is configured, or the request was answered
+    /// before the policy saw it (and every outbound request).
+    None,
+    /// The policy allowed the request.
+    Allow,
+    /// The request was refused.
+    Deny,
+    /// The policy would have refused it, but audit mode let it through.
+    AuditAllow,
+}
+
+/// Why the authorization step decided as it did; [`AuthzReason::as_str`] is
+/// the `reason` label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum AuthzReason {
+    /// No route policy is configured.
+    NoPolicy,
+    /// The request carried a method override header (refused before the policy).
+    MethodOverride,
+    /// The policy's own reason code.
+    Policy(Reason),
 }
 
 /// Decides whether a request from a verified peer goes on to the service.
@@ -74,10 +102,10 @@ impl Authorizer {
         let policy = match self {
             Authorizer::AllowAll => {
                 return Outcome {
-                    verdict: Verdict {
+                    record: AuthzRecord {
                         route: None,
-                        decision: "none",
-                        reason: "no_policy",
+                        decision: AuthzDecision::None,
+                        reason: AuthzReason::NoPolicy,
                     },
                     forward_path: None,
                     deny: None,
@@ -92,15 +120,15 @@ impl Authorizer {
             .any(|h| parts.headers.contains_key(*h))
         {
             return Outcome {
-                verdict: Verdict {
+                record: AuthzRecord {
                     route: None,
-                    decision: "deny",
-                    reason: "method_override",
+                    decision: AuthzDecision::Deny,
+                    reason: AuthzReason::MethodOverride,
                 },
                 forward_path: None,
                 deny: Some(crate::http::refusal(
                     StatusCode::BAD_REQUEST,
-                    "method_override",
+                    AuthzReason::MethodOverride.as_str(),
                     "moat: method override headers are refused",
                     crate::http::is_grpc(&parts.headers),
                 )),
@@ -136,29 +164,72 @@ impl Authorizer {
                 crate::http::grpc_denial(&mut resp, decision.reason.as_str(), decision.route);
             }
             return Outcome {
-                verdict: Verdict {
+                record: AuthzRecord {
                     route,
-                    decision: "deny",
-                    reason: decision.reason.as_str(),
+                    decision: AuthzDecision::Deny,
+                    reason: AuthzReason::Policy(decision.reason),
                 },
                 forward_path,
                 deny: Some(resp.map(ProxyBody::Short)),
             };
         }
         let label = if decision.audited {
-            "audit_allow"
+            AuthzDecision::AuditAllow
         } else {
-            "allow"
+            AuthzDecision::Allow
         };
         decision.apply_to_headers(&mut parts.headers);
         Outcome {
-            verdict: Verdict {
+            record: AuthzRecord {
                 route,
                 decision: label,
-                reason: decision.reason.as_str(),
+                reason: AuthzReason::Policy(decision.reason),
             },
             forward_path,
             deny: None,
+        }
+    }
+}
+
+impl AuthzDecision {
+    /// Every decision, in the order of [`AuthzDecision::index`].
+    pub const ALL: [AuthzDecision; 4] = [
+        AuthzDecision::None,
+        AuthzDecision::Allow,
+        AuthzDecision::Deny,
+        AuthzDecision::AuditAllow,
+    ];
+
+    /// The label value: `none`, `allow`, `deny` or `audit_allow`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzDecision::None => "none",
+            AuthzDecision::Allow => "allow",
+            AuthzDecision::Deny => "deny",
+            AuthzDecision::AuditAllow => "audit_allow",
+        }
+    }
+
+    /// The position in [`AuthzDecision::ALL`] (for per-label counter slots).
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// True for a decision whose reason the access log keeps: a denial, or
+    /// a denial that audit mode let through.
+    pub fn is_denial(self) -> bool {
+        matches!(self, AuthzDecision::Deny | AuthzDecision::AuditAllow)
+    }
+}
+
+impl AuthzReason {
+    /// The label value: `no_policy`, `method_override`, or the policy's
+    /// reason code (`allowed`, `peer_not_allowed`, `no_route`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthzReason::NoPolicy => "no_policy",
+            AuthzReason::MethodOverride => "method_override",
+            AuthzReason::Policy(reason) => reason.as_str(),
         }
     }
 }
@@ -168,6 +239,18 @@ impl std::fmt::Debug for Authorizer {
         match self {
             Authorizer::AllowAll => f.write_str("AllowAll"),
             Authorizer::Policy(p) => write!(f, "Policy({})", p.load().hash()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decision_index_is_its_place_in_all() {
+        for (i, d) in AuthzDecision::ALL.into_iter().enumerate() {
+            assert_eq!(d.index(), i, "{d:?}");
         }
     }
 }

@@ -29,7 +29,7 @@ use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::app::AppVersion;
-use crate::authz::{self, Authorizer};
+use crate::authz::{self, Authorizer, AuthzDecision};
 use crate::config::{Inbound, Limits, Protocol, UpgradeProtocol};
 use crate::conn::{self, Activity, TickBatched, Tracked};
 use crate::conn_registry::{self, AllowPeers, ConnRegistry, Lease};
@@ -72,7 +72,7 @@ impl Dial for LocalDial {
 
 /// A request's answer, with what its access-log line needs: the policy's
 /// verdict (if it decided) and the path as received and as authorized.
-type Forwarded = (Response<ProxyBody>, Option<authz::Verdict>, Paths);
+type Forwarded = (Response<ProxyBody>, Option<authz::AuthzRecord>, Paths);
 
 /// The request's path as received and, when the policy normalized it to
 /// something else, as authorized (the common case allocates nothing more).
@@ -84,7 +84,7 @@ struct Paths {
 /// After the policy: forward (verdict, paths, span of the call to the
 /// service), or the answer already made.
 enum Decided {
-    Forward(Option<authz::Verdict>, Paths, tracing::Span),
+    Forward(Option<authz::AuthzRecord>, Paths, tracing::Span),
     Answered(Forwarded),
 }
 
@@ -374,18 +374,18 @@ impl Shared {
                 .as_ref()
                 .and_then(|o| o.route.as_deref())
                 .unwrap_or("-");
-            let decision = outcome.as_ref().map_or("none", |o| o.decision);
+            let decision = outcome.as_ref().map_or(AuthzDecision::None, |o| o.decision);
             let elapsed = started.elapsed();
             if let Some(o) = &outcome
-                && o.decision != "none"
+                && o.decision != AuthzDecision::None
             {
                 this.obs
                     .metrics
                     .decision(&this.name, route, o.decision, o.reason);
                 span.record("moat.route", route);
-                span.record("moat.decision", o.decision);
-                if o.decision != "allow" {
-                    span.record("moat.deny.reason", o.reason);
+                span.record("moat.decision", o.decision.as_str());
+                if o.decision != AuthzDecision::Allow {
+                    span.record("moat.deny.reason", o.reason.as_str());
                 }
             }
             let (path, raw_path) = match &paths.normalized {
@@ -407,7 +407,7 @@ impl Shared {
                 decision,
                 reason: outcome
                     .as_ref()
-                    .filter(|o| o.decision == "deny" || o.decision == "audit_allow")
+                    .filter(|o| o.decision.is_denial())
                     .map(|o| o.reason),
                 duration: elapsed,
                 bytes: content_length(&resp),
@@ -523,7 +523,7 @@ impl Shared {
         to_h2: bool,
     ) -> Decided {
         let authz::Outcome {
-            verdict,
+            record: verdict,
             forward_path,
             deny,
         } = outcome;

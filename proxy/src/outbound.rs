@@ -278,7 +278,7 @@ impl Shared {
                 raw_path: None,
                 status: resp.status().as_u16(),
                 route: "-",
-                decision: "none",
+                decision: crate::authz::AuthzDecision::None,
                 reason: None,
                 duration: started.elapsed(),
                 bytes: content_length(&resp),

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use super::ListenerMetrics;
+use crate::authz::{AuthzDecision, AuthzReason};
 
 /// A request's id in this proxy's logs: the access-log line and the
 /// decision line of one request carry the same `request_id`. A `u64` (a
@@ -56,10 +57,10 @@ pub struct AccessEntry<'a> {
     /// Route that decided (`-` when none).
     pub route: &'a str,
     /// `allow`, `deny`, `audit_allow`, or `none` (no policy).
-    pub decision: &'a str,
+    pub decision: AuthzDecision,
     /// For a denial or an audited one: the policy's reason code
     /// (`no_route`, `peer_not_allowed`, `jwt_expired`, ...).
-    pub reason: Option<&'a str>,
+    pub reason: Option<AuthzReason>,
     /// Time to the response head.
     pub duration: Duration,
     /// Response body bytes, when known from `content-length`.
@@ -98,8 +99,8 @@ fn access_log(e: &AccessEntry<'_>) {
         raw_path = e.raw_path,
         status = e.status,
         route = e.route,
-        decision = e.decision,
-        reason = e.reason,
+        decision = e.decision.as_str(),
+        reason = e.reason.map(AuthzReason::as_str),
         duration_ms = millis(e.duration),
         bytes = e.bytes,
         "access"

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::authz::{AuthzDecision, AuthzReason};
+
 /// Labels of a request counter.
 type RequestLabels = [(&'static str, String); 6];
 /// Labels with a listener only.
@@ -260,13 +262,19 @@ impl ProxyMetrics {
     }
 
     /// Counts one authorization decision.
-    pub fn decision(&self, listener: &str, route: &str, decision: &str, reason: &str) {
+    pub fn decision(
+        &self,
+        listener: &str,
+        route: &str,
+        decision: AuthzDecision,
+        reason: AuthzReason,
+    ) {
         self.decisions
             .get_or_create(&[
                 ("listener", listener.to_owned()),
                 ("route", route.to_owned()),
-                ("decision", decision.to_owned()),
-                ("reason", reason.to_owned()),
+                ("decision", decision.as_str().to_owned()),
+                ("reason", reason.as_str().to_owned()),
             ])
             .inc();
     }
@@ -362,8 +370,7 @@ const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "other",
 ];
 const STATUSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const DECISIONS: [&str; 4] = ["none", "allow", "deny", "audit_allow"];
-const SLOTS: usize = METHODS.len() * STATUSES.len() * DECISIONS.len();
+const SLOTS: usize = METHODS.len() * STATUSES.len() * AuthzDecision::ALL.len();
 
 /// The request counters of one route, by method × status class × decision.
 #[derive(Debug)]
@@ -382,7 +389,7 @@ impl ListenerMetrics {
         route: &str,
         method: &http::Method,
         status: u16,
-        decision: &str,
+        decision: AuthzDecision,
         elapsed: Duration,
     ) {
         self.duration.observe(elapsed.as_secs_f64());
@@ -390,8 +397,7 @@ impl ListenerMetrics {
         let status = status_class(status);
         let index = METHODS.iter().position(|m| *m == method).and_then(|m| {
             let s = STATUSES.iter().position(|s| *s == status)?;
-            let d = DECISIONS.iter().position(|d| *d == decision)?;
-            Some((m * STATUSES.len() + s) * DECISIONS.len() + d)
+            Some((m * STATUSES.len() + s) * AuthzDecision::ALL.len() + decision.index())
         });
         let Some(index) = index else {
             self.counter(route, method, status, decision).inc();
@@ -423,7 +429,7 @@ impl ListenerMetrics {
             .clone()
     }
 
-    fn counter(&self, route: &str, method: &str, status: &str, decision: &str) -> Counter {
+    fn counter(&self, route: &str, method: &str, status: &str, decision: AuthzDecision) -> Counter {
         self.requests
             .get_or_create(&[
                 ("listener", self.listener.clone()),
@@ -431,7 +437,7 @@ impl ListenerMetrics {
                 ("route", route.to_owned()),
                 ("method", method.to_owned()),
                 ("status", status.to_owned()),
-                ("decision", decision.to_owned()),
+                ("decision", decision.as_str().to_owned()),
             ])
             .clone()
     }
@@ -494,7 +500,7 @@ mod tests {
             "read",
             &http::Method::GET,
             200,
-            "allow",
+            crate::authz::AuthzDecision::Allow,
             Duration::from_millis(3),
         );
         m.handshake_failed("api", "unknown_ca");
