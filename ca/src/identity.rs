@@ -262,17 +262,14 @@ impl TrustBundle {
     }
 }
 
-/// Encodes DER bytes as one PEM block with the given label.
+/// Encodes DER bytes as one PEM block with the given label: 64-column
+/// base64 lines and `\n` line ends (the `pem` crate's default is `\r\n`),
+/// ending in a newline, so blocks concatenate into a bundle.
 pub fn der_to_pem(label: &str, der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = format!("-----BEGIN {label}-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        out.push_str(std::str::from_utf8(chunk).expect("base64 is ASCII"));
-        out.push('\n');
-    }
-    out.push_str(&format!("-----END {label}-----\n"));
-    out
+    let config = pem::EncodeConfig::new()
+        .set_line_ending(pem::LineEnding::LF)
+        .set_line_wrap(64);
+    pem::encode_config(&pem::Pem::new(label, der), config)
 }
 
 impl FromStr for SpiffeId {
@@ -407,5 +404,20 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(back, vec![der]);
+    }
+
+    /// The exact text the hand-written encoder produced before the `pem`
+    /// crate: 64-column lines, `\n` line ends, a newline after the END line.
+    #[test]
+    fn der_to_pem_layout_is_unchanged() {
+        let b64 = format!("{}AQ==", "AQEB".repeat(33));
+        let expected = format!(
+            "-----BEGIN CERTIFICATE-----\n{}\n{}\n{}\n-----END CERTIFICATE-----\n",
+            &b64[..64],
+            &b64[64..128],
+            &b64[128..]
+        );
+        assert_eq!(der_to_pem("CERTIFICATE", &[1u8; 100]), expected);
+        assert_eq!(der_to_pem("X", &[]), "-----BEGIN X-----\n-----END X-----\n");
     }
 }

@@ -12,10 +12,13 @@
 //! - [`token`]: join tokens and Kubernetes service-account tokens.
 //! - [`store`]: the CA directory (keys) and its state store: SQLite, or
 //!   PostgreSQL shared by several `moat ca serve` replicas.
-//! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`).
+//! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`,
+//!   `/v1/revocations`): configuration, handlers, signing state, lifecycle.
 //! - [`metrics`]: Prometheus metrics and the admin listener.
 //! - [`listen`]: the accept loop every listener runs (the proxy's too).
 //! - [`client`]: what a workload uses to get, renew and trust certificates.
+//! - [`toml_error`]: `file:line:column` for TOML errors, shared with the
+//!   proxy's configuration and policy files.
 
 pub mod client;
 pub mod identity;
@@ -26,6 +29,7 @@ pub mod revocation;
 pub mod server;
 pub mod store;
 pub mod token;
+pub mod toml_error;
 
 pub use identity::{SpiffeId, TrustBundle, TrustDomain};
 

@@ -658,23 +658,16 @@ impl Config {
 
 /// A TOML error as file, line, column and the offending line.
 pub(crate) fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
-    let before = &text[..start];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-    let column = before[line_start..].chars().count() + 1;
-    let line_text = text[line_start..].lines().next().unwrap_or("").trim();
-    let context = if e.span().is_some() && !line_text.is_empty() {
-        format!(" (at `{line_text}`)")
-    } else {
-        String::new()
-    };
+    let located = moat_ca::toml_error::TomlError::new(path, text, e);
     ConfigError::Parse {
-        file: path.to_owned(),
-        line,
-        column,
-        message: e.message().trim().to_owned(),
-        context,
+        file: located.file,
+        line: located.line,
+        column: located.column,
+        message: located.message,
+        context: located
+            .source_line
+            .map(|l| format!(" (at `{l}`)"))
+            .unwrap_or_default(),
     }
 }
 

@@ -159,7 +159,7 @@ fn parse_cases(file: &Path, text: &str) -> Result<Vec<Case>, PolicyError> {
     };
     let mut out = Vec::new();
     for spanned in raw.cases {
-        let line = super::file::line_col(text, spanned.span().start).0;
+        let line = moat_ca::toml_error::line_col(text, spanned.span().start).0;
         let raw = spanned.into_inner();
         let peer = match SpiffeId::parse(raw.peer.get_ref()) {
             Ok(p) => Some(p),

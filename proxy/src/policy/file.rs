@@ -16,6 +16,7 @@ use std::time::Duration;
 use http::{HeaderName, Method};
 use jsonwebtoken::{Algorithm, Validation};
 use moat_ca::SpiffeId;
+use moat_ca::toml_error::{TomlError, line_col};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -142,8 +143,13 @@ impl<'t> Diags<'t> {
     }
 
     pub(super) fn toml(&mut self, e: &toml::de::Error) {
-        let message = e.message().trim_end().to_owned();
-        self.at(e.span().unwrap_or(0..0), message);
+        let located = TomlError::new(self.file, self.text, e);
+        self.list.push(Diagnostic {
+            file: located.file,
+            line: located.line,
+            column: located.column,
+            message: located.message,
+        });
     }
 
     pub(super) fn finish(mut self) -> Result<(), PolicyError> {
@@ -154,15 +160,6 @@ impl<'t> Diags<'t> {
             Err(PolicyError::Invalid(self.list))
         }
     }
-}
-
-/// 1-based line and column (in characters) of a byte offset.
-pub(super) fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary(offset)];
-    let line = before.matches('\n').count() + 1;
-    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-    (line, before[line_start..].chars().count() + 1)
 }
 
 /// Parses and validates a policy text read from `file`. Relative JWKS and CA

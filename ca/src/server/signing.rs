@@ -1,0 +1,85 @@
+//! The signing state the handlers read: the active root that signs, the
+//! trust bundle served at `/v1/bundle`, and the TLS configuration with a
+//! serving certificate issued by the active root. Built from the store's
+//! [`SigningState`] at start and again whenever a rotation changes the roots
+//! or the serving certificate is half-way through its life
+//! ([`super::refresh`]); handlers load the current one through an `ArcSwap`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use rustls::server::danger::ClientCertVerifier;
+use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
+
+use super::ServerError;
+use crate::issuer::RootCa;
+use crate::store::{RootState, SigningState, StateVersions};
+
+/// The signing state, rebuilt when the roots change.
+pub(super) struct SigningSnapshot {
+    /// The store's version counters this state was built from.
+    pub(super) versions: StateVersions,
+    pub(super) roots: Vec<(i64, RootState)>,
+    pub(super) signer: RootCa,
+    pub(super) bundle_pem: Bytes,
+    pub(super) tls: Arc<rustls::ServerConfig>,
+    /// Chain verification against this bundle, for `/v1/renew`'s own check.
+    pub(super) client_verifier: Arc<dyn ClientCertVerifier>,
+    /// When the serving certificate should be re-issued.
+    pub(super) refresh_at: SystemTime,
+}
+
+/// Issues a serving certificate for `sans` from the active root (a fresh
+/// key, 24 hours) and builds the TLS configuration around it.
+pub(super) fn build_snapshot(
+    state: SigningState,
+    sans: &[String],
+) -> Result<SigningSnapshot, ServerError> {
+    let SigningState {
+        versions,
+        roots,
+        signer,
+        bundle,
+    } = state;
+    let roots: Vec<(i64, RootState)> = roots.into_iter().map(|r| (r.id, r.state)).collect();
+    let server_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let ttl = Duration::from_secs(24 * 3600);
+    let serving = signer
+        .sign_server_cert(sans, &server_key, ttl)
+        .map_err(|e| ServerError::Config(format!("--san: {e}")))?;
+    let verifier = WebPkiClientVerifier::builder(Arc::new(
+        bundle
+            .root_store()
+            .map_err(|e| ServerError::Tls(e.to_string()))?,
+    ))
+    .allow_unauthenticated()
+    .build()
+    .map_err(|e| ServerError::Tls(e.to_string()))?;
+    let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
+    let mut tls = rustls::ServerConfig::builder()
+        .with_client_cert_verifier(verifier.clone())
+        .with_single_cert(vec![serving.cert_der.clone()], key_der)
+        .map_err(|e| ServerError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // No resumption: a resumed session would hand `/v1/renew` the client
+    // certificate of an earlier handshake without verifying it again (and
+    // `renewal_identity` checks it anyway). Issuance is rare; a full
+    // handshake each time costs nothing that matters.
+    tls.session_storage = Arc::new(NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    let lifetime = serving
+        .not_after
+        .duration_since(SystemTime::now())
+        .unwrap_or_default();
+    Ok(SigningSnapshot {
+        versions,
+        roots,
+        signer,
+        bundle_pem: Bytes::from(bundle.to_pem()),
+        tls: Arc::new(tls),
+        client_verifier: verifier,
+        refresh_at: SystemTime::now() + lifetime / 2,
+    })
+}
