@@ -405,6 +405,11 @@ impl CaClient {
         }
     }
 
+    /// The rustls config of one exchange, handed whole to hyper-rustls'
+    /// connector (`https_request`). Built per exchange rather than once per
+    /// client: the bundle changes with a CA rotation and the client
+    /// certificate with every renewal, and hyper-rustls takes both from the
+    /// config it is built with.
     fn tls_config(
         &self,
         client_auth: Option<(&Svid, &WorkloadKey)>,

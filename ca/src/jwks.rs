@@ -259,10 +259,7 @@ impl JwksCache {
             .get(&source)
             .cloned();
         let keys = match existing {
-            Some(keys) => {
-                keys.set_schedule(refresh, min_refetch);
-                keys
-            }
+            Some(keys) => keys,
             None => {
                 let keys = IssuerKeys::new(source.clone(), refresh, min_refetch)?;
                 self.entries
@@ -273,6 +270,7 @@ impl JwksCache {
                     .clone()
             }
         };
+        keys.set_schedule(refresh, min_refetch);
         if let JwksSource::File(_) = source {
             // A policy that names an unreadable key file is refused, even if
             // older keys from that file are held.
