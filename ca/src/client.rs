@@ -13,19 +13,17 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Method, Request, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use rand::Rng;
 use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
-use tokio::net::TcpStream;
 use x509_parser::prelude::FromDer;
 
 use crate::identity::{BundleError, IdError, SpiffeId, TrustBundle, der_to_pem};
 use crate::revocation::RevocationList;
 
-/// The largest response body the client reads (chains and bundles are small).
-const MAX_RESPONSE: usize = 1 << 20;
+pub use crate::https::https_request;
 
 /// A workload's private key, made in memory. `Debug` never shows the key.
 pub struct WorkloadKey {
@@ -372,8 +370,8 @@ impl CaClient {
             .map_err(|e| ClientError::Http(e.to_string()))?;
         let (status, body) = tokio::time::timeout(
             self.timeout,
-            https_request_inner(
-                config,
+            crate::https::request(
+                &config,
                 self.server_name.clone(),
                 req,
                 crate::revocation::MAX_BODY,
@@ -407,6 +405,11 @@ impl CaClient {
         }
     }
 
+    /// The rustls config of one exchange, handed whole to hyper-rustls'
+    /// connector (`https_request`). Built per exchange rather than once per
+    /// client: the bundle changes with a CA rotation and the client
+    /// certificate with every renewal, and hyper-rustls takes both from the
+    /// config it is built with.
     fn tls_config(
         &self,
         client_auth: Option<(&Svid, &WorkloadKey)>,
@@ -635,73 +638,6 @@ impl fmt::Debug for CaClient {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CaClient").field("url", &self.base).finish()
     }
-}
-
-/// One HTTPS request over a fresh connection, for infrequent calls (the CA,
-/// JWKS endpoints). The body is read up to 1 MiB; the whole exchange is
-/// bounded by `timeout`.
-pub async fn https_request(
-    config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
-    req: Request<Full<Bytes>>,
-    timeout: Duration,
-) -> Result<(StatusCode, Bytes), ClientError> {
-    tokio::time::timeout(
-        timeout,
-        https_request_inner(config, server_name, req, MAX_RESPONSE),
-    )
-    .await
-    .map_err(|_| ClientError::Timeout(timeout))?
-}
-
-async fn https_request_inner(
-    config: Arc<ClientConfig>,
-    server_name: ServerName<'static>,
-    req: Request<Full<Bytes>>,
-    max_body: usize,
-) -> Result<(StatusCode, Bytes), ClientError> {
-    let authority = req
-        .uri()
-        .authority()
-        .ok_or_else(|| ClientError::BadUrl(req.uri().to_string()))?
-        .clone();
-    let addr = format!(
-        "{}:{}",
-        authority.host(),
-        authority.port_u16().unwrap_or(443)
-    );
-    let tcp = TcpStream::connect(&addr)
-        .await
-        .map_err(|source| ClientError::Connect { addr, source })?;
-    let _ = tcp.set_nodelay(true);
-    let tls = tokio_rustls::TlsConnector::from(config)
-        .connect(server_name, tcp)
-        .await
-        .map_err(ClientError::Tls)?;
-    let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
-            .await
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let mut req = req;
-    if !req.headers().contains_key(http::header::HOST) {
-        let host = http::HeaderValue::from_str(authority.as_str())
-            .map_err(|e| ClientError::Http(e.to_string()))?;
-        req.headers_mut().insert(http::header::HOST, host);
-    }
-    let resp = sender
-        .send_request(req)
-        .await
-        .map_err(|e| ClientError::Http(e.to_string()))?;
-    let status = resp.status();
-    let body = Limited::new(resp.into_body(), max_body)
-        .collect()
-        .await
-        .map_err(|e| ClientError::Http(e.to_string()))?
-        .to_bytes();
-    Ok((status, body))
 }
 
 impl Backoff {

@@ -10,6 +10,8 @@
 //! - [`identity`]: [`SpiffeId`], [`TrustDomain`], [`TrustBundle`]: pure types.
 //! - [`issuer`]: turns a verified identity and a CSR into a certificate.
 //! - [`token`]: join tokens and Kubernetes service-account tokens.
+//! - [`jwks`]: JSON Web Key Sets, cached and refreshed: the Kubernetes
+//!   token keys here, and the proxy's JWT route keys.
 //! - [`store`]: the CA directory (keys) and its state store: SQLite, or
 //!   PostgreSQL shared by several `moat ca serve` replicas.
 //! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`,
@@ -21,8 +23,10 @@
 //!   proxy's configuration and policy files.
 
 pub mod client;
+mod https;
 pub mod identity;
 pub mod issuer;
+pub mod jwks;
 pub mod listen;
 pub mod metrics;
 pub mod revocation;

@@ -12,18 +12,19 @@
 //! `none` and every HMAC algorithm are refused.
 
 use std::fmt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
-use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
 
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::issuer::hex;
+use crate::jwks::IssuerKeys;
+
+/// Where the Kubernetes JWKS comes from (the CA's `[kubernetes]` section).
+pub use crate::jwks::JwksSource;
 
 /// The `iss` of every join token.
 pub const JOIN_ISSUER: &str = "moat-ca";
@@ -33,6 +34,14 @@ pub const MAX_JOIN_TTL: Duration = Duration::from_secs(24 * 3600);
 pub const MAX_TOKEN_LEN: usize = 8 * 1024;
 /// Clock-skew allowance for `exp`/`nbf`, in seconds.
 const LEEWAY_SECS: u64 = 30;
+/// How often the Kubernetes JWKS is refetched while healthy. The API server
+/// rotates its signing keys rarely, and a new key is picked up at once by
+/// the unknown-`kid` refetch; the schedule is what drops a removed key.
+const KUBERNETES_REFRESH: Duration = Duration::from_secs(600);
+/// The least time between two Kubernetes JWKS fetches triggered by unknown
+/// `kid`s, or retries after a failure: a stream of tokens with made-up
+/// `kid`s costs the API server one request per 10 seconds at most.
+const KUBERNETES_MIN_REFETCH: Duration = Duration::from_secs(10);
 
 /// Which kind of credential issued a certificate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,32 +93,14 @@ pub struct JoinTokenKey {
     kid: String,
 }
 
-/// Verifies Kubernetes service-account tokens.
+/// Verifies Kubernetes service-account tokens, with the cluster's keys kept
+/// fresh by [`IssuerKeys`] (a background task refreshes them until the
+/// verifier is dropped).
 pub struct KubernetesVerifier {
     audience: String,
     issuer: Option<String>,
-    source: JwksSource,
-    keys: ArcSwap<JwkSet>,
-    last_refresh: std::sync::Mutex<Option<std::time::Instant>>,
-}
-
-/// Where a JWKS comes from.
-#[derive(Debug, Clone)]
-pub enum JwksSource {
-    /// A local file, re-read when an unknown `kid` is seen.
-    File(PathBuf),
-    /// An HTTPS URL, verified against the given CA bundle (PEM path).
-    Url {
-        /// The JWKS URL.
-        url: String,
-        /// PEM roots that verify the URL's server.
-        ca_file: PathBuf,
-        /// A bearer token sent with each fetch, re-read every time (the
-        /// CA's own service-account token, which the kubelet rotates: the
-        /// API server's JWKS endpoint refuses anonymous callers on most
-        /// clusters).
-        token_file: Option<PathBuf>,
-    },
+    keys: Arc<IssuerKeys>,
+    refresher: tokio::task::AbortHandle,
 }
 
 /// Why a credential was refused (HTTP 401, or 403 for a foreign trust domain).
@@ -287,23 +278,46 @@ struct KubernetesClaims {
 
 impl KubernetesVerifier {
     /// A verifier for tokens with `audience` (and `issuer`, when set), whose
-    /// keys come from `source`. Loads the keys now.
+    /// keys come from `source`. Loads the keys now (an error if that fails)
+    /// and starts refreshing them in the background.
     pub async fn new(
         audience: String,
         issuer: Option<String>,
         source: JwksSource,
     ) -> Result<Self, TokenError> {
-        let keys = load_jwks(&source).await?;
-        Ok(Self {
+        Self::with_schedule(
             audience,
             issuer,
             source,
-            keys: ArcSwap::from_pointee(keys),
-            last_refresh: std::sync::Mutex::new(Some(std::time::Instant::now())),
+            KUBERNETES_REFRESH,
+            KUBERNETES_MIN_REFETCH,
+        )
+        .await
+    }
+
+    /// [`KubernetesVerifier::new`] with its own refresh schedule (tests).
+    async fn with_schedule(
+        audience: String,
+        issuer: Option<String>,
+        source: JwksSource,
+        refresh: Duration,
+        min_refetch: Duration,
+    ) -> Result<Self, TokenError> {
+        let jwks = |e: crate::jwks::JwksError| TokenError::Jwks(e.to_string());
+        let keys = IssuerKeys::new(source, refresh, min_refetch).map_err(jwks)?;
+        keys.refresh_now().await.map_err(jwks)?;
+        let refresher = tokio::spawn(keys.clone().run_refresh()).abort_handle();
+        Ok(Self {
+            audience,
+            issuer,
+            keys,
+            refresher,
         })
     }
 
     /// Verifies a service-account token and maps it to a SPIFFE ID in `td`.
+    /// A `kid` the cluster's keys do not hold triggers one rate-limited
+    /// refetch (a key rotation), then a second try.
     pub async fn verify(
         &self,
         td: &TrustDomain,
@@ -319,23 +333,30 @@ impl KubernetesVerifier {
         let kid = header
             .kid
             .ok_or_else(|| TokenError::Invalid("no kid".into()))?;
-        let jwk = match self.find_key(&kid) {
-            Some(jwk) => jwk,
-            None => {
-                self.refresh_rate_limited().await;
-                self.find_key(&kid).ok_or(TokenError::UnknownKey)?
+        match self.verify_with_current_keys(td, token, header.alg, &kid) {
+            Err(TokenError::UnknownKey) => {
+                self.keys.refetch_for_unknown_kid().await;
+                self.verify_with_current_keys(td, token, header.alg, &kid)
             }
-        };
-        let key =
-            DecodingKey::from_jwk(&jwk).map_err(|e| TokenError::Invalid(format!("jwk: {e}")))?;
-        // Pin the algorithm to the key's own family: an RSA key only verifies
-        // RS256 and an EC key only ES256, never HMAC.
-        let alg = match jwk.algorithm {
-            jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
-            jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_) => Algorithm::ES256,
-            _ => return Err(TokenError::Invalid("unsupported JWK type".into())),
-        };
-        if header.alg != alg {
+            other => other,
+        }
+    }
+
+    fn verify_with_current_keys(
+        &self,
+        td: &TrustDomain,
+        token: &str,
+        alg: Algorithm,
+        kid: &str,
+    ) -> Result<VerifiedCredential, TokenError> {
+        let keys = self.keys.current();
+        let key = keys
+            .find(Some(kid), alg.family())
+            .ok_or(TokenError::UnknownKey)?;
+        // Pin the algorithm to the key's own family (an RSA key only verifies
+        // RS256 and an EC key only ES256, never HMAC), and to the key's own
+        // `alg` when the JWK names one.
+        if key.family != alg.family() || key.alg.is_some_and(|a| a != alg) {
             return Err(TokenError::Invalid(
                 "algorithm does not match the key".into(),
             ));
@@ -348,7 +369,7 @@ impl KubernetesVerifier {
         validation.set_required_spec_claims(&["exp", "aud", "sub"]);
         validation.leeway = LEEWAY_SECS;
         validation.validate_nbf = true;
-        let data = jsonwebtoken::decode::<KubernetesClaims>(token, &key, &validation)
+        let data = jsonwebtoken::decode::<KubernetesClaims>(token, &key.key, &validation)
             .map_err(jwt_error)?;
         let id = kubernetes_subject_to_id(td, &data.claims.sub)?;
         Ok(VerifiedCredential {
@@ -357,27 +378,11 @@ impl KubernetesVerifier {
             single_use: None,
         })
     }
+}
 
-    fn find_key(&self, kid: &str) -> Option<jsonwebtoken::jwk::Jwk> {
-        self.keys.load().find(kid).cloned()
-    }
-
-    /// Re-reads the JWKS at most once every 10 seconds, keeping the last
-    /// good keys when the read fails.
-    async fn refresh_rate_limited(&self) {
-        {
-            let mut last = self.last_refresh.lock().expect("lock");
-            if last.is_some_and(|t| t.elapsed() < Duration::from_secs(10)) {
-                return;
-            }
-            *last = Some(std::time::Instant::now());
-        }
-        match load_jwks(&self.source).await {
-            Ok(keys) => self.keys.store(Arc::new(keys)),
-            Err(e) => {
-                tracing::warn!(error = %e, "Kubernetes JWKS refresh failed; keeping the last good keys")
-            }
-        }
+impl Drop for KubernetesVerifier {
+    fn drop(&mut self) {
+        self.refresher.abort();
     }
 }
 
@@ -386,7 +391,7 @@ impl fmt::Debug for KubernetesVerifier {
         f.debug_struct("KubernetesVerifier")
             .field("audience", &self.audience)
             .field("issuer", &self.issuer)
-            .field("source", &self.source)
+            .field("keys", &self.keys)
             .finish()
     }
 }
@@ -414,72 +419,6 @@ pub fn kubernetes_subject_to_id(td: &TrustDomain, sub: &str) -> Result<SpiffeId,
     }
     td.workload(&format!("/ns/{ns}/sa/{sa}"))
         .map_err(|e| TokenError::Invalid(format!("subject {sub:?}: {e}")))
-}
-
-async fn load_jwks(source: &JwksSource) -> Result<JwkSet, TokenError> {
-    let bytes = match source {
-        JwksSource::File(path) => tokio::fs::read(path)
-            .await
-            .map_err(|e| TokenError::Jwks(format!("{}: {e}", path.display())))?,
-        JwksSource::Url {
-            url,
-            ca_file,
-            token_file,
-        } => fetch_jwks(url, ca_file, token_file.as_deref())
-            .await?
-            .to_vec(),
-    };
-    serde_json::from_slice(&bytes).map_err(|e| TokenError::Jwks(format!("not a JWKS: {e}")))
-}
-
-async fn fetch_jwks(
-    url: &str,
-    ca_file: &std::path::Path,
-    token_file: Option<&std::path::Path>,
-) -> Result<bytes::Bytes, TokenError> {
-    let pem = tokio::fs::read(ca_file)
-        .await
-        .map_err(|e| TokenError::Jwks(format!("{}: {e}", ca_file.display())))?;
-    let roots = crate::identity::TrustBundle::from_pem(&pem)
-        .and_then(|b| b.root_store())
-        .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    let mut config = rustls::ClientConfig::builder()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    // Each fetch verifies the server's current certificate in full.
-    config.resumption = rustls::client::Resumption::disabled();
-    let uri: http::Uri = url
-        .parse()
-        .map_err(|_| TokenError::Jwks(format!("bad URL {url:?}")))?;
-    let host = uri
-        .host()
-        .ok_or_else(|| TokenError::Jwks(format!("bad URL {url:?}")))?
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    let name = rustls_pki_types::ServerName::try_from(host)
-        .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    let mut req = http::Request::get(uri);
-    if let Some(path) = token_file {
-        let token = tokio::fs::read_to_string(path)
-            .await
-            .map_err(|e| TokenError::Jwks(format!("{}: {e}", path.display())))?;
-        req = req.header(
-            http::header::AUTHORIZATION,
-            format!("Bearer {}", token.trim()),
-        );
-    }
-    let req = req
-        .body(http_body_util::Full::new(bytes::Bytes::new()))
-        .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    let (status, body) =
-        crate::client::https_request(Arc::new(config), name, req, Duration::from_secs(10))
-            .await
-            .map_err(|e| TokenError::Jwks(e.to_string()))?;
-    if !status.is_success() {
-        return Err(TokenError::Jwks(format!("{url} answered {status}")));
-    }
-    Ok(body)
 }
 
 fn jwt_error(e: jsonwebtoken::errors::Error) -> TokenError {
@@ -609,5 +548,91 @@ mod tests {
         assert_eq!(got.as_str(), "spiffe://example.org/ns/prod/sa/web");
         assert!(kubernetes_subject_to_id(&td(), "system:node:x").is_err());
         assert!(kubernetes_subject_to_id(&td(), "system:serviceaccount:a/b:c").is_err());
+    }
+
+    /// An ES256 cluster signing key named `kid`, and its public JWK.
+    fn cluster_key(kid: &str) -> (EncodingKey, serde_json::Value) {
+        let pair = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let raw = pair.public_key_raw(); // 0x04 || X || Y
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+        let jwk = serde_json::json!({
+            "kty": "EC", "crv": "P-256", "kid": kid, "alg": "ES256",
+            "x": b64.encode(&raw[1..33]), "y": b64.encode(&raw[33..65])
+        });
+        let key = EncodingKey::from_ec_pem(pair.serialize_pem().as_bytes()).unwrap();
+        (key, jwk)
+    }
+
+    fn service_account_token(key: &EncodingKey, kid: &str) -> String {
+        let claims = serde_json::json!({
+            "aud": "moat-ca", "sub": "system:serviceaccount:prod:web",
+            "exp": unix_now() + 600, "iat": unix_now()
+        });
+        let mut header = Header::new(Algorithm::ES256);
+        header.kid = Some(kid.to_owned());
+        jsonwebtoken::encode(&header, &claims, key).unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kubernetes_unknown_kid_refetch_is_rate_limited() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let (old, old_jwk) = cluster_key("old");
+        let (new, new_jwk) = cluster_key("new");
+        std::fs::write(&path, serde_json::json!({"keys": [&old_jwk]}).to_string()).unwrap();
+        let min_refetch = Duration::from_millis(1500);
+        let verifier = Arc::new(
+            KubernetesVerifier::with_schedule(
+                "moat-ca".into(),
+                None,
+                JwksSource::File(path.clone()),
+                Duration::from_secs(3600),
+                min_refetch,
+            )
+            .await
+            .unwrap(),
+        );
+        let reads = || verifier.keys.stats().fetches_ok;
+        verifier
+            .verify(&td(), &service_account_token(&old, "old"))
+            .await
+            .unwrap();
+        assert_eq!(reads(), 1);
+
+        // The cluster rotates its key. Within min_refetch of the last read,
+        // a token with the new kid does not make the CA read again.
+        let both = serde_json::json!({"keys": [&old_jwk, &new_jwk]});
+        std::fs::write(&path, both.to_string()).unwrap();
+        let new_token = service_account_token(&new, "new");
+        assert!(matches!(
+            verifier.verify(&td(), &new_token).await,
+            Err(TokenError::UnknownKey)
+        ));
+        assert_eq!(reads(), 1, "rate-limited");
+
+        // After min_refetch, one read picks the new key up.
+        tokio::time::sleep(min_refetch + Duration::from_millis(100)).await;
+        verifier.verify(&td(), &new_token).await.unwrap();
+        assert_eq!(reads(), 2);
+
+        // A burst of made-up kids: at most one read per min_refetch.
+        tokio::time::sleep(min_refetch + Duration::from_millis(100)).await;
+        let mut burst = tokio::task::JoinSet::new();
+        for i in 0..20 {
+            let (verifier, token) = (
+                verifier.clone(),
+                service_account_token(&new, &format!("bogus-{i}")),
+            );
+            burst.spawn(async move { verifier.verify(&td(), &token).await });
+        }
+        while let Some(result) = burst.join_next().await {
+            assert!(matches!(result.unwrap(), Err(TokenError::UnknownKey)));
+        }
+        assert_eq!(reads(), 3, "twenty unknown kids, one read");
+        // The old key was kept throughout.
+        verifier
+            .verify(&td(), &service_account_token(&old, "old"))
+            .await
+            .unwrap();
     }
 }
