@@ -21,6 +21,7 @@
 
 pub mod destinations;
 pub mod detect;
+pub mod dns;
 pub mod inbound;
 mod original_dst;
 pub mod outbound;
@@ -74,7 +75,7 @@ pub enum Unmatched {
 #[derive(Clone)]
 pub struct TransparentMetrics {
     /// Outbound connections by destination and outcome (`matched`,
-    /// `passthrough`, `denied`).
+    /// `passthrough`, `denied`, `loop`).
     pub outbound: Family<[(&'static str, String); 2], Counter>,
     /// Permissive mode: plaintext connections let through, by original port.
     pub plaintext: Family<[(&'static str, String); 1], Counter>,
@@ -100,7 +101,7 @@ impl TransparentMetrics {
         };
         metrics.register(
             "moat_transparent_outbound_connections",
-            "Transparent outbound connections by destination and outcome (matched: mutual TLS to the destination's peer; passthrough: plain TCP; denied)",
+            "Transparent outbound connections by destination and outcome (matched: mutual TLS to the destination's peer; passthrough: plain TCP; denied; loop: moat's own connection redirected back to it, refused)",
             this.outbound.clone(),
         );
         metrics.register(
@@ -201,6 +202,7 @@ pub fn admin_view(
             "detection_timeout": humantime::format_duration(r.detection_timeout).to_string(),
             "unmatched": format!("{:?}", r.unmatched).to_lowercase(),
             "dns_refresh": humantime::format_duration(r.dns_refresh).to_string(),
+            "dns_min_refresh": humantime::format_duration(dns::MIN_REFRESH).to_string(),
         },
         "destinations": destinations,
     })
