@@ -139,7 +139,11 @@ pub(super) fn plan(spec: &Node, o: &Options, ports: &RedirectedPorts, w: &Writer
                         ));
                         out.registered.insert(at, p);
                     }
-                    (_, Some(p)) if o.upgrade => {
+                    (false, Some(_)) if !o.upgrade => out.warnings.push(format!(
+                        "{what} is rewritten to the sidecar's admin port (transparent mode); \
+                         left as it is: --upgrade --explicit restores the original"
+                    )),
+                    (_, Some(p)) => {
                         let (k, v) = handler_value(&p);
                         match replace(w, probe, key, value, k, &v) {
                             Some(e) => {
@@ -151,10 +155,6 @@ pub(super) fn plan(spec: &Node, o: &Options, ports: &RedirectedPorts, w: &Writer
                             )),
                         }
                     }
-                    (false, Some(_)) => out.warnings.push(format!(
-                        "{what} is rewritten to the sidecar's admin port (transparent mode); \
-                         left as it is: --upgrade --explicit restores the original"
-                    )),
                     (_, None) => out.warnings.push(format!(
                         "{what} asks the sidecar for {at}, but the sidecar has no such probe in \
                          {}; it fails until the original is written back",

@@ -1024,7 +1024,8 @@ fn only_probes_of_ports_the_rules_redirect_are_pointed_at_the_sidecar() {
     assert!(!stderr.contains("an HTTPS probe of port 9443"), "{stderr}");
 
     // skip_inbound_ports leaves a port alone as well.
-    let skipping = golden("probes.in.yaml") + &orders_proxy_config_map("skip_inbound_ports = [9090]");
+    let skipping =
+        golden("probes.in.yaml") + &orders_proxy_config_map("skip_inbound_ports = [9090]");
     let (out, _) = inject_ok_transparent(&["--image", IMAGE], &skipping);
     assert!(out.contains("path: /app-health/app/livez"), "{out}");
     assert!(!out.contains("/app-health/worker/"), "{out}");

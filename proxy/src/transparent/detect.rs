@@ -153,7 +153,12 @@ pub fn h2_authority(bytes: &[u8]) -> Authority {
                     .and_then(|h| h.to_str().ok())
                     .map(str::to_owned)
             };
-            match request.uri().authority().map(|a| a.to_string()).or_else(from_host) {
+            match request
+                .uri()
+                .authority()
+                .map(|a| a.to_string())
+                .or_else(from_host)
+            {
                 Some(a) => Authority::Found(a),
                 None => Authority::Absent,
             }
@@ -324,7 +329,10 @@ mod tests {
             .unwrap();
         let (s, _) = listener.accept().await.unwrap();
         let started = std::time::Instant::now();
-        assert_eq!(request_authority(&s, Duration::from_millis(300)).await, None);
+        assert_eq!(
+            request_authority(&s, Duration::from_millis(300)).await,
+            None
+        );
         assert!(started.elapsed() < Duration::from_secs(2));
     }
 

@@ -209,7 +209,9 @@ fn self_redirected(r: &RedirectConfig) -> bool {
         crate::redirect::resolve(owner, Path::new(file), "").is_ok_and(|want| want == id)
     };
     let exempt = is(&r.proxy_uid, uid, "/etc/passwd")
-        || r.proxy_gid.as_ref().is_some_and(|g| is(g, gid, "/etc/group"));
+        || r.proxy_gid
+            .as_ref()
+            .is_some_and(|g| is(g, gid, "/etc/group"));
     if !exempt {
         tracing::warn!(
             uid,
