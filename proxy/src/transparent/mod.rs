@@ -14,7 +14,11 @@
 //!   TLS, with the entry's peer ID pinned, to the original address (where
 //!   the peer pod's own rules send it to its transparent inbound), through
 //!   the same code as an explicit `[[outbound]]` ([`crate::outbound`]); no
-//!   match is passed through as plain TCP or refused (`unmatched`).
+//!   match is passed through as plain TCP or refused (`unmatched`). Host
+//!   names are resolved on their TTL ([`dns`]); entries that share an
+//!   address are told apart by the first request's `Host` or h2c
+//!   `:authority` ([`detect`]); moat's own connections redirected back to
+//!   it (it does not run as `proxy_uid`) are refused as loops.
 //!
 //! Everything is counted ([`TransparentMetrics`]) and the admin listener
 //! shows the configuration and the resolved table at `/transparent`.
