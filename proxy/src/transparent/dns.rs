@@ -49,7 +49,7 @@ pub fn retry_after(max: Duration) -> Duration {
 /// The system's resolver, as configured when it was made.
 pub enum System {
     /// hickory on `/etc/resolv.conf` and `/etc/hosts`.
-    Hickory(TokioResolver),
+    Hickory(Box<TokioResolver>),
     /// getaddrinfo (no TTL): the system configuration did not load.
     Getaddrinfo,
 }
@@ -60,7 +60,7 @@ impl System {
     /// `/etc/hosts` are followed, as getaddrinfo follows them).
     pub fn new() -> Self {
         match TokioResolver::builder_tokio().and_then(|b| b.build()) {
-            Ok(r) => Self::Hickory(r),
+            Ok(r) => Self::Hickory(Box::new(r)),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the system DNS configuration; [[destination]] host names are resolved with getaddrinfo and kept for dns_refresh (no TTL)");
                 Self::Getaddrinfo
