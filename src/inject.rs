@@ -338,6 +338,23 @@ impl Stream {
             .find(|c| c.namespace.as_deref() == namespace && c.name == name)
     }
 
+    /// The inbound ports the redirect rules of workload `name` take: as its
+    /// proxy.toml in the stream says, else the defaults `moat inject`
+    /// writes for (every port but the admin and mTLS ports).
+    fn redirected_ports(
+        &self,
+        namespace: Option<&str>,
+        name: &str,
+        o: &Options,
+    ) -> probes::RedirectedPorts {
+        let from_config = self
+            .config_map(namespace, &proxy_config_map(name))
+            .and_then(|cm| cm.data.iter().find(|(k, _)| k == "proxy.toml"))
+            .and_then(|(_, toml)| toml.as_deref())
+            .and_then(probes::RedirectedPorts::from_proxy_toml);
+        from_config.unwrap_or_else(|| probes::RedirectedPorts::defaults(o))
+    }
+
     /// What is wrong with the ConfigMaps in the stream that workload `name`
     /// mounts: a `proxy.toml` unfit for the pod, a bundle without a
     /// certificate (the sidecar would stop at start).
@@ -589,9 +606,11 @@ fn plan_document(
         tight: ctx.json && is_tight(ctx.text, doc),
         nl: ctx.nl,
     };
+    let ports = stream.redirected_ports(report.namespace.as_deref(), name, o);
     let probe_plan = probes::plan(
         spec,
         o,
+        &ports,
         &probes::Writer {
             ctx: &ctx,
             style: &style,

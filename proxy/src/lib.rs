@@ -271,7 +271,6 @@ impl Proxy {
         if let (Some(r), Some(metrics)) = (&config.redirect, &transparent_metrics)
             && r.outbound
         {
-            warn_if_not_proxy_uid(r);
             let table = Arc::new(transparent::DestinationTable::new(
                 &config.destination,
                 r.dns_refresh,
@@ -470,23 +469,6 @@ impl Reloader {
         if changed {
             self.connections.policy_changed();
         }
-    }
-}
-
-/// With outbound redirection, moat's own connections are exempt only when
-/// it runs as `proxy_uid`: otherwise each connection it makes to a peer or
-/// a passed-through destination is redirected back to it.
-fn warn_if_not_proxy_uid(r: &redirect::RedirectConfig) {
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
-    if let redirect::Owner::Id(want) = r.proxy_uid
-        && want != uid
-    {
-        tracing::warn!(
-            uid,
-            proxy_uid = want,
-            "[redirect] outbound: moat runs as another UID than proxy_uid, so the rules redirect its own outbound connections back to it; run it as proxy_uid"
-        );
     }
 }
 

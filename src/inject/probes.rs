@@ -9,6 +9,13 @@
 //! into the sidecar's environment ([`moat_proxy::probe::ENV`]), where the
 //! admin listener finds it (see `moat_proxy::probe`).
 //!
+//! Only probes of ports the rules redirect are rewritten: those of the
+//! workload's proxy.toml `[redirect]` (`inbound_ports`, less moat's own
+//! ports and `skip_inbound_ports`) when the stream carries its ConfigMap,
+//! else every port but the sidecar's admin and mTLS ports (the default
+//! `inbound_ports = "all"`). A probe of a port the kubelet still reaches
+//! directly is left as it is.
+//!
 //! A probe already rewritten is found again by its path and port; its
 //! original comes back from the existing sidecar's environment, so
 //! injecting twice changes nothing. `--upgrade --explicit` writes the
@@ -47,8 +54,54 @@ pub(super) struct Writer<'a> {
     pub(super) inline: Inline,
 }
 
-/// Plans the probes of `spec`'s app containers for the mode `o` gives.
-pub(super) fn plan(spec: &Node, o: &Options, w: &Writer<'_>) -> ProbePlan {
+/// Which inbound ports the pod's redirect rules send to moat.
+pub(super) struct RedirectedPorts {
+    redirect: moat_proxy::redirect::RedirectConfig,
+    own: moat_proxy::redirect::OwnPorts,
+}
+
+impl RedirectedPorts {
+    /// What the rules of a proxy.toml with `[redirect]` redirect; `None`
+    /// when the file does not load or has no `[redirect]` (reported
+    /// elsewhere).
+    pub(super) fn from_proxy_toml(text: &str) -> Option<Self> {
+        let path = std::path::Path::new("proxy.toml");
+        let config = moat_proxy::config::Config::parse(path, text).ok()?;
+        let own = config.own_ports();
+        Some(Self {
+            redirect: config.redirect?,
+            own,
+        })
+    }
+
+    /// The rules `moat inject` expects: every port but the admin and mTLS ports.
+    pub(super) fn defaults(o: &Options) -> Self {
+        Self {
+            redirect: Default::default(),
+            own: moat_proxy::redirect::OwnPorts {
+                admin: Some(o.admin_port),
+                inbound: vec![o.inbound_port],
+            },
+        }
+    }
+
+    /// True when the rules send inbound TCP to `port` through moat.
+    pub(super) fn redirected(&self, port: u16) -> bool {
+        use moat_proxy::redirect::InboundPorts;
+        match &self.redirect.inbound_ports {
+            InboundPorts::Listed(ports) => ports.contains(&port),
+            InboundPorts::All => {
+                self.own.admin != Some(port)
+                    && !self.own.inbound.contains(&port)
+                    && !self.redirect.skip_inbound_ports.contains(&port)
+            }
+        }
+    }
+}
+
+/// Plans the probes of `spec`'s app containers for the mode `o` gives,
+/// where the rules redirect `ports`.
+pub(super) fn plan(spec: &Node, o: &Options, ports: &RedirectedPorts, w: &Writer<'_>) -> ProbePlan {
     let mut out = ProbePlan::default();
     let recorded = recorded(spec, &mut out.warnings);
     for container in spec.get("containers").map_or(&[][..], Node::items) {
@@ -75,9 +128,22 @@ pub(super) fn plan(spec: &Node, o: &Options, w: &Writer<'_>) -> ProbePlan {
                 && value.get("path").and_then(Node::as_str) == Some(at.as_str())
             {
                 let original = recorded.as_ref().and_then(|r| r.get(&at)).cloned();
+                let still_redirected = |p: &AppProbe| ports.redirected(original_port(p));
                 match (o.transparent, original) {
-                    (true, Some(p)) => out.registered.insert(at, p),
-                    (false, Some(p)) if o.upgrade => {
+                    (true, Some(p)) if still_redirected(&p) => out.registered.insert(at, p),
+                    (true, Some(p)) if !o.upgrade => {
+                        out.warnings.push(format!(
+                            "{what} is rewritten to the sidecar's admin port, but its port {} is \
+                             not redirected ([redirect] inbound_ports): --upgrade restores the original",
+                            original_port(&p)
+                        ));
+                        out.registered.insert(at, p);
+                    }
+                    (false, Some(_)) if !o.upgrade => out.warnings.push(format!(
+                        "{what} is rewritten to the sidecar's admin port (transparent mode); \
+                         left as it is: --upgrade --explicit restores the original"
+                    )),
+                    (_, Some(p)) => {
                         let (k, v) = handler_value(&p);
                         match replace(w, probe, key, value, k, &v) {
                             Some(e) => {
@@ -89,10 +155,6 @@ pub(super) fn plan(spec: &Node, o: &Options, w: &Writer<'_>) -> ProbePlan {
                             )),
                         }
                     }
-                    (false, Some(_)) => out.warnings.push(format!(
-                        "{what} is rewritten to the sidecar's admin port (transparent mode); \
-                         left as it is: --upgrade --explicit restores the original"
-                    )),
                     (_, None) => out.warnings.push(format!(
                         "{what} asks the sidecar for {at}, but the sidecar has no such probe in \
                          {}; it fails until the original is written back",
@@ -111,8 +173,8 @@ pub(super) fn plan(spec: &Node, o: &Options, w: &Writer<'_>) -> ProbePlan {
                 ));
                 continue;
             };
-            if port == o.admin_port || port == o.inbound_port {
-                continue; // moat's own ports are never redirected
+            if port == o.admin_port || port == o.inbound_port || !ports.redirected(port) {
+                continue; // not redirected: the kubelet reaches the app directly
             }
             if handler == "grpc" {
                 out.warnings.push(format!(
@@ -243,6 +305,15 @@ fn resolve_port(container: &Node, port: &Node) -> Option<u16> {
         .as_str()?
         .parse()
         .ok()
+}
+
+/// The app port an original probe checks.
+fn original_port(p: &AppProbe) -> u16 {
+    match (&p.http_get, &p.tcp_socket) {
+        (Some(h), _) => h.port,
+        (None, Some(t)) => t.port,
+        (None, None) => 0,
+    }
 }
 
 /// The original handler, as it is written back.

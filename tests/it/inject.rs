@@ -993,3 +993,58 @@ fn transparent_mode_points_app_probes_at_the_sidecar() {
     // Explicit mode leaves every probe alone.
     assert!(!inject_file(&golden_dir().join("probes.in.yaml")).contains("app-health"));
 }
+
+/// The ConfigMap with orders' proxy.toml, its `[redirect]` given.
+fn orders_proxy_config_map(redirect: &str) -> String {
+    let toml = format!(
+        "[identity]\nca_url = \"https://moat-ca.moat-system.svc:8443\"\nbundle = \"/etc/moat/bundle/bundle.pem\"\n\
+         token_file = \"/var/run/secrets/moat/token\"\n\n[admin]\nlisten = \"0.0.0.0:9901\"\n\n\
+         [[inbound]]\nname = \"api\"\nlisten = \"0.0.0.0:15443\"\nforward = \"127.0.0.1:8080\"\n\n\
+         [redirect]\n{redirect}\n"
+    );
+    let indented: String = toml.lines().map(|l| format!("    {l}\n")).collect();
+    format!(
+        "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: orders-moat-proxy\n  namespace: shop\ndata:\n  proxy.toml: |\n{indented}"
+    )
+}
+
+#[test]
+fn only_probes_of_ports_the_rules_redirect_are_pointed_at_the_sidecar() {
+    // The pod's rules take port 8080 only: the worker's 9090 and 9443 are
+    // still reached by the kubelet directly, and left as they are.
+    let stream = golden("probes.in.yaml") + &orders_proxy_config_map("inbound_ports = [8080]");
+    let (out, stderr) = inject_ok_transparent(&["--image", IMAGE], &stream);
+    assert!(out.contains("path: /app-health/app/livez"), "{out}");
+    assert!(out.contains("path: /app-health/app/readyz"), "{out}");
+    assert!(
+        out.contains("livenessProbe: {httpGet: {path: /live, port: 9090}, periodSeconds: 5}"),
+        "{out}"
+    );
+    assert!(!out.contains("/app-health/worker/"), "{out}");
+    assert!(!stderr.contains("an HTTPS probe of port 9443"), "{stderr}");
+
+    // skip_inbound_ports leaves a port alone as well.
+    let skipping =
+        golden("probes.in.yaml") + &orders_proxy_config_map("skip_inbound_ports = [9090]");
+    let (out, _) = inject_ok_transparent(&["--image", IMAGE], &skipping);
+    assert!(out.contains("path: /app-health/app/livez"), "{out}");
+    assert!(!out.contains("/app-health/worker/"), "{out}");
+
+    // A pod injected before its rules stopped taking 8080: the rewritten
+    // probes are reported, and --upgrade writes their originals back.
+    let (everything, _) = inject_ok_transparent(&["--image", IMAGE], &golden("probes.in.yaml"));
+    let narrowed = everything + &orders_proxy_config_map("inbound_ports = [9090]");
+    let (kept, stderr) = inject_ok_transparent(&["--image", IMAGE], &narrowed);
+    assert!(kept.contains("path: /app-health/app/livez"), "{kept}");
+    assert!(
+        stderr.contains("container app livenessProbe is rewritten to the sidecar's admin port, but its port 8080 is not redirected"),
+        "{stderr}"
+    );
+    let (restored, _) = inject_ok_transparent(&["--upgrade", "--image", IMAGE], &narrowed);
+    assert!(!restored.contains("/app-health/app/"), "{restored}");
+    assert!(restored.contains("path: /healthz"), "{restored}");
+    assert!(restored.contains("/app-health/worker/livez"), "{restored}");
+    // And that is a fixed point.
+    let (again, _) = inject_ok_transparent(&["--upgrade", "--image", IMAGE], &restored);
+    assert_eq!(again, restored);
+}

@@ -23,6 +23,7 @@ use crate::support::proxy::{eventually, foreign_cert, issue, write};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::path::Path;
 use std::time::Duration;
 
 use support::{Running, TestCa, metric_samples, moat_bin, path_str};
@@ -634,4 +635,249 @@ fn unmatched_destinations_pass_through_or_are_denied_and_dns_is_untouched() {
         .filter(|v| v["message"] == "request")
         .collect();
     assert_eq!(seen.len(), 1, "only the passed-through request: {seen:?}");
+}
+
+/// A sidecar in `ns` as moat's UID whose `/etc/resolv.conf` is `resolv`
+/// (a mount namespace of its own, made before `enter` drops root), so
+/// that the test's DNS server answers its `[[destination]] host` lookups.
+fn sidecar_resolving_with(ns: &str, config: &str, wait_for: &str, resolv: &Path) -> Running {
+    use std::os::unix::process::CommandExt;
+    let src = std::ffi::CString::new(path_str(resolv)).unwrap();
+    let mut cmd = std::process::Command::new(moat_bin());
+    // SAFETY: the closure only makes async-signal-safe system calls.
+    unsafe {
+        cmd.pre_exec(move || {
+            let private = libc::MS_REC | libc::MS_PRIVATE;
+            let null = std::ptr::null();
+            if libc::unshare(libc::CLONE_NEWNS) != 0
+                || libc::mount(c"none".as_ptr(), c"/".as_ptr(), null, private, null.cast()) != 0
+                || libc::mount(
+                    src.as_ptr(),
+                    c"/etc/resolv.conf".as_ptr(),
+                    null,
+                    libc::MS_BIND,
+                    null.cast(),
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    moat_testkit::netns::enter(&mut cmd, ns, Some(MOAT_UID));
+    cmd.args(["proxy", "--config", config]);
+    let mut moat = Running::from_command(cmd);
+    moat.listening_addr(wait_for);
+    moat
+}
+
+/// A DNS server on `127.0.0.1:53` in `ns` answering A queries for the
+/// names in `zone` (address, TTL in seconds), which the test may change;
+/// other names and types get an empty answer.
+type Zone = std::sync::Arc<std::sync::Mutex<Vec<(&'static str, [u8; 4], u32)>>>;
+
+fn dns_server(ns: &str, zone: Zone) {
+    let socket = in_netns(ns, || {
+        UdpSocket::bind("127.0.0.1:53").expect("bind 127.0.0.1:53")
+    });
+    std::thread::spawn(move || {
+        let mut q = [0u8; 512];
+        while let Ok((n, peer)) = socket.recv_from(&mut q) {
+            let q = &q[..n];
+            let (mut end, mut labels) = (12, Vec::new());
+            while end < n && q[end] != 0 {
+                let len = q[end] as usize;
+                labels.push(String::from_utf8_lossy(&q[end + 1..end + 1 + len]).to_lowercase());
+                end += len + 1;
+            }
+            let qtype = u16::from_be_bytes([q[end + 1], q[end + 2]]);
+            end += 5;
+            let name = labels.join(".");
+            let found = zone
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|(n, _, _)| *n == name)
+                .map(|(_, ip, ttl)| (*ip, *ttl));
+            let mut answer = q[..2].to_vec();
+            let count = u8::from(qtype == 1 && found.is_some());
+            answer.extend_from_slice(&[0x81, 0x80, 0, 1, 0, count, 0, 0, 0, 0]);
+            answer.extend_from_slice(&q[12..end]);
+            if let (1, Some((ip, ttl))) = (qtype, found) {
+                answer.extend_from_slice(&[0xc0, 0x0c, 0, 1, 0, 1]);
+                answer.extend_from_slice(&ttl.to_be_bytes());
+                answer.extend_from_slice(&[0, 4]);
+                answer.extend_from_slice(&ip);
+            }
+            let _ = socket.send_to(&answer, peer);
+        }
+    });
+}
+
+/// The addresses the client sidecar's admin view lists for destination `i`.
+fn destination_addresses(ns: &str, i: usize) -> Vec<String> {
+    let (status, body) = curl_in(ns, &["http://127.0.0.1:9901/transparent"]);
+    assert_eq!(status, 200, "{body}");
+    let view: serde_json::Value = serde_json::from_str(&body).unwrap();
+    view["destinations"][i]["addresses"]
+        .as_array()
+        .map(|a| a.iter().map(|v| v.as_str().unwrap().to_owned()).collect())
+        .unwrap_or_default()
+}
+
+#[test]
+fn host_and_authority_pick_among_names_on_one_address_which_follow_their_ttl_and_loops_are_refused()
+{
+    let Some(pods) = pods(&[
+        ("curl", &["--version"], "curl"),
+        ("python3", &["--version"], "python3"),
+        ("nft", &["--version"], "nftables"),
+    ]) else {
+        return;
+    };
+    let (client, server) = (&pods.client, &pods.server);
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    give_to_moat(dir);
+    let _apps = server_apps(&server.ns);
+    let server_cfg = server_config(dir, &ca, "server.toml", "");
+    let ip = server.ip4.octets();
+    // billing and impostor share the server pod's address; moving moves.
+    let zone: Zone = std::sync::Arc::new(std::sync::Mutex::new(vec![
+        ("billing.test", ip, 300),
+        ("impostor.test", ip, 300),
+        ("moving.test", [192, 0, 2, 1], 1),
+    ]));
+    dns_server(&client.ns, zone.clone());
+    let resolv = write(
+        dir,
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:2\n",
+    );
+    give_to_moat(&resolv);
+    let client_cfg = sidecar_config(
+        dir,
+        "client.toml",
+        &issue(&ca, CLIENT, "1h", "client"),
+        &ca.bundle_file(),
+        &format!(
+            "[redirect]\ninbound_ports = []\nunmatched = \"deny\"\ndns_refresh = \"1h\"\n\n\
+             [[destination]]\nname = \"billing\"\nhost = \"billing.test\"\nport = 8080\npeer = \"{SERVER}\"\n\n\
+             [[destination]]\nname = \"impostor\"\nhost = \"impostor.test\"\nport = 8080\npeer = \"{IMPOSTOR}\"\n\n\
+             [[destination]]\nname = \"moving\"\nhost = \"moving.test\"\nport = 9\npeer = \"{SERVER}\"\nprotocol = \"tcp\"\n"
+        ),
+    );
+    moat_ok_in(&server.ns, &["redirect", "--config", &server_cfg]);
+    moat_ok_in(&client.ns, &["redirect", "--config", &client_cfg]);
+    let _server_moat = sidecar(&server.ns, &server_cfg, "transparent-inbound");
+    let client_moat =
+        sidecar_resolving_with(&client.ns, &client_cfg, "transparent-outbound", &resolv);
+    assert_eq!(
+        destination_addresses(&client.ns, 0),
+        [server.ip4.to_string()]
+    );
+
+    // One address, two entries: the first request's Host (HTTP/1.1) or
+    // :authority (h2c, one request per connection) picks the entry, and
+    // so the peer ID pinned: the impostor entry's peer is not who answers.
+    let url = format!("http://{}:8080/api/vhost", server.ip4);
+    for (host, h2, want) in [
+        ("billing.test", false, 200),
+        ("impostor.test", false, 502),
+        ("billing.test", true, 200),
+        ("impostor.test", true, 502),
+    ] {
+        let resolve = format!("{host}:8080:{}", server.ip4);
+        let by_name = format!("http://{host}:8080/api/vhost");
+        let host_header = format!("Host: {host}:8080");
+        let args: Vec<&str> = if h2 {
+            vec!["--http2-prior-knowledge", "--resolve", &resolve, &by_name]
+        } else {
+            vec!["-H", &host_header, &url]
+        };
+        let (status, body) = curl_in(&client.ns, &args);
+        assert_eq!(status, want, "{host} (h2c: {h2}): {body}");
+        if want == 200 {
+            let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+            assert_eq!(seen["headers"]["x-moat-peer-id"], CLIENT, "{body}");
+        }
+    }
+    let metrics = scrape(&client.ns);
+    for name in ["billing", "impostor"] {
+        assert_eq!(
+            count(
+                &metrics,
+                "moat_transparent_outbound_connections_total",
+                &[("destination", name), ("outcome", "matched")]
+            ),
+            2.0,
+            "{name}: {metrics}"
+        );
+    }
+
+    // A name is resolved again when its TTL runs out (1 s, kept 5 s), not
+    // every dns_refresh (an hour here).
+    eventually(Duration::from_secs(20), "moving.test resolved", || {
+        destination_addresses(&client.ns, 2) == ["192.0.2.1"]
+    });
+    zone.lock().unwrap()[2].1 = [192, 0, 2, 2];
+    let moved = std::time::Instant::now();
+    eventually(
+        Duration::from_secs(20),
+        "moving.test resolved again",
+        || destination_addresses(&client.ns, 2) == ["192.0.2.2"],
+    );
+    assert!(
+        moved.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        moved.elapsed()
+    );
+    drop(client_moat);
+
+    // moat as root, not proxy_uid: its own connection to the peer is
+    // redirected back to it, recognized and refused, once, instead of
+    // looping until the connection limit.
+    let loop_cfg = sidecar_config(
+        dir,
+        "loop.toml",
+        &issue(&ca, CLIENT, "1h", "loop"),
+        &ca.bundle_file(),
+        &format!(
+            "[redirect]\ninbound_ports = []\nunmatched = \"deny\"\n\n\
+             [[destination]]\nname = \"billing\"\nip = \"{}\"\nport = 8080\npeer = \"{SERVER}\"\n",
+            server.ip4
+        ),
+    );
+    let mut looping = Running::from_command({
+        let mut cmd = netns_command(&client.ns, moat_bin());
+        cmd.args(["proxy", "--config", &loop_cfg]);
+        cmd
+    });
+    looping.listening_addr("transparent-outbound");
+    let (status, body) = curl_in(&client.ns, &[&url]);
+    assert_eq!(status, 502, "{body}");
+    looping.wait_for_log(Duration::from_secs(20), |v| {
+        v["level"] == "ERROR"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("refused: a redirect loop"))
+    });
+    let dst = format!("{}:8080", server.ip4);
+    let metrics = scrape(&client.ns);
+    let loops = count(
+        &metrics,
+        "moat_transparent_outbound_connections_total",
+        &[("destination", &dst), ("outcome", "loop")],
+    );
+    assert!(loops >= 1.0, "{metrics}");
+    assert_eq!(
+        count(
+            &metrics,
+            "moat_transparent_outbound_connections_total",
+            &[("destination", "billing"), ("outcome", "matched")]
+        ),
+        1.0,
+        "the app's connection only: {metrics}"
+    );
 }

@@ -90,7 +90,9 @@ pub struct RedirectConfig {
     /// `[[destination]]` matches.
     #[serde(default)]
     pub unmatched: crate::transparent::Unmatched,
-    /// How often `[[destination]]` host names are resolved again.
+    /// The longest a `[[destination]]` host name's addresses are kept: each
+    /// name is resolved again when its records' TTL runs out, but never
+    /// sooner than 5 s (or this, if shorter) nor later than this.
     #[serde(default = "default_dns_refresh", with = "humantime_serde")]
     pub dns_refresh: std::time::Duration,
 }
@@ -538,7 +540,7 @@ fn dedup(ports: &[u16]) -> impl Iterator<Item = u16> + '_ {
 
 /// A numeric ID as is; a name from `file` (`name:x:ID:...`), read without
 /// NSS so that the static binary needs no libc resolver.
-fn resolve(owner: &Owner, file: &Path, field: &str) -> Result<u32, RedirectError> {
+pub(crate) fn resolve(owner: &Owner, file: &Path, field: &str) -> Result<u32, RedirectError> {
     let name = match owner {
         Owner::Id(id) => return Ok(*id),
         Owner::Name(name) => name,

@@ -2,10 +2,12 @@
 //! dialed) go over mutual TLS, to which peer identity, speaking what.
 //!
 //! An entry matches an address by DNS name (`host`, resolved at start and
-//! again every `[redirect] dns_refresh`), by `ip` or by `cidr`, and/or a
-//! `port`. The first matching entry in file order wins; among entries that
-//! match the same address, an HTTP/1.1 request's `Host` picks the one whose
-//! `host` it names ([`DestinationTable::select`]).
+//! again when its records' TTL runs out, within 5 s..`[redirect]
+//! dns_refresh`: [`super::dns`]), by `ip` or by `cidr`, and/or a `port`.
+//! The first matching entry in file order wins; among entries that match
+//! the same address, the first request's authority (HTTP/1.1 `Host`, h2c
+//! `:authority`) picks the one whose `host` it names
+//! ([`DestinationTable::select`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -13,6 +15,9 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
+use tokio::time::Instant;
+
+use super::dns::{self, Lookup};
 
 use crate::config::{PeerPattern, Protocol};
 use crate::redirect::Cidr;
@@ -23,7 +28,8 @@ use crate::redirect::Cidr;
 pub struct Destination {
     /// Name in logs and metrics; absent: the host, ip or cidr.
     pub name: Option<String>,
-    /// A DNS name; its addresses are resolved at start and every `dns_refresh`.
+    /// A DNS name; its addresses are resolved at start and again on their
+    /// TTL (at least every `dns_refresh`).
     pub host: Option<String>,
     /// One address.
     pub ip: Option<IpAddr>,
@@ -58,7 +64,11 @@ pub enum DestinationProtocol {
 pub struct DestinationTable {
     entries: Vec<Entry>,
     resolved: ArcSwap<Vec<Vec<IpAddr>>>,
-    refresh: Duration,
+    /// `dns_refresh`: the longest an answer is kept, whatever its TTL.
+    max_refresh: Duration,
+    /// When each entry's `host` is next resolved (written only at start
+    /// and by the refresh task, never held across a lookup).
+    due: std::sync::Mutex<Vec<Instant>>,
 }
 
 /// One entry, validated, with the name it is known by.
@@ -146,7 +156,7 @@ impl Destination {
 impl DestinationTable {
     /// The table for `destinations` (validated by the configuration),
     /// nothing resolved yet: see [`DestinationTable::resolve_all`].
-    pub fn new(destinations: &[Destination], refresh: Duration) -> Self {
+    pub fn new(destinations: &[Destination], max_refresh: Duration) -> Self {
         let entries = destinations
             .iter()
             .enumerate()
@@ -156,10 +166,12 @@ impl DestinationTable {
             })
             .collect::<Vec<_>>();
         let resolved = vec![Vec::new(); entries.len()];
+        let due = vec![Instant::now(); entries.len()];
         Self {
             entries,
             resolved: ArcSwap::from_pointee(resolved),
-            refresh,
+            max_refresh,
+            due: std::sync::Mutex::new(due),
         }
     }
 
@@ -174,48 +186,89 @@ impl DestinationTable {
         self.resolved.load_full()
     }
 
-    /// Resolves every `host` once. A name that does not resolve keeps the
-    /// addresses it had (none at start), and is logged.
+    /// Resolves every `host` that is due (all of them at start) with the
+    /// system's resolver. A name that does not resolve keeps the addresses
+    /// it had (none at start), is logged, and is asked again after 5 s.
     pub async fn resolve_all(&self) {
+        if self.has_hosts() {
+            self.refresh_due(&dns::System::new()).await;
+        }
+    }
+
+    /// Resolves each `host` when its answer's TTL runs out, for ever (a
+    /// task of the proxy).
+    pub async fn run_refresh(self: Arc<Self>) {
+        self.refresh_loop(dns::System::new).await
+    }
+
+    fn has_hosts(&self) -> bool {
+        self.entries.iter().any(|e| e.config.host.is_some())
+    }
+
+    /// The refresh task, with a resolver made by `resolver` for each round.
+    async fn refresh_loop<L: Lookup>(&self, resolver: impl Fn() -> L) {
+        if !self.has_hosts() {
+            return;
+        }
+        loop {
+            let next = self.next_due();
+            tokio::time::sleep_until(next).await;
+            self.refresh_due(&resolver()).await;
+        }
+    }
+
+    /// When the first `host` is due again.
+    fn next_due(&self) -> Instant {
+        let due = self.due.lock().expect("due");
+        self.entries
+            .iter()
+            .zip(due.iter())
+            .filter(|(e, _)| e.config.host.is_some())
+            .map(|(_, d)| *d)
+            .min()
+            .unwrap_or_else(|| Instant::now() + self.max_refresh)
+    }
+
+    /// Resolves each `host` whose time has come with `lookup`, and sets
+    /// when it is due again: after its TTL (within [`dns::MIN_REFRESH`]
+    /// and `dns_refresh`), or after [`dns::retry_after`] on failure, the
+    /// last good addresses kept.
+    async fn refresh_due(&self, lookup: &impl Lookup) {
+        let mut due = self.due.lock().expect("due").clone();
         let mut next = (*self.resolved.load_full()).clone();
+        let now = Instant::now();
         for (i, e) in self.entries.iter().enumerate() {
             let Some(host) = &e.config.host else {
                 continue;
             };
-            let lookup = tokio::net::lookup_host((host.as_str(), 0));
-            match tokio::time::timeout(Duration::from_secs(10), lookup).await {
-                Ok(Ok(addrs)) => {
-                    let mut ips: Vec<IpAddr> = addrs.map(|a| a.ip().to_canonical()).collect();
-                    ips.sort();
-                    ips.dedup();
-                    if ips != next[i] {
-                        tracing::info!(destination = %e.name, host = %host, addresses = ?ips, "destination resolved");
+            if due[i] > now {
+                continue;
+            }
+            let outcome = tokio::time::timeout(Duration::from_secs(10), lookup.lookup(host)).await;
+            let answered = Instant::now();
+            match outcome {
+                Ok(Ok(answer)) => {
+                    let keep = dns::keep_for(answer.ttl, self.max_refresh);
+                    if answer.addrs != next[i] {
+                        tracing::info!(destination = %e.name, host = %host, addresses = ?answer.addrs, ttl = ?answer.ttl, next_in = ?keep, "destination resolved");
+                    } else {
+                        tracing::debug!(destination = %e.name, host = %host, ttl = ?answer.ttl, next_in = ?keep, "destination resolved again, unchanged");
                     }
-                    next[i] = ips;
+                    next[i] = answer.addrs;
+                    due[i] = answered + keep;
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(destination = %e.name, host = %host, %error, kept = ?next[i], "destination did not resolve; keeping its last addresses");
+                    due[i] = answered + dns::retry_after(self.max_refresh);
                 }
                 Err(_) => {
                     tracing::warn!(destination = %e.name, host = %host, kept = ?next[i], "destination resolution timed out; keeping its last addresses");
+                    due[i] = answered + dns::retry_after(self.max_refresh);
                 }
             }
         }
         self.resolved.store(Arc::new(next));
-    }
-
-    /// Resolves every `dns_refresh`, for ever (a task of the proxy).
-    pub async fn run_refresh(self: Arc<Self>) {
-        if !self.entries.iter().any(|e| e.config.host.is_some()) {
-            return;
-        }
-        let mut tick = tokio::time::interval(self.refresh);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            tick.tick().await;
-            self.resolve_all().await;
-        }
+        *self.due.lock().expect("due") = due;
     }
 
     /// The entries matching `dst`, in file order (indexes).
@@ -244,7 +297,8 @@ impl DestinationTable {
     }
 
     /// Of several entries matching one address, the one whose `host` is
-    /// the request's `Host` (without its port), else the first.
+    /// the first request's authority (`Host` or `:authority`, without its
+    /// port), else the first.
     pub fn select(&self, candidates: &[usize], host: Option<&str>) -> usize {
         let by_host = host.and_then(|h| {
             let name = strip_port(h);
@@ -337,6 +391,79 @@ mod tests {
         assert_eq!(table.select(&[0, 1], Some("B.shop:8080")), 1);
         assert_eq!(table.select(&[0, 1], Some("c.shop")), 0);
         assert_eq!(table.select(&[0, 1], None), 0);
+    }
+
+    /// Answers in order, then failures; records when each was asked for.
+    #[derive(Clone, Default)]
+    struct Script {
+        answers: Arc<std::sync::Mutex<std::collections::VecDeque<Result<dns::Answer, String>>>>,
+        asked: Arc<std::sync::Mutex<Vec<Instant>>>,
+    }
+
+    impl Lookup for Script {
+        async fn lookup(&self, _host: &str) -> Result<dns::Answer, String> {
+            self.asked.lock().unwrap().push(Instant::now());
+            let next = self.answers.lock().unwrap().pop_front();
+            next.unwrap_or_else(|| Err("SERVFAIL".into()))
+        }
+    }
+
+    #[tokio::test]
+    async fn hosts_are_resolved_again_on_their_ttl_and_keep_their_addresses_on_failure() {
+        let table = DestinationTable::new(
+            &[
+                dest("host = \"billing.shop\"\npeer = \"spiffe://td/billing\""),
+                dest("ip = \"10.9.9.9\"\npeer = \"spiffe://td/a\""),
+            ],
+            Duration::from_secs(30),
+        );
+        let s = Duration::from_secs;
+        let answer = |ip: &str, ttl: u64| {
+            Ok(dns::Answer {
+                addrs: vec![ip.parse().unwrap()],
+                ttl: Some(s(ttl)),
+            })
+        };
+        let script = Script::default();
+        script.answers.lock().unwrap().extend([
+            answer("10.0.0.1", 8),
+            Err("SERVFAIL".into()),
+            answer("10.0.0.2", 3600),
+            answer("10.0.0.3", 0),
+        ]);
+        let addresses = |t: &DestinationTable| t.resolved()[0].clone();
+        let ip = |a: &str| vec![a.parse::<IpAddr>().unwrap()];
+        let make_due = |t: &DestinationTable| t.due.lock().unwrap()[0] = Instant::now();
+        let expect = [
+            (ip("10.0.0.1"), s(8)),
+            // The lookup fails: the addresses stay; asked again in 5 s.
+            (ip("10.0.0.1"), s(5)),
+            // A TTL of an hour is kept 30 s (dns_refresh), a TTL of 0 for 5 s.
+            (ip("10.0.0.2"), s(30)),
+            (ip("10.0.0.3"), s(5)),
+        ];
+        for (i, (want, keep)) in expect.into_iter().enumerate() {
+            if i > 0 {
+                make_due(&table);
+            }
+            // What the host resolves to, and in how long it is due again
+            // (measured around the round).
+            let before = Instant::now();
+            table.refresh_due(&script).await;
+            let due = table.next_due();
+            let after = Instant::now();
+            assert_eq!(addresses(&table), want, "round {i}");
+            assert!(
+                due >= before + keep && due <= after + keep,
+                "round {i}: due in {:?}, want {keep:?}",
+                due - before
+            );
+        }
+        // Not due yet: not asked.
+        table.refresh_due(&script).await;
+        assert_eq!(script.asked.lock().unwrap().len(), 4);
+        // The entry without a host was never looked up, nor given addresses.
+        assert!(table.resolved()[1].is_empty());
     }
 
     #[test]

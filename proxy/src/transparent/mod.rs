@@ -14,13 +14,18 @@
 //!   TLS, with the entry's peer ID pinned, to the original address (where
 //!   the peer pod's own rules send it to its transparent inbound), through
 //!   the same code as an explicit `[[outbound]]` ([`crate::outbound`]); no
-//!   match is passed through as plain TCP or refused (`unmatched`).
+//!   match is passed through as plain TCP or refused (`unmatched`). Host
+//!   names are resolved on their TTL ([`dns`]); entries that share an
+//!   address are told apart by the first request's `Host` or h2c
+//!   `:authority` ([`detect`]); moat's own connections redirected back to
+//!   it (it does not run as `proxy_uid`) are refused as loops.
 //!
 //! Everything is counted ([`TransparentMetrics`]) and the admin listener
 //! shows the configuration and the resolved table at `/transparent`.
 
 pub mod destinations;
 pub mod detect;
+pub mod dns;
 pub mod inbound;
 mod original_dst;
 pub mod outbound;
@@ -74,7 +79,7 @@ pub enum Unmatched {
 #[derive(Clone)]
 pub struct TransparentMetrics {
     /// Outbound connections by destination and outcome (`matched`,
-    /// `passthrough`, `denied`).
+    /// `passthrough`, `denied`, `loop`).
     pub outbound: Family<[(&'static str, String); 2], Counter>,
     /// Permissive mode: plaintext connections let through, by original port.
     pub plaintext: Family<[(&'static str, String); 1], Counter>,
@@ -100,7 +105,7 @@ impl TransparentMetrics {
         };
         metrics.register(
             "moat_transparent_outbound_connections",
-            "Transparent outbound connections by destination and outcome (matched: mutual TLS to the destination's peer; passthrough: plain TCP; denied)",
+            "Transparent outbound connections by destination and outcome (matched: mutual TLS to the destination's peer; passthrough: plain TCP; denied; loop: moat's own connection redirected back to it, refused)",
             this.outbound.clone(),
         );
         metrics.register(
@@ -201,6 +206,7 @@ pub fn admin_view(
             "detection_timeout": humantime::format_duration(r.detection_timeout).to_string(),
             "unmatched": format!("{:?}", r.unmatched).to_lowercase(),
             "dns_refresh": humantime::format_duration(r.dns_refresh).to_string(),
+            "dns_min_refresh": humantime::format_duration(dns::MIN_REFRESH).to_string(),
         },
         "destinations": destinations,
     })

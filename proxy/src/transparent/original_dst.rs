@@ -1,5 +1,6 @@
 //! `SO_ORIGINAL_DST`: where a redirected TCP connection was going before
-//! the redirect rules' NAT changed it.
+//! the redirect rules' NAT changed it; and whether it came from moat's own
+//! process ([`from_this_process`]), which is how a redirect loop shows.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -41,12 +42,44 @@ pub fn original_dst(socket: &impl AsFd) -> io::Result<SocketAddr> {
     }
 }
 
+/// True when one of this process's own sockets is connected from `local`
+/// to `remote`: a connection accepted from `local` whose original
+/// destination is `remote` was opened by moat itself and redirected back
+/// to it. Reads `/proc/self/fd` (a socket per open connection), so it is
+/// called only where such a loop is possible.
+pub fn from_this_process(local: SocketAddr, remote: SocketAddr) -> bool {
+    let canon = |a: SocketAddr| (a.ip().to_canonical(), a.port());
+    let (local, remote) = (canon(local), canon(remote));
+    let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+        return false;
+    };
+    fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<libc::c_int>().ok())
+        .any(|fd| {
+            // A descriptor closed (or reused) since the listing answers
+            // for another socket or not at all: only an exact match counts.
+            socket2_local(fd).is_ok_and(|a| canon(a) == local)
+                && socket_addr(fd, libc::getpeername).is_ok_and(|a| canon(a) == remote)
+        })
+}
+
 /// The socket's local address (getsockname), without a std wrapper type.
 fn socket2_local(fd: libc::c_int) -> io::Result<SocketAddr> {
+    socket_addr(fd, libc::getsockname)
+}
+
+/// The address `call` (getsockname or getpeername) gives for `fd`.
+fn socket_addr(
+    fd: libc::c_int,
+    call: unsafe extern "C" fn(
+        libc::c_int,
+        *mut libc::sockaddr,
+        *mut libc::socklen_t,
+    ) -> libc::c_int,
+) -> io::Result<SocketAddr> {
     let mut storage = MaybeUninit::<libc::sockaddr_storage>::zeroed();
     let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
     // SAFETY: `storage` is valid for `len` bytes; the kernel writes at most that.
-    let rc = unsafe { libc::getsockname(fd, storage.as_mut_ptr().cast(), &mut len) };
+    let rc = unsafe { call(fd, storage.as_mut_ptr().cast(), &mut len) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -109,6 +142,19 @@ mod tests {
             Ok(dst) => assert_eq!(dst, addr),
             Err(e) => assert_eq!(e.kind(), io::ErrorKind::NotFound, "{e}"),
         }
+    }
+
+    #[tokio::test]
+    async fn a_connection_from_this_process_is_told_from_others() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = TcpStream::connect(addr).await.unwrap();
+        let (_server, from) = listener.accept().await.unwrap();
+        assert_eq!(client.local_addr().unwrap(), from);
+        assert!(from_this_process(from, addr));
+        let elsewhere: SocketAddr = "192.0.2.1:80".parse().unwrap();
+        assert!(!from_this_process(from, elsewhere));
+        assert!(!from_this_process(elsewhere, addr));
     }
 
     #[test]

@@ -11,6 +11,14 @@
 //! kept per entry and address. Anything else follows `unmatched`: plain TCP
 //! to where the app was going (`passthrough`), or closed (`deny`); either
 //! way counted per destination.
+//!
+//! A loop is refused: when moat runs as neither `proxy_uid` nor
+//! `proxy_gid`, the rules redirect its own connections (to peers, and
+//! passed through) back to this listener, where each would open another,
+//! until the connection limit. Then every connection is checked for coming
+//! from moat's own process (`original_dst::from_this_process`); one that
+//! does is closed, logged as an error and counted (`outcome="loop"`), so
+//! the app's connection fails at once instead.
 
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -20,7 +28,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use super::destinations::DestinationTable;
-use super::{OUTBOUND_NAME, TransparentMetrics, Unmatched, detect, original_dst};
+use super::original_dst::{self as odst, original_dst};
+use super::{OUTBOUND_NAME, TransparentMetrics, Unmatched, detect};
 use crate::config::{Limits, Upstream};
 use crate::conn::{self, RelayConnectError, Serve};
 use crate::outbound::{self, PeerTarget};
@@ -47,6 +56,9 @@ pub struct TransparentOutbound {
     obs: Observability,
     metrics: TransparentMetrics,
     paths: Mutex<HashMap<(usize, SocketAddr), Arc<outbound::Shared>>>,
+    /// moat's own connections are redirected back to it (it runs as
+    /// neither `proxy_uid` nor `proxy_gid`): check each for a loop.
+    self_redirected: bool,
 }
 
 /// One bound socket of the transparent outbound listener.
@@ -93,6 +105,7 @@ impl TransparentOutbound {
                 Err(e) => return Err(e),
             };
         let r = parts.redirect;
+        let self_redirected = self_redirected(r);
         let state = Arc::new(Self {
             table: parts.table,
             unmatched: r.unmatched,
@@ -105,6 +118,7 @@ impl TransparentOutbound {
             obs: parts.obs.clone(),
             metrics: parts.metrics,
             paths: Mutex::default(),
+            self_redirected,
         });
         let max = parts.limits.max_connections;
         let mut out = Vec::new();
@@ -159,7 +173,7 @@ impl TransparentOutbound {
             [first, ..] => {
                 let http = self.table.entries()[*first].config.is_http();
                 let host = if http && !self.opaque_ports.contains(&dst.port()) {
-                    detect::http1_host(tcp, self.detection_timeout).await
+                    detect::request_authority(tcp, self.detection_timeout).await
                 } else {
                     None
                 };
@@ -184,6 +198,32 @@ impl TransparentOutbound {
     }
 }
 
+/// True when the redirect rules built from `r` would send moat's own
+/// connections back to it: it runs as neither `proxy_uid` nor `proxy_gid`
+/// (the socket owner the rules exempt). Logged once, as a warning.
+fn self_redirected(r: &RedirectConfig) -> bool {
+    use std::path::Path;
+    // SAFETY: geteuid and getegid have no preconditions.
+    let (uid, gid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let is = |owner: &crate::redirect::Owner, id: u32, file: &str| {
+        crate::redirect::resolve(owner, Path::new(file), "").is_ok_and(|want| want == id)
+    };
+    let exempt = is(&r.proxy_uid, uid, "/etc/passwd")
+        || r.proxy_gid
+            .as_ref()
+            .is_some_and(|g| is(g, gid, "/etc/group"));
+    if !exempt {
+        tracing::warn!(
+            uid,
+            gid,
+            proxy_uid = ?r.proxy_uid,
+            proxy_gid = ?r.proxy_gid,
+            "[redirect] outbound: moat runs as neither proxy_uid nor proxy_gid, so the rules redirect its own connections back to it; each such loop is refused (outcome=\"loop\"), and calls to peers and passed-through destinations fail: run moat as proxy_uid"
+        );
+    }
+    !exempt
+}
+
 impl Serve for Arc<TransparentOutbound> {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
         let this: &Arc<TransparentOutbound> = &self;
@@ -201,6 +241,11 @@ impl Serve for Arc<TransparentOutbound> {
             return;
         }
         let dst = SocketAddr::new(dst.ip().to_canonical(), dst.port());
+        if this.self_redirected && odst::from_this_process(addr, dst) {
+            this.metrics.unmatched(dst, "loop");
+            tracing::error!(listener = OUTBOUND_NAME, original_dst = %dst, "refused: a redirect loop: moat's own connection was redirected back to it, because moat runs as neither [redirect] proxy_uid nor proxy_gid; run it as proxy_uid");
+            return;
+        }
         let Some(index) = this.choose(&tcp, dst).await else {
             match this.unmatched {
                 Unmatched::Passthrough => {
