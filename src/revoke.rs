@@ -9,8 +9,7 @@ use std::time::SystemTime;
 use clap::{ArgGroup, Args};
 use moat_ca::revocation::{RevocationEntry, RevocationList};
 use moat_ca::store::{
-    CaDir, NO_END, RevocationRecord, RevocationTarget, Revoked, StoreError,
-    format_unix,
+    CaDir, NO_END, RevocationRecord, RevocationTarget, Revoked, StoreError, format_unix,
 };
 
 /// What `moat ca revoke` takes.
@@ -75,7 +74,10 @@ pub async fn revoke(ca: &CaDir, args: RevokeArgs) -> Result<(), StoreError> {
     let target = target(args.serial, args.id);
     // Every message names the target as the CA spells it (as `--list`
     // shows it), not as typed: a serial copied from openssl is uppercase.
-    match ca.revoke(target, args.reason.as_deref(), args.until).await? {
+    match ca
+        .revoke(target, args.reason.as_deref(), args.until)
+        .await?
+    {
         Revoked::New { target, record } => println!(
             "revoked {} ({}); CA replicas serve it within a second, sidecars apply it within seconds",
             target.describe(),

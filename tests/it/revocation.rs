@@ -704,7 +704,11 @@ fn revoking_twice_or_unrevoking_what_is_not_revoked_changes_nothing_and_exits_0(
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!stderr.contains("revoked"), "{stderr}");
     }
-    assert_eq!(ca_cmd(&ca, &["revoke", "--list"]), list, "the entry is as it was");
+    assert_eq!(
+        ca_cmd(&ca, &["revoke", "--list"]),
+        list,
+        "the entry is as it was"
+    );
     assert_eq!(list_version(&ca), version, "sidecars have nothing to fetch");
 
     // An explicit new reason replaces the entry; it stays revoked.
@@ -713,8 +717,9 @@ fn revoking_twice_or_unrevoking_what_is_not_revoked_changes_nothing_and_exits_0(
         &["revoke", "--serial", &typed, "--reason", "key compromise"],
     );
     assert!(
-        out.contains(&format!("certificate serial {canonical} stays revoked; updated"))
-            && out.contains("key compromise"),
+        out.contains(&format!(
+            "certificate serial {canonical} stays revoked; updated"
+        )) && out.contains("key compromise"),
         "{out}"
     );
     assert!(ca_cmd(&ca, &["revoke", "--list"]).contains("key compromise"));
@@ -735,7 +740,9 @@ fn revoking_twice_or_unrevoking_what_is_not_revoked_changes_nothing_and_exits_0(
     );
     let out = ca_cmd(&ca, &["unrevoke", "--id", FRONTEND]);
     assert!(
-        out.starts_with(&format!("identity {FRONTEND} is not revoked; nothing changed")),
+        out.starts_with(&format!(
+            "identity {FRONTEND} is not revoked; nothing changed"
+        )),
         "{out}"
     );
     assert_eq!(list_version(&ca), version + 2);
