@@ -7,7 +7,10 @@
 use std::time::SystemTime;
 
 use clap::{ArgGroup, Args};
-use moat_ca::store::{CaDir, NO_END, RevocationTarget, StoreError, format_unix};
+use moat_ca::revocation::{RevocationEntry, RevocationList};
+use moat_ca::store::{
+    CaDir, NO_END, RevocationRecord, RevocationTarget, Revoked, StoreError, format_unix,
+};
 
 /// What `moat ca revoke` takes.
 #[derive(Args)]
@@ -25,13 +28,22 @@ pub struct RevokeArgs {
     /// List the revocations in force.
     #[arg(long, group = "revoke_what")]
     list: bool,
+    /// With --list: print the deny-list as the CA serves it to sidecars
+    /// (JSON), for the `[identity] deny_list` file of sidecars that have
+    /// their certificates from files rather than from the CA.
+    #[arg(long, requires = "list")]
+    json: bool,
     /// Why (kept with the revocation: shown by --list, in the CA's 403, and
     /// in the log line of each sidecar that refuses a handshake for it).
-    #[arg(long, default_value = "unspecified")]
-    reason: String,
+    /// Default: "unspecified". Given for something already revoked with
+    /// another reason, it replaces the reason (the target stays revoked
+    /// throughout).
+    #[arg(long)]
+    reason: Option<String>,
     /// When the revocation ends: a duration from now (`2h`) or an RFC 3339
     /// time. Default: when the certificate expires (--serial), or never
-    /// until un-revoked (--id).
+    /// until un-revoked (--id). Given for something already revoked, it
+    /// replaces the end.
     #[arg(long, value_parser = parse_until)]
     until: Option<SystemTime>,
 }
@@ -49,31 +61,73 @@ pub struct UnrevokeArgs {
     id: Option<String>,
 }
 
-/// `moat ca revoke`.
+/// `moat ca revoke`. Revoking what is already revoked changes nothing
+/// (and exits 0) unless `--reason` or `--until` asks for a change.
 pub async fn revoke(ca: &CaDir, args: RevokeArgs) -> Result<(), StoreError> {
     if args.list {
-        return list(ca).await;
+        return if args.json {
+            list_json(ca).await
+        } else {
+            list(ca).await
+        };
     }
     let target = target(args.serial, args.id);
-    let record = ca.revoke(target.clone(), &args.reason, args.until).await?;
-    let until = if record.until == NO_END {
-        "until un-revoked".to_owned()
-    } else {
-        format!("until {}", format_unix(record.until))
-    };
-    println!(
-        "revoked {} ({until}); CA replicas serve it within a second, sidecars apply it within seconds",
-        target.describe()
-    );
+    // Every message names the target as the CA spells it (as `--list`
+    // shows it), not as typed: a serial copied from openssl is uppercase.
+    match ca
+        .revoke(target, args.reason.as_deref(), args.until)
+        .await?
+    {
+        Revoked::New { target, record } => println!(
+            "revoked {} ({}); CA replicas serve it within a second, sidecars apply it within seconds",
+            target.describe(),
+            until(&record)
+        ),
+        Revoked::Already { target, record } => println!(
+            "{} is already revoked (at {}, reason {:?}, {}); nothing changed",
+            target.describe(),
+            format_unix(record.revoked_at),
+            record.reason,
+            until(&record)
+        ),
+        Revoked::Updated {
+            target,
+            before,
+            record,
+        } => println!(
+            "{} stays revoked; updated from (reason {:?}, {}) to (reason {:?}, {})",
+            target.describe(),
+            before.reason,
+            until(&before),
+            record.reason,
+            until(&record)
+        ),
+    }
     Ok(())
 }
 
-/// `moat ca unrevoke`.
+/// `moat ca unrevoke`. Un-revoking what is not revoked changes nothing
+/// and exits 0.
 pub async fn unrevoke(ca: &CaDir, args: UnrevokeArgs) -> Result<(), StoreError> {
-    let target = target(args.serial, args.id);
-    ca.unrevoke(target.clone()).await?;
-    println!("{} is no longer revoked", target.describe());
+    let done = ca.unrevoke(target(args.serial, args.id)).await?;
+    if done.removed {
+        println!("{} is no longer revoked", done.target.describe());
+    } else {
+        println!(
+            "{} is not revoked; nothing changed (see `moat ca revoke --list`)",
+            done.target.describe()
+        );
+    }
     Ok(())
+}
+
+/// "until …" for a confirmation message.
+fn until(record: &RevocationRecord) -> String {
+    if record.until == NO_END {
+        "until un-revoked".to_owned()
+    } else {
+        format!("until {}", format_unix(record.until))
+    }
 }
 
 async fn list(ca: &CaDir) -> Result<(), StoreError> {
@@ -103,6 +157,33 @@ async fn list(ca: &CaDir) -> Result<(), StoreError> {
             r.reason
         );
     }
+    Ok(())
+}
+
+/// The deny-list in the JSON of `GET /v1/revocations`: what a sidecar's
+/// `[identity] deny_list` file holds.
+async fn list_json(ca: &CaDir) -> Result<(), StoreError> {
+    // The version first: a revocation landing in between makes the list
+    // newer than its version, never older.
+    let version = ca.versions().await?.revocations;
+    let list = RevocationList {
+        version,
+        entries: ca
+            .revocations()
+            .await?
+            .into_iter()
+            .map(|r| RevocationEntry {
+                serial: r.serial,
+                spiffe_id: r.spiffe_id,
+                reason: r.reason,
+                expires: r.expires,
+            })
+            .collect(),
+    };
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&list).expect("a deny-list serializes")
+    );
     Ok(())
 }
 

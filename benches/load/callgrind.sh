@@ -4,6 +4,7 @@
 #   bash benches/load/callgrind.sh BIN...            # every row for each binary
 #   ROWS="in_h1 pair_h2" bash benches/load/callgrind.sh BIN...
 #   KEEP=/tmp/cg ROWS=in_h1 bash benches/load/callgrind.sh A B   # keep the files: callgrind_annotate A B
+#   DENYLIST=10000 ROWS="in_h1 pair_h1" bash benches/load/callgrind.sh BIN  # every sidecar enforces a deny-list
 #
 # Why: the load harness (run.sh, ab.sh) measures CPU time, which on a shared 2-core box moves by more
 # than the 2 % a data-path change is allowed. Callgrind counts instructions, the same count for the
@@ -17,10 +18,15 @@
 #   in_h1, in_h2    curl (client cert, TLS) -> moat inbound -> nginx (HTTP/1.1)
 #   pair_h1         curl (plain HTTP/1.1)    -> moat outbound -mTLS-> moat inbound -> nginx; both counted
 #   pair_h2         h2load (h2c, one stream at a time) -> the same pair
+# DENYLIST=N gives each sidecar an `[identity] deny_list` file of N revocations (half serials, half
+# identities, none of them a certificate the rows use; as in the criterion row full/moat_denylist_10k):
+# the per-request cost of enforcing a list (issue 20). The row is then named ROW+denyN. Needs a binary
+# that knows `deny_list` (after 2026-12-06).
 # Output: one TSV line per binary and row on stdout: bin, row, instructions/request (inbound, outbound).
 set -euo pipefail
 
 N1=${N1:-100}; N2=${N2:-1100}
+DENYLIST=${DENYLIST:-0}
 ROWS=${ROWS:-in_h1 in_h2 pair_h1 pair_h2}
 W=$(mktemp -d); trap 'jobs -p | xargs -r kill 2>/dev/null; rm -rf "$W"' EXIT
 [ $# -ge 1 ] || { sed -n 2,4p "$0" >&2; exit 64; }
@@ -34,6 +40,19 @@ for id in server client loadgen; do
     --cert-out "$W/$id.crt" --key-out "$W/$id.key" >/dev/null 2>&1
 done
 "$FIRST" ca bundle --dir "$W/ca" >"$W/bundle.pem" 2>/dev/null
+DENY_KEY=""
+if [ "$DENYLIST" -gt 0 ]; then
+  # The JSON of `moat ca revoke --list --json`, made here: a CA refuses serials it never issued.
+  awk -v n="$DENYLIST" -v until="$(($(date +%s) + 86400))" 'BEGIN {
+    printf "{\"version\":1,\"entries\":[";
+    for (i = 0; i < n; i++) {
+      if (i) printf ",";
+      serial = (i % 2 == 0) ? sprintf("\"serial\":\"5eed%028x\",", i) : "";
+      printf "{%s\"spiffe_id\":\"spiffe://example.org/ns/revoked/sa/w%d\",\"reason\":\"bench\",\"expires\":%d}", serial, i, until;
+    }
+    print "]}" }' >"$W/deny.json"
+  DENY_KEY="deny_list = \"$W/deny.json\""
+fi
 
 mkdir -p "$W/run"
 cat >"$W/nginx.conf" <<EOF
@@ -60,6 +79,7 @@ worker_threads = 1
 cert = "$W/server.crt"
 key = "$W/server.key"
 bundle = "$W/bundle.pem"
+$DENY_KEY
 [admin]
 listen = "127.0.0.1:0"
 [[inbound]]
@@ -76,6 +96,7 @@ worker_threads = 1
 cert = "$W/client.crt"
 key = "$W/client.key"
 bundle = "$W/bundle.pem"
+$DENY_KEY
 [admin]
 listen = "127.0.0.1:0"
 [[outbound]]
@@ -121,13 +142,14 @@ run_once() { # BIN ROW N -> "IN OUT" instructions
 }
 
 printf 'bin\trow\tinbound_instr_per_req\toutbound_instr_per_req\n'
+label() { if [ "$DENYLIST" -gt 0 ]; then echo "$1+deny$DENYLIST"; else echo "$1"; fi; }
 for bin in "$@"; do
   conf "$bin"
   for row in $ROWS; do
     read -r i1 o1 < <(run_once "$bin" "$row" "$N1")
     read -r i2 o2 < <(run_once "$bin" "$row" "$N2")
-    if [ "$i1" = - ] || [ "$i2" = - ]; then printf '%s\t%s\tfailed\tfailed\n' "$bin" "$row"; continue; fi
-    printf '%s\t%s\t%d\t%d\n' "$bin" "$row" $(((i2 - i1) / (N2 - N1))) $(((o2 - o1) / (N2 - N1)))
+    if [ "$i1" = - ] || [ "$i2" = - ]; then printf '%s\t%s\tfailed\tfailed\n' "$bin" "$(label "$row")"; continue; fi
+    printf '%s\t%s\t%d\t%d\n' "$bin" "$(label "$row")" $(((i2 - i1) / (N2 - N1))) $(((o2 - o1) / (N2 - N1)))
   done
 done
 kill $NGINX 2>/dev/null || true

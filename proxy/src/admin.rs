@@ -360,8 +360,9 @@ impl State {
     }
 
     /// The deny-list this sidecar enforces: its version, size, and how long
-    /// ago the CA last confirmed it (`null` before the first time, and in
-    /// file mode, where there is no CA to ask).
+    /// ago the CA last confirmed it, or in file mode how old the
+    /// `deny_list` file is (`null` before the first list, and in file mode
+    /// without one).
     fn revocations_view(&self) -> serde_json::Value {
         let state = self.store.revocations();
         let list = state.current();

@@ -105,6 +105,11 @@ pub struct FileIdentity {
     pub key: PathBuf,
     /// Trust bundle, PEM.
     pub bundle: PathBuf,
+    /// A deny-list file (`deny_list`), in the JSON the CA serves at
+    /// `GET /v1/revocations` (and `moat ca revoke --list --json` prints):
+    /// the revocations a sidecar without a CA connection enforces. Watched
+    /// and reloaded with the other files.
+    pub deny_list: Option<PathBuf>,
 }
 
 /// `[admin]`.
@@ -342,6 +347,7 @@ struct RawIdentity {
     retry_base: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     retry_max: Option<Duration>,
+    deny_list: Option<PathBuf>,
 }
 
 /// The admin listener's port when `[admin] listen` is not set.
@@ -602,6 +608,9 @@ impl Config {
                 fix(&mut f.cert);
                 fix(&mut f.key);
                 fix(&mut f.bundle);
+                if let Some(p) = &mut f.deny_list {
+                    fix(p);
+                }
             }
         }
         for l in &mut self.inbound {
@@ -697,6 +706,11 @@ impl<'de> Deserialize<'de> for Identity {
                 let retry_base = raw.retry_base.unwrap_or(Duration::from_secs(1));
                 let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(60));
                 let bundle_refresh = raw.bundle_refresh.unwrap_or(Duration::from_secs(300));
+                if raw.deny_list.is_some() {
+                    return Err(D::Error::custom(
+                        "identity.deny_list applies to cert + key only: with ca_url the CA publishes the deny-list",
+                    ));
+                }
                 if retry_base.is_zero() || retry_max < retry_base || bundle_refresh.is_zero() {
                     return Err(D::Error::custom(
                         "identity: retry_base and bundle_refresh must be positive, and retry_max at least retry_base",
@@ -727,6 +741,7 @@ impl<'de> Deserialize<'de> for Identity {
                     cert,
                     key,
                     bundle: raw.bundle,
+                    deny_list: raw.deny_list,
                 }))
             }
             _ => Err(D::Error::custom(

@@ -11,7 +11,9 @@
 //!   polls the CA's deny-list every few seconds ([`crate::revocation`]).
 //! - From files ([`FileSource`]): cert, key and bundle are read at start and
 //!   again when they change (or on SIGHUP); a broken set is logged and the
-//!   old credentials stay.
+//!   old credentials stay. An optional `deny_list` file (the CA's deny-list
+//!   JSON, copied by whatever copies the certificates) is enforced the same
+//!   way as the CA's; a broken one is logged and the last good one stays.
 
 pub mod state;
 pub mod token;
@@ -400,6 +402,9 @@ impl FileSource {
         let creds = load_files(&config)?;
         log_credentials("certificate loaded", &creds.svid);
         store.publish(creds);
+        if let Some(path) = &config.deny_list {
+            publish_deny_list(&store, path)?;
+        }
         Ok(Self {
             config,
             store,
@@ -424,12 +429,22 @@ impl FileSource {
             }
         };
         let mut loaded = self.fingerprint();
+        let mut loaded_deny = self.deny_list_fingerprint();
         let mut again = false;
         loop {
             if !std::mem::take(&mut again) {
                 tokio::select! {
                     Some(()) = rx.recv() => settle(&mut rx).await,
                     _ = self.reload_now.notified() => {}
+                }
+            }
+            if let Some(path) = &self.config.deny_list {
+                let now = self.deny_list_fingerprint();
+                if now != loaded_deny {
+                    loaded_deny = now;
+                    if let Err(e) = publish_deny_list(&self.store, path) {
+                        tracing::warn!(error = %e, "deny-list file changed but is unusable; enforcing the last good one");
+                    }
                 }
             }
             let now = self.fingerprint();
@@ -483,7 +498,8 @@ impl FileSource {
         // Watch directories, not files: Kubernetes swaps a symlink to update
         // a secret, and editors replace files by rename.
         let mut dirs: Vec<PathBuf> = [&self.config.cert, &self.config.key, &self.config.bundle]
-            .iter()
+            .into_iter()
+            .chain(&self.config.deny_list)
             .filter_map(|p| p.parent().map(Path::to_path_buf))
             .collect();
         dirs.sort();
@@ -503,6 +519,53 @@ impl FileSource {
             .map(|p| std::fs::read(p).unwrap_or_default())
             .collect()
     }
+
+    /// The deny-list file's contents (kept apart from the credentials':
+    /// a new list alone must not reload the certificate).
+    fn deny_list_fingerprint(&self) -> Vec<u8> {
+        self.config
+            .deny_list
+            .as_ref()
+            .map(|p| std::fs::read(p).unwrap_or_default())
+            .unwrap_or_default()
+    }
+}
+
+/// Reads the deny-list file at `path` and enforces it. Its age (in
+/// `/identity` and `moat_revocation_list_age_seconds`) counts from the
+/// file's modification time: how stale the copy is.
+fn publish_deny_list(store: &CredentialStore, path: &Path) -> Result<(), IdentityError> {
+    use moat_ca::revocation::{MAX_BODY, MAX_ENTRIES, RevocationList};
+    let invalid = |message: String| IdentityError::Invalid {
+        path: path.to_owned(),
+        message,
+    };
+    let bytes = read(path)?;
+    if bytes.len() > MAX_BODY {
+        return Err(invalid(format!("deny-list larger than {MAX_BODY} bytes")));
+    }
+    let list: RevocationList = serde_json::from_slice(&bytes).map_err(|e| {
+        invalid(format!(
+            "not a deny-list (the JSON of `moat ca revoke --list --json`): {e}"
+        ))
+    })?;
+    if list.entries.len() > MAX_ENTRIES {
+        return Err(invalid(format!(
+            "{} entries, more than the {MAX_ENTRIES} a sidecar accepts",
+            list.entries.len()
+        )));
+    }
+    let state = store.revocations();
+    state.publish(&list);
+    if let Some(at) = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+    {
+        state.checked(at.as_secs() as i64);
+        state.update_age();
+    }
+    Ok(())
 }
 
 /// How long a certificate and a key that do not fit may wait for the other

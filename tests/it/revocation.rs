@@ -16,8 +16,8 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use serde_json::Value;
 
 use crate::support::proxy::{
-    ADMIN, CertFiles, ca_identity, ca_inbound, curl, curl_http, eventually, issue, start_proxy,
-    write,
+    ADMIN, CertFiles, ca_identity, ca_inbound, curl, curl_http, eventually, file_identity, issue,
+    start_proxy, write,
 };
 use crate::support::{Running, TestCa, metric_samples, moat, moat_ok, path_str, tool};
 
@@ -643,4 +643,183 @@ fn a_sidecar_restarted_while_the_ca_is_down_enforces_the_stored_deny_list() {
     });
     assert_eq!(curl(api, "/", Some(&frontend), &["--http1.1"]).0, 0);
     assert_eq!(identity_json(admin)["revocations"]["entries"], 1);
+}
+
+/// The deny-list version `moat ca revoke --list --json` reports.
+fn list_version(ca: &TestCa) -> i64 {
+    let list: Value = serde_json::from_str(&ca_cmd(ca, &["revoke", "--list", "--json"])).unwrap();
+    list["version"].as_i64().expect("a version")
+}
+
+#[test]
+fn revoking_twice_or_unrevoking_what_is_not_revoked_changes_nothing_and_exits_0() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let cert = issue(&ca, FRONTEND, "1h", "frontend");
+    let canonical = serial_of(&cert).to_ascii_lowercase();
+    // As another tool might print it: a leading zero byte, colons, uppercase.
+    let upper = serial_of(&cert);
+    let pairs: Vec<&str> = upper
+        .as_bytes()
+        .chunks(2)
+        .map(|c| std::str::from_utf8(c).unwrap())
+        .collect();
+    let typed = format!("00:{}", pairs.join(":"));
+    assert_ne!(typed, canonical);
+
+    let first = ca_cmd(
+        &ca,
+        &["revoke", "--serial", &typed, "--reason", "lost laptop"],
+    );
+    assert!(
+        first.starts_with(&format!("revoked certificate serial {canonical} (until ")),
+        "the CA's spelling, not the one typed: {first}"
+    );
+    let list = ca_cmd(&ca, &["revoke", "--list"]);
+    assert!(list.contains(&canonical), "{list}");
+    let version = list_version(&ca);
+
+    // Again, as typed or as listed, with no --reason: nothing changes, and
+    // the message says what is in force.
+    for spelling in [&typed, &canonical] {
+        let dir = ca.ca_dir();
+        let out = moat(&[
+            "ca",
+            "revoke",
+            "--serial",
+            spelling,
+            "--dir",
+            path_str(&dir),
+        ]);
+        assert_eq!(out.status.code(), Some(0), "{out:?}");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.starts_with(&format!(
+                "certificate serial {canonical} is already revoked (at "
+            )) && stdout.contains("reason \"lost laptop\"")
+                && stdout.contains("nothing changed"),
+            "{stdout}"
+        );
+        // No second `revoked` event in the CLI's log.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("revoked"), "{stderr}");
+    }
+    assert_eq!(
+        ca_cmd(&ca, &["revoke", "--list"]),
+        list,
+        "the entry is as it was"
+    );
+    assert_eq!(list_version(&ca), version, "sidecars have nothing to fetch");
+
+    // An explicit new reason replaces the entry; it stays revoked.
+    let out = ca_cmd(
+        &ca,
+        &["revoke", "--serial", &typed, "--reason", "key compromise"],
+    );
+    assert!(
+        out.contains(&format!(
+            "certificate serial {canonical} stays revoked; updated"
+        )) && out.contains("key compromise"),
+        "{out}"
+    );
+    assert!(ca_cmd(&ca, &["revoke", "--list"]).contains("key compromise"));
+    assert_eq!(list_version(&ca), version + 1);
+
+    // Unrevoking twice: the second changes nothing and exits 0.
+    let out = ca_cmd(&ca, &["unrevoke", "--serial", &typed]);
+    assert_eq!(
+        out.trim(),
+        format!("certificate serial {canonical} is no longer revoked")
+    );
+    let out = ca_cmd(&ca, &["unrevoke", "--serial", &typed]);
+    assert!(
+        out.starts_with(&format!(
+            "certificate serial {canonical} is not revoked; nothing changed"
+        )),
+        "{out}"
+    );
+    let out = ca_cmd(&ca, &["unrevoke", "--id", FRONTEND]);
+    assert!(
+        out.starts_with(&format!(
+            "identity {FRONTEND} is not revoked; nothing changed"
+        )),
+        "{out}"
+    );
+    assert_eq!(list_version(&ca), version + 2);
+}
+
+#[test]
+fn a_file_identity_sidecar_enforces_its_deny_list_file_and_keeps_the_last_good_one() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let billing_files = issue(&ca, BILLING, "1h", "billing");
+    let frontend = issue(&ca, FRONTEND, "1h", "frontend");
+    let reports = issue(&ca, "spiffe://example.org/reports", "1h", "reports");
+    let lists = ca.dir.path().join("lists");
+    std::fs::create_dir(&lists).unwrap();
+    let deny = lists.join("deny.json");
+    // Replaced by rename, as a copy job would.
+    let publish = |text: &str| {
+        let tmp = lists.join(".deny.json.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &deny).unwrap();
+    };
+    publish(&ca_cmd(&ca, &["revoke", "--list", "--json"]));
+    let config = format!(
+        "{}deny_list = {:?}\n{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
+        file_identity(&billing_files, &ca.bundle_file()),
+        path_str(&deny),
+        crate::support::echo_service()
+    );
+    let (mut billing, addrs) =
+        start_proxy(&write(ca.dir.path(), "b.toml", &config), &["api", "admin"]);
+    let (api, admin) = (addrs[0], addrs[1]);
+    assert_eq!(identity_json(admin)["revocations"]["entries"], 0);
+    let rt = runtime();
+    let mut held = rt.block_on(hold(api, &frontend, true));
+
+    ca_cmd(&ca, &["revoke", "--id", FRONTEND, "--reason", "stolen"]);
+    publish(&ca_cmd(&ca, &["revoke", "--list", "--json"]));
+    rt.block_on(async {
+        tokio::time::timeout(WITHIN, &mut held.closed)
+            .await
+            .expect("billing closes frontend's connection once the file says so")
+            .unwrap();
+    });
+    eventually(WITHIN, "the close to be logged", || {
+        closed_for(&billing, "revoked").len() == 1
+    });
+    assert_eq!(curl(api, "/", Some(&frontend), &["--http1.1"]).0, 0);
+    assert_eq!(curl(api, "/", Some(&reports), &["--http1.1"]).0, 200);
+    let view = identity_json(admin)["revocations"].clone();
+    assert_eq!(view["entries"], 1, "{view}");
+    assert!(view["age_seconds"].is_u64(), "the file's age: {view}");
+
+    // A broken copy is logged; the last good list stays in force.
+    publish("{\"version\": 7, \"entries\": [");
+    billing.wait_for_log(WITHIN, |v| {
+        v["message"] == "deny-list file changed but is unusable; enforcing the last good one"
+    });
+    assert_eq!(curl(api, "/", Some(&frontend), &["--http1.1"]).0, 0);
+
+    // Un-revoked and copied again: frontend is let in, nothing restarted.
+    ca_cmd(&ca, &["unrevoke", "--id", FRONTEND]);
+    publish(&ca_cmd(&ca, &["revoke", "--list", "--json"]));
+    eventually(WITHIN, "frontend to be let in again", || {
+        curl(api, "/", Some(&frontend), &["--http1.1"]).0 == 200
+    });
+
+    // With a CA identity the CA's list is the one in force: refused.
+    let bad = write(
+        ca.dir.path(),
+        "bad.toml",
+        &format!(
+            "{}deny_list = {:?}\n",
+            ca_identity(&ca, BILLING, "bad", ""),
+            path_str(&deny)
+        ),
+    );
+    let out = moat(&["proxy", "--config", path_str(&bad)]);
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("deny_list applies to cert + key only"));
 }

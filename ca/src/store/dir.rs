@@ -15,8 +15,9 @@ use x509_parser::prelude::FromDer;
 
 use super::config::Engine;
 use super::{
-    IssuanceRecord, NewRevocation, PgStore, RevocationRecord, RevocationTarget, RootChange,
-    RootRecord, RootState, SqliteStore, StateVersions, Store, StoreError, unix,
+    DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, RevocationRecord, RevocationTarget,
+    Revoked, RootChange, RootRecord, RootState, SqliteStore, StateVersions, Store, StoreError,
+    Unrevoked, unix,
 };
 use crate::client::{Svid, WorkloadKey};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
@@ -397,12 +398,21 @@ impl CaDir {
 
     /// Revokes a certificate or an identity (see [`Store::revoke`]). An
     /// identity must be in this CA's trust domain.
+    ///
+    /// Idempotent: a target already revoked is left as it is (no version
+    /// bump, so no sidecar refetches, and no second `revoked` log line)
+    /// unless the operator asks for a change, an explicit `reason` that
+    /// differs or an `until`; then the entry is replaced in one transaction
+    /// so the target is never un-revoked in between (which
+    /// `unrevoke` + `revoke` would risk if a sidecar polled between them).
+    /// Two concurrent first revocations of one target both write; the
+    /// second replaces the first, which is harmless.
     pub async fn revoke(
         &self,
         target: RevocationTarget,
-        reason: &str,
+        reason: Option<&str>,
         until: Option<SystemTime>,
-    ) -> Result<RevocationRecord, StoreError> {
+    ) -> Result<Revoked, StoreError> {
         let target = self.check_target(target)?;
         let now = SystemTime::now();
         if let Some(until) = until
@@ -412,32 +422,77 @@ impl CaDir {
                 "--until is in the past: nothing would be revoked".into(),
             ));
         }
+        let before = self.revocation_of(&target).await?;
+        if let Some(before) = &before {
+            let new_reason = reason.is_some_and(|r| r != before.reason);
+            if !new_reason && until.is_none() {
+                return Ok(Revoked::Already {
+                    target,
+                    record: before.clone(),
+                });
+            }
+        }
+        let reason = reason
+            .or(before.as_ref().map(|b| b.reason.as_str()))
+            .unwrap_or(DEFAULT_REASON)
+            .to_owned();
         let record = self
             .store
             .revoke(&NewRevocation {
                 target: target.clone(),
-                reason: reason.to_owned(),
+                reason: reason.clone(),
                 until: until.map(unix),
                 now: unix(now),
             })
             .await?;
-        tracing::warn!(target = %target.describe(), reason, until = %format_time(from_unix(record.until)), "revoked");
-        Ok(record)
+        let until = format_time(from_unix(record.until));
+        Ok(match before {
+            None => {
+                tracing::warn!(target = %target.describe(), reason, %until, "revoked");
+                Revoked::New { target, record }
+            }
+            Some(before) => {
+                tracing::warn!(
+                    target = %target.describe(),
+                    reason,
+                    %until,
+                    previous_reason = before.reason,
+                    previous_until = %format_time(from_unix(before.until)),
+                    "revocation updated"
+                );
+                Revoked::Updated {
+                    target,
+                    before,
+                    record,
+                }
+            }
+        })
     }
 
-    /// Undoes the revocation of `target`; refuses when it is not revoked.
-    pub async fn unrevoke(&self, target: RevocationTarget) -> Result<(), StoreError> {
+    /// Undoes the revocation of `target`. Idempotent: a target that is not
+    /// revoked is no error, and nothing changes (`false`).
+    pub async fn unrevoke(&self, target: RevocationTarget) -> Result<Unrevoked, StoreError> {
         let target = self.check_target(target)?;
-        match self.store.unrevoke(&target).await? {
-            0 => Err(StoreError::Revocation(format!(
-                "{} is not revoked (see `moat ca revoke --list`)",
-                target.describe()
-            ))),
-            _ => {
-                tracing::warn!(target = %target.describe(), "revocation removed");
-                Ok(())
-            }
+        let removed = self.store.unrevoke(&target).await? > 0;
+        if removed {
+            tracing::warn!(target = %target.describe(), "revocation removed");
         }
+        Ok(Unrevoked { target, removed })
+    }
+
+    /// The revocation in force that names exactly `target` (an identity's
+    /// revocation does not name its certificates' serials).
+    async fn revocation_of(
+        &self,
+        target: &RevocationTarget,
+    ) -> Result<Option<RevocationRecord>, StoreError> {
+        let all = self.revocations().await?;
+        Ok(all.into_iter().find(|r| match target {
+            RevocationTarget::Serial(s) => r.serial.as_deref() == Some(s.as_str()),
+            RevocationTarget::Id(id) => {
+                r.serial.is_none() && r.spiffe_id.as_deref() == Some(id.as_str())
+            }
+        }))
     }
 
     /// Every revocation in force now.
@@ -467,6 +522,10 @@ impl CaDir {
                     .chars()
                     .filter(|c| *c != ':')
                     .collect::<String>()
+                    // A serial is an integer: leading zeros (as some tools
+                    // print a byte with its high bit set) are not part of
+                    // the CA's spelling.
+                    .trim_start_matches('0')
                     .to_ascii_lowercase();
                 if hex.is_empty() || !hex.chars().all(|c| c.is_ascii_hexdigit()) {
                     return Err(StoreError::Revocation(format!(

@@ -181,6 +181,48 @@ pub struct RevocationRecord {
 /// (9999-12-31T23:59:59Z).
 pub const NO_END: i64 = 253_402_300_799;
 
+/// The reason recorded when the operator gives none.
+pub const DEFAULT_REASON: &str = "unspecified";
+
+/// What [`CaDir::revoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoked {
+    /// The target was not revoked; now it is.
+    New {
+        /// The target, in the CA's spelling (lowercase hex serial,
+        /// parsed SPIFFE ID).
+        target: RevocationTarget,
+        /// The entry recorded.
+        record: RevocationRecord,
+    },
+    /// The target was already revoked and nothing was asked to change:
+    /// the store is untouched.
+    Already {
+        /// The target, in the CA's spelling.
+        target: RevocationTarget,
+        /// The entry in force, as it was.
+        record: RevocationRecord,
+    },
+    /// The target was already revoked; its reason or end was replaced.
+    Updated {
+        /// The target, in the CA's spelling.
+        target: RevocationTarget,
+        /// The entry that was in force.
+        before: RevocationRecord,
+        /// The entry that replaced it.
+        record: RevocationRecord,
+    },
+}
+
+/// What [`CaDir::unrevoke`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unrevoked {
+    /// The target, in the CA's spelling.
+    pub target: RevocationTarget,
+    /// False when it was not revoked (nothing changed).
+    pub removed: bool,
+}
+
 /// A root's place in a rotation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RootState {

@@ -222,16 +222,35 @@ async fn revocations_bump_the_version_and_end_with_what_they_name() {
     // A serial: until the certificate expires; its identity is not revoked.
     let upper = svid.serial.to_uppercase();
     let serial = RevocationTarget::Serial(upper);
-    let r = ca
-        .revoke(serial.clone(), "lost laptop", None)
+    let Revoked::New { target, record: r } = ca
+        .revoke(serial.clone(), Some("lost laptop"), None)
         .await
-        .unwrap();
+        .unwrap()
+    else {
+        panic!("a first revocation is new")
+    };
+    assert_eq!(target, RevocationTarget::Serial(svid.serial.clone()));
     assert_eq!(
         r.serial.as_deref(),
         Some(svid.serial.as_str()),
         "normalized"
     );
     assert_eq!(r.until, unix(svid.not_after));
+    assert_eq!(ca.versions().await.unwrap().revocations, v0 + 1);
+    // The same serial spelled with a leading zero byte is the same target.
+    let again = ca
+        .revoke(
+            RevocationTarget::Serial(format!("00:{}", svid.serial)),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&again, Revoked::Already { target, .. }
+            if *target == RevocationTarget::Serial(svid.serial.clone())),
+        "{again:?}"
+    );
     assert_eq!(ca.versions().await.unwrap().revocations, v0 + 1);
     assert!(
         ca.revocation_for(Some(&svid.serial), &id)
@@ -244,14 +263,40 @@ async fn revocations_bump_the_version_and_end_with_what_they_name() {
     // An identity: until un-revoked, but it stops mattering to sidecars
     // once its last certificate has expired.
     let whole = RevocationTarget::Id(id.as_str().to_owned());
-    let r = ca.revoke(whole.clone(), "compromised", None).await.unwrap();
+    let Revoked::New { record: r, .. } = ca
+        .revoke(whole.clone(), Some("compromised"), None)
+        .await
+        .unwrap()
+    else {
+        panic!("a first revocation is new")
+    };
     assert_eq!(r.until, NO_END);
     assert_eq!(r.expires, unix(svid.not_after));
     assert!(ca.revocation_for(None, &id).await.unwrap().is_some());
-    // Revoking again replaces; the list holds one row per target.
-    ca.revoke(whole.clone(), "still compromised", None)
+    // Revoking again without asking for a change changes nothing: same
+    // entry, same version (sidecars do not refetch).
+    let v = ca.versions().await.unwrap().revocations;
+    let again = ca.revoke(whole.clone(), None, None).await.unwrap();
+    assert!(
+        matches!(&again, Revoked::Already { record, .. } if *record == r),
+        "{again:?}"
+    );
+    let same = ca
+        .revoke(whole.clone(), Some("compromised"), None)
         .await
         .unwrap();
+    assert!(matches!(same, Revoked::Already { .. }), "{same:?}");
+    assert_eq!(ca.versions().await.unwrap().revocations, v);
+    // A new reason replaces the entry; the list holds one row per target.
+    let updated = ca
+        .revoke(whole.clone(), Some("still compromised"), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&updated, Revoked::Updated { before, record, .. }
+            if before.reason == "compromised" && record.reason == "still compromised"),
+        "{updated:?}"
+    );
     assert_eq!(ca.revocations().await.unwrap().len(), 2);
 
     // Not even the operator's offline `moat ca issue` gives it a certificate.
@@ -264,28 +309,27 @@ async fn revocations_bump_the_version_and_end_with_what_they_name() {
         )
         .await;
     assert!(refused.unwrap_err().is_operator_error());
-    ca.unrevoke(whole.clone()).await.unwrap();
+    assert!(ca.unrevoke(whole.clone()).await.unwrap().removed);
     assert!(ca.revocation_for(None, &id).await.unwrap().is_none());
-    let err = ca.unrevoke(whole).await.unwrap_err();
-    assert!(err.is_operator_error(), "{err}");
+    assert!(!ca.unrevoke(whole).await.unwrap().removed, "idempotent");
     let v = ca.versions().await.unwrap().revocations;
-    assert_eq!(v, v0 + 4, "a refused un-revoke changes nothing");
+    assert_eq!(v, v0 + 4, "repeats change nothing");
 
     // Unknown serials, foreign identities and past times are refused.
     for bad in [
-        ca.revoke(RevocationTarget::Serial("abcdef".into()), "x", None)
+        ca.revoke(RevocationTarget::Serial("abcdef".into()), None, None)
             .await,
-        ca.revoke(RevocationTarget::Serial("xyz".into()), "x", None)
+        ca.revoke(RevocationTarget::Serial("xyz".into()), None, None)
             .await,
         ca.revoke(
             RevocationTarget::Id("spiffe://other.org/a".into()),
-            "x",
+            None,
             None,
         )
         .await,
         ca.revoke(
             serial,
-            "x",
+            None,
             Some(std::time::SystemTime::now() - Duration::from_secs(5)),
         )
         .await,
