@@ -3,7 +3,7 @@
 //!
 //! Each connection's original destination is looked up in the
 //! `[[destination]]` table. A match is served exactly as an explicit
-//! `[[outbound]]` would serve it ([`crate::outbound::Shared`]: pooled
+//! `[[outbound]]` would serve it ([`crate::outbound::OutboundService`]: pooled
 //! HTTP/1.1, multiplexed HTTP/2, upgrades, limits, metrics, access log),
 //! with the original `ip:port` as its upstream and the entry's peer pattern
 //! pinned in the handshake: the peer pod's redirect rules hand that
@@ -23,7 +23,7 @@ use super::destinations::DestinationTable;
 use super::{OUTBOUND_NAME, TransparentMetrics, Unmatched, detect, original_dst};
 use crate::config::{Limits, Upstream};
 use crate::conn::{self, RelayConnectError, Serve};
-use crate::outbound::{self, PeerTarget};
+use crate::outbound::{OutboundService, PeerTarget};
 use crate::telemetry::Observability;
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::{drain, redirect::RedirectConfig};
@@ -46,11 +46,8 @@ pub struct TransparentOutbound {
     store: Arc<CredentialStore>,
     obs: Observability,
     metrics: TransparentMetrics,
-    paths: Mutex<HashMap<(usize, SocketAddr), Arc<outbound::Shared>>>,
+    paths: Mutex<HashMap<(usize, SocketAddr), Arc<OutboundService>>>,
 }
-
-/// One bound socket of the transparent outbound listener.
-pub type TransparentOutboundListener = conn::Listener<Arc<TransparentOutbound>>;
 
 /// Everything the transparent outbound listener is built from.
 pub struct OutboundParts<'a> {
@@ -75,7 +72,7 @@ impl TransparentOutbound {
     /// IPv6, `[::1]` on the same port.
     pub async fn bind(
         parts: OutboundParts<'_>,
-    ) -> Result<Vec<(TransparentOutboundListener, SocketAddr)>, crate::Error> {
+    ) -> Result<Vec<(conn::Listener<Arc<Self>>, SocketAddr)>, crate::Error> {
         let port = parts.redirect.outbound_listener_port;
         let (v4, addr4) =
             conn::bind(OUTBOUND_NAME, SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
@@ -116,7 +113,7 @@ impl TransparentOutbound {
     }
 
     /// The path to `dst` for the entry `index`, made on first use.
-    fn path(&self, index: usize, dst: SocketAddr) -> Result<Arc<outbound::Shared>, crate::Error> {
+    fn path(&self, index: usize, dst: SocketAddr) -> Result<Arc<OutboundService>, crate::Error> {
         let key = (index, dst);
         if let Some(p) = self.paths.lock().expect("paths").get(&key) {
             return Ok(p.clone());
@@ -135,7 +132,7 @@ impl TransparentOutbound {
             ],
         };
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.listen_port));
-        let shared = Arc::new(outbound::Shared::new(
+        let service = Arc::new(OutboundService::new(
             target,
             &self.limits,
             &self.tls,
@@ -145,9 +142,9 @@ impl TransparentOutbound {
         )?);
         let mut paths = self.paths.lock().expect("paths");
         if paths.len() < MAX_PATHS {
-            paths.entry(key).or_insert_with(|| shared.clone());
+            paths.entry(key).or_insert_with(|| service.clone());
         }
-        Ok(shared)
+        Ok(service)
     }
 
     /// Which entry serves a connection to `dst`, if any.
