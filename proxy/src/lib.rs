@@ -8,7 +8,9 @@
 //!
 //! Where to start reading: [`config`] (what an operator writes), then
 //! [`Proxy::bind`] and [`Proxy::serve`]; the data path is in [`inbound`] and
-//! [`outbound`], identity in [`identity`] and [`tls`].
+//! [`outbound`] (what every request gets either way is in `request.rs`,
+//! errors become statuses in [`proxy_error`]), identity in [`identity`] and
+//! [`tls`].
 
 pub mod admin;
 pub mod app;
