@@ -16,7 +16,7 @@ use http::uri::PathAndQuery;
 use http::{Response, StatusCode, header};
 use moat_ca::SpiffeId;
 
-use crate::http::ProxyBody;
+use crate::body::ProxyBody;
 use crate::policy::{Policy, Reason, RequestFacts, authorization_value};
 use crate::telemetry::RequestId;
 
@@ -92,7 +92,7 @@ impl Authorizer {
     /// (claim headers in, client-sent claim headers and consumed tokens out).
     /// `request_id` goes on the decision log line, as on the access log's.
     /// A gRPC caller's denial carries `grpc-status` and `grpc-message` (see
-    /// [`crate::http::grpc_denial`]).
+    /// [`crate::proxy_error::grpc_denial`]).
     pub async fn authorize(
         &self,
         parts: &mut Parts,
@@ -126,11 +126,11 @@ impl Authorizer {
                     reason: AuthzReason::MethodOverride,
                 },
                 forward_path: None,
-                deny: Some(crate::http::refusal(
+                deny: Some(crate::proxy_error::refusal(
                     StatusCode::BAD_REQUEST,
                     AuthzReason::MethodOverride.as_str(),
                     "moat: method override headers are refused",
-                    crate::http::is_grpc(&parts.headers),
+                    crate::headers::is_grpc(&parts.headers),
                 )),
             };
         }
@@ -160,8 +160,12 @@ impl Authorizer {
             .forward_path()
             .and_then(|p| PathAndQuery::try_from(p.as_ref()).ok());
         if let Some(mut resp) = decision.deny_response() {
-            if crate::http::is_grpc(&parts.headers) {
-                crate::http::grpc_denial(&mut resp, decision.reason.as_str(), decision.route);
+            if crate::headers::is_grpc(&parts.headers) {
+                crate::proxy_error::grpc_denial(
+                    &mut resp,
+                    decision.reason.as_str(),
+                    decision.route,
+                );
             }
             return Outcome {
                 record: AuthzRecord {

@@ -13,12 +13,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
 
 use arc_swap::ArcSwap;
-use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Method, Request, Response, Uri, Version};
+use http::{HeaderValue, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
@@ -29,15 +27,15 @@ use tokio_rustls::server::TlsStream;
 use tracing::Instrument;
 
 use crate::app::AppVersion;
-use crate::authz::{self, Authorizer, AuthzDecision};
+use crate::authz::{self, Authorizer};
+use crate::body::ProxyBody;
 use crate::config::{Inbound, Limits, Protocol, UpgradeProtocol};
 use crate::conn::{self, Activity, TickBatched, Tracked};
 use crate::conn_registry::{self, AllowPeers, ConnRegistry, Lease};
-use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, XFCC, check_request_head, content_length, is_grpc,
-    strip_hop_by_hop,
-};
-use crate::telemetry::{ListenerMetrics, Observability};
+use crate::headers::is_grpc;
+use crate::proxy_error::ProxyError;
+use crate::request::{self, Logged, PeerHeaders, RequestTelemetry};
+use crate::telemetry::Observability;
 use crate::tls::TlsFactory;
 use crate::upgrade::{self, TunnelSlot, Upgrade};
 use crate::upstream::{Dial, UpstreamClient};
@@ -88,11 +86,9 @@ enum Decided {
     Answered(Forwarded),
 }
 
-/// One bound inbound listener, ready to serve.
-pub type InboundListener = conn::Listener<Shared>;
-
-/// Everything an inbound connection needs, shared by all of them.
-pub struct Shared {
+/// One inbound listener's service: everything its connections need,
+/// shared by all of them. [`InboundService::bind`] makes the listener.
+pub struct InboundService {
     name: Arc<str>,
     protocol: Protocol,
     app: AppVersion,
@@ -105,7 +101,7 @@ pub struct Shared {
     upstream: UpstreamClient<LocalDial>,
     authz: Authorizer,
     obs: Observability,
-    requests: ListenerMetrics,
+    telemetry: RequestTelemetry,
     listen_addr: SocketAddr,
     connections: Arc<ConnRegistry>,
     /// `allow_peers`, replaced on reload (SIGHUP).
@@ -118,8 +114,8 @@ struct Peer {
     /// ALPN chose HTTP/2.
     h2: bool,
     addr: SocketAddr,
-    header: HeaderValue,
-    xfcc: HeaderValue,
+    /// Set on each request to the local service.
+    identity: PeerHeaders,
     activity: Arc<Activity>,
     /// An upgraded request's tunnel, run once hyper hands the connection over.
     tunnel: TunnelSlot,
@@ -127,7 +123,7 @@ struct Peer {
     lease: Option<Lease>,
 }
 
-impl InboundListener {
+impl InboundService {
     /// Binds the listener and builds everything a connection needs.
     pub async fn bind(
         config: &Inbound,
@@ -135,7 +131,7 @@ impl InboundListener {
         tls: &TlsFactory,
         authz: Authorizer,
         obs: &Observability,
-    ) -> Result<(Self, SocketAddr), Error> {
+    ) -> Result<(conn::Listener<Self>, SocketAddr), Error> {
         let alpn: &[&[u8]] = match config.protocol {
             Protocol::Http => crate::tls::ALPN_HTTP,
             Protocol::Tcp => &[],
@@ -148,8 +144,9 @@ impl InboundListener {
             forward,
             connect_timeout: limits.connect_timeout,
         };
-        let shared = Shared {
-            name: config.name.as_str().into(),
+        let name: Arc<str> = config.name.as_str().into();
+        let service = Self {
+            name: name.clone(),
             protocol: config.protocol,
             app: AppVersion::new(config.app_protocol()),
             upgrades: config.upgrade_protocols.clone(),
@@ -162,24 +159,25 @@ impl InboundListener {
             upstream: UpstreamClient::new(dial(), dial(), limits),
             authz,
             obs: obs.clone(),
-            requests: obs.metrics.listener(&config.name, "inbound"),
+            telemetry: RequestTelemetry::new(name, "inbound", obs),
             listen_addr: addr,
             connections: tls.connections().clone(),
             allow,
         };
-        let (name, max) = (shared.name.clone(), shared.limits.max_connections);
-        Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
+        let (name, max) = (service.name.clone(), service.limits.max_connections);
+        Ok((
+            conn::Listener::new(listener, addr, name, max, service),
+            addr,
+        ))
     }
-}
 
-impl Shared {
     /// This listener's `allow_peers`, which a reload replaces.
     pub fn allow_peers(&self) -> AllowPeers {
         self.allow.clone()
     }
 }
 
-impl conn::Serve for Shared {
+impl conn::Serve for InboundService {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
         let _open = self.obs.metrics.connection_opened(&self.name);
         // Each phase is boxed, so the connection task holds only the live
@@ -198,7 +196,7 @@ impl conn::Serve for Shared {
     }
 }
 
-impl Shared {
+impl InboundService {
     /// The TLS handshake (with its timeout), counted and logged, and the
     /// verified peer.
     async fn handshake(
@@ -250,9 +248,9 @@ impl Shared {
         drain: &drain::Watch,
     ) {
         let peer = Arc::new(peer);
-        let shared = self.clone();
+        let this = self.clone();
         let svc_peer = peer.clone();
-        let handle = move |req| shared.request(req, &svc_peer);
+        let handle = move |req| this.request(req, &svc_peer);
         // Over TLS the version is the one ALPN chose (RFC 9113 §3.2): no
         // sniffing of the first bytes, and an HTTP/1.1 connection holds
         // only HTTP/1.1 state.
@@ -321,26 +319,23 @@ impl Shared {
         }
     }
 
-    /// Serves one request: authorize, forward, count, log.
+    /// Serves one request: authorize, forward, count, log (the counting
+    /// and logging in [`request::Exchange`]).
     ///
-    /// Not an `async fn`, nor is [`Shared::forward`]: an async fn keeps its
-    /// by-value arguments in its state next to the locals they move into
-    /// (rustc #62958), and an `.await` on a captured future keeps it twice;
-    /// the request future is built, moved and allocated once per request.
-    /// As plain fns and a `map`, the request lives in its state once.
+    /// Not an `async fn`, nor is [`InboundService::forward`]: an async fn
+    /// keeps its by-value arguments in its state next to the locals they
+    /// move into (rustc #62958), and an `.await` on a captured future keeps
+    /// it twice; the request future is built, moved and allocated once per
+    /// request. As plain fns and a `map`, the request lives in its state
+    /// once.
     fn request(
         self: &Arc<Self>,
         req: Request<Incoming>,
         peer: &Arc<Peer>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
-        let inflight = peer.activity.request();
-        let started = Instant::now();
-        let request_id = crate::telemetry::RequestId::next();
-        let method = req.method().clone();
-        // Spans are built only when they are exported: an untraced proxy
-        // pays nothing per request for them.
-        let span = if self.obs.tracing {
-            let span = tracing::info_span!(
+        let exchange = self.telemetry.start(&peer.activity, &req, || {
+            let method = req.method();
+            tracing::info_span!(
                 "inbound",
                 otel.name = %format_args!("{} {}", method, self.name),
                 otel.kind = "server",
@@ -355,73 +350,34 @@ impl Shared {
                 moat.route = tracing::field::Empty,
                 moat.decision = tracing::field::Empty,
                 moat.deny.reason = tracing::field::Empty,
-            );
-            crate::telemetry::continue_trace(&span, req.headers());
-            span
-        } else {
-            tracing::Span::none()
-        };
-        let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        let forward = self
-            .clone()
-            .forward(req, peer.clone(), span.clone(), request_id)
-            .instrument(span.clone());
+            )
+        });
+        let forward =
+            self.clone()
+                .forward(req, peer.clone(), exchange.span().clone(), exchange.id());
         let (this, peer) = (self.clone(), peer.clone());
-        forward.map(move |(resp, outcome, paths)| {
-            let _inflight = inflight;
-            let status = crate::http::logged_status(&resp);
-            let route = outcome
-                .as_ref()
-                .and_then(|o| o.route.as_deref())
-                .unwrap_or("-");
-            let decision = outcome.as_ref().map_or(AuthzDecision::None, |o| o.decision);
-            let elapsed = started.elapsed();
-            if let Some(o) = &outcome
-                && o.decision != AuthzDecision::None
-            {
-                this.obs
-                    .metrics
-                    .decision(&this.name, route, o.decision, o.reason);
-                span.record("moat.route", route);
-                span.record("moat.decision", o.decision.as_str());
-                if o.decision != AuthzDecision::Allow {
-                    span.record("moat.deny.reason", o.reason.as_str());
-                }
-            }
+        exchange.answer(forward, move |exchange, (resp, verdict, paths)| {
             let (path, raw_path) = match &paths.normalized {
                 Some(normalized) => (normalized.as_str(), Some(paths.raw.as_str())),
                 None => (paths.raw.as_str(), None),
             };
-            let entry = crate::telemetry::AccessEntry {
-                request_id,
-                trace_id: &trace_id,
-                listener: &this.name,
-                direction: "inbound",
+            let logged = Logged {
                 peer: peer.id.as_str(),
                 expected_peer: None,
-                method: &method,
                 path,
                 raw_path,
-                status,
-                route,
-                decision,
-                reason: outcome
-                    .as_ref()
-                    .filter(|o| o.decision.is_denial())
-                    .map(|o| o.reason),
-                duration: elapsed,
-                bytes: content_length(&resp),
+                verdict: verdict.as_ref(),
             };
-            crate::telemetry::request_done(&span, &this.requests, &entry);
-            Ok(resp)
+            exchange.finish(&resp, &this.telemetry, logged);
+            resp
         })
     }
 
     /// Authorizes and forwards one request; also returns what the access
     /// log needs: the decision (if one was made) and the path as authorized.
     ///
-    /// The synchronous steps are in [`Shared::admit`] and
-    /// [`Shared::upstream_head`], so that their temporaries are not part of
+    /// The synchronous steps are in [`InboundService::admit`] and
+    /// [`InboundService::upstream_head`], so that their temporaries are not part of
     /// the future's state.
     fn forward(
         self: Arc<Self>,
@@ -550,10 +506,7 @@ impl Shared {
     /// headers that only this sidecar may set and the hop-by-hop ones, and
     /// returns the upgrade it asks for if this listener passes it.
     fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Box<Upgrade>>, ProxyError> {
-        if parts.method == Method::CONNECT {
-            return Err(ProxyError::ConnectNotSupported);
-        }
-        check_request_head(parts, &self.limits)?;
+        request::check_head(parts, &self.limits)?;
         if parts
             .headers
             .get_all(http::header::HOST)
@@ -577,15 +530,7 @@ impl Shared {
             return Err(ProxyError::BadRequest("Host and :authority differ"));
         }
         // Only we say who the peer is.
-        parts.headers.remove(&PEER_ID);
-        parts.headers.remove(&XFCC);
-        let upgrade = strip_hop_by_hop(&mut parts.headers);
-        Ok(match upgrade {
-            Some(v) if parts.version == Version::HTTP_11 => {
-                upgrade::accept(&v, &self.upgrades, &mut parts.extensions)
-            }
-            _ => None,
-        })
+        Ok(request::strip_head(parts, &self.upgrades))
     }
 
     /// Rewrites an allowed request's head for the local service (peer
@@ -604,8 +549,7 @@ impl Shared {
         if !to_h2 && parts.version == Version::HTTP_2 && is_grpc(&parts.headers) {
             return Err(ProxyError::AppProtocolMismatch);
         }
-        parts.headers.insert(PEER_ID.clone(), peer.header.clone());
-        parts.headers.insert(XFCC.clone(), peer.xfcc.clone());
+        peer.identity.set(&mut parts.headers);
         // The authority the client addressed travels on: in the URI for
         // HTTP/2 (`:authority`), in `Host` for HTTP/1.1. The connector
         // always dials `forward`, whatever the URI says.
@@ -669,14 +613,12 @@ fn peer_of(
     let h2 = session.alpn_protocol() == Some(b"h2");
     let leaf = session.peer_certificates()?.first()?;
     let id = SpiffeId::from_cert_der(leaf).ok()?;
-    let header = HeaderValue::from_str(id.as_str()).ok()?;
-    let xfcc = HeaderValue::from_str(&format!("URI={}", id.as_str())).ok()?;
+    let identity = PeerHeaders::new(&id)?;
     Some(Peer {
         id,
         h2,
         addr,
-        header,
-        xfcc,
+        identity,
         activity,
         tunnel: TunnelSlot::default(),
         lease: None,
@@ -720,7 +662,7 @@ mod tests {
     /// are boxed, so only a pointer to the live one (144 bytes measured).
     #[test]
     fn the_connection_future_holds_only_the_live_phase() {
-        let size = returned_4(<Shared as Serve>::connection);
+        let size = returned_4(<InboundService as Serve>::connection);
         assert_between("the inbound connection future", size, 96, 256);
     }
 
@@ -729,11 +671,11 @@ mod tests {
     /// keep-alive connection holds) and TCP (4,744).
     #[test]
     fn each_connection_phase_stays_small() {
-        let handshake = returned_3(Shared::handshake);
+        let handshake = returned_3(InboundService::handshake);
         assert_between("the inbound handshake future", handshake, 1184, 1664);
-        let http = returned_4(Shared::serve_http);
+        let http = returned_4(InboundService::serve_http);
         assert_between("the inbound HTTP connection future", http, 1664, 2304);
-        let tcp = returned_3(Shared::serve_tcp);
+        let tcp = returned_3(InboundService::serve_tcp);
         assert_between("the inbound TCP connection future", tcp, 3760, 5120);
     }
 
@@ -743,7 +685,7 @@ mod tests {
     /// not once per async layer.
     #[test]
     fn the_request_future_holds_the_request_once() {
-        let size = returned_3(Shared::request);
+        let size = returned_3(InboundService::request);
         assert_between("the inbound request future", size, 1248, 1664);
     }
 }

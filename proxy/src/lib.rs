@@ -8,11 +8,14 @@
 //!
 //! Where to start reading: [`config`] (what an operator writes), then
 //! [`Proxy::bind`] and [`Proxy::serve`]; the data path is in [`inbound`] and
-//! [`outbound`], identity in [`identity`] and [`tls`].
+//! [`outbound`] (what every request gets either way is in `request.rs`,
+//! errors become statuses in [`proxy_error`]), identity in [`identity`] and
+//! [`tls`].
 
 pub mod admin;
 pub mod app;
 pub mod authz;
+pub mod body;
 pub mod config;
 pub mod conn;
 pub mod conn_registry;
@@ -20,14 +23,17 @@ pub mod drain;
 pub mod expect;
 #[cfg(test)]
 mod future_size;
-pub mod http;
+pub mod head_limits;
+pub mod headers;
 pub mod identity;
 pub mod inbound;
 pub mod outbound;
 pub mod policy;
 pub mod probe;
 pub mod process;
+pub mod proxy_error;
 pub mod redirect;
+mod request;
 pub mod revocation;
 pub mod telemetry;
 pub mod tls;
@@ -96,10 +102,10 @@ pub struct Proxy {
     reloader: Reloader,
     jwks: Option<Arc<policy::JwksCache>>,
     admin: admin::AdminListener,
-    inbound: Vec<inbound::InboundListener>,
-    outbound: Vec<outbound::OutboundListener>,
-    transparent: Option<transparent::TransparentListener>,
-    transparent_out: Vec<transparent::TransparentOutboundListener>,
+    inbound: Vec<conn::Listener<inbound::InboundService>>,
+    outbound: Vec<conn::Listener<outbound::OutboundService>>,
+    transparent: Option<conn::Listener<transparent::TransparentInbound>>,
+    transparent_out: Vec<conn::Listener<Arc<transparent::TransparentOutbound>>>,
     destinations: Option<Arc<transparent::DestinationTable>>,
     draining: Arc<AtomicBool>,
     connections: Arc<conn_registry::ConnRegistry>,
@@ -221,7 +227,7 @@ impl Proxy {
         let mut inbound = Vec::new();
         for (l, authz) in config.inbound.iter().zip(authorizers) {
             let (listener, addr) =
-                inbound::InboundListener::bind(l, &config.limits, &tls, authz, &obs).await?;
+                inbound::InboundService::bind(l, &config.limits, &tls, authz, &obs).await?;
             addrs.push((l.name.clone(), addr));
             inbound.push(listener);
         }
@@ -242,7 +248,7 @@ impl Proxy {
                     .filter(|(l, _)| l.forward.ip().is_loopback())
                     .map(|(l, listener)| {
                         let target = transparent::inbound::PortTarget {
-                            shared: listener.shared(),
+                            service: listener.shared(),
                             forward: l.forward,
                         };
                         (l.forward.port(), target)
@@ -307,7 +313,7 @@ impl Proxy {
         let mut outbound = Vec::new();
         for l in &config.outbound {
             let (listener, addr) =
-                outbound::OutboundListener::bind(l, &config.limits, &tls, store.clone(), &obs)
+                outbound::OutboundService::bind(l, &config.limits, &tls, store.clone(), &obs)
                     .await?;
             addrs.push((l.name.clone(), addr));
             outbound.push(listener);

@@ -12,11 +12,9 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
-use futures_util::FutureExt;
 use http::uri::{Authority, Scheme};
-use http::{Method, Request, Response, Uri, Version};
+use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
@@ -26,24 +24,25 @@ use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 use tracing::Instrument;
 
+use crate::body::ProxyBody;
 use crate::config::{Limits, Outbound, PeerPattern, Protocol, UpgradeProtocol, Upstream};
 use crate::conn::{self, Activity, Tracked};
 use crate::conn_registry::{self, ConnRegistry, Lease};
-use crate::http::{
-    PEER_ID, ProxyBody, ProxyError, XFCC, check_request_head, content_length, strip_hop_by_hop,
-};
-use crate::telemetry::{ListenerMetrics, Observability};
+use crate::proxy_error::ProxyError;
+use crate::request::{self, Logged, RequestTelemetry};
+use crate::telemetry::Observability;
 use crate::tls::PeerIdError;
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::upgrade::{self, TunnelSlot, Upgrade};
 use crate::upstream::{Dial, UpstreamClient};
 use crate::{Error, drain};
 
-/// One bound outbound listener, ready to serve.
-pub type OutboundListener = conn::Listener<Shared>;
-
-/// Everything an outbound connection needs, shared by all of them.
-pub struct Shared {
+/// One outbound path's service: everything the local service's
+/// connections to one peer need, shared by all of them.
+/// [`OutboundService::bind`] makes an `[[outbound]]` listener; the
+/// transparent outbound listener makes one per destination
+/// ([`OutboundService::new`]).
+pub struct OutboundService {
     name: Arc<str>,
     protocol: Protocol,
     upgrades: Vec<UpgradeProtocol>,
@@ -55,44 +54,8 @@ pub struct Shared {
     connector: PeerConnector,
     upstream: UpstreamClient<PeerConnector>,
     obs: Observability,
-    requests: ListenerMetrics,
+    telemetry: RequestTelemetry,
     listen_addr: SocketAddr,
-}
-
-/// Dials the peer sidecar and completes mutual TLS, checking its identity.
-#[derive(Clone)]
-struct PeerConnector {
-    upstream: Arc<Upstream>,
-    server_name: ServerName<'static>,
-    tls: TlsConnector,
-    connect_timeout: std::time::Duration,
-    name: Arc<str>,
-    peer: Arc<str>,
-    obs: Observability,
-    connections: Arc<ConnRegistry>,
-}
-
-impl OutboundListener {
-    /// Binds the listener and builds the peer clients.
-    pub async fn bind(
-        config: &Outbound,
-        limits: &Limits,
-        tls: &TlsFactory,
-        store: Arc<CredentialStore>,
-        obs: &Observability,
-    ) -> Result<(Self, SocketAddr), Error> {
-        let (listener, addr) = conn::bind(&config.name, config.listen).await?;
-        let target = PeerTarget {
-            name: config.name.as_str().into(),
-            upstream: config.upstream.clone(),
-            peer: PeerPattern::Exact(config.peer.clone()),
-            protocol: config.protocol,
-            upgrades: config.upgrade_protocols.clone(),
-        };
-        let shared = Shared::new(target, limits, tls, store, obs, addr)?;
-        let (name, max) = (shared.name.clone(), shared.limits.max_connections);
-        Ok((conn::Listener::new(listener, addr, name, max, shared), addr))
-    }
 }
 
 /// Where an outbound path leads: an explicit `[[outbound]]`, or one
@@ -112,7 +75,44 @@ pub struct PeerTarget {
     pub upgrades: Vec<UpgradeProtocol>,
 }
 
-impl Shared {
+/// Dials the peer sidecar and completes mutual TLS, checking its identity.
+#[derive(Clone)]
+struct PeerConnector {
+    upstream: Arc<Upstream>,
+    server_name: ServerName<'static>,
+    tls: TlsConnector,
+    connect_timeout: std::time::Duration,
+    name: Arc<str>,
+    peer: Arc<str>,
+    obs: Observability,
+    connections: Arc<ConnRegistry>,
+}
+
+impl OutboundService {
+    /// Binds the listener and builds the peer clients.
+    pub async fn bind(
+        config: &Outbound,
+        limits: &Limits,
+        tls: &TlsFactory,
+        store: Arc<CredentialStore>,
+        obs: &Observability,
+    ) -> Result<(conn::Listener<Self>, SocketAddr), Error> {
+        let (listener, addr) = conn::bind(&config.name, config.listen).await?;
+        let target = PeerTarget {
+            name: config.name.as_str().into(),
+            upstream: config.upstream.clone(),
+            peer: PeerPattern::Exact(config.peer.clone()),
+            protocol: config.protocol,
+            upgrades: config.upgrade_protocols.clone(),
+        };
+        let service = Self::new(target, limits, tls, store, obs, addr)?;
+        let (name, max) = (service.name.clone(), service.limits.max_connections);
+        Ok((
+            conn::Listener::new(listener, addr, name, max, service),
+            addr,
+        ))
+    }
+
     /// Everything a connection to `target` needs: its TLS clients and
     /// connection pools. `listen_addr` is where the service's connections
     /// arrive (for spans).
@@ -144,7 +144,7 @@ impl Shared {
         };
         let upstream_authority = Authority::try_from(upstream.to_string())
             .map_err(|_| Error::Upstream(name.to_string(), upstream.to_string()))?;
-        Ok(Shared {
+        Ok(Self {
             name: name.clone(),
             protocol: target.protocol,
             upgrades: target.upgrades,
@@ -155,29 +155,28 @@ impl Shared {
             connector: connector(&[])?,
             upstream: UpstreamClient::new(connector(&[b"http/1.1"])?, connector(&[b"h2"])?, limits),
             obs: obs.clone(),
-            requests: obs.metrics.listener(&name, "outbound"),
+            telemetry: RequestTelemetry::new(name, "outbound", obs),
             listen_addr,
         })
     }
 }
 
-impl conn::Serve for Shared {
+impl conn::Serve for OutboundService {
     async fn connection(self: Arc<Self>, tcp: TcpStream, addr: SocketAddr, drain: drain::Watch) {
         let _open = self.obs.metrics.connection_opened(&self.name);
         let activity = Activity::new();
         let local = Tracked::new(tcp, activity.clone());
         match self.protocol {
             Protocol::Http => {
-                let shared = self.clone();
+                let this = self.clone();
                 let local_conn = Arc::new(LocalConn {
                     activity: activity.clone(),
                     tunnel: TunnelSlot::default(),
                 });
                 let this_conn = local_conn.clone();
                 // Boxed: hyper's per-connection slot then holds a pointer.
-                let service = hyper::service::service_fn(move |req| {
-                    Box::pin(shared.request(req, &this_conn))
-                });
+                let service =
+                    hyper::service::service_fn(move |req| Box::pin(this.request(req, &this_conn)));
                 let streams = conn::Streams::for_connection();
                 let builder = conn::http_server(&self.limits, streams.clone());
                 let http = builder.serve_connection_with_upgrades(TokioIo::new(local), service);
@@ -199,7 +198,7 @@ impl conn::Serve for Shared {
     }
 }
 
-impl Shared {
+impl OutboundService {
     /// A TCP connection: mutual TLS to the peer, then bytes both ways until
     /// either side ends or the peer's credential lapses.
     async fn serve_tcp(&self, local: Tracked<TcpStream>, activity: &Activity) {
@@ -219,21 +218,20 @@ impl Shared {
         }
     }
 
-    /// Serves one request: forward, count, log. Not an `async fn` (see
-    /// `inbound::Shared::request`): the future holds the request once.
+    /// Serves one request: forward, count, log (the counting and logging
+    /// in [`request::Exchange`]). Not an `async fn` (see
+    /// `InboundService::request`): the future holds the request once.
     fn request(
         self: &Arc<Self>,
         req: Request<Incoming>,
         local: &Arc<LocalConn>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
-        let inflight = local.activity.request();
-        let started = Instant::now();
-        let method = req.method().clone();
         let path = req.uri().path().to_owned();
         // The service's call into its sidecar is the server span; the call
         // to the peer is its client child, whose context the peer continues.
-        let span = if self.obs.tracing {
-            let span = tracing::info_span!(
+        let exchange = self.telemetry.start(&local.activity, &req, || {
+            let method = req.method();
+            tracing::info_span!(
                 "outbound",
                 otel.name = %format_args!("{} {}", method, self.name),
                 otel.kind = "server",
@@ -244,47 +242,28 @@ impl Shared {
                 server.address = %self.listen_addr,
                 moat.listener = &*self.name,
                 moat.peer.id = &*self.peer,
-            );
-            crate::telemetry::continue_trace(&span, req.headers());
-            span
-        } else {
-            tracing::Span::none()
-        };
-        let trace_id = crate::telemetry::trace_id(&span, req.headers());
-        // Taken now, so that a failure's warning and the access line share it.
-        let request_id = crate::telemetry::RequestId::next();
+            )
+        });
         let forward = self
             .clone()
-            .forward(req, local, &span, request_id)
-            .instrument(span.clone());
+            .forward(req, local, exchange.span(), exchange.id());
         let this = self.clone();
-        forward.map(move |resp| {
-            let _inflight = inflight;
+        exchange.answer(forward, move |exchange, resp| {
             // The peer is the configured one whenever it answered (the
             // handshake checked it); a refused one is named as presented.
             let peer = resp
                 .extensions()
                 .get::<Presented>()
                 .map_or(&*this.peer, |p| p.0.as_deref().unwrap_or("-"));
-            let entry = crate::telemetry::AccessEntry {
-                request_id,
-                trace_id: &trace_id,
-                listener: &this.name,
-                direction: "outbound",
+            let logged = Logged {
                 peer,
                 expected_peer: Some(&*this.peer),
-                method: &method,
                 path: &path,
                 raw_path: None,
-                status: resp.status().as_u16(),
-                route: "-",
-                decision: crate::authz::AuthzDecision::None,
-                reason: None,
-                duration: started.elapsed(),
-                bytes: content_length(&resp),
+                verdict: None,
             };
-            crate::telemetry::request_done(&span, &this.requests, &entry);
-            Ok(resp)
+            exchange.finish(&resp, &this.telemetry, logged);
+            resp
         })
     }
 
@@ -367,19 +346,9 @@ impl Shared {
         let (mut parts, body) = req.into_parts();
         // A tunnel to wherever the service names is not what this listener
         // is for: it reaches one peer, by route.
-        if parts.method == Method::CONNECT {
-            return Err(ProxyError::ConnectNotSupported);
-        }
-        check_request_head(&parts, &self.limits)?;
+        request::check_head(&parts, &self.limits)?;
         // Identity headers are for the peer's sidecar to set, from its own handshake.
-        parts.headers.remove(&PEER_ID);
-        parts.headers.remove(&XFCC);
-        let upgrade = match strip_hop_by_hop(&mut parts.headers) {
-            Some(v) if parts.version == Version::HTTP_11 => {
-                upgrade::accept(&v, &self.upgrades, &mut parts.extensions)
-            }
-            _ => None,
-        };
+        let upgrade = request::strip_head(&mut parts, &self.upgrades);
         if let Some(upgrade) = &upgrade {
             upgrade.mark(&mut parts.headers);
         }
@@ -559,7 +528,7 @@ mod tests {
     /// stream to the peer and the splice, was boxed like the inbound's).
     #[test]
     fn the_connection_future_stays_small() {
-        let size = returned_4(<Shared as Serve>::connection);
+        let size = returned_4(<OutboundService as Serve>::connection);
         assert_between("the outbound connection future", size, 768, 1280);
     }
 
@@ -567,7 +536,7 @@ mod tests {
     /// benches/results/analysis.md has it); the request is held once.
     #[test]
     fn the_request_future_holds_the_request_once() {
-        let size = returned_3(Shared::request);
+        let size = returned_3(OutboundService::request);
         assert_between("the outbound request future", size, 848, 1152);
     }
 }

@@ -44,9 +44,12 @@ use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 
+use crate::body::ProxyBody;
 use crate::config::{Limits, UpgradeProtocol};
 use crate::conn::{self, Activity};
-use crate::http::{ProxyBody, ProxyError, head_within, strip_hop_by_hop};
+use crate::head_limits::head_within;
+use crate::headers::strip_hop_by_hop;
+use crate::proxy_error::ProxyError;
 use crate::telemetry::ProxyMetrics;
 
 /// An upgrade the listener passes: the protocol, and the caller's side of

@@ -36,10 +36,13 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::body::ProxyBody;
 use crate::config::Limits;
 use crate::conn_registry::Lease;
 use crate::expect::{self, Gate, HeldBody};
-use crate::http::{ProxyBody, ProxyError, head_within, strip_hop_by_hop, wire};
+use crate::head_limits::{head_within, wire};
+use crate::headers::strip_hop_by_hop;
+use crate::proxy_error::ProxyError;
 
 /// Opens a new transport connection to the upstream.
 pub trait Dial: Send + Sync + 'static {

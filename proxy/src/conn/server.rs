@@ -23,12 +23,12 @@ use crate::drain;
 // The server settings, applied the same to hyper's builders and to the
 // ones inside hyper-util's `auto` builder (same methods, other types). The
 // parsers' limits sit above `max_header_bytes` and `max_header_count`
-// (`crate::http::wire`); the handlers check those and answer 414/431.
+// (`crate::head_limits::wire`); the handlers check those and answer 414/431.
 macro_rules! http1_settings {
     ($b:expr, $limits:expr) => {
         $b.timer(TokioTimer::new())
             .header_read_timeout($limits.header_read_timeout)
-            .max_buf_size(crate::http::wire($limits).h1_head)
+            .max_buf_size(crate::head_limits::wire($limits).h1_head)
             .max_headers($limits.max_header_count)
             .keep_alive(true)
     };
@@ -37,7 +37,7 @@ macro_rules! http1_settings {
 macro_rules! http2_settings {
     ($b:expr, $limits:expr) => {
         $b.timer(TokioTimer::new())
-            .max_header_list_size(crate::http::wire($limits).h2_header_list)
+            .max_header_list_size(crate::head_limits::wire($limits).h2_header_list)
             .max_concurrent_streams(1000)
             .keep_alive_interval(Some(Duration::from_secs(30)))
             .keep_alive_timeout(Duration::from_secs(20))

@@ -29,8 +29,8 @@ use crate::{drain, inbound};
 /// The `[[inbound]]` that serves one app port.
 #[derive(Clone)]
 pub struct PortTarget {
-    /// The listener's shared state: its TLS, policy and forwarding.
-    pub shared: Arc<inbound::Shared>,
+    /// The listener's service: its TLS, policy and forwarding.
+    pub service: Arc<inbound::InboundService>,
     /// Where it forwards (the app, on loopback): permissive plaintext goes there.
     pub forward: SocketAddr,
 }
@@ -55,9 +55,6 @@ pub struct TransparentInbound {
     metrics: TransparentMetrics,
 }
 
-/// One bound transparent inbound listener, ready to serve.
-pub type TransparentListener = conn::Listener<TransparentInbound>;
-
 impl TransparentInbound {
     /// Binds `[::]:port` (IPv4 and IPv6; `0.0.0.0:port` where the host has
     /// no IPv6), serving connections by their original port with `by_port`.
@@ -67,7 +64,7 @@ impl TransparentInbound {
         settings: InboundSettings,
         limits: &Limits,
         metrics: TransparentMetrics,
-    ) -> Result<(TransparentListener, SocketAddr), crate::Error> {
+    ) -> Result<(conn::Listener<Self>, SocketAddr), crate::Error> {
         let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, port));
         let (listener, addr) = match conn::bind(INBOUND_NAME, any6).await {
             Ok(bound) => bound,
@@ -91,7 +88,7 @@ impl TransparentInbound {
                 "mode = \"permissive\": plaintext reaches the app unauthenticated (each connection counted and logged); switch to \"strict\" once every client is meshed"
             );
         }
-        let shared = Self {
+        let service = Self {
             by_port,
             listen_port: addr.port(),
             settings,
@@ -99,7 +96,7 @@ impl TransparentInbound {
             metrics,
         };
         let max = limits.max_connections;
-        let listener = conn::Listener::new(listener, addr, INBOUND_NAME.into(), max, shared);
+        let listener = conn::Listener::new(listener, addr, INBOUND_NAME.into(), max, service);
         Ok((listener, addr))
     }
 
@@ -163,6 +160,6 @@ impl Serve for TransparentInbound {
                 }
             }
         }
-        target.shared.connection(tcp, addr, drain).await
+        target.service.connection(tcp, addr, drain).await
     }
 }

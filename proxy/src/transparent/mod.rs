@@ -38,9 +38,9 @@ use prometheus_client::metrics::family::Family;
 use serde::Deserialize;
 
 pub use destinations::{Destination, DestinationTable};
-pub use inbound::{TransparentInbound, TransparentListener};
+pub use inbound::TransparentInbound;
 pub use original_dst::original_dst;
-pub use outbound::{TransparentOutbound, TransparentOutboundListener};
+pub use outbound::TransparentOutbound;
 
 use crate::telemetry::ProxyMetrics;
 

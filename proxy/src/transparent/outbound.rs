@@ -3,7 +3,7 @@
 //!
 //! Each connection's original destination is looked up in the
 //! `[[destination]]` table. A match is served exactly as an explicit
-//! `[[outbound]]` would serve it ([`crate::outbound::Shared`]: pooled
+//! `[[outbound]]` would serve it ([`crate::outbound::OutboundService`]: pooled
 //! HTTP/1.1, multiplexed HTTP/2, upgrades, limits, metrics, access log),
 //! with the original `ip:port` as its upstream and the entry's peer pattern
 //! pinned in the handshake: the peer pod's redirect rules hand that
@@ -32,7 +32,7 @@ use super::original_dst::{self as odst, original_dst};
 use super::{OUTBOUND_NAME, TransparentMetrics, Unmatched, detect};
 use crate::config::{Limits, Upstream};
 use crate::conn::{self, RelayConnectError, Serve};
-use crate::outbound::{self, PeerTarget};
+use crate::outbound::{OutboundService, PeerTarget};
 use crate::telemetry::Observability;
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::{drain, redirect::RedirectConfig};
@@ -55,14 +55,11 @@ pub struct TransparentOutbound {
     store: Arc<CredentialStore>,
     obs: Observability,
     metrics: TransparentMetrics,
-    paths: Mutex<HashMap<(usize, SocketAddr), Arc<outbound::Shared>>>,
+    paths: Mutex<HashMap<(usize, SocketAddr), Arc<OutboundService>>>,
     /// moat's own connections are redirected back to it (it runs as
     /// neither `proxy_uid` nor `proxy_gid`): check each for a loop.
     self_redirected: bool,
 }
-
-/// One bound socket of the transparent outbound listener.
-pub type TransparentOutboundListener = conn::Listener<Arc<TransparentOutbound>>;
 
 /// Everything the transparent outbound listener is built from.
 pub struct OutboundParts<'a> {
@@ -87,7 +84,7 @@ impl TransparentOutbound {
     /// IPv6, `[::1]` on the same port.
     pub async fn bind(
         parts: OutboundParts<'_>,
-    ) -> Result<Vec<(TransparentOutboundListener, SocketAddr)>, crate::Error> {
+    ) -> Result<Vec<(conn::Listener<Arc<Self>>, SocketAddr)>, crate::Error> {
         let port = parts.redirect.outbound_listener_port;
         let (v4, addr4) =
             conn::bind(OUTBOUND_NAME, SocketAddr::from((Ipv4Addr::LOCALHOST, port))).await?;
@@ -130,7 +127,7 @@ impl TransparentOutbound {
     }
 
     /// The path to `dst` for the entry `index`, made on first use.
-    fn path(&self, index: usize, dst: SocketAddr) -> Result<Arc<outbound::Shared>, crate::Error> {
+    fn path(&self, index: usize, dst: SocketAddr) -> Result<Arc<OutboundService>, crate::Error> {
         let key = (index, dst);
         if let Some(p) = self.paths.lock().expect("paths").get(&key) {
             return Ok(p.clone());
@@ -149,7 +146,7 @@ impl TransparentOutbound {
             ],
         };
         let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, self.listen_port));
-        let shared = Arc::new(outbound::Shared::new(
+        let service = Arc::new(OutboundService::new(
             target,
             &self.limits,
             &self.tls,
@@ -159,9 +156,9 @@ impl TransparentOutbound {
         )?);
         let mut paths = self.paths.lock().expect("paths");
         if paths.len() < MAX_PATHS {
-            paths.entry(key).or_insert_with(|| shared.clone());
+            paths.entry(key).or_insert_with(|| service.clone());
         }
-        Ok(shared)
+        Ok(service)
     }
 
     /// Which entry serves a connection to `dst`, if any.

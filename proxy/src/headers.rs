@@ -1,0 +1,162 @@
+//! Header fields the proxy itself handles on the way through: the
+//! hop-by-hop ones (RFC 9110 §7.6.1), removed at each hop, and the few it
+//! reads (`content-type` for gRPC, `content-length` for the access log).
+//! The identity headers are set and removed in `request.rs`.
+
+use http::Response;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+/// A response's `content-length`, when it has one.
+pub fn content_length<B>(resp: &Response<B>) -> Option<u64> {
+    resp.headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// True for a gRPC request (`application/grpc`, `application/grpc+proto`,
+/// ...; not gRPC-Web, which has its own HTTP/1.1 servers).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 16
+            && v[..16].eq_ignore_ascii_case(b"application/grpc")
+            && matches!(v.get(16), None | Some(b'+' | b';'))
+    })
+}
+
+/// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
+/// `Connection`. `te: trailers` survives: gRPC needs it. When `Connection`
+/// names `upgrade`, returns the `Upgrade` header that went with it.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    // Most requests and responses carry none: one pass over the names
+    // (comparisons, no hashing) decides whether there is anything to do.
+    if !headers.keys().any(is_hop_by_hop) {
+        return None;
+    }
+    let mut upgrade = false;
+    // Names listed in `Connection` go too; the usual tokens (`keep-alive`,
+    // `close`) are removed below anyway or name nothing, so they cost no
+    // allocation here.
+    let mut named: Vec<HeaderName> = Vec::new();
+    for token in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+    {
+        if token.eq_ignore_ascii_case("upgrade") {
+            upgrade = true;
+            continue;
+        }
+        if token.is_empty()
+            || token.eq_ignore_ascii_case("close")
+            || token.eq_ignore_ascii_case(header::TE.as_str())
+            || ALWAYS_HOP_BY_HOP
+                .iter()
+                .any(|n| token.eq_ignore_ascii_case(n.as_str()))
+        {
+            continue;
+        }
+        if let Ok(name) = HeaderName::from_bytes(token.as_bytes()) {
+            named.push(name);
+        }
+    }
+    for name in named {
+        headers.remove(&name);
+    }
+    let upgrade = if upgrade {
+        headers.remove(header::UPGRADE)
+    } else {
+        None
+    };
+    for name in ALWAYS_HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if let Some(te) = headers.get(header::TE)
+        && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
+    {
+        headers.remove(header::TE);
+    }
+    upgrade
+}
+
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop whatever `Connection` says (`te` is judged by its value).
+static ALWAYS_HOP_BY_HOP: [&HeaderName; 8] = [
+    &header::CONNECTION,
+    &header::PROXY_AUTHENTICATE,
+    &header::PROXY_AUTHORIZATION,
+    &header::TRAILER,
+    &header::TRANSFER_ENCODING,
+    &header::UPGRADE,
+    &KEEP_ALIVE,
+    &PROXY_CONNECTION,
+];
+
+/// A header that does not travel past this hop (or may name others that don't).
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    name == header::TE || ALWAYS_HOP_BY_HOP.contains(&name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_and_te_trailers_stays() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert!(h.get("x-secret").is_none());
+        assert!(h.get("keep-alive").is_none());
+        assert!(h.get(header::CONNECTION).is_none());
+        assert_eq!(h.get(header::TE).unwrap(), "trailers");
+        assert!(h.get("x-kept").is_some());
+    }
+
+    #[test]
+    fn an_upgrade_is_reported_and_its_headers_removed() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("sec-websocket-key", HeaderValue::from_static("k"));
+        assert_eq!(strip_hop_by_hop(&mut h).unwrap(), "websocket");
+        assert!(h.get(header::UPGRADE).is_none() && h.get(header::CONNECTION).is_none());
+        assert!(h.get("sec-websocket-key").is_some());
+        // `Upgrade` without `Connection: upgrade` is no upgrade (RFC 9110 §7.8).
+        let mut h = HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert!(strip_hop_by_hop(&mut h).is_none());
+        assert!(h.get(header::UPGRADE).is_none());
+    }
+
+    #[test]
+    fn grpc_is_told_from_grpc_web_by_content_type() {
+        let with = |ct: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+            is_grpc(&h)
+        };
+        assert!(with("application/grpc"));
+        assert!(with("application/grpc+proto"));
+        assert!(with("Application/GRPC;charset=utf-8"));
+        assert!(!with("application/grpc-web"));
+        assert!(!with("application/grpc-web+proto"));
+        assert!(!with("application/json"));
+        assert!(!is_grpc(&HeaderMap::new()));
+    }
+}
