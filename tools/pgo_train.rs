@@ -38,35 +38,26 @@ use tokio::net::TcpStream;
 
 const TRUST_DOMAIN: &str = "example.org";
 
+/// `pgo-train --moat PATH --dir DIR [--scale N]`.
+#[derive(clap::Parser)]
+#[command(
+    name = "pgo-train",
+    about = "Drives a moat binary through a sidecar's everyday work (the PGO training run)"
+)]
 struct Args {
+    /// The moat binary to train (an instrumented build).
+    #[arg(long, value_name = "PATH")]
     moat: PathBuf,
+    /// Where the PKI, configurations and logs of the run go.
+    #[arg(long, value_name = "DIR")]
     dir: PathBuf,
-    scale: usize,
-}
-
-fn parse_args() -> Result<Args> {
-    let mut moat = None;
-    let mut dir = None;
-    let mut scale = 10;
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{arg} needs a value"));
-        match arg.as_str() {
-            "--moat" => moat = Some(PathBuf::from(value()?)),
-            "--dir" => dir = Some(PathBuf::from(value()?)),
-            "--scale" => scale = value()?.parse().context("--scale: a whole number")?,
-            _ => bail!("usage: pgo-train --moat PATH --dir DIR [--scale N]"),
-        }
-    }
-    Ok(Args {
-        moat: moat.context("--moat PATH is required")?,
-        dir: dir.context("--dir DIR is required")?,
-        scale: scale.max(1),
-    })
+    /// Multiplies the request counts (10: about 115,000 requests).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    scale: u64,
 }
 
 fn main() -> Result<()> {
-    let args = parse_args()?;
+    let args = <Args as clap::Parser>::parse();
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?
@@ -162,7 +153,7 @@ protocol = "tcp"
 
     let h1_tls = Arc::new(pki.client_tls(b"http/1.1")?);
     let h2_tls = Arc::new(pki.client_tls(b"h2")?);
-    let n = args.scale * 1000;
+    let n = usize::try_from(args.scale)?.saturating_mul(1000);
     let mut report = Report::default();
     let (reuse, fresh) = (Conn::Reuse, Conn::Fresh);
     let paced = Conn::Paced(Duration::from_micros(500));

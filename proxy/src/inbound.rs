@@ -452,18 +452,15 @@ impl InboundService {
         upgrade: Box<Upgrade>,
         peer: &Peer,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let resp = self.upstream.send_upgrade(req).await?;
         let cx = upgrade::TunnelContext {
             listener: &self.name,
             metrics: &self.obs.metrics,
             activity: peer.activity.clone(),
             idle: self.limits.idle_timeout,
         };
-        let (resp, tunnel) = (*upgrade).relay(resp, &self.limits, cx)?;
-        if let Some(tunnel) = tunnel {
-            peer.tunnel.put(tunnel);
-        }
-        Ok(resp)
+        upgrade
+            .forward(&self.upstream, req, &self.limits, cx, &peer.tunnel)
+            .await
     }
 
     /// Acts on the policy's outcome: the answer if the request goes no

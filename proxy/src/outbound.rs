@@ -318,18 +318,15 @@ impl OutboundService {
         upgrade: Box<Upgrade>,
         local: &LocalConn,
     ) -> Result<Response<ProxyBody>, ProxyError> {
-        let resp = self.upstream.send_upgrade(req).await?;
         let cx = upgrade::TunnelContext {
             listener: &self.name,
             metrics: &self.obs.metrics,
             activity: local.activity.clone(),
             idle: self.limits.idle_timeout,
         };
-        let (resp, tunnel) = (*upgrade).relay(resp, &self.limits, cx)?;
-        if let Some(tunnel) = tunnel {
-            local.tunnel.put(tunnel);
-        }
-        Ok(resp)
+        upgrade
+            .forward(&self.upstream, req, &self.limits, cx, &local.tunnel)
+            .await
     }
 
     /// The request as it goes to the peer, the upgrade it asks for (if

@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -51,6 +51,7 @@ use crate::head_limits::head_within;
 use crate::headers::strip_hop_by_hop;
 use crate::proxy_error::ProxyError;
 use crate::telemetry::ProxyMetrics;
+use crate::upstream::{Dial, UpstreamClient};
 
 /// An upgrade the listener passes: the protocol, and the caller's side of
 /// the connection once the 101 has been written.
@@ -138,6 +139,26 @@ impl Upgrade {
     pub fn mark(&self, headers: &mut http::HeaderMap) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, self.token.clone());
+    }
+
+    /// Sends the upgrade request on a connection of its own (never
+    /// pooled), relays the answer, and after a 101 leaves the tunnel in
+    /// `slot` for the caller's connection task. Inbound and outbound forward
+    /// upgrades alike; only whose connection the tunnel belongs to differs.
+    pub async fn forward<D: Dial>(
+        self: Box<Self>,
+        upstream: &UpstreamClient<D>,
+        req: Request<Incoming>,
+        limits: &Limits,
+        cx: TunnelContext<'_>,
+        slot: &TunnelSlot,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let resp = upstream.send_upgrade(req).await?;
+        let (resp, tunnel) = (*self).relay(resp, limits, cx)?;
+        if let Some(tunnel) = tunnel {
+            slot.put(tunnel);
+        }
+        Ok(resp)
     }
 
     /// The upstream's answer as it goes to the caller, and for a 101 the

@@ -53,6 +53,15 @@ pub enum CredentialError {
 }
 
 /// Where the current credentials live.
+///
+/// Why an `ArcSwapOption` beside the `watch` channel and not the channel
+/// alone: every TLS handshake (the certificate resolver, the client config)
+/// reads the current credentials, and `watch::Receiver::borrow` takes the
+/// channel's `RwLock` for that read, shared by every connection task on
+/// every worker, where an `ArcSwap` load is a lock-free pointer read. The
+/// channel carries only a generation number, for the few that wait for a
+/// change (the connection registry, which closes connections whose peer's
+/// credential lapsed, and [`CredentialStore::ready`]).
 pub struct CredentialStore {
     current: ArcSwapOption<Credentials>,
     changed: watch::Sender<u64>,
