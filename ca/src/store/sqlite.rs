@@ -139,38 +139,21 @@ impl SqliteStore {
         after: i64,
         limit: i64,
     ) -> Result<(Vec<IssuedRow>, i64), StoreError> {
-        let conn = self.inner.conn.lock().expect("CA store lock");
-        let path = &self.inner.path;
-        let mut stmt = conn
-            .prepare_cached(
-                "SELECT rowid, serial, spiffe_id, not_after, kind, issued_at FROM issued \
-                 WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
-            )
-            .map_err(|source| db_err(path, source))?;
-        let mut last = after;
-        let rows = stmt
-            .query_map(params![after, limit], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    IssuedRow {
-                        serial: r.get(1)?,
-                        spiffe_id: r.get(2)?,
-                        not_after: r.get(3)?,
-                        kind: r.get(4)?,
-                        issued_at: r.get(5)?,
-                    },
-                ))
-            })
-            .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
-            .map_err(|source| db_err(path, source))?;
-        let rows = rows
-            .into_iter()
-            .map(|(rowid, row)| {
-                last = rowid;
-                row
-            })
-            .collect();
-        Ok((rows, last))
+        self.export_page(
+            "SELECT rowid, serial, spiffe_id, not_after, kind, issued_at FROM issued \
+             WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+            after,
+            limit,
+            |r| {
+                Ok(IssuedRow {
+                    serial: r.get(1)?,
+                    spiffe_id: r.get(2)?,
+                    not_after: r.get(3)?,
+                    kind: r.get(4)?,
+                    issued_at: r.get(5)?,
+                })
+            },
+        )
     }
 
     /// Up to `limit` rows of `used_tokens` after `rowid`, with the last rowid.
@@ -179,36 +162,45 @@ impl SqliteStore {
         after: i64,
         limit: i64,
     ) -> Result<(Vec<UsedTokenRow>, i64), StoreError> {
+        self.export_page(
+            "SELECT rowid, jti, expires_at, used_at FROM used_tokens \
+             WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
+            after,
+            limit,
+            |r| {
+                Ok(UsedTokenRow {
+                    jti: r.get(1)?,
+                    expires_at: r.get(2)?,
+                    used_at: r.get(3)?,
+                })
+            },
+        )
+    }
+
+    /// One page of an export: `sql` selects `rowid` first and takes the
+    /// rowid to start after (`?1`) and the page size (`?2`); `read` reads
+    /// the rest of each row. Returns the rows and the last rowid (`after`
+    /// when there are none).
+    fn export_page<T>(
+        &self,
+        sql: &str,
+        after: i64,
+        limit: i64,
+        read: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+    ) -> Result<(Vec<T>, i64), StoreError> {
         let conn = self.inner.conn.lock().expect("CA store lock");
         let path = &self.inner.path;
         let mut stmt = conn
-            .prepare_cached(
-                "SELECT rowid, jti, expires_at, used_at FROM used_tokens \
-                 WHERE rowid > ?1 ORDER BY rowid LIMIT ?2",
-            )
+            .prepare_cached(sql)
             .map_err(|source| db_err(path, source))?;
-        let mut last = after;
         let rows = stmt
             .query_map(params![after, limit], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    UsedTokenRow {
-                        jti: r.get(1)?,
-                        expires_at: r.get(2)?,
-                        used_at: r.get(3)?,
-                    },
-                ))
+                Ok((r.get::<_, i64>(0)?, read(r)?))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(|source| db_err(path, source))?;
-        let rows = rows
-            .into_iter()
-            .map(|(rowid, row)| {
-                last = rowid;
-                row
-            })
-            .collect();
-        Ok((rows, last))
+        let last = rows.last().map_or(after, |(rowid, _)| *rowid);
+        Ok((rows.into_iter().map(|(_, row)| row).collect(), last))
     }
 
     /// Every revocation.
