@@ -12,6 +12,8 @@
 use clap::Parser;
 
 /// The messages and service code generated from `helloworld.proto`.
+// Generated code, kept as tonic emits it: `pub` items and undocumented fields.
+#[allow(unreachable_pub, missing_docs)]
 pub mod hello_world {
     include!("helloworld.rs");
 }

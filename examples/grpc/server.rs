@@ -17,6 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// The messages and service code generated from `helloworld.proto`.
+// Generated code, kept as tonic emits it: `pub` items and undocumented fields.
+#[allow(unreachable_pub, missing_docs)]
 pub mod hello_world {
     include!("helloworld.rs");
 }
