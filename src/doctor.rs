@@ -25,7 +25,7 @@ use moat_proxy::config::{AppProtocol, Config, Identity, Protocol};
 use serde_json::json;
 
 /// How the checks came out.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Nothing to fix (exit 0).
     Healthy,
     /// At least one warning or problem, printed (exit 1).
@@ -34,7 +34,7 @@ pub enum Outcome {
 
 /// Why `moat doctor` could not check anything (exit 64).
 #[derive(Debug, thiserror::Error)]
-pub enum DoctorError {
+pub(crate) enum DoctorError {
     /// The configuration file does not parse.
     #[error(transparent)]
     Config(#[from] moat_proxy::config::ConfigError),
@@ -175,7 +175,7 @@ impl Report {
 /// Runs every check on the configuration at `path` and prints the report
 /// (text, or JSON with `json`) on standard output. Each network check is
 /// given `timeout`.
-pub fn run(path: &Path, json: bool, timeout: Duration) -> Result<Outcome, DoctorError> {
+pub(crate) fn run(path: &Path, json: bool, timeout: Duration) -> Result<Outcome, DoctorError> {
     // `Config::parse`, not `load`: a broken policy is a finding of its own
     // below, with the others, rather than the end of the checks.
     let text =

@@ -35,7 +35,7 @@ const BILLING_ID: &str = "spiffe://demo.local/ns/shop/sa/billing";
 const CERT_TTL: &str = "20s";
 
 /// What `moat demo` was asked to do.
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     /// Leave everything running for the user to curl.
     pub keep_running: bool,
     /// Where to put the CA, configs and logs (a temporary directory if absent).
@@ -98,7 +98,7 @@ struct Outcome {
 }
 
 /// Runs the demo; returns when it is done (or on Ctrl-C with `keep_running`).
-pub fn run(opts: DemoOptions) -> Result<()> {
+pub(crate) fn run(opts: DemoOptions) -> Result<()> {
     let tmp;
     let dir = match opts.dir {
         Some(dir) => {
