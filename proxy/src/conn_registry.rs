@@ -52,7 +52,7 @@ pub enum CloseReason {
 
 /// A listener's `allow_peers`, replaceable while connections are open
 /// (TCP listeners, on reload). `None` inside: every peer of the trust domain.
-pub type AllowPeers = Arc<ArcSwap<Option<Vec<PeerPattern>>>>;
+pub(crate) type AllowPeers = Arc<ArcSwap<Option<Vec<PeerPattern>>>>;
 
 /// The open peer connections.
 pub struct ConnRegistry {
@@ -298,7 +298,7 @@ impl Drop for Lease {
 /// connection's task holds it for its whole life, and the timer and watch
 /// inside would otherwise add their size to every connection future
 /// (`inbound`'s size tests).
-pub fn closed(
+pub(crate) fn closed(
     lease: Option<&Lease>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CloseReason> + Send + '_>> {
     Box::pin(async move {

@@ -54,7 +54,7 @@ use crate::telemetry::ProxyMetrics;
 
 /// An upgrade the listener passes: the protocol, and the caller's side of
 /// the connection once the 101 has been written.
-pub struct Upgrade {
+pub(crate) struct Upgrade {
     /// The protocol, as configured (lowercase); the metric's label.
     pub protocol: UpgradeProtocol,
     /// The `Upgrade` value sent upstream: the caller's token for it.
@@ -64,14 +64,14 @@ pub struct Upgrade {
 
 /// A spliced pair of upgraded connections, run by the caller's connection
 /// task once hyper has handed it over.
-pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where a request handler leaves its tunnel for the connection task.
 #[derive(Default)]
-pub struct TunnelSlot(Mutex<Option<Tunnel>>);
+pub(crate) struct TunnelSlot(Mutex<Option<Tunnel>>);
 
 /// What a tunnel needs of its listener.
-pub struct TunnelContext<'a> {
+pub(crate) struct TunnelContext<'a> {
     /// The listener's name (logs, metric).
     pub listener: &'a str,
     /// The metrics.
@@ -84,12 +84,12 @@ pub struct TunnelContext<'a> {
 
 impl TunnelSlot {
     /// Leaves a tunnel to run after the HTTP connection hands over.
-    pub fn put(&self, tunnel: Tunnel) {
+    pub(crate) fn put(&self, tunnel: Tunnel) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
     }
 
     /// The tunnel left by a request, if any.
-    pub fn take(&self) -> Option<Tunnel> {
+    pub(crate) fn take(&self) -> Option<Tunnel> {
         self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
     }
 }
@@ -99,7 +99,7 @@ impl TunnelSlot {
 /// side of the connection from the request's extensions (there only on an
 /// HTTP/1.1 connection served with upgrades). Boxed: a request future
 /// holds a pointer for it, and only an upgrade pays for the rest.
-pub fn accept(
+pub(crate) fn accept(
     value: &HeaderValue,
     allowed: &[UpgradeProtocol],
     extensions: &mut http::Extensions,
@@ -135,7 +135,7 @@ fn choose(
 impl Upgrade {
     /// Marks a request head as this upgrade (`Connection: upgrade` and the
     /// `Upgrade` token), after the hop-by-hop headers were stripped.
-    pub fn mark(&self, headers: &mut http::HeaderMap) {
+    pub(crate) fn mark(&self, headers: &mut http::HeaderMap) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, self.token.clone());
     }
@@ -143,7 +143,7 @@ impl Upgrade {
     /// The upstream's answer as it goes to the caller, and for a 101 the
     /// tunnel to run once the caller's connection is handed over. Any
     /// other answer is relayed as an ordinary response.
-    pub fn relay(
+    pub(crate) fn relay(
         self,
         mut resp: Response<Incoming>,
         limits: &Limits,

@@ -45,7 +45,7 @@ use crate::headers::strip_hop_by_hop;
 use crate::proxy_error::ProxyError;
 
 /// Opens a new transport connection to the upstream.
-pub trait Dial: Send + Sync + 'static {
+pub(crate) trait Dial: Send + Sync + 'static {
     /// The connected stream (TCP, or TLS over TCP).
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
@@ -64,7 +64,7 @@ pub trait Dial: Send + Sync + 'static {
 /// What goes upstream: the caller's body, none (a request without a body
 /// can be sent again), or the caller's body held back for
 /// `Expect: 100-continue` ([`crate::expect`]).
-pub enum OutBody<B> {
+pub(crate) enum OutBody<B> {
     /// The caller's body, as it comes.
     Whole(B),
     /// No body.
@@ -80,7 +80,7 @@ pub enum OutBody<B> {
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(500);
 
 /// Pooled HTTP/1.1 and HTTP/2 connections to one upstream.
-pub struct UpstreamClient<D, B = Incoming> {
+pub(crate) struct UpstreamClient<D, B = Incoming> {
     h1_dial: D,
     h2_dial: D,
     h1: Arc<Mutex<VecDeque<Idle<B>>>>,
@@ -123,7 +123,7 @@ where
     /// A client dialing with `h1_dial` for HTTP/1.1 and `h2_dial` for
     /// HTTP/2 (they differ outbound: the ALPN offered), with the pool and
     /// timeout limits.
-    pub fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
+    pub(crate) fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
         let h1 = Arc::new(Mutex::new(VecDeque::new()));
         spawn_reaper(Arc::downgrade(&h1), limits.pool_idle_timeout);
         let wire = wire(limits);
@@ -160,7 +160,7 @@ where
     /// of also keeping the argument's slot (rustc #62958), and the timeout
     /// is mapped rather than awaited by an `async` block that would hold it
     /// twice.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + '_ {
@@ -224,7 +224,10 @@ where
     /// never pooled: after a 101 it carries the upgraded protocol) and
     /// returns the response as it came, `OnUpgrade` included. The timeout
     /// covers connecting and the response head.
-    pub async fn send_upgrade(&self, req: Request<B>) -> Result<Response<Incoming>, ProxyError> {
+    pub(crate) async fn send_upgrade(
+        &self,
+        req: Request<B>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req.map(|b| {
             if b.is_end_stream() {
                 OutBody::Empty

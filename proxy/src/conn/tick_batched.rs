@@ -26,14 +26,14 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// and may wake an idle worker to steal it, so the deferral may cost more
 /// than it saves. Measure both before keeping it there (issue 17, item 14).
 #[derive(Debug)]
-pub struct TickBatched<T> {
+pub(crate) struct TickBatched<T> {
     inner: T,
     deferred: bool,
 }
 
 impl<T> TickBatched<T> {
     /// Wraps `inner`.
-    pub fn new(inner: T) -> Self {
+    pub(crate) fn new(inner: T) -> Self {
         Self {
             inner,
             deferred: false,
