@@ -532,7 +532,7 @@ fn check_token(r: &mut Report, ca: &moat_proxy::config::CaIdentity) {
         return;
     };
     let now = moat_ca::token::unix_now();
-    let exp = claims.get("exp").and_then(|v| v.as_u64());
+    let exp = claims.get("exp").and_then(serde_json::Value::as_u64);
     let join = claims.get("iss").and_then(|v| v.as_str()) == Some(moat_ca::token::JOIN_ISSUER);
     let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("?");
     match exp {
@@ -578,7 +578,10 @@ fn check_token(r: &mut Report, ca: &moat_proxy::config::CaIdentity) {
 /// True for a path under `.../run/credentials/`, where systemd puts a
 /// unit's `LoadCredential=` files for the running service alone.
 fn is_systemd_credential(path: &Path) -> bool {
-    let parts: Vec<_> = path.components().map(|c| c.as_os_str()).collect();
+    let parts: Vec<_> = path
+        .components()
+        .map(std::path::Component::as_os_str)
+        .collect();
     parts
         .windows(2)
         .any(|w| w[0] == "run" && w[1] == "credentials")

@@ -570,9 +570,8 @@ fn plan_document(
              it {OPT_OUT_ANNOTATION}: \"false\" to pass it through without one"
         )));
     }
-    let containers = match spec.get("containers") {
-        Some(c @ Node::Seq { .. }) => c,
-        _ => return Err(ctx.refuse("the pod spec has no containers list")),
+    let Some(containers @ Node::Seq { .. }) = spec.get("containers") else {
+        return Err(ctx.refuse("the pod spec has no containers list"));
     };
     let owned_names: &[&str] = if o.transparent {
         &[REDIRECT_NAME, SIDECAR_NAME]

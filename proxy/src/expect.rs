@@ -108,7 +108,11 @@ impl Gate {
             .state
             .compare_exchange(WAITING, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-            && let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take()
+            && let Some(w) = self
+                .waker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
         {
             w.wake();
         }
@@ -140,7 +144,11 @@ where
                 GIVEN_UP => return Poll::Ready(Some(Err(Box::new(GivenUp)))),
                 _ => {}
             }
-            *this.gate.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            *this
+                .gate
+                .waker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cx.waker().clone());
             // Settled between the load and the waker's registration: look again.
             if !this.gate.is_waiting() {
                 continue;

@@ -166,7 +166,7 @@ impl CaSource {
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
                 tokio::select! {
-                    _ = tokio::time::sleep(until_renew) => {
+                    () = tokio::time::sleep(until_renew) => {
                         if svid.not_after <= SystemTime::now() {
                             // Too late for mutual TLS with the old certificate:
                             // start over with the token (Kubernetes tokens are
@@ -190,14 +190,14 @@ impl CaSource {
                             }
                         }
                     }
-                    _ = tokio::time::sleep_until(next_refresh) => {
+                    () = tokio::time::sleep_until(next_refresh) => {
                         self.refresh_bundle(&mut bundle).await;
                         next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
                     }
-                    _ = self.refresh_now.notified() => {
+                    () = self.refresh_now.notified() => {
                         self.refresh_bundle(&mut bundle).await;
                     }
-                    _ = tokio::time::sleep_until(next_revocations) => {
+                    () = tokio::time::sleep_until(next_revocations) => {
                         self.refresh_revocations(&svid, &key).await;
                         next_revocations = tokio::time::Instant::now() + crate::revocation::POLL_INTERVAL;
                     }
@@ -244,8 +244,8 @@ impl CaSource {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot read the token");
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = token_file.changed() => {}
+                        () = tokio::time::sleep(wait) => {}
+                        () = token_file.changed() => {}
                     }
                     continue;
                 }
@@ -435,7 +435,7 @@ impl FileSource {
             if !std::mem::take(&mut again) {
                 tokio::select! {
                     Some(()) = rx.recv() => settle(&mut rx).await,
-                    _ = self.reload_now.notified() => {}
+                    () = self.reload_now.notified() => {}
                 }
             }
             if let Some(path) = &self.config.deny_list {

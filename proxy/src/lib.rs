@@ -398,8 +398,8 @@ impl Proxy {
             let watch = watch.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = store.ready() => serve.await,
-                    _ = watch.signaled() => {}
+                    () = store.ready() => serve.await,
+                    () = watch.signaled() => {}
                 }
             });
         };

@@ -85,12 +85,18 @@ pub(crate) struct TunnelContext<'a> {
 impl TunnelSlot {
     /// Leaves a tunnel to run after the HTTP connection hands over.
     pub(crate) fn put(&self, tunnel: Tunnel) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tunnel);
     }
 
     /// The tunnel left by a request, if any.
     pub(crate) fn take(&self) -> Option<Tunnel> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -203,10 +209,10 @@ impl Upgrade {
             .await;
             match copied {
                 Ok((up, down)) => {
-                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), bytes_up = up, bytes_down = down, "upgraded connection closed")
+                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), bytes_up = up, bytes_down = down, "upgraded connection closed");
                 }
                 Err(e) => {
-                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), error = %e, "upgraded connection ended with an error")
+                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), error = %e, "upgraded connection ended with an error");
                 }
             }
         });

@@ -269,18 +269,15 @@ where
     ) -> Result<Response<Incoming>, ProxyError> {
         into_origin_form(&mut req);
         loop {
-            let (mut tx, idle, lapsed) = match self.checkout_h1() {
-                Some(pooled) => pooled,
-                None => {
-                    let (mut tx, lapsed) = self.connect_h1().await?;
-                    return match tx.send_request(req).await {
-                        Ok(resp) => {
-                            self.checkin_h1(tx, lapsed);
-                            Ok(resp)
-                        }
-                        Err(e) => Err(upstream_error(&e)),
-                    };
-                }
+            let Some((mut tx, idle, lapsed)) = self.checkout_h1() else {
+                let (mut tx, lapsed) = self.connect_h1().await?;
+                return match tx.send_request(req).await {
+                    Ok(resp) => {
+                        self.checkin_h1(tx, lapsed);
+                        Ok(resp)
+                    }
+                    Err(e) => Err(upstream_error(&e)),
+                };
             };
             let again = if idle >= REPLAY_AFTER_IDLE {
                 replay(&req)
@@ -310,7 +307,10 @@ where
     /// and how long it has been idle. Connections still streaming a
     /// response body stay in the pool.
     fn checkout_h1(&self) -> Option<(http1::SendRequest<OutBody<B>>, Duration, Lapsed)> {
-        let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .h1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -331,7 +331,10 @@ where
             // Dropped: the connection closes once this response is read.
             return;
         }
-        let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .h1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < self.max_idle {
             idle.push_back(Idle {
                 tx,
@@ -354,7 +357,9 @@ where
         // Idle pooled connections of the lapsed peer close at once.
         let purge = move || {
             if let Some(pool) = pool.upgrade() {
-                let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+                let mut idle = pool
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 idle.retain(|e| !e.lapsed.is_set());
             }
         };
@@ -388,14 +393,20 @@ where
     }
 
     fn current_h2(&self) -> Option<http2::SendRequest<OutBody<B>>> {
-        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self
+            .h2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.as_ref()
             .filter(|(tx, lapsed)| !tx.is_closed() && !lapsed.is_set())
             .map(|(tx, _)| tx.clone())
     }
 
     fn forget_h2(&self, dead: &http2::SendRequest<OutBody<B>>) {
-        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self
+            .h2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot
             .as_ref()
             .is_some_and(|(tx, lapsed)| tx.is_closed() || lapsed.is_set() || dead.is_closed())
@@ -424,14 +435,19 @@ where
         // this one closes once its open streams have answered.
         let purge = move || {
             if let Some(slot) = slot.upgrade() {
-                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let mut slot = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if slot.as_ref().is_some_and(|(_, l)| l.is_set()) {
                     *slot = None;
                 }
             }
         };
         drive(conn, "HTTP/2", lease, lapsed.clone(), purge, false);
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), lapsed));
+        *self
+            .h2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((tx.clone(), lapsed));
         Ok(tx)
     }
 }
@@ -490,7 +506,9 @@ fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout
         loop {
             tokio::time::sleep(every).await;
             let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = pool
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // Oldest first: check-ins push to the back.
             idle.retain(|e| !e.tx.is_closed() && !e.lapsed.is_set() && e.since.elapsed() < timeout);
         }

@@ -428,7 +428,7 @@ async fn frontend_service(
     let body = body
         .collect()
         .await
-        .map(|b| b.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let mut builder = hyper::Request::builder()
         .method(parts.method)
@@ -448,7 +448,7 @@ async fn frontend_service(
             let body = body
                 .collect()
                 .await
-                .map(|b| b.to_bytes())
+                .map(http_body_util::Collected::to_bytes)
                 .unwrap_or_default();
             let mut reply = hyper::Response::new(Full::new(body));
             *reply.status_mut() = parts.status;

@@ -79,7 +79,7 @@ where
 {
     tokio::select! {
         res = tokio::io::copy_bidirectional(&mut a, &mut b) => res,
-        _ = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        () = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
         _ = close => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's credential lapsed")),
     }
 }

@@ -87,7 +87,7 @@ where
         match &self.new {
             Some(new) => new
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(Box::pin(fut)),
             None => {
                 tokio::spawn(fut);
@@ -146,7 +146,9 @@ impl<C: Future> Future for WithStreams<C> {
             }
             std::mem::swap(
                 &mut this.spawned,
-                &mut new.lock().unwrap_or_else(|p| p.into_inner()),
+                &mut new
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
             );
             if this.spawned.is_empty() {
                 return Poll::Pending;
@@ -164,13 +166,13 @@ pub(crate) trait Graceful: Future {
 
 impl<C: GracefulConnection> Graceful for C {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        GracefulConnection::graceful_shutdown(self)
+        GracefulConnection::graceful_shutdown(self);
     }
 }
 
 impl<C: Graceful> Graceful for WithStreams<C> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        self.get_mut().conn.as_mut().graceful_shutdown()
+        self.get_mut().conn.as_mut().graceful_shutdown();
     }
 }
 
@@ -230,11 +232,11 @@ where
             // on each of its wake-ups.
             biased;
             res = conn.as_mut() => return res.map_err(Into::into),
-            _ = drain.signaled(), if !closing => {
+            () = drain.signaled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.idle_for(idle), if !closing => {
+            () = activity.idle_for(idle), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }

@@ -29,7 +29,7 @@ impl TokenFile {
         let (tx, events) = mpsc::channel(1);
         let watcher = watch(path, tx)
             .inspect_err(|e| {
-                tracing::debug!(path = %path.display(), error = %e, "token file not watched; polling it")
+                tracing::debug!(path = %path.display(), error = %e, "token file not watched; polling it");
             })
             .ok();
         Self {
@@ -92,7 +92,7 @@ impl TokenFile {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while self.events.try_recv().is_ok() {}
             }
-            _ = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(POLL) => {}
         }
     }
 }
@@ -104,7 +104,7 @@ fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_owned();
-    let name = path.file_name().map(|n| n.to_owned());
+    let name = path.file_name().map(std::borrow::ToOwned::to_owned);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !matches!(ev.kind, notify::EventKind::Access(_))

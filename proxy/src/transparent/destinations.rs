@@ -198,7 +198,7 @@ impl DestinationTable {
     /// Resolves each `host` when its answer's TTL runs out, for ever (a
     /// task of the proxy).
     pub async fn run_refresh(self: Arc<Self>) {
-        self.refresh_loop(dns::System::new).await
+        self.refresh_loop(dns::System::new).await;
     }
 
     fn has_hosts(&self) -> bool {

@@ -26,7 +26,7 @@ pub async fn first_bytes(tcp: &TcpStream, timeout: Duration) -> FirstBytes {
     let mut byte = [0u8; 1];
     match tokio::time::timeout(timeout, tcp.peek(&mut byte)).await {
         Err(_) => FirstBytes::Timeout,
-        Ok(Ok(0)) | Ok(Err(_)) => FirstBytes::Closed,
+        Ok(Ok(0) | Err(_)) => FirstBytes::Closed,
         Ok(Ok(_)) if byte[0] == 0x16 => FirstBytes::Tls,
         Ok(Ok(_)) => FirstBytes::Plaintext,
     }
@@ -156,7 +156,7 @@ pub fn h2_authority(bytes: &[u8]) -> Authority {
             match request
                 .uri()
                 .authority()
-                .map(|a| a.to_string())
+                .map(std::string::ToString::to_string)
                 .or_else(from_host)
             {
                 Some(a) => Authority::Found(a),
@@ -310,7 +310,7 @@ mod tests {
                 .body(())
                 .unwrap();
             let _response = send.send_request(request, true).unwrap();
-            std::future::pending::<()>().await
+            std::future::pending::<()>().await;
         });
         let (s, _) = listener.accept().await.unwrap();
         let found = request_authority(&s, Duration::from_secs(10)).await;

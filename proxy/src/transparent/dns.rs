@@ -59,7 +59,7 @@ impl System {
     /// round of lookups, so that edits to `/etc/resolv.conf` and
     /// `/etc/hosts` are followed, as getaddrinfo follows them).
     pub fn new() -> Self {
-        match TokioResolver::builder_tokio().and_then(|b| b.build()) {
+        match TokioResolver::builder_tokio().and_then(hickory_resolver::ResolverBuilder::build) {
             Ok(r) => Self::Hickory(Box::new(r)),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the system DNS configuration; [[destination]] host names are resolved with getaddrinfo and kept for dns_refresh (no TTL)");

@@ -173,7 +173,9 @@ pub fn admin_view(
                 .map(|(e, addrs)| {
                     let c = &e.config;
                     let addresses: Vec<String> = match (&c.host, c.ip, c.cidr) {
-                        (Some(_), _, _) => addrs.iter().map(|a| a.to_string()).collect(),
+                        (Some(_), _, _) => {
+                            addrs.iter().map(std::string::ToString::to_string).collect()
+                        }
                         (None, Some(ip), _) => vec![ip.to_string()],
                         (None, None, Some(cidr)) => vec![cidr.to_string()],
                         (None, None, None) => vec!["any".to_owned()],
@@ -198,7 +200,7 @@ pub fn admin_view(
             "skip_inbound_ports": r.skip_inbound_ports,
             "outbound": r.outbound,
             "skip_outbound_ports": r.skip_outbound_ports,
-            "skip_outbound_cidrs": r.skip_outbound_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "skip_outbound_cidrs": r.skip_outbound_cidrs.iter().map(std::string::ToString::to_string).collect::<Vec<_>>(),
             "proxy_uid": owner(&r.proxy_uid),
             "proxy_gid": r.proxy_gid.as_ref().map(owner),
             "mode": format!("{:?}", r.mode).to_lowercase(),

@@ -110,7 +110,7 @@ pub(crate) fn leaf_signed_by(
     chain_pem: &str,
 ) -> CertFiles {
     let pem = pki::leaf(issuer, chain_pem, |p| {
-        p.subject_alt_names = vec![uri_san(id)]
+        p.subject_alt_names = vec![uri_san(id)];
     });
     cert_files(dir, name, &pem.unwrap())
 }
