@@ -5,9 +5,9 @@
 //!   its lifetime (with jitter, and backoff while the CA is down; several CA
 //!   URLs are tried in turn), and the trust bundle is fetched again
 //!   periodically so a CA rotation reaches the proxy without a restart. With
-//!   `state_dir` the certificate and key also go to disk ([`state`]), and a
+//!   `state_dir` the certificate and key also go to disk (`state`), and a
 //!   restart renews from them. A token the CA refused for good is not sent
-//!   again until the file changes ([`token`]). Over the same mutual TLS it
+//!   again until the file changes (`token`). Over the same mutual TLS it
 //!   polls the CA's deny-list every few seconds ([`crate::revocation`]).
 //! - From files ([`FileSource`]): cert, key and bundle are read at start and
 //!   again when they change (or on SIGHUP); a broken set is logged and the
@@ -15,8 +15,8 @@
 //!   JSON, copied by whatever copies the certificates) is enforced the same
 //!   way as the CA's; a broken one is logged and the last good one stays.
 
-pub mod state;
-pub mod token;
+mod state;
+mod token;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

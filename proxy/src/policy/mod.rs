@@ -16,8 +16,8 @@
 //! does to the HTTP exchange: deny responses, forwarded headers, the
 //! decision log), `explain` (`moat policy explain`), [`path`]
 //! (normalization), `pattern` (route paths: templates, specificity), `file`
-//! (format), `hint` ("did you mean"), [`jwt`] (token checks), [`jwks`]
-//! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`), [`cli`]
+//! (format), `hint` ("did you mean"), `jwt` (token checks), `jwks`
+//! (keys), [`watch`] (hot reload), `cases` (`moat policy test`), [`cli`]
 //! (what the `moat policy` commands do).
 //!
 //! Wiring it into the proxy:
@@ -58,7 +58,7 @@ use moat_ca::SpiffeId;
 
 use pattern::PathPattern;
 
-pub mod cases;
+mod cases;
 pub mod cli;
 mod effects;
 mod engine;
@@ -66,8 +66,8 @@ mod explain;
 mod file;
 mod hint;
 mod index;
-pub mod jwks;
-pub mod jwt;
+mod jwks;
+mod jwt;
 pub mod path;
 mod pattern;
 pub mod watch;

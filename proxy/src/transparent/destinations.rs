@@ -326,7 +326,7 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// True when `ip` is inside `cidr` (same family).
-pub fn cidr_contains(cidr: Cidr, ip: IpAddr) -> bool {
+pub(crate) fn cidr_contains(cidr: Cidr, ip: IpAddr) -> bool {
     let prefix = u32::from(cidr.prefix());
     match (cidr.addr().to_canonical(), ip) {
         (IpAddr::V4(net), IpAddr::V4(ip)) => {

@@ -7,28 +7,28 @@
 //!   app's own ports and hands each connection to the `[[inbound]]` that
 //!   forwards to `127.0.0.1:<original port>`: mutual TLS, `allow_peers`,
 //!   route policy, forwarding, as on that listener. `mode = "permissive"`
-//!   also lets plaintext through, told apart by its first byte ([`detect`]).
+//!   also lets plaintext through, told apart by its first byte (`detect`).
 //! - [`TransparentOutbound`] (`127.0.0.1:15001`, `[::1]:15001`) takes what
 //!   the app dials and looks the original destination up in the
-//!   `[[destination]]` table ([`destinations`]): a match goes over mutual
+//!   `[[destination]]` table (`destinations`): a match goes over mutual
 //!   TLS, with the entry's peer ID pinned, to the original address (where
 //!   the peer pod's own rules send it to its transparent inbound), through
 //!   the same code as an explicit `[[outbound]]` ([`crate::outbound`]); no
 //!   match is passed through as plain TCP or refused (`unmatched`). Host
-//!   names are resolved on their TTL ([`dns`]); entries that share an
+//!   names are resolved on their TTL (`dns`); entries that share an
 //!   address are told apart by the first request's `Host` or h2c
-//!   `:authority` ([`detect`]); moat's own connections redirected back to
+//!   `:authority` (`detect`); moat's own connections redirected back to
 //!   it (it does not run as `proxy_uid`) are refused as loops.
 //!
 //! Everything is counted ([`TransparentMetrics`]) and the admin listener
 //! shows the configuration and the resolved table at `/transparent`.
 
-pub mod destinations;
-pub mod detect;
-pub mod dns;
-pub mod inbound;
+mod destinations;
+mod detect;
+mod dns;
+pub(crate) mod inbound;
 mod original_dst;
-pub mod outbound;
+pub(crate) mod outbound;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
