@@ -13,7 +13,7 @@
 //!   `[[destination]]` table (`destinations`): a match goes over mutual
 //!   TLS, with the entry's peer ID pinned, to the original address (where
 //!   the peer pod's own rules send it to its transparent inbound), through
-//!   the same code as an explicit `[[outbound]]` ([`crate::outbound`]); no
+//!   the same code as an explicit `[[outbound]]` (`outbound.rs`); no
 //!   match is passed through as plain TCP or refused (`unmatched`). Host
 //!   names are resolved on their TTL (`dns`); entries that share an
 //!   address are told apart by the first request's `Host` or h2c
@@ -132,7 +132,7 @@ impl TransparentMetrics {
     }
 
     /// Counts one unmatched outbound connection, labelled by its address
-    /// while fewer than [`MAX_UNMATCHED_LABELS`] have been seen.
+    /// while fewer than `MAX_UNMATCHED_LABELS` have been seen.
     pub fn unmatched(&self, dst: std::net::SocketAddr, outcome: &str) {
         let label = dst.to_string();
         let label = {
