@@ -51,9 +51,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::config::{Config, Identity};
-use crate::telemetry::Observability;
-use crate::tls::{CredentialStore, TlsFactory};
+// The types in `Proxy`'s own signatures, at the root as rustls does; their
+// module paths stay public too.
+pub use crate::config::Config;
+pub use crate::telemetry::Observability;
+pub use crate::tls::CredentialStore;
+
+use crate::config::Identity;
+use crate::tls::TlsFactory;
 
 /// Errors that stop the proxy.
 #[derive(Debug, thiserror::Error)]
