@@ -64,7 +64,7 @@ fn sign_path(c: &mut Criterion) {
             let csr = ValidatedCsr::parse(csr_pem.as_bytes()).unwrap();
             root.sign_svid(&td, &id, &csr, Duration::from_secs(3600))
                 .unwrap()
-        })
+        });
     });
     group.finish();
 }
@@ -104,7 +104,7 @@ fn https_path(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     group.sample_size(30);
     group.bench_function("https_renew_path", |b| {
-        b.iter(|| rt.block_on(client.renew(&svid, &key, &key)).unwrap())
+        b.iter(|| rt.block_on(client.renew(&svid, &key, &key)).unwrap());
     });
     group.finish();
 }
@@ -202,7 +202,7 @@ fn renewals(c: &mut Criterion) {
     if c_wants(&group_name("sqlite")) {
         let fleet = Fleet::start(&rt, &sqlite, 1);
         group.bench_function("sqlite", |b| {
-            b.iter_custom(|n| rt.block_on(fleet.renew(n, concurrency)))
+            b.iter_custom(|n| rt.block_on(fleet.renew(n, concurrency)));
         });
     }
 
@@ -232,7 +232,7 @@ fn renewals(c: &mut Criterion) {
             }
             let fleet = Fleet::start(&rt, &dir, replicas);
             group.bench_function(name, |b| {
-                b.iter_custom(|n| rt.block_on(fleet.renew(n, concurrency)))
+                b.iter_custom(|n| rt.block_on(fleet.renew(n, concurrency)));
             });
         }
     }

@@ -74,7 +74,7 @@ fn verify(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     for k in &cases {
         group.bench_function(k.name, |b| {
-            b.iter(|| decode::<Value>(&k.token, &k.key, &k.validation).unwrap())
+            b.iter(|| decode::<Value>(&k.token, &k.key, &k.validation).unwrap());
         });
     }
     // A token signed by another key: the rejection path costs the same signature check.
@@ -84,7 +84,7 @@ fn verify(c: &mut Criterion) {
         &KeyPair::generate().unwrap(),
     );
     group.bench_function("es256_reject_wrong_key", |b| {
-        b.iter(|| decode::<Value>(&other.token, &cases[0].key, &cases[0].validation).unwrap_err())
+        b.iter(|| decode::<Value>(&other.token, &cases[0].key, &cases[0].validation).unwrap_err());
     });
     group.finish();
 }

@@ -71,7 +71,7 @@ fn decisions(c: &mut Criterion) {
         };
         assert_eq!(policy.authorize(&facts, now).verdict, Verdict::Allow);
         group.bench_with_input(BenchmarkId::new("last_route", n), &facts, |b, facts| {
-            b.iter(|| policy.authorize(facts, now).verdict)
+            b.iter(|| policy.authorize(facts, now).verdict);
         });
         let unnormal = format!("/svc{}/a/../items//%34%32", n - 2);
         let facts = RequestFacts {
@@ -90,7 +90,7 @@ fn decisions(c: &mut Criterion) {
         };
         assert_eq!(policy.authorize(&facts, now).verdict, Verdict::Forbidden);
         group.bench_with_input(BenchmarkId::new("no_route", n), &facts, |b, facts| {
-            b.iter(|| policy.authorize(facts, now).verdict)
+            b.iter(|| policy.authorize(facts, now).verdict);
         });
     }
 

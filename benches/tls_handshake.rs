@@ -208,7 +208,7 @@ fn handshakes(c: &mut Criterion) {
         .unwrap();
     assert!(!handshake(&moat_server, &moat_client));
     group.bench_function("full/moat", |b| {
-        b.iter(|| handshake(&moat_server, &moat_client))
+        b.iter(|| handshake(&moat_server, &moat_client));
     });
 
     let denied = deny_list(10_000);
@@ -229,7 +229,7 @@ fn handshakes(c: &mut Criterion) {
     .unwrap();
     assert!(!handshake(&moat_server, &moat_client));
     group.bench_function("full/moat_denylist_10k", |b| {
-        b.iter(|| handshake(&moat_server, &moat_client))
+        b.iter(|| handshake(&moat_server, &moat_client));
     });
 
     let (server, client) = stock_configs(&pki, false);
@@ -240,7 +240,7 @@ fn handshakes(c: &mut Criterion) {
     handshake(&server, &client); // first contact: full, leaves tickets with the client
     assert!(handshake(&server, &client), "second handshake resumes");
     group.bench_function("resumed/stock", |b| {
-        b.iter(|| assert!(handshake(&server, &client)))
+        b.iter(|| assert!(handshake(&server, &client)));
     });
     group.finish();
 }

@@ -58,7 +58,7 @@ use tokio::sync::watch;
 
 /// Serve mutual TLS with a certificate from `moat ca`.
 #[derive(Parser, Debug, Clone)]
-pub struct Args {
+pub(crate) struct Args {
     /// The CA, `https://host:port`.
     #[arg(long)]
     pub ca_url: String,
@@ -101,7 +101,7 @@ fn main() -> Result<()> {
 
 /// Gets a certificate, then serves on `listener` and renews, until a
 /// renewal fails for good or the certificate expires.
-pub async fn run(args: Args, listener: TcpListener) -> Result<()> {
+pub(crate) async fn run(args: Args, listener: TcpListener) -> Result<()> {
     let bundle_pem =
         std::fs::read(&args.bundle).with_context(|| format!("read {}", args.bundle.display()))?;
     let bundle = TrustBundle::from_pem(&bundle_pem)

@@ -25,7 +25,7 @@ use moat_proxy::config::{AppProtocol, Config, Identity, Protocol};
 use serde_json::json;
 
 /// How the checks came out.
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// Nothing to fix (exit 0).
     Healthy,
     /// At least one warning or problem, printed (exit 1).
@@ -34,7 +34,7 @@ pub enum Outcome {
 
 /// Why `moat doctor` could not check anything (exit 64).
 #[derive(Debug, thiserror::Error)]
-pub enum DoctorError {
+pub(crate) enum DoctorError {
     /// The configuration file does not parse.
     #[error(transparent)]
     Config(#[from] moat_proxy::config::ConfigError),
@@ -175,7 +175,7 @@ impl Report {
 /// Runs every check on the configuration at `path` and prints the report
 /// (text, or JSON with `json`) on standard output. Each network check is
 /// given `timeout`.
-pub fn run(path: &Path, json: bool, timeout: Duration) -> Result<Outcome, DoctorError> {
+pub(crate) fn run(path: &Path, json: bool, timeout: Duration) -> Result<Outcome, DoctorError> {
     // `Config::parse`, not `load`: a broken policy is a finding of its own
     // below, with the others, rather than the end of the checks.
     let text =
@@ -532,7 +532,7 @@ fn check_token(r: &mut Report, ca: &moat_proxy::config::CaIdentity) {
         return;
     };
     let now = moat_ca::token::unix_now();
-    let exp = claims.get("exp").and_then(|v| v.as_u64());
+    let exp = claims.get("exp").and_then(serde_json::Value::as_u64);
     let join = claims.get("iss").and_then(|v| v.as_str()) == Some(moat_ca::token::JOIN_ISSUER);
     let sub = claims.get("sub").and_then(|v| v.as_str()).unwrap_or("?");
     match exp {
@@ -578,7 +578,10 @@ fn check_token(r: &mut Report, ca: &moat_proxy::config::CaIdentity) {
 /// True for a path under `.../run/credentials/`, where systemd puts a
 /// unit's `LoadCredential=` files for the running service alone.
 fn is_systemd_credential(path: &Path) -> bool {
-    let parts: Vec<_> = path.components().map(|c| c.as_os_str()).collect();
+    let parts: Vec<_> = path
+        .components()
+        .map(std::path::Component::as_os_str)
+        .collect();
     parts
         .windows(2)
         .any(|w| w[0] == "run" && w[1] == "credentials")

@@ -81,19 +81,19 @@ use tree::{Node, parse};
 use report::{Change, Document, Item, Outcome, Report, Workload};
 
 /// The sidecar container's name; its presence marks a pod spec as injected.
-pub const SIDECAR_NAME: &str = "moat-proxy";
+pub(crate) const SIDECAR_NAME: &str = "moat-proxy";
 
 /// The redirect step's init container (transparent mode).
-pub const REDIRECT_NAME: &str = "moat-redirect";
+pub(crate) const REDIRECT_NAME: &str = "moat-redirect";
 
 /// The annotation that keeps `moat inject` away from a workload, on the
 /// workload's or the pod template's `metadata.annotations`: `"false"`
 /// leaves it alone, `"true"` (or no annotation) injects.
-pub const OPT_OUT_ANNOTATION: &str = "moat.dev/inject";
+pub(crate) const OPT_OUT_ANNOTATION: &str = "moat.dev/inject";
 
 /// What the injected sidecar looks like, and whether to replace an older one.
 #[derive(Debug, Clone)]
-pub struct Options {
+pub(crate) struct Options {
     /// The moat image, e.g. `registry.example/moat:0.1.0`.
     pub image: String,
     /// The port the sidecar's inbound mTLS listener binds (`[[inbound]] listen`).
@@ -132,7 +132,7 @@ impl Default for Options {
 /// Why a stream could not be injected.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum InjectError {
+pub(crate) enum InjectError {
     /// The input is not valid YAML.
     #[error("line {line}, column {column}: not valid YAML: {message}")]
     Yaml {
@@ -159,7 +159,7 @@ pub enum InjectError {
 
 /// The injected stream and what was done to it.
 #[derive(Debug)]
-pub struct Injected {
+pub(crate) struct Injected {
     /// The stream with the sidecar added.
     pub output: String,
     /// What was done, document by document.
@@ -167,7 +167,7 @@ pub struct Injected {
 }
 
 /// Adds the sidecar to every workload in `input`, as `options` describe it.
-pub fn inject(input: &str, options: &Options) -> Result<Injected, InjectError> {
+pub(crate) fn inject(input: &str, options: &Options) -> Result<Injected, InjectError> {
     let docs = parse(input)?;
     let nl = if input.contains("\r\n") { "\r\n" } else { "\n" };
     let stream = Stream::scan(&docs);
@@ -570,9 +570,8 @@ fn plan_document(
              it {OPT_OUT_ANNOTATION}: \"false\" to pass it through without one"
         )));
     }
-    let containers = match spec.get("containers") {
-        Some(c @ Node::Seq { .. }) => c,
-        _ => return Err(ctx.refuse("the pod spec has no containers list")),
+    let Some(containers @ Node::Seq { .. }) = spec.get("containers") else {
+        return Err(ctx.refuse("the pod spec has no containers list"));
     };
     let owned_names: &[&str] = if o.transparent {
         &[REDIRECT_NAME, SIDECAR_NAME]

@@ -16,7 +16,7 @@ use moat_ca::store::{
 #[derive(Args)]
 #[group(skip)]
 #[command(group = ArgGroup::new("revoke_what").required(true).multiple(false))]
-pub struct RevokeArgs {
+pub(crate) struct RevokeArgs {
     /// Revoke one certificate by its serial number (hex, as the CA's
     /// `issued` log line and `/identity` show it).
     #[arg(long, group = "revoke_what")]
@@ -52,7 +52,7 @@ pub struct RevokeArgs {
 #[derive(Args)]
 #[group(skip)]
 #[command(group = ArgGroup::new("unrevoke_what").required(true).multiple(false))]
-pub struct UnrevokeArgs {
+pub(crate) struct UnrevokeArgs {
     /// The certificate serial to restore.
     #[arg(long, group = "unrevoke_what")]
     serial: Option<String>,
@@ -63,7 +63,7 @@ pub struct UnrevokeArgs {
 
 /// `moat ca revoke`. Revoking what is already revoked changes nothing
 /// (and exits 0) unless `--reason` or `--until` asks for a change.
-pub async fn revoke(ca: &CaDir, args: RevokeArgs) -> Result<(), StoreError> {
+pub(crate) async fn revoke(ca: &CaDir, args: RevokeArgs) -> Result<(), StoreError> {
     if args.list {
         return if args.json {
             list_json(ca).await
@@ -108,7 +108,7 @@ pub async fn revoke(ca: &CaDir, args: RevokeArgs) -> Result<(), StoreError> {
 
 /// `moat ca unrevoke`. Un-revoking what is not revoked changes nothing
 /// and exits 0.
-pub async fn unrevoke(ca: &CaDir, args: UnrevokeArgs) -> Result<(), StoreError> {
+pub(crate) async fn unrevoke(ca: &CaDir, args: UnrevokeArgs) -> Result<(), StoreError> {
     let done = ca.unrevoke(target(args.serial, args.id)).await?;
     if done.removed {
         println!("{} is no longer revoked", done.target.describe());

@@ -359,7 +359,7 @@ impl CaClient {
         let authority = self
             .base
             .authority()
-            .map(|a| a.as_str())
+            .map(http::uri::Authority::as_str)
             .unwrap_or_default();
         let uri = format!("https://{authority}/v1/revocations{query}");
         let uri: Uri = uri.parse().map_err(|_| ClientError::BadUrl(uri))?;
@@ -443,7 +443,7 @@ impl CaClient {
             "https://{}{}{}",
             self.base
                 .authority()
-                .map(|a| a.as_str())
+                .map(http::uri::Authority::as_str)
                 .unwrap_or_default(),
             path,
             query

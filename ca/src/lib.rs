@@ -16,7 +16,7 @@
 //!   PostgreSQL shared by several `moat ca serve` replicas.
 //! - [`server`]: the HTTPS API (`/v1/bundle`, `/v1/certs`, `/v1/renew`,
 //!   `/v1/revocations`): configuration, handlers, signing state, lifecycle.
-//! - [`metrics`]: Prometheus metrics and the admin listener.
+//! - `metrics.rs`: Prometheus metrics and the admin listener.
 //! - [`listen`]: the accept loop every listener runs (the proxy's too).
 //! - [`client`]: what a workload uses to get, renew and trust certificates.
 //! - [`toml_error`]: `file:line:column` for TOML errors, shared with the
@@ -28,7 +28,7 @@ pub mod identity;
 pub mod issuer;
 pub mod jwks;
 pub mod listen;
-pub mod metrics;
+mod metrics;
 pub mod revocation;
 pub mod server;
 pub mod store;

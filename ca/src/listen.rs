@@ -91,11 +91,11 @@ impl Acceptor {
                     Ok(p) => p,
                     Err(_) => break,
                 },
-                _ = &mut stop => break,
+                () = &mut stop => break,
             };
             let accepted = tokio::select! {
                 r = self.listener.accept() => r,
-                _ = &mut stop => break,
+                () = &mut stop => break,
             };
             let (stream, peer) = match accepted {
                 Ok(x) => x,
@@ -108,8 +108,8 @@ impl Acceptor {
                 Err(e) => {
                     let pause = failing.next(&self.name, &e);
                     tokio::select! {
-                        _ = tokio::time::sleep(pause) => continue,
-                        _ = &mut stop => break,
+                        () = tokio::time::sleep(pause) => continue,
+                        () = &mut stop => break,
                     }
                 }
             };

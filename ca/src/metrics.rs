@@ -200,7 +200,7 @@ fn swap(slot: &ArcSwapOption<String>, next: Option<String>) -> bool {
 /// until the task is dropped, at most
 /// [`ADMIN_MAX_CONNECTIONS`](crate::listen::ADMIN_MAX_CONNECTIONS) at once.
 /// Logs `listening` with `listener=admin`.
-pub async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) {
+pub(crate) async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(listener = "admin", %addr, "listening");
     }
@@ -268,6 +268,6 @@ pub async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) {
 }
 
 /// Binds the admin listener.
-pub async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
+pub(crate) async fn bind_admin(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }

@@ -12,6 +12,8 @@
 use clap::Parser;
 
 /// The messages and service code generated from `helloworld.proto`.
+// Generated code, kept as tonic emits it: `pub` items and undocumented fields.
+#[allow(unreachable_pub, missing_docs)]
 pub mod hello_world {
     include!("helloworld.rs");
 }
@@ -42,7 +44,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 /// the error (a `tonic::Status` when the call got an answer that is not a
 /// greeting, such as the server sidecar's 403 for a caller its policy does
 /// not allow).
-pub async fn say_hello(sidecar: &str, name: &str) -> Result<String, Box<dyn std::error::Error>> {
+pub(crate) async fn say_hello(
+    sidecar: &str,
+    name: &str,
+) -> Result<String, Box<dyn std::error::Error>> {
     let mut client = GreeterClient::connect(sidecar.to_owned()).await?;
     let reply = client
         .say_hello(HelloRequest {

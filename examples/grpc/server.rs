@@ -17,6 +17,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status};
 
 /// The messages and service code generated from `helloworld.proto`.
+// Generated code, kept as tonic emits it: `pub` items and undocumented fields.
+#[allow(unreachable_pub, missing_docs)]
 pub mod hello_world {
     include!("helloworld.rs");
 }
@@ -34,7 +36,7 @@ struct Args {
 
 /// The greeter: says hello, and to whom the sidecar says it is talking.
 #[derive(Debug, Default)]
-pub struct MyGreeter;
+pub(crate) struct MyGreeter;
 
 #[tonic::async_trait]
 impl Greeter for MyGreeter {
@@ -67,7 +69,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// Serves the greeter on `listener` until the process ends.
-pub async fn serve(listener: TcpListener) -> Result<(), tonic::transport::Error> {
+pub(crate) async fn serve(listener: TcpListener) -> Result<(), tonic::transport::Error> {
     tonic::transport::Server::builder()
         .add_service(GreeterServer::new(MyGreeter))
         .serve_with_incoming(TcpIncoming::from(listener))

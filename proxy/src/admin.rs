@@ -43,7 +43,7 @@ use crate::telemetry::{LOG_LEVELS, Observability, ProxyMetrics};
 use crate::tls::CredentialStore;
 
 /// The bound admin listener.
-pub struct AdminListener {
+pub(crate) struct AdminListener {
     listener: TcpListener,
     state: Arc<State>,
     app_probes: Arc<AppProbes>,
@@ -59,10 +59,10 @@ struct State {
 }
 
 /// A read-only JSON view another module adds (e.g. `/transparent`).
-pub type View = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+pub(crate) type View = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 
 /// One inbound listener's route policy, as the admin shows it.
-pub struct PolicyView {
+pub(crate) struct PolicyView {
     /// The inbound listener's name.
     pub name: String,
     /// The active policy.
@@ -73,7 +73,7 @@ pub struct PolicyView {
 
 impl AdminListener {
     /// Binds the admin address and logs it.
-    pub async fn bind(
+    pub(crate) async fn bind(
         addr: SocketAddr,
         store: Arc<CredentialStore>,
         policies: Vec<PolicyView>,
@@ -104,7 +104,7 @@ impl AdminListener {
     }
 
     /// Adds a read-only JSON view at `path` (before serving).
-    pub fn add_view(&mut self, path: &'static str, view: View) {
+    pub(crate) fn add_view(&mut self, path: &'static str, view: View) {
         let state = Arc::get_mut(&mut self.state).expect("views are added before serving");
         state.views.push((path, view));
     }
@@ -112,7 +112,7 @@ impl AdminListener {
     /// Serves until the process exits: readiness must stay answerable (and
     /// false) while draining. At most [`ADMIN_MAX_CONNECTIONS`] at once; a
     /// connection that sends no request for 10 s is closed.
-    pub async fn serve(self) {
+    pub(crate) async fn serve(self) {
         let state = self.state;
         let app_probes = self.app_probes;
         Acceptor::new(self.listener, "admin", ADMIN_MAX_CONNECTIONS)
@@ -144,7 +144,7 @@ impl AdminListener {
 impl AdminListener {
     /// Also answers the app's rewritten kubelet probes (see
     /// [`crate::probe`]) at their `/app-health/...` paths.
-    pub fn with_app_probes(mut self, probes: AppProbes) -> Self {
+    pub(crate) fn with_app_probes(mut self, probes: AppProbes) -> Self {
         self.app_probes = Arc::new(probes);
         self
     }
@@ -165,7 +165,7 @@ async fn app_probe(probes: &AppProbes, req: &Request<Incoming>) -> Option<Respon
 
 /// True when `peer` is this host over loopback (`127.0.0.0/8`, `::1`, or
 /// an IPv4 loopback address mapped into IPv6 by a dual-stack socket).
-pub fn is_loopback(peer: SocketAddr) -> bool {
+pub(crate) fn is_loopback(peer: SocketAddr) -> bool {
     peer.ip().to_canonical().is_loopback()
 }
 

@@ -141,7 +141,7 @@ impl Authorizer {
         let host = host_header
             .as_ref()
             .and_then(|h| h.to_str().ok())
-            .or_else(|| parts.uri.authority().map(|a| a.as_str()));
+            .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str));
         let facts = RequestFacts {
             method: &parts.method,
             host,

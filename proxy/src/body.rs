@@ -36,7 +36,7 @@ pub enum ProxyBody {
 /// Trailers over the header limits: the stream is ended with an error.
 #[derive(Debug, thiserror::Error)]
 #[error("response trailers over the header limits ({0} fields)")]
-pub struct TrailersTooLarge(usize);
+pub(crate) struct TrailersTooLarge(usize);
 
 impl ProxyBody {
     /// No body (a HEAD answer, a 101).

@@ -52,7 +52,7 @@ pub enum CloseReason {
 
 /// A listener's `allow_peers`, replaceable while connections are open
 /// (TCP listeners, on reload). `None` inside: every peer of the trust domain.
-pub type AllowPeers = Arc<ArcSwap<Option<Vec<PeerPattern>>>>;
+pub(crate) type AllowPeers = Arc<ArcSwap<Option<Vec<PeerPattern>>>>;
 
 /// The open peer connections.
 pub struct ConnRegistry {
@@ -167,7 +167,7 @@ impl ConnRegistry {
             tokio::select! {
                 _ = deny.changed() => {}
                 _ = creds.changed() => {}
-                _ = self.policy_changed.notified() => {}
+                () = self.policy_changed.notified() => {}
             }
             let now = self.store.current().map(|c| c.bundle.clone());
             // Our own renewal publishes the same bundle: nothing to verify again.
@@ -228,7 +228,9 @@ impl ConnRegistry {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Tracked>>> {
-        self.conns.lock().unwrap_or_else(|p| p.into_inner())
+        self.conns
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -251,7 +253,7 @@ impl Lease {
             }
         };
         let reason = tokio::select! {
-            _ = tokio::time::sleep(until_expiry) => CloseReason::PeerCertExpired,
+            () = tokio::time::sleep(until_expiry) => CloseReason::PeerCertExpired,
             reason = signaled => reason,
         };
         let t = &self.tracked;
@@ -298,7 +300,7 @@ impl Drop for Lease {
 /// connection's task holds it for its whole life, and the timer and watch
 /// inside would otherwise add their size to every connection future
 /// (`inbound`'s size tests).
-pub fn closed(
+pub(crate) fn closed(
     lease: Option<&Lease>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = CloseReason> + Send + '_>> {
     Box::pin(async move {

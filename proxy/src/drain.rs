@@ -31,7 +31,7 @@ use tokio::sync::watch;
 
 /// Fires the drain and waits for it to finish.
 #[derive(Debug)]
-pub struct Signal {
+pub(crate) struct Signal {
     tx: watch::Sender<bool>,
 }
 
@@ -42,7 +42,7 @@ pub struct Watch {
 }
 
 /// A new drain pair.
-pub fn channel() -> (Signal, Watch) {
+pub(crate) fn channel() -> (Signal, Watch) {
     let (tx, rx) = watch::channel(false);
     (Signal { tx }, Watch { rx })
 }
@@ -50,13 +50,13 @@ pub fn channel() -> (Signal, Watch) {
 impl Signal {
     /// Asks every holder of a [`Watch`] to wind down, and resolves once all
     /// have been dropped.
-    pub async fn drain(self) {
+    pub(crate) async fn drain(self) {
         let _ = self.tx.send(true);
         self.tx.closed().await;
     }
 
     /// How many watches are held (listeners plus open connections).
-    pub fn watchers(&self) -> usize {
+    pub(crate) fn watchers(&self) -> usize {
         self.tx.receiver_count()
     }
 }

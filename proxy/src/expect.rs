@@ -30,7 +30,7 @@ use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
 
 /// How long a held body waits for the upstream's 100 before it goes anyway.
-pub const EXPECT_WAIT: Duration = Duration::from_secs(1);
+pub(crate) const EXPECT_WAIT: Duration = Duration::from_secs(1);
 
 const WAITING: u8 = 0;
 const OPEN: u8 = 1;
@@ -38,7 +38,7 @@ const GIVEN_UP: u8 = 2;
 
 /// Whether a held request body may go upstream.
 #[derive(Debug, Default)]
-pub struct Gate {
+pub(crate) struct Gate {
     state: AtomicU8,
     waker: Mutex<Option<Waker>>,
 }
@@ -49,7 +49,7 @@ pub struct Gate {
 pub struct GiveUp(Arc<Gate>);
 
 /// A request body that is not polled until its [`Gate`] opens.
-pub struct HeldBody<B> {
+pub(crate) struct HeldBody<B> {
     inner: B,
     gate: Arc<Gate>,
     wait: Pin<Box<Sleep>>,
@@ -58,10 +58,10 @@ pub struct HeldBody<B> {
 /// The error a given-up body ends with (it closes the upstream connection).
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream answered without 100 Continue; the request body is not sent")]
-pub struct GivenUp;
+pub(crate) struct GivenUp;
 
 /// True when the request asks for `100 Continue` before its body.
-pub fn expects_continue(headers: &HeaderMap) -> bool {
+pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
     headers
         .get(header::EXPECT)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
@@ -70,7 +70,7 @@ pub fn expects_continue(headers: &HeaderMap) -> bool {
 /// Holds `req`'s body back until the upstream asks for it (see the module
 /// docs); returns the gate, which the caller consults when the response
 /// head arrives.
-pub fn hold<B>(mut req: Request<B>) -> (Request<HeldBody<B>>, Arc<Gate>) {
+pub(crate) fn hold<B>(mut req: Request<B>) -> (Request<HeldBody<B>>, Arc<Gate>) {
     let gate = Arc::new(Gate::default());
     let opener = gate.clone();
     hyper::ext::on_informational(&mut req, move |res| {
@@ -89,17 +89,17 @@ pub fn hold<B>(mut req: Request<B>) -> (Request<HeldBody<B>>, Arc<Gate>) {
 
 impl Gate {
     /// Lets the body through (the upstream said 100, or was silent too long).
-    pub fn open(&self) {
+    pub(crate) fn open(&self) {
         self.settle(OPEN);
     }
 
     /// True while the body has neither been let through nor given up.
-    pub fn is_waiting(&self) -> bool {
+    pub(crate) fn is_waiting(&self) -> bool {
         self.state.load(Ordering::Acquire) == WAITING
     }
 
     /// The guard that gives the body up when the answer is done with.
-    pub fn give_up_on_drop(self: &Arc<Self>) -> GiveUp {
+    pub(crate) fn give_up_on_drop(self: &Arc<Self>) -> GiveUp {
         GiveUp(self.clone())
     }
 
@@ -108,7 +108,11 @@ impl Gate {
             .state
             .compare_exchange(WAITING, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
-            && let Some(w) = self.waker.lock().unwrap_or_else(|p| p.into_inner()).take()
+            && let Some(w) = self
+                .waker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take()
         {
             w.wake();
         }
@@ -140,7 +144,11 @@ where
                 GIVEN_UP => return Poll::Ready(Some(Err(Box::new(GivenUp)))),
                 _ => {}
             }
-            *this.gate.waker.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            *this
+                .gate
+                .waker
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(cx.waker().clone());
             // Settled between the load and the waker's registration: look again.
             if !this.gate.is_waiting() {
                 continue;

@@ -41,7 +41,7 @@ impl HeadLimit {
 /// True when a head is within `max_header_count` fields and
 /// `max_header_bytes` (each field's name and value, plus 4 bytes for `: `
 /// and CRLF, as HTTP/1.1 writes it; the same count over HTTP/2).
-pub fn head_within(headers: &HeaderMap, limits: &Limits) -> bool {
+pub(crate) fn head_within(headers: &HeaderMap, limits: &Limits) -> bool {
     HeadLimit::from(limits).admits(headers)
 }
 
@@ -50,7 +50,7 @@ pub fn head_within(headers: &HeaderMap, limits: &Limits) -> bool {
 /// a status for the one request, and a peer or service configured with up
 /// to twice the limits is still parsed rather than cut off.
 #[derive(Debug, Clone, Copy)]
-pub struct Wire {
+pub(crate) struct Wire {
     /// An HTTP/1.1 head (request line or status line, and fields): room for
     /// a target and a field block each at `max_header_bytes`. The server's
     /// read buffer is this size, so a longer target gets 414 from moat
@@ -72,7 +72,7 @@ pub struct Wire {
 }
 
 /// The parser limits for `limits`.
-pub fn wire(limits: &Limits) -> Wire {
+pub(crate) fn wire(limits: &Limits) -> Wire {
     let bytes = limits.max_header_bytes;
     let list = 2 * bytes + 32 * limits.max_header_count + 1024;
     let clamp = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
@@ -84,14 +84,17 @@ pub fn wire(limits: &Limits) -> Wire {
 }
 
 /// True when a request target is within `max_header_bytes`.
-pub fn uri_within(uri: &Uri, limits: &Limits) -> bool {
+pub(crate) fn uri_within(uri: &Uri, limits: &Limits) -> bool {
     let authority = uri.authority().map_or(0, |a| a.as_str().len());
     let pq = uri.path_and_query().map_or(0, |pq| pq.as_str().len());
     authority + pq <= limits.max_header_bytes
 }
 
 /// Checks a request head against the limits: its target, then its fields.
-pub fn check_request_head(parts: &http::request::Parts, limits: &Limits) -> Result<(), ProxyError> {
+pub(crate) fn check_request_head(
+    parts: &http::request::Parts,
+    limits: &Limits,
+) -> Result<(), ProxyError> {
     if !uri_within(&parts.uri, limits) {
         return Err(ProxyError::UriTooLong);
     }

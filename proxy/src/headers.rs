@@ -7,7 +7,7 @@ use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 /// A response's `content-length`, when it has one.
-pub fn content_length<B>(resp: &Response<B>) -> Option<u64> {
+pub(crate) fn content_length<B>(resp: &Response<B>) -> Option<u64> {
     resp.headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -16,7 +16,7 @@ pub fn content_length<B>(resp: &Response<B>) -> Option<u64> {
 
 /// True for a gRPC request (`application/grpc`, `application/grpc+proto`,
 /// ...; not gRPC-Web, which has its own HTTP/1.1 servers).
-pub fn is_grpc(headers: &HeaderMap) -> bool {
+pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|v| {
         let v = v.as_bytes();
         v.len() >= 16
@@ -28,7 +28,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// Removes hop-by-hop headers (RFC 9110 §7.6.1), including those named in
 /// `Connection`. `te: trailers` survives: gRPC needs it. When `Connection`
 /// names `upgrade`, returns the `Upgrade` header that went with it.
-pub fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // Most requests and responses carry none: one pass over the names
     // (comparisons, no hashing) decides whether there is anything to do.
     if !headers.keys().any(is_hop_by_hop) {

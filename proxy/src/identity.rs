@@ -5,9 +5,9 @@
 //!   its lifetime (with jitter, and backoff while the CA is down; several CA
 //!   URLs are tried in turn), and the trust bundle is fetched again
 //!   periodically so a CA rotation reaches the proxy without a restart. With
-//!   `state_dir` the certificate and key also go to disk ([`state`]), and a
+//!   `state_dir` the certificate and key also go to disk (`state`), and a
 //!   restart renews from them. A token the CA refused for good is not sent
-//!   again until the file changes ([`token`]). Over the same mutual TLS it
+//!   again until the file changes (`token`). Over the same mutual TLS it
 //!   polls the CA's deny-list every few seconds ([`crate::revocation`]).
 //! - From files ([`FileSource`]): cert, key and bundle are read at start and
 //!   again when they change (or on SIGHUP); a broken set is logged and the
@@ -15,8 +15,8 @@
 //!   JSON, copied by whatever copies the certificates) is enforced the same
 //!   way as the CA's; a broken one is logged and the last good one stays.
 
-pub mod state;
-pub mod token;
+mod state;
+mod token;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -166,7 +166,7 @@ impl CaSource {
                     .duration_since(SystemTime::now())
                     .unwrap_or_default();
                 tokio::select! {
-                    _ = tokio::time::sleep(until_renew) => {
+                    () = tokio::time::sleep(until_renew) => {
                         if svid.not_after <= SystemTime::now() {
                             // Too late for mutual TLS with the old certificate:
                             // start over with the token (Kubernetes tokens are
@@ -190,14 +190,14 @@ impl CaSource {
                             }
                         }
                     }
-                    _ = tokio::time::sleep_until(next_refresh) => {
+                    () = tokio::time::sleep_until(next_refresh) => {
                         self.refresh_bundle(&mut bundle).await;
                         next_refresh = tokio::time::Instant::now() + self.config.bundle_refresh;
                     }
-                    _ = self.refresh_now.notified() => {
+                    () = self.refresh_now.notified() => {
                         self.refresh_bundle(&mut bundle).await;
                     }
-                    _ = tokio::time::sleep_until(next_revocations) => {
+                    () = tokio::time::sleep_until(next_revocations) => {
                         self.refresh_revocations(&svid, &key).await;
                         next_revocations = tokio::time::Instant::now() + crate::revocation::POLL_INTERVAL;
                     }
@@ -244,8 +244,8 @@ impl CaSource {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot read the token");
                     tokio::select! {
-                        _ = tokio::time::sleep(wait) => {}
-                        _ = token_file.changed() => {}
+                        () = tokio::time::sleep(wait) => {}
+                        () = token_file.changed() => {}
                     }
                     continue;
                 }
@@ -435,7 +435,7 @@ impl FileSource {
             if !std::mem::take(&mut again) {
                 tokio::select! {
                     Some(()) = rx.recv() => settle(&mut rx).await,
-                    _ = self.reload_now.notified() => {}
+                    () = self.reload_now.notified() => {}
                 }
             }
             if let Some(path) = &self.config.deny_list {

@@ -285,7 +285,7 @@ impl InboundService {
         // in this task (its slot under max_connections, its drain watch).
         if let Some(tunnel) = peer.tunnel.take() {
             tokio::select! {
-                _ = tunnel => {}
+                () = tunnel => {}
                 _ = conn_registry::closed(peer.lease.as_ref()) => {}
             }
         }
@@ -482,7 +482,7 @@ impl InboundService {
         } = outcome;
         let normalized = forward_path
             .as_ref()
-            .map(|pq| pq.path())
+            .map(http::uri::PathAndQuery::path)
             .filter(|p| *p != raw_path)
             .map(str::to_owned);
         let paths = Paths {

@@ -7,39 +7,42 @@
 //! sidecar, checking that the peer is who it should be.
 //!
 //! Where to start reading: [`config`] (what an operator writes), then
-//! [`Proxy::bind`] and [`Proxy::serve`]; the data path is in [`inbound`] and
-//! [`outbound`] (what every request gets either way is in `request.rs`,
-//! errors become statuses in [`proxy_error`]), identity in [`identity`] and
+//! [`Proxy::bind`] and [`Proxy::serve`]; the data path is in `inbound.rs` and
+//! `outbound.rs` (what every request gets either way is in `request.rs`,
+//! errors become statuses in `proxy_error.rs`), identity in [`identity`] and
 //! [`tls`].
+//!
+//! Modules that only this crate uses are private; the public ones are those
+//! the `moat` binary, the tests, benches and examples reach into.
 
-pub mod admin;
+mod admin;
 pub mod app;
-pub mod authz;
-pub mod body;
+mod authz;
+mod body;
 pub mod config;
-pub mod conn;
-pub mod conn_registry;
-pub mod drain;
-pub mod expect;
+mod conn;
+mod conn_registry;
+mod drain;
+mod expect;
 #[cfg(test)]
 mod future_size;
-pub mod head_limits;
-pub mod headers;
+mod head_limits;
+mod headers;
 pub mod identity;
-pub mod inbound;
-pub mod outbound;
+mod inbound;
+mod outbound;
 pub mod policy;
 pub mod probe;
-pub mod process;
-pub mod proxy_error;
+mod process;
+mod proxy_error;
 pub mod redirect;
 mod request;
 pub mod revocation;
 pub mod telemetry;
 pub mod tls;
 pub mod transparent;
-pub mod upgrade;
-pub mod upstream;
+mod upgrade;
+mod upstream;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -48,9 +51,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::Notify;
 
-use crate::config::{Config, Identity};
-use crate::telemetry::Observability;
-use crate::tls::{CredentialStore, TlsFactory};
+// The types in `Proxy`'s own signatures, at the root as rustls does; their
+// module paths stay public too.
+pub use crate::config::Config;
+pub use crate::telemetry::Observability;
+pub use crate::tls::CredentialStore;
+
+use crate::config::Identity;
+use crate::tls::TlsFactory;
 
 /// Errors that stop the proxy.
 #[derive(Debug, thiserror::Error)]
@@ -395,8 +403,8 @@ impl Proxy {
             let watch = watch.clone();
             tokio::spawn(async move {
                 tokio::select! {
-                    _ = store.ready() => serve.await,
-                    _ = watch.signaled() => {}
+                    () = store.ready() => serve.await,
+                    () = watch.signaled() => {}
                 }
             });
         };

@@ -42,7 +42,7 @@ use crate::{Error, drain};
 /// [`OutboundService::bind`] makes an `[[outbound]]` listener; the
 /// transparent outbound listener makes one per destination
 /// ([`OutboundService::new`]).
-pub struct OutboundService {
+pub(crate) struct OutboundService {
     name: Arc<str>,
     protocol: Protocol,
     upgrades: Vec<UpgradeProtocol>,
@@ -62,7 +62,7 @@ pub struct OutboundService {
 /// transparent destination's original address
 /// ([`crate::transparent::outbound`]).
 #[derive(Debug, Clone)]
-pub struct PeerTarget {
+pub(crate) struct PeerTarget {
     /// Name in logs and metrics.
     pub name: Arc<str>,
     /// The peer sidecar's address.
@@ -90,7 +90,7 @@ struct PeerConnector {
 
 impl OutboundService {
     /// Binds the listener and builds the peer clients.
-    pub async fn bind(
+    pub(crate) async fn bind(
         config: &Outbound,
         limits: &Limits,
         tls: &TlsFactory,
@@ -116,7 +116,7 @@ impl OutboundService {
     /// Everything a connection to `target` needs: its TLS clients and
     /// connection pools. `listen_addr` is where the service's connections
     /// arrive (for spans).
-    pub fn new(
+    pub(crate) fn new(
         target: PeerTarget,
         limits: &Limits,
         tls: &TlsFactory,

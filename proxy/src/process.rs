@@ -13,7 +13,7 @@ use prometheus_client::metrics::gauge::ConstGauge;
 
 /// Reads `/proc/self` when `/metrics` is scraped.
 #[derive(Debug)]
-pub struct ProcessCollector {
+pub(crate) struct ProcessCollector {
     /// Clock ticks per second (`/proc/self/stat` times are in ticks).
     ticks: f64,
     /// Bytes per page (`/proc/self/stat` counts the RSS in pages).
@@ -34,7 +34,7 @@ struct Stat {
 
 impl ProcessCollector {
     /// Reads what does not change (clock rate, page size, start time).
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         // SAFETY: sysconf only reads a system constant.
         let (ticks, page) = unsafe {
             (

@@ -14,7 +14,7 @@ use crate::body::ProxyBody;
 /// Why a proxied request failed, by side.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
-pub enum ProxyError {
+pub(crate) enum ProxyError {
     /// The local service could not be reached (inbound).
     #[error("local service unavailable: {0}")]
     LocalUnavailable(String),
@@ -65,7 +65,7 @@ pub enum ProxyError {
 
 impl ProxyError {
     /// The status this error is answered with.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ProxyError::LocalUnavailable(_)
             | ProxyError::PeerUnavailable(_)
@@ -84,7 +84,7 @@ impl ProxyError {
     }
 
     /// A stable code for the body's `reason` (and for scripts and alerts).
-    pub fn reason(&self) -> &'static str {
+    pub(crate) fn reason(&self) -> &'static str {
         match self {
             ProxyError::LocalUnavailable(_) => "local_unavailable",
             ProxyError::PeerUnavailable(_) => "peer_unavailable",
@@ -125,7 +125,7 @@ impl ProxyError {
 
     /// The response for this error: a small JSON body with the status's
     /// class, the stable `reason` and a message.
-    pub fn into_response(self) -> Response<ProxyBody> {
+    pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();
         let is_mismatch = matches!(self, ProxyError::AppProtocolMismatch);
         let body = serde_json::json!({
@@ -173,7 +173,7 @@ fn error_class(status: StatusCode) -> &'static str {
 /// A refusal made by the proxy itself (not by the policy file): the JSON
 /// body of every proxy error, or for a gRPC caller a trailers-only gRPC
 /// answer (see [`grpc_denial`]).
-pub fn refusal(
+pub(crate) fn refusal(
     status: StatusCode,
     reason: &'static str,
     message: &'static str,
@@ -210,7 +210,7 @@ pub fn refusal(
 /// to a code of their own and drop `grpc-message`. The access log and
 /// metrics of this sidecar still show the denial's own status
 /// ([`logged_status`]); the caller's sidecar relays a 200.
-pub fn grpc_denial(resp: &mut Response<Full<Bytes>>, reason: &str, route: Option<&str>) {
+pub(crate) fn grpc_denial(resp: &mut Response<Full<Bytes>>, reason: &str, route: Option<&str>) {
     let code = match resp.status() {
         StatusCode::UNAUTHORIZED => "16",
         StatusCode::FORBIDDEN => "7",
@@ -244,11 +244,11 @@ const GRPC_DENIAL_AS_200: bool = true;
 
 /// The status a gRPC denial stands for, on a response sent as 200.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DeniedStatus(pub StatusCode);
+pub(crate) struct DeniedStatus(pub StatusCode);
 
 /// The status to log and count for a response: a gRPC denial's own
 /// status rather than the 200 it is sent with.
-pub fn logged_status<B>(resp: &Response<B>) -> u16 {
+pub(crate) fn logged_status<B>(resp: &Response<B>) -> u16 {
     resp.extensions()
         .get::<DeniedStatus>()
         .map_or(resp.status(), |d| d.0)
@@ -267,19 +267,6 @@ fn grpc_percent_encode(s: &str) -> String {
         }
     }
     out
-}
-
-/// A small plain-text response.
-pub fn short_response(status: StatusCode, body: &'static str) -> Response<ProxyBody> {
-    let mut resp = Response::new(ProxyBody::Short(Full::new(Bytes::from_static(
-        body.as_bytes(),
-    ))));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
 }
 
 #[cfg(test)]

@@ -41,9 +41,9 @@ use crate::telemetry::{
 use crate::upgrade::{self, Upgrade};
 
 /// The header carrying the verified peer SPIFFE ID to the local service.
-pub static PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
+pub(crate) static PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id");
 /// An XFCC-style header beside it (`URI=<peer>`).
-pub static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// The first checks of every request head: `CONNECT` (a tunnel to
 /// anywhere) is not something moat forwards, and the target and fields

@@ -55,7 +55,7 @@ use crate::upstream::{Dial, UpstreamClient};
 
 /// An upgrade the listener passes: the protocol, and the caller's side of
 /// the connection once the 101 has been written.
-pub struct Upgrade {
+pub(crate) struct Upgrade {
     /// The protocol, as configured (lowercase); the metric's label.
     pub protocol: UpgradeProtocol,
     /// The `Upgrade` value sent upstream: the caller's token for it.
@@ -65,14 +65,14 @@ pub struct Upgrade {
 
 /// A spliced pair of upgraded connections, run by the caller's connection
 /// task once hyper has handed it over.
-pub type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
+pub(crate) type Tunnel = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Where a request handler leaves its tunnel for the connection task.
 #[derive(Default)]
-pub struct TunnelSlot(Mutex<Option<Tunnel>>);
+pub(crate) struct TunnelSlot(Mutex<Option<Tunnel>>);
 
 /// What a tunnel needs of its listener.
-pub struct TunnelContext<'a> {
+pub(crate) struct TunnelContext<'a> {
     /// The listener's name (logs, metric).
     pub listener: &'a str,
     /// The metrics.
@@ -85,13 +85,19 @@ pub struct TunnelContext<'a> {
 
 impl TunnelSlot {
     /// Leaves a tunnel to run after the HTTP connection hands over.
-    pub fn put(&self, tunnel: Tunnel) {
-        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(tunnel);
+    pub(crate) fn put(&self, tunnel: Tunnel) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tunnel);
     }
 
     /// The tunnel left by a request, if any.
-    pub fn take(&self) -> Option<Tunnel> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    pub(crate) fn take(&self) -> Option<Tunnel> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
     }
 }
 
@@ -100,7 +106,7 @@ impl TunnelSlot {
 /// side of the connection from the request's extensions (there only on an
 /// HTTP/1.1 connection served with upgrades). Boxed: a request future
 /// holds a pointer for it, and only an upgrade pays for the rest.
-pub fn accept(
+pub(crate) fn accept(
     value: &HeaderValue,
     allowed: &[UpgradeProtocol],
     extensions: &mut http::Extensions,
@@ -136,7 +142,7 @@ fn choose(
 impl Upgrade {
     /// Marks a request head as this upgrade (`Connection: upgrade` and the
     /// `Upgrade` token), after the hop-by-hop headers were stripped.
-    pub fn mark(&self, headers: &mut http::HeaderMap) {
+    pub(crate) fn mark(&self, headers: &mut http::HeaderMap) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         headers.insert(header::UPGRADE, self.token.clone());
     }
@@ -145,7 +151,7 @@ impl Upgrade {
     /// pooled), relays the answer, and after a 101 leaves the tunnel in
     /// `slot` for the caller's connection task. Inbound and outbound forward
     /// upgrades alike; only whose connection the tunnel belongs to differs.
-    pub async fn forward<D: Dial>(
+    pub(crate) async fn forward<D: Dial>(
         self: Box<Self>,
         upstream: &UpstreamClient<D>,
         req: Request<Incoming>,
@@ -164,7 +170,7 @@ impl Upgrade {
     /// The upstream's answer as it goes to the caller, and for a 101 the
     /// tunnel to run once the caller's connection is handed over. Any
     /// other answer is relayed as an ordinary response.
-    pub fn relay(
+    pub(crate) fn relay(
         self,
         mut resp: Response<Incoming>,
         limits: &Limits,
@@ -224,10 +230,10 @@ impl Upgrade {
             .await;
             match copied {
                 Ok((up, down)) => {
-                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), bytes_up = up, bytes_down = down, "upgraded connection closed")
+                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), bytes_up = up, bytes_down = down, "upgraded connection closed");
                 }
                 Err(e) => {
-                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), error = %e, "upgraded connection ended with an error")
+                    tracing::debug!(listener = %listener, protocol = protocol.as_str(), error = %e, "upgraded connection ended with an error");
                 }
             }
         });

@@ -45,7 +45,7 @@ use crate::headers::strip_hop_by_hop;
 use crate::proxy_error::ProxyError;
 
 /// Opens a new transport connection to the upstream.
-pub trait Dial: Send + Sync + 'static {
+pub(crate) trait Dial: Send + Sync + 'static {
     /// The connected stream (TCP, or TLS over TCP).
     type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
 
@@ -64,7 +64,7 @@ pub trait Dial: Send + Sync + 'static {
 /// What goes upstream: the caller's body, none (a request without a body
 /// can be sent again), or the caller's body held back for
 /// `Expect: 100-continue` ([`crate::expect`]).
-pub enum OutBody<B> {
+pub(crate) enum OutBody<B> {
     /// The caller's body, as it comes.
     Whole(B),
     /// No body.
@@ -80,7 +80,7 @@ pub enum OutBody<B> {
 const REPLAY_AFTER_IDLE: Duration = Duration::from_millis(500);
 
 /// Pooled HTTP/1.1 and HTTP/2 connections to one upstream.
-pub struct UpstreamClient<D, B = Incoming> {
+pub(crate) struct UpstreamClient<D, B = Incoming> {
     h1_dial: D,
     h2_dial: D,
     h1: Arc<Mutex<VecDeque<Idle<B>>>>,
@@ -123,7 +123,7 @@ where
     /// A client dialing with `h1_dial` for HTTP/1.1 and `h2_dial` for
     /// HTTP/2 (they differ outbound: the ALPN offered), with the pool and
     /// timeout limits.
-    pub fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
+    pub(crate) fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
         let h1 = Arc::new(Mutex::new(VecDeque::new()));
         spawn_reaper(Arc::downgrade(&h1), limits.pool_idle_timeout);
         let wire = wire(limits);
@@ -160,7 +160,7 @@ where
     /// of also keeping the argument's slot (rustc #62958), and the timeout
     /// is mapped rather than awaited by an `async` block that would hold it
     /// twice.
-    pub fn send(
+    pub(crate) fn send(
         &self,
         req: Request<B>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send + '_ {
@@ -224,7 +224,10 @@ where
     /// never pooled: after a 101 it carries the upgraded protocol) and
     /// returns the response as it came, `OnUpgrade` included. The timeout
     /// covers connecting and the response head.
-    pub async fn send_upgrade(&self, req: Request<B>) -> Result<Response<Incoming>, ProxyError> {
+    pub(crate) async fn send_upgrade(
+        &self,
+        req: Request<B>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let mut req = req.map(|b| {
             if b.is_end_stream() {
                 OutBody::Empty
@@ -266,18 +269,15 @@ where
     ) -> Result<Response<Incoming>, ProxyError> {
         into_origin_form(&mut req);
         loop {
-            let (mut tx, idle, lapsed) = match self.checkout_h1() {
-                Some(pooled) => pooled,
-                None => {
-                    let (mut tx, lapsed) = self.connect_h1().await?;
-                    return match tx.send_request(req).await {
-                        Ok(resp) => {
-                            self.checkin_h1(tx, lapsed);
-                            Ok(resp)
-                        }
-                        Err(e) => Err(upstream_error(&e)),
-                    };
-                }
+            let Some((mut tx, idle, lapsed)) = self.checkout_h1() else {
+                let (mut tx, lapsed) = self.connect_h1().await?;
+                return match tx.send_request(req).await {
+                    Ok(resp) => {
+                        self.checkin_h1(tx, lapsed);
+                        Ok(resp)
+                    }
+                    Err(e) => Err(upstream_error(&e)),
+                };
             };
             let again = if idle >= REPLAY_AFTER_IDLE {
                 replay(&req)
@@ -307,7 +307,10 @@ where
     /// and how long it has been idle. Connections still streaming a
     /// response body stay in the pool.
     fn checkout_h1(&self) -> Option<(http1::SendRequest<OutBody<B>>, Duration, Lapsed)> {
-        let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .h1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut i = idle.len();
         while i > 0 {
             i -= 1;
@@ -328,7 +331,10 @@ where
             // Dropped: the connection closes once this response is read.
             return;
         }
-        let mut idle = self.h1.lock().unwrap_or_else(|p| p.into_inner());
+        let mut idle = self
+            .h1
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if idle.len() < self.max_idle {
             idle.push_back(Idle {
                 tx,
@@ -351,7 +357,9 @@ where
         // Idle pooled connections of the lapsed peer close at once.
         let purge = move || {
             if let Some(pool) = pool.upgrade() {
-                let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+                let mut idle = pool
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 idle.retain(|e| !e.lapsed.is_set());
             }
         };
@@ -385,14 +393,20 @@ where
     }
 
     fn current_h2(&self) -> Option<http2::SendRequest<OutBody<B>>> {
-        let slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let slot = self
+            .h2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.as_ref()
             .filter(|(tx, lapsed)| !tx.is_closed() && !lapsed.is_set())
             .map(|(tx, _)| tx.clone())
     }
 
     fn forget_h2(&self, dead: &http2::SendRequest<OutBody<B>>) {
-        let mut slot = self.h2.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slot = self
+            .h2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot
             .as_ref()
             .is_some_and(|(tx, lapsed)| tx.is_closed() || lapsed.is_set() || dead.is_closed())
@@ -421,14 +435,19 @@ where
         // this one closes once its open streams have answered.
         let purge = move || {
             if let Some(slot) = slot.upgrade() {
-                let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
+                let mut slot = slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
                 if slot.as_ref().is_some_and(|(_, l)| l.is_set()) {
                     *slot = None;
                 }
             }
         };
         drive(conn, "HTTP/2", lease, lapsed.clone(), purge, false);
-        *self.h2.lock().unwrap_or_else(|p| p.into_inner()) = Some((tx.clone(), lapsed));
+        *self
+            .h2
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((tx.clone(), lapsed));
         Ok(tx)
     }
 }
@@ -487,7 +506,9 @@ fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout
         loop {
             tokio::time::sleep(every).await;
             let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool.lock().unwrap_or_else(|p| p.into_inner());
+            let mut idle = pool
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             // Oldest first: check-ins push to the back.
             idle.retain(|e| !e.tx.is_closed() && !e.lapsed.is_set() && e.since.elapsed() < timeout);
         }

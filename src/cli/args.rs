@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
     about = "mTLS sidecar proxy and workload certificate authority",
     after_help = examples::MOAT
 )]
-pub struct Cli {
+pub(crate) struct Cli {
     /// Log format, before the command (older spelling; each command that
     /// logs takes `--log-format` itself).
     #[arg(long, value_enum, hide = true, env = "MOAT_LOG_FORMAT")]
@@ -25,7 +25,7 @@ pub struct Cli {
 
 /// How logs are written on standard error.
 #[derive(Clone, Copy, ValueEnum)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     /// One JSON object a line (for a log collector).
     Json,
     /// Human-readable lines.
@@ -34,14 +34,14 @@ pub enum LogFormat {
 
 /// `--log-format`, on the commands that log.
 #[derive(Args, Clone, Copy)]
-pub struct LogArgs {
+pub(crate) struct LogArgs {
     /// Log format on standard error [default: json].
     #[arg(long, value_enum, env = "MOAT_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
 }
 
 #[derive(Subcommand)]
-pub enum Command {
+pub(crate) enum Command {
     /// The workload certificate authority.
     #[command(subcommand, after_help = examples::CA)]
     Ca(CaCommand),
@@ -88,7 +88,7 @@ pub enum Command {
 
 /// `moat doctor`.
 #[derive(Args)]
-pub struct DoctorArgs {
+pub(crate) struct DoctorArgs {
     /// The proxy's configuration file (TOML), as `moat proxy --config` takes it.
     #[arg(long, env = "MOAT_CONFIG")]
     pub config: PathBuf,
@@ -103,7 +103,7 @@ pub struct DoctorArgs {
 /// `moat redirect`: values from `[redirect]` of `--config`, each flag overriding its field.
 /// (Lists are written `::std::vec::Vec` so that clap takes one comma-separated value.)
 #[derive(Args)]
-pub struct RedirectArgs {
+pub(crate) struct RedirectArgs {
     /// The proxy's configuration file: its `[redirect]` (required), and
     /// moat's own ports (`[admin]`, `[[inbound]] listen`), never redirected.
     #[arg(long, env = "MOAT_CONFIG")]
@@ -149,7 +149,7 @@ pub struct RedirectArgs {
 }
 
 #[derive(Args)]
-pub struct InjectArgs {
+pub(crate) struct InjectArgs {
     /// A YAML or JSON file (one or more YAML documents); `-` or absent reads standard input.
     pub file: Option<PathBuf>,
     /// The moat image for the sidecar.
@@ -182,7 +182,7 @@ pub struct InjectArgs {
 }
 
 #[derive(Subcommand)]
-pub enum PolicyCommand {
+pub(crate) enum PolicyCommand {
     /// Validate policy files; prints file:line:column: message for each problem (exit 64).
     #[command(after_help = examples::POLICY_CHECK)]
     Check {
@@ -226,7 +226,7 @@ pub enum PolicyCommand {
 
 /// Where a CA's keys and its configuration are.
 #[derive(Args)]
-pub struct CaLocation {
+pub(crate) struct CaLocation {
     /// The CA directory: keys, and the SQLite state unless ca.toml chooses PostgreSQL.
     #[arg(long)]
     pub dir: PathBuf,
@@ -236,7 +236,7 @@ pub struct CaLocation {
 }
 
 #[derive(Subcommand)]
-pub enum CaCommand {
+pub(crate) enum CaCommand {
     /// Create a new CA (root key and certificate, token key, state store) in DIR.
     #[command(after_help = examples::CA_INIT)]
     Init {
@@ -346,7 +346,7 @@ pub enum CaCommand {
 
 #[derive(Args)]
 #[group(required = true, multiple = false)]
-pub struct RotateStep {
+pub(crate) struct RotateStep {
     /// Add a new root to the bundle; the current root keeps signing.
     #[arg(long)]
     pub prepare: bool,
@@ -359,7 +359,7 @@ pub struct RotateStep {
 }
 
 #[derive(Args)]
-pub struct ServeArgs {
+pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub at: CaLocation,
     /// Address to listen on (port 0 picks a free port; the bound address is logged).
@@ -377,7 +377,7 @@ pub struct ServeArgs {
 }
 
 #[derive(Args)]
-pub struct ProxyArgs {
+pub(crate) struct ProxyArgs {
     /// The proxy's configuration file (TOML).
     #[arg(long, env = "MOAT_CONFIG")]
     pub config: PathBuf,
@@ -400,7 +400,7 @@ fn parse_cidrs(s: &str) -> Result<Vec<moat_proxy::redirect::Cidr>, String> {
 
 /// The examples that end each command's `--help`.
 mod examples {
-    pub const MOAT: &str = "\
+    pub(crate) const MOAT: &str = "\
 Examples:
   moat ca init --dir ./ca --trust-domain example.org
   moat ca serve --dir ./ca --listen 0.0.0.0:8443 --san ca.example.internal
@@ -411,7 +411,7 @@ Examples:
 Exit codes: 0 success; 64 bad configuration or usage (restarting will not help);
 1 anything else (a port in use, a CA that cannot be reached).";
 
-    pub const CA: &str = "\
+    pub(crate) const CA: &str = "\
 Examples:
   moat ca init --dir ./ca --trust-domain example.org
   moat ca serve --dir ./ca --listen 0.0.0.0:8443 --san ca.example.internal
@@ -419,108 +419,108 @@ Examples:
   moat ca issue --dir ./ca --id spiffe://example.org/vm/db --out db.pem   # a certificate without a CA call
   moat ca bundle --dir ./ca > bundle.pem";
 
-    pub const CA_INIT: &str = "\
+    pub(crate) const CA_INIT: &str = "\
 Examples:
   moat ca init --dir ./ca --trust-domain example.org
   moat ca init --dir ./ca --config ./ca.toml --trust-domain example.org --root-ttl 730d";
 
-    pub const CA_SERVE: &str = "\
+    pub(crate) const CA_SERVE: &str = "\
 Examples:
   moat ca serve --dir ./ca
   moat ca serve --dir /var/lib/moat/ca --listen 0.0.0.0:8443 --san ca.example.internal --san 10.0.0.5";
 
-    pub const CA_TOKEN: &str = "\
+    pub(crate) const CA_TOKEN: &str = "\
 Examples:
   moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 > billing-1.token
   moat ca token --dir ./ca --id spiffe://example.org/vm/billing-1 --ttl 1h";
 
-    pub const CA_ISSUE: &str = "\
+    pub(crate) const CA_ISSUE: &str = "\
 Examples:
   moat ca issue --dir ./ca --id spiffe://example.org/vm/db --cert-out tls.crt --key-out tls.key
   # renewal from a timer: one file holding chain and key, replaced atomically
   moat ca issue --dir ./ca --id spiffe://example.org/vm/db --ttl 24h --out /etc/moat/tls.pem --force";
 
-    pub const CA_BUNDLE: &str = "\
+    pub(crate) const CA_BUNDLE: &str = "\
 Examples:
   moat ca bundle --dir ./ca > bundle.pem";
 
-    pub const CA_ROTATE: &str = "\
+    pub(crate) const CA_ROTATE: &str = "\
 Examples:
   moat ca rotate --dir ./ca --prepare
   moat ca rotate --dir ./ca --activate
   moat ca rotate --dir ./ca --retire    # one certificate lifetime after --activate";
 
-    pub const CA_REVOKE: &str = "\
+    pub(crate) const CA_REVOKE: &str = "\
 Examples:
   moat ca revoke --dir ./ca --id spiffe://example.org/ns/shop/sa/frontend --reason \"key compromise\"
   moat ca revoke --dir ./ca --serial 4f3a9c...e1     # one certificate
   moat ca revoke --dir ./ca --id spiffe://example.org/vm/db1 --until 2h
   moat ca revoke --dir ./ca --list";
 
-    pub const CA_UNREVOKE: &str = "\
+    pub(crate) const CA_UNREVOKE: &str = "\
 Examples:
   moat ca unrevoke --dir ./ca --id spiffe://example.org/ns/shop/sa/frontend
   moat ca unrevoke --dir ./ca --serial 4f3a9c...e1";
 
-    pub const CA_MIGRATE: &str = "\
+    pub(crate) const CA_MIGRATE: &str = "\
 Examples:
   moat ca migrate --dir ./ca --config ./ca.toml
   moat ca migrate --dir ./ca --config ./ca.toml --from-sqlite ./ca/ca.db";
 
-    pub const PROXY: &str = "\
+    pub(crate) const PROXY: &str = "\
 Examples:
   moat proxy --config /etc/moat/proxy.toml
   moat proxy --config proxy.toml --log-format text
   moat doctor --config proxy.toml      # check it first, without serving";
 
-    pub const DOCTOR: &str = "\
+    pub(crate) const DOCTOR: &str = "\
 Examples:
   moat doctor --config /etc/moat/proxy.toml
   moat doctor --config proxy.toml --json | jq '.findings[]'
 
 Exit codes: 0 all well; 1 findings (each with a fix); 64 the configuration does not parse.";
 
-    pub const POLICY: &str = "\
+    pub(crate) const POLICY: &str = "\
 Examples:
   moat policy check policy.toml
   moat policy explain policy.toml --peer spiffe://example.org/ns/prod/sa/frontend --method GET --path /invoices/42
   moat policy test policy.toml policy-tests.toml";
 
-    pub const POLICY_CHECK: &str = "\
+    pub(crate) const POLICY_CHECK: &str = "\
 Examples:
   moat policy check /etc/moat/policy.toml
   moat policy check policies/*.toml";
 
-    pub const POLICY_EXPLAIN: &str = "\
+    pub(crate) const POLICY_EXPLAIN: &str = "\
 Examples:
   moat policy explain policy.toml --peer spiffe://example.org/ns/prod/sa/frontend --method GET --path /invoices/42
   moat policy explain policy.toml --peer spiffe://example.org/ns/prod/sa/frontend --method GET --path /export \\
     --claims '{\"sub\":\"alice\",\"scope\":\"invoices:read\"}'";
 
-    pub const POLICY_TEST: &str = "\
+    pub(crate) const POLICY_TEST: &str = "\
 Examples:
   moat policy test policy.toml policy-tests.toml";
 
-    pub const DEMO: &str = "\
+    pub(crate) const DEMO: &str = "\
 Examples:
   moat demo
   moat demo --keep-running --dir ./moat-demo
   sudo moat demo --transparent   # network namespaces, redirect rules, plain http:// between services";
 
-    pub const INJECT: &str = "\
+    pub(crate) const INJECT: &str = "\
 Examples:
   moat inject deployment.yaml | kubectl apply -f -            # transparent mode (redirect init container)
   moat inject --explicit deployment.yaml | kubectl apply -f - # the sidecar alone, apps call its listeners
   kustomize build overlays/prod | moat inject - | kubectl apply -f -
   kubectl get deploy billing -o json | moat inject --upgrade --image registry.example/moat:0.2.0 - | kubectl apply -f -";
 
-    pub const REDIRECT: &str = "\
+    pub(crate) const REDIRECT: &str = "\
 Examples:
   moat redirect --config /etc/moat/proxy.toml
   moat redirect --config /etc/moat/proxy.toml --dry-run
   moat redirect --cleanup";
 
-    pub const COMPLETION: &str = "\
+    pub(crate) const COMPLETION: &str = "\
 Examples:
   moat completion bash > /etc/bash_completion.d/moat
   moat completion zsh > \"${fpath[1]}/_moat\"

@@ -9,7 +9,7 @@ use super::{Failure, config_err, config_msg, init_logging, runtime, shutdown_sig
 const DEFAULT_SANS: [&str; 2] = ["localhost", "127.0.0.1"];
 
 /// Every `moat ca` command but `serve`: one short conversation with the store.
-pub fn run_ca(command: CaCommand) -> Result<(), Failure> {
+pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
     use moat_ca::store::CaDir;
     let runtime = runtime(Some(1))?;
     runtime.block_on(async move {
@@ -120,7 +120,7 @@ pub fn run_ca(command: CaCommand) -> Result<(), Failure> {
 }
 
 /// `moat ca serve`: its own runtime and logging, with the trace exporter.
-pub fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
+pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(), Failure> {
     let (config, engine) = ca_config(&args.at)?;
     let mut sans: Vec<String> = DEFAULT_SANS.iter().map(|s| (*s).to_owned()).collect();
     for san in args.sans {

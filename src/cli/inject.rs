@@ -4,7 +4,7 @@ use super::args::InjectArgs;
 use super::{Failure, config_err, config_msg};
 use crate::inject;
 
-pub fn run_inject(args: InjectArgs) -> Result<(), Failure> {
+pub(crate) fn run_inject(args: InjectArgs) -> Result<(), Failure> {
     use std::io::{Read, Write};
     let input = match args.file.as_deref() {
         None => None,

@@ -24,7 +24,7 @@ use args::{CaCommand, Cli, Command, LogFormat};
 const EXIT_CONFIG: u8 = 64;
 
 /// Parses the command line, runs the command, and maps its outcome to an exit code.
-pub fn main() -> ExitCode {
+pub(crate) fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         // --help and --version print and succeed; a usage error is bad

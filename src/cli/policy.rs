@@ -4,7 +4,7 @@ use super::Failure;
 use super::args::PolicyCommand;
 use super::{config_err, config_msg};
 
-pub fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
+pub(crate) fn run_policy(command: PolicyCommand) -> Result<(), Failure> {
     use moat_proxy::policy::cli;
     match command {
         PolicyCommand::Check { files } => {

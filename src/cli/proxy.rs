@@ -3,7 +3,7 @@
 use super::args::{LogFormat, ProxyArgs};
 use super::{Failure, config_err, config_msg, init_logging, runtime};
 
-pub fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Failure> {
+pub(crate) fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Failure> {
     use moat_proxy::telemetry::{Observability, ProxyMetrics, Tracing};
     let config = moat_proxy::config::Config::load(&args.config).map_err(config_err)?;
     let traces = config

@@ -3,7 +3,7 @@
 use super::args::RedirectArgs;
 use super::{Failure, config_err};
 
-pub fn run_redirect(args: RedirectArgs) -> Result<(), Failure> {
+pub(crate) fn run_redirect(args: RedirectArgs) -> Result<(), Failure> {
     use moat_proxy::redirect::{self, InboundPorts, OwnPorts, RedirectError, Ruleset};
     let apply_err = |e: RedirectError| match e {
         RedirectError::Invalid(_) => config_err(e),

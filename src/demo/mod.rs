@@ -35,7 +35,7 @@ const BILLING_ID: &str = "spiffe://demo.local/ns/shop/sa/billing";
 const CERT_TTL: &str = "20s";
 
 /// What `moat demo` was asked to do.
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     /// Leave everything running for the user to curl.
     pub keep_running: bool,
     /// Where to put the CA, configs and logs (a temporary directory if absent).
@@ -98,7 +98,7 @@ struct Outcome {
 }
 
 /// Runs the demo; returns when it is done (or on Ctrl-C with `keep_running`).
-pub fn run(opts: DemoOptions) -> Result<()> {
+pub(crate) fn run(opts: DemoOptions) -> Result<()> {
     let tmp;
     let dir = match opts.dir {
         Some(dir) => {
@@ -428,7 +428,7 @@ async fn frontend_service(
     let body = body
         .collect()
         .await
-        .map(|b| b.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .unwrap_or_default();
     let mut builder = hyper::Request::builder()
         .method(parts.method)
@@ -448,7 +448,7 @@ async fn frontend_service(
             let body = body
                 .collect()
                 .await
-                .map(|b| b.to_bytes())
+                .map(http_body_util::Collected::to_bytes)
                 .unwrap_or_default();
             let mut reply = hyper::Response::new(Full::new(body));
             *reply.status_mut() = parts.status;

@@ -386,7 +386,7 @@ fn diff_into(node: &Node, want: &V, path: &str, out: &mut Vec<String>) {
                 diff_into(n, v, &format!("{path}[{i}]"), out);
             }
         }
-        (V::L(_), _) | (V::M(_), _) => out.push(format!("{path} (not what moat writes)")),
+        (V::L(_) | V::M(_), _) => out.push(format!("{path} (not what moat writes)")),
         (scalar, Node::Scalar { .. }) if scalar_matches(node, scalar) => {}
         (scalar, _) => out.push(format!(
             "{path} ({} → {})",

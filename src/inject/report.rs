@@ -9,7 +9,7 @@ use super::OPT_OUT_ANNOTATION;
 
 /// What `moat inject` did with a stream.
 #[derive(Debug, Default)]
-pub struct Report {
+pub(crate) struct Report {
     /// One entry per non-empty document, in stream order.
     pub documents: Vec<Document>,
     /// `(namespace, name)` of every ConfigMap in the stream.
@@ -20,7 +20,7 @@ pub struct Report {
 
 /// One document of the stream.
 #[derive(Debug)]
-pub struct Document {
+pub(crate) struct Document {
     /// 1-based document number.
     pub doc: usize,
     /// 1-based line where the document's content starts.
@@ -38,7 +38,7 @@ pub struct Document {
 /// What happened to one document.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum Outcome {
+pub(crate) enum Outcome {
     /// No pod template: passed through untouched.
     PassedThrough,
     /// A kind `moat inject` does not know that holds a pod template (an
@@ -60,7 +60,7 @@ pub enum Outcome {
 
 /// What happened to a workload's pod spec.
 #[derive(Debug)]
-pub struct Workload {
+pub(crate) struct Workload {
     /// moat's init containers (the sidecar), and what happened to each.
     pub containers: Vec<Item>,
     /// moat's volumes, and what happened to each.
@@ -79,7 +79,7 @@ pub struct Workload {
 
 /// One of moat's entries in a pod spec list.
 #[derive(Debug)]
-pub struct Item {
+pub(crate) struct Item {
     /// Its `name`.
     pub name: String,
     /// What happened to it.
@@ -88,7 +88,7 @@ pub struct Item {
 
 /// What happened to one of moat's entries.
 #[derive(Debug)]
-pub enum Change {
+pub(crate) enum Change {
     /// It was missing and was added.
     Added,
     /// It was there, as these flags would write it.
@@ -116,7 +116,7 @@ pub enum Change {
 
 /// One line for standard error.
 #[derive(Debug, PartialEq, Eq)]
-pub struct Line {
+pub(crate) struct Line {
     /// Something the operator should look at (printed even with `--quiet`).
     pub warning: bool,
     /// The text, without a trailing newline.
@@ -145,7 +145,7 @@ impl Document {
 
 impl Report {
     /// The report, line by line.
-    pub fn lines(&self) -> Vec<Line> {
+    pub(crate) fn lines(&self) -> Vec<Line> {
         let mut out = Vec::new();
         let info = |text: String| Line {
             warning: false,

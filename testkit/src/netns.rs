@@ -211,7 +211,7 @@ pub fn spawn_in_netns(ns: &str, f: impl FnOnce() + Send + 'static) -> Result<()>
         .name(format!("in {ns}"))
         .spawn(move || {
             enter_thread(&netns);
-            f()
+            f();
         })?;
     Ok(())
 }

@@ -64,7 +64,7 @@ where
             .enable_all()
             .build()
             .unwrap()
-            .block_on(future)
+            .block_on(future);
     });
 }
 

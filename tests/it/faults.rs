@@ -29,7 +29,7 @@ fn identity_json(admin: SocketAddr) -> Value {
 
 fn open_fds(proc: &Running) -> usize {
     std::fs::read_dir(format!("/proc/{}/fd", proc.child.id()))
-        .map(|d| d.count())
+        .map(std::iter::Iterator::count)
         .unwrap_or(0)
 }
 

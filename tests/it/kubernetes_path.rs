@@ -394,7 +394,7 @@ impl Walk {
                     self.fail(line, "no such namespace");
                 }
             }
-            ["exec", target, ..] | ["rollout", "status", target, ..] | ["logs", target, ..] => {
+            ["exec" | "logs", target, ..] | ["rollout", "status", target, ..] => {
                 need_ns(self);
                 if let Some(name) = target.strip_prefix("deploy/") {
                     let key = ("Deployment".into(), ns.into(), name.into());

@@ -444,7 +444,10 @@ impl Exported {
         // Target labels Prometheus adds to every series.
         let target = ["job", "instance"];
         let mut problems = Vec::new();
-        let mut known: BTreeSet<String> = target.iter().map(|s| s.to_string()).collect();
+        let mut known: BTreeSet<String> = target
+            .iter()
+            .map(std::string::ToString::to_string)
+            .collect();
         for (metric, matchers) in &refs.metrics {
             if !self.series.contains_key(metric) {
                 problems.push(format!("{metric} is not exported"));

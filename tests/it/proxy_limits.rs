@@ -42,7 +42,7 @@ fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
     loop {
         match s.read(&mut buf) {
             Ok(0) => return true,
-            Ok(_) => continue,
+            Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return true,
             Err(_) => return false,
         }

@@ -127,7 +127,7 @@ fn cpu_time(pid: u32) -> Duration {
 /// Open file descriptors of the process.
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
-        .map(|d| d.count())
+        .map(std::iter::Iterator::count)
         .unwrap_or(0)
 }
 

@@ -448,7 +448,7 @@ async fn read_body(state: &ServerState, req: Request<Incoming>) -> Result<Bytes,
     Limited::new(req.into_body(), state.config.limits.max_body)
         .collect()
         .await
-        .map(|c| c.to_bytes())
+        .map(http_body_util::Collected::to_bytes)
         .map_err(|_| Refusal {
             status: StatusCode::PAYLOAD_TOO_LARGE,
             error: format!(

@@ -66,7 +66,7 @@ pub(super) async fn refresh_loop(state: Arc<ServerState>) {
                     state.revocations.store(Arc::new(list));
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "cannot reload revocations; serving the current list")
+                    tracing::error!(error = %e, "cannot reload revocations; serving the current list");
                 }
             }
         }
@@ -99,7 +99,7 @@ pub(super) async fn refresh_loop(state: Arc<ServerState>) {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "cannot reload the signing state; keeping the current one")
+                tracing::error!(error = %e, "cannot reload the signing state; keeping the current one");
             }
         }
     }

@@ -641,7 +641,7 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .open(path)
         .map_err(|source| io_err(path, source))?;
     file.write_all(bytes)
-        .and_then(|_| file.sync_all())
+        .and_then(|()| file.sync_all())
         .map_err(|source| io_err(path, source))
 }
 
@@ -666,8 +666,8 @@ fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> 
         .create_new(true)
         .mode(mode)
         .open(&tmp)
-        .and_then(|mut file| file.write_all(bytes).and_then(|_| file.sync_all()))
-        .and_then(|_| fs::rename(&tmp, path));
+        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
+        .and_then(|()| fs::rename(&tmp, path));
     if let Err(source) = written {
         let _ = fs::remove_file(&tmp);
         return Err(io_err(path, source));

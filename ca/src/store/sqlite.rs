@@ -81,8 +81,8 @@ impl SqliteStore {
         // WAL lets `moat ca rotate` write while `moat ca serve` reads; the busy
         // timeout makes the two wait for each other instead of failing.
         conn.busy_timeout(Duration::from_secs(5))
-            .and_then(|_| conn.pragma_update(None, "journal_mode", "WAL"))
-            .and_then(|_| conn.pragma_update(None, "synchronous", "FULL"))
+            .and_then(|()| conn.pragma_update(None, "journal_mode", "WAL"))
+            .and_then(|()| conn.pragma_update(None, "synchronous", "FULL"))
             .map_err(|source| db_err(path, source))?;
         migrate(&conn, path)?;
         backfill_certs(&conn, path, roots_dir)?;
@@ -440,7 +440,7 @@ impl Store for SqliteStore {
                 ))
                 .map_err(err)?;
             stmt.query_map(params![now], revocation_row)
-                .and_then(|rows| rows.collect())
+                .and_then(std::iter::Iterator::collect)
                 .map_err(err)
         })
     }
@@ -633,7 +633,7 @@ fn migrate(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             continue;
         }
         conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
-        let applied = conn.execute_batch(sql).and_then(|_| {
+        let applied = conn.execute_batch(sql).and_then(|()| {
             conn.execute(
                 "INSERT INTO moat_schema (version, name, applied_at) VALUES (?1, ?2, ?3)",
                 params![version, name, unix(std::time::SystemTime::now())],

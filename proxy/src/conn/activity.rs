@@ -16,25 +16,25 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// The data path only sets a flag (no clock read per read or write); the
 /// idle watchdog looks at it a few times per idle period.
 #[derive(Debug)]
-pub struct Activity {
+pub(crate) struct Activity {
     touched: AtomicBool,
     inflight: AtomicUsize,
 }
 
 /// Counts one request in flight while held.
 #[derive(Debug)]
-pub struct InFlight(Arc<Activity>);
+pub(crate) struct InFlight(Arc<Activity>);
 
 /// An I/O stream that records activity on every read and write.
 #[derive(Debug)]
-pub struct Tracked<T> {
+pub(crate) struct Tracked<T> {
     inner: T,
     activity: Arc<Activity>,
 }
 
 impl Activity {
     /// A fresh record, active now.
-    pub fn new() -> Arc<Self> {
+    pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             touched: AtomicBool::new(true),
             inflight: AtomicUsize::new(0),
@@ -49,14 +49,14 @@ impl Activity {
     }
 
     /// Marks a request in flight until the guard drops.
-    pub fn request(self: &Arc<Self>) -> InFlight {
+    pub(crate) fn request(self: &Arc<Self>) -> InFlight {
         self.inflight.fetch_add(1, Ordering::Relaxed);
         InFlight(self.clone())
     }
 
     /// Resolves once no request has been in flight and no byte has moved
     /// for `idle` (give or take an eighth of it: activity is sampled).
-    pub async fn idle_for(&self, idle: Duration) {
+    pub(crate) async fn idle_for(&self, idle: Duration) {
         let every = (idle / 8).max(Duration::from_millis(10));
         let mut quiet_since = Instant::now();
         loop {
@@ -83,13 +83,8 @@ impl Drop for InFlight {
 
 impl<T> Tracked<T> {
     /// Wraps `inner`, recording into `activity`.
-    pub fn new(inner: T, activity: Arc<Activity>) -> Self {
+    pub(crate) fn new(inner: T, activity: Arc<Activity>) -> Self {
         Self { inner, activity }
-    }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
     }
 }
 

@@ -11,7 +11,10 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::drain;
 
 /// Binds a listener and returns it with the address it got (port 0 picks one).
-pub async fn bind(name: &str, addr: SocketAddr) -> Result<(TcpListener, SocketAddr), crate::Error> {
+pub(crate) async fn bind(
+    name: &str,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), crate::Error> {
     let err = |source| crate::Error::Bind {
         name: name.to_owned(),
         addr,
@@ -84,7 +87,7 @@ impl<S: Serve> Listener<S> {
 /// `max` at once; each is handled on its own task with a drain watch.
 /// Failing `accept()` calls (out of file descriptors) back off instead of
 /// spinning: see [`moat_ca::listen`].
-pub async fn accept_loop<F, Fut>(
+pub(crate) async fn accept_loop<F, Fut>(
     listener: TcpListener,
     name: Arc<str>,
     max: usize,

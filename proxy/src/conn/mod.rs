@@ -17,11 +17,10 @@ mod relay;
 mod server;
 mod tick_batched;
 
-pub use activity::{Activity, InFlight, Tracked};
-pub use listener::{Listener, Serve, accept_loop, bind};
-pub use relay::{RelayConnectError, relay_plain, splice, splice_until};
-pub use server::{
-    Graceful, Streams, WithStreams, http_server, http1_server, http2_server, serve_http,
-    serve_http_until,
+pub(crate) use activity::{Activity, InFlight, Tracked};
+pub(crate) use listener::{Listener, Serve, bind};
+pub(crate) use relay::{RelayConnectError, relay_plain, splice, splice_until};
+pub(crate) use server::{
+    Graceful, Streams, http_server, http1_server, http2_server, serve_http, serve_http_until,
 };
-pub use tick_batched::TickBatched;
+pub(crate) use tick_batched::TickBatched;

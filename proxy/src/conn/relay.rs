@@ -14,7 +14,12 @@ use super::{Activity, Tracked};
 /// Splices two streams: bytes both ways, half-close passed on, until both
 /// directions end, the pair is idle too long, or the drain's grace runs out
 /// (the process exits then).
-pub async fn splice<A, B>(a: A, b: B, activity: &Activity, idle: Duration) -> io::Result<(u64, u64)>
+pub(crate) async fn splice<A, B>(
+    a: A,
+    b: B,
+    activity: &Activity,
+    idle: Duration,
+) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
@@ -24,7 +29,7 @@ where
 
 /// Why [`relay_plain`] could not reach its destination.
 #[derive(Debug)]
-pub enum RelayConnectError {
+pub(crate) enum RelayConnectError {
     /// The destination refused or failed the connection.
     Refused(io::Error),
     /// No connection within the connect timeout.
@@ -36,7 +41,7 @@ pub enum RelayConnectError {
 /// permissive inbound's plaintext and the transparent outbound's
 /// passthrough). `Err` only when `to` could not be reached; how the stream
 /// ended afterwards is logged at debug under `listener`.
-pub async fn relay_plain(
+pub(crate) async fn relay_plain(
     tcp: TcpStream,
     to: SocketAddr,
     connect_timeout: Duration,
@@ -60,7 +65,7 @@ pub async fn relay_plain(
 
 /// [`splice`], also ending at once when `close` resolves (the peer's
 /// credential lapsed: a byte stream has no boundary to wait for).
-pub async fn splice_until<A, B, X>(
+pub(crate) async fn splice_until<A, B, X>(
     mut a: A,
     mut b: B,
     activity: &Activity,
@@ -74,7 +79,7 @@ where
 {
     tokio::select! {
         res = tokio::io::copy_bidirectional(&mut a, &mut b) => res,
-        _ = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
+        () = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
         _ = close => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's credential lapsed")),
     }
 }

@@ -45,7 +45,7 @@ macro_rules! http2_settings {
 }
 
 /// The HTTP/1.1 server side of a TLS listener (ALPN chose the version).
-pub fn http1_server(limits: &Limits) -> http1::Builder {
+pub(crate) fn http1_server(limits: &Limits) -> http1::Builder {
     let mut b = http1::Builder::new();
     http1_settings!(b, limits);
     b
@@ -53,7 +53,7 @@ pub fn http1_server(limits: &Limits) -> http1::Builder {
 
 /// The HTTP/2 server side of a TLS listener (ALPN chose the version),
 /// its streams run by `streams`.
-pub fn http2_server(limits: &Limits, streams: Streams) -> http2::Builder<Streams> {
+pub(crate) fn http2_server(limits: &Limits, streams: Streams) -> http2::Builder<Streams> {
     let mut b = http2::Builder::new(streams);
     http2_settings!(b, limits);
     b
@@ -73,7 +73,7 @@ type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 /// say) spread over the cores. On one thread a stream that panicked (none
 /// should) would end its whole connection, not only itself.
 #[derive(Clone)]
-pub struct Streams {
+pub(crate) struct Streams {
     /// Streams started since [`WithStreams`] last looked; `None`: each
     /// stream is spawned.
     new: Option<Arc<std::sync::Mutex<Vec<StreamFuture>>>>,
@@ -87,7 +87,7 @@ where
         match &self.new {
             Some(new) => new
                 .lock()
-                .unwrap_or_else(|p| p.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .push(Box::pin(fut)),
             None => {
                 tokio::spawn(fut);
@@ -98,7 +98,7 @@ where
 
 impl Streams {
     /// For one connection on the current runtime (see [`Streams`]).
-    pub fn for_connection() -> Self {
+    pub(crate) fn for_connection() -> Self {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let one_thread = Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
         Self {
@@ -108,7 +108,7 @@ impl Streams {
 
     /// The connection `conn` (built with this executor) together with its
     /// streams, as one future.
-    pub fn run<C>(self, conn: C) -> WithStreams<C> {
+    pub(crate) fn run<C>(self, conn: C) -> WithStreams<C> {
         WithStreams {
             conn: Box::pin(conn),
             streams: self,
@@ -122,7 +122,7 @@ impl Streams {
 /// [`Streams`]). It ends when the connection does: after a graceful close
 /// that is once every stream has answered; streams still running when the
 /// connection fails (its client has gone) are dropped with it.
-pub struct WithStreams<C> {
+pub(crate) struct WithStreams<C> {
     conn: Pin<Box<C>>,
     streams: Streams,
     running: FuturesUnordered<StreamFuture>,
@@ -146,7 +146,9 @@ impl<C: Future> Future for WithStreams<C> {
             }
             std::mem::swap(
                 &mut this.spawned,
-                &mut new.lock().unwrap_or_else(|p| p.into_inner()),
+                &mut new
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner),
             );
             if this.spawned.is_empty() {
                 return Poll::Pending;
@@ -157,27 +159,27 @@ impl<C: Future> Future for WithStreams<C> {
 }
 
 /// A connection [`serve_http`] can close gracefully.
-pub trait Graceful: Future {
+pub(crate) trait Graceful: Future {
     /// Stops taking new requests; the future ends once the open ones have.
     fn graceful_shutdown(self: Pin<&mut Self>);
 }
 
 impl<C: GracefulConnection> Graceful for C {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        GracefulConnection::graceful_shutdown(self)
+        GracefulConnection::graceful_shutdown(self);
     }
 }
 
 impl<C: Graceful> Graceful for WithStreams<C> {
     fn graceful_shutdown(self: Pin<&mut Self>) {
-        self.get_mut().conn.as_mut().graceful_shutdown()
+        self.get_mut().conn.as_mut().graceful_shutdown();
     }
 }
 
 /// The HTTP server side of a plaintext listener, which tells HTTP/2 (prior
 /// knowledge, h2c) from HTTP/1.1 by the first bytes; same settings, the
 /// HTTP/2 streams run by `streams`.
-pub fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> {
+pub(crate) fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> {
     let mut b = auto::Builder::new(streams);
     http1_settings!(b.http1(), limits);
     http2_settings!(b.http2(), limits);
@@ -190,7 +192,7 @@ pub fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<Streams> 
 ///
 /// The connection comes boxed: an async fn keeps a by-value argument in its
 /// state twice (rustc #62958), and hyper's connection state is kilobytes.
-pub fn serve_http<'a, C, E>(
+pub(crate) fn serve_http<'a, C, E>(
     conn: Pin<Box<C>>,
     activity: &'a Activity,
     idle: Duration,
@@ -209,7 +211,7 @@ where
 /// peer's credential lapsed: [`crate::conn_registry`]). HTTP/2 sends
 /// GOAWAY and finishes its open streams; HTTP/1.1 finishes the request in
 /// flight, if any, and closes.
-pub async fn serve_http_until<C, E, X>(
+pub(crate) async fn serve_http_until<C, E, X>(
     mut conn: Pin<Box<C>>,
     activity: &Activity,
     idle: Duration,
@@ -230,11 +232,11 @@ where
             // on each of its wake-ups.
             biased;
             res = conn.as_mut() => return res.map_err(Into::into),
-            _ = drain.signaled(), if !closing => {
+            () = drain.signaled(), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }
-            _ = activity.idle_for(idle), if !closing => {
+            () = activity.idle_for(idle), if !closing => {
                 closing = true;
                 conn.as_mut().graceful_shutdown();
             }

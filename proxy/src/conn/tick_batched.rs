@@ -28,7 +28,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// either way (the load generator shares the cores); there writes pass
 /// straight through (issue 17, item 14).
 #[derive(Debug)]
-pub struct TickBatched<T> {
+pub(crate) struct TickBatched<T> {
     inner: T,
     deferred: bool,
     batch: bool,
@@ -37,14 +37,14 @@ pub struct TickBatched<T> {
 impl<T> TickBatched<T> {
     /// Wraps `inner`, deferring writes when this runs on a one-thread
     /// (`current_thread`) runtime.
-    pub fn new(inner: T) -> Self {
+    pub(crate) fn new(inner: T) -> Self {
         let one_thread = tokio::runtime::Handle::try_current()
             .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread);
         Self::batching(inner, one_thread)
     }
 
     /// Wraps `inner`; writes wait for the tick's end only if `batch`.
-    pub fn batching(inner: T, batch: bool) -> Self {
+    pub(crate) fn batching(inner: T, batch: bool) -> Self {
         Self {
             inner,
             deferred: false,

@@ -38,13 +38,13 @@ const MIN_LEFT: Duration = Duration::from_secs(5);
 
 /// The state directory.
 #[derive(Debug, Clone)]
-pub struct StateDir {
+pub(crate) struct StateDir {
     dir: PathBuf,
 }
 
 impl StateDir {
     /// Uses `dir`, creating it (0700) if it does not exist.
-    pub fn open(dir: &Path) -> Result<Self, IdentityError> {
+    pub(crate) fn open(dir: &Path) -> Result<Self, IdentityError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -60,7 +60,7 @@ impl StateDir {
 
     /// The stored certificate and key, if there are any, they parse, and the
     /// certificate is still valid for a little while.
-    pub fn load(&self) -> Option<(Svid, WorkloadKey)> {
+    pub(crate) fn load(&self) -> Option<(Svid, WorkloadKey)> {
         let path = self.dir.join(IDENTITY_FILE);
         let text = match fs::read_to_string(&path) {
             Ok(text) => text,
@@ -92,25 +92,25 @@ impl StateDir {
     }
 
     /// The stored bundle, if any.
-    pub fn load_bundle(&self) -> Option<TrustBundle> {
+    pub(crate) fn load_bundle(&self) -> Option<TrustBundle> {
         let bytes = fs::read(self.dir.join(BUNDLE_FILE)).ok()?;
         TrustBundle::from_pem(&bytes).ok()
     }
 
     /// Stores the certificate and its key.
-    pub fn save(&self, svid: &Svid, key: &WorkloadKey) -> std::io::Result<()> {
+    pub(crate) fn save(&self, svid: &Svid, key: &WorkloadKey) -> std::io::Result<()> {
         let mut text = key.dangerous_private_key_pem();
         text.push_str(&svid.to_pem());
         write_atomic(&self.dir, IDENTITY_FILE, text.as_bytes())
     }
 
     /// Stores the bundle.
-    pub fn save_bundle(&self, bundle: &TrustBundle) -> std::io::Result<()> {
+    pub(crate) fn save_bundle(&self, bundle: &TrustBundle) -> std::io::Result<()> {
         write_atomic(&self.dir, BUNDLE_FILE, bundle.to_pem().as_bytes())
     }
 
     /// The stored deny-list and when it was written, if any parses.
-    pub fn load_revocations(&self) -> Option<(RevocationList, SystemTime)> {
+    pub(crate) fn load_revocations(&self) -> Option<(RevocationList, SystemTime)> {
         let path = self.dir.join(REVOCATIONS_FILE);
         let bytes = fs::read(&path).ok()?;
         let written = fs::metadata(&path).and_then(|m| m.modified()).ok()?;
@@ -124,13 +124,13 @@ impl StateDir {
     }
 
     /// Stores the deny-list.
-    pub fn save_revocations(&self, list: &RevocationList) -> std::io::Result<()> {
+    pub(crate) fn save_revocations(&self, list: &RevocationList) -> std::io::Result<()> {
         let bytes = serde_json::to_vec(list).map_err(std::io::Error::other)?;
         write_atomic(&self.dir, REVOCATIONS_FILE, &bytes)
     }
 
     /// The directory.
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.dir
     }
 }

@@ -16,7 +16,7 @@ use super::IdentityError;
 const POLL: Duration = Duration::from_secs(2);
 
 /// The token file and what the CA said about its last contents.
-pub struct TokenFile {
+pub(crate) struct TokenFile {
     path: PathBuf,
     refused: Option<String>,
     events: mpsc::Receiver<()>,
@@ -25,11 +25,11 @@ pub struct TokenFile {
 
 impl TokenFile {
     /// Watches `path`'s directory (a failure to watch leaves polling).
-    pub fn new(path: &Path) -> Self {
+    pub(crate) fn new(path: &Path) -> Self {
         let (tx, events) = mpsc::channel(1);
         let watcher = watch(path, tx)
             .inspect_err(|e| {
-                tracing::debug!(path = %path.display(), error = %e, "token file not watched; polling it")
+                tracing::debug!(path = %path.display(), error = %e, "token file not watched; polling it");
             })
             .ok();
         Self {
@@ -41,7 +41,7 @@ impl TokenFile {
     }
 
     /// The token, trimmed.
-    pub fn read(&self) -> Result<String, IdentityError> {
+    pub(crate) fn read(&self) -> Result<String, IdentityError> {
         let bytes = std::fs::read(&self.path).map_err(|source| IdentityError::Read {
             path: self.path.clone(),
             source,
@@ -50,13 +50,13 @@ impl TokenFile {
     }
 
     /// True when the CA already refused exactly this token.
-    pub fn is_refused(&self, token: &str) -> bool {
+    pub(crate) fn is_refused(&self, token: &str) -> bool {
         self.refused.as_deref() == Some(token)
     }
 
     /// Remembers that the CA refused `token` for good, and says so once,
     /// with what to do.
-    pub fn refuse(&mut self, token: String, err: &ClientError) {
+    pub(crate) fn refuse(&mut self, token: String, err: &ClientError) {
         let file = self.path.display();
         let (status, reason, detail) = match err {
             ClientError::Refused {
@@ -85,14 +85,14 @@ impl TokenFile {
 
     /// Returns when the file may have changed (an announced change, or
     /// the next poll).
-    pub async fn changed(&mut self) {
+    pub(crate) async fn changed(&mut self) {
         tokio::select! {
             _ = self.events.recv() => {
                 // Let a burst of writes (truncate, then write) settle.
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 while self.events.try_recv().is_ok() {}
             }
-            _ = tokio::time::sleep(POLL) => {}
+            () = tokio::time::sleep(POLL) => {}
         }
     }
 }
@@ -104,7 +104,7 @@ fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."))
         .to_owned();
-    let name = path.file_name().map(|n| n.to_owned());
+    let name = path.file_name().map(std::borrow::ToOwned::to_owned);
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         if let Ok(ev) = res
             && !matches!(ev.kind, notify::EventKind::Access(_))

@@ -55,7 +55,7 @@ struct RawCase {
 
 /// The decision a case expects.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-pub enum Expect {
+pub(crate) enum Expect {
     /// Forwarded (200 from the proxy's point of view).
     #[serde(rename = "allow")]
     Allow,
@@ -106,7 +106,7 @@ struct Case {
 
 impl Expect {
     /// The spelling a cases file uses for this decision.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Expect::Allow => "allow",
             Expect::Deny => "deny",
@@ -124,7 +124,7 @@ impl std::fmt::Display for Expect {
 
 /// Reads a cases file and runs every case against `policy` at time `now`.
 /// A malformed cases file is an error with file:line:column diagnostics.
-pub fn run_cases(
+pub(crate) fn run_cases(
     policy: &Policy,
     cases_file: &Path,
     now: SystemTime,

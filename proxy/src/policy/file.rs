@@ -175,7 +175,7 @@ pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Poli
         }
     };
     let base = file.parent().unwrap_or(Path::new("."));
-    let mode = raw.mode.map_or(Mode::Enforce, |m| m.into_inner());
+    let mode = raw.mode.map_or(Mode::Enforce, toml::Spanned::into_inner);
 
     let mut issuers: Vec<Arc<Issuer>> = Vec::new();
     // Every issuer name the file defines, usable or not: a route naming an
@@ -567,10 +567,10 @@ fn compile_route(
                     diags.at(
                         header.span(),
                         format!("header {h} is reserved and cannot carry a claim"),
-                    )
+                    );
                 }
                 Ok(h) if forward_claims.iter().any(|(_, o)| *o == h) => {
-                    diags.at(header.span(), format!("header {h} is used for two claims"))
+                    diags.at(header.span(), format!("header {h} is used for two claims"));
                 }
                 Ok(h) => forward_claims.push((claim.clone(), h)),
                 Err(_) => diags.at(

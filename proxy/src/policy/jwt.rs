@@ -16,7 +16,7 @@ use super::{Issuer, JwtRule, Reason};
 
 /// The largest bearer token accepted, in bytes; larger ones are refused
 /// before any parsing.
-pub const MAX_TOKEN_LEN: usize = 8 * 1024;
+pub(crate) const MAX_TOKEN_LEN: usize = 8 * 1024;
 
 /// A token whose signature, issuer, audience and lifetime were verified.
 #[derive(Debug, Clone)]

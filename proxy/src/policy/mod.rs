@@ -4,7 +4,7 @@
 //! Matching semantics (the README's five lines):
 //! 1. The path is normalized first (query split off, unreserved `%XX` decoded, `//` and `.`/`..` resolved); `%2F`, `\`, `;`, control characters, bad escapes and `..` above `/` get 400.
 //! 2. Routes are tried in file order; a route matches when the method is in `methods` (absent: any; HEAD is not implied by GET), `host` (if set) equals the Host header without port, case-insensitively, and the path matches.
-//! 3. `path = "/a/b"` matches exactly `/a/b` (case-sensitive; `/a/b/` is another path); `path = "/a/*"` matches `/a` and everything under `/a/`; `"/*"` matches every path; `*` as an inner segment, or `{name}` as any segment, matches one non-empty segment (`/v1/orders/{id}/refund`). When two routes can match the same request, the more specific (the one matching a subset of the other's paths: a literal segment beats a wildcard, a longer pattern the prefix it extends) must come first, and two overlapping routes neither of which is more specific are refused (see [`pattern`]).
+//! 3. `path = "/a/b"` matches exactly `/a/b` (case-sensitive; `/a/b/` is another path); `path = "/a/*"` matches `/a` and everything under `/a/`; `"/*"` matches every path; `*` as an inner segment, or `{name}` as any segment, matches one non-empty segment (`/v1/orders/{id}/refund`). When two routes can match the same request, the more specific (the one matching a subset of the other's paths: a literal segment beats a wildcard, a longer pattern the prefix it extends) must come first, and two overlapping routes neither of which is more specific are refused (see `pattern`).
 //! 4. The first matching route decides: `deny = true` → 403; peer not in `peers` → 403; JWT missing or invalid → 401; claim conditions unmet → 403; otherwise allow. No route matches → 403.
 //! 5. `mode = "audit"` (file or route) logs what would be denied and lets it through; a 400 for a bad path is never audited away.
 //!
@@ -16,8 +16,8 @@
 //! does to the HTTP exchange: deny responses, forwarded headers, the
 //! decision log), `explain` (`moat policy explain`), [`path`]
 //! (normalization), `pattern` (route paths: templates, specificity), `file`
-//! (format), `hint` ("did you mean"), [`jwt`] (token checks), [`jwks`]
-//! (keys), [`watch`] (hot reload), [`cases`] (`moat policy test`), [`cli`]
+//! (format), `hint` ("did you mean"), `jwt` (token checks), `jwks`
+//! (keys), [`watch`] (hot reload), `cases` (`moat policy test`), [`cli`]
 //! (what the `moat policy` commands do).
 //!
 //! Wiring it into the proxy:
@@ -58,7 +58,7 @@ use moat_ca::SpiffeId;
 
 use pattern::PathPattern;
 
-pub mod cases;
+mod cases;
 pub mod cli;
 mod effects;
 mod engine;
@@ -66,8 +66,8 @@ mod explain;
 mod file;
 mod hint;
 mod index;
-pub mod jwks;
-pub mod jwt;
+mod jwks;
+mod jwt;
 pub mod path;
 mod pattern;
 pub mod watch;

@@ -493,16 +493,16 @@ fn send(batch: &Built) -> Result<(), RedirectError> {
 /// What usually causes `e` for the message `what`.
 fn hint(e: &io::Error, what: &str) -> &'static str {
     match e.raw_os_error() {
-        Some(libc::EPERM) | Some(libc::EACCES) => {
+        Some(libc::EPERM | libc::EACCES) => {
             "; changing nftables rules needs CAP_NET_ADMIN in this network namespace"
         }
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) if what.starts_with("creating chain") => {
+        Some(libc::EOPNOTSUPP | libc::ENOENT) if what.starts_with("creating chain") => {
             "; this kernel has no NAT chains for the inet family (Linux 5.2 or later, with nft_chain_nat)"
         }
-        Some(libc::EOPNOTSUPP) | Some(libc::ENOENT) if what.contains("redirect") => {
+        Some(libc::EOPNOTSUPP | libc::ENOENT) if what.contains("redirect") => {
             "; this kernel has no nftables redirect (nft_redir)"
         }
-        Some(libc::ENOENT) | Some(libc::EOPNOTSUPP) => {
+        Some(libc::ENOENT | libc::EOPNOTSUPP) => {
             "; this kernel lacks an nftables feature the rules use"
         }
         _ => "",

@@ -415,12 +415,15 @@ impl ListenerMetrics {
         if let Some(slots) = self
             .routed
             .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get(route)
         {
             return slots.clone();
         }
-        let mut routed = self.routed.write().unwrap_or_else(|p| p.into_inner());
+        let mut routed = self
+            .routed
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         // Routes come and go with policy reloads; a listener sees a bounded
         // set, and a removed route's counters stay exported like any other.
         routed

@@ -137,7 +137,7 @@ impl TelemetryConfig {
         let protocol = match self.otlp_protocol {
             Some(p) => p,
             None => match env("OTEL_EXPORTER_OTLP_PROTOCOL").as_deref() {
-                None | Some("grpc") | Some("") => OtlpProtocol::Grpc,
+                None | Some("grpc" | "") => OtlpProtocol::Grpc,
                 Some("http/protobuf") => OtlpProtocol::HttpProtobuf,
                 Some(other) => {
                     return Err(TelemetryError::Invalid(format!(

@@ -6,7 +6,7 @@
 //! at each handshake, so a renewal or a bundle refresh needs no rebuild and
 //! drops no open connection.
 
-pub mod store;
+mod store;
 pub mod verify;
 
 use std::fmt;

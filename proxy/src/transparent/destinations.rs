@@ -198,7 +198,7 @@ impl DestinationTable {
     /// Resolves each `host` when its answer's TTL runs out, for ever (a
     /// task of the proxy).
     pub async fn run_refresh(self: Arc<Self>) {
-        self.refresh_loop(dns::System::new).await
+        self.refresh_loop(dns::System::new).await;
     }
 
     fn has_hosts(&self) -> bool {
@@ -326,7 +326,7 @@ fn strip_port(authority: &str) -> &str {
 }
 
 /// True when `ip` is inside `cidr` (same family).
-pub fn cidr_contains(cidr: Cidr, ip: IpAddr) -> bool {
+pub(crate) fn cidr_contains(cidr: Cidr, ip: IpAddr) -> bool {
     let prefix = u32::from(cidr.prefix());
     match (cidr.addr().to_canonical(), ip) {
         (IpAddr::V4(net), IpAddr::V4(ip)) => {

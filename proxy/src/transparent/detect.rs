@@ -9,7 +9,7 @@ use tokio::net::TcpStream;
 
 /// What a connection's first byte says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FirstBytes {
+pub(crate) enum FirstBytes {
     /// A TLS handshake record (`0x16`): a ClientHello.
     Tls,
     /// Anything else: plaintext.
@@ -22,11 +22,11 @@ pub enum FirstBytes {
 }
 
 /// Waits up to `timeout` for the first byte and says what it is.
-pub async fn first_bytes(tcp: &TcpStream, timeout: Duration) -> FirstBytes {
+pub(crate) async fn first_bytes(tcp: &TcpStream, timeout: Duration) -> FirstBytes {
     let mut byte = [0u8; 1];
     match tokio::time::timeout(timeout, tcp.peek(&mut byte)).await {
         Err(_) => FirstBytes::Timeout,
-        Ok(Ok(0)) | Ok(Err(_)) => FirstBytes::Closed,
+        Ok(Ok(0) | Err(_)) => FirstBytes::Closed,
         Ok(Ok(_)) if byte[0] == 0x16 => FirstBytes::Tls,
         Ok(Ok(_)) => FirstBytes::Plaintext,
     }
@@ -42,7 +42,7 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// What a connection's first bytes say about its first request's authority.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Authority {
+pub(crate) enum Authority {
     /// The HTTP/1.1 `Host`, or the h2c `:authority` (else `host`).
     Found(String),
     /// There is none to find: not HTTP, a complete head without one, or
@@ -58,7 +58,7 @@ pub enum Authority {
 /// (prior-knowledge) connection's first HEADERS `:authority`, decoded by h2
 /// ([`h2_authority`]). `None` when there is none, or nothing complete
 /// within `timeout`.
-pub async fn request_authority(tcp: &TcpStream, timeout: Duration) -> Option<String> {
+pub(crate) async fn request_authority(tcp: &TcpStream, timeout: Duration) -> Option<String> {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; MAX_PEEK];
     let mut seen = 0;
@@ -93,7 +93,7 @@ pub async fn request_authority(tcp: &TcpStream, timeout: Duration) -> Option<Str
 }
 
 /// The authority of the first request in `bytes` (see [`Authority`]).
-pub fn authority(bytes: &[u8]) -> Authority {
+pub(crate) fn authority(bytes: &[u8]) -> Authority {
     if bytes.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(bytes) {
         return Authority::Incomplete;
     }
@@ -130,7 +130,7 @@ pub fn authority(bytes: &[u8]) -> Authority {
 /// chosen path will decode them, Huffman coding, dynamic table and
 /// CONTINUATION frames included, at the cost of one small connection
 /// state, made only when several `[[destination]]`s match one address.
-pub fn h2_authority(bytes: &[u8]) -> Authority {
+pub(crate) fn h2_authority(bytes: &[u8]) -> Authority {
     let io = Replay {
         data: bytes.to_vec(),
         pos: 0,
@@ -156,7 +156,7 @@ pub fn h2_authority(bytes: &[u8]) -> Authority {
             match request
                 .uri()
                 .authority()
-                .map(|a| a.to_string())
+                .map(std::string::ToString::to_string)
                 .or_else(from_host)
             {
                 Some(a) => Authority::Found(a),
@@ -231,7 +231,7 @@ impl tokio::io::AsyncWrite for Replay {
 }
 
 /// The `Host` field of a request head (or of its first part).
-pub fn host_header(head: &[u8]) -> Option<String> {
+pub(crate) fn host_header(head: &[u8]) -> Option<String> {
     let text = std::str::from_utf8(head).ok().or_else(|| {
         // A head cut inside a UTF-8 sequence: the valid prefix.
         let valid = std::str::from_utf8(head).err()?.valid_up_to();
@@ -310,7 +310,7 @@ mod tests {
                 .body(())
                 .unwrap();
             let _response = send.send_request(request, true).unwrap();
-            std::future::pending::<()>().await
+            std::future::pending::<()>().await;
         });
         let (s, _) = listener.accept().await.unwrap();
         let found = request_authority(&s, Duration::from_secs(10)).await;

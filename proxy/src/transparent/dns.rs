@@ -15,12 +15,12 @@ use hickory_resolver::TokioResolver;
 /// The shortest time an answer is kept, whatever its TTL (a TTL of 0 or 1
 /// would otherwise have moat query its resolver in a tight loop), unless
 /// `dns_refresh` is shorter still.
-pub const MIN_REFRESH: Duration = Duration::from_secs(5);
+pub(crate) const MIN_REFRESH: Duration = Duration::from_secs(5);
 
 /// One successful lookup: the addresses, and how long the records say they
 /// hold (`None`: the source gives no TTL).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Answer {
+pub(crate) struct Answer {
     /// The name's addresses (IPv4 and IPv6), not empty.
     pub addrs: Vec<IpAddr>,
     /// The smallest TTL among the records.
@@ -28,7 +28,7 @@ pub struct Answer {
 }
 
 /// Something that resolves host names (the system, or a test's script).
-pub trait Lookup {
+pub(crate) trait Lookup {
     /// The addresses of `host`, or why there are none.
     fn lookup(&self, host: &str) -> impl Future<Output = Result<Answer, String>> + Send;
 }
@@ -36,18 +36,18 @@ pub trait Lookup {
 /// How long to keep an answer whose records hold for `ttl`, given
 /// `dns_refresh` (`max`): the TTL within [`MIN_REFRESH`]..`max`; `max`
 /// when there is no TTL.
-pub fn keep_for(ttl: Option<Duration>, max: Duration) -> Duration {
+pub(crate) fn keep_for(ttl: Option<Duration>, max: Duration) -> Duration {
     ttl.map_or(max, |t| t.clamp(MIN_REFRESH.min(max), max))
 }
 
 /// How long to wait before asking again after a failed lookup (the last
 /// good addresses are kept meanwhile).
-pub fn retry_after(max: Duration) -> Duration {
+pub(crate) fn retry_after(max: Duration) -> Duration {
     MIN_REFRESH.min(max)
 }
 
 /// The system's resolver, as configured when it was made.
-pub enum System {
+pub(crate) enum System {
     /// hickory on `/etc/resolv.conf` and `/etc/hosts`.
     Hickory(Box<TokioResolver>),
     /// getaddrinfo (no TTL): the system configuration did not load.
@@ -58,8 +58,8 @@ impl System {
     /// A resolver on the system configuration as it is now (made for each
     /// round of lookups, so that edits to `/etc/resolv.conf` and
     /// `/etc/hosts` are followed, as getaddrinfo follows them).
-    pub fn new() -> Self {
-        match TokioResolver::builder_tokio().and_then(|b| b.build()) {
+    pub(crate) fn new() -> Self {
+        match TokioResolver::builder_tokio().and_then(hickory_resolver::ResolverBuilder::build) {
             Ok(r) => Self::Hickory(Box::new(r)),
             Err(error) => {
                 tracing::warn!(%error, "cannot read the system DNS configuration; [[destination]] host names are resolved with getaddrinfo and kept for dns_refresh (no TTL)");

@@ -71,7 +71,7 @@ impl TransparentInbound {
             Err(crate::Error::Bind { source, .. })
                 if matches!(
                     source.raw_os_error(),
-                    Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
                 ) =>
             {
                 conn::bind(
@@ -160,6 +160,6 @@ impl Serve for TransparentInbound {
                 }
             }
         }
-        target.service.connection(tcp, addr, drain).await
+        target.service.connection(tcp, addr, drain).await;
     }
 }

@@ -7,28 +7,28 @@
 //!   app's own ports and hands each connection to the `[[inbound]]` that
 //!   forwards to `127.0.0.1:<original port>`: mutual TLS, `allow_peers`,
 //!   route policy, forwarding, as on that listener. `mode = "permissive"`
-//!   also lets plaintext through, told apart by its first byte ([`detect`]).
+//!   also lets plaintext through, told apart by its first byte (`detect`).
 //! - [`TransparentOutbound`] (`127.0.0.1:15001`, `[::1]:15001`) takes what
 //!   the app dials and looks the original destination up in the
-//!   `[[destination]]` table ([`destinations`]): a match goes over mutual
+//!   `[[destination]]` table (`destinations`): a match goes over mutual
 //!   TLS, with the entry's peer ID pinned, to the original address (where
 //!   the peer pod's own rules send it to its transparent inbound), through
-//!   the same code as an explicit `[[outbound]]` ([`crate::outbound`]); no
+//!   the same code as an explicit `[[outbound]]` (`outbound.rs`); no
 //!   match is passed through as plain TCP or refused (`unmatched`). Host
-//!   names are resolved on their TTL ([`dns`]); entries that share an
+//!   names are resolved on their TTL (`dns`); entries that share an
 //!   address are told apart by the first request's `Host` or h2c
-//!   `:authority` ([`detect`]); moat's own connections redirected back to
+//!   `:authority` (`detect`); moat's own connections redirected back to
 //!   it (it does not run as `proxy_uid`) are refused as loops.
 //!
 //! Everything is counted ([`TransparentMetrics`]) and the admin listener
 //! shows the configuration and the resolved table at `/transparent`.
 
-pub mod destinations;
-pub mod detect;
-pub mod dns;
-pub mod inbound;
+mod destinations;
+mod detect;
+mod dns;
+pub(crate) mod inbound;
 mod original_dst;
-pub mod outbound;
+pub(crate) mod outbound;
 
 use std::collections::HashSet;
 use std::sync::Mutex;
@@ -132,7 +132,7 @@ impl TransparentMetrics {
     }
 
     /// Counts one unmatched outbound connection, labelled by its address
-    /// while fewer than [`MAX_UNMATCHED_LABELS`] have been seen.
+    /// while fewer than `MAX_UNMATCHED_LABELS` have been seen.
     pub fn unmatched(&self, dst: std::net::SocketAddr, outcome: &str) {
         let label = dst.to_string();
         let label = {
@@ -173,7 +173,9 @@ pub fn admin_view(
                 .map(|(e, addrs)| {
                     let c = &e.config;
                     let addresses: Vec<String> = match (&c.host, c.ip, c.cidr) {
-                        (Some(_), _, _) => addrs.iter().map(|a| a.to_string()).collect(),
+                        (Some(_), _, _) => {
+                            addrs.iter().map(std::string::ToString::to_string).collect()
+                        }
                         (None, Some(ip), _) => vec![ip.to_string()],
                         (None, None, Some(cidr)) => vec![cidr.to_string()],
                         (None, None, None) => vec!["any".to_owned()],
@@ -198,7 +200,7 @@ pub fn admin_view(
             "skip_inbound_ports": r.skip_inbound_ports,
             "outbound": r.outbound,
             "skip_outbound_ports": r.skip_outbound_ports,
-            "skip_outbound_cidrs": r.skip_outbound_cidrs.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+            "skip_outbound_cidrs": r.skip_outbound_cidrs.iter().map(std::string::ToString::to_string).collect::<Vec<_>>(),
             "proxy_uid": owner(&r.proxy_uid),
             "proxy_gid": r.proxy_gid.as_ref().map(owner),
             "mode": format!("{:?}", r.mode).to_lowercase(),

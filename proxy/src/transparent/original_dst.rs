@@ -47,7 +47,7 @@ pub fn original_dst(socket: &impl AsFd) -> io::Result<SocketAddr> {
 /// destination is `remote` was opened by moat itself and redirected back
 /// to it. Reads `/proc/self/fd` (a socket per open connection), so it is
 /// called only where such a loop is possible.
-pub fn from_this_process(local: SocketAddr, remote: SocketAddr) -> bool {
+pub(crate) fn from_this_process(local: SocketAddr, remote: SocketAddr) -> bool {
     let canon = |a: SocketAddr| (a.ip().to_canonical(), a.port());
     let (local, remote) = (canon(local), canon(remote));
     let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {

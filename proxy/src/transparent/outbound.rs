@@ -94,7 +94,7 @@ impl TransparentOutbound {
                 Err(crate::Error::Bind { source, .. })
                     if matches!(
                         source.raw_os_error(),
-                        Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+                        Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
                     ) =>
                 {
                     None

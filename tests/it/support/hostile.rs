@@ -16,12 +16,12 @@ use crate::support::proxy::*;
 use crate::support::{Running, TestCa, echo_service};
 use moat_proxy::tls::verify::AnyServerCertificate;
 
-pub const SERVER_ID: &str = "spiffe://example.org/ns/prod/sa/api";
-pub const CLIENT_ID: &str = "spiffe://example.org/ns/prod/sa/web";
+pub(crate) const SERVER_ID: &str = "spiffe://example.org/ns/prod/sa/api";
+pub(crate) const CLIENT_ID: &str = "spiffe://example.org/ns/prod/sa/web";
 
 /// A CA, the echo service, and a file-mode sidecar with one inbound
 /// listener `api` (admitting `spiffe://example.org/ns/prod/*`) and admin.
-pub struct Sidecar {
+pub(crate) struct Sidecar {
     pub ca: TestCa,
     pub proxy: Running,
     pub inbound: SocketAddr,
@@ -34,13 +34,13 @@ pub struct Sidecar {
 
 /// `extra` goes at the top level (`[limits]`, `[tls]`), `inbound_extra`
 /// into the `[[inbound]]` table (`policy = ...`).
-pub fn sidecar(extra: &str, inbound_extra: &str) -> Sidecar {
+pub(crate) fn sidecar(extra: &str, inbound_extra: &str) -> Sidecar {
     sidecar_with(extra, |_| inbound_extra.to_owned())
 }
 
 /// Like [`sidecar`], with `inbound_extra` computed from the CA (to write
 /// policy files into its directory).
-pub fn sidecar_with(extra: &str, inbound_extra: impl FnOnce(&TestCa) -> String) -> Sidecar {
+pub(crate) fn sidecar_with(extra: &str, inbound_extra: impl FnOnce(&TestCa) -> String) -> Sidecar {
     moat_ca::install_crypto_provider();
     let ca = TestCa::start();
     let echo = echo_service();
@@ -67,7 +67,7 @@ pub fn sidecar_with(extra: &str, inbound_extra: impl FnOnce(&TestCa) -> String) 
 impl Sidecar {
     /// A request from the legitimate client still gets through: the proxy
     /// is alive and serving others.
-    pub fn assert_still_serving(&mut self) {
+    pub(crate) fn assert_still_serving(&mut self) {
         assert!(
             self.proxy.child.try_wait().unwrap().is_none(),
             "the proxy is still running"
@@ -82,25 +82,25 @@ impl Sidecar {
     }
 
     /// The current `/metrics` text.
-    pub fn scrape(&self) -> String {
+    pub(crate) fn scrape(&self) -> String {
         scrape(self.admin)
     }
 
     /// A raw TLS connection as the legitimate client.
-    pub fn raw(&self, alpn: &[&[u8]]) -> Tls {
+    pub(crate) fn raw(&self, alpn: &[&[u8]]) -> Tls {
         tls_connect(self.inbound, Some(client_auth(&self.client)), alpn).expect("handshake")
     }
 }
 
 /// `/metrics` from an admin listener.
-pub fn scrape(admin: SocketAddr) -> String {
+pub(crate) fn scrape(admin: SocketAddr) -> String {
     let (status, body) = curl_http(admin, "/metrics", &[]);
     assert_eq!(status, 200);
     body
 }
 
 /// A sample's value (0 when absent: a counter that never moved).
-pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+pub(crate) fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     crate::support::metric_samples(text, name, labels)
         .into_iter()
         .filter(|v| !v.is_nan())
@@ -108,10 +108,10 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 /// A client certificate chain and key, as rustls wants them.
-pub type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
+pub(crate) type ClientAuth = (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>);
 
 /// Reads `files` into a [`ClientAuth`].
-pub fn client_auth(files: &CertFiles) -> ClientAuth {
+pub(crate) fn client_auth(files: &CertFiles) -> ClientAuth {
     let certs = CertificateDer::pem_file_iter(&files.cert)
         .unwrap()
         .collect::<Result<Vec<_>, _>>()
@@ -121,12 +121,12 @@ pub fn client_auth(files: &CertFiles) -> ClientAuth {
 }
 
 /// A TLS stream over a blocking socket.
-pub type Tls = StreamOwned<ClientConnection, TcpStream>;
+pub(crate) type Tls = StreamOwned<ClientConnection, TcpStream>;
 
 /// Connects and completes a TLS 1.3 handshake, presenting `auth` as is
 /// (even bytes that are no certificate at all). The server's certificate is
 /// not checked: these tests are about what the server accepts.
-pub fn tls_connect(
+pub(crate) fn tls_connect(
     addr: SocketAddr,
     auth: Option<ClientAuth>,
     alpn: &[&[u8]],
@@ -160,7 +160,7 @@ pub fn tls_connect(
 }
 
 /// Reads until the server closes (or `within` passes); returns what came.
-pub fn read_until_close(tls: &mut Tls, within: Duration) -> (Vec<u8>, bool) {
+pub(crate) fn read_until_close(tls: &mut Tls, within: Duration) -> (Vec<u8>, bool) {
     tls.sock
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
@@ -183,7 +183,7 @@ pub fn read_until_close(tls: &mut Tls, within: Duration) -> (Vec<u8>, bool) {
 /// Sends `bytes` over a fresh raw HTTP/1.1 connection as the legitimate
 /// client and returns everything the proxy answered before closing or
 /// going quiet for `within`.
-pub fn raw_http1(s: &Sidecar, bytes: &[u8], within: Duration) -> String {
+pub(crate) fn raw_http1(s: &Sidecar, bytes: &[u8], within: Duration) -> String {
     let mut tls = s.raw(&[b"http/1.1"]);
     let _ = tls.write_all(bytes);
     let _ = tls.flush();
@@ -191,7 +191,7 @@ pub fn raw_http1(s: &Sidecar, bytes: &[u8], within: Duration) -> String {
 }
 
 /// The status codes of every HTTP/1.1 response in `text`, in order.
-pub fn statuses(text: &str) -> Vec<u16> {
+pub(crate) fn statuses(text: &str) -> Vec<u16> {
     text.match_indices("HTTP/1.1 ")
         .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
         .collect()
@@ -216,7 +216,7 @@ impl rustls::client::ResolvesClientCert for Fixed {
 
 /// `openssl s_client` against `addr` with `args`; true if a TLS session
 /// was established (the server sent its Finished).
-pub fn openssl_connects(addr: SocketAddr, args: &[&str]) -> (bool, String) {
+pub(crate) fn openssl_connects(addr: SocketAddr, args: &[&str]) -> (bool, String) {
     let target = addr.to_string();
     let mut all = vec!["s_client", "-connect", target.as_str(), "-brief"];
     all.extend(args);

@@ -2,11 +2,11 @@
 //! logs, and stand up a CA on a port-0 listener.
 #![allow(dead_code)]
 
-pub mod hostile;
-pub mod netns;
-pub mod otlp;
-pub mod pg;
-pub mod proxy;
+pub(crate) mod hostile;
+pub(crate) mod netns;
+pub(crate) mod otlp;
+pub(crate) mod pg;
+pub(crate) mod proxy;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -18,30 +18,30 @@ use moat_testkit::{Ca, Moat, Process};
 use serde_json::Value;
 
 /// The `moat` binary cargo built for these tests.
-pub fn moat_bin() -> PathBuf {
+pub(crate) fn moat_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_moat"))
 }
 
 /// The harness around it: `RUST_LOG=info`, and every child's log echoed
 /// with `MOAT_TEST_ECHO=1`.
-pub fn harness() -> Moat {
+pub(crate) fn harness() -> Moat {
     Moat::new(moat_bin())
         .env("RUST_LOG", "info")
         .echo(std::env::var_os("MOAT_TEST_ECHO").is_some())
 }
 
 /// Runs `moat ARGS...` to completion and returns its output.
-pub fn moat(args: &[&str]) -> Output {
+pub(crate) fn moat(args: &[&str]) -> Output {
     harness().output(args).expect("run moat")
 }
 
 /// Runs `moat ARGS...`, asserts success, returns stdout.
-pub fn moat_ok(args: &[&str]) -> String {
+pub(crate) fn moat_ok(args: &[&str]) -> String {
     harness().ok(args).unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// Runs an external program (curl, openssl) and returns its output.
-pub fn tool(program: &str, args: &[&str]) -> Output {
+pub(crate) fn tool(program: &str, args: &[&str]) -> Output {
     Command::new(program)
         .args(args)
         .output()
@@ -70,7 +70,7 @@ const TOOLS: &[(&str, &[&str], &str)] = &[
 /// Whether `program` (one of [`TOOLS`]) runs here. If not: a failure
 /// under `MOAT_TEST_REQUIRE_ALL=1`, else a printed `SKIPPED:` and false,
 /// for the test to return.
-pub fn require(program: &str) -> bool {
+pub(crate) fn require(program: &str) -> bool {
     let (_, probe, install) = TOOLS
         .iter()
         .find(|(name, _, _)| *name == program)
@@ -85,7 +85,7 @@ pub fn require(program: &str) -> bool {
 
 /// Whether this process runs as root (namespaces, mounts); if not, as
 /// [`require`].
-pub fn require_root(what: &str) -> bool {
+pub(crate) fn require_root(what: &str) -> bool {
     let uid = tool("id", &["-u"]).stdout;
     require_that(
         uid == b"0\n",
@@ -96,7 +96,7 @@ pub fn require_root(what: &str) -> bool {
 
 /// `ok`, or what is missing and how to get it: a failure under
 /// `MOAT_TEST_REQUIRE_ALL=1`, else a printed `SKIPPED:` and false.
-pub fn require_that(ok: bool, missing: &str, how: &str) -> bool {
+pub(crate) fn require_that(ok: bool, missing: &str, how: &str) -> bool {
     if ok {
         return true;
     }
@@ -115,7 +115,7 @@ pub fn require_that(ok: bool, missing: &str, how: &str) -> bool {
 /// A running `moat` process whose stderr (JSON logs) is collected. Killed
 /// on drop. The harness's [`Process`], with waits that panic (showing the
 /// log) instead of returning errors.
-pub struct Running(Process);
+pub(crate) struct Running(Process);
 
 impl std::ops::Deref for Running {
     type Target = Process;
@@ -132,19 +132,19 @@ impl std::ops::DerefMut for Running {
 
 impl Running {
     /// Starts `moat ARGS...` in the background.
-    pub fn start(args: &[&str]) -> Self {
+    pub(crate) fn start(args: &[&str]) -> Self {
         Self::start_with_env(args, &[])
     }
 
     /// Starts `moat ARGS...` with extra environment variables.
-    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+    pub(crate) fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let moat = env.iter().fold(harness(), |m, (k, v)| m.env(k, v));
         Self(moat.spawn("moat", args, None).expect("spawn moat"))
     }
 
     /// Starts `moat ARGS...` allowed at most `nofile` open file descriptors
     /// (RLIMIT_NOFILE, soft and hard).
-    pub fn start_with_fd_limit(args: &[&str], nofile: u64) -> Self {
+    pub(crate) fn start_with_fd_limit(args: &[&str], nofile: u64) -> Self {
         use std::os::unix::process::CommandExt;
         let mut cmd = harness().command(args);
         // SAFETY: only setrlimit, which is async-signal-safe, runs between
@@ -166,7 +166,7 @@ impl Running {
 
     /// Starts a prepared command (the `moat` binary, in a network namespace
     /// or as another user, say), collecting its stderr as logs.
-    pub fn from_command(mut cmd: Command) -> Self {
+    pub(crate) fn from_command(mut cmd: Command) -> Self {
         if cmd.get_envs().all(|(k, _)| k != "RUST_LOG") {
             cmd.env("RUST_LOG", "info");
         }
@@ -175,18 +175,22 @@ impl Running {
     }
 
     /// Every log line so far.
-    pub fn logs(&self) -> Vec<String> {
+    pub(crate) fn logs(&self) -> Vec<String> {
         self.0.lines()
     }
 
     /// Every log line so far, parsed as JSON (non-JSON lines are skipped).
-    pub fn json_logs(&self) -> Vec<Value> {
+    pub(crate) fn json_logs(&self) -> Vec<Value> {
         self.0.json_since(0)
     }
 
     /// Waits until a JSON log line satisfies `pred`, or panics after `timeout`
     /// (or if the process exits first).
-    pub fn wait_for_log(&mut self, timeout: Duration, pred: impl Fn(&Value) -> bool) -> Value {
+    pub(crate) fn wait_for_log(
+        &mut self,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
         self.0
             .wait_for_log(timeout, pred)
             .unwrap_or_else(|e| panic!("waiting for a log line: {e:#}"))
@@ -194,14 +198,14 @@ impl Running {
 
     /// The address a listener reported in its `listening` log line.
     /// `name` is the listener's name (`ca`, `admin`, or an inbound/outbound name).
-    pub fn listening_addr(&mut self, name: &str) -> SocketAddr {
+    pub(crate) fn listening_addr(&mut self, name: &str) -> SocketAddr {
         self.0
             .listening(name)
             .unwrap_or_else(|e| panic!("waiting for listener {name}: {e:#}"))
     }
 
     /// Sends a signal (`TERM`, `HUP`, `KILL`, `STOP`, `CONT`) to the process.
-    pub fn signal(&self, sig: &str) {
+    pub(crate) fn signal(&self, sig: &str) {
         let sig = match sig {
             "TERM" => moat_testkit::SIGTERM,
             "HUP" => moat_testkit::SIGHUP,
@@ -215,7 +219,7 @@ impl Running {
 }
 
 /// A CA made with `moat ca init` and served with `moat ca serve` on a port-0 listener.
-pub struct TestCa {
+pub(crate) struct TestCa {
     pub dir: tempfile::TempDir,
     pub server: Running,
     pub addr: SocketAddr,
@@ -225,12 +229,12 @@ pub struct TestCa {
 
 impl TestCa {
     /// Initializes and starts a CA for `example.org`.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(|_| {})
     }
 
     /// Initializes a CA, lets `prepare` add files to its directory (e.g. `ca.toml`), then serves it.
-    pub fn start_with(prepare: impl FnOnce(&Path)) -> Self {
+    pub(crate) fn start_with(prepare: impl FnOnce(&Path)) -> Self {
         let dir = tempfile::tempdir().expect("tempdir");
         let ca = ca_init(&dir.path().join("ca"));
         prepare(ca.dir());
@@ -246,34 +250,34 @@ impl TestCa {
     }
 
     /// The CA's admin address (`/metrics`, `/live`, `/ready`).
-    pub fn admin_addr(&mut self) -> SocketAddr {
+    pub(crate) fn admin_addr(&mut self) -> SocketAddr {
         self.server.listening_addr("admin")
     }
 
     /// The CA directory.
-    pub fn ca_dir(&self) -> PathBuf {
+    pub(crate) fn ca_dir(&self) -> PathBuf {
         self.ca.dir().to_owned()
     }
 
     /// `https://127.0.0.1:PORT`.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("https://{}", self.addr)
     }
 
     /// Writes the current bundle to a file and returns its path.
-    pub fn bundle_file(&self) -> PathBuf {
+    pub(crate) fn bundle_file(&self) -> PathBuf {
         let path = self.dir.path().join("bundle.pem");
         std::fs::write(&path, self.ca.bundle().expect("moat ca bundle")).unwrap();
         path
     }
 
     /// Mints a join token for `id`.
-    pub fn token(&self, id: &str) -> String {
+    pub(crate) fn token(&self, id: &str) -> String {
         self.ca.token(id).expect("moat ca token")
     }
 
     /// Issues a certificate and key to files in the temp dir; returns (cert, key) paths.
-    pub fn issue_files(&self, id: &str, ttl: &str, name: &str) -> (PathBuf, PathBuf) {
+    pub(crate) fn issue_files(&self, id: &str, ttl: &str, name: &str) -> (PathBuf, PathBuf) {
         let cert = self.dir.path().join(format!("{name}.crt"));
         let key = self.dir.path().join(format!("{name}.key"));
         self.ca.issue(id, ttl, &cert, &key).expect("moat ca issue");
@@ -282,13 +286,13 @@ impl TestCa {
 }
 
 /// `moat ca init` of a CA for `example.org` in `dir`.
-pub fn ca_init(dir: &Path) -> Ca {
+pub(crate) fn ca_init(dir: &Path) -> Ca {
     Ca::init(&harness(), dir, "example.org").unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// The values of every sample of `name` whose labels include `labels`, read
 /// with a Prometheus text-format parser (NaN for a histogram or summary).
-pub fn metric_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+pub(crate) fn metric_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
     let lines = text.lines().map(|l| Ok(l.to_owned()));
     let scrape = prometheus_parse::Scrape::parse(lines).expect("valid Prometheus text");
     scrape
@@ -306,14 +310,14 @@ pub fn metric_samples(text: &str, name: &str, labels: &[(&str, &str)]) -> Vec<f6
 }
 
 /// A path as `&str` (test paths are always UTF-8).
-pub fn path_str(p: &Path) -> &str {
+pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
 /// Binds a plain HTTP/1.1 echo service on 127.0.0.1:0 (in a thread with its
 /// own runtime) that answers every request with 200 and a JSON body listing
 /// the method, path and request headers it received.
-pub fn echo_service() -> SocketAddr {
+pub(crate) fn echo_service() -> SocketAddr {
     use std::net::TcpListener as StdListener;
     let listener = StdListener::bind("127.0.0.1:0").expect("bind echo");
     listener.set_nonblocking(true).unwrap();

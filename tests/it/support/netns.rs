@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use moat_testkit::netns::Network;
 
 /// The UID and GID moat runs as in the image (and in these tests).
-pub const MOAT_UID: u32 = 65532;
+pub(crate) const MOAT_UID: u32 = 65532;
 
 /// Says why a test does not run: `SKIPPED: why` on stderr, or a panic
 /// under `MOAT_TEST_REQUIRE_ALL=1` (`support::require_that`).
-pub fn skip(why: &str) {
+pub(crate) fn skip(why: &str) {
     crate::support::require_that(
         false,
         why,
@@ -39,10 +39,10 @@ pub fn skip(why: &str) {
 
 // The benches include this module too and use none of these.
 #[allow(unused_imports)]
-pub use moat_testkit::netns::{in_netns, netns_command, netns_command_as, unavailable};
+pub(crate) use moat_testkit::netns::{in_netns, netns_command, netns_command_as, unavailable};
 
 /// Why `program` cannot be used (for tools the tests only inspect with).
-pub fn missing_tool(program: &str, args: &[&str], package: &str) -> Option<String> {
+pub(crate) fn missing_tool(program: &str, args: &[&str], package: &str) -> Option<String> {
     match Command::new(program).args(args).output() {
         Ok(o) if o.status.success() => None,
         _ => Some(format!(
@@ -52,11 +52,11 @@ pub fn missing_tool(program: &str, args: &[&str], package: &str) -> Option<Strin
 }
 
 /// One pod: a namespace whose `eth0` is on the hub's bridge.
-pub type Pod = moat_testkit::netns::Host;
+pub(crate) type Pod = moat_testkit::netns::Host;
 
 /// Client, server and outsider pods on one bridge; the namespaces are
 /// deleted on drop.
-pub struct Pods {
+pub(crate) struct Pods {
     /// The namespace holding the bridge and the hub ends of the veths.
     pub hub: String,
     pub client: Pod,
@@ -69,7 +69,7 @@ static INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
 impl Pods {
     /// Makes the namespaces and links; on error, removes what it made.
-    pub fn create() -> Result<Self, String> {
+    pub(crate) fn create() -> Result<Self, String> {
         moat_testkit::netns::sweep_stale("moat-t");
         let prefix = format!(
             "moat-t{}-{}",
@@ -89,14 +89,14 @@ impl Pods {
     }
 
     /// The three pods.
-    pub fn all(&self) -> [&Pod; 3] {
+    pub(crate) fn all(&self) -> [&Pod; 3] {
         [&self.client, &self.server, &self.outsider]
     }
 }
 
 /// A connection a [`Recorder`] accepted.
 #[derive(Debug, Clone)]
-pub struct Accepted {
+pub(crate) struct Accepted {
     /// The address it was accepted on.
     pub local: SocketAddr,
     /// Who connected.
@@ -109,7 +109,7 @@ pub struct Accepted {
 
 /// Plain TCP listeners inside a namespace that record every connection,
 /// with its original destination as moat would read it; stopped on drop.
-pub struct Recorder {
+pub(crate) struct Recorder {
     stop: Arc<AtomicBool>,
     accepted: Arc<Mutex<Vec<Accepted>>>,
     /// The bound addresses.
@@ -118,7 +118,7 @@ pub struct Recorder {
 
 impl Recorder {
     /// Binds every address in `ns` (an IPv6 wildcard is dual-stack).
-    pub fn start(ns: &str, addrs: &[SocketAddr]) -> Self {
+    pub(crate) fn start(ns: &str, addrs: &[SocketAddr]) -> Self {
         let addrs = addrs.to_vec();
         let listeners: Vec<TcpListener> = in_netns(ns, move || {
             addrs
@@ -165,12 +165,12 @@ impl Recorder {
     }
 
     /// Every connection so far.
-    pub fn accepted(&self) -> Vec<Accepted> {
+    pub(crate) fn accepted(&self) -> Vec<Accepted> {
         self.accepted.lock().unwrap().clone()
     }
 
     /// Waits for a connection matching `pred`, or panics after 20 s.
-    pub fn wait_for(&self, what: &str, pred: impl Fn(&Accepted) -> bool) -> Accepted {
+    pub(crate) fn wait_for(&self, what: &str, pred: impl Fn(&Accepted) -> bool) -> Accepted {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             if let Some(a) = self.accepted().into_iter().find(|a| pred(a)) {
@@ -194,7 +194,7 @@ impl Drop for Recorder {
 
 /// Every frame seen on one interface of a namespace, both directions,
 /// through an `AF_PACKET` socket (what tcpdump reads).
-pub struct Capture {
+pub(crate) struct Capture {
     stop: Arc<AtomicBool>,
     frames: Arc<Mutex<Vec<Vec<u8>>>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -202,7 +202,7 @@ pub struct Capture {
 
 impl Capture {
     /// Starts capturing on `ifname` in `ns`.
-    pub fn start(ns: &str, ifname: &str) -> Self {
+    pub(crate) fn start(ns: &str, ifname: &str) -> Self {
         let name = std::ffi::CString::new(ifname).unwrap();
         let socket: OwnedFd = in_netns(ns, move || {
             let all = (libc::ETH_P_ALL as u16).to_be();
@@ -262,7 +262,7 @@ impl Capture {
     }
 
     /// Stops and returns every frame seen.
-    pub fn stop(mut self) -> Vec<Vec<u8>> {
+    pub(crate) fn stop(mut self) -> Vec<Vec<u8>> {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -279,7 +279,7 @@ impl Drop for Capture {
 
 /// One TCP segment out of an Ethernet frame.
 #[derive(Debug, Clone)]
-pub struct Segment {
+pub(crate) struct Segment {
     pub src: SocketAddr,
     pub dst: SocketAddr,
     pub seq: u32,
@@ -289,7 +289,7 @@ pub struct Segment {
 
 /// The TCP segments among `frames` (Ethernet, IPv4 or IPv6 without
 /// extension headers; anything else is skipped).
-pub fn tcp_segments(frames: &[Vec<u8>]) -> Vec<Segment> {
+pub(crate) fn tcp_segments(frames: &[Vec<u8>]) -> Vec<Segment> {
     frames.iter().filter_map(|f| segment(f)).collect()
 }
 
@@ -334,7 +334,7 @@ fn segment(f: &[u8]) -> Option<Segment> {
 
 /// Each direction of each TCP connection in `frames`, its payload put
 /// back in sequence order (retransmissions counted once).
-pub fn tcp_streams(frames: &[Vec<u8>]) -> HashMap<(SocketAddr, SocketAddr), Vec<u8>> {
+pub(crate) fn tcp_streams(frames: &[Vec<u8>]) -> HashMap<(SocketAddr, SocketAddr), Vec<u8>> {
     let mut by_flow: HashMap<(SocketAddr, SocketAddr), Vec<Segment>> = HashMap::new();
     for s in tcp_segments(frames) {
         by_flow.entry((s.src, s.dst)).or_default().push(s);
@@ -369,7 +369,7 @@ pub fn tcp_streams(frames: &[Vec<u8>]) -> HashMap<(SocketAddr, SocketAddr), Vec<
 /// Reads `bytes` as a sequence of TLS records (type 20-23, version 3.x,
 /// length at most 2^14 + 2048); the count, or where it stops being TLS.
 /// A last record cut short (the capture stopped) is allowed.
-pub fn tls_records(bytes: &[u8]) -> Result<usize, String> {
+pub(crate) fn tls_records(bytes: &[u8]) -> Result<usize, String> {
     let mut at = 0;
     let mut count = 0;
     while at + 5 <= bytes.len() {
@@ -388,7 +388,7 @@ pub fn tls_records(bytes: &[u8]) -> Result<usize, String> {
 }
 
 /// Makes `path` (a test's temp dir, a key file) usable by moat's UID.
-pub fn give_to_moat(path: &Path) {
+pub(crate) fn give_to_moat(path: &Path) {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid NUL-terminated path.
     let rc = unsafe { libc::chown(c.as_ptr(), MOAT_UID, MOAT_UID) };

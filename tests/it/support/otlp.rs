@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 
 /// One span as received, flattened for assertions.
 #[derive(Debug, Clone)]
-pub struct Span {
+pub(crate) struct Span {
     pub service: String,
     pub name: String,
     pub trace_id: String,
@@ -27,7 +27,7 @@ pub struct Span {
 
 impl Span {
     /// The value of an attribute, as a string.
-    pub fn attr(&self, key: &str) -> Option<&str> {
+    pub(crate) fn attr(&self, key: &str) -> Option<&str> {
         self.attributes
             .iter()
             .find(|(k, _)| k == key)
@@ -36,7 +36,7 @@ impl Span {
 }
 
 /// A running receiver.
-pub struct Receiver {
+pub(crate) struct Receiver {
     pub addr: SocketAddr,
     spans: Arc<Mutex<Vec<Span>>>,
 }
@@ -102,13 +102,13 @@ fn hex(bytes: &[u8]) -> String {
 
 impl Receiver {
     /// Starts a receiver on 127.0.0.1:0.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_on(std::net::TcpListener::bind("127.0.0.1:0").unwrap())
     }
 
     /// Starts a receiver on a bound listener (one made in another network
     /// namespace, say).
-    pub fn start_on(std_listener: std::net::TcpListener) -> Self {
+    pub(crate) fn start_on(std_listener: std::net::TcpListener) -> Self {
         std_listener.set_nonblocking(true).unwrap();
         let addr = std_listener.local_addr().unwrap();
         let spans = Arc::new(Mutex::new(Vec::new()));
@@ -131,17 +131,17 @@ impl Receiver {
     }
 
     /// `http://127.0.0.1:PORT`.
-    pub fn endpoint(&self) -> String {
+    pub(crate) fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
     /// Every span so far.
-    pub fn spans(&self) -> Vec<Span> {
+    pub(crate) fn spans(&self) -> Vec<Span> {
         self.spans.lock().unwrap().clone()
     }
 
     /// Waits until `pred` holds for the spans received, or panics.
-    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Span]) -> bool) -> Vec<Span> {
+    pub(crate) fn wait_for(&self, timeout: Duration, pred: impl Fn(&[Span]) -> bool) -> Vec<Span> {
         let deadline = Instant::now() + timeout;
         loop {
             let spans = self.spans();

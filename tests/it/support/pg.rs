@@ -20,12 +20,12 @@ use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::{Duration, Instant};
 
 /// The superuser the clusters are made with (the CA connects as it too).
-pub const USER: &str = "moat";
+pub(crate) const USER: &str = "moat";
 /// Its password (host connections use scram-sha-256).
-pub const PASSWORD: &str = "moat-test-password";
+pub(crate) const PASSWORD: &str = "moat-test-password";
 
 /// A running (or stopped) PostgreSQL cluster in a temporary directory.
-pub struct PgCluster {
+pub(crate) struct PgCluster {
     /// The temporary directory: data, socket, TLS files, log.
     pub root: PathBuf,
     data: PathBuf,
@@ -44,7 +44,7 @@ pub struct PgCluster {
 }
 
 /// One test's database in a cluster.
-pub struct Database<'a> {
+pub(crate) struct Database<'a> {
     /// The cluster.
     pub cluster: &'a PgCluster,
     /// The database name.
@@ -52,7 +52,7 @@ pub struct Database<'a> {
 }
 
 /// The PostgreSQL binaries' directory, if any.
-pub fn bin_dir() -> Option<PathBuf> {
+pub(crate) fn bin_dir() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("MOAT_PG_BIN") {
         let dir = PathBuf::from(dir);
         return dir.join("initdb").exists().then_some(dir);
@@ -79,7 +79,7 @@ pub fn bin_dir() -> Option<PathBuf> {
 
 /// The shared cluster, or `None` (after printing why) when PostgreSQL is
 /// not installed and `MOAT_TEST_REQUIRE_ALL` is not set.
-pub fn require() -> Option<&'static PgCluster> {
+pub(crate) fn require() -> Option<&'static PgCluster> {
     if bin_dir().is_none() {
         skip_or_fail();
         return None;
@@ -89,7 +89,7 @@ pub fn require() -> Option<&'static PgCluster> {
 }
 
 /// True when PostgreSQL can be run here; prints or panics like [`require`].
-pub fn available() -> bool {
+pub(crate) fn available() -> bool {
     if bin_dir().is_none() {
         skip_or_fail();
         return false;
@@ -108,14 +108,14 @@ fn skip_or_fail() {
 impl PgCluster {
     /// A cluster of its own (stopped and removed on drop), for a test that
     /// stops and restarts the server.
-    pub fn start() -> Self {
+    pub(crate) fn start() -> Self {
         Self::start_with(false, true)
     }
 
     /// A cluster with `fsync` as asked: tests run without (durability is
     /// not what they check), benches with (the commit cost is what they
     /// measure).
-    pub fn start_with(fsync: bool, temporary: bool) -> Self {
+    pub(crate) fn start_with(fsync: bool, temporary: bool) -> Self {
         let bin = bin_dir().expect("PostgreSQL binaries");
         remove_stale_clusters();
         static N: AtomicUsize = AtomicUsize::new(0);
@@ -207,7 +207,7 @@ impl PgCluster {
     }
 
     /// Starts the server (again, after [`stop`](Self::stop)) and waits until it accepts connections.
-    pub fn start_again(&self) {
+    pub(crate) fn start_again(&self) {
         self.try_start().expect("PostgreSQL restarts");
     }
 
@@ -252,7 +252,7 @@ impl PgCluster {
     }
 
     /// Stops the server (fast shutdown: clients are disconnected) and waits.
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         if let Some(mut child) = self.child.lock().unwrap().take() {
             // SIGINT is PostgreSQL's fast shutdown.
             unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
@@ -269,12 +269,12 @@ impl PgCluster {
     }
 
     /// The server's log so far.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.root.join("postgres.log")).unwrap_or_default()
     }
 
     /// Creates a fresh database for one test.
-    pub fn database(&self, hint: &str) -> Database<'_> {
+    pub(crate) fn database(&self, hint: &str) -> Database<'_> {
         static N: AtomicUsize = AtomicUsize::new(0);
         let clean: String = hint
             .chars()
@@ -290,7 +290,7 @@ impl PgCluster {
     }
 
     /// Runs SQL with `psql` over the Unix socket; returns its unaligned output.
-    pub fn psql(&self, db: &str, sql: &str) -> String {
+    pub(crate) fn psql(&self, db: &str, sql: &str) -> String {
         let out = Command::new(self.bin.join("psql"))
             .arg("-h")
             .arg(&self.socket_dir)
@@ -318,7 +318,7 @@ impl Drop for PgCluster {
 
 impl Database<'_> {
     /// `[store]` over TLS (`verify-full`, the test CA's roots, the password file).
-    pub fn store_toml(&self) -> String {
+    pub(crate) fn store_toml(&self) -> String {
         format!(
             "[store]\nurl = \"postgres://{USER}@localhost:{}/{}?sslmode=verify-full\"\npassword_file = {:?}\nca_file = {:?}\npool_size = 4\ntimeout = \"3s\"\n",
             self.cluster.port,
@@ -329,7 +329,7 @@ impl Database<'_> {
     }
 
     /// `[store]` over the Unix socket, no TLS (loopback only).
-    pub fn store_toml_socket(&self) -> String {
+    pub(crate) fn store_toml_socket(&self) -> String {
         let sock = self
             .cluster
             .socket_dir
@@ -343,7 +343,7 @@ impl Database<'_> {
     }
 
     /// Runs SQL in this database.
-    pub fn psql(&self, sql: &str) -> String {
+    pub(crate) fn psql(&self, sql: &str) -> String {
         self.cluster.psql(&self.name, sql)
     }
 }

@@ -12,33 +12,33 @@ use crate::support::{Running, TestCa, echo_service, path_str, tool};
 use moat_testkit::pki;
 
 /// A workload certificate and key on disk.
-pub struct CertFiles {
+pub(crate) struct CertFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
 }
 
 /// Writes `text` to `dir/name` and returns the path.
-pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+pub(crate) fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, text).unwrap();
     path
 }
 
 /// Starts `moat proxy --config PATH` and waits until every named listener is bound.
-pub fn start_proxy(config: &Path, listeners: &[&str]) -> (Running, Vec<SocketAddr>) {
+pub(crate) fn start_proxy(config: &Path, listeners: &[&str]) -> (Running, Vec<SocketAddr>) {
     let mut proxy = Running::start(&["proxy", "--config", path_str(config)]);
     let addrs = listeners.iter().map(|l| proxy.listening_addr(l)).collect();
     (proxy, addrs)
 }
 
 /// Issues `id` from the CA into files named `name.crt`/`name.key`.
-pub fn issue(ca: &TestCa, id: &str, ttl: &str, name: &str) -> CertFiles {
+pub(crate) fn issue(ca: &TestCa, id: &str, ttl: &str, name: &str) -> CertFiles {
     let (cert, key) = ca.issue_files(id, ttl, name);
     CertFiles { cert, key }
 }
 
 /// A file-mode `[identity]` section.
-pub fn file_identity(files: &CertFiles, bundle: &Path) -> String {
+pub(crate) fn file_identity(files: &CertFiles, bundle: &Path) -> String {
     format!(
         "[identity]\ncert = {:?}\nkey = {:?}\nbundle = {:?}\n",
         path_str(&files.cert),
@@ -48,12 +48,12 @@ pub fn file_identity(files: &CertFiles, bundle: &Path) -> String {
 }
 
 /// `[admin]` on a free loopback port.
-pub const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
+pub(crate) const ADMIN: &str = "[admin]\nlisten = \"127.0.0.1:0\"\n";
 
 /// Status and body of `curl` against `https://addr/path` with a client
 /// certificate (`None`: without one). Extra curl arguments go last. Server
 /// identity is not checked here (`-k`): these tests are about the client side.
-pub fn curl(
+pub(crate) fn curl(
     addr: SocketAddr,
     path: &str,
     client: Option<&CertFiles>,
@@ -64,7 +64,7 @@ pub fn curl(
 }
 
 /// The raw curl output (`-w` appends the status on the last line).
-pub fn curl_raw(
+pub(crate) fn curl_raw(
     addr: SocketAddr,
     path: &str,
     client: Option<&CertFiles>,
@@ -81,7 +81,7 @@ pub fn curl_raw(
 }
 
 /// Plain-HTTP curl (outbound listeners, admin).
-pub fn curl_http(addr: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
+pub(crate) fn curl_http(addr: SocketAddr, path: &str, extra: &[&str]) -> (u16, String) {
     let url = format!("http://{addr}{path}");
     let mut args: Vec<&str> = vec!["-sS", "--max-time", "10", "-w", "\n%{http_code}"];
     args.extend(extra);
@@ -96,13 +96,13 @@ fn parse_status(out: &Output) -> (u16, String) {
 }
 
 /// A CA that is not ours, and a leaf it signs for `id` (valid for an hour).
-pub fn foreign_cert(dir: &Path, id: &str, name: &str) -> CertFiles {
+pub(crate) fn foreign_cert(dir: &Path, id: &str, name: &str) -> CertFiles {
     let (issuer, ca_pem) = pki::foreign_ca("not the moat CA").unwrap();
     leaf_signed_by(dir, id, name, &issuer, &ca_pem)
 }
 
 /// A leaf for `id` signed by `issuer`, with the workload EKUs.
-pub fn leaf_signed_by(
+pub(crate) fn leaf_signed_by(
     dir: &Path,
     id: &str,
     name: &str,
@@ -110,13 +110,13 @@ pub fn leaf_signed_by(
     chain_pem: &str,
 ) -> CertFiles {
     let pem = pki::leaf(issuer, chain_pem, |p| {
-        p.subject_alt_names = vec![uri_san(id)]
+        p.subject_alt_names = vec![uri_san(id)];
     });
     cert_files(dir, name, &pem.unwrap())
 }
 
 /// Writes `pem` to `name.crt` and `name.key` in `dir`.
-pub fn cert_files(dir: &Path, name: &str, pem: &pki::Pem) -> CertFiles {
+pub(crate) fn cert_files(dir: &Path, name: &str, pem: &pki::Pem) -> CertFiles {
     CertFiles {
         cert: write(dir, &format!("{name}.crt"), &pem.cert),
         key: write(dir, &format!("{name}.key"), &pem.key),
@@ -124,7 +124,7 @@ pub fn cert_files(dir: &Path, name: &str, pem: &pki::Pem) -> CertFiles {
 }
 
 /// Waits until `f` returns true, polling, or panics after `timeout`.
-pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while std::time::Instant::now() < deadline {
         if f() {
@@ -137,20 +137,20 @@ pub fn eventually(timeout: Duration, what: &str, mut f: impl FnMut() -> bool) {
 
 /// A leaf signed by the test CA's own root (read from its directory), with
 /// whatever SANs the test wants: what the CA itself would never issue.
-pub fn ca_signed(ca: &TestCa, sans: Vec<rcgen::SanType>, name: &str) -> CertFiles {
+pub(crate) fn ca_signed(ca: &TestCa, sans: Vec<rcgen::SanType>, name: &str) -> CertFiles {
     let issuer = pki::ca_dir_issuer(&ca.ca_dir()).unwrap();
     let pem = pki::leaf(&issuer, "", |p| p.subject_alt_names = sans).unwrap();
     cert_files(ca.dir.path(), name, &pem)
 }
 
 /// A URI SAN.
-pub fn uri_san(id: &str) -> rcgen::SanType {
+pub(crate) fn uri_san(id: &str) -> rcgen::SanType {
     pki::uri_san(id).unwrap()
 }
 
 /// A CA-mode `[identity]` section: a join token for `id` in a file, short
 /// retry delays, and `extra` lines (e.g. `ttl = "4s"`).
-pub fn ca_identity(ca: &TestCa, id: &str, name: &str, extra: &str) -> String {
+pub(crate) fn ca_identity(ca: &TestCa, id: &str, name: &str, extra: &str) -> String {
     let token = write(ca.dir.path(), &format!("{name}.token"), &ca.token(id));
     format!(
         "[identity]\nca_url = {:?}\nbundle = {:?}\ntoken_file = {:?}\nretry_base = \"100ms\"\nretry_max = \"500ms\"\n{extra}\n",
@@ -164,7 +164,7 @@ pub fn ca_identity(ca: &TestCa, id: &str, name: &str, extra: &str) -> String {
 /// listener, its identity `id` from `ca` (`identity_extra` goes into
 /// `[identity]`); returns once its first certificate is issued, with the
 /// `api` and admin addresses.
-pub fn ca_inbound(
+pub(crate) fn ca_inbound(
     ca: &TestCa,
     id: &str,
     identity_extra: &str,
@@ -184,7 +184,7 @@ pub fn ca_inbound(
 
 /// A TCP service that reads until the client half-closes, then answers
 /// with `echo:` and every byte it read, then closes.
-pub fn tcp_echo_after_eof() -> SocketAddr {
+pub(crate) fn tcp_echo_after_eof() -> SocketAddr {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -205,12 +205,12 @@ pub fn tcp_echo_after_eof() -> SocketAddr {
 
 /// One HTTP/1.1 keep-alive connection to a plaintext listener, reused for
 /// every request (so it outlives certificate renewals).
-pub struct KeepAlive {
+pub(crate) struct KeepAlive {
     reader: std::io::BufReader<std::net::TcpStream>,
 }
 
 impl KeepAlive {
-    pub fn connect(addr: SocketAddr) -> Self {
+    pub(crate) fn connect(addr: SocketAddr) -> Self {
         let s = std::net::TcpStream::connect(addr).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Self {
@@ -219,7 +219,7 @@ impl KeepAlive {
     }
 
     /// Sends `GET path` and returns the status (0 if the connection failed).
-    pub fn get(&mut self, path: &str) -> u16 {
+    pub(crate) fn get(&mut self, path: &str) -> u16 {
         use std::io::{BufRead, Read, Write};
         let req = format!("GET {path} HTTP/1.1\r\nhost: test\r\n\r\n");
         if self.reader.get_mut().write_all(req.as_bytes()).is_err() {
@@ -259,7 +259,7 @@ impl KeepAlive {
 }
 
 /// How many log lines so far have this message.
-pub fn count_logs(proc: &Running, message: &str) -> usize {
+pub(crate) fn count_logs(proc: &Running, message: &str) -> usize {
     proc.json_logs()
         .iter()
         .filter(|v| v["message"] == message)
@@ -268,7 +268,7 @@ pub fn count_logs(proc: &Running, message: &str) -> usize {
 
 /// An HTTP/1.1 service that tells `arrived` when a request has come in, then
 /// waits `delay` before answering 200 `slow`.
-pub fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
+pub(crate) fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
     use std::io::{BufRead, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -303,7 +303,7 @@ pub fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<(
 /// once by curl (`--parallel`) to `{base}/stream/{i}` with `flags` (the
 /// protocol, client certificate); asserts that all went over one HTTP/2
 /// connection and that the echo service got every body whole.
-pub fn assert_parallel_http2_posts(base: &str, dir: &Path, flags: &[&str]) {
+pub(crate) fn assert_parallel_http2_posts(base: &str, dir: &Path, flags: &[&str]) {
     const N: usize = 24;
     let body = "x".repeat(1 << 20);
     let data = format!("@{}", path_str(&write(dir, "body.bin", &body)));

@@ -4,7 +4,7 @@
 //! version N" means the same tables on both.
 
 /// One migration: its version, a name, and its SQL.
-pub struct Migration {
+pub(crate) struct Migration {
     /// Applied in increasing order, each once.
     pub version: i64,
     /// For `moat_schema` and messages.
@@ -14,7 +14,7 @@ pub struct Migration {
 }
 
 /// SQLite's migrations.
-pub const SQLITE: &[Migration] = &[
+pub(crate) const SQLITE: &[Migration] = &[
     Migration {
         version: 1,
         name: "initial",
@@ -28,7 +28,7 @@ pub const SQLITE: &[Migration] = &[
 ];
 
 /// PostgreSQL's migrations.
-pub const POSTGRES: &[Migration] = &[
+pub(crate) const POSTGRES: &[Migration] = &[
     Migration {
         version: 1,
         name: "initial",
@@ -42,8 +42,8 @@ pub const POSTGRES: &[Migration] = &[
 ];
 
 /// The schema version this binary brings a store to.
-pub const LATEST: i64 = 2;
+pub(crate) const LATEST: i64 = 2;
 
 /// The bookkeeping table, the same on both engines.
-pub const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS moat_schema (
+pub(crate) const SCHEMA_TABLE: &str = "CREATE TABLE IF NOT EXISTS moat_schema (
     version BIGINT PRIMARY KEY, name TEXT NOT NULL, applied_at BIGINT NOT NULL)";
