@@ -4,6 +4,7 @@
 #   bash benches/load/callgrind.sh BIN...            # every row for each binary
 #   ROWS="in_h1 pair_h2" bash benches/load/callgrind.sh BIN...
 #   KEEP=/tmp/cg ROWS=in_h1 bash benches/load/callgrind.sh A B   # keep the files: callgrind_annotate A B
+#   WORKERS=2 ROWS=in_h2 bash benches/load/callgrind.sh A B     # the multi-thread runtime (default: 1 worker)
 #   DENYLIST=10000 ROWS="in_h1 pair_h1" bash benches/load/callgrind.sh BIN  # every sidecar enforces a deny-list
 #
 # Why: the load harness (run.sh, ab.sh) measures CPU time, which on a shared 2-core box moves by more
@@ -74,7 +75,7 @@ conf() { # BIN -> writes in.toml, out.toml
   local key; key=$(app_key "$1")
   cat >"$W/in.toml" <<EOF
 [runtime]
-worker_threads = 1
+worker_threads = ${WORKERS:-1}
 [identity]
 cert = "$W/server.crt"
 key = "$W/server.key"
@@ -91,7 +92,7 @@ $key
 EOF
   cat >"$W/out.toml" <<EOF
 [runtime]
-worker_threads = 1
+worker_threads = ${WORKERS:-1}
 [identity]
 cert = "$W/client.crt"
 key = "$W/client.key"

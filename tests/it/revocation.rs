@@ -201,6 +201,10 @@ fn revoking_an_identity_closes_its_connections_and_refuses_it_until_unrevoked() 
         .expect("billing closes frontend's HTTP/1.1 and HTTP/2 connections within 10 s");
     });
     assert!(revoked_at.elapsed() < WITHIN);
+    // The client sees the close before the sidecar's log line is read back.
+    eventually(WITHIN, "the close log lines", || {
+        closed_for(&billing, "revoked").len() >= 2
+    });
     let lines = closed_for(&billing, "revoked");
     assert_eq!(lines.len(), 2, "one log line per connection: {lines:?}");
     assert!(
@@ -445,6 +449,10 @@ fn retiring_a_root_closes_the_connections_authenticated_under_it() {
             .await
             .expect("the connection under the retired root closes")
             .unwrap();
+    });
+    // The client sees the close before the sidecar's log line is read back.
+    eventually(WITHIN, "the close log lines", || {
+        !closed_for(&billing, "root_retired").is_empty()
     });
     let lines = closed_for(&billing, "root_retired");
     assert_eq!(lines.len(), 1, "{lines:?}");

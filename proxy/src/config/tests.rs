@@ -1,3 +1,7 @@
+use std::time::Duration;
+
+use moat_ca::SpiffeId;
+
 use super::*;
 
 const MINIMAL: &str = r#"
