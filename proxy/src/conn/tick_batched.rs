@@ -24,9 +24,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// that is where the figure was measured. On the
 /// multi-thread runtime a task that wakes itself goes to the back of its
 /// worker's queue and may wake an idle worker to steal it, so the deferral
-/// can cost more than it saves, and this 2-core machine cannot show it
-/// either way (the load generator shares the cores); there writes pass
-/// straight through (issue 17, item 14).
+/// can cost more than it saves. Measured with two workers (callgrind,
+/// instructions per request, `WORKERS=2 bash benches/load/callgrind.sh`):
+/// deferring cost 51,921 against 49,265 on in_h1 (+5.4 %) and 51,790
+/// against 49,709 on pair_h1's inbound (+4.2 %), 71,205 against 71,843 on
+/// in_h2 (−0.9 %, within noise); no gain in CPU time can be shown on this
+/// 2-core machine (the load generator shares the cores). So there writes
+/// pass straight through (issue 17, item 14).
 #[derive(Debug)]
 pub(crate) struct TickBatched<T> {
     inner: T,
