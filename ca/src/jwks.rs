@@ -279,16 +279,20 @@ impl JwksCache {
         Ok(keys)
     }
 
-    /// Fetches every URL source now, concurrently (at start, and by
-    /// `moat policy explain`). Failures are logged and kept in the stats.
-    pub async fn fetch_all(&self) {
-        let all: Vec<_> = self
-            .entries
+    /// The sources held now, so that fetching runs without the lock.
+    fn sources(&self) -> Vec<Arc<IssuerKeys>> {
+        self.entries
             .lock()
             .expect("jwks lock")
             .values()
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    /// Fetches every URL source now, concurrently (at start, and by
+    /// `moat policy explain`). Failures are logged and kept in the stats.
+    pub async fn fetch_all(&self) {
+        let all = self.sources();
         let mut tasks = tokio::task::JoinSet::new();
         for keys in all {
             if keys.client.is_some() {
@@ -305,13 +309,7 @@ impl JwksCache {
     /// keys or its last attempt failed, every `min_refetch`. Spawn it once.
     pub async fn run_refresh(self: Arc<Self>) {
         loop {
-            let all: Vec<_> = self
-                .entries
-                .lock()
-                .expect("jwks lock")
-                .values()
-                .cloned()
-                .collect();
+            let all = self.sources();
             // XXX: sources are refreshed one after the other, so one slow
             // server (up to FETCH_TIMEOUT) delays the others' refresh; the hot
             // path never waits on this loop.
