@@ -111,10 +111,10 @@ mod tests {
 
     /// The side future is polled again when its own waker fires (here a
     /// timer's), although the main future never wakes the task.
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn the_side_future_is_polled_when_it_wakes() {
         let main = std::pin::pin!(std::future::pending::<()>());
-        let side = std::pin::pin!(tokio::time::sleep(Duration::from_secs(5)));
+        let side = std::pin::pin!(tokio::time::sleep(Duration::from_millis(10)));
         assert!(matches!(race(main, side).await, First::Side(())));
     }
 
