@@ -6,6 +6,7 @@
 #   KEEP=/tmp/cg ROWS=in_h1 bash benches/load/callgrind.sh A B   # keep the files: callgrind_annotate A B
 #   WORKERS=2 ROWS=in_h2 bash benches/load/callgrind.sh A B     # the multi-thread runtime (default: 1 worker)
 #   DENYLIST=10000 ROWS="in_h1 pair_h1" bash benches/load/callgrind.sh BIN  # every sidecar enforces a deny-list
+#   B_PORT=38080 IN_PORT=38443 OUT_PORT=38001 bash benches/load/callgrind.sh BIN  # other ports (defaults 28080, 28443, 28001)
 #
 # Why: the load harness (run.sh, ab.sh) measures CPU time, which on a shared 2-core box moves by more
 # than the 2 % a data-path change is allowed. Callgrind counts instructions, the same count for the
