@@ -6,6 +6,7 @@
 #   KEEP=/tmp/cg ROWS=in_h1 bash benches/load/callgrind.sh A B   # keep the files: callgrind_annotate A B
 #   WORKERS=2 ROWS=in_h2 bash benches/load/callgrind.sh A B     # the multi-thread runtime (default: 1 worker)
 #   DENYLIST=10000 ROWS="in_h1 pair_h1" bash benches/load/callgrind.sh BIN  # every sidecar enforces a deny-list
+#   B_PORT=38080 IN_PORT=38443 OUT_PORT=38001 bash benches/load/callgrind.sh BIN  # other ports (defaults 28080, 28443, 28001)
 #
 # Why: the load harness (run.sh, ab.sh) measures CPU time, which on a shared 2-core box moves by more
 # than the 2 % a data-path change is allowed. Callgrind counts instructions, the same count for the
@@ -33,7 +34,7 @@ W=$(mktemp -d); trap 'jobs -p | xargs -r kill 2>/dev/null; rm -rf "$W"' EXIT
 [ $# -ge 1 ] || { sed -n 2,4p "$0" >&2; exit 64; }
 for t in valgrind nginx curl h2load; do command -v $t >/dev/null || { echo "callgrind.sh: needs $t" >&2; exit 1; }; done
 
-B_PORT=28080; IN_PORT=28443; OUT_PORT=28001
+B_PORT=${B_PORT:-28080}; IN_PORT=${IN_PORT:-28443}; OUT_PORT=${OUT_PORT:-28001}
 FIRST=$1
 "$FIRST" ca init --dir "$W/ca" --trust-domain example.org >/dev/null 2>&1
 for id in server client loadgen; do

@@ -29,9 +29,11 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
 /// `Connection`. `te: trailers` survives: gRPC needs it. When `Connection`
 /// names `upgrade`, returns the `Upgrade` header that went with it.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    // Most requests and responses carry none: one pass over the names
-    // (comparisons, no hashing) decides whether there is anything to do.
-    if !headers.keys().any(is_hop_by_hop) {
+    // Most requests carry none and most responses only `Connection`: one
+    // pass over the names (comparisons, no hashing) finds which are
+    // there, and only those are removed (each removal hashes its name).
+    let present = present_hop_by_hop(headers);
+    if present == 0 {
         return None;
     }
     let mut upgrade = false;
@@ -71,16 +73,36 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     } else {
         None
     };
-    for name in ALWAYS_HOP_BY_HOP {
-        headers.remove(name);
+    for (i, name) in ALWAYS_HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(*name);
+        }
     }
-    if let Some(te) = headers.get(header::TE)
+    if present & TE_PRESENT != 0
+        && let Some(te) = headers.get(header::TE)
         && !te.as_bytes().eq_ignore_ascii_case(b"trailers")
     {
         headers.remove(header::TE);
     }
     upgrade
 }
+
+/// Which hop-by-hop names `headers` holds: bit `i` for
+/// `ALWAYS_HOP_BY_HOP[i]`, [`TE_PRESENT`] for `te`.
+fn present_hop_by_hop(headers: &HeaderMap) -> u16 {
+    let mut present = 0;
+    for name in headers.keys() {
+        if name == header::TE {
+            present |= TE_PRESENT;
+        } else if let Some(i) = ALWAYS_HOP_BY_HOP.iter().position(|n| *n == name) {
+            present |= 1 << i;
+        }
+    }
+    present
+}
+
+/// The bit of `te` in what [`present_hop_by_hop`] returns.
+const TE_PRESENT: u16 = 1 << ALWAYS_HOP_BY_HOP.len();
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
@@ -96,11 +118,6 @@ static ALWAYS_HOP_BY_HOP: [&HeaderName; 8] = [
     &KEEP_ALIVE,
     &PROXY_CONNECTION,
 ];
-
-/// A header that does not travel past this hop (or may name others that don't).
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    name == header::TE || ALWAYS_HOP_BY_HOP.contains(&name)
-}
 
 #[cfg(test)]
 mod tests {

@@ -38,6 +38,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::body::ProxyBody;
 use crate::config::Limits;
+use crate::conn::{First, race};
 use crate::conn_registry::Lease;
 use crate::expect::{self, Gate, HeldBody};
 use crate::head_limits::{head_within, wire};
@@ -472,9 +473,11 @@ fn drive<C, E>(
         let mut conn = std::pin::pin!(conn);
         let ended = match &lease {
             None => Some(conn.as_mut().await),
-            Some(lease) => tokio::select! {
-                ended = conn.as_mut() => Some(ended),
-                _ = lease.closed() => None,
+            // The lease is polled only when it wakes the task, not on each
+            // of the connection's wake-ups (`race`).
+            Some(lease) => match race(conn.as_mut(), std::pin::pin!(lease.closed())).await {
+                First::Main(ended) => Some(ended),
+                First::Side(_) => None,
             },
         };
         let ended = match ended {

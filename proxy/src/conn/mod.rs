@@ -8,17 +8,21 @@
 //! - `server`: hyper's server builders, HTTP/2 streams on their
 //!   connection's task ([`Streams`]), and [`serve_http`] with graceful close.
 //! - `relay`: TCP splicing and [`relay_plain`].
+//! - `race`: a connection against its watchdogs, which are polled only
+//!   when they wake the task.
 //!
 //! Every public item is re-exported here, so callers name `conn::X`.
 
 mod activity;
 mod listener;
+mod race;
 mod relay;
 mod server;
 mod tick_batched;
 
 pub(crate) use activity::{Activity, InFlight, Tracked};
 pub(crate) use listener::{Listener, Serve, bind};
+pub(crate) use race::{First, race};
 pub(crate) use relay::{RelayConnectError, relay_plain, splice, splice_until};
 pub(crate) use server::{
     Graceful, Streams, http_server, http1_server, http2_server, serve_http, serve_http_until,

@@ -17,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 
 use super::Activity;
+use super::{First, race};
 use crate::config::Limits;
 use crate::drain;
 
@@ -223,27 +224,19 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     X: Future,
 {
-    let mut closing = false;
-    let close = std::pin::pin!(close);
-    let mut close = close;
-    loop {
+    // The watchdogs are polled only when one of them woke the task, not on
+    // each of the connection's wake-ups (`race`).
+    let watchdogs = std::pin::pin!(async {
         tokio::select! {
-            // The connection first, and no random branch order to draw
-            // on each of its wake-ups.
             biased;
-            res = conn.as_mut() => return res.map_err(Into::into),
-            () = drain.signaled(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            () = activity.idle_for(idle), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
-            _ = close.as_mut(), if !closing => {
-                closing = true;
-                conn.as_mut().graceful_shutdown();
-            }
+            () = drain.signaled() => {}
+            () = activity.idle_for(idle) => {}
+            _ = close => {}
         }
+    });
+    if let First::Main(res) = race(conn.as_mut(), watchdogs).await {
+        return res.map_err(Into::into);
     }
+    conn.as_mut().graceful_shutdown();
+    conn.await.map_err(Into::into)
 }
