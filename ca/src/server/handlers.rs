@@ -19,7 +19,7 @@ use x509_parser::prelude::FromDer;
 use super::{ServerState, SigningSnapshot};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::issuer::{CsrError, IssueError, ValidatedCsr};
-use crate::store::StoreError;
+use crate::store::{Recorded, RevocationRecord, StoreError};
 use crate::token::{CredentialKind, MAX_TOKEN_LEN, TokenError, VerifiedCredential};
 
 /// A refused request: status, short error text and a stable reason code.
@@ -111,41 +111,24 @@ async fn issue(
         Err(TokenError::Invalid("not a join token of this CA".into()))
     }
     .map_err(token_refusal)?;
-    refuse_revoked(state, None, &credential.id).await?;
     let body = read_body(state, req).await?;
-    sign_and_record(state, credential, &body, ttl).await
+    sign_and_record(state, credential, None, &body, ttl).await
 }
 
-/// 403 `revoked` when the store says this certificate or identity is
-/// revoked (asked each time: renewals are rare, and a replica's cached
-/// list may be a second behind); 503 when it cannot say.
-async fn refuse_revoked(
-    state: &Arc<ServerState>,
-    serial: Option<&str>,
-    id: &SpiffeId,
-) -> Result<(), Refusal> {
-    match state.ca.revocation_for(serial, id).await {
-        Ok(None) => Ok(()),
-        Ok(Some(r)) => {
-            let what = match &r.serial {
-                Some(serial) => format!("certificate {serial} of {id} is revoked"),
-                None => format!("{id} is revoked"),
-            };
-            tracing::warn!(spiffe_id = %id, serial = serial.unwrap_or("-"), reason = %r.reason, "issuance refused: revoked");
-            Err(Refusal {
-                status: StatusCode::FORBIDDEN,
-                error: format!("{what}: {}", r.reason),
-                reason: "revoked",
-            })
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot check revocations");
-            Err(Refusal {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                error: "the CA cannot check revocations: its state database is unreachable; retry later".into(),
-                reason: "store_unavailable",
-            })
-        }
+/// 403 `revoked`: `r` covers this identity or the certificate the request
+/// presented (`serial`). The store says so in the transaction that would
+/// have recorded the issuance (asked each time: renewals are rare, and a
+/// replica's cached list may be a second behind).
+fn revoked_refusal(id: &SpiffeId, serial: Option<&str>, r: &RevocationRecord) -> Refusal {
+    let what = match &r.serial {
+        Some(serial) => format!("certificate {serial} of {id} is revoked"),
+        None => format!("{id} is revoked"),
+    };
+    tracing::warn!(spiffe_id = %id, serial = serial.unwrap_or("-"), reason = %r.reason, "issuance refused: revoked");
+    Refusal {
+        status: StatusCode::FORBIDDEN,
+        error: format!("{what}: {}", r.reason),
+        reason: "revoked",
     }
 }
 
@@ -216,14 +199,13 @@ async fn renew(
             .ok()
             .map(|(_, c)| crate::issuer::hex(c.raw_serial()))
     });
-    refuse_revoked(state, serial.as_deref(), &id).await?;
     let body = read_body(state, req).await?;
     let credential = VerifiedCredential {
         id,
         kind: CredentialKind::Renewal,
         single_use: None,
     };
-    sign_and_record(state, credential, &body, ttl).await
+    sign_and_record(state, credential, serial.as_deref(), &body, ttl).await
 }
 
 /// Who may renew on this connection: the identity of the client
@@ -232,7 +214,7 @@ async fn renew(
 /// may have lapsed since). The certificate must be valid now, chain to a
 /// root in the current bundle, and carry one SPIFFE ID in our trust domain.
 /// Each check is one step below. Whether it is revoked is the caller's to
-/// ask ([`refuse_revoked`]: a store query, where this is pure).
+/// ask (the store, when it records the issuance: this is pure).
 fn renewal_identity(
     snapshot: &SigningSnapshot,
     trust_domain: &TrustDomain,
@@ -293,9 +275,15 @@ fn renewal_identity(
     Ok(id)
 }
 
+/// Signs the CSR in `body` for `credential` and records the issuance,
+/// unless a revocation covers the identity or the certificate the request
+/// presented (`presented_serial`, a renewal's): the store checks that in
+/// the transaction that records, so a revoked identity gets nothing and
+/// spends no token.
 async fn sign_and_record(
     state: &Arc<ServerState>,
     credential: VerifiedCredential,
+    presented_serial: Option<&str>,
     body: &[u8],
     ttl: Duration,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
@@ -342,8 +330,15 @@ async fn sign_and_record(
             &credential.id,
             credential.kind,
             credential.single_use.as_ref(),
+            presented_serial,
         )
         .await;
+    match &record {
+        Ok(Recorded::Issued) | Err(_) => {}
+        Ok(Recorded::Revoked(r)) => {
+            return Err(revoked_refusal(&credential.id, presented_serial, r));
+        }
+    }
     if let Err(e) = record {
         return Err(match e {
             StoreError::Token(TokenError::Replayed) => {
