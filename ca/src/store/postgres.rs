@@ -2,8 +2,10 @@
 //!
 //! A pool of connections per replica (deadpool), statements prepared once
 //! per connection, TLS through rustls on aws-lc-rs. Each issuance is one
-//! statement, so one round trip and one transaction: for a join token the
-//! `used_tokens` insert and the `issued` insert are one `INSERT ... WITH`,
+//! statement, so one round trip and one transaction: the revocation check,
+//! and for a join token the `used_tokens` insert, and the `issued` insert
+//! are one `WITH ... INSERT` (nothing is written when a revocation covers
+//! the request),
 //! and the primary key on `used_tokens.jti` makes the second of two
 //! concurrent uses (on any replica) wait for the first to commit and then
 //! insert nothing. Every operation is bounded by `[store] timeout`; past it,
