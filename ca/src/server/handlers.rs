@@ -111,7 +111,10 @@ async fn issue(
         Err(TokenError::Invalid("not a join token of this CA".into()))
     }
     .map_err(token_refusal)?;
-    let body = read_body(state, req).await?;
+    let body = match read_body(state, req).await {
+        Ok(body) => body,
+        Err(refusal) => return Err(prefer_revoked(state, None, &credential.id, refusal).await),
+    };
     sign_and_record(state, credential, None, &body, ttl).await
 }
 
@@ -199,7 +202,10 @@ async fn renew(
             .ok()
             .map(|(_, c)| crate::issuer::hex(c.raw_serial()))
     });
-    let body = read_body(state, req).await?;
+    let body = match read_body(state, req).await {
+        Ok(body) => body,
+        Err(refusal) => return Err(prefer_revoked(state, serial.as_deref(), &id, refusal).await),
+    };
     let credential = VerifiedCredential {
         id,
         kind: CredentialKind::Renewal,
@@ -287,40 +293,12 @@ async fn sign_and_record(
     body: &[u8],
     ttl: Duration,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
-    let csr = ValidatedCsr::parse(body).map_err(|e| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        error: e.to_string(),
-        reason: match e {
-            CsrError::TooLarge => "csr_too_large",
-            CsrError::BadSignature => "csr_bad_signature",
-            CsrError::UnsupportedKey => "csr_unsupported_key",
-            _ => "csr_malformed",
-        },
-    })?;
-    if let Some(problem) = state.metrics.health().signing_problem() {
-        return Err(Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            error: problem.to_string(),
-            reason: "signing_key_missing",
-        });
-    }
-    let snapshot = state.snapshot.load_full();
-    let issued = snapshot
-        .signer
-        .sign_svid(state.ca.trust_domain(), &credential.id, &csr, ttl)
-        .map_err(|e| match e {
-            IssueError::WrongTrustDomain { .. } => Refusal {
-                status: StatusCode::FORBIDDEN,
-                error: e.to_string(),
-                reason: "wrong_trust_domain",
-            },
-            IssueError::BadTtl(_) => Refusal {
-                status: StatusCode::BAD_REQUEST,
-                error: e.to_string(),
-                reason: "bad_ttl",
-            },
-            other => internal(other),
-        })?;
+    let issued = match sign(state, &credential, body, ttl) {
+        Ok(issued) => issued,
+        Err(refusal) => {
+            return Err(prefer_revoked(state, presented_serial, &credential.id, refusal).await);
+        }
+    };
     // Nothing leaves the CA unrecorded: a store that cannot record answers
     // 503, and a token whose use was not recorded is not spent.
     let record = state
@@ -373,6 +351,66 @@ async fn sign_and_record(
     );
     let pem = crate::identity::der_to_pem("CERTIFICATE", &issued.cert_der);
     Ok(pem_response(Bytes::from(pem)))
+}
+
+/// The CSR checked and signed for `credential` (nothing recorded yet).
+fn sign(
+    state: &Arc<ServerState>,
+    credential: &VerifiedCredential,
+    body: &[u8],
+    ttl: Duration,
+) -> Result<crate::issuer::Issued, Refusal> {
+    let csr = ValidatedCsr::parse(body).map_err(|e| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        error: e.to_string(),
+        reason: match e {
+            CsrError::TooLarge => "csr_too_large",
+            CsrError::BadSignature => "csr_bad_signature",
+            CsrError::UnsupportedKey => "csr_unsupported_key",
+            _ => "csr_malformed",
+        },
+    })?;
+    if let Some(problem) = state.metrics.health().signing_problem() {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: problem.to_string(),
+            reason: "signing_key_missing",
+        });
+    }
+    let snapshot = state.snapshot.load_full();
+    let issued = snapshot
+        .signer
+        .sign_svid(state.ca.trust_domain(), &credential.id, &csr, ttl)
+        .map_err(|e| match e {
+            IssueError::WrongTrustDomain { .. } => Refusal {
+                status: StatusCode::FORBIDDEN,
+                error: e.to_string(),
+                reason: "wrong_trust_domain",
+            },
+            IssueError::BadTtl(_) => Refusal {
+                status: StatusCode::BAD_REQUEST,
+                error: e.to_string(),
+                reason: "bad_ttl",
+            },
+            other => internal(other),
+        })?;
+    Ok(issued)
+}
+
+/// `refusal`, unless a revocation covers `id` or the presented
+/// certificate: then 403 `revoked`, as a revoked client was told before
+/// its body was looked at. Asked on these error paths only; on the path
+/// that issues, the store checks in the transaction that records.
+async fn prefer_revoked(
+    state: &Arc<ServerState>,
+    serial: Option<&str>,
+    id: &SpiffeId,
+    refusal: Refusal,
+) -> Refusal {
+    match state.ca.revocation_for(serial, id).await {
+        Ok(Some(r)) => revoked_refusal(id, serial, &r),
+        _ => refusal,
+    }
 }
 
 fn requested_ttl(state: &ServerState, req: &Request<Incoming>) -> Result<Duration, Refusal> {
