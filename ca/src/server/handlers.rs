@@ -19,7 +19,7 @@ use x509_parser::prelude::FromDer;
 use super::{ServerState, SigningSnapshot};
 use crate::identity::{SpiffeId, TrustDomain};
 use crate::issuer::{CsrError, IssueError, ValidatedCsr};
-use crate::store::StoreError;
+use crate::store::{Recorded, RevocationRecord, StoreError};
 use crate::token::{CredentialKind, MAX_TOKEN_LEN, TokenError, VerifiedCredential};
 
 /// A refused request: status, short error text and a stable reason code.
@@ -111,41 +111,27 @@ async fn issue(
         Err(TokenError::Invalid("not a join token of this CA".into()))
     }
     .map_err(token_refusal)?;
-    refuse_revoked(state, None, &credential.id).await?;
-    let body = read_body(state, req).await?;
-    sign_and_record(state, credential, &body, ttl).await
+    let body = match read_body(state, req).await {
+        Ok(body) => body,
+        Err(refusal) => return Err(prefer_revoked(state, None, &credential.id, refusal).await),
+    };
+    sign_and_record(state, credential, None, &body, ttl).await
 }
 
-/// 403 `revoked` when the store says this certificate or identity is
-/// revoked (asked each time: renewals are rare, and a replica's cached
-/// list may be a second behind); 503 when it cannot say.
-async fn refuse_revoked(
-    state: &Arc<ServerState>,
-    serial: Option<&str>,
-    id: &SpiffeId,
-) -> Result<(), Refusal> {
-    match state.ca.revocation_for(serial, id).await {
-        Ok(None) => Ok(()),
-        Ok(Some(r)) => {
-            let what = match &r.serial {
-                Some(serial) => format!("certificate {serial} of {id} is revoked"),
-                None => format!("{id} is revoked"),
-            };
-            tracing::warn!(spiffe_id = %id, serial = serial.unwrap_or("-"), reason = %r.reason, "issuance refused: revoked");
-            Err(Refusal {
-                status: StatusCode::FORBIDDEN,
-                error: format!("{what}: {}", r.reason),
-                reason: "revoked",
-            })
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "cannot check revocations");
-            Err(Refusal {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                error: "the CA cannot check revocations: its state database is unreachable; retry later".into(),
-                reason: "store_unavailable",
-            })
-        }
+/// 403 `revoked`: `r` covers this identity or the certificate the request
+/// presented (`serial`). The store says so in the transaction that would
+/// have recorded the issuance (asked each time: renewals are rare, and a
+/// replica's cached list may be a second behind).
+fn revoked_refusal(id: &SpiffeId, serial: Option<&str>, r: &RevocationRecord) -> Refusal {
+    let what = match &r.serial {
+        Some(serial) => format!("certificate {serial} of {id} is revoked"),
+        None => format!("{id} is revoked"),
+    };
+    tracing::warn!(spiffe_id = %id, serial = serial.unwrap_or("-"), reason = %r.reason, "issuance refused: revoked");
+    Refusal {
+        status: StatusCode::FORBIDDEN,
+        error: format!("{what}: {}", r.reason),
+        reason: "revoked",
     }
 }
 
@@ -216,14 +202,16 @@ async fn renew(
             .ok()
             .map(|(_, c)| crate::issuer::hex(c.raw_serial()))
     });
-    refuse_revoked(state, serial.as_deref(), &id).await?;
-    let body = read_body(state, req).await?;
+    let body = match read_body(state, req).await {
+        Ok(body) => body,
+        Err(refusal) => return Err(prefer_revoked(state, serial.as_deref(), &id, refusal).await),
+    };
     let credential = VerifiedCredential {
         id,
         kind: CredentialKind::Renewal,
         single_use: None,
     };
-    sign_and_record(state, credential, &body, ttl).await
+    sign_and_record(state, credential, serial.as_deref(), &body, ttl).await
 }
 
 /// Who may renew on this connection: the identity of the client
@@ -232,7 +220,7 @@ async fn renew(
 /// may have lapsed since). The certificate must be valid now, chain to a
 /// root in the current bundle, and carry one SPIFFE ID in our trust domain.
 /// Each check is one step below. Whether it is revoked is the caller's to
-/// ask ([`refuse_revoked`]: a store query, where this is pure).
+/// ask (the store, when it records the issuance: this is pure).
 fn renewal_identity(
     snapshot: &SigningSnapshot,
     trust_domain: &TrustDomain,
@@ -293,46 +281,24 @@ fn renewal_identity(
     Ok(id)
 }
 
+/// Signs the CSR in `body` for `credential` and records the issuance,
+/// unless a revocation covers the identity or the certificate the request
+/// presented (`presented_serial`, a renewal's): the store checks that in
+/// the transaction that records, so a revoked identity gets nothing and
+/// spends no token.
 async fn sign_and_record(
     state: &Arc<ServerState>,
     credential: VerifiedCredential,
+    presented_serial: Option<&str>,
     body: &[u8],
     ttl: Duration,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
-    let csr = ValidatedCsr::parse(body).map_err(|e| Refusal {
-        status: StatusCode::BAD_REQUEST,
-        error: e.to_string(),
-        reason: match e {
-            CsrError::TooLarge => "csr_too_large",
-            CsrError::BadSignature => "csr_bad_signature",
-            CsrError::UnsupportedKey => "csr_unsupported_key",
-            _ => "csr_malformed",
-        },
-    })?;
-    if let Some(problem) = state.metrics.health().signing_problem() {
-        return Err(Refusal {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            error: problem.to_string(),
-            reason: "signing_key_missing",
-        });
-    }
-    let snapshot = state.snapshot.load_full();
-    let issued = snapshot
-        .signer
-        .sign_svid(state.ca.trust_domain(), &credential.id, &csr, ttl)
-        .map_err(|e| match e {
-            IssueError::WrongTrustDomain { .. } => Refusal {
-                status: StatusCode::FORBIDDEN,
-                error: e.to_string(),
-                reason: "wrong_trust_domain",
-            },
-            IssueError::BadTtl(_) => Refusal {
-                status: StatusCode::BAD_REQUEST,
-                error: e.to_string(),
-                reason: "bad_ttl",
-            },
-            other => internal(other),
-        })?;
+    let issued = match sign(state, &credential, body, ttl) {
+        Ok(issued) => issued,
+        Err(refusal) => {
+            return Err(prefer_revoked(state, presented_serial, &credential.id, refusal).await);
+        }
+    };
     // Nothing leaves the CA unrecorded: a store that cannot record answers
     // 503, and a token whose use was not recorded is not spent.
     let record = state
@@ -342,8 +308,15 @@ async fn sign_and_record(
             &credential.id,
             credential.kind,
             credential.single_use.as_ref(),
+            presented_serial,
         )
         .await;
+    match &record {
+        Ok(Recorded::Issued) | Err(_) => {}
+        Ok(Recorded::Revoked(r)) => {
+            return Err(revoked_refusal(&credential.id, presented_serial, r));
+        }
+    }
     if let Err(e) = record {
         return Err(match e {
             StoreError::Token(TokenError::Replayed) => {
@@ -378,6 +351,66 @@ async fn sign_and_record(
     );
     let pem = crate::identity::der_to_pem("CERTIFICATE", &issued.cert_der);
     Ok(pem_response(Bytes::from(pem)))
+}
+
+/// The CSR checked and signed for `credential` (nothing recorded yet).
+fn sign(
+    state: &Arc<ServerState>,
+    credential: &VerifiedCredential,
+    body: &[u8],
+    ttl: Duration,
+) -> Result<crate::issuer::Issued, Refusal> {
+    let csr = ValidatedCsr::parse(body).map_err(|e| Refusal {
+        status: StatusCode::BAD_REQUEST,
+        error: e.to_string(),
+        reason: match e {
+            CsrError::TooLarge => "csr_too_large",
+            CsrError::BadSignature => "csr_bad_signature",
+            CsrError::UnsupportedKey => "csr_unsupported_key",
+            _ => "csr_malformed",
+        },
+    })?;
+    if let Some(problem) = state.metrics.health().signing_problem() {
+        return Err(Refusal {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            error: problem.to_string(),
+            reason: "signing_key_missing",
+        });
+    }
+    let snapshot = state.snapshot.load_full();
+    let issued = snapshot
+        .signer
+        .sign_svid(state.ca.trust_domain(), &credential.id, &csr, ttl)
+        .map_err(|e| match e {
+            IssueError::WrongTrustDomain { .. } => Refusal {
+                status: StatusCode::FORBIDDEN,
+                error: e.to_string(),
+                reason: "wrong_trust_domain",
+            },
+            IssueError::BadTtl(_) => Refusal {
+                status: StatusCode::BAD_REQUEST,
+                error: e.to_string(),
+                reason: "bad_ttl",
+            },
+            other => internal(other),
+        })?;
+    Ok(issued)
+}
+
+/// `refusal`, unless a revocation covers `id` or the presented
+/// certificate: then 403 `revoked`, as a revoked client was told before
+/// its body was looked at. Asked on these error paths only; on the path
+/// that issues, the store checks in the transaction that records.
+async fn prefer_revoked(
+    state: &Arc<ServerState>,
+    serial: Option<&str>,
+    id: &SpiffeId,
+    refusal: Refusal,
+) -> Refusal {
+    match state.ca.revocation_for(serial, id).await {
+        Ok(Some(r)) => revoked_refusal(id, serial, &r),
+        _ => refusal,
+    }
 }
 
 fn requested_ttl(state: &ServerState, req: &Request<Incoming>) -> Result<Duration, Refusal> {

@@ -15,9 +15,9 @@ use x509_parser::prelude::FromDer;
 
 use super::config::Engine;
 use super::{
-    DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, RevocationRecord, RevocationTarget,
-    Revoked, RootChange, RootRecord, RootState, SqliteStore, StateVersions, Store, StoreError,
-    Unrevoked, unix,
+    DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, Recorded, RevocationRecord,
+    RevocationTarget, Revoked, RootChange, RootRecord, RootState, SqliteStore, StateVersions,
+    Store, StoreError, Unrevoked, unix,
 };
 use crate::client::{Svid, WorkloadKey};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
@@ -263,7 +263,10 @@ impl CaDir {
     }
 
     /// Records an issuance, and for single-use credentials the token ID, in
-    /// one transaction. A token ID seen before (by any replica) fails with
+    /// one transaction, unless a revocation in force covers `id` or the
+    /// certificate the request presented (`presented_serial`): then nothing
+    /// is recorded and the answer is [`Recorded::Revoked`]. A token ID seen
+    /// before (by any replica) fails with
     /// [`crate::token::TokenError::Replayed`] and nothing is recorded.
     pub async fn record_issuance(
         &self,
@@ -271,7 +274,8 @@ impl CaDir {
         id: &SpiffeId,
         kind: CredentialKind,
         single_use: Option<&(String, u64)>,
-    ) -> Result<(), StoreError> {
+        presented_serial: Option<&str>,
+    ) -> Result<Recorded, StoreError> {
         let record = IssuanceRecord {
             serial: issued.serial.clone(),
             spiffe_id: id.as_str().to_owned(),
@@ -279,6 +283,7 @@ impl CaDir {
             kind: kind.as_str(),
             issued_at: unix(SystemTime::now()),
             single_use: single_use.map(|(jti, exp)| (jti.clone(), *exp as i64)),
+            presented_serial: presented_serial.map(str::to_owned),
         };
         self.store.record_issuance(&record).await
     }
@@ -317,8 +322,12 @@ impl CaDir {
             .active_root()
             .await?
             .sign_svid(&self.td, id, &csr, ttl)?;
-        self.record_issuance(&issued, id, CredentialKind::Local, None)
-            .await?;
+        if let Recorded::Revoked(_) = self
+            .record_issuance(&issued, id, CredentialKind::Local, None, None)
+            .await?
+        {
+            return Err(StoreError::Revocation(format!("{id} is revoked")));
+        }
         let svid = Svid::from_chain(vec![issued.cert_der.clone()]).map_err(|e| corrupt(&e))?;
         let key_pem = key.dangerous_private_key_pem();
         if cert_out == key_out {

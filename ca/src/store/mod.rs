@@ -97,10 +97,15 @@ pub trait Store: Send + Sync + fmt::Debug {
     ) -> StoreFuture<'a, ()>;
 
     /// Records an issuance and, for a single-use credential, its token ID,
-    /// in one transaction. A token ID recorded before (by any replica)
-    /// fails with [`TokenError::Replayed`] and nothing is written, so of
-    /// several concurrent uses of one token exactly one succeeds.
-    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, ()>;
+    /// in one transaction, unless a revocation in force at
+    /// [`IssuanceRecord::issued_at`] covers the identity or
+    /// [`IssuanceRecord::presented_serial`]: then nothing is written and
+    /// the answer is [`Recorded::Revoked`] with that revocation. Asking and
+    /// writing in one transaction (one statement on PostgreSQL) halves the
+    /// round trips of a renewal. A token ID recorded before (by any
+    /// replica) fails with [`TokenError::Replayed`] and nothing is written,
+    /// so of several concurrent uses of one token exactly one succeeds.
+    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, Recorded>;
 
     /// True if this join-token ID was used.
     fn token_used<'a>(&'a self, jti: &'a str) -> StoreFuture<'a, bool>;
@@ -285,6 +290,21 @@ pub struct IssuanceRecord {
     pub issued_at: i64,
     /// The join token's ID and expiry, for single-use credentials.
     pub single_use: Option<(String, i64)>,
+    /// The serial of the certificate the request authenticated with (a
+    /// renewal's), checked against the revocations with the identity.
+    pub presented_serial: Option<String>,
+}
+
+/// What [`Store::record_issuance`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[must_use]
+pub enum Recorded {
+    /// The issuance (and the token's use) is recorded: the certificate may
+    /// leave the CA.
+    Issued,
+    /// A revocation covers the identity or the presented certificate;
+    /// nothing was written.
+    Revoked(RevocationRecord),
 }
 
 /// Errors from the CA directory and its store.

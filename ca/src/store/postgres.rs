@@ -2,8 +2,10 @@
 //!
 //! A pool of connections per replica (deadpool), statements prepared once
 //! per connection, TLS through rustls on aws-lc-rs. Each issuance is one
-//! statement, so one round trip and one transaction: for a join token the
-//! `used_tokens` insert and the `issued` insert are one `INSERT ... WITH`,
+//! statement, so one round trip and one transaction: the revocation check,
+//! and for a join token the `used_tokens` insert, and the `issued` insert
+//! are one `WITH ... INSERT` (nothing is written when a revocation covers
+//! the request),
 //! and the primary key on `used_tokens.jti` makes the second of two
 //! concurrent uses (on any replica) wait for the first to commit and then
 //! insert nothing. Every operation is bounded by `[store] timeout`; past it,
@@ -20,8 +22,8 @@ use tokio_postgres::Transaction;
 use super::config::{PgSettings, PgTls};
 use super::migrations::{self, Migration};
 use super::{
-    IssuanceRecord, NO_END, NewRevocation, RevocationRecord, RevocationTarget, RootChange,
-    RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
+    IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord, RevocationTarget,
+    RootChange, RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
 };
 use crate::token::TokenError;
 
@@ -330,65 +332,45 @@ impl Store for PgStore {
         }))
     }
 
-    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, ()> {
+    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, Recorded> {
         Box::pin(self.bounded(async move {
             let client = self.client().await?;
-            let inserted = match &record.single_use {
-                None => {
-                    let stmt = client
-                        .prepare_cached(
-                            "INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
-                             VALUES ($1, $2, $3, $4, $5)",
-                        )
-                        .await
-                        .map_err(|e| self.err(e))?;
-                    client
-                        .execute(
-                            &stmt,
-                            &[
-                                &record.serial,
-                                &record.spiffe_id,
-                                &record.not_after,
-                                &record.kind,
-                                &record.issued_at,
-                            ],
-                        )
-                        .await
-                }
+            // One statement, so one round trip and one transaction: the
+            // revocation check, the token's use and the issuance. The
+            // token is spent and the issuance recorded only where no
+            // revocation covers the request, and the issuance only if this
+            // use spent the token.
+            let (sql, token) = match &record.single_use {
+                None => (RECORD_ISSUANCE, None),
                 Some((jti, expires_at)) => {
-                    // One statement, one transaction: the issuance is
-                    // recorded only if this use spent the token.
-                    let stmt = client
-                        .prepare_cached(
-                            "WITH spent AS ( \
-                               INSERT INTO used_tokens (jti, expires_at, used_at) VALUES ($1, $2, $3) \
-                               ON CONFLICT (jti) DO NOTHING RETURNING jti) \
-                             INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
-                             SELECT $4, $5, $6, $7, $3 FROM spent",
-                        )
-                        .await
-                        .map_err(|e| self.err(e))?;
-                    client
-                        .execute(
-                            &stmt,
-                            &[
-                                jti,
-                                expires_at,
-                                &record.issued_at,
-                                &record.serial,
-                                &record.spiffe_id,
-                                &record.not_after,
-                                &record.kind,
-                            ],
-                        )
-                        .await
+                    (RECORD_ISSUANCE_SPENDING_TOKEN, Some((jti, expires_at)))
                 }
+            };
+            let stmt = client.prepare_cached(sql).await.map_err(|e| self.err(e))?;
+            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
+                &record.issued_at,
+                &record.spiffe_id,
+                &record.presented_serial,
+                &record.serial,
+                &record.not_after,
+                &record.kind,
+            ];
+            if let Some((jti, expires_at)) = &token {
+                params.push(*jti);
+                params.push(*expires_at);
             }
-            .map_err(|e| self.err(e))?;
-            if inserted == 0 {
+            let row = client
+                .query_one(&stmt, &params)
+                .await
+                .map_err(|e| self.err(e))?;
+            // A revocation's reason is never NULL: a NULL one is no row.
+            if row.get::<_, Option<&str>>(2).is_some() {
+                return Ok(Recorded::Revoked(revocation_row(&row)));
+            }
+            if row.get::<_, i64>(6) == 0 {
                 return Err(StoreError::Token(TokenError::Replayed));
             }
-            Ok(())
+            Ok(Recorded::Issued)
         }))
     }
 
@@ -498,6 +480,47 @@ impl Store for PgStore {
         }))
     }
 }
+
+/// [`Store::record_issuance`] without a token: `$1` now, `$2` the identity,
+/// `$3` the presented serial, `$4..$6` serial, `not_after`, kind. One row: the revocation's columns (all NULL when none)
+/// and how many issuances were inserted.
+const RECORD_ISSUANCE: &str = "WITH rev AS ( \
+       SELECT r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \
+         CASE WHEN r.serial IS NULL THEN \
+           (SELECT max(i.not_after) FROM issued i WHERE i.spiffe_id = r.spiffe_id) END AS last \
+       FROM revocations r WHERE r.until > $1::bigint \
+         AND ((r.serial IS NULL AND r.spiffe_id = $2::text) OR r.serial = $3::text) \
+       ORDER BY r.id LIMIT 1), \
+     ins AS ( \
+       INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
+       SELECT $4::text, $2::text, $5::bigint, $6::text, $1::bigint \
+       WHERE NOT EXISTS (SELECT 1 FROM rev) \
+       RETURNING 1) \
+     SELECT rev.serial, rev.spiffe_id, rev.reason, rev.revoked_at, rev.until, rev.last, \
+       (SELECT count(*) FROM ins) \
+     FROM (SELECT 1) one LEFT JOIN rev ON true";
+
+/// [`RECORD_ISSUANCE`] spending a join token: `$7` its ID, `$8` its expiry.
+/// The primary key on `used_tokens.jti` makes the second of two concurrent
+/// uses wait for the first to commit and then insert nothing.
+const RECORD_ISSUANCE_SPENDING_TOKEN: &str = "WITH rev AS ( \
+       SELECT r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \
+         CASE WHEN r.serial IS NULL THEN \
+           (SELECT max(i.not_after) FROM issued i WHERE i.spiffe_id = r.spiffe_id) END AS last \
+       FROM revocations r WHERE r.until > $1::bigint \
+         AND ((r.serial IS NULL AND r.spiffe_id = $2::text) OR r.serial = $3::text) \
+       ORDER BY r.id LIMIT 1), \
+     spent AS ( \
+       INSERT INTO used_tokens (jti, expires_at, used_at) \
+       SELECT $7::text, $8::bigint, $1::bigint WHERE NOT EXISTS (SELECT 1 FROM rev) \
+       ON CONFLICT (jti) DO NOTHING RETURNING jti), \
+     ins AS ( \
+       INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
+       SELECT $4::text, $2::text, $5::bigint, $6::text, $1::bigint FROM spent \
+       RETURNING 1) \
+     SELECT rev.serial, rev.spiffe_id, rev.reason, rev.revoked_at, rev.until, rev.last, \
+       (SELECT count(*) FROM ins) \
+     FROM (SELECT 1) one LEFT JOIN rev ON true";
 
 /// The columns [`revocation_row`] reads (as SQLite's).
 const REVOCATION_COLUMNS: &str = "r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \

@@ -10,8 +10,8 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::migrations::{self, Migration};
 use super::{
-    IssuanceRecord, NO_END, NewRevocation, RevocationRecord, RevocationTarget, RootChange,
-    RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
+    IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord, RevocationTarget,
+    RootChange, RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
 };
 use crate::token::TokenError;
 
@@ -332,34 +332,54 @@ impl Store for SqliteStore {
         })
     }
 
-    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, ()> {
+    fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, Recorded> {
         let path = self.path();
         let record = record.clone();
         self.call(move |conn| {
-            let tx = conn.transaction().map_err(|source| db_err(&path, source))?;
+            // Immediate: the write lock first, so the read below cannot go
+            // stale under a concurrent `moat ca revoke` (a deferred
+            // transaction upgrading to write would fail with BUSY_SNAPSHOT
+            // instead of waiting).
+            let tx = conn
+                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                .map_err(|source| db_err(&path, source))?;
+            let revoked = revocation_for(
+                &tx,
+                record.presented_serial.as_deref(),
+                &record.spiffe_id,
+                record.issued_at,
+            )
+            .map_err(|source| db_err(&path, source))?;
+            if let Some(revocation) = revoked {
+                // Dropping the transaction rolls back: nothing was written.
+                return Ok(Recorded::Revoked(revocation));
+            }
             if let Some((jti, expires)) = &record.single_use {
                 let inserted = tx
-                    .execute(
+                    .prepare_cached(
                         "INSERT OR IGNORE INTO used_tokens (jti, expires_at, used_at) VALUES (?1, ?2, ?3)",
-                        params![jti, expires, record.issued_at],
                     )
+                    .and_then(|mut stmt| stmt.execute(params![jti, expires, record.issued_at]))
                     .map_err(|source| db_err(&path, source))?;
                 if inserted == 0 {
                     return Err(StoreError::Token(TokenError::Replayed));
                 }
             }
-            tx.execute(
+            tx.prepare_cached(
                 "INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
+            )
+            .and_then(|mut stmt| {
+                stmt.execute(params![
                     record.serial,
                     record.spiffe_id,
                     record.not_after,
                     record.kind,
                     record.issued_at
-                ],
-            )
+                ])
+            })
             .map_err(|source| db_err(&path, source))?;
-            tx.commit().map_err(|source| db_err(&path, source))
+            tx.commit().map_err(|source| db_err(&path, source))?;
+            Ok(Recorded::Issued)
         })
     }
 
@@ -455,19 +475,26 @@ impl Store for SqliteStore {
         let serial = serial.map(str::to_owned);
         let id = spiffe_id.to_owned();
         self.call(move |conn| {
-            conn.query_row(
-                &format!(
-                    "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > ?1 \
-                     AND ((r.serial IS NULL AND r.spiffe_id = ?2) OR r.serial = ?3) \
-                     ORDER BY r.id LIMIT 1"
-                ),
-                params![now, id, serial],
-                revocation_row,
-            )
-            .optional()
-            .map_err(|source| db_err(&path, source))
+            revocation_for(conn, serial.as_deref(), &id, now)
+                .map_err(|source| db_err(&path, source))
         })
     }
+}
+
+/// The revocation in force at `now` covering this identity or serial.
+fn revocation_for(
+    conn: &Connection,
+    serial: Option<&str>,
+    spiffe_id: &str,
+    now: i64,
+) -> rusqlite::Result<Option<RevocationRecord>> {
+    conn.prepare_cached(&format!(
+        "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > ?1 \
+         AND ((r.serial IS NULL AND r.spiffe_id = ?2) OR r.serial = ?3) \
+         ORDER BY r.id LIMIT 1"
+    ))?
+    .query_row(params![now, spiffe_id, serial], revocation_row)
+    .optional()
 }
 
 /// The columns [`revocation_row`] reads: the row, and for an identity's

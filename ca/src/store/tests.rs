@@ -125,16 +125,89 @@ async fn a_token_id_is_recorded_once() {
         .sign_svid(ca.trust_domain(), &id, &csr, Duration::from_secs(60))
         .unwrap();
     let jti = ("abc".to_owned(), crate::token::unix_now() + 60);
-    ca.record_issuance(&first, &id, CredentialKind::JoinToken, Some(&jti))
+    let recorded = ca
+        .record_issuance(&first, &id, CredentialKind::JoinToken, Some(&jti), None)
         .await
         .unwrap();
+    assert_eq!(recorded, Recorded::Issued);
     let err = ca
-        .record_issuance(&second, &id, CredentialKind::JoinToken, Some(&jti))
+        .record_issuance(&second, &id, CredentialKind::JoinToken, Some(&jti), None)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Token(TokenError::Replayed)));
     assert_eq!(ca.issued_count().await.unwrap(), 1);
     assert!(ca.token_used("abc").await.unwrap());
+}
+
+/// The revocation check and the record are one transaction: a revoked
+/// identity, or a renewal presenting a revoked certificate, records
+/// nothing and spends no token; un-revoked, the same token still works.
+#[tokio::test]
+async fn a_revoked_issuance_records_nothing_and_spends_no_token() {
+    let (_tmp, ca) = new_ca().await;
+    let id = SpiffeId::parse("spiffe://example.org/vm/a").unwrap();
+    let key = WorkloadKey::generate().unwrap();
+    let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
+    let root = ca.active_root().await.unwrap();
+    let sign = || {
+        root.sign_svid(ca.trust_domain(), &id, &csr, Duration::from_secs(60))
+            .unwrap()
+    };
+    let first = sign();
+    let recorded = ca
+        .record_issuance(&first, &id, CredentialKind::Local, None, None)
+        .await
+        .unwrap();
+    assert_eq!(recorded, Recorded::Issued);
+
+    // A renewal presenting the revoked certificate.
+    ca.revoke(RevocationTarget::Serial(first.serial.clone()), None, None)
+        .await
+        .unwrap();
+    let renewal = ca
+        .record_issuance(
+            &sign(),
+            &id,
+            CredentialKind::Renewal,
+            None,
+            Some(&first.serial),
+        )
+        .await
+        .unwrap();
+    assert!(
+        matches!(&renewal, Recorded::Revoked(r) if r.serial.as_deref() == Some(first.serial.as_str())),
+        "{renewal:?}"
+    );
+    // Another certificate of the same identity renews.
+    let other = ca
+        .record_issuance(&sign(), &id, CredentialKind::Renewal, None, Some("00"))
+        .await
+        .unwrap();
+    assert_eq!(other, Recorded::Issued);
+
+    // The whole identity: a join token for it is refused and not spent.
+    let whole = RevocationTarget::Id(id.as_str().to_owned());
+    ca.revoke(whole.clone(), None, None).await.unwrap();
+    let jti = ("jti-1".to_owned(), crate::token::unix_now() + 60);
+    let token = ca
+        .record_issuance(&sign(), &id, CredentialKind::JoinToken, Some(&jti), None)
+        .await
+        .unwrap();
+    assert!(
+        matches!(&token, Recorded::Revoked(r) if r.serial.is_none()),
+        "{token:?}"
+    );
+    assert!(!ca.token_used("jti-1").await.unwrap());
+    assert_eq!(ca.issued_count().await.unwrap(), 2);
+
+    ca.unrevoke(whole).await.unwrap();
+    let token = ca
+        .record_issuance(&sign(), &id, CredentialKind::JoinToken, Some(&jti), None)
+        .await
+        .unwrap();
+    assert_eq!(token, Recorded::Issued);
+    assert!(ca.token_used("jti-1").await.unwrap());
+    assert_eq!(ca.issued_count().await.unwrap(), 3);
 }
 
 /// A CA directory as moat made it before migrations were versioned: the
