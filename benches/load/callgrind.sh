@@ -34,7 +34,9 @@ W=$(mktemp -d); trap 'jobs -p | xargs -r kill 2>/dev/null; rm -rf "$W"' EXIT
 [ $# -ge 1 ] || { sed -n 2,4p "$0" >&2; exit 64; }
 for t in valgrind nginx curl h2load; do command -v $t >/dev/null || { echo "callgrind.sh: needs $t" >&2; exit 1; }; done
 
-B_PORT=${B_PORT:-28080}; IN_PORT=${IN_PORT:-28443}; OUT_PORT=${OUT_PORT:-28001}
+# PORTS="B IN OUT" moves the three ports (nginx, inbound, outbound), for two runs side by side; so do
+# B_PORT, IN_PORT and OUT_PORT one by one.
+read -r B_PORT IN_PORT OUT_PORT <<<"${PORTS:-${B_PORT:-28080} ${IN_PORT:-28443} ${OUT_PORT:-28001}}"
 FIRST=$1
 "$FIRST" ca init --dir "$W/ca" --trust-domain example.org >/dev/null 2>&1
 for id in server client loadgen; do

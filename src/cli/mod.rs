@@ -14,6 +14,7 @@ use clap::{CommandFactory, Parser};
 mod args;
 mod ca;
 mod inject;
+mod memory;
 mod policy;
 mod proxy;
 mod redirect;

@@ -13,6 +13,7 @@ pub(crate) fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Fa
     let runtime = runtime(config.runtime.worker_threads)?;
     // The gRPC exporter must be built inside the runtime.
     let _inside = runtime.enter();
+    super::memory::spawn_release_task();
     let metrics = ProxyMetrics::new();
     let tracing = traces
         .as_ref()

@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# benches/load/memab.sh — resident memory of moat builds side by side: idle, at the peak of a
+# 256-connection keep-alive run through a sidecar pair, and 1, 10 and 60 s after it (issue 22's
+# "memory that comes back"), with the RSS split into RssAnon (heap, stacks, buffers) and RssFile
+# (the binary's and libraries' touched pages).
+#
+#   bash benches/load/memab.sh NAME=BIN[@ENV=VAL+ENV=VAL] ...
+#   bash benches/load/memab.sh glibc=/tmp/moat-glibc mi=/tmp/moat-mi mi0=/tmp/moat-mi@MIMALLOC_PURGE_DELAY=0+MIMALLOC_ALLOW_THP=0
+#   WORKERS=2 CONNS=256 DUR=4 AFTER="1 10 60" ROUNDS=2 bash benches/load/memab.sh ...
+#
+# Why not run.sh's memtime phase: it needs oha (a cargo install) and reads VmRSS only; this needs
+# wrk (Debian) and records the anonymous/file split that says where memory goes.
+# Each build, each round: a fresh pair (outbound -> mTLS -> inbound -> nginx), `[runtime] worker_threads
+# = WORKERS` (1, as the load harness, by default), one request through it, then 1 s idle, then
+# `wrk -c CONNS -d DUR` against the outbound (plain HTTP/1.1: the outbound opens as many mTLS
+# connections to the inbound), RSS sampled every 0.1 s for the peak, then after AFTER seconds.
+# Builds run one after the other within a round, rounds interleave.
+# Output (stdout, TSV): build round side phase vmrss_kb rssanon_kb rssfile_kb
+set -euo pipefail
+
+CONNS=${CONNS:-256}; DUR=${DUR:-4}; AFTER=${AFTER:-1 10 60}; ROUNDS=${ROUNDS:-1}; WORKERS=${WORKERS:-1}
+[ $# -ge 1 ] || { sed -n 7,9p "$0" >&2; exit 64; }
+for t in wrk nginx curl; do command -v $t >/dev/null || { echo "memab.sh: needs $t" >&2; exit 1; }; done
+W=$(mktemp -d); PIDS=()
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEEPW:-}" ] || rm -rf "$W"' EXIT
+
+B_PORT=29080; IN_PORT=29443; OUT_PORT=29001
+FIRST=${1#*=}; FIRST=${FIRST%%@*}
+"$FIRST" ca init --dir "$W/ca" --trust-domain example.org >/dev/null 2>&1
+for id in server client; do
+  "$FIRST" ca issue --dir "$W/ca" --id "spiffe://example.org/$id" --ttl 24h \
+    --cert-out "$W/$id.crt" --key-out "$W/$id.key" >/dev/null 2>&1
+done
+"$FIRST" ca bundle --dir "$W/ca" >"$W/bundle.pem" 2>/dev/null
+
+mkdir -p "$W/run"
+cat >"$W/nginx.conf" <<EOF
+daemon off; master_process off; pid $W/run/nginx.pid; error_log $W/run/nginx.err warn;
+worker_rlimit_nofile 4096; events { worker_connections 4096; }
+http { access_log off; keepalive_requests 1000000; client_body_temp_path $W/run/b; proxy_temp_path $W/run/p;
+  fastcgi_temp_path $W/run/f; uwsgi_temp_path $W/run/u; scgi_temp_path $W/run/s;
+  server { listen 127.0.0.1:$B_PORT; default_type text/plain; location / { return 200 "hello from backend\n"; } } }
+EOF
+nginx -c "$W/nginx.conf" -p "$W/run/" & PIDS+=($!)
+wait_port() { for _ in $(seq 300); do ss -ltnH "sport = :$1" | grep -q . && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
+wait_port $B_PORT
+
+cat >"$W/in.toml" <<EOF
+[runtime]
+worker_threads = $WORKERS
+[identity]
+cert = "$W/server.crt"
+key = "$W/server.key"
+bundle = "$W/bundle.pem"
+[admin]
+listen = "127.0.0.1:0"
+[[inbound]]
+name = "in"
+listen = "127.0.0.1:$IN_PORT"
+forward = "127.0.0.1:$B_PORT"
+protocol = "http"
+app_protocol = "http1"
+EOF
+cat >"$W/out.toml" <<EOF
+[runtime]
+worker_threads = $WORKERS
+[identity]
+cert = "$W/client.crt"
+key = "$W/client.key"
+bundle = "$W/bundle.pem"
+[admin]
+listen = "127.0.0.1:0"
+[[outbound]]
+name = "out"
+listen = "127.0.0.1:$OUT_PORT"
+upstream = "127.0.0.1:$IN_PORT"
+peer = "spiffe://example.org/server"
+protocol = "http"
+EOF
+
+mem() { awk '/^VmRSS/{v=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2} END{print v+0, a+0, f+0}' "/proc/$1/status" 2>/dev/null || echo "0 0 0"; }
+ulimit -n "$(ulimit -Hn)"
+printf 'build\tround\tside\tphase\tvmrss_kb\trssanon_kb\trssfile_kb\n'
+for round in $(seq "$ROUNDS"); do
+  for spec in "$@"; do
+    name=${spec%%=*}; rest=${spec#*=}; bin=${rest%%@*}; envs=()
+    [[ $rest == *@* ]] && IFS=+ read -ra envs <<<"${rest#*@}"
+    env "${envs[@]}" RUST_LOG=warn "$bin" proxy --config "$W/in.toml" >"$W/in.log" 2>&1 & pin=$!; PIDS+=($pin)
+    wait_port $IN_PORT
+    env "${envs[@]}" RUST_LOG=warn "$bin" proxy --config "$W/out.toml" >"$W/out.log" 2>&1 & pout=$!; PIDS+=($pout)
+    wait_port $OUT_PORT
+    curl -sS --fail -o /dev/null "http://127.0.0.1:$OUT_PORT/"
+    sleep 1
+    row() { printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$1" "$2" "$3" | tr ' ' '\t'; }
+    row in idle "$(mem $pin)"; row out idle "$(mem $pout)"
+    ( while :; do echo "$(mem $pin) $(mem $pout)"; sleep 0.1; done ) >"$W/samples" & s=$!
+    wrk -t1 -c "$CONNS" -d "${DUR}s" "http://127.0.0.1:$OUT_PORT/" >"$W/wrk.txt" 2>&1 || true
+    kill $s; wait $s 2>/dev/null || true
+    grep -q "Requests/sec" "$W/wrk.txt" || { echo "memab.sh: $name: wrk failed: $(tail -3 "$W/wrk.txt")" >&2; }
+    echo "$name round $round: $(grep -E 'requests in|Non-2xx|Socket errors' "$W/wrk.txt" | tr -s ' ' | tr '\n' ';')" >&2
+    # the peak: the sample with the largest VmRSS, per side
+    row in peak "$(sort -k1,1n "$W/samples" | tail -1 | cut -d' ' -f1-3)"
+    row out peak "$(sort -k4,4n "$W/samples" | tail -1 | cut -d' ' -f4-6)"
+    t=0
+    for a in $AFTER; do
+      sleep $((a - t)); t=$a
+      row in "after_${a}s" "$(mem $pin)"; row out "after_${a}s" "$(mem $pout)"
+    done
+    kill -TERM $pout $pin; wait $pout $pin 2>/dev/null || true
+  done
+done
