@@ -38,12 +38,8 @@ for t in valgrind nginx curl h2load; do command -v $t >/dev/null || { echo "call
 # B_PORT, IN_PORT and OUT_PORT one by one.
 read -r B_PORT IN_PORT OUT_PORT <<<"${PORTS:-${B_PORT:-28080} ${IN_PORT:-28443} ${OUT_PORT:-28001}}"
 FIRST=$1
-"$FIRST" ca init --dir "$W/ca" --trust-domain example.org >/dev/null 2>&1
-for id in server client loadgen; do
-  "$FIRST" ca issue --dir "$W/ca" --id "spiffe://example.org/$id" --ttl 24h \
-    --cert-out "$W/$id.crt" --key-out "$W/$id.key" >/dev/null 2>&1
-done
-"$FIRST" ca bundle --dir "$W/ca" >"$W/bundle.pem" 2>/dev/null
+. "$(dirname "$0")/pair_lib.sh"
+pair_pki "$FIRST" server client loadgen
 DENY_KEY=""
 if [ "$DENYLIST" -gt 0 ]; then
   # The JSON of `moat ca revoke --list --json`, made here: a CA refuses serials it never issued.
@@ -58,59 +54,12 @@ if [ "$DENYLIST" -gt 0 ]; then
   DENY_KEY="deny_list = \"$W/deny.json\""
 fi
 
-mkdir -p "$W/run"
-cat >"$W/nginx.conf" <<EOF
-daemon off; master_process off; pid $W/run/nginx.pid; error_log $W/run/nginx.err warn;
-events { worker_connections 1024; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $W/run/b; proxy_temp_path $W/run/p;
-  fastcgi_temp_path $W/run/f; uwsgi_temp_path $W/run/u; scgi_temp_path $W/run/s;
-  server { listen 127.0.0.1:$B_PORT; default_type text/plain; location / { return 200 "hello from backend\n"; } } }
-EOF
-nginx -c "$W/nginx.conf" -p "$W/run/" & NGINX=$!
-
-wait_port() { for _ in $(seq 600); do ss -ltnH "sport = :$1" | grep -q . && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
-wait_port $B_PORT
+pair_backend 1024; NGINX=$BACKEND_PID
 
 # The HTTP/1.1-to-the-app setting: `app_protocol` today, `forward_http` before it existed.
 app_key() { if grep -aq app_protocol_mismatch "$1"; then echo 'app_protocol = "http1"'; else echo 'forward_http = "http1"'; fi; }
 
-conf() { # BIN -> writes in.toml, out.toml
-  local key; key=$(app_key "$1")
-  cat >"$W/in.toml" <<EOF
-[runtime]
-worker_threads = ${WORKERS:-1}
-[identity]
-cert = "$W/server.crt"
-key = "$W/server.key"
-bundle = "$W/bundle.pem"
-$DENY_KEY
-[admin]
-listen = "127.0.0.1:0"
-[[inbound]]
-name = "in"
-listen = "127.0.0.1:$IN_PORT"
-forward = "127.0.0.1:$B_PORT"
-protocol = "http"
-$key
-EOF
-  cat >"$W/out.toml" <<EOF
-[runtime]
-worker_threads = ${WORKERS:-1}
-[identity]
-cert = "$W/client.crt"
-key = "$W/client.key"
-bundle = "$W/bundle.pem"
-$DENY_KEY
-[admin]
-listen = "127.0.0.1:0"
-[[outbound]]
-name = "out"
-listen = "127.0.0.1:$OUT_PORT"
-upstream = "127.0.0.1:$IN_PORT"
-peer = "spiffe://example.org/server"
-protocol = "http"
-EOF
-}
+conf() { pair_configs "${WORKERS:-1}" "$DENY_KEY" "$(app_key "$1")"; } # BIN -> writes in.toml, out.toml
 
 total() { awk '/^(summary|totals):/ {print $2; exit}' "$1"; }
 

@@ -26,57 +26,10 @@ trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; [ -n "${KEE
 
 B_PORT=29080; IN_PORT=29443; OUT_PORT=29001
 FIRST=${1#*=}; FIRST=${FIRST%%@*}
-"$FIRST" ca init --dir "$W/ca" --trust-domain example.org >/dev/null 2>&1
-for id in server client; do
-  "$FIRST" ca issue --dir "$W/ca" --id "spiffe://example.org/$id" --ttl 24h \
-    --cert-out "$W/$id.crt" --key-out "$W/$id.key" >/dev/null 2>&1
-done
-"$FIRST" ca bundle --dir "$W/ca" >"$W/bundle.pem" 2>/dev/null
-
-mkdir -p "$W/run"
-cat >"$W/nginx.conf" <<EOF
-daemon off; master_process off; pid $W/run/nginx.pid; error_log $W/run/nginx.err warn;
-worker_rlimit_nofile 4096; events { worker_connections 4096; }
-http { access_log off; keepalive_requests 1000000; client_body_temp_path $W/run/b; proxy_temp_path $W/run/p;
-  fastcgi_temp_path $W/run/f; uwsgi_temp_path $W/run/u; scgi_temp_path $W/run/s;
-  server { listen 127.0.0.1:$B_PORT; default_type text/plain; location / { return 200 "hello from backend\n"; } } }
-EOF
-nginx -c "$W/nginx.conf" -p "$W/run/" & PIDS+=($!)
-wait_port() { for _ in $(seq 300); do ss -ltnH "sport = :$1" | grep -q . && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
-wait_port $B_PORT
-
-cat >"$W/in.toml" <<EOF
-[runtime]
-worker_threads = $WORKERS
-[identity]
-cert = "$W/server.crt"
-key = "$W/server.key"
-bundle = "$W/bundle.pem"
-[admin]
-listen = "127.0.0.1:0"
-[[inbound]]
-name = "in"
-listen = "127.0.0.1:$IN_PORT"
-forward = "127.0.0.1:$B_PORT"
-protocol = "http"
-app_protocol = "http1"
-EOF
-cat >"$W/out.toml" <<EOF
-[runtime]
-worker_threads = $WORKERS
-[identity]
-cert = "$W/client.crt"
-key = "$W/client.key"
-bundle = "$W/bundle.pem"
-[admin]
-listen = "127.0.0.1:0"
-[[outbound]]
-name = "out"
-listen = "127.0.0.1:$OUT_PORT"
-upstream = "127.0.0.1:$IN_PORT"
-peer = "spiffe://example.org/server"
-protocol = "http"
-EOF
+. "$(dirname "$0")/pair_lib.sh"
+pair_pki "$FIRST" server client
+pair_backend 4096; PIDS+=("$BACKEND_PID")
+pair_configs "$WORKERS" "" 'app_protocol = "http1"'
 
 mem() { awk '/^VmRSS/{v=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2} END{print v+0, a+0, f+0}' "/proc/$1/status" 2>/dev/null || echo "0 0 0"; }
 ulimit -n "$(ulimit -Hn)"

@@ -301,7 +301,7 @@ async fn sign_and_record(
     };
     // Nothing leaves the CA unrecorded: a store that cannot record answers
     // 503, and a token whose use was not recorded is not spent.
-    let record = state
+    let recorded = state
         .ca
         .record_issuance(
             &issued,
@@ -311,35 +311,31 @@ async fn sign_and_record(
             presented_serial,
         )
         .await;
-    match &record {
-        Ok(Recorded::Issued) | Err(_) => {}
+    match recorded {
+        Ok(Recorded::Issued) => {}
         Ok(Recorded::Revoked(r)) => {
-            return Err(revoked_refusal(&credential.id, presented_serial, r));
+            return Err(revoked_refusal(&credential.id, presented_serial, &r));
         }
-    }
-    if let Err(e) = record {
-        return Err(match e {
-            StoreError::Token(TokenError::Replayed) => {
-                tracing::warn!(spiffe_id = %credential.id, reason = "token_replayed", "issuance refused");
-                token_refusal(TokenError::Replayed)
-            }
-            e => {
-                let error = if e.is_disk_full() {
-                    "the CA cannot record issuance: its disk is full"
-                } else if e.is_unavailable() {
-                    "the CA cannot record issuance: its state database is unreachable; retry later"
-                } else {
-                    "the CA cannot record issuance right now"
-                };
-                tracing::error!(error = %e, "issuance refused: {error}");
-                state.metrics.set_store_up(false, Some(error));
-                Refusal {
-                    status: StatusCode::SERVICE_UNAVAILABLE,
-                    error: error.into(),
-                    reason: "store_unavailable",
-                }
-            }
-        });
+        Err(StoreError::Token(TokenError::Replayed)) => {
+            tracing::warn!(spiffe_id = %credential.id, reason = "token_replayed", "issuance refused");
+            return Err(token_refusal(TokenError::Replayed));
+        }
+        Err(e) => {
+            let error = if e.is_disk_full() {
+                "the CA cannot record issuance: its disk is full"
+            } else if e.is_unavailable() {
+                "the CA cannot record issuance: its state database is unreachable; retry later"
+            } else {
+                "the CA cannot record issuance right now"
+            };
+            tracing::error!(error = %e, "issuance refused: {error}");
+            state.metrics.set_store_up(false, Some(error));
+            return Err(Refusal {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                error: error.into(),
+                reason: "store_unavailable",
+            });
+        }
     }
     state.metrics.issuance(credential.kind.as_str(), "ok");
     tracing::info!(

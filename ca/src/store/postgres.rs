@@ -11,7 +11,7 @@
 //! insert nothing. Every operation is bounded by `[store] timeout`; past it,
 //! or with the database down, the caller gets an error it answers with 503.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -341,9 +341,9 @@ impl Store for PgStore {
             // revocation covers the request, and the issuance only if this
             // use spent the token.
             let (sql, token) = match &record.single_use {
-                None => (RECORD_ISSUANCE, None),
+                None => (&*RECORD_ISSUANCE, None),
                 Some((jti, expires_at)) => {
-                    (RECORD_ISSUANCE_SPENDING_TOKEN, Some((jti, expires_at)))
+                    (&*RECORD_ISSUANCE_SPENDING_TOKEN, Some((jti, expires_at)))
                 }
             };
             let stmt = client.prepare_cached(sql).await.map_err(|e| self.err(e))?;
@@ -466,9 +466,7 @@ impl Store for PgStore {
             let client = self.client().await?;
             let stmt = client
                 .prepare_cached(&format!(
-                    "SELECT {REVOCATION_COLUMNS} FROM revocations r WHERE r.until > $1 \
-                     AND ((r.serial IS NULL AND r.spiffe_id = $2) OR r.serial = $3) \
-                     ORDER BY r.id LIMIT 1"
+                    "SELECT {REVOCATION_COLUMNS} {COVERING_REVOCATION}"
                 ))
                 .await
                 .map_err(|e| self.err(e))?;
@@ -482,45 +480,51 @@ impl Store for PgStore {
 }
 
 /// [`Store::record_issuance`] without a token: `$1` now, `$2` the identity,
-/// `$3` the presented serial, `$4..$6` serial, `not_after`, kind. One row: the revocation's columns (all NULL when none)
-/// and how many issuances were inserted.
-const RECORD_ISSUANCE: &str = "WITH rev AS ( \
-       SELECT r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \
-         CASE WHEN r.serial IS NULL THEN \
-           (SELECT max(i.not_after) FROM issued i WHERE i.spiffe_id = r.spiffe_id) END AS last \
-       FROM revocations r WHERE r.until > $1::bigint \
-         AND ((r.serial IS NULL AND r.spiffe_id = $2::text) OR r.serial = $3::text) \
-       ORDER BY r.id LIMIT 1), \
-     ins AS ( \
-       INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
-       SELECT $4::text, $2::text, $5::bigint, $6::text, $1::bigint \
-       WHERE NOT EXISTS (SELECT 1 FROM rev) \
-       RETURNING 1) \
-     SELECT rev.serial, rev.spiffe_id, rev.reason, rev.revoked_at, rev.until, rev.last, \
-       (SELECT count(*) FROM ins) \
-     FROM (SELECT 1) one LEFT JOIN rev ON true";
+/// `$3` the presented serial, `$4..$6` serial, `not_after`, kind. One row:
+/// the revocation's columns (all NULL when none) and how many issuances
+/// were inserted.
+static RECORD_ISSUANCE: LazyLock<String> = LazyLock::new(|| record_issuance_sql(false));
 
 /// [`RECORD_ISSUANCE`] spending a join token: `$7` its ID, `$8` its expiry.
 /// The primary key on `used_tokens.jti` makes the second of two concurrent
 /// uses wait for the first to commit and then insert nothing.
-const RECORD_ISSUANCE_SPENDING_TOKEN: &str = "WITH rev AS ( \
-       SELECT r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \
-         CASE WHEN r.serial IS NULL THEN \
-           (SELECT max(i.not_after) FROM issued i WHERE i.spiffe_id = r.spiffe_id) END AS last \
-       FROM revocations r WHERE r.until > $1::bigint \
-         AND ((r.serial IS NULL AND r.spiffe_id = $2::text) OR r.serial = $3::text) \
-       ORDER BY r.id LIMIT 1), \
-     spent AS ( \
-       INSERT INTO used_tokens (jti, expires_at, used_at) \
-       SELECT $7::text, $8::bigint, $1::bigint WHERE NOT EXISTS (SELECT 1 FROM rev) \
-       ON CONFLICT (jti) DO NOTHING RETURNING jti), \
-     ins AS ( \
-       INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
-       SELECT $4::text, $2::text, $5::bigint, $6::text, $1::bigint FROM spent \
-       RETURNING 1) \
-     SELECT rev.serial, rev.spiffe_id, rev.reason, rev.revoked_at, rev.until, rev.last, \
-       (SELECT count(*) FROM ins) \
-     FROM (SELECT 1) one LEFT JOIN rev ON true";
+static RECORD_ISSUANCE_SPENDING_TOKEN: LazyLock<String> =
+    LazyLock::new(|| record_issuance_sql(true));
+
+/// The statement behind [`RECORD_ISSUANCE`] and
+/// [`RECORD_ISSUANCE_SPENDING_TOKEN`]: the covering revocation (as
+/// [`Store::revocation_for`] asks it), then the token's use and the
+/// issuance, each written only where no revocation was found.
+fn record_issuance_sql(spending_token: bool) -> String {
+    let (spent, issued_from) = if spending_token {
+        (
+            "spent AS ( \
+               INSERT INTO used_tokens (jti, expires_at, used_at) \
+               SELECT $7::text, $8::bigint, $1::bigint WHERE NOT EXISTS (SELECT 1 FROM rev) \
+               ON CONFLICT (jti) DO NOTHING RETURNING jti), ",
+            "FROM spent",
+        )
+    } else {
+        ("", "WHERE NOT EXISTS (SELECT 1 FROM rev)")
+    };
+    format!(
+        "WITH rev AS (SELECT {REVOCATION_COLUMNS} AS last {COVERING_REVOCATION}), \
+         {spent}\
+         ins AS ( \
+           INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) \
+           SELECT $4::text, $2::text, $5::bigint, $6::text, $1::bigint {issued_from} \
+           RETURNING 1) \
+         SELECT rev.serial, rev.spiffe_id, rev.reason, rev.revoked_at, rev.until, rev.last, \
+           (SELECT count(*) FROM ins) \
+         FROM (SELECT 1) one LEFT JOIN rev ON true"
+    )
+}
+
+/// The first revocation in force at `$1` that covers identity `$2` (one
+/// of the identity's, with no serial) or the certificate with serial `$3`.
+const COVERING_REVOCATION: &str = "FROM revocations r WHERE r.until > $1::bigint \
+     AND ((r.serial IS NULL AND r.spiffe_id = $2::text) OR r.serial = $3::text) \
+     ORDER BY r.id LIMIT 1";
 
 /// The columns [`revocation_row`] reads (as SQLite's).
 const REVOCATION_COLUMNS: &str = "r.serial, r.spiffe_id, r.reason, r.revoked_at, r.until, \

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use super::{Activity, Tracked};
+use super::{Activity, First, Tracked, race};
 
 /// Splices two streams: bytes both ways, half-close passed on, until both
 /// directions end, the pair is idle too long, or the drain's grace runs out
@@ -77,9 +77,17 @@ where
     B: AsyncRead + AsyncWrite + Unpin,
     X: Future,
 {
-    tokio::select! {
-        res = tokio::io::copy_bidirectional(&mut a, &mut b) => res,
-        () = activity.idle_for(idle) => Err(io::Error::new(io::ErrorKind::TimedOut, "idle timeout")),
-        _ = close => Err(io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's credential lapsed")),
+    // The watchdogs are polled only when one of them woke the task, not on
+    // each of the copy's wake-ups (`race`).
+    let copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut a, &mut b));
+    let watchdogs = std::pin::pin!(async {
+        tokio::select! {
+            () = activity.idle_for(idle) => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+            _ = close => io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's credential lapsed"),
+        }
+    });
+    match race(copy, watchdogs).await {
+        First::Main(res) => res,
+        First::Side(e) => Err(e),
     }
 }

@@ -5,12 +5,7 @@ use super::*;
 #[test]
 fn forwarded_request_carries_the_authorized_path_and_verified_claims() {
     let f = fixture();
-    let tok = sign(
-        &ec_enc(&f.keys.ec),
-        Algorithm::ES256,
-        Some("ec1"),
-        &good_claims(),
-    );
+    let tok = f.good_token();
     let method = Method::GET;
     let peer = peer(FRONTEND);
     let auth = format!("Bearer {tok}");

@@ -5,12 +5,7 @@ use super::*;
 #[test]
 fn route_matching_table() {
     let f = fixture();
-    let tok = sign(
-        &ec_enc(&f.keys.ec),
-        Algorithm::ES256,
-        Some("ec1"),
-        &good_claims(),
-    );
+    let tok = f.good_token();
     let any = "spiffe://example.org/ns/dev/sa/other";
     use Reason::*;
     use Verdict::*;

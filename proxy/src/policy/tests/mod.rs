@@ -110,6 +110,19 @@ impl Keys {
     }
 }
 
+impl Fixture {
+    /// A token the fixture's issuer signed and its routes accept: ES256
+    /// with the key `ec1`, [`good_claims`].
+    fn good_token(&self) -> String {
+        sign(
+            &ec_enc(&self.keys.ec),
+            Algorithm::ES256,
+            Some("ec1"),
+            &good_claims(),
+        )
+    }
+}
+
 fn fixture_with(policy: &str) -> Fixture {
     let keys = keys();
     let dir = tempfile::tempdir().unwrap();

@@ -220,12 +220,7 @@ fn jwt_attacks_are_refused() {
 #[test]
 fn bearer_header_forms() {
     let f = fixture();
-    let tok = sign(
-        &ec_enc(&f.keys.ec),
-        Algorithm::ES256,
-        Some("ec1"),
-        &good_claims(),
-    );
+    let tok = f.good_token();
     let method = Method::GET;
     let p = peer(FRONTEND);
     for (header, want) in [
@@ -372,12 +367,7 @@ fn policy_decision_time_is_the_callers_clock() {
 #[test]
 fn duplicate_authorization_headers_are_refused() {
     let f = fixture();
-    let tok = sign(
-        &ec_enc(&f.keys.ec),
-        Algorithm::ES256,
-        Some("ec1"),
-        &good_claims(),
-    );
+    let tok = f.good_token();
     let mut headers = HeaderMap::new();
     assert_eq!(authorization_value(&headers), None);
     headers.append(
