@@ -148,9 +148,12 @@ def main():
         def f(b):
             lbl = lbl_fmt % b
             v, d = R.med(lbl, field), R.med("fr_direct", field)
+            h = R.med("fr_haproxy_pair", field)
+            ref = ("; haproxy pair %s, adds %.3f" % (R.spread("fr_haproxy_pair", field), h - d)
+                   if None not in (h, d) else "")
             return (v - d if None not in (v, d) else None, None,
-                    "%s %s vs direct %s" % (field, R.spread(lbl, field), R.spread("fr_direct", field)), (lbl, "fr_direct"),
-                    (lbl, "fr_direct"), ())
+                    "%s %s vs direct %s%s" % (field, R.spread(lbl, field), R.spread("fr_direct", field), ref),
+                    (lbl, "fr_direct"), (lbl, "fr_direct"), ())
         return f
     target("Sidecar pair at %d req/s: adds <= 0.10 ms p50 over direct" % rate, "max", 0.10, "ms",
            added("fr_moat_pair+%s", "p50_ms"), "rows not run")

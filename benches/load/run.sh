@@ -646,6 +646,9 @@ round_rows() {
   echo "h2_haproxy|h2|haproxy mTLS, h2 -> h1|$H2C|haproxy|-|$H:$HA_PORT/|${H2[*]}"
   for b in "${BNAMES[@]}"; do echo "h2_moat_in+$b|h2|moat inbound, h2 -> h1 [$b]|$H2C|moat_in.$b|-|$H:${MI[$b]}/|${H2[*]}"; done
   echo "fr_direct|fr|direct (plain HTTP)|32|-|-|$L:$B_PORT/|${FR[*]}"
+  # The HAProxy pair at the same rate: what a pair of mature proxies adds to p50/p99 on this machine,
+  # beside the fixed targets (issue 22 asks for the nearest target the machine can show).
+  echo "fr_haproxy_pair|fr|haproxy pair (out -> in)|32|haproxy|haproxy_out|$L:$HAO_PORT/|${FR[*]}"
   for b in "${BNAMES[@]}"; do
     echo "fr_moat_pair+$b|fr|moat pair (out -> in) [$b]|32|moat_in.$b|moat_out.$b|$L:${MO[$b]}/|${FR[*]}"
     echo "fr_moat_in+$b|fr|moat inbound (mTLS -> h1) [$b]|32|moat_in.$b|-|$H:${MI[$b]}/|${FR[*]} --http-version 1.1"
