@@ -315,7 +315,13 @@ where
         #[cfg(feature = "server")]
         {
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
+            // moat: the timer is kept, with its deadline, and reset for the next head,
+            // not dropped and made again. While it is registered the runtime's timer
+            // driver never parks past it, so moving it to 250 ms after the response is
+            // never an earlier deadline than the driver's next wake-up, which would
+            // make tokio unpark the driver (an eventfd write and one more turn) on every
+            // request. If the request outlasts the deadline, the timer wakes the
+            // connection's task once, which finds nothing to do.
             self.state.h1_idle_release_deadline = None;
         }
 
