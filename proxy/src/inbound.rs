@@ -286,9 +286,7 @@ impl InboundService {
             let (activity, idle) = (&peer.activity, self.limits.idle_timeout);
             let lapsed = conn_registry::closed(peer.lease.as_ref());
             let served = match conn {
-                Either::Left(h2) => {
-                    conn::serve_http_until(h2, activity, idle, drain, lapsed).await
-                }
+                Either::Left(h2) => conn::serve_http_until(h2, activity, idle, drain, lapsed).await,
                 Either::Right(h1) => {
                     conn::serve_http_until(h1, activity, idle, drain, lapsed).await
                 }
