@@ -90,6 +90,45 @@ fn idle_keep_alive_connection_is_closed() {
     }
 }
 
+/// An HTTP/1.1 connection idle for 250 ms gives its buffers back (the hyper patch,
+/// third_party/README.md), and nothing a client sees changes: the next request on it is
+/// served, a head arriving in two pieces either side of that point is read whole, and the
+/// header read timeout still closes the connection at its own deadline, not at the release.
+#[test]
+fn idle_connection_gives_buffers_back_and_keeps_its_timeouts() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (_a, _b, a_addr, _) = pair(
+        &ca,
+        echo_service(),
+        "[limits]\nheader_read_timeout = \"2s\"\n",
+    );
+    let mut conn = KeepAlive::connect(a_addr);
+    assert_eq!(conn.get("/"), 200);
+    std::thread::sleep(Duration::from_millis(600));
+    assert_eq!(conn.get("/"), 200, "served after the idle release");
+
+    let mut s = std::net::TcpStream::connect(a_addr).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    s.write_all(b"\r\n").unwrap();
+    let start = Instant::now();
+    // The response, then EOF when the header read timeout (2 s) closes the idle connection.
+    s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    let closed_after = start.elapsed();
+    assert!(
+        got.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    assert!(
+        closed_after >= Duration::from_millis(1500) && closed_after < Duration::from_secs(6),
+        "closed {closed_after:?} after the response, not at the 2 s header read timeout"
+    );
+}
+
 #[test]
 fn connections_beyond_the_limit_wait_for_a_free_slot() {
     moat_ca::install_crypto_provider();

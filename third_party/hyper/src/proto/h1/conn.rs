@@ -6,7 +6,7 @@ use std::marker::{PhantomData, Unpin};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 #[cfg(feature = "server")]
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::rt::{Read, Write};
 use bytes::{Buf, Bytes};
@@ -27,6 +27,15 @@ use crate::proto::{BodyLength, MessageHead};
 use crate::rt::Sleep;
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// moat: how long a server connection waits for its next message head, with nothing read
+/// yet, before it gives back its read and write buffers (16 KiB or more per connection,
+/// allocated again by the next message). Only with a header read timeout, whose timer
+/// wakes the connection for it. Far above the gap between one connection's requests
+/// under load (so a busy connection keeps its buffers and pays nothing per request),
+/// far below the timeout that closes an idle connection (10 s in moat).
+#[cfg(feature = "server")]
+const IDLE_RELEASE_AFTER: Duration = Duration::from_millis(250);
 
 /// This handles a connection, which will have been established over an
 /// `Read + Write` (like a socket), and will likely include multiple
@@ -65,6 +74,8 @@ where
                 h1_header_read_timeout_fut: None,
                 #[cfg(feature = "server")]
                 h1_header_read_timeout_running: false,
+                #[cfg(feature = "server")]
+                h1_idle_release_deadline: None,
                 #[cfg(feature = "server")]
                 date_header: true,
                 #[cfg(feature = "server")]
@@ -223,7 +234,16 @@ where
         #[cfg(feature = "server")]
         if !self.state.h1_header_read_timeout_running {
             if let Some(h1_header_read_timeout) = self.state.h1_header_read_timeout {
-                let deadline = self.state.timer.now() + h1_header_read_timeout;
+                let now = self.state.timer.now();
+                let mut deadline = now + h1_header_read_timeout;
+                // moat: a connection waiting for a head with nothing read yet first wakes
+                // after IDLE_RELEASE_AFTER to give its buffers back, then waits out the
+                // timeout. The timer is set for every head anyway; only a connection that
+                // stays idle that long wakes once more.
+                if self.io.read_buf().is_empty() && IDLE_RELEASE_AFTER < h1_header_read_timeout {
+                    self.state.h1_idle_release_deadline = Some(deadline);
+                    deadline = now + IDLE_RELEASE_AFTER;
+                }
                 self.state.h1_header_read_timeout_running = true;
                 match &mut self.state.h1_header_read_timeout_fut {
                     Some(h1_header_read_timeout_fut) => {
@@ -263,7 +283,23 @@ where
                     if let Some(h1_header_read_timeout_fut) =
                         &mut self.state.h1_header_read_timeout_fut
                     {
-                        if Pin::new(h1_header_read_timeout_fut).poll(cx).is_ready() {
+                        let mut ready = Pin::new(&mut *h1_header_read_timeout_fut)
+                            .poll(cx)
+                            .is_ready();
+                        // moat: idle for IDLE_RELEASE_AFTER: release the buffers if nothing
+                        // has come in, and wait for the rest of the header read timeout.
+                        if ready {
+                            if let Some(deadline) = self.state.h1_idle_release_deadline.take() {
+                                if self.io.read_buf().is_empty() {
+                                    trace!("idle connection, releasing its buffers");
+                                    self.io.release_idle_buffers();
+                                    self.state.cached_headers = None;
+                                }
+                                self.state.timer.reset(h1_header_read_timeout_fut, deadline);
+                                ready = Pin::new(h1_header_read_timeout_fut).poll(cx).is_ready();
+                            }
+                        }
+                        if ready {
                             self.state.h1_header_read_timeout_running = false;
 
                             warn!("read header from client timeout");
@@ -279,7 +315,14 @@ where
         #[cfg(feature = "server")]
         {
             self.state.h1_header_read_timeout_running = false;
-            self.state.h1_header_read_timeout_fut = None;
+            // moat: the timer is kept, with its deadline, and reset for the next head,
+            // not dropped and made again. While it is registered the runtime's timer
+            // driver never parks past it, so moving it to 250 ms after the response is
+            // never an earlier deadline than the driver's next wake-up, which would
+            // make tokio unpark the driver (an eventfd write and one more turn) on every
+            // request. If the request outlasts the deadline, the timer wakes the
+            // connection's task once, which finds nothing to do.
+            self.state.h1_idle_release_deadline = None;
         }
 
         // Note: don't deconstruct `msg` into local variables, it appears
@@ -959,6 +1002,10 @@ struct State {
     h1_header_read_timeout_fut: Option<Pin<Box<dyn Sleep>>>,
     #[cfg(feature = "server")]
     h1_header_read_timeout_running: bool,
+    /// moat: while the header read timer is set to wake an idle connection to
+    /// release its buffers, the timeout's own deadline.
+    #[cfg(feature = "server")]
+    h1_idle_release_deadline: Option<Instant>,
     #[cfg(feature = "server")]
     date_header: bool,
     #[cfg(feature = "server")]
