@@ -229,3 +229,115 @@ fn copy_err(e: &rusqlite::Error) -> rusqlite::Error {
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn record(serial: &str, id: &str, token: Option<&str>) -> IssuanceRecord {
+        IssuanceRecord {
+            serial: serial.to_owned(),
+            spiffe_id: id.to_owned(),
+            not_after: 2_000_000_000,
+            kind: if token.is_some() {
+                "join_token"
+            } else {
+                "renewal"
+            },
+            issued_at: 1_000_000_000,
+            single_use: token.map(|jti| (jti.to_owned(), 2_000_000_000)),
+            presented_serial: None,
+        }
+    }
+
+    /// One batch answers each issuance as if it had been recorded alone: a
+    /// token's second use is a replay, a revoked identity writes nothing,
+    /// and an issuance whose own insert fails is rolled back to its
+    /// savepoint (its token not spent) while the rest commit.
+    #[test]
+    fn each_issuance_of_a_batch_is_answered_as_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("ca.db"), dir.path()).unwrap();
+        let mut conn = store.inner.conn.lock().unwrap();
+        conn.execute(
+            "INSERT INTO revocations (serial, spiffe_id, reason, revoked_at, until, version) \
+             VALUES (NULL, 'spiffe://example.org/revoked', 'test', 0, 3000000000, 1)",
+            [],
+        )
+        .unwrap();
+        let batch = [
+            record("01", "spiffe://example.org/a", Some("token-1")),
+            record("02", "spiffe://example.org/a", Some("token-1")),
+            record("03", "spiffe://example.org/revoked", Some("token-2")),
+            record("04", "spiffe://example.org/b", None),
+            // The same serial again: its insert fails after its token's.
+            record("04", "spiffe://example.org/c", Some("token-3")),
+            record("05", "spiffe://example.org/c", None),
+        ];
+        let outcomes = record_batch(&mut conn, dir.path(), batch.iter());
+        assert!(matches!(outcomes[0], Ok(Recorded::Issued)), "{outcomes:?}");
+        assert!(
+            matches!(outcomes[1], Err(StoreError::Token(TokenError::Replayed))),
+            "{outcomes:?}"
+        );
+        assert!(
+            matches!(outcomes[2], Ok(Recorded::Revoked(_))),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[3], Ok(Recorded::Issued)), "{outcomes:?}");
+        assert!(
+            matches!(outcomes[4], Err(StoreError::Db { .. })),
+            "{outcomes:?}"
+        );
+        assert!(matches!(outcomes[5], Ok(Recorded::Issued)), "{outcomes:?}");
+        let serials: Vec<String> = conn
+            .prepare("SELECT serial FROM issued ORDER BY serial")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(serials, ["01", "04", "05"]);
+        let tokens: Vec<String> = conn
+            .prepare("SELECT jti FROM used_tokens ORDER BY jti")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(tokens, ["token-1"]);
+    }
+
+    /// Concurrent issuances through the queue: each answered, every one
+    /// recorded once, a token spent by exactly one of its uses.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_issuances_are_each_recorded_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("ca.db"), dir.path()).unwrap();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..64 {
+            let inner = store.inner.clone();
+            let token = (i % 8 == 0).then_some("shared");
+            let r = record(&format!("{i:02x}"), "spiffe://example.org/a", token);
+            tasks.spawn(async move { super::record(&inner, r).await });
+        }
+        let (mut issued, mut replayed) = (0, 0);
+        while let Some(outcome) = tasks.join_next().await {
+            match outcome.unwrap() {
+                Ok(Recorded::Issued) => issued += 1,
+                Err(StoreError::Token(TokenError::Replayed)) => replayed += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((issued, replayed), (57, 7));
+        let count: i64 = store
+            .inner
+            .conn
+            .lock()
+            .unwrap()
+            .query_row("SELECT count(*) FROM issued", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(count, 57);
+    }
+}
