@@ -18,9 +18,10 @@
 //! client certificate's signature and its CertificateVerify), the CSR's
 //! signature checked and the leaf signed (one more of each), then the
 //! record. The record is where the engines differ. SQLite holds one
-//! connection behind a lock and fsyncs its WAL at every commit
-//! (`synchronous=FULL`), so commits are serialized and its ceiling is one
-//! fsync per issuance. PostgreSQL takes one statement per issuance over a
+//! connection and fsyncs its WAL at every commit (`synchronous=FULL`);
+//! commits are serialized, and the issuances that arrive while one waits
+//! for its fsync are recorded together in the next (group commit), so one
+//! fsync covers several. PostgreSQL takes one statement per issuance over a
 //! pooled connection (16 per replica, the statement prepared once per
 //! connection: one round trip), and concurrent commits share WAL flushes
 //! (group commit), so replicas add signing capacity without adding a

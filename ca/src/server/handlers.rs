@@ -191,17 +191,13 @@ async fn renew(
     client_chain: &[CertificateDer<'static>],
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let ttl = requested_ttl(state, &req)?;
-    let id = renewal_identity(
+    let (id, serial) = renewal_identity(
         &state.snapshot.load(),
         state.ca.trust_domain(),
         client_chain,
         SystemTime::now(),
     )?;
-    let serial = client_chain.first().and_then(|leaf| {
-        x509_parser::certificate::X509Certificate::from_der(leaf)
-            .ok()
-            .map(|(_, c)| crate::issuer::hex(c.raw_serial()))
-    });
+    let serial = Some(serial);
     let body = match read_body(state, req).await {
         Ok(body) => body,
         Err(refusal) => return Err(prefer_revoked(state, serial.as_deref(), &id, refusal).await),
@@ -220,13 +216,15 @@ async fn renew(
 /// may have lapsed since). The certificate must be valid now, chain to a
 /// root in the current bundle, and carry one SPIFFE ID in our trust domain.
 /// Each check is one step below. Whether it is revoked is the caller's to
-/// ask (the store, when it records the issuance: this is pure).
+/// ask (the store, when it records the issuance: this is pure). Returns the
+/// identity and the certificate's serial (lowercase hex), read from the one
+/// parse of the leaf.
 fn renewal_identity(
     snapshot: &SigningSnapshot,
     trust_domain: &TrustDomain,
     chain: &[CertificateDer<'static>],
     now: SystemTime,
-) -> Result<SpiffeId, Refusal> {
+) -> Result<(SpiffeId, String), Refusal> {
     let refused = |reason: &'static str, error: String| Refusal {
         status: StatusCode::UNAUTHORIZED,
         error,
@@ -269,7 +267,7 @@ fn renewal_identity(
                 format!("the client certificate does not verify against the trust bundle: {e}"),
             )
         })?;
-    let id = SpiffeId::from_cert_der(leaf)
+    let id = SpiffeId::from_x509(&parsed)
         .map_err(|e| refused("bad_client_certificate", format!("client certificate: {e}")))?;
     if !id.is_in(trust_domain) {
         return Err(Refusal {
@@ -278,7 +276,7 @@ fn renewal_identity(
             reason: "wrong_trust_domain",
         });
     }
-    Ok(id)
+    Ok((id, crate::issuer::hex(parsed.raw_serial())))
 }
 
 /// Signs the CSR in `body` for `credential` and records the issuance,
@@ -570,7 +568,7 @@ mod tests {
         let during = issued.not_before + Duration::from_secs(30);
         assert_eq!(
             renewal_identity(&snapshot, &td, &chain, during).ok(),
-            Some(id)
+            Some((id, issued.serial.clone()))
         );
 
         let reason = |chain: &[CertificateDer<'static>], at| {

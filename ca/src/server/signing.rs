@@ -58,11 +58,24 @@ pub(super) fn build_snapshot(
     .build()
     .map_err(|e| ServerError::Tls(e.to_string()))?;
     let key_der = rustls_pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into());
-    let mut tls = rustls::ServerConfig::builder()
+    // TLS 1.3's one mandatory suite (RFC 8446 9.1), AES-128-GCM with
+    // SHA-256, first, and this order decides over the client's: clients
+    // built on rustls ask for AES-256-GCM with SHA-384 first, which runs the
+    // handshake's transcript hash and key schedule on SHA-512's compression
+    // function, with no hardware help on common x86 CPUs where SHA-256 has
+    // it (SHA-NI). Every default suite is still accepted.
+    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| ServerError::Tls(e.to_string()))?
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(vec![serving.cert_der.clone()], key_der)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    tls.ignore_client_order = true;
     // No resumption: a resumed session would hand `/v1/renew` the client
     // certificate of an earlier handshake without verifying it again (and
     // `renewal_identity` checks it anyway). Issuance is rare; a full

@@ -1,6 +1,8 @@
 //! The SQLite engine: `DIR/ca.db`, one connection, WAL, `synchronous=FULL`
 //! (every issuance is on disk before the certificate leaves the CA). Calls
-//! run on Tokio's blocking pool: a commit may wait for an fsync.
+//! run on Tokio's blocking pool: a commit may wait for an fsync. Issuances
+//! that arrive while a commit waits are recorded together in the next
+//! transaction, one fsync for them all (`group`).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -13,7 +15,8 @@ use super::{
     IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord, RevocationTarget,
     RootChange, RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
 };
-use crate::token::TokenError;
+
+mod group;
 
 /// The SQLite engine. Cheap to clone.
 #[derive(Clone)]
@@ -25,6 +28,8 @@ struct Inner {
     path: PathBuf,
     location: String,
     conn: Mutex<Connection>,
+    /// Issuances waiting for the next group commit.
+    queue: Mutex<group::Queue>,
 }
 
 /// One exported row of `issued`, for `moat ca migrate --from-sqlite`.
@@ -91,6 +96,7 @@ impl SqliteStore {
                 path: path.to_owned(),
                 location: path.display().to_string(),
                 conn: Mutex::new(conn),
+                queue: Mutex::default(),
             }),
         })
     }
@@ -333,54 +339,10 @@ impl Store for SqliteStore {
     }
 
     fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, Recorded> {
-        let path = self.path();
+        let inner = self.inner.clone();
         let record = record.clone();
-        self.call(move |conn| {
-            // Immediate: the write lock first, so the read below cannot go
-            // stale under a concurrent `moat ca revoke` (a deferred
-            // transaction upgrading to write would fail with BUSY_SNAPSHOT
-            // instead of waiting).
-            let tx = conn
-                .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-                .map_err(|source| db_err(&path, source))?;
-            let revoked = revocation_for(
-                &tx,
-                record.presented_serial.as_deref(),
-                &record.spiffe_id,
-                record.issued_at,
-            )
-            .map_err(|source| db_err(&path, source))?;
-            if let Some(revocation) = revoked {
-                // Dropping the transaction rolls back: nothing was written.
-                return Ok(Recorded::Revoked(revocation));
-            }
-            if let Some((jti, expires)) = &record.single_use {
-                let inserted = tx
-                    .prepare_cached(
-                        "INSERT OR IGNORE INTO used_tokens (jti, expires_at, used_at) VALUES (?1, ?2, ?3)",
-                    )
-                    .and_then(|mut stmt| stmt.execute(params![jti, expires, record.issued_at]))
-                    .map_err(|source| db_err(&path, source))?;
-                if inserted == 0 {
-                    return Err(StoreError::Token(TokenError::Replayed));
-                }
-            }
-            tx.prepare_cached(
-                "INSERT INTO issued (serial, spiffe_id, not_after, kind, issued_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-            )
-            .and_then(|mut stmt| {
-                stmt.execute(params![
-                    record.serial,
-                    record.spiffe_id,
-                    record.not_after,
-                    record.kind,
-                    record.issued_at
-                ])
-            })
-            .map_err(|source| db_err(&path, source))?;
-            tx.commit().map_err(|source| db_err(&path, source))?;
-            Ok(Recorded::Issued)
-        })
+        // With the issuances that arrive meanwhile: one fsync for them all.
+        Box::pin(async move { group::record(&inner, record).await })
     }
 
     fn token_used<'a>(&'a self, jti: &'a str) -> StoreFuture<'a, bool> {
