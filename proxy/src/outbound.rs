@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -226,7 +226,9 @@ impl OutboundService {
         req: Request<Incoming>,
         local: &Arc<LocalConn>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
-        let path = req.uri().path().to_owned();
+        // For the access log: a reference to the request head's own bytes,
+        // not a copy of the path (a malloc and a free per request).
+        let path = req.uri().path_and_query().cloned();
         // The service's call into its sidecar is the server span; the call
         // to the peer is its client child, whose context the peer continues.
         let exchange = self.telemetry.start(&local.activity, &req, || {
@@ -237,7 +239,7 @@ impl OutboundService {
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
                 http.request.method = %method,
-                url.path = path.as_str(),
+                url.path = path_of(path.as_ref()),
                 http.response.status_code = tracing::field::Empty,
                 server.address = %self.listen_addr,
                 moat.listener = &*self.name,
@@ -258,7 +260,7 @@ impl OutboundService {
             let logged = Logged {
                 peer,
                 expected_peer: Some(&*this.peer),
-                path: &path,
+                path: path_of(path.as_ref()),
                 raw_path: None,
                 verdict: None,
             };
@@ -396,6 +398,12 @@ impl OutboundService {
         crate::telemetry::propagate(&upstream_span, &mut parts.headers);
         Ok((Request::from_parts(parts, body), upgrade, upstream_span))
     }
+}
+
+/// The path of a request whose path and query are `pq`, as `Uri::path`
+/// gives it (empty for an authority-form target, which has none).
+fn path_of(pq: Option<&PathAndQuery>) -> &str {
+    pq.map_or("", PathAndQuery::path)
 }
 
 /// A request ready for the peer: the request, the upgrade it asks for (if
