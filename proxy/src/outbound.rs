@@ -282,7 +282,7 @@ impl OutboundService {
         // Boxed: what the future captures stays in its state for its whole
         // life (rustc #62958), and the request would keep it over glibc's
         // per-thread cache size (1,032 bytes; 1,072 unboxed), where a
-        // malloc costs four times as much and varies with the heap's state.
+        // malloc costs ~5x as much and varies with the heap's state.
         let prepared = self.prepare(req, span).map(Box::new);
         // Only an upgrade needs the connection (for its tunnel).
         let upgrading = match &prepared {
@@ -542,7 +542,7 @@ mod tests {
         assert_between("the outbound connection future", size, 768, 1280);
     }
 
-    /// Boxed per request: 512 bytes measured (1,072 before `forward` boxed
+    /// Boxed per request: 512 bytes measured (release: 1,072 before `forward` boxed
     /// the prepared request; 824 at 18840f0, as benches/results/analysis.md
     /// has it). Over glibc's tcache size (1,032) its malloc costs ~5x.
     #[test]
