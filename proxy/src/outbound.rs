@@ -13,7 +13,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use http::uri::{Authority, Scheme};
+use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
@@ -226,7 +226,9 @@ impl OutboundService {
         req: Request<Incoming>,
         local: &Arc<LocalConn>,
     ) -> impl Future<Output = Result<Response<ProxyBody>, Infallible>> + Send + use<> {
-        let path = req.uri().path().to_owned();
+        // For the access log: a reference to the request head's own bytes,
+        // not a copy of the path (a malloc and a free per request).
+        let path = req.uri().path_and_query().cloned();
         // The service's call into its sidecar is the server span; the call
         // to the peer is its client child, whose context the peer continues.
         let exchange = self.telemetry.start(&local.activity, &req, || {
@@ -237,7 +239,7 @@ impl OutboundService {
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
                 http.request.method = %method,
-                url.path = path.as_str(),
+                url.path = path_of(path.as_ref()),
                 http.response.status_code = tracing::field::Empty,
                 server.address = %self.listen_addr,
                 moat.listener = &*self.name,
@@ -258,7 +260,7 @@ impl OutboundService {
             let logged = Logged {
                 peer,
                 expected_peer: Some(&*this.peer),
-                path: &path,
+                path: path_of(path.as_ref()),
                 raw_path: None,
                 verdict: None,
             };
@@ -277,23 +279,28 @@ impl OutboundService {
         span: &tracing::Span,
         request_id: crate::telemetry::RequestId,
     ) -> impl Future<Output = Response<ProxyBody>> + Send + use<> {
-        let prepared = self.prepare(req, span);
+        // Boxed: what the future captures stays in its state for its whole
+        // life (rustc #62958), and the request would keep it over glibc's
+        // per-thread cache size (1,032 bytes; 1,072 unboxed), where a
+        // malloc costs ~5x as much and varies with the heap's state.
+        let prepared = self.prepare(req, span).map(Box::new);
         // Only an upgrade needs the connection (for its tunnel).
         let upgrading = match &prepared {
-            Ok((_, Some(_), _)) => Some(local.clone()),
+            Ok(p) if p.1.is_some() => Some(local.clone()),
             _ => None,
         };
         async move {
-            let sent = match (prepared, upgrading) {
-                (Err(refused), _) => return refused.into_response(),
-                (Ok((req, Some(upgrade), upstream_span)), Some(local)) => {
+            let (req, upgrade, upstream_span) = match prepared {
+                Err(refused) => return refused.into_response(),
+                Ok(prepared) => *prepared,
+            };
+            let sent = match (upgrade, upgrading) {
+                (Some(upgrade), Some(local)) => {
                     Box::pin(self.upgrade(req, upgrade, &local))
                         .instrument(upstream_span)
                         .await
                 }
-                (Ok((req, _, upstream_span)), _) => {
-                    self.upstream.send(req).instrument(upstream_span).await
-                }
+                _ => self.upstream.send(req).instrument(upstream_span).await,
             };
             sent.unwrap_or_else(|e| {
                 tracing::warn!(request_id = %request_id, listener = %self.name, error = %e, "request to peer failed");
@@ -396,6 +403,12 @@ impl OutboundService {
         crate::telemetry::propagate(&upstream_span, &mut parts.headers);
         Ok((Request::from_parts(parts, body), upgrade, upstream_span))
     }
+}
+
+/// The path of a request whose path and query are `pq`, as `Uri::path`
+/// gives it (empty for an authority-form target, which has none).
+fn path_of(pq: Option<&PathAndQuery>) -> &str {
+    pq.map_or("", PathAndQuery::path)
 }
 
 /// A request ready for the peer: the request, the upgrade it asks for (if
@@ -529,11 +542,12 @@ mod tests {
         assert_between("the outbound connection future", size, 768, 1280);
     }
 
-    /// Boxed per request: 1,056 bytes measured (824 at 18840f0, as
-    /// benches/results/analysis.md has it); the request is held once.
+    /// Boxed per request: 512 bytes measured (release: 1,072 before `forward` boxed
+    /// the prepared request; 824 at 18840f0, as benches/results/analysis.md
+    /// has it). Over glibc's tcache size (1,032) its malloc costs ~5x.
     #[test]
     fn the_request_future_holds_the_request_once() {
         let size = returned_3(OutboundService::request);
-        assert_between("the outbound request future", size, 848, 1152);
+        assert_between("the outbound request future", size, 448, 640);
     }
 }

@@ -26,8 +26,9 @@ pub struct Limits {
     /// `response_headers_too_large` (a response).
     pub max_header_bytes: usize,
     /// Most header fields in a request or response head; more gets 431
-    /// (request) or 502 (response). Up to 100 keeps hyper's HTTP/1.1
-    /// parser on the stack; more costs it a heap buffer per head.
+    /// (request) or 502 (response). Up to 256 keeps hyper's HTTP/1.1
+    /// parser on the stack (moat's hyper patch, third_party/README.md);
+    /// more costs it two heap buffers per head.
     pub max_header_count: usize,
     /// Most connections open at once on one listener; more wait in the
     /// kernel's accept queue.

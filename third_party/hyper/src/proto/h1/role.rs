@@ -11,7 +11,7 @@ use http::header::Entry;
 use http::header::ValueIter;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
-use smallvec::{smallvec, smallvec_inline, SmallVec};
+use smallvec::{smallvec, SmallVec};
 
 use crate::body::DecodedLength;
 #[cfg(feature = "server")]
@@ -29,6 +29,10 @@ use crate::proto::RequestHead;
 use crate::proto::{BodyLength, MessageHead, RequestLine};
 
 pub(crate) const DEFAULT_MAX_HEADERS: usize = 100;
+// moat patch (third_party/hyper.patch): the parse buffers hold this many
+// headers on the stack, so a configured `h1_max_headers` up to it costs no
+// heap allocation per parsed head (upstream: any limit set goes to the heap).
+const MAX_STACK_HEADERS: usize = 256;
 const AVERAGE_HEADER_SIZE: usize = 30; // totally scientific
 #[cfg(feature = "server")]
 const MAX_URI_LEN: usize = (u16::MAX - 1) as usize;
@@ -159,17 +163,12 @@ impl Http1Transaction for Server {
         // but we *never* read any of it until after httparse has assigned
         // values into it. By not zeroing out the stack memory, this saves
         // a good ~5% on pipeline benchmarks.
-        let mut headers_indices: SmallVec<[MaybeUninit<HeaderIndices>; DEFAULT_MAX_HEADERS]> =
-            match ctx.h1_max_headers {
-                Some(cap) => smallvec![MaybeUninit::uninit(); cap],
-                None => smallvec_inline![MaybeUninit::uninit(); DEFAULT_MAX_HEADERS],
-            };
+        let cap = ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS);
+        let mut headers_indices: SmallVec<[MaybeUninit<HeaderIndices>; MAX_STACK_HEADERS]> =
+            smallvec![MaybeUninit::uninit(); cap];
         {
-            let mut headers: SmallVec<[MaybeUninit<httparse::Header<'_>>; DEFAULT_MAX_HEADERS]> =
-                match ctx.h1_max_headers {
-                    Some(cap) => smallvec![MaybeUninit::uninit(); cap],
-                    None => smallvec_inline![MaybeUninit::uninit(); DEFAULT_MAX_HEADERS],
-                };
+            let mut headers: SmallVec<[MaybeUninit<httparse::Header<'_>>; MAX_STACK_HEADERS]> =
+                smallvec![MaybeUninit::uninit(); cap];
             trace!(bytes = buf.len(), "Request.parse");
             let mut req = httparse::Request::new(&mut []);
             let bytes = buf.as_ref();
@@ -1039,18 +1038,12 @@ impl Http1Transaction for Client {
 
         // Loop to skip information status code headers (100 Continue, etc).
         loop {
-            let mut headers_indices: SmallVec<[MaybeUninit<HeaderIndices>; DEFAULT_MAX_HEADERS]> =
-                match ctx.h1_max_headers {
-                    Some(cap) => smallvec![MaybeUninit::uninit(); cap],
-                    None => smallvec_inline![MaybeUninit::uninit(); DEFAULT_MAX_HEADERS],
-                };
+            let cap = ctx.h1_max_headers.unwrap_or(DEFAULT_MAX_HEADERS);
+            let mut headers_indices: SmallVec<[MaybeUninit<HeaderIndices>; MAX_STACK_HEADERS]> =
+                smallvec![MaybeUninit::uninit(); cap];
             let (len, status, reason, version, headers_len) = {
-                let mut headers: SmallVec<
-                    [MaybeUninit<httparse::Header<'_>>; DEFAULT_MAX_HEADERS],
-                > = match ctx.h1_max_headers {
-                    Some(cap) => smallvec![MaybeUninit::uninit(); cap],
-                    None => smallvec_inline![MaybeUninit::uninit(); DEFAULT_MAX_HEADERS],
-                };
+                let mut headers: SmallVec<[MaybeUninit<httparse::Header<'_>>; MAX_STACK_HEADERS]> =
+                    smallvec![MaybeUninit::uninit(); cap];
                 trace!(bytes = buf.len(), "Response.parse");
                 let mut res = httparse::Response::new(&mut []);
                 let bytes = buf.as_ref();
