@@ -64,7 +64,11 @@ pub(super) fn build_snapshot(
     // handshake's transcript hash and key schedule on SHA-512's compression
     // function, with no hardware help on common x86 CPUs where SHA-256 has
     // it (SHA-NI). Every default suite is still accepted.
-    let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+    // The process's provider when one is installed, as every other TLS
+    // configuration here starts from.
+    let mut provider = rustls::crypto::CryptoProvider::get_default()
+        .map(|p| (**p).clone())
+        .unwrap_or_else(rustls::crypto::aws_lc_rs::default_provider);
     provider
         .cipher_suites
         .sort_by_key(|s| s.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);

@@ -291,22 +291,22 @@ mod tests {
             "{outcomes:?}"
         );
         assert!(matches!(outcomes[5], Ok(Recorded::Issued)), "{outcomes:?}");
-        let serials: Vec<String> = conn
-            .prepare("SELECT serial FROM issued ORDER BY serial")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(serials, ["01", "04", "05"]);
-        let tokens: Vec<String> = conn
-            .prepare("SELECT jti FROM used_tokens ORDER BY jti")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        assert_eq!(tokens, ["token-1"]);
+        let column = |sql: &str| -> Vec<String> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        assert_eq!(
+            column("SELECT serial FROM issued ORDER BY serial"),
+            ["01", "04", "05"]
+        );
+        assert_eq!(
+            column("SELECT jti FROM used_tokens ORDER BY jti"),
+            ["token-1"]
+        );
     }
 
     /// Concurrent issuances through the queue: each answered, every one
