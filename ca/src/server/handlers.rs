@@ -29,12 +29,32 @@ struct Refusal {
     reason: &'static str,
 }
 
+/// The certificate chain a connection's client presented, and the signing
+/// snapshot whose verifier already checked it, during this connection's
+/// own full handshake: `/v1/renew` need not verify the chain's signatures
+/// again while that snapshot is still the current one. `None` when the
+/// handshake did not verify it here (no chain, or a resumed session, which
+/// this server does not offer but which is not assumed away).
+pub(super) struct PeerChain {
+    pub(super) certs: Vec<CertificateDer<'static>>,
+    pub(super) verified_by: Option<Arc<SigningSnapshot>>,
+}
+
+impl PeerChain {
+    /// Whether `snapshot`'s verifier accepted this chain in the handshake.
+    fn verified_by(&self, snapshot: &Arc<SigningSnapshot>) -> bool {
+        self.verified_by
+            .as_ref()
+            .is_some_and(|v| Arc::ptr_eq(v, snapshot))
+    }
+}
+
 /// Answers one request within the request timeout (408 `timeout` after
 /// it), in a `ca_request` span.
 pub(super) async fn serve_request(
     state: &Arc<ServerState>,
     req: Request<Incoming>,
-    client_chain: &[CertificateDer<'static>],
+    client_chain: &PeerChain,
     peer: std::net::SocketAddr,
 ) -> Response<Full<Bytes>> {
     let timeout = state.config.limits.request_timeout;
@@ -66,7 +86,7 @@ pub(super) async fn serve_request(
 async fn handle(
     state: &Arc<ServerState>,
     req: Request<Incoming>,
-    client_chain: &[CertificateDer<'static>],
+    client_chain: &PeerChain,
 ) -> Response<Full<Bytes>> {
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/bundle") => Ok(pem_response(state.snapshot.load().bundle_pem.clone())),
@@ -141,7 +161,7 @@ fn revoked_refusal(id: &SpiffeId, serial: Option<&str>, r: &RevocationRecord) ->
 fn revocation_list(
     state: &Arc<ServerState>,
     req: &Request<Incoming>,
-    client_chain: &[CertificateDer<'static>],
+    client_chain: &PeerChain,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     renewal_identity(
         &state.snapshot.load(),
@@ -188,7 +208,7 @@ fn revocation_list(
 async fn renew(
     state: &Arc<ServerState>,
     req: Request<Incoming>,
-    client_chain: &[CertificateDer<'static>],
+    client_chain: &PeerChain,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
     let ttl = requested_ttl(state, &req)?;
     let (id, serial) = renewal_identity(
@@ -215,14 +235,17 @@ async fn renew(
 /// resumed session carries the certificate of an earlier handshake, which
 /// may have lapsed since). The certificate must be valid now, chain to a
 /// root in the current bundle, and carry one SPIFFE ID in our trust domain.
-/// Each check is one step below. Whether it is revoked is the caller's to
+/// Each check is one step below; the chain's signatures are verified again
+/// unless the current snapshot's verifier already did in this connection's
+/// handshake (at most the handshake and request timeouts ago; the validity
+/// period is checked here against now either way). Whether it is revoked is the caller's to
 /// ask (the store, when it records the issuance: this is pure). Returns the
 /// identity and the certificate's serial (lowercase hex), read from the one
 /// parse of the leaf.
 fn renewal_identity(
-    snapshot: &SigningSnapshot,
+    snapshot: &Arc<SigningSnapshot>,
     trust_domain: &TrustDomain,
-    chain: &[CertificateDer<'static>],
+    chain: &PeerChain,
     now: SystemTime,
 ) -> Result<(SpiffeId, String), Refusal> {
     let refused = |reason: &'static str, error: String| Refusal {
@@ -230,7 +253,7 @@ fn renewal_identity(
         error,
         reason,
     };
-    let Some((leaf, intermediates)) = chain.split_first() else {
+    let Some((leaf, intermediates)) = chain.certs.split_first() else {
         return Err(refused(
             "client_certificate_missing",
             "renewal needs a client certificate".into(),
@@ -258,15 +281,17 @@ fn renewal_identity(
             format!("the client certificate expired at {}", validity.not_after),
         ));
     }
-    snapshot
-        .client_verifier
-        .verify_client_cert(leaf, intermediates, UnixTime::since_unix_epoch(unix))
-        .map_err(|e| {
-            refused(
-                "client_certificate_untrusted",
-                format!("the client certificate does not verify against the trust bundle: {e}"),
-            )
-        })?;
+    if !chain.verified_by(snapshot) {
+        snapshot
+            .client_verifier
+            .verify_client_cert(leaf, intermediates, UnixTime::since_unix_epoch(unix))
+            .map_err(|e| {
+                refused(
+                    "client_certificate_untrusted",
+                    format!("the client certificate does not verify against the trust bundle: {e}"),
+                )
+            })?;
+    }
     let id = SpiffeId::from_x509(&parsed)
         .map_err(|e| refused("bad_client_certificate", format!("client certificate: {e}")))?;
     if !id.is_in(trust_domain) {
@@ -538,7 +563,9 @@ mod tests {
 
     /// `/v1/renew` judges the certificate itself: expired, not yet valid,
     /// from another CA, or missing is refused whatever the TLS layer let
-    /// through; a current one of ours gives its SPIFFE ID.
+    /// through; a current one of ours gives its SPIFFE ID. What the
+    /// handshake verified is taken only from the snapshot that is current,
+    /// and never instead of the validity period.
     #[tokio::test]
     async fn renewal_checks_the_presented_certificate_itself() {
         crate::install_crypto_provider();
@@ -552,8 +579,13 @@ mod tests {
         )
         .await
         .unwrap();
-        let state = ca.signing_state().await.unwrap();
-        let snapshot = build_snapshot(state, &["localhost".to_owned()]).unwrap();
+        let snapshot = Arc::new(
+            build_snapshot(ca.signing_state().await.unwrap(), &["localhost".to_owned()]).unwrap(),
+        );
+        // The same state built again: what a refresh after a rotation installs.
+        let earlier = Arc::new(
+            build_snapshot(ca.signing_state().await.unwrap(), &["localhost".to_owned()]).unwrap(),
+        );
         let key = crate::client::WorkloadKey::generate().unwrap();
         let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
         let id = SpiffeId::parse("spiffe://example.org/web").unwrap();
@@ -564,26 +596,41 @@ mod tests {
             .unwrap()
             .sign_svid(&td, &id, &csr, ttl)
             .unwrap();
-        let chain = vec![issued.cert_der.clone()];
+        let chain =
+            |certs: &[CertificateDer<'static>], by: Option<&Arc<SigningSnapshot>>| PeerChain {
+                certs: certs.to_vec(),
+                verified_by: by.cloned(),
+            };
+        let ours = [issued.cert_der.clone()];
         let during = issued.not_before + Duration::from_secs(30);
-        assert_eq!(
-            renewal_identity(&snapshot, &td, &chain, during).ok(),
-            Some((id, issued.serial.clone()))
-        );
+        for by in [None, Some(&snapshot)] {
+            assert_eq!(
+                renewal_identity(&snapshot, &td, &chain(&ours, by), during).ok(),
+                Some((id.clone(), issued.serial.clone()))
+            );
+        }
 
-        let reason = |chain: &[CertificateDer<'static>], at| {
+        let reason = |chain: &PeerChain, at| {
             renewal_identity(&snapshot, &td, chain, at)
                 .err()
                 .map(|r| r.reason)
         };
         let after = issued.not_after + Duration::from_secs(2);
-        assert_eq!(reason(&chain, after), Some("client_certificate_expired"));
         let before = issued.not_before - Duration::from_secs(2);
+        for by in [None, Some(&snapshot)] {
+            assert_eq!(
+                reason(&chain(&ours, by), after),
+                Some("client_certificate_expired")
+            );
+            assert_eq!(
+                reason(&chain(&ours, by), before),
+                Some("client_certificate_not_yet_valid")
+            );
+        }
         assert_eq!(
-            reason(&chain, before),
-            Some("client_certificate_not_yet_valid")
+            reason(&chain(&[], None), during),
+            Some("client_certificate_missing")
         );
-        assert_eq!(reason(&[], during), Some("client_certificate_missing"));
 
         let other = RootCa::generate(&td, 1, Duration::from_secs(86400)).unwrap();
         let foreign = other
@@ -594,12 +641,12 @@ mod tests {
                 ttl,
             )
             .unwrap();
-        assert_eq!(
-            reason(
-                &[foreign.cert_der],
-                foreign.not_before + Duration::from_secs(30)
-            ),
-            Some("client_certificate_untrusted")
-        );
+        let foreign_during = foreign.not_before + Duration::from_secs(30);
+        for by in [None, Some(&earlier)] {
+            assert_eq!(
+                reason(&chain(&[foreign.cert_der.clone()], by), foreign_during),
+                Some("client_certificate_untrusted")
+            );
+        }
     }
 }

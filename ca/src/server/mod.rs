@@ -36,6 +36,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::HandshakeKind;
 use rustls_pki_types::CertificateDer;
 use tokio::net::TcpListener;
 
@@ -250,7 +251,8 @@ impl CaServer {
 /// HTTP/1.1 without keep-alive, each request within the request timeout.
 async fn serve_connection(state: Arc<ServerState>, tcp: tokio::net::TcpStream, peer: SocketAddr) {
     let limits = state.config.limits.clone();
-    let acceptor = tokio_rustls::TlsAcceptor::from(state.snapshot.load().tls.clone());
+    let snapshot = state.snapshot.load_full();
+    let acceptor = tokio_rustls::TlsAcceptor::from(snapshot.tls.clone());
     let tls = match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
@@ -262,13 +264,21 @@ async fn serve_connection(state: Arc<ServerState>, tcp: tokio::net::TcpStream, p
             return;
         }
     };
-    // Kept whole for `/v1/renew`, which checks it again itself.
-    let client_chain: Arc<[CertificateDer<'static>]> = tls
-        .get_ref()
-        .1
+    // Kept whole for `/v1/renew`, which checks it itself, with what this
+    // full handshake verified (the chain, by `snapshot`'s verifier).
+    let session = tls.get_ref().1;
+    let certs: Vec<CertificateDer<'static>> = session
         .peer_certificates()
         .map(|certs| certs.iter().map(|c| c.clone().into_owned()).collect())
         .unwrap_or_default();
+    let full = matches!(
+        session.handshake_kind(),
+        Some(HandshakeKind::Full | HandshakeKind::FullWithHelloRetryRequest)
+    );
+    let client_chain = Arc::new(handlers::PeerChain {
+        verified_by: (full && !certs.is_empty()).then_some(snapshot),
+        certs,
+    });
     let service = hyper::service::service_fn(move |req| {
         let state = state.clone();
         let client_chain = client_chain.clone();
