@@ -15,17 +15,19 @@
 //!
 //! Where the time goes, per renewal: on the CA, the TLS 1.3 handshake (an
 //! ECDHE exchange, one ECDSA P-256 signature, and two verifications: the
-//! client certificate's signature and its CertificateVerify), the CSR's
-//! signature checked and the leaf signed (one more of each), then the
+//! client certificate's signature, which `/v1/renew` takes from the
+//! handshake rather than checking again, and its CertificateVerify), the
+//! CSR's signature checked and the leaf signed (one more of each), then the
 //! record. The record is where the engines differ. SQLite holds one
 //! connection and fsyncs its WAL at every commit (`synchronous=FULL`);
 //! commits are serialized, and the issuances that arrive while one waits
 //! for its fsync are recorded together in the next (group commit), so one
-//! fsync covers several. PostgreSQL takes one statement per issuance over a
-//! pooled connection (16 per replica, the statement prepared once per
-//! connection: one round trip), and concurrent commits share WAL flushes
-//! (group commit), so replicas add signing capacity without adding a
-//! serial step. The client side (the load generator, in this process) pays
+//! fsync covers several. On PostgreSQL the issuances that arrive together
+//! at a replica are sent, one prepared statement each, pipelined in one
+//! transaction over one pooled connection and committed once (group commit
+//! too), and the replicas' commits share WAL flushes, so replicas add
+//! signing capacity without adding a serial step. The client side (the load
+//! generator, in this process) pays
 //! its own handshake and CSR; sidecars pay that spread over the fleet.
 //!
 //! Run: `cargo bench --bench issuance` (everything), or a row:

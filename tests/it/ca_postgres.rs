@@ -1068,3 +1068,113 @@ fn a_revocation_made_once_is_enforced_by_every_replica() {
     let list = moat_ok(&["ca", "revoke", "--list", "--dir", path_str(&b_dir)]);
     assert!(list.contains(&svid.serial), "{list}");
 }
+
+/// The issuances that reach a replica together are recorded in one
+/// transaction (group commit) exactly as each would be alone: of 64 at
+/// once, the 8 that share a join token spend it once, the one for a revoked
+/// identity writes nothing, and of two that carry the same serial the second
+/// is refused by the primary key, which rolls the whole transaction back, so
+/// the batch is recorded again one by one and that error stays its own.
+/// (One worker thread: the 64 are queued before the writer runs, so they
+/// are one batch.)
+#[test]
+fn issuances_committed_together_are_each_recorded_exactly_as_alone() {
+    use moat_ca::store::{CaDir, IssuanceRecord, Recorded, StoreError};
+    use moat_ca::token::TokenError;
+    let Some(pg) = pg_support::require() else {
+        return;
+    };
+    let db = pg.database("group_commit");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
+    let revoked = "spiffe://example.org/vm/revoked";
+    let out = moat_ok(&["ca", "revoke", "--dir", path_str(&dir), "--id", revoked]);
+    assert!(out.contains("revoked"), "{out}");
+    moat_ca::install_crypto_provider();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let config = moat_ca::server::ServerConfig::load(&dir.join("ca.toml")).unwrap();
+    let ca = rt
+        .block_on(CaDir::open(&dir, &config.store.engine().unwrap()))
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64;
+    let record = |i: usize| {
+        let token = (i % 8 == 3).then(|| ("shared-token".to_owned(), now + 600));
+        IssuanceRecord {
+            // 62 and 63 carry one serial.
+            serial: format!("gc-{:02x}", i.min(62)),
+            spiffe_id: if i == 40 {
+                revoked.to_owned()
+            } else {
+                format!("spiffe://example.org/vm/w{i}")
+            },
+            not_after: now + 3600,
+            kind: if token.is_some() {
+                "join_token"
+            } else {
+                "renewal"
+            },
+            issued_at: now,
+            single_use: token,
+            presented_serial: None,
+        }
+    };
+    let outcomes = rt.block_on(async {
+        let store = ca.store().clone();
+        let tasks: Vec<_> = (0..64)
+            .map(|i| {
+                let store = store.clone();
+                let r = record(i);
+                tokio::spawn(async move { store.record_issuance(&r).await })
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for task in tasks {
+            outcomes.push(task.await.unwrap());
+        }
+        outcomes
+    });
+    let (mut spent, mut replayed, mut issued) = (0, 0, Vec::new());
+    for (i, outcome) in outcomes.iter().enumerate() {
+        match (i, outcome) {
+            (40, Ok(Recorded::Revoked(r))) => assert_eq!(r.spiffe_id, revoked),
+            (40, other) => panic!("the revoked identity: {other:?}"),
+            (63, Err(StoreError::Postgres { message, .. })) => {
+                assert!(message.contains("duplicate key"), "{message}")
+            }
+            (63, other) => panic!("the second of one serial: {other:?}"),
+            (i, Err(StoreError::Token(TokenError::Replayed))) if i % 8 == 3 => replayed += 1,
+            (i, Ok(Recorded::Issued)) => {
+                spent += usize::from(i % 8 == 3);
+                issued.push(format!("gc-{:02x}", i.min(62)));
+            }
+            (i, other) => panic!("issuance {i}: {other:?}"),
+        }
+    }
+    assert_eq!(
+        (spent, replayed),
+        (1, 7),
+        "one use of the shared token wins"
+    );
+    issued.sort();
+    assert_eq!(issued.len(), 64 - 7 - 2);
+    let recorded: Vec<String> = db
+        .psql("SELECT serial FROM issued WHERE serial LIKE 'gc-%' ORDER BY serial")
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(
+        recorded, issued,
+        "every issuance recorded once, nothing else"
+    );
+    assert_eq!(
+        db.psql("SELECT count(*) FROM used_tokens WHERE jti = 'shared-token'")
+            .trim(),
+        "1"
+    );
+}

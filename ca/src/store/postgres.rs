@@ -2,16 +2,17 @@
 //!
 //! A pool of connections per replica (deadpool), statements prepared once
 //! per connection, TLS through rustls on aws-lc-rs. Each issuance is one
-//! statement, so one round trip and one transaction: the revocation check,
-//! and for a join token the `used_tokens` insert, and the `issued` insert
-//! are one `WITH ... INSERT` (nothing is written when a revocation covers
-//! the request),
-//! and the primary key on `used_tokens.jti` makes the second of two
-//! concurrent uses (on any replica) wait for the first to commit and then
-//! insert nothing. Every operation is bounded by `[store] timeout`; past it,
-//! or with the database down, the caller gets an error it answers with 503.
+//! statement: the revocation check, and for a join token the `used_tokens`
+//! insert, and the `issued` insert are one `WITH ... INSERT` (nothing is
+//! written when a revocation covers the request), and the primary key on
+//! `used_tokens.jti` makes the second of two concurrent uses (on any
+//! replica) wait for the first to commit and then insert nothing. The
+//! issuances that arrive together are sent pipelined in one transaction
+//! and committed once (`group`). Every operation is bounded by
+//! `[store] timeout`; past it, or with the database down, the caller gets
+//! an error it answers with 503.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -25,7 +26,8 @@ use super::{
     IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord, RevocationTarget,
     RootChange, RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
 };
-use crate::token::TokenError;
+
+mod group;
 
 /// Serializes schema migrations between replicas that start together
 /// (`pg_advisory_xact_lock`); the bytes of "moat".
@@ -37,6 +39,8 @@ pub struct PgStore {
     pool: Pool,
     location: Arc<str>,
     timeout: Duration,
+    /// Issuances waiting for the next group commit.
+    queue: Arc<Mutex<group::Queue>>,
 }
 
 impl PgStore {
@@ -72,6 +76,7 @@ impl PgStore {
             pool,
             location: settings.display.as_str().into(),
             timeout: settings.timeout,
+            queue: Arc::default(),
         };
         store.bounded(store.migrate()).await?;
         Ok(store)
@@ -333,45 +338,8 @@ impl Store for PgStore {
     }
 
     fn record_issuance<'a>(&'a self, record: &'a IssuanceRecord) -> StoreFuture<'a, Recorded> {
-        Box::pin(self.bounded(async move {
-            let client = self.client().await?;
-            // One statement, so one round trip and one transaction: the
-            // revocation check, the token's use and the issuance. The
-            // token is spent and the issuance recorded only where no
-            // revocation covers the request, and the issuance only if this
-            // use spent the token.
-            let (sql, token) = match &record.single_use {
-                None => (&*RECORD_ISSUANCE, None),
-                Some((jti, expires_at)) => {
-                    (&*RECORD_ISSUANCE_SPENDING_TOKEN, Some((jti, expires_at)))
-                }
-            };
-            let stmt = client.prepare_cached(sql).await.map_err(|e| self.err(e))?;
-            let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![
-                &record.issued_at,
-                &record.spiffe_id,
-                &record.presented_serial,
-                &record.serial,
-                &record.not_after,
-                &record.kind,
-            ];
-            if let Some((jti, expires_at)) = &token {
-                params.push(*jti);
-                params.push(*expires_at);
-            }
-            let row = client
-                .query_one(&stmt, &params)
-                .await
-                .map_err(|e| self.err(e))?;
-            // A revocation's reason is never NULL: a NULL one is no row.
-            if row.get::<_, Option<&str>>(2).is_some() {
-                return Ok(Recorded::Revoked(revocation_row(&row)));
-            }
-            if row.get::<_, i64>(6) == 0 {
-                return Err(StoreError::Token(TokenError::Replayed));
-            }
-            Ok(Recorded::Issued)
-        }))
+        // With the issuances that arrive meanwhile: one commit for them all.
+        Box::pin(self.bounded(group::record(self, record.clone())))
     }
 
     fn token_used<'a>(&'a self, jti: &'a str) -> StoreFuture<'a, bool> {
