@@ -13,7 +13,8 @@
 #    requests), new connections, a paced trickle, the sidecar pair, TCP mode,
 #    large uploads; it fails if any of it did not answer as expected;
 # 3. llvm-profdata merges what the processes wrote when they stopped;
-# 4. the `dist` build again (target/pgo-use), compiled with that profile.
+# 4. the `dist` build again (target/pgo-use), compiled with that profile and
+#    linked with the code a sidecar runs placed together (build.rs).
 #
 # Needs: cargo, and llvm-profdata from rustup's llvm-tools component (added
 # here if missing). Takes about two `dist` builds plus ~15 s of training.
