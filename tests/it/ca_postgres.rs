@@ -1145,7 +1145,7 @@ fn issuances_committed_together_are_each_recorded_exactly_as_alone() {
             (40, Ok(Recorded::Revoked(r))) => assert_eq!(r.spiffe_id.as_deref(), Some(revoked)),
             (40, other) => panic!("the revoked identity: {other:?}"),
             (63, Err(StoreError::Postgres { message, .. })) => {
-                assert!(message.contains("duplicate key"), "{message}")
+                assert!(message.contains("duplicate key"), "{message}");
             }
             (63, other) => panic!("the second of one serial: {other:?}"),
             (i, Err(StoreError::Token(TokenError::Replayed))) if i % 8 == 3 => replayed += 1,

@@ -644,7 +644,10 @@ mod tests {
         let foreign_during = foreign.not_before + Duration::from_secs(30);
         for by in [None, Some(&earlier)] {
             assert_eq!(
-                reason(&chain(&[foreign.cert_der.clone()], by), foreign_during),
+                reason(
+                    &chain(std::slice::from_ref(&foreign.cert_der), by),
+                    foreign_during
+                ),
                 Some("client_certificate_untrusted")
             );
         }
