@@ -14,7 +14,8 @@
 //!   this lockfile and toolchain; names the linker does not find are skipped
 //!   silently, and a stale file costs memory, never correctness.
 //!   `MOAT_SYMBOL_ORDER=FILE` uses another file (`scripts/pgo-build.sh` gives
-//!   the profile-guided build its own); `MOAT_SYMBOL_ORDER=` (empty), none.
+//!   the profile-guided build its own, from `scripts/moat-pgo.order` and this
+//!   one); `MOAT_SYMBOL_ORDER=` (empty), none.
 //! - `-z keep-text-section-prefix`: a profile-guided build puts functions
 //!   training never ran in `.text.unlikely` and hot ones in `.text.hot`; kept
 //!   as separate output sections, the code that never runs stays together.

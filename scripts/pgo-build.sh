@@ -53,19 +53,20 @@ env -u RUSTFLAGS cargo build --release --locked --bin pgo-train
 log "3/4 merge $(ls "$OUT/profiles" | wc -l) profiles"
 "$PROFDATA" merge -o "$OUT/moat.profdata" "$OUT/profiles"
 
-# The code layout (build.rs): scripts/moat.order lists the functions a sidecar
-# runs to start and serve its first requests, by their names in a plain
-# release build. A name ends in a hash of its crate's build, which this
-# build's flags change: each is matched here, hash aside, to this build's
-# names (the instrumented binary's, which the optimized one shares; a generic
-# function's every instance). Then the rest of what training ran.
+# The code layout (build.rs): scripts/moat-pgo.order and scripts/moat.order
+# list the functions a sidecar runs to start and serve its first requests
+# (benches/load/orderfile.sh), by their names in a profile-guided and in a
+# plain release build. A name ends in a hash of its crate's build, which
+# flags change: each is matched here, hash aside, to this build's names (the
+# instrumented binary's, which the optimized one shares; a generic function's
+# every instance). Then the rest of what training ran.
 "$(dirname "$PROFDATA")/llvm-nm" --defined-only "$REPO/target/pgo-gen/$HOST/dist/moat" \
   | awk '{ print $NF }' >"$OUT/names"
 "$PROFDATA" show --all-functions --covered "$OUT/moat.profdata" | sed 's/^.*;//' >"$OUT/covered"
 awk 'function key(s) { sub(/17h[0-9a-f]{16}E$/, "", s); return s }
      FILENAME == ARGV[1] { names[key($0)] = names[key($0)] $0 "\n"; next }
      { k = key($0); if (k in names) printf "%s", names[k]; else print }' \
-  "$OUT/names" "$REPO/scripts/moat.order" | cat - "$OUT/covered" | awk 'NF && !seen[$0]++' >"$OUT/moat.order"
+  "$OUT/names" "$REPO/scripts/moat-pgo.order" "$REPO/scripts/moat.order" | cat - "$OUT/covered" | awk 'NF && !seen[$0]++' >"$OUT/moat.order"
 rm -f "$OUT/names" "$OUT/covered"
 
 log "4/4 optimized build (target/pgo-use), $(wc -l <"$OUT/moat.order") functions ordered"

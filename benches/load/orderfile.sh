@@ -35,11 +35,14 @@ cg out & pout=$!; PIDS+=($pout); wait_port $OUT_PORT
 curl -sf -o /dev/null "http://127.0.0.1:$OUT_PORT/"
 curl -sfk --http2 --cert "$W/client.crt" --key "$W/client.key" -o /dev/null "https://127.0.0.1:$IN_PORT/"
 sleep 2
+# Where valgrind loaded BIN (a PIE): callgrind gives addresses relative to the object for code in its `.text`, but
+# absolute ones, under `ob=???`, for code in other text sections (a profile-guided build's .text.hot, .text.unlikely).
+base=$(awk -v b="$BIN" '$6 == b && $3 == "00000000" { split($1, r, "-"); print r[1]; exit }' /proc/$pin/maps)
 kill -TERM $pin $pout; wait $pin $pout || true
 
-python3 - "$BIN" "$W/cg.in" "$W/cg.out" <<'EOF'
+python3 - "$BIN" "${base:-0}" "$W/cg.in" "$W/cg.out" <<'EOF'
 import bisect, collections, subprocess, sys
-exe, runs = sys.argv[1], sys.argv[2:]
+exe, base, runs = sys.argv[1], int(sys.argv[2], 16), sys.argv[3:]
 addrs, names = [], []
 for line in subprocess.run(["nm", "-n", "--defined-only", exe], capture_output=True, text=True).stdout.splitlines():
     p = line.split(" ", 2)
@@ -48,16 +51,18 @@ for line in subprocess.run(["nm", "-n", "--defined-only", exe], capture_output=T
         names.append(p[2])
 cost, seen = collections.Counter(), collections.Counter()
 for run in runs:
-    ours, call, here = False, False, set()
+    ours, unknown, call, here = False, False, False, set()
     for line in open(run):
         if line.startswith("ob="):
             ours = line.rstrip().endswith(exe)
+            unknown = line.rstrip() == "ob=???"
         elif line.startswith("calls="):
             call = True  # the next line is the call site, with the callee's inclusive cost
-        elif ours and line.startswith("0x"):
+        elif (ours or unknown) and line.startswith("0x"):
             f = line.split()  # address, line, instructions
-            i = bisect.bisect_right(addrs, int(f[0], 16)) - 1
-            if i >= 0:
+            a = int(f[0], 16) - (base if unknown else 0)
+            i = bisect.bisect_right(addrs, a) - 1
+            if i >= 0 and addrs[0] <= a <= addrs[-1] + 65536:
                 cost[names[i]] += 1 if call else int(f[-1])
                 here.add(names[i])
             call = False
