@@ -37,12 +37,15 @@ curl -sfk --http2 --cert "$W/client.crt" --key "$W/client.key" -o /dev/null "htt
 sleep 2
 # Where valgrind loaded BIN (a PIE): callgrind gives addresses relative to the object for code in its `.text`, but
 # absolute ones, under `ob=???`, for code in other text sections (a profile-guided build's .text.hot, .text.unlikely).
+# Only addresses inside BIN's executable mapping are taken from those.
 base=$(awk -v b="$BIN" '$6 == b && $3 == "00000000" { split($1, r, "-"); print r[1]; exit }' /proc/$pin/maps)
+text=$(awk -v b="$BIN" '$6 == b && $2 ~ /x/ { print $1; exit }' /proc/$pin/maps)
 kill -TERM $pin $pout; wait $pin $pout || true
 
-python3 - "$BIN" "${base:-0}" "$W/cg.in" "$W/cg.out" <<'EOF'
+python3 - "$BIN" "${base:-0}" "${text:-0-0}" "$W/cg.in" "$W/cg.out" <<'EOF'
 import bisect, collections, subprocess, sys
-exe, base, runs = sys.argv[1], int(sys.argv[2], 16), sys.argv[3:]
+exe, base, runs = sys.argv[1], int(sys.argv[2], 16), sys.argv[4:]
+lo, hi = (int(x, 16) for x in sys.argv[3].split("-"))
 addrs, names = [], []
 for line in subprocess.run(["nm", "-n", "--defined-only", exe], capture_output=True, text=True).stdout.splitlines():
     p = line.split(" ", 2)
@@ -60,9 +63,13 @@ for run in runs:
             call = True  # the next line is the call site, with the callee's inclusive cost
         elif (ours or unknown) and line.startswith("0x"):
             f = line.split()  # address, line, instructions
-            a = int(f[0], 16) - (base if unknown else 0)
+            a = int(f[0], 16)
+            if unknown and not lo <= a < hi:
+                call = False
+                continue
+            a -= base if unknown else 0
             i = bisect.bisect_right(addrs, a) - 1
-            if i >= 0 and addrs[0] <= a <= addrs[-1] + 65536:
+            if i >= 0:
                 cost[names[i]] += 1 if call else int(f[-1])
                 here.add(names[i])
             call = False
