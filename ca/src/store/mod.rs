@@ -31,6 +31,7 @@
 //! see it move read the whole list again (it is small: entries leave it
 //! once the certificates they name have expired).
 
+mod commit_queue;
 pub mod config;
 mod copy;
 mod dir;

@@ -12,7 +12,7 @@
 //! `[store] timeout`; past it, or with the database down, the caller gets
 //! an error it answers with 503.
 
-use std::sync::{Arc, LazyLock, Mutex};
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
@@ -40,7 +40,7 @@ pub struct PgStore {
     location: Arc<str>,
     timeout: Duration,
     /// Issuances waiting for the next group commit.
-    queue: Arc<Mutex<group::Queue>>,
+    queue: Arc<super::commit_queue::Queue>,
 }
 
 impl PgStore {

@@ -29,7 +29,7 @@ struct Inner {
     location: String,
     conn: Mutex<Connection>,
     /// Issuances waiting for the next group commit.
-    queue: Mutex<group::Queue>,
+    queue: Arc<super::commit_queue::Queue>,
 }
 
 /// One exported row of `issued`, for `moat ca migrate --from-sqlite`.
@@ -96,7 +96,7 @@ impl SqliteStore {
                 path: path.to_owned(),
                 location: path.display().to_string(),
                 conn: Mutex::new(conn),
-                queue: Mutex::default(),
+                queue: Arc::default(),
             }),
         })
     }

@@ -27,27 +27,14 @@
 
 use deadpool_postgres::Object;
 use futures_util::future::try_join_all;
-use tokio::sync::oneshot;
 
 use super::{PgStore, RECORD_ISSUANCE, RECORD_ISSUANCE_SPENDING_TOKEN, describe};
+use crate::store::commit_queue::{Turn, answer};
 use crate::store::{IssuanceRecord, Recorded, StoreError};
 use crate::token::TokenError;
 
 /// The most issuances one transaction records; more wait for the next.
 const MAX_BATCH: usize = 128;
-
-/// Issuances waiting for the writer, and whether one is at work.
-#[derive(Default)]
-pub(super) struct Queue {
-    pending: Vec<Pending>,
-    writing: bool,
-}
-
-/// One issuance to record and where to send the outcome.
-struct Pending {
-    record: IssuanceRecord,
-    reply: oneshot::Sender<Result<Recorded, StoreError>>,
-}
 
 /// Queues `record` for the next group commit, starting a writer if none
 /// is at work; resolves once the commit that holds it returned.
@@ -55,66 +42,31 @@ pub(super) async fn record(
     store: &PgStore,
     record: IssuanceRecord,
 ) -> Result<Recorded, StoreError> {
-    let (reply, outcome) = oneshot::channel();
-    let start = {
-        let mut queue = store.queue.lock().expect("CA store queue");
-        queue.pending.push(Pending { record, reply });
-        !std::mem::replace(&mut queue.writing, true)
-    };
+    let (outcome, start) = store.queue.join(record);
     if start {
         let writer = Writer {
             store: store.clone(),
-            done: false,
+            turn: Turn::new(store.queue.clone()),
         };
         tokio::spawn(writer.run());
     }
-    outcome
-        .await
-        .map_err(|_| StoreError::Corrupt("the store's writer stopped".into()))?
+    outcome.wait().await
 }
 
-/// The writer at work. Dropped without finishing (a panic, or a runtime
-/// shutting down), it answers what is queued with an error (the reply
-/// channels close) and lets the next issuance start another.
+/// The writer at work: batches of at most [`MAX_BATCH`] until the queue is
+/// empty (its [`Turn`] says what happens if it stops early).
 struct Writer {
     store: PgStore,
-    done: bool,
+    turn: Turn,
 }
 
 impl Writer {
     async fn run(mut self) {
-        loop {
-            let batch: Vec<Pending> = {
-                let mut queue = self.store.queue.lock().expect("CA store queue");
-                if queue.pending.is_empty() {
-                    queue.writing = false;
-                    self.done = true;
-                    return;
-                }
-                let n = queue.pending.len().min(MAX_BATCH);
-                queue.pending.drain(..n).collect()
-            };
+        while let Some(batch) = self.turn.next(MAX_BATCH) {
             let records: Vec<&IssuanceRecord> = batch.iter().map(|p| &p.record).collect();
             let outcomes = record_batch(&self.store, &records).await;
-            for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                // The request may have timed out and gone; nothing to tell.
-                let _ = pending.reply.send(outcome);
-            }
+            answer(batch, outcomes);
         }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut queue = match self.store.queue.lock() {
-            Ok(queue) => queue,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        queue.pending.clear();
-        queue.writing = false;
     }
 }
 

@@ -24,24 +24,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rusqlite::{Connection, params};
-use tokio::sync::oneshot;
 
 use super::{Inner, db_err, revocation_for};
+use crate::store::commit_queue::{Turn, answer};
 use crate::store::{IssuanceRecord, Recorded, StoreError};
 use crate::token::TokenError;
-
-/// Issuances waiting for the writer, and whether one is at work.
-#[derive(Default)]
-pub(super) struct Queue {
-    pending: Vec<Pending>,
-    writing: bool,
-}
-
-/// One issuance to record and where to send the outcome.
-struct Pending {
-    record: IssuanceRecord,
-    reply: oneshot::Sender<Result<Recorded, StoreError>>,
-}
 
 /// Queues `record` for the next group commit, starting a writer if none
 /// is at work; resolves once the commit that holds it is on disk.
@@ -49,67 +36,33 @@ pub(super) async fn record(
     inner: &Arc<Inner>,
     record: IssuanceRecord,
 ) -> Result<Recorded, StoreError> {
-    let (reply, outcome) = oneshot::channel();
-    let start = {
-        let mut queue = inner.queue.lock().expect("CA store queue");
-        queue.pending.push(Pending { record, reply });
-        !std::mem::replace(&mut queue.writing, true)
-    };
+    let (outcome, start) = inner.queue.join(record);
     if start {
         let writer = Writer {
             inner: inner.clone(),
-            done: false,
+            turn: Turn::new(inner.queue.clone()),
         };
         tokio::task::spawn_blocking(move || writer.run());
     }
-    outcome
-        .await
-        .map_err(|_| StoreError::Corrupt("the store's writer stopped".into()))?
+    outcome.wait().await
 }
 
-/// The writer at work. Dropped without finishing (a panic, or a runtime
-/// shutting down before it ran), it answers what is queued with an error
-/// (the reply channels close) and lets the next issuance start another.
+/// The writer at work: everything queued, batch after batch, until the
+/// queue is empty (its [`Turn`] says what happens if it stops early).
 struct Writer {
     inner: Arc<Inner>,
-    done: bool,
+    turn: Turn,
 }
 
 impl Writer {
     fn run(mut self) {
-        loop {
-            let batch = {
-                let mut queue = self.inner.queue.lock().expect("CA store queue");
-                if queue.pending.is_empty() {
-                    queue.writing = false;
-                    self.done = true;
-                    return;
-                }
-                std::mem::take(&mut queue.pending)
-            };
+        while let Some(batch) = self.turn.next(usize::MAX) {
             let outcomes = {
                 let mut conn = self.inner.conn.lock().expect("CA store lock");
                 record_batch(&mut conn, &self.inner.path, batch.iter().map(|p| &p.record))
             };
-            for (pending, outcome) in batch.into_iter().zip(outcomes) {
-                // The request may have timed out and gone; nothing to tell.
-                let _ = pending.reply.send(outcome);
-            }
+            answer(batch, outcomes);
         }
-    }
-}
-
-impl Drop for Writer {
-    fn drop(&mut self) {
-        if self.done {
-            return;
-        }
-        let mut queue = match self.inner.queue.lock() {
-            Ok(queue) => queue,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        queue.pending.clear();
-        queue.writing = false;
     }
 }
 
