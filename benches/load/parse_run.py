@@ -5,7 +5,7 @@ argv: oha-json label group target conc oha-rc clk_tck has-proxy snap0 snap1 oha-
       client-sat-pct
 
 A snapshot is "epoch in_ticks out_ticks backend_ticks srv_busy srv_total cli_busy cli_total rss_kb hwm_kb oha_ticks
-proxy_minflt", taken at the start of the run and 0.3 s before its end (oha's own sqlite write is kept out).
+proxy_minflt proxy_sys_ticks" (ticks: utime + stime; proxy_sys_ticks: stime alone, in + out), taken at the start of the run and 0.3 s before its end (oha's own sqlite write is kept out).
 
 Besides the figures, a row says whether the client was the bottleneck (client_sat: oha's own CPU or its core
 above client-sat-pct), the proxies' minor page faults during the run (memory they touched for the first time:
@@ -24,7 +24,7 @@ has_proxy = has_proxy == "1"
 try:
     a = [float(x) for x in snap0.split()]
     b = [float(x) for x in snap1.split()]
-    assert len(a) == 12 and len(b) == 12
+    assert len(a) == 13 and len(b) == 13
 except Exception:
     a = b = None
 
@@ -101,6 +101,11 @@ if a and b:
         other_pct="%.0f" % max(0.0, other / wall * 100),
         client_sat="yes" if max(cli, oha_s / wall * 100) > sat else "no",
         proxy_minflt="%d" % (b[11] - a[11]) if has_proxy else "-",
+        # the kernel's share of the proxies' CPU (system time: syscalls, and on loopback the receiving side's TCP
+        # processing too), and the backend's CPU per request: together the floor under the server core's CPU per
+        # request that no user-space change in the proxy can go below (report.py, "What the kernel leaves")
+        proxy_sys_s_per_10k=per10k(sec(12)),
+        backend_cpu_s_per_10k="%.3f" % (be_s / reqs * 10000) if reqs else "-",
     )
 names = ["proxy_cpu_pct", "proxy_cpu_s_per_10k", "in_cpu_s_per_10k", "out_cpu_s_per_10k", "backend_cpu_pct",
          "proxy_rss_mb", "proxy_hwm_mb", "srv_core_pct", "cli_core_pct", "oha_cpu_pct", "other_pct"]
@@ -114,4 +119,5 @@ if rc not in ("0",):
 print("\t".join([label, group, target, conc, "%.0f" % rps, ms(ss[0]), ms(ss[1]), ms(ss[2]),
                  "%.3f" % (p99all * 1000) if p99all is not None else "NA", str(ok), str(bad)]
                 + [cols.get(n, "NA") for n in names] + [ext or "-"]
-                + [cols.get("client_sat", "NA"), cols.get("proxy_minflt", "NA"), per_s]))
+                + [cols.get("client_sat", "NA"), cols.get("proxy_minflt", "NA"), per_s]
+                + [cols.get("proxy_sys_s_per_10k", "NA"), cols.get("backend_cpu_s_per_10k", "NA")]))

@@ -275,6 +275,40 @@ def main():
             " / ".join("%s: %s" % (b, t["builds"][b]["detail"]) for b in builds)))
     L.append("")
 
+    # the kernel's floor under the throughput targets
+    floor = []
+    for title, mine, theirs in (("pair, HTTP/1.1 c32", "ka_moat_pair_c32+%s", "ka_haproxy_pair_c32"),
+                                ("one hop, HTTP/1.1 c32", "ka_moat_in_c32+%s", "ka_haproxy_http_c32"),
+                                ("one hop, HTTP/2 4x8", "h2_moat_in+%s", "h2_haproxy")):
+        h_cpu, h_sys, h_be = (R.med(theirs, f) for f in ("proxy_cpu_s_per_10k", "proxy_sys_s_per_10k",
+                                                          "backend_cpu_s_per_10k"))
+        for b in builds:
+            m = mine % b
+            m_cpu, m_sys, m_be, m_rps, h_rps = (R.med(m, "proxy_cpu_s_per_10k"), R.med(m, "proxy_sys_s_per_10k"),
+                                                 R.med(m, "backend_cpu_s_per_10k"), R.med(m, "rps"), R.med(theirs, "rps"))
+            if None in (h_cpu, h_sys, h_be, m_cpu, m_sys, m_be) or not (m_sys + m_be):
+                continue
+            h_srv, m_usr, h_usr = h_cpu + h_be, m_cpu - m_sys, h_cpu - h_sys
+            need = h_srv / 1.25 - m_sys - m_be  # moat's user-space budget per 10k requests for 1.25x
+            floor.append("| %s | %s | %.2f× | %.3f / %.3f | %.3f / %.3f | %.3f / %.3f | %.2f× | %.2f× | %s |" % (
+                title, b, m_rps / h_rps if m_rps and h_rps else float("nan"), m_usr, h_usr, m_sys, h_sys, m_be, h_be,
+                h_srv / (m_cpu + m_be), h_srv / (m_sys + m_be),
+                "%.3f (%.0f %% of moat's now)" % (need, 100 * need / m_usr) if need > 0 and m_usr > 0 else "none"))
+    if floor:
+        L.append("## What the kernel leaves: the ceiling under the throughput targets\n")
+        L.append("CPU seconds per 10,000 requests, medians of the rounds: the proxies' user-space and system time "
+                 "(moat / HAProxy), and the backend's. The server core runs the proxies and the backend, so its CPU "
+                 "per request bounds the req/s. *CPU ratio* is HAProxy's server-core CPU per request over moat's "
+                 "(the req/s ratio when the core is saturated); *ceiling* the same with moat's user-space time at "
+                 "zero: no change in moat's own code can take the req/s ratio past it, because system time (syscalls, "
+                 "and on loopback the receiving side's TCP processing) is the kernel's. *user budget for 1.25×* is "
+                 "the user-space time moat could spend and still reach 1.25×.\n")
+        L.append("| comparison | build | req/s ratio | user (moat / HAProxy) | system (moat / HAProxy) | backend "
+                 "(moat's run / HAProxy's) | CPU ratio | ceiling | user budget for 1.25× |")
+        L.append("|---|---|---|---|---|---|---|---|---|")
+        L += floor
+        L.append("")
+
     # builds side by side, on every row measured for more than one build
     if len(builds) > 1:
         bases = sorted({r["label"].split("@")[0].rsplit("+", 1)[0] for r in rows if "+" in r["label"]})
@@ -425,6 +459,8 @@ def main():
              "passed the saturation threshold (then the row may show the client's limit, not the proxy's).")
     L.append("- other_pct: CPU on the two cores not charged to proxy, backend or oha (other tenants, loopback "
              "softirq); above ~15 the run was noisy.")
+    L.append("- proxy_sys_s_per_10k: the system-time part of proxy_cpu_s_per_10k; backend_cpu_s_per_10k: the "
+             "backend's CPU (nginx master + workers) per 10,000 requests of the run.")
     L.append("- extra (haproxy handshake runs): haproxy's own SslFrontendSessionReuse_pct mid-run.")
     if a.sanity and os.path.exists(a.sanity):
         L.append("\n## Sanity check before measuring (curl)\n\n```\n" + open(a.sanity).read().rstrip() + "\n```")

@@ -464,6 +464,7 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 tree_pids() { local p; for p in "$@"; do echo -n "$p $(ps -o pid= --ppid "$p" 2>/dev/null | tr '\n' ' ')"; done; }
 cpu_ticks() { local t=0 p v; for p in "$@"; do v=$(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
+sys_ticks() { local t=0 p v; for p in "$@"; do v=$(awk '{print $15}' /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
 minflt() { local t=0 p v; for p in "$@"; do v=$(awk '{print $10}' /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
 rss_kb() { local t=0 p v; for p in "$@"; do v=$(awk '/^VmRSS/{print $2}' /proc/$p/status 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
 hwm_kb() { local t=0 p v; for p in "$@"; do v=$(awk '/^VmHWM/{print $2}' /proc/$p/status 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
@@ -532,14 +533,14 @@ sanity() {
 
 # ---------------------------------------------------------------- oha rows
 RUNS="$OUT/runs.tsv"
-COLS='label\tgroup\ttarget\tconc\trps\tp50_ms\tp99_ms\tp999_ms\tp99_all_ms\tok\tbad\tproxy_cpu_pct\tproxy_cpu_s_per_10k\tin_cpu_s_per_10k\tout_cpu_s_per_10k\tbackend_cpu_pct\tproxy_rss_mb\tproxy_hwm_mb\tsrv_core_pct\tcli_core_pct\toha_cpu_pct\tother_pct\textra\tclient_sat\tproxy_minflt\trps_per_s'
+COLS='label\tgroup\ttarget\tconc\trps\tp50_ms\tp99_ms\tp999_ms\tp99_all_ms\tok\tbad\tproxy_cpu_pct\tproxy_cpu_s_per_10k\tin_cpu_s_per_10k\tout_cpu_s_per_10k\tbackend_cpu_pct\tproxy_rss_mb\tproxy_hwm_mb\tsrv_core_pct\tcli_core_pct\toha_cpu_pct\tother_pct\textra\tclient_sat\tproxy_minflt\trps_per_s\tproxy_sys_s_per_10k\tbackend_cpu_s_per_10k'
 declare -A DONE=()
 
 snapshot() { # "a b" proxy pid groups (in-side, out-side), backend pids, oha pid
   local pin=$1 pout=$2 bp=$3 op=$4 sb st cb ct
   read -r sb st < <(core_busy "$SRV_CPU"); read -r cb ct < <(core_busy "$CLI_CPU")
   # shellcheck disable=SC2086
-  echo "$(date +%s.%N) $(cpu_ticks $pin) $(cpu_ticks $pout) $(cpu_ticks $bp) $sb $st $cb $ct $(rss_kb $pin $pout) $(hwm_kb $pin $pout) $(cpu_ticks $(tree_pids $op)) $(minflt $pin $pout)"
+  echo "$(date +%s.%N) $(cpu_ticks $pin) $(cpu_ticks $pout) $(cpu_ticks $bp) $sb $st $cb $ct $(rss_kb $pin $pout) $(hwm_kb $pin $pout) $(cpu_ticks $(tree_pids $op)) $(minflt $pin $pout) $(sys_ticks $pin $pout)"
 }
 QUIET_SPENT=0
 quiet_gate() {
