@@ -32,7 +32,6 @@ printf '[limits]\nheader_read_timeout = "300s"\nmax_connections = 20000\n' >"$W/
 # [limits] must come before [[inbound]]: put it after [admin].
 awk -v l="$(cat "$W/limits.toml")" '/^\[\[inbound\]\]/{print l} 1' "$W/in.toml" >"$W/idle.toml"
 
-mem() { awk '/^VmRSS/{v=$2} /^RssAnon/{a=$2} END{print v+0, a+0}' "/proc/$1/status"; }
 ulimit -n "$(ulimit -Hn)"
 printf 'build\tround\tn\topen\tvmrss0_kb\tvmrss_kb\tanon0_kb\tanon_kb\tper_conn_kb\tanon_per_conn_kb\n'
 for round in $(seq "$ROUNDS"); do
@@ -45,18 +44,16 @@ for round in $(seq "$ROUNDS"); do
       RUST_LOG=warn "$bin" proxy --config "$W/idle.toml" >"$W/in.log" 2>&1 & pin=$!
     fi
     PIDS+=($pin)
-    wait_port $IN_PORT
-    # One request first, as the harness: "idle" is a proxy that has served once.
-    curl -sk --cert "$W/client.crt" --key "$W/client.key" -o /dev/null "https://127.0.0.1:$IN_PORT/"
+    pair_first_request
     sleep 0.5
-    read -r v0 a0 < <(mem $pin)
+    read -r v0 a0 _ < <(pair_mem $pin)
     python3 "$HERE/idle_conns.py" --port $IN_PORT --conns "$N" --timeout 380 --cert "$W/client.crt" \
       --key "$W/client.key" --hold "$HOLD" --ready-file "$W/ready" >"$W/client.txt" 2>&1 & c=$!
     for _ in $(seq 3600); do [ -s "$W/ready" ] && break; kill -0 $c 2>/dev/null || break; sleep 0.1; done
     sleep 1
     open=$(ss -tnH state established "( sport = :$IN_PORT )" | wc -l)
     [ "$MASSIF" = 1 ] && vgdb --pid=$pin detailed_snapshot "$MASSIF_DIR/massif.snap.$name" >/dev/null
-    read -r v a < <(mem $pin)
+    read -r v a _ < <(pair_mem $pin)
     wait $c || true; rm -f "$W/ready"
     echo "$name round $round: $(tail -1 "$W/client.txt")" >&2
     awk -v b="$name" -v r="$round" -v n="$N" -v o="$open" -v v0="$v0" -v v="$v" -v a0="$a0" -v a="$a" 'BEGIN{

@@ -31,7 +31,6 @@ pair_pki "$FIRST" server client
 pair_backend 4096; PIDS+=("$BACKEND_PID")
 pair_configs "$WORKERS" "" 'app_protocol = "http1"'
 
-mem() { awk '/^VmRSS/{v=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2} END{print v+0, a+0, f+0}' "/proc/$1/status" 2>/dev/null || echo "0 0 0"; }
 ulimit -n "$(ulimit -Hn)"
 printf 'build\tround\tside\tphase\tvmrss_kb\trssanon_kb\trssfile_kb\n'
 for round in $(seq "$ROUNDS"); do
@@ -45,8 +44,8 @@ for round in $(seq "$ROUNDS"); do
     curl -sS --fail -o /dev/null "http://127.0.0.1:$OUT_PORT/"
     sleep 1
     row() { printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$round" "$1" "$2" "$3" | tr ' ' '\t'; }
-    row in idle "$(mem $pin)"; row out idle "$(mem $pout)"
-    ( while :; do echo "$(mem $pin) $(mem $pout)"; sleep 0.1; done ) >"$W/samples" & s=$!
+    row in idle "$(pair_mem $pin)"; row out idle "$(pair_mem $pout)"
+    ( while :; do echo "$(pair_mem $pin) $(pair_mem $pout)"; sleep 0.1; done ) >"$W/samples" & s=$!
     wrk -t1 -c "$CONNS" -d "${DUR}s" "http://127.0.0.1:$OUT_PORT/" >"$W/wrk.txt" 2>&1 || true
     kill $s; wait $s 2>/dev/null || true
     grep -q "Requests/sec" "$W/wrk.txt" || { echo "memab.sh: $name: wrk failed: $(tail -3 "$W/wrk.txt")" >&2; }
@@ -57,7 +56,7 @@ for round in $(seq "$ROUNDS"); do
     t=0
     for a in $AFTER; do
       sleep $((a - t)); t=$a
-      row in "after_${a}s" "$(mem $pin)"; row out "after_${a}s" "$(mem $pout)"
+      row in "after_${a}s" "$(pair_mem $pin)"; row out "after_${a}s" "$(pair_mem $pout)"
     done
     kill -TERM $pout $pin; wait $pout $pin 2>/dev/null || true
   done

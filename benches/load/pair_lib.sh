@@ -1,6 +1,7 @@
-# benches/load/pair_lib.sh — what callgrind.sh and memab.sh both set up, sourced by them: a PKI from
-# `moat ca`, an nginx backend, and the configurations of a sidecar pair (outbound -> mTLS -> inbound ->
-# nginx). Every function writes under $W; the ports are $B_PORT (nginx), $IN_PORT, $OUT_PORT.
+# benches/load/pair_lib.sh — what the small benches (callgrind.sh, memab.sh, idlemem.sh, textmem.sh,
+# faults.sh, orderfile.sh) share, sourced by them: a PKI from `moat ca`, an nginx backend, the
+# configurations of a sidecar pair (outbound -> mTLS -> inbound -> nginx), the first request, and RSS
+# read from /proc. Every function writes under $W; the ports are $B_PORT (nginx), $IN_PORT, $OUT_PORT.
 
 # pair_pki BIN ID...: a CA in $W/ca, $W/ID.crt and $W/ID.key for each spiffe://example.org/ID, and
 # $W/bundle.pem.
@@ -73,4 +74,18 @@ upstream = "127.0.0.1:$IN_PORT"
 peer = "spiffe://example.org/server"
 protocol = "http"
 CONF
+}
+
+# pair_first_request: once the inbound listens on $IN_PORT, one HTTP/1.1 request to it over mTLS as
+# `client`. "Idle" in the memory benches is a proxy that has served once, as in the load harness.
+pair_first_request() {
+  wait_port "$IN_PORT" || return 1
+  curl -sk --cert "$W/client.crt" --key "$W/client.key" -o /dev/null "https://127.0.0.1:$IN_PORT/"
+}
+
+# pair_mem PID: "VmRSS RssAnon RssFile" of PID in kB (RssAnon: heap, stacks, buffers; RssFile: the
+# binary's and libraries' resident pages); "0 0 0" once the process is gone.
+pair_mem() {
+  awk '/^VmRSS/{v=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2} END{print v+0, a+0, f+0}' "/proc/$1/status" 2>/dev/null \
+    || echo "0 0 0"
 }

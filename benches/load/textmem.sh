@@ -40,10 +40,9 @@ for round in $(seq "$ROUNDS"); do
     for cache in cold warm; do
       env RUST_LOG=warn $ENV "$bin" proxy --config "$W/in.toml" >"$W/in.log" 2>&1 & pin=$!
       PIDS+=($pin)
-      wait_port $IN_PORT
-      curl -sk --cert "$W/client.crt" --key "$W/client.key" -o /dev/null "https://127.0.0.1:$IN_PORT/"
+      pair_first_request
       sleep "$IDLE"
-      read -r v a f < <(awk '/^VmRSS/{v=$2} /^RssAnon/{a=$2} /^RssFile/{f=$2} END{print v+0, a+0, f+0}' "/proc/$pin/status")
+      read -r v a f < <(pair_mem $pin)
       python3 "$HERE/textrss.py" --json "$pin" >"$W/t.json"
       read -r tx ro < <(python3 -c 'import json,sys; m=json.load(open(sys.argv[1]))["mappings"]
 print(sum(r["resident_kib"] for r in m if "x" in r["perm"]), sum(r["resident_kib"] for r in m if r["perm"].startswith("r--")))' "$W/t.json")
