@@ -3,7 +3,7 @@
 # benches/results/analysis.md were taken. Reuses the PKI and configs that benches/load/run.sh leaves
 # in $ROOT (run it once first); pins proxy + backend to cpu0 and oha to cpu1 like the harness.
 #
-#   bash benches/load/ab.sh cpu MODE REPS BIN...   # MODE: ka (h1 c32) | c1 | h2 (4x8) | fr (2,000 req/s)
+#   bash benches/load/ab.sh cpu MODE REPS BIN...   # MODE: ka (h1 c32) | c1 | h2 (16x16) | fr (2,000 req/s)
 #   bash benches/load/ab.sh mem BIN...             # RSS idle and with 1,000 idle mTLS connections
 #   bash benches/load/ab.sh stat MODE BIN          # syscalls and context switches per request (perf stat)
 #
@@ -44,7 +44,7 @@ load_args() {
   case $1 in
     ka) ARGS=(-c 32 --http-version 1.1) ;;
     c1) ARGS=(-c 1 --http-version 1.1) ;;
-    h2) ARGS=(--http2 -c 4 -p 8) ;;
+    h2) ARGS=(--http2 -c 16 -p 16) ;;
     fr) ARGS=(-c 32 -q 2000 --latency-correction --http-version 1.1) ;;
     *) echo "unknown mode $1" >&2; exit 1 ;;
   esac

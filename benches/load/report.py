@@ -72,6 +72,17 @@ class Runs:
                     out.append("%s (oha %s%%, core %s%%)" % (r["label"], r.get("oha_cpu_pct"), r.get("cli_core_pct")))
         return out
 
+    def idle_server(self, labels, floor):
+        """Rows whose server core was, by the median of their rounds, under `floor` % busy: a closed-loop row
+        that leaves its server core idle measured the target's latency under that concurrency, not its
+        capacity, and a req/s ratio against it says nothing about CPU per request."""
+        out = []
+        for lbl in labels:
+            busy = self.med(lbl, "srv_core_pct")
+            if busy is not None and busy < floor:
+                out.append("%s (%.0f %%)" % (lbl, busy))
+        return out
+
     def noisy(self, labels):
         return max((v for lbl in labels for v in self.each(lbl, "other_pct")), default=None)
 
@@ -95,6 +106,7 @@ def main():
     b0 = builds[0]
     R = Runs(rows)
     rate = int(num(meta.get("rate")) or 2000)
+    srv_busy_min = num(meta.get("srv_busy_min")) or 90
     targets = []
 
     def verdict(value, limit, kind, slack, why_missing, sat_always, sat_if_missed):
@@ -110,17 +122,21 @@ def main():
         miss = abs(lim - value) / abs(lim) * 100 if lim else 0
         return "not met (by %.0f %%)" % miss
 
-    def target(name, kind, limit, unit, per_build, why_missing):
+    def target(name, kind, limit, unit, per_build, why_missing, capacity=False):
         """per_build(b) -> (value, limit or None for the fixed one, detail, labels, labels whose client saturation
-        voids the verdict, labels whose client saturation voids a miss only)."""
+        voids the verdict, labels whose client saturation voids a miss only). capacity: a throughput comparison,
+        shown only when every compared row kept its server core busy (SRV_BUSY_MIN)."""
         t = dict(target=name, kind=kind, unit=unit, builds={})
         for i, b in enumerate(builds):
             value, lim, detail, labels, sat_always, sat_if_missed = per_build(b)
             lim = limit if lim is None else lim
-            t["builds"][b] = dict(value=value, limit=lim, detail=detail,
-                                  verdict=verdict(value, lim, kind, 0.0 if i == 0 else 0.10, why_missing,
-                                                  R.saturated(sat_always), R.saturated(sat_if_missed)),
-                                  max_other_pct=R.noisy(labels))
+            v = verdict(value, lim, kind, 0.0 if i == 0 else 0.10, why_missing,
+                        R.saturated(sat_always), R.saturated(sat_if_missed))
+            idle = R.idle_server(labels, srv_busy_min) if capacity and value is not None else []
+            if idle and not v.startswith("not shown"):
+                v = ("not shown: %s (%.2f×) — the server core was not saturated in %s, so the rows compared "
+                     "latency at this concurrency, not capacity" % (v, value, "; ".join(idle)))
+            t["builds"][b] = dict(value=value, limit=lim, detail=detail, verdict=v, max_other_pct=R.noisy(labels))
         targets.append(t)
 
     def ratio(num_lbl, den_lbl, field, what):
@@ -134,7 +150,8 @@ def main():
 
     # 1. the sidecar pair
     target("Sidecar pair, HTTP/1.1 keep-alive, 32 connections: >= 1.25x the HAProxy pair's req/s", "min", 1.25, "x",
-           ratio("ka_moat_pair_c32+%s", "ka_haproxy_pair_c32", "rps", "req/s"), "rows not run (phase rounds/rows)")
+           ratio("ka_moat_pair_c32+%s", "ka_haproxy_pair_c32", "rps", "req/s"), "rows not run (phase rounds/rows)",
+           capacity=True)
 
     def pair_p99(b):
         lbl = "ka_moat_pair_c32+" + b
@@ -172,9 +189,9 @@ def main():
            "vCPU", vcpu("fr_moat_pair+%s"), "rows not run")
     # 2. one hop
     target("One hop, HTTP/1.1 keep-alive, 32 connections: >= 1.25x HAProxy req/s", "min", 1.25, "x",
-           ratio("ka_moat_in_c32+%s", "ka_haproxy_http_c32", "rps", "req/s"), "rows not run")
+           ratio("ka_moat_in_c32+%s", "ka_haproxy_http_c32", "rps", "req/s"), "rows not run", capacity=True)
     target("One hop, HTTP/2 (%s): >= 1.25x HAProxy req/s" % meta.get("h2", "4x8"), "min", 1.25, "x",
-           ratio("h2_moat_in+%s", "h2_haproxy", "rps", "req/s"), "rows not run")
+           ratio("h2_moat_in+%s", "h2_haproxy", "rps", "req/s"), "rows not run", capacity=True)
     target("One hop at %d req/s: <= 0.035 vCPU per 1,000 req/s" % rate, "max", 0.035, "vCPU",
            vcpu("fr_moat_in+%s"), "rows not run")
 
@@ -279,7 +296,7 @@ def main():
     floor = []
     for title, mine, theirs in (("pair, HTTP/1.1 c32", "ka_moat_pair_c32+%s", "ka_haproxy_pair_c32"),
                                 ("one hop, HTTP/1.1 c32", "ka_moat_in_c32+%s", "ka_haproxy_http_c32"),
-                                ("one hop, HTTP/2 4x8", "h2_moat_in+%s", "h2_haproxy")):
+                                ("one hop, HTTP/2 %s" % meta.get("h2", "4x8"), "h2_moat_in+%s", "h2_haproxy")):
         h_cpu, h_sys, h_be = (R.med(theirs, f) for f in ("proxy_cpu_s_per_10k", "proxy_sys_s_per_10k",
                                                           "backend_cpu_s_per_10k"))
         for b in builds:

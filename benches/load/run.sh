@@ -44,6 +44,8 @@
 #   either passes CLIENT_SAT (90 %) is flagged client_sat=yes, and a verdict resting on such a run reads
 #   "not shown". OHA_DB=1 (default) keeps oha's per-request SQLite log for steady-state percentiles (oha
 #   writes it after the run, outside the measured window); the `client` phase runs without it.
+# * The server is checked too: a req/s ratio is a capacity verdict only when every compared row kept the server core
+#   busy (SRV_BUSY_MIN, 90 %); a row that left it idle measured latency at that concurrency, and reads "not shown".
 # * Shared box: before each run, wait (<= QUIET_WAIT s) for quiet; record other_pct (CPU on the two cores not
 #   charged to proxy/backend/oha); retry a run (<= RETRIES) when other_pct > OTHER_MAX. Hard cap MAX_SECONDS.
 # * The harness raises its open-file limit (ulimit -n) to the hard limit for 10,000 idle connections.
@@ -66,7 +68,9 @@ FR_DUR=${FR_DUR:-8}            # seconds per fixed-rate run: its p99 rests on th
 CC_DUR=${CC_DUR:-6}            # seconds per run of the client check (as in the independent run)
 CC_ROUNDS=${CC_ROUNDS:-2}
 RATE=${RATE:-2000}             # req/s for the fixed-rate (latency) runs
-H2_CONNS=${H2_CONNS:-4}; H2_STREAMS=${H2_STREAMS:-8}
+H2_CONNS=${H2_CONNS:-16}; H2_STREAMS=${H2_STREAMS:-16} # HTTP/2 rows: enough streams in flight that HAProxy saturates its core
+                               # too (at 4x8 it stayed ~83 % busy, latency-bound, and the ratio compared latency)
+SRV_BUSY_MIN=${SRV_BUSY_MIN:-90} # a req/s-ratio verdict needs every compared row's server core at least this % busy
 IDLE_CONNS=${IDLE_CONNS:-1000 10000}
 BULK_BYTES=${BULK_BYTES:-1073741824}
 AFTER_S=${AFTER_S:-60}         # memtime: the last RSS reading, seconds after the 256-connection run ends
@@ -976,7 +980,7 @@ done
 python3 "$HERE/report.py" --runs "$RUNS" --memory "$MEM" --sanity "$SANITY" --websocket "$OUT/websocket.tsv" \
   --bulk "$BULK" --memtime "$MEMTIME" --transparent "$OUT/transparent.txt" --out "$OUT" \
   --meta "dur=$DUR" "fr_dur=$FR_DUR" "cc_dur=$CC_DUR" "rate=$RATE" "rounds=$ROUNDS" "warmup_round=$WARMUP_ROUND" \
-         "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" "client_sat=$CLIENT_SAT" "oha_db=$OHA_DB" \
+         "h2=${H2_CONNS}x${H2_STREAMS}" "srv_cpu=$SRV_CPU" "cli_cpu=$CLI_CPU" "client_sat=$CLIENT_SAT" "srv_busy_min=$SRV_BUSY_MIN" "oha_db=$OHA_DB" \
          "builds=${BNAMES[*]}" "phases=$PHASES" "bulk_bytes=$BULK_BYTES" "after_s=$AFTER_S" "mt_conns=$MT_CONNS" \
          "versions=$VERSIONS" "background_before=cpu$SRV_CPU ${BG_SRV}% cpu$CLI_CPU ${BG_CLI}%" \
          "date=$(date -u +%Y-%m-%dT%H:%M:%SZ)" "kernel=$(uname -r)" "cpu=$(awk -F': ' '/model name/{print $2; exit}' /proc/cpuinfo)" \
