@@ -54,6 +54,33 @@ fn replica_dir(from: &Path, to: &Path) -> PathBuf {
     to.to_owned()
 }
 
+/// One CA on a fresh database of the shared cluster, with two replica
+/// directories in one temp dir: `a_dir` (`moat ca init`) and `b_dir` (its
+/// copy, [`replica_dir`]). Dropping `tmp` deletes the directories.
+struct TwoReplicaDirs {
+    db: Database<'static>,
+    tmp: tempfile::TempDir,
+    a_dir: PathBuf,
+    b_dir: PathBuf,
+}
+
+/// [`TwoReplicaDirs`] on a database named after `name`; `None` when
+/// PostgreSQL is not here ([`pg_support::require`]: skipped, or a failure
+/// under MOAT_TEST_REQUIRE_ALL=1).
+fn two_replica_dirs(name: &str) -> Option<TwoReplicaDirs> {
+    let pg = pg_support::require()?;
+    let db = pg.database(name);
+    let tmp = tempfile::tempdir().unwrap();
+    let a_dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
+    let b_dir = replica_dir(&a_dir, &tmp.path().join("b"));
+    Some(TwoReplicaDirs {
+        db,
+        tmp,
+        a_dir,
+        b_dir,
+    })
+}
+
 fn copy_root_keys(from: &Path, to: &Path) {
     for entry in std::fs::read_dir(from.join("roots")).unwrap().flatten() {
         let target = to.join("roots").join(entry.file_name());
@@ -147,13 +174,10 @@ fn replayed(r: &Result<Svid, ClientError>) -> bool {
 
 #[test]
 fn two_replicas_on_one_database_spend_a_token_once_and_record_every_issuance_once() {
-    let Some(pg) = pg_support::require() else {
+    let Some(s) = two_replica_dirs("two_replicas") else {
         return;
     };
-    let db = pg.database("two_replicas");
-    let tmp = tempfile::tempdir().unwrap();
-    let a_dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
-    let b_dir = replica_dir(&a_dir, &tmp.path().join("b"));
+    let (db, a_dir, b_dir) = (s.db, s.a_dir, s.b_dir);
     let a = serve(&a_dir);
     let b = serve(&b_dir);
     let rt = rt();
@@ -424,13 +448,10 @@ fn serves_chain_to(addr: SocketAddr, root: &Path, client: Option<&(PathBuf, Path
 
 #[test]
 fn rotation_done_once_reaches_both_replicas_and_the_sidecars_of_each() {
-    let Some(pg) = pg_support::require() else {
+    let Some(s) = two_replica_dirs("rotation") else {
         return;
     };
-    let db = pg.database("rotation");
-    let tmp = tempfile::tempdir().unwrap();
-    let a_dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
-    let b_dir = replica_dir(&a_dir, &tmp.path().join("b"));
+    let (tmp, a_dir, b_dir) = (s.tmp, s.a_dir, s.b_dir);
     let a = serve(&a_dir);
     let b = serve(&b_dir);
     let rt = rt();
@@ -548,13 +569,10 @@ fn connection_open_to(port: u16) -> bool {
 
 #[test]
 fn a_replica_killed_mid_renewal_costs_the_sidecar_one_retry_and_no_request() {
-    let Some(pg) = pg_support::require() else {
+    let Some(s) = two_replica_dirs("kill_replica") else {
         return;
     };
-    let db = pg.database("kill_replica");
-    let tmp = tempfile::tempdir().unwrap();
-    let a_dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
-    let b_dir = replica_dir(&a_dir, &tmp.path().join("b"));
+    let (tmp, a_dir, b_dir) = (s.tmp, s.a_dir, s.b_dir);
     let mut a = serve(&a_dir);
     let b = serve(&b_dir);
     let bundle_file = tmp.path().join("bundle.pem");
@@ -1021,13 +1039,10 @@ fn the_kubernetes_ca_runs_replicas_with_a_disruption_budget_and_the_database_fro
 
 #[test]
 fn a_revocation_made_once_is_enforced_by_every_replica() {
-    let Some(pg) = pg_support::require() else {
+    let Some(s) = two_replica_dirs("revocation") else {
         return;
     };
-    let db = pg.database("revocation");
-    let tmp = tempfile::tempdir().unwrap();
-    let a_dir = pg_ca(&db, tmp.path(), "a", &db.store_toml());
-    let b_dir = replica_dir(&a_dir, &tmp.path().join("b"));
+    let (a_dir, b_dir) = (s.a_dir, s.b_dir);
     let b = serve(&b_dir);
     let rt = rt();
     let bundle = bundle_of(&a_dir);

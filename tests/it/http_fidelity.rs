@@ -25,7 +25,7 @@ use hyper::http::{HeaderName, HeaderValue};
 use hyper::{Request, Response};
 use proxy_support::*;
 use serde_json::Value;
-use support::{Running, TestCa, echo_service, path_str, tool};
+use support::{echo_service, path_str, tool};
 
 const A: &str = "spiffe://example.org/ns/prod/sa/web";
 const B: &str = "spiffe://example.org/ns/prod/sa/api";
@@ -188,49 +188,17 @@ impl hyper::body::Body for Events {
     }
 }
 
-struct Pair {
-    ca: TestCa,
-    a: Running,
-    b: Running,
-    a_addr: SocketAddr,
-    b_addr: SocketAddr,
-}
-
 /// B: inbound `api` in front of `service` (`b_extra` in its listener); A:
-/// outbound `api` to B, expecting `expect` as the peer.
-fn pair_expecting(service: SocketAddr, b_extra: &str, expect: &str) -> Pair {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let b_files = issue(&ca, B, "1h", "b");
-    let b_config = format!(
-        "{}{ADMIN}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n{b_extra}\n",
-        file_identity(&b_files, &ca.bundle_file())
-    );
-    let (b, b_addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_config), &["api"]);
-    let a_files = issue(&ca, A, "1h", "a");
-    let a_config = format!(
-        "{}{ADMIN}\n[[outbound]]\nname = \"out\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{expect}\"\n",
-        file_identity(&a_files, &ca.bundle_file()),
-        b_addrs[0]
-    );
-    let (a, a_addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_config), &["out"]);
-    Pair {
-        ca,
-        a,
-        b,
-        a_addr: a_addrs[0],
-        b_addr: b_addrs[0],
-    }
+/// outbound `out` to B, expecting `expect` as the peer.
+fn pair_expecting(service: SocketAddr, b_extra: &str, expect: &str) -> SidecarPair {
+    SidecarPair::spec(A, B, service)
+        .b_extra(b_extra)
+        .expect_peer(expect)
+        .start()
 }
 
-fn pair(service: SocketAddr, b_extra: &str) -> Pair {
+fn pair(service: SocketAddr, b_extra: &str) -> SidecarPair {
     pair_expecting(service, b_extra, B)
-}
-
-impl Pair {
-    fn client(&self) -> CertFiles {
-        issue(&self.ca, A, "1h", "client")
-    }
 }
 
 /// How an app reaches its sidecar: HTTP/1.1 or h2c (plaintext, outbound).

@@ -8,31 +8,17 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use proxy_support::*;
-use support::{Running, TestCa, echo_service};
+use support::echo_service;
 
 const A: &str = "spiffe://example.org/ns/prod/sa/web";
 const B: &str = "spiffe://example.org/ns/prod/sa/billing";
 
 /// B: inbound in front of `service`; A: outbound to B. `limits` goes to both.
-fn pair(
-    ca: &TestCa,
-    service: SocketAddr,
-    limits: &str,
-) -> (Running, Running, SocketAddr, SocketAddr) {
-    let b_files = issue(ca, B, "1h", "b");
-    let b_config = format!(
-        "{}{ADMIN}{limits}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n",
-        file_identity(&b_files, &ca.bundle_file())
-    );
-    let (b, b_addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_config), &["api"]);
-    let a_files = issue(ca, A, "1h", "a");
-    let a_config = format!(
-        "{}{ADMIN}{limits}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{B}\"\n",
-        file_identity(&a_files, &ca.bundle_file()),
-        b_addrs[0]
-    );
-    let (a, a_addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_config), &["billing"]);
-    (a, b, a_addrs[0], b_addrs[0])
+fn pair(service: SocketAddr, limits: &str) -> SidecarPair {
+    SidecarPair::spec(A, B, service)
+        .outbound("billing")
+        .common(limits)
+        .start()
 }
 
 /// Reads until EOF or error; true if the peer closed within `within`.
@@ -51,14 +37,11 @@ fn closed_within(s: &mut std::net::TcpStream, within: Duration) -> bool {
 
 #[test]
 fn slow_header_sender_is_cut_off() {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let (_a, _b, a_addr, _) = pair(
-        &ca,
+    let p = pair(
         echo_service(),
         "[limits]\nheader_read_timeout = \"300ms\"\n",
     );
-    let mut s = std::net::TcpStream::connect(a_addr).unwrap();
+    let mut s = std::net::TcpStream::connect(p.a_addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\nx-slow: ")
         .unwrap();
     let start = Instant::now();
@@ -75,15 +58,13 @@ fn slow_header_sender_is_cut_off() {
 
 #[test]
 fn idle_keep_alive_connection_is_closed() {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let (_a, _b, a_addr, _) = pair(&ca, echo_service(), "[limits]\nidle_timeout = \"600ms\"\n");
-    let mut conn = KeepAlive::connect(a_addr);
+    let p = pair(echo_service(), "[limits]\nidle_timeout = \"600ms\"\n");
+    let mut conn = KeepAlive::connect(p.a_addr);
     assert_eq!(conn.get("/"), 200);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(conn.get("/"), 0, "the idle connection was closed");
     // A connection in use is not idle.
-    let mut busy = KeepAlive::connect(a_addr);
+    let mut busy = KeepAlive::connect(p.a_addr);
     for _ in 0..8 {
         assert_eq!(busy.get("/"), 200);
         std::thread::sleep(Duration::from_millis(150));
@@ -96,19 +77,13 @@ fn idle_keep_alive_connection_is_closed() {
 /// header read timeout still closes the connection at its own deadline, not at the release.
 #[test]
 fn idle_connection_gives_buffers_back_and_keeps_its_timeouts() {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let (_a, _b, a_addr, _) = pair(
-        &ca,
-        echo_service(),
-        "[limits]\nheader_read_timeout = \"2s\"\n",
-    );
-    let mut conn = KeepAlive::connect(a_addr);
+    let p = pair(echo_service(), "[limits]\nheader_read_timeout = \"2s\"\n");
+    let mut conn = KeepAlive::connect(p.a_addr);
     assert_eq!(conn.get("/"), 200);
     std::thread::sleep(Duration::from_millis(600));
     assert_eq!(conn.get("/"), 200, "served after the idle release");
 
-    let mut s = std::net::TcpStream::connect(a_addr).unwrap();
+    let mut s = std::net::TcpStream::connect(p.a_addr).unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").unwrap();
     std::thread::sleep(Duration::from_millis(600));
     s.write_all(b"\r\n").unwrap();
@@ -131,14 +106,12 @@ fn idle_connection_gives_buffers_back_and_keeps_its_timeouts() {
 
 #[test]
 fn connections_beyond_the_limit_wait_for_a_free_slot() {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let (_a, _b, a_addr, _) = pair(&ca, echo_service(), "[limits]\nmax_connections = 1\n");
-    let mut first = KeepAlive::connect(a_addr);
+    let p = pair(echo_service(), "[limits]\nmax_connections = 1\n");
+    let mut first = KeepAlive::connect(p.a_addr);
     assert_eq!(first.get("/"), 200);
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut second = KeepAlive::connect(a_addr);
+        let mut second = KeepAlive::connect(p.a_addr);
         tx.send(second.get("/")).unwrap();
     });
     assert!(
@@ -155,12 +128,10 @@ fn connections_beyond_the_limit_wait_for_a_free_slot() {
 
 #[test]
 fn slow_upstream_gets_504_naming_the_upstream() {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
     let (slow, _arrived) = slow_service(Duration::from_secs(5));
-    let (_a, _b, a_addr, _) = pair(&ca, slow, "[limits]\nrequest_timeout = \"500ms\"\n");
+    let p = pair(slow, "[limits]\nrequest_timeout = \"500ms\"\n");
     let start = Instant::now();
-    let (status, body) = curl_http(a_addr, "/", &[]);
+    let (status, body) = curl_http(p.a_addr, "/", &[]);
     assert_eq!(status, 504, "{body}");
     assert!(body.contains("upstream timed out"), "{body}");
     assert!(start.elapsed() < Duration::from_secs(3));
@@ -168,9 +139,7 @@ fn slow_upstream_gets_504_naming_the_upstream() {
 
 #[test]
 fn garbage_on_any_listener_never_takes_the_proxy_down() {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let (mut a, mut b, a_addr, b_addr) = pair(&ca, echo_service(), "");
+    let mut p = pair(echo_service(), "");
     let junk: Vec<Vec<u8>> = vec![
         b"\x16\x03\x01\x00\x05hello".to_vec(),
         b"GET / HTTP/1.1\r\nhost: \xff\xfe\r\n\r\n".to_vec(),
@@ -180,7 +149,7 @@ fn garbage_on_any_listener_never_takes_the_proxy_down() {
             .collect(),
         b"GET /../../etc/passwd HTTP/1.0\r\n\r\n".to_vec(),
     ];
-    for target in [a_addr, b_addr] {
+    for target in [p.a_addr, p.b_addr] {
         for bytes in &junk {
             let mut s = std::net::TcpStream::connect(target).unwrap();
             let _ = s.write_all(bytes);
@@ -188,6 +157,6 @@ fn garbage_on_any_listener_never_takes_the_proxy_down() {
             let _ = closed_within(&mut s, Duration::from_secs(5));
         }
     }
-    assert!(a.child.try_wait().unwrap().is_none() && b.child.try_wait().unwrap().is_none());
-    assert_eq!(curl_http(a_addr, "/still-up", &[]).0, 200);
+    assert!(p.a.child.try_wait().unwrap().is_none() && p.b.child.try_wait().unwrap().is_none());
+    assert_eq!(curl_http(p.a_addr, "/still-up", &[]).0, 200);
 }

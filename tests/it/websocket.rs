@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use proxy_support::*;
 use serde_json::Value;
-use support::{Running, TestCa, metric_samples, path_str};
+use support::{Running, metric_samples, path_str};
 
 const A: &str = "spiffe://example.org/ns/prod/sa/web";
 const B: &str = "spiffe://example.org/ns/prod/sa/chat";
@@ -124,39 +124,14 @@ fn assert_echoed(v: &Value) {
     assert_eq!(v["pong"], true, "{v}");
 }
 
-struct Pair {
-    ca: TestCa,
-    a: Running,
-    b: Running,
-    a_addr: SocketAddr,
-    b_addr: SocketAddr,
-}
-
 /// B: inbound `api` in front of `service` (`b_extra` in its listener); A:
 /// outbound `chat` to B. `common` goes into both files (e.g. `[limits]`).
-fn pair(service: SocketAddr, b_extra: &str, common: &str) -> Pair {
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let b_files = issue(&ca, B, "1h", "b");
-    let b_config = format!(
-        "{}{ADMIN}{common}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n{b_extra}\n",
-        file_identity(&b_files, &ca.bundle_file())
-    );
-    let (b, b_addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_config), &["api"]);
-    let a_files = issue(&ca, A, "1h", "a");
-    let a_config = format!(
-        "{}{ADMIN}{common}\n[[outbound]]\nname = \"chat\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{B}\"\n",
-        file_identity(&a_files, &ca.bundle_file()),
-        b_addrs[0]
-    );
-    let (a, a_addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_config), &["chat"]);
-    Pair {
-        ca,
-        a,
-        b,
-        a_addr: a_addrs[0],
-        b_addr: b_addrs[0],
-    }
+fn pair(service: SocketAddr, b_extra: &str, common: &str) -> SidecarPair {
+    SidecarPair::spec(A, B, service)
+        .outbound("chat")
+        .b_extra(b_extra)
+        .common(common)
+        .start()
 }
 
 fn upgraded_open(proc: &mut Running, listener: &str) -> f64 {
@@ -201,7 +176,7 @@ fn wss_straight_to_the_inbound_with_a_client_certificate() {
     }
     let (_server, service) = ws_server();
     let p = pair(service, "", "");
-    let client = issue(&p.ca, A, "1h", "client");
+    let client = p.client();
     let bundle = p.ca.bundle_file();
     let tls = [
         "--cert",

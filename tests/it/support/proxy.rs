@@ -337,3 +337,114 @@ pub(crate) fn assert_parallel_http2_posts(base: &str, dir: &Path, flags: &[&str]
         assert!(text.contains(&path), "stream {i} answered: {text}");
     }
 }
+
+/// Two sidecars with file identities from a test CA of their own: B, an
+/// inbound `api` in front of a service, and A, an outbound to B that pins
+/// B's identity. Start one with [`SidecarPair::spec`].
+pub(crate) struct SidecarPair {
+    pub a: Running,
+    pub b: Running,
+    /// A's outbound listener (plain HTTP: where the app sends).
+    pub a_addr: SocketAddr,
+    /// B's inbound `api` (mutual TLS).
+    pub b_addr: SocketAddr,
+    pub ca: TestCa,
+    a_id: String,
+}
+
+/// What a [`SidecarPair`] is made of; [`PairSpec::start`] starts it.
+pub(crate) struct PairSpec<'a> {
+    a_id: &'a str,
+    b_id: &'a str,
+    service: SocketAddr,
+    outbound: &'a str,
+    expect: Option<&'a str>,
+    b_extra: &'a str,
+    common: &'a str,
+}
+
+impl SidecarPair {
+    /// A (identity `a_id`) to B (identity `b_id`) in front of `service`;
+    /// A's outbound is named `out` and expects `b_id`, with nothing else
+    /// in either file unless the [`PairSpec`] methods say so.
+    pub(crate) fn spec<'a>(a_id: &'a str, b_id: &'a str, service: SocketAddr) -> PairSpec<'a> {
+        PairSpec {
+            a_id,
+            b_id,
+            service,
+            outbound: "out",
+            expect: None,
+            b_extra: "",
+            common: "",
+        }
+    }
+
+    /// A client certificate for A's identity from the pair's CA (files
+    /// `client.crt`/`client.key`), to call B's inbound straight.
+    pub(crate) fn client(&self) -> CertFiles {
+        issue(&self.ca, &self.a_id, "1h", "client")
+    }
+}
+
+impl<'a> PairSpec<'a> {
+    /// The name of A's outbound listener (metrics and logs carry it).
+    pub(crate) fn outbound(mut self, name: &'a str) -> Self {
+        self.outbound = name;
+        self
+    }
+
+    /// The peer A's outbound expects, instead of B's own identity.
+    pub(crate) fn expect_peer(mut self, id: &'a str) -> Self {
+        self.expect = Some(id);
+        self
+    }
+
+    /// Lines added to B's `[[inbound]]` (e.g. `app_protocol`, `policy`).
+    pub(crate) fn b_extra(mut self, lines: &'a str) -> Self {
+        self.b_extra = lines;
+        self
+    }
+
+    /// TOML put into both files, before the listeners (e.g. `[limits]`).
+    pub(crate) fn common(mut self, toml: &'a str) -> Self {
+        self.common = toml;
+        self
+    }
+
+    /// Starts the CA, then B, then A; returns once both listeners are bound.
+    pub(crate) fn start(self) -> SidecarPair {
+        let Self {
+            a_id,
+            b_id,
+            service,
+            outbound,
+            expect,
+            b_extra,
+            common,
+        } = self;
+        moat_ca::install_crypto_provider();
+        let ca = TestCa::start();
+        let b_files = issue(&ca, b_id, "1h", "b");
+        let b_config = format!(
+            "{}{ADMIN}{common}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\n{b_extra}\n",
+            file_identity(&b_files, &ca.bundle_file())
+        );
+        let (b, b_addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_config), &["api"]);
+        let a_files = issue(&ca, a_id, "1h", "a");
+        let a_config = format!(
+            "{}{ADMIN}{common}\n[[outbound]]\nname = \"{outbound}\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{}\"\n",
+            file_identity(&a_files, &ca.bundle_file()),
+            b_addrs[0],
+            expect.unwrap_or(b_id)
+        );
+        let (a, a_addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_config), &[outbound]);
+        SidecarPair {
+            a,
+            b,
+            a_addr: a_addrs[0],
+            b_addr: b_addrs[0],
+            ca,
+            a_id: a_id.to_owned(),
+        }
+    }
+}
