@@ -242,25 +242,13 @@ fn pair_multiplexes_http2_streams_on_one_thread() {
     if !support::require("nghttp") {
         return;
     }
-    moat_ca::install_crypto_provider();
-    let ca = TestCa::start();
-    let service = echo_service();
-    let one = "[runtime]\nworker_threads = 1\n";
-    let files = issue(&ca, B, "1h", "b");
-    let b_cfg = format!(
-        "{}{ADMIN}{one}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{service}\"\nforward_http = \"http1\"\n",
-        file_identity(&files, &ca.bundle_file())
-    );
-    let (_b, addrs) = start_proxy(&write(ca.dir.path(), "b.toml", &b_cfg), &["api"]);
-    let a_files = issue(&ca, A, "1h", "a");
-    let a_cfg = format!(
-        "{}{ADMIN}{one}\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:0\"\nupstream = \"{}\"\npeer = \"{B}\"\n",
-        file_identity(&a_files, &ca.bundle_file()),
-        addrs[0]
-    );
-    let (_a, addrs) = start_proxy(&write(ca.dir.path(), "a.toml", &a_cfg), &["billing"]);
-    let body = write(ca.dir.path(), "body.bin", &"x".repeat(1 << 20));
-    let url = format!("http://{}/stream", addrs[0]);
+    let p = SidecarPair::spec(A, B, echo_service())
+        .outbound("billing")
+        .common("[runtime]\nworker_threads = 1\n")
+        .b_extra("forward_http = \"http1\"")
+        .start();
+    let body = write(p.ca.dir.path(), "body.bin", &"x".repeat(1 << 20));
+    let url = format!("http://{}/stream", p.a_addr);
     let out = support::tool(
         "nghttp",
         &["--stat", "-m", "24", "-d", support::path_str(&body), &url],
