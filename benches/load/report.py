@@ -297,12 +297,10 @@ def main():
     for title, mine, theirs in (("pair, HTTP/1.1 c32", "ka_moat_pair_c32+%s", "ka_haproxy_pair_c32"),
                                 ("one hop, HTTP/1.1 c32", "ka_moat_in_c32+%s", "ka_haproxy_http_c32"),
                                 ("one hop, HTTP/2 %s" % meta.get("h2", "4x8"), "h2_moat_in+%s", "h2_haproxy")):
-        h_cpu, h_sys, h_be = (R.med(theirs, f) for f in ("proxy_cpu_s_per_10k", "proxy_sys_s_per_10k",
-                                                          "backend_cpu_s_per_10k"))
+        fields = ("proxy_cpu_s_per_10k", "proxy_sys_s_per_10k", "backend_cpu_s_per_10k", "rps")
+        h_cpu, h_sys, h_be, h_rps = (R.med(theirs, f) for f in fields)
         for b in builds:
-            m = mine % b
-            m_cpu, m_sys, m_be, m_rps, h_rps = (R.med(m, "proxy_cpu_s_per_10k"), R.med(m, "proxy_sys_s_per_10k"),
-                                                 R.med(m, "backend_cpu_s_per_10k"), R.med(m, "rps"), R.med(theirs, "rps"))
+            m_cpu, m_sys, m_be, m_rps = (R.med(mine % b, f) for f in fields)
             if None in (h_cpu, h_sys, h_be, m_cpu, m_sys, m_be) or not (m_sys + m_be):
                 continue
             h_srv, m_usr, h_usr = h_cpu + h_be, m_cpu - m_sys, h_cpu - h_sys

@@ -467,9 +467,11 @@ cleanup() { local n; for n in "${!PID[@]}"; do stop "$n"; done; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 tree_pids() { local p; for p in "$@"; do echo -n "$p $(ps -o pid= --ppid "$p" 2>/dev/null | tr '\n' ' ')"; done; }
-cpu_ticks() { local t=0 p v; for p in "$@"; do v=$(awk '{print $14+$15}' /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
-sys_ticks() { local t=0 p v; for p in "$@"; do v=$(awk '{print $15}' /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
-minflt() { local t=0 p v; for p in "$@"; do v=$(awk '{print $10}' /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
+# stat_sum AWK_EXPR PID...: AWK_EXPR over the fields of /proc/PID/stat, summed over the PIDs (gone ones count 0)
+stat_sum() { local expr=$1 t=0 p v; shift; for p in "$@"; do v=$(awk "{print $expr}" /proc/$p/stat 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
+cpu_ticks() { stat_sum '$14+$15' "$@"; }   # utime + stime
+sys_ticks() { stat_sum '$15' "$@"; }       # stime
+minflt() { stat_sum '$10' "$@"; }          # minor page faults
 rss_kb() { local t=0 p v; for p in "$@"; do v=$(awk '/^VmRSS/{print $2}' /proc/$p/status 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
 hwm_kb() { local t=0 p v; for p in "$@"; do v=$(awk '/^VmHWM/{print $2}' /proc/$p/status 2>/dev/null); t=$((t + ${v:-0})); done; echo $t; }
 core_busy() { awk -v c="cpu$1" '$1==c{idle=$5+$6; tot=0; for(i=2;i<=9;i++) tot+=$i; print tot-idle, tot}' /proc/stat; }
