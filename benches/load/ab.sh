@@ -3,9 +3,11 @@
 # benches/results/analysis.md were taken. Reuses the PKI and configs that benches/load/run.sh leaves
 # in $ROOT (run it once first); pins proxy + backend to cpu0 and oha to cpu1 like the harness.
 #
-#   bash benches/load/ab.sh cpu MODE REPS BIN...   # MODE: ka (h1 c32) | c1 | h2 (16x16) | fr (2,000 req/s)
+#   bash benches/load/ab.sh cpu MODE REPS BIN...   # MODE: ka (h1 c32) | c1 | h2 (16x16) | fr (RATE, 2,000 req/s)
 #   bash benches/load/ab.sh mem BIN...             # RSS idle and with 1,000 idle mTLS connections
 #   bash benches/load/ab.sh stat MODE BIN          # syscalls and context switches per request (perf stat)
+#   bash benches/load/ab.sh tail TARGET...         # where a fixed-rate run's slowest 1 % fall in time, pairs
+#                                                  # TARGET: direct | haproxy | a moat binary (see tail_ below)
 #
 # BIN may be the word `haproxy` (the harness's HAProxy config) in `cpu` and `stat`. The binaries run
 # alternately, REPS rounds; each line is one run: req/s, µs of proxy CPU per request (utime+stime
@@ -16,17 +18,17 @@ ROOT=${ROOT:-${TMPDIR:-/tmp}/moat-load}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OHA=${OHA:-$ROOT/cargo-root/bin/oha}
 DUR=${DUR:-4}
+RATE=${RATE:-2000}; TAIL_DUR=${TAIL_DUR:-8}   # tail: the fixed rate and each run's length
 TMP=$(mktemp -d); trap 'rm -rf "$TMP"; [ -n "${BACKEND:-}" ] && kill "$BACKEND" 2>/dev/null' EXIT
 TLS=(--insecure --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key")
 CURL_TLS=(-sk --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key" -o /dev/null)
 
 [ -f "$ROOT/conf/moat-in.toml" ] && [ -x "$OHA" ] || { echo "run benches/load/run.sh once first ($ROOT)" >&2; exit 1; }
+wait_port() { local i; for i in $(seq 100); do ss -ltnH "sport = :$1" | grep -q . && return; sleep 0.1; done; }
 if ! ss -ltnH 'sport = :18080' | grep -q .; then
   taskset -c 0 nginx -c "$ROOT/conf/nginx-backend.conf" >/dev/null 2>&1 & BACKEND=$!
-  sleep 0.5
+  wait_port 18080
 fi
-
-wait_port() { local i; for i in $(seq 100); do ss -ltnH "sport = :$1" | grep -q . && return; sleep 0.1; done; }
 
 start() { # BIN CONFIG -> PID, PORT
   if [ "$1" = haproxy ]; then
@@ -45,7 +47,7 @@ load_args() {
     ka) ARGS=(-c 32 --http-version 1.1) ;;
     c1) ARGS=(-c 1 --http-version 1.1) ;;
     h2) ARGS=(--http2 -c 16 -p 16) ;;
-    fr) ARGS=(-c 32 -q 2000 --latency-correction --http-version 1.1) ;;
+    fr) ARGS=(-c 32 -q "$RATE" --latency-correction --http-version 1.1) ;;
     *) echo "unknown mode $1" >&2; exit 1 ;;
   esac
 }
@@ -135,9 +137,87 @@ print(f"{name:16s} rps={rps:.0f} syscalls/req={get('raw_syscalls') / reqs:.2f} "
 PY
 }
 
+# The pair's outbound for `tail`: to the harness's inbound config (moat-in.toml, :18443), pinned to its identity.
+out_config() {
+  cat >"$TMP/out.toml" <<CONF
+[runtime]
+worker_threads = 1
+[identity]
+cert = "$ROOT/pki/client.crt"
+key = "$ROOT/pki/client.key"
+bundle = "$ROOT/pki/bundle.pem"
+[admin]
+listen = "127.0.0.1:0"
+[[outbound]]
+name = "out"
+listen = "127.0.0.1:15901"
+upstream = "127.0.0.1:18443"
+peer = "spiffe://example.org/server"
+protocol = "http"
+CONF
+}
+
+# Where the slowest 1 % of a fixed-rate run (RATE req/s, latency-corrected, as the harness's fixed-rate
+# rows) fall in time: spread evenly (a cost every request can pay), periodic (a tick in the proxy), or
+# in bursts at random instants that hit direct traffic too (the machine stalling). TARGET: `direct`
+# (oha -> nginx), `haproxy` (the harness's HAProxy pair) or a moat binary (a moat pair: outbound ->
+# mTLS -> inbound -> nginx). One line per run: percentiles over the steady state (the first second
+# dropped), then the slowest 1 % grouped into bursts (requests that started within 5 ms of each other)
+# and the largest bursts as size@second.
+tail_() {
+  local t p url procs
+  out_config
+  for t in "$@"; do
+    procs=()
+    case $t in
+      direct) url=http://127.0.0.1:18080/ ;;
+      haproxy)
+        taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy.cfg" >/dev/null 2>&1 & procs+=($!)
+        taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy-out.cfg" >/dev/null 2>&1 & procs+=($!)
+        wait_port 19443; wait_port 19447; url=http://127.0.0.1:19447/ ;;
+      *)
+        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$ROOT/conf/moat-in.toml" >/dev/null 2>&1 & procs+=($!)
+        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$TMP/out.toml" >/dev/null 2>&1 & procs+=($!)
+        wait_port 18443; wait_port 15901; url=http://127.0.0.1:15901/ ;;
+    esac
+    curl -s -o /dev/null "$url"
+    rm -f "$TMP/run.db"
+    taskset -c 1 "$OHA" -z "${TAIL_DUR}s" --no-tui --worker-threads 1 -c 32 -q "$RATE" --latency-correction \
+      --http-version 1.1 --db-url "$TMP/run.db" "$url" >/dev/null 2>&1
+    for p in "${procs[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    python3 - "$t" "$TMP/run.db" <<'PY'
+import os, sqlite3, sys
+name, db = os.path.basename(sys.argv[1]), sys.argv[2]
+con = sqlite3.connect(db)
+t0 = con.execute("select min(start) from oha").fetchone()[0]
+if t0 is None:
+    sys.exit(f"{name}: no requests recorded")
+rows = [(s - t0, e - c) for s, e, c in con.execute(
+    "select start, end, coalesce(start_latency_correction, start) from oha where status = 200 and start >= ?",
+    (t0 + 1,))]
+lat = sorted(r[1] for r in rows)
+q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000  # noqa: E731
+slow = sorted(r[0] for r in rows if r[1] >= lat[int(.99 * len(lat))])
+bursts, cur = [], [slow[0]]
+for x in slow[1:]:
+    if x - cur[-1] < 0.005:
+        cur.append(x)
+    else:
+        bursts.append(cur)
+        cur = [x]
+bursts.append(cur)
+big = sorted(bursts, key=len, reverse=True)[:6]
+print(f"{name:10s} n={len(lat)} p50={q(.5):.3f} p90={q(.9):.3f} p99={q(.99):.3f} p99.9={q(.999):.3f} "
+      f"max={lat[-1] * 1000:.2f} ms; slowest 1 %: {len(slow)} in {len(bursts)} bursts, largest "
+      + ", ".join(f"{len(b)}@{b[0]:.2f}s" for b in big))
+PY
+  done
+}
+
 case ${1:-} in
   cpu) shift; cpu "$@" ;;
   mem) shift; mem "$@" ;;
   stat) shift; stat_ "$@" ;;
-  *) sed -n '2,12p' "$0"; exit 1 ;;
+  tail) shift; tail_ "$@" ;;
+  *) sed -n '2,14p' "$0"; exit 1 ;;
 esac
