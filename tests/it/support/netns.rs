@@ -234,6 +234,16 @@ impl Capture {
                     (&raw const timeout).cast(),
                     size_of::<libc::timeval>() as u32,
                 );
+                // Room for every frame of a test's traffic while the reading
+                // thread waits for a core (the default ~200 KiB drops frames).
+                let rcvbuf: libc::c_int = 32 << 20;
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUFFORCE,
+                    (&raw const rcvbuf).cast(),
+                    size_of::<libc::c_int>() as u32,
+                );
                 fd
             }
         });
@@ -243,13 +253,26 @@ impl Capture {
             let (stop, frames) = (stop.clone(), frames.clone());
             std::thread::spawn(move || {
                 let mut buf = vec![0u8; 65536];
-                while !stop.load(Ordering::Relaxed) {
+                loop {
+                    // Once stopped, what the socket already holds is still
+                    // read (without waiting): frames of traffic that ended
+                    // before `stop` but that this thread, behind on a busy
+                    // machine, had not read yet.
+                    let stopping = stop.load(Ordering::Relaxed);
+                    let flags = if stopping { libc::MSG_DONTWAIT } else { 0 };
                     // SAFETY: `buf` is valid for writes of its length.
                     let n = unsafe {
-                        libc::recv(socket.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0)
+                        libc::recv(
+                            socket.as_raw_fd(),
+                            buf.as_mut_ptr().cast(),
+                            buf.len(),
+                            flags,
+                        )
                     };
                     if n > 0 {
                         frames.lock().unwrap().push(buf[..n as usize].to_vec());
+                    } else if stopping {
+                        break;
                     }
                 }
             })
