@@ -19,7 +19,11 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OHA=${OHA:-$ROOT/cargo-root/bin/oha}
 DUR=${DUR:-4}
 RATE=${RATE:-2000}; TAIL_DUR=${TAIL_DUR:-8}   # tail: the fixed rate and each run's length
-TMP=$(mktemp -d); trap 'rm -rf "$TMP"; [ -n "${BACKEND:-}" ] && kill "$BACKEND" 2>/dev/null' EXIT
+# On exit, interrupted or not: the proxies still running (PID: `start`'s; PROCS: `tail`'s) and a backend
+# this script started.
+PROCS=()
+TMP=$(mktemp -d)
+trap 'kill ${PID:-} "${PROCS[@]}" ${BACKEND:-} 2>/dev/null; rm -rf "$TMP"' EXIT
 TLS=(--insecure --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key")
 CURL_TLS=(-sk --cert "$ROOT/pki/loadgen.crt" --key "$ROOT/pki/loadgen.key" -o /dev/null)
 
@@ -40,7 +44,7 @@ start() { # BIN CONFIG -> PID, PORT
   curl "${CURL_TLS[@]}" "https://127.0.0.1:$PORT/"
 }
 
-stop() { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; }
+stop() { kill "$PID" 2>/dev/null; wait "$PID" 2>/dev/null; PID=; }
 
 load_args() {
   case $1 in
@@ -165,26 +169,26 @@ CONF
 # dropped), then the slowest 1 % grouped into bursts (requests that started within 5 ms of each other)
 # and the largest bursts as size@second.
 tail_() {
-  local t p url procs
+  local t url
   out_config
   for t in "$@"; do
-    procs=()
+    PROCS=()
     case $t in
       direct) url=http://127.0.0.1:18080/ ;;
       haproxy)
-        taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy.cfg" >/dev/null 2>&1 & procs+=($!)
-        taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy-out.cfg" >/dev/null 2>&1 & procs+=($!)
+        taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy.cfg" >/dev/null 2>&1 & PROCS+=($!)
+        taskset -c 0 haproxy -db -f "$ROOT/conf/haproxy-out.cfg" >/dev/null 2>&1 & PROCS+=($!)
         wait_port 19443; wait_port 19447; url=http://127.0.0.1:19447/ ;;
       *)
-        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$ROOT/conf/moat-in.toml" >/dev/null 2>&1 & procs+=($!)
-        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$TMP/out.toml" >/dev/null 2>&1 & procs+=($!)
+        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$ROOT/conf/moat-in.toml" >/dev/null 2>&1 & PROCS+=($!)
+        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$TMP/out.toml" >/dev/null 2>&1 & PROCS+=($!)
         wait_port 18443; wait_port 15901; url=http://127.0.0.1:15901/ ;;
     esac
     curl -s -o /dev/null "$url"
     rm -f "$TMP/run.db"
     taskset -c 1 "$OHA" -z "${TAIL_DUR}s" --no-tui --worker-threads 1 -c 32 -q "$RATE" --latency-correction \
       --http-version 1.1 --db-url "$TMP/run.db" "$url" >/dev/null 2>&1
-    for p in "${procs[@]}"; do kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; done
+    kill "${PROCS[@]}" 2>/dev/null; wait "${PROCS[@]}" 2>/dev/null; PROCS=()
     python3 - "$t" "$TMP/run.db" <<'PY'
 import os, sqlite3, sys
 name, db = os.path.basename(sys.argv[1]), sys.argv[2]
