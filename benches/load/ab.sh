@@ -89,6 +89,7 @@ us = lambda ticks: ticks / tick * 1e6 / max(n, 1)   # µs per request
 db = sqlite3.connect(f"{tmp}/oha.db")
 start = db.execute("select min(start) from oha").fetchone()[0]
 lat = sorted(r[0] for r in db.execute("select duration from oha where start >= ?", (start + 1.0,)))
+lat = lat or sorted(r[0] for r in db.execute("select duration from oha"))  # DUR <= 1: nothing after the first second
 q = lambda p: lat[min(len(lat) - 1, int(p * len(lat)))] * 1000
 print(f"{os.path.basename(b):16s} {mode} rps={d['summary']['requestsPerSec']:8.0f} "
       f"cpu_us/req={us(u1 - u0 + s1 - s0):6.2f} (usr {us(u1 - u0):5.2f} sys {us(s1 - s0):5.2f}) "
