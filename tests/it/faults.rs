@@ -138,9 +138,9 @@ fn peer_sidecar_restarted_under_load_costs_only_the_gap() {
             })
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(700));
-    let before_restart = ok.load(Ordering::Relaxed);
-    assert!(before_restart > 20, "load is flowing: {before_restart}");
+    eventually(Duration::from_secs(30), "load to flow", || {
+        ok.load(Ordering::Relaxed) > 20
+    });
     drop(b);
     let down = Instant::now();
     let (_b2, b2_addr) = sidecar_b(&ca, &b_files, service, &b_addr.to_string());
@@ -148,7 +148,11 @@ fn peer_sidecar_restarted_under_load_costs_only_the_gap() {
     assert_eq!(b2_addr, b_addr);
     let failed_at_restart = failed.load(Ordering::Relaxed);
     let ok_at_restart = ok.load(Ordering::Relaxed);
+    // At least a second of traffic to B's successor, failures counted.
     std::thread::sleep(Duration::from_millis(1000));
+    eventually(Duration::from_secs(30), "traffic to resume", || {
+        ok.load(Ordering::Relaxed) - ok_at_restart > 20
+    });
     stop.store(true, Ordering::Relaxed);
     for t in load {
         t.join().unwrap();
@@ -277,8 +281,11 @@ fn policy_file_truncated_deleted_or_replaced_under_traffic() {
     });
     assert_eq!(get(&s), 403, "last good policy kept");
     // Deleted: the last good policy stays.
+    let failed_before = reloads(&s, "error") + reloads(&s, "failed") + reloads(&s, "invalid");
     std::fs::remove_file(&policy).unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    eventually(Duration::from_secs(10), "the deleted file refused", || {
+        reloads(&s, "error") + reloads(&s, "failed") + reloads(&s, "invalid") > failed_before
+    });
     assert_eq!(get(&s), 403, "last good policy kept after delete");
     // Recreated: applies again.
     std::fs::write(&policy, POLICY).unwrap();
@@ -440,9 +447,12 @@ fn certificate_files_truncated_deleted_or_replaced_under_traffic() {
     assert_eq!(identity_json(s.admin)["serial"], before);
     s.assert_still_serving();
     // Deleted, both files.
+    let seen = unusable(&s);
     std::fs::remove_file(&cert).unwrap();
     std::fs::remove_file(&key).unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    eventually(Duration::from_secs(10), "the deleted files refused", || {
+        unusable(&s) > seen
+    });
     assert_eq!(
         identity_json(s.admin)["serial"],
         before,

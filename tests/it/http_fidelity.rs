@@ -489,14 +489,22 @@ fn head_to_an_h2c_service_that_sends_a_body_is_answered() {
     }
 }
 
+/// What `/refuse` saw: body bytes that arrived although it refused them,
+/// and how many of its connections are over (closed, or silent for 5 s).
+#[derive(Default)]
+struct Refused {
+    bytes: AtomicUsize,
+    done: AtomicUsize,
+}
+
 /// A raw HTTP/1.1 service for `Expect: 100-continue`: `/refuse` answers 413
 /// without reading the body (counting what arrives anyway), `/accept` sends
 /// its own 100 and reads the body.
-fn continue_service() -> (SocketAddr, Arc<AtomicUsize>) {
+fn continue_service() -> (SocketAddr, Arc<Refused>) {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
-    let received = Arc::new(AtomicUsize::new(0));
-    let count = received.clone();
+    let refused = Arc::new(Refused::default());
+    let count = refused.clone();
     std::thread::spawn(move || {
         for s in listener.incoming() {
             let Ok(s) = s else { continue };
@@ -504,10 +512,10 @@ fn continue_service() -> (SocketAddr, Arc<AtomicUsize>) {
             std::thread::spawn(move || serve_continue(s, &count));
         }
     });
-    (addr, received)
+    (addr, refused)
 }
 
-fn serve_continue(s: std::net::TcpStream, received: &AtomicUsize) {
+fn serve_continue(s: std::net::TcpStream, refused: &Refused) {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     let mut reader = BufReader::new(s);
     let mut head = Vec::new();
@@ -535,9 +543,12 @@ fn serve_continue(s: std::net::TcpStream, received: &AtomicUsize) {
         let mut buf = [0u8; 65536];
         loop {
             match reader.read(&mut buf) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => {
+                    refused.done.fetch_add(1, Ordering::SeqCst);
+                    return;
+                }
                 Ok(n) => {
-                    received.fetch_add(n, Ordering::SeqCst);
+                    refused.bytes.fetch_add(n, Ordering::SeqCst);
                 }
             }
         }
@@ -616,7 +627,7 @@ fn have_nghttp() -> bool {
 fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
     const SIZE: usize = 5 << 20;
     const ALMOST_NOTHING: usize = 64 * 1024;
-    let (svc, received) = continue_service();
+    let (svc, refused) = continue_service();
     let p = pair(svc, "");
     let dir = tempfile::tempdir().unwrap();
     let data = write(dir.path(), "5mb.bin", &"x".repeat(SIZE));
@@ -632,10 +643,16 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
     ];
     let through_pair = format!("http://{}", p.a_addr);
     let to_inbound = format!("https://{}", p.b_addr);
+    let refusals = std::cell::Cell::new(0);
     let received_after = |what: &str| {
         // The service counts until the sidecar closes the connection.
-        std::thread::sleep(Duration::from_millis(500));
-        let got = received.swap(0, Ordering::SeqCst);
+        refusals.set(refusals.get() + 1);
+        eventually(
+            Duration::from_secs(30),
+            &format!("{what}: the refused connection to end"),
+            || refused.done.load(Ordering::SeqCst) >= refusals.get(),
+        );
+        let got = refused.bytes.swap(0, Ordering::SeqCst);
         assert!(
             got < ALMOST_NOTHING,
             "{what}: the service received {got} bytes it refused"

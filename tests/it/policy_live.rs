@@ -269,9 +269,12 @@ fn write_rename(path: &Path, text: &str) {
 
 #[test]
 fn policy_edits_under_live_traffic_fail_no_request_and_close_no_connection() {
-    let f = fixture();
+    let mut f = fixture();
     let steady = steady_traffic(f.inbound, &f.web, "/steady", 150);
-    std::thread::sleep(Duration::from_millis(500));
+    // The edits come once the steady traffic flows.
+    f.proxy.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "access" && v["path"] == "/steady"
+    });
     let reloads = |f: &Fixture| count_logs(&f.proxy, "policy reloaded");
     let refusals = |f: &Fixture| {
         count_logs(

@@ -47,16 +47,15 @@ fn ca_identity_is_not_ready_until_the_first_certificate() {
     );
     let (mut proxy, addrs) = start_proxy(&write(dir.path(), "proxy.toml", &config), &["admin"]);
     let admin = addrs[0];
-    std::thread::sleep(Duration::from_millis(500));
+    proxy.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "cannot get a certificate from the CA yet"
+    });
     assert_eq!(curl_http(admin, "/live", &[]).0, 200);
     assert_eq!(
         curl_http(admin, "/ready", &[]).0,
         503,
         "no certificate while the CA is down"
     );
-    proxy.wait_for_log(Duration::from_secs(5), |v| {
-        v["message"] == "cannot get a certificate from the CA yet"
-    });
     let mut ca = Running::start(&[
         "ca",
         "serve",
@@ -200,13 +199,26 @@ fn file_identity_keeps_old_certificate_when_reload_is_broken() {
     );
     // A key that does not match the certificate is refused too.
     let other = issue(&ca, B, "1h", "other");
+    // Seen as half a rotation (waiting for the other file) or as unusable.
+    let refusals = |b: &Running| {
+        count_logs(
+            b,
+            "identity files changed but certificate and key do not fit yet; waiting for the other file",
+        ) + count_logs(
+            b,
+            "identity files changed but are unusable; keeping the current credentials",
+        )
+    };
+    let before_refusals = refusals(&b);
     std::fs::copy(&other.cert, &files.cert).unwrap();
     std::fs::write(
         &files.key,
         rcgen::KeyPair::generate().unwrap().serialize_pem(),
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(800));
+    eventually(Duration::from_secs(30), "the mismatched key seen", || {
+        refusals(&b) > before_refusals
+    });
     assert_eq!(
         identity_json(admin)["serial"],
         before,

@@ -33,7 +33,7 @@ fn drain_lets_in_flight_request_finish(extra: &str, curl_flag: &'static str) {
     let ca = TestCa::start();
     let client = issue(&ca, A, "1h", "client");
     let server = issue(&ca, B, "1h", "server");
-    let (slow, arrived) = slow_service(Duration::from_millis(1500));
+    let (slow, arrived, release) = held_service();
     let config = format!(
         "{}{ADMIN}{extra}[limits]\nshutdown_grace = \"10s\"\n\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{slow}\"\nforward_http = \"http1\"\n",
         file_identity(&server, &ca.bundle_file())
@@ -47,15 +47,17 @@ fn drain_lets_in_flight_request_finish(extra: &str, curl_flag: &'static str) {
     arrived
         .recv_timeout(Duration::from_secs(10))
         .expect("the request reached the service");
-    let signaled = Instant::now();
     proxy.signal("TERM");
-    // While draining: readiness is withdrawn and new connections are refused.
-    eventually(Duration::from_secs(2), "readiness to go false", || {
+    // While draining (the request held until both are seen): readiness is
+    // withdrawn and new connections are refused.
+    eventually(Duration::from_secs(10), "readiness to go false", || {
         curl_http(admin, "/ready", &[]).0 == 503
     });
-    eventually(Duration::from_secs(2), "the listener to close", || {
+    eventually(Duration::from_secs(10), "the listener to close", || {
         std::net::TcpStream::connect(api).is_err()
     });
+    let released = Instant::now();
+    drop(release);
     let (status, body) = in_flight.join().unwrap();
     assert_eq!(
         (status, body.as_str()),
@@ -67,7 +69,7 @@ fn drain_lets_in_flight_request_finish(extra: &str, curl_flag: &'static str) {
         .expect("exited after the drain");
     assert!(exit.success(), "{exit}");
     assert!(
-        signaled.elapsed() < Duration::from_secs(5),
+        released.elapsed() < Duration::from_secs(5),
         "did not wait for the whole grace period"
     );
 }

@@ -118,7 +118,7 @@ fn inbound_policy_forwards_the_normalized_path() {
 
 #[test]
 fn inbound_policy_edit_takes_effect_without_restart_and_bad_edit_keeps_last_good() {
-    let f = fixture();
+    let mut f = fixture();
     assert_eq!(get(&f, &f.batch, "/orders/1").0, 403);
     std::fs::write(
         &f.policy,
@@ -138,7 +138,9 @@ fn inbound_policy_edit_takes_effect_without_restart_and_bad_edit_keeps_last_good
         "mode = \"enforce\"\n[[route]]\nname = \"broken\"\npath = \"/x\"\nunknown = 1\n",
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(1000));
+    f.proxy.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "policy reload refused; keeping the last good policy"
+    });
     assert_eq!(
         get(&f, &f.batch, "/orders/1").0,
         200,

@@ -192,19 +192,24 @@ impl Traced {
 
     /// The address of the listener `name`, from its `listening` log line.
     fn listening(&mut self, name: &str) -> String {
+        let line = self.wait_for(&format!("`listening` line for {name}"), |v| {
+            v["message"] == "listening" && v["listener"] == name
+        });
+        line["addr"].as_str().unwrap().to_owned()
+    }
+
+    /// The first JSON log line that satisfies `pred`, waiting up to a minute.
+    fn wait_for(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         loop {
-            let found = self
-                .logged
-                .iter()
-                .find(|v| v["message"] == "listening" && v["listener"] == name);
-            if let Some(v) = found {
-                return v["addr"].as_str().unwrap().to_owned();
+            if let Some(v) = self.logged.iter().find(|v| pred(v)) {
+                return v.clone();
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no `listening` line for {name}"
-            );
+            assert!(std::time::Instant::now() < deadline, "no {what}");
             if let Ok(line) = self.lines.recv_timeout(std::time::Duration::from_secs(1))
                 && let Ok(v) = serde_json::from_str(&line)
             {
@@ -394,7 +399,10 @@ fn the_syscall_filter_allows_what_the_ca_and_proxy_do() {
     let _ = Command::new("curl")
         .args(["-s", "-o", "/dev/null", &format!("http://{outbound}/x")])
         .output();
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    // The reload's system calls are in the trace once it has logged.
+    proxy.wait_for("`policy reloaded` line", |v| {
+        v["message"] == "policy reloaded"
+    });
     proxy.stop();
     ca.stop();
 

@@ -19,7 +19,7 @@
 use crate::redirect::{APP, curl_in, moat_ok_in, nft, pods, sidecar_config};
 use crate::support;
 use crate::support::netns::*;
-use crate::support::proxy::{eventually, foreign_cert, issue, write};
+use crate::support::proxy::{count_logs, eventually, foreign_cert, issue, write};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -352,6 +352,10 @@ fn transparent_pair_carries_http1_h2_grpc_and_tcp_over_mtls_without_app_changes(
     );
 
     // The app saw only moat, over loopback, and never the denied route.
+    // (It logs a request after answering it: wait for the lines.)
+    eventually(Duration::from_secs(10), "the app's request lines", || {
+        count_logs(&apps.http, "request") >= 4
+    });
     let requests: Vec<_> = apps
         .http
         .json_logs()
@@ -495,6 +499,10 @@ fn transparent_inbound_strict_refuses_outsiders_and_permissive_counts_their_plai
         ) >= 1.0,
         "{metrics}"
     );
+    // The app logs a request after answering it: wait for the lines.
+    eventually(Duration::from_secs(10), "the app's request lines", || {
+        count_logs(&apps.http, "request") >= 2
+    });
     let paths: Vec<String> = apps
         .http
         .json_logs()
@@ -629,6 +637,10 @@ fn unmatched_destinations_pass_through_or_are_denied_and_dns_is_untouched() {
         resolve_from(&client.ns, SocketAddr::new(outsider.ip4.into(), 53)),
         [10, 200, 0, 2]
     );
+    // The app logs a request after answering it: wait for the line.
+    eventually(Duration::from_secs(10), "the app's request line", || {
+        count_logs(&web, "request") >= 1
+    });
     let seen: Vec<_> = web
         .json_logs()
         .into_iter()

@@ -218,6 +218,11 @@ impl KeepAlive {
         }
     }
 
+    /// The connection itself (to wait for the server to close it, say).
+    pub(crate) fn stream(&mut self) -> &mut std::net::TcpStream {
+        self.reader.get_mut()
+    }
+
     /// Sends `GET path` and returns the status (0 if the connection failed).
     pub(crate) fn get(&mut self, path: &str) -> u16 {
         use std::io::{BufRead, Read, Write};
@@ -269,14 +274,39 @@ pub(crate) fn count_logs(proc: &Running, message: &str) -> usize {
 /// An HTTP/1.1 service that tells `arrived` when a request has come in, then
 /// waits `delay` before answering 200 `slow`.
 pub(crate) fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
+    answering_after(move || std::thread::sleep(delay))
+}
+
+/// An HTTP/1.1 service that tells `arrived` when a request has come in, then
+/// answers 200 `slow` once `release` is sent to or dropped: a request held
+/// in flight for as long as the test needs, however slow the machine.
+pub(crate) fn held_service() -> (
+    SocketAddr,
+    std::sync::mpsc::Receiver<()>,
+    std::sync::mpsc::Sender<()>,
+) {
+    let (release, held) = std::sync::mpsc::channel::<()>();
+    let held = std::sync::Mutex::new(held);
+    let (addr, arrived) = answering_after(move || {
+        let _ = held.lock().unwrap().recv();
+    });
+    (addr, arrived, release)
+}
+
+/// An HTTP/1.1 service that tells `arrived` when a request has come in,
+/// then runs `wait` before answering 200 `slow`.
+fn answering_after(
+    wait: impl Fn() + Send + Sync + 'static,
+) -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
     use std::io::{BufRead, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
+    let wait = std::sync::Arc::new(wait);
     std::thread::spawn(move || {
         for stream in listener.incoming() {
             let Ok(stream) = stream else { continue };
-            let tx = tx.clone();
+            let (tx, wait) = (tx.clone(), wait.clone());
             std::thread::spawn(move || {
                 let mut reader = std::io::BufReader::new(stream);
                 loop {
@@ -289,7 +319,7 @@ pub(crate) fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Rec
                     }
                 }
                 let _ = tx.send(());
-                std::thread::sleep(delay);
+                wait();
                 let _ = reader
                     .get_mut()
                     .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nslow");
