@@ -167,6 +167,16 @@ impl<'t> Diags<'t> {
 /// read now (through `cache`, so a running proxy shares them across reloads).
 pub(super) fn compile(file: &Path, text: &str, cache: &JwksCache) -> Result<Policy, PolicyError> {
     let mut diags = Diags::new(file, text);
+    // An empty file is what an in-place write (truncate, then write) leaves
+    // for a moment; a reload that read it would deny every request. A policy
+    // that is meant to deny everything says so (a comment, or `mode`).
+    if text.trim().is_empty() {
+        diags.at(
+            0..0,
+            "the policy file is empty (a write in progress?): to deny every request, write a policy with no routes and a comment saying so",
+        );
+        return Err(diags.finish().unwrap_err());
+    }
     let raw: RawPolicy = match toml::from_str(text) {
         Ok(raw) => raw,
         Err(e) => {

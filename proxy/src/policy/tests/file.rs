@@ -40,6 +40,8 @@ fn file_errors_name_line_and_column() {
         (format!("{issuer}leeway = \"1h\"\n"), "7:10: leeway must be between"),
         (format!("{issuer}{issuer}"), "8:8: issuer \"corp\" is defined twice"),
         ("[[route]\n".into(), "1:9: unclosed array table"),
+        (String::new(), "1:1: the policy file is empty (a write in progress?)"),
+        (" \n\t\n".into(), "1:1: the policy file is empty (a write in progress?)"),
     ];
     for (text, want) in cases {
         let errors = errors_of(text);
@@ -170,4 +172,43 @@ fn mutated_policies_never_panic_and_point_inside_the_file() {
             }
         }
     }
+}
+
+/// An in-place write (truncate, then write) leaves the file empty for a
+/// moment: a reload that reads it then is refused and the last good policy
+/// stays; a policy that denies everything on purpose says so and applies.
+#[test]
+fn an_emptied_file_is_refused_on_reload_and_a_deliberate_deny_all_applies() {
+    let f = fixture();
+    let path = f.dir.path().join("policy.toml");
+    let cache = Arc::new(JwksCache::default());
+    let watcher = PolicyWatcher::load(&path, cache).unwrap_or_else(|e| panic!("{e}"));
+    let routes = watcher.current().route_count();
+    assert!(routes > 0);
+
+    std::fs::write(&path, "").unwrap();
+    let outcome = watcher.reload();
+    assert!(
+        matches!(&outcome, watch::ReloadOutcome::Refused(e) if e.to_string().contains("the policy file is empty")),
+        "{outcome:?}"
+    );
+    assert_eq!(watcher.current().route_count(), routes);
+    assert_eq!(
+        watcher
+            .stats()
+            .failed
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+
+    std::fs::write(
+        &path,
+        "# every request is denied until the incident is over\n",
+    )
+    .unwrap();
+    assert!(matches!(
+        watcher.reload(),
+        watch::ReloadOutcome::Applied { .. }
+    ));
+    assert_eq!(watcher.current().route_count(), 0);
 }
