@@ -11,8 +11,8 @@
 //! answer, never an invitation, and once the answer has been relayed the
 //! held body is given up, which closes the upstream connection it would
 //! have been written on ([`GiveUp`]). An upstream that says nothing within
-//! [`EXPECT_WAIT`] gets the body anyway, as RFC 9110 §10.1.1 lets a client
-//! do (curl waits one second too).
+//! `[limits] expect_continue_timeout` (1 s, as curl waits) gets the body
+//! anyway, as RFC 9110 §10.1.1 lets a client do.
 //!
 //! Only an HTTP/1.1 upstream can say 100: hyper's HTTP/2 client does not
 //! pass informational responses on, so over HTTP/2 the body goes at once.
@@ -28,9 +28,6 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, header};
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Sleep;
-
-/// How long a held body waits for the upstream's 100 before it goes anyway.
-pub(crate) const EXPECT_WAIT: Duration = Duration::from_secs(1);
 
 const WAITING: u8 = 0;
 const OPEN: u8 = 1;
@@ -67,10 +64,10 @@ pub(crate) fn expects_continue(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// Holds `req`'s body back until the upstream asks for it (see the module
-/// docs); returns the gate, which the caller consults when the response
-/// head arrives.
-pub(crate) fn hold<B>(mut req: Request<B>) -> (Request<HeldBody<B>>, Arc<Gate>) {
+/// Holds `req`'s body back until the upstream asks for it, or for `wait`
+/// (see the module docs); returns the gate, which the caller consults when
+/// the response head arrives.
+pub(crate) fn hold<B>(mut req: Request<B>, wait: Duration) -> (Request<HeldBody<B>>, Arc<Gate>) {
     let gate = Arc::new(Gate::default());
     let opener = gate.clone();
     hyper::ext::on_informational(&mut req, move |res| {
@@ -82,7 +79,7 @@ pub(crate) fn hold<B>(mut req: Request<B>) -> (Request<HeldBody<B>>, Arc<Gate>) 
     let body = HeldBody {
         inner,
         gate: gate.clone(),
-        wait: Box::pin(tokio::time::sleep(EXPECT_WAIT)),
+        wait: Box::pin(tokio::time::sleep(wait)),
     };
     (Request::from_parts(parts, body), gate)
 }
@@ -176,13 +173,15 @@ mod tests {
 
     use super::*;
 
+    const WAIT: Duration = Duration::from_millis(200);
+
     fn held() -> (HeldBody<Full<Bytes>>, Arc<Gate>) {
         let req = Request::post("/")
             .header("expect", "100-continue")
             .body(Full::new(Bytes::from_static(b"body")))
             .unwrap();
         assert!(expects_continue(req.headers()));
-        let (req, gate) = hold(req);
+        let (req, gate) = hold(req, WAIT);
         (req.into_body(), gate)
     }
 
@@ -214,7 +213,7 @@ mod tests {
         let (mut body, gate) = held();
         let started = std::time::Instant::now();
         assert!(body.frame().await.unwrap().is_ok());
-        assert!(started.elapsed() >= EXPECT_WAIT);
+        assert!(started.elapsed() >= WAIT);
         assert!(!gate.is_waiting());
     }
 }

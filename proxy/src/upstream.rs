@@ -171,7 +171,7 @@ where
         let req = if req.body().is_end_stream() {
             req.map(|_| OutBody::Empty)
         } else if !h2 && expect::expects_continue(req.headers()) {
-            let (held, g) = expect::hold(req);
+            let (held, g) = expect::hold(req, self.limits.expect_continue_timeout);
             gate = Some(g);
             held.map(|b| OutBody::Held(Box::new(b)))
         } else {

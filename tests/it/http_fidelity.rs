@@ -628,12 +628,19 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
     const SIZE: usize = 5 << 20;
     const ALMOST_NOTHING: usize = 64 * 1024;
     let (svc, refused) = continue_service();
-    let p = pair(svc, "");
+    // Neither sidecar nor curl gives up on the service's answer after their
+    // default second (the RFC's fallback, which a loaded machine can reach
+    // before the refusal comes back): the test is about who decides.
+    let p = SidecarPair::spec(A, B, svc)
+        .common("[limits]\nexpect_continue_timeout = \"30s\"\n")
+        .start();
     let dir = tempfile::tempdir().unwrap();
     let data = write(dir.path(), "5mb.bin", &"x".repeat(SIZE));
     let data_arg = format!("@{}", path_str(&data));
     let client = p.client();
     let tls = [
+        "--expect100-timeout",
+        "30",
         "-k",
         "--http1.1",
         "--cert",
@@ -659,7 +666,11 @@ fn expect_100_continue_is_answered_by_the_service_through_the_pair() {
         );
     };
     let h1: [(&str, &str, &[&str]); 2] = [
-        ("pair, HTTP/1.1", &through_pair, &["--http1.1"]),
+        (
+            "pair, HTTP/1.1",
+            &through_pair,
+            &["--expect100-timeout", "30", "--http1.1"],
+        ),
         ("inbound, HTTP/1.1", &to_inbound, &tls),
     ];
     for (what, base, flags) in h1 {

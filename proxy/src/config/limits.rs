@@ -45,6 +45,11 @@ pub struct Limits {
     /// Time allowed for the upstream to start answering; then 504.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
+    /// How long a request with `Expect: 100-continue` waits for the
+    /// upstream's `100 Continue` (or its final answer) before its body goes
+    /// anyway, as RFC 9110 §10.1.1 lets a client do.
+    #[serde(with = "humantime_serde")]
+    pub expect_continue_timeout: Duration,
     /// On SIGTERM, how long in-flight requests may take to finish.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace: Duration,
@@ -62,6 +67,7 @@ impl Default for Limits {
             pool_idle_timeout: Duration::from_secs(4),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(60),
+            expect_continue_timeout: Duration::from_secs(1),
             shutdown_grace: Duration::from_secs(30),
         }
     }
