@@ -86,9 +86,12 @@ pub(super) async fn refresh_loop(state: Arc<ServerState>) {
         };
         match next {
             Ok((next, records)) => {
-                tracing::info!(roots = ?next.roots, version = next.versions.roots, "signing state reloaded");
                 state.metrics.roots(&records);
-                state.snapshot.store(Arc::new(next));
+                // Logged once in force: a watcher of this line (an operator,
+                // a test) then sees the new roots served.
+                let next = Arc::new(next);
+                state.snapshot.store(next.clone());
+                tracing::info!(roots = ?next.roots, version = next.versions.roots, "signing state reloaded");
                 if health.set_signing(None) {
                     tracing::info!("signing again");
                 }
