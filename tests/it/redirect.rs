@@ -602,9 +602,7 @@ fn transparent_inbound_serves_the_app_port_over_mtls_only() {
 
     // The app only ever saw moat, over loopback. (It logs a request after
     // answering it: wait for the lines.)
-    proxy_support::eventually(Duration::from_secs(10), "the app's request lines", || {
-        proxy_support::count_logs(&app, "request") >= 3
-    });
+    proxy_support::wait_for_logs(&app, "request", 3);
     let requests: Vec<_> = app
         .json_logs()
         .into_iter()

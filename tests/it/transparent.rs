@@ -19,7 +19,7 @@
 use crate::redirect::{APP, curl_in, moat_ok_in, nft, pods, sidecar_config};
 use crate::support;
 use crate::support::netns::*;
-use crate::support::proxy::{count_logs, eventually, foreign_cert, issue, write};
+use crate::support::proxy::{eventually, foreign_cert, issue, wait_for_logs, write};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -353,9 +353,7 @@ fn transparent_pair_carries_http1_h2_grpc_and_tcp_over_mtls_without_app_changes(
 
     // The app saw only moat, over loopback, and never the denied route.
     // (It logs a request after answering it: wait for the lines.)
-    eventually(Duration::from_secs(10), "the app's request lines", || {
-        count_logs(&apps.http, "request") >= 4
-    });
+    wait_for_logs(&apps.http, "request", 4);
     let requests: Vec<_> = apps
         .http
         .json_logs()
@@ -500,9 +498,7 @@ fn transparent_inbound_strict_refuses_outsiders_and_permissive_counts_their_plai
         "{metrics}"
     );
     // The app logs a request after answering it: wait for the lines.
-    eventually(Duration::from_secs(10), "the app's request lines", || {
-        count_logs(&apps.http, "request") >= 2
-    });
+    wait_for_logs(&apps.http, "request", 2);
     let paths: Vec<String> = apps
         .http
         .json_logs()
@@ -638,9 +634,7 @@ fn unmatched_destinations_pass_through_or_are_denied_and_dns_is_untouched() {
         [10, 200, 0, 2]
     );
     // The app logs a request after answering it: wait for the line.
-    eventually(Duration::from_secs(10), "the app's request line", || {
-        count_logs(&web, "request") >= 1
-    });
+    wait_for_logs(&web, "request", 1);
     let seen: Vec<_> = web
         .json_logs()
         .into_iter()

@@ -271,6 +271,17 @@ pub(crate) fn count_logs(proc: &Running, message: &str) -> usize {
         .count()
 }
 
+/// Waits (up to 10 s) until `proc` has logged `message` at least `n` times:
+/// for lines written after the event a test saw (a service that logs a
+/// request once it has answered it).
+pub(crate) fn wait_for_logs(proc: &Running, message: &str, n: usize) {
+    eventually(
+        Duration::from_secs(10),
+        &format!("{n} `{message}` log lines"),
+        || count_logs(proc, message) >= n,
+    );
+}
+
 /// An HTTP/1.1 service that tells `arrived` when a request has come in, then
 /// waits `delay` before answering 200 `slow`.
 pub(crate) fn slow_service(delay: Duration) -> (SocketAddr, std::sync::mpsc::Receiver<()>) {
