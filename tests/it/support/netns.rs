@@ -198,6 +198,21 @@ impl Drop for Recorder {
     }
 }
 
+/// `setsockopt(fd, SOL_SOCKET, name, value)`; a failure is ignored (the
+/// capture still works with the defaults, only less patiently).
+fn set_socket_option<T>(fd: &OwnedFd, name: libc::c_int, value: &T) {
+    // SAFETY: `value` points at a live `T` of the size passed.
+    unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            name,
+            std::ptr::from_ref(value).cast(),
+            size_of::<T>() as u32,
+        );
+    }
+}
+
 /// Every frame seen on one interface of a namespace, both directions,
 /// through an `AF_PACKET` socket (what tcpdump reads).
 pub(crate) struct Capture {
@@ -233,23 +248,11 @@ impl Capture {
                     tv_sec: 0,
                     tv_usec: 50_000,
                 };
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVTIMEO,
-                    (&raw const timeout).cast(),
-                    size_of::<libc::timeval>() as u32,
-                );
+                set_socket_option(&fd, libc::SO_RCVTIMEO, &timeout);
                 // Room for every frame of a test's traffic while the reading
                 // thread waits for a core (the default ~200 KiB drops frames).
                 let rcvbuf: libc::c_int = 32 << 20;
-                libc::setsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_RCVBUFFORCE,
-                    (&raw const rcvbuf).cast(),
-                    size_of::<libc::c_int>() as u32,
-                );
+                set_socket_option(&fd, libc::SO_RCVBUFFORCE, &rcvbuf);
                 fd
             }
         });
