@@ -142,26 +142,6 @@ print(f"{name:16s} rps={rps:.0f} syscalls/req={get('raw_syscalls') / reqs:.2f} "
 PY
 }
 
-# The pair's outbound for `tail`: to the harness's inbound config (moat-in.toml, :18443), pinned to its identity.
-out_config() {
-  cat >"$TMP/out.toml" <<CONF
-[runtime]
-worker_threads = 1
-[identity]
-cert = "$ROOT/pki/client.crt"
-key = "$ROOT/pki/client.key"
-bundle = "$ROOT/pki/bundle.pem"
-[admin]
-listen = "127.0.0.1:0"
-[[outbound]]
-name = "out"
-listen = "127.0.0.1:15901"
-upstream = "127.0.0.1:18443"
-peer = "spiffe://example.org/server"
-protocol = "http"
-CONF
-}
-
 # Where the slowest 1 % of a fixed-rate run (RATE req/s, latency-corrected, as the harness's fixed-rate
 # rows) fall in time: spread evenly (a cost every request can pay), periodic (a tick in the proxy), or
 # in bursts at random instants that hit direct traffic too (the machine stalling). TARGET: `direct`
@@ -171,7 +151,7 @@ CONF
 # and the largest bursts as size@second.
 tail_() {
   local t url
-  out_config
+  [ -f "$ROOT/conf/moat-out.toml" ] || { echo "run benches/load/run.sh once more (no $ROOT/conf/moat-out.toml)" >&2; exit 1; }
   for t in "$@"; do
     PROCS=()
     case $t in
@@ -182,14 +162,15 @@ tail_() {
         wait_port 19443; wait_port 19447; url=http://127.0.0.1:19447/ ;;
       *)
         RUST_LOG=warn taskset -c 0 "$t" proxy --config "$ROOT/conf/moat-in.toml" >/dev/null 2>&1 & PROCS+=($!)
-        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$TMP/out.toml" >/dev/null 2>&1 & PROCS+=($!)
-        wait_port 18443; wait_port 15901; url=http://127.0.0.1:15901/ ;;
+        RUST_LOG=warn taskset -c 0 "$t" proxy --config "$ROOT/conf/moat-out.toml" >/dev/null 2>&1 & PROCS+=($!)
+        wait_port 18443; wait_port 15001; url=http://127.0.0.1:15001/ ;;
     esac
     curl -s -o /dev/null "$url"
     rm -f "$TMP/run.db"
     taskset -c 1 "$OHA" -z "${TAIL_DUR}s" --no-tui --worker-threads 1 -c 32 -q "$RATE" --latency-correction \
       --http-version 1.1 --db-url "$TMP/run.db" "$url" >/dev/null 2>&1
-    kill "${PROCS[@]}" 2>/dev/null; wait "${PROCS[@]}" 2>/dev/null; PROCS=()
+    # (`direct` started nothing; a bare `wait` would wait for the backend too)
+    if ((${#PROCS[@]})); then kill "${PROCS[@]}" 2>/dev/null; wait "${PROCS[@]}" 2>/dev/null; PROCS=(); fi
     python3 - "$t" "$TMP/run.db" <<'PY'
 import os, sqlite3, sys
 name, db = os.path.basename(sys.argv[1]), sys.argv[2]

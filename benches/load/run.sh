@@ -414,8 +414,9 @@ EOF
     moat_in_conf  $C/mt-in.$b.toml    ${MMI[$b]} - $B_PORT
     moat_out_conf $C/mt-out.$b.toml   ${MMO[$b]} - ${MMI[$b]} -
   done
-  # ab.sh's moat-in.toml: the first build's inbound
+  # ab.sh's moat-in.toml and moat-out.toml: the first build's inbound and outbound (to that inbound)
   cp $C/moat-in.$B0.toml $C/moat-in.toml
+  cp $C/moat-out.$B0.toml $C/moat-out.toml
   # Its own process, so idle RSS is a fresh proxy's. header_read_timeout is raised so that 10,000 idle
   # keep-alive connections stay open while they are opened and counted (the default closes them after 10 s),
   # and max_connections above the default 10,000.
