@@ -36,7 +36,9 @@ pub struct Outcome {
     /// logged beside the raw one either way; `None`: as is (or refused).
     pub forward_path: Option<PathAndQuery>,
     /// Answer the caller with this instead of forwarding (400, 401 or 403).
-    pub deny: Option<Response<ProxyBody>>,
+    /// Boxed: an outcome is held across an `.await` in every request's
+    /// future, and a response would make it three times the size.
+    pub deny: Option<Box<Response<ProxyBody>>>,
 }
 
 /// The authorization of one request as metrics, spans and the access log
@@ -126,12 +128,12 @@ impl Authorizer {
                     reason: AuthzReason::MethodOverride,
                 },
                 forward_path: None,
-                deny: Some(crate::proxy_error::refusal(
+                deny: Some(Box::new(crate::proxy_error::refusal(
                     StatusCode::BAD_REQUEST,
                     AuthzReason::MethodOverride.as_str(),
                     "moat: method override headers are refused",
                     crate::headers::is_grpc(&parts.headers),
-                )),
+                ))),
             };
         }
         // The facts borrow the URI and copies of two header values, so that
@@ -174,7 +176,7 @@ impl Authorizer {
                     reason: AuthzReason::Policy(decision.reason),
                 },
                 forward_path,
-                deny: Some(resp.map(ProxyBody::Short)),
+                deny: Some(Box::new(resp.map(ProxyBody::Short))),
             };
         }
         let label = if decision.audited {

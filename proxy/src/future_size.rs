@@ -12,6 +12,11 @@
 //! that it keeps guarding.
 
 /// The size of the future (or any value) `f` returns, without calling it.
+pub(crate) fn returned_2<A, B, R>(_: impl FnOnce(A, B) -> R) -> usize {
+    size_of::<R>()
+}
+
+/// [`returned_2`] for three arguments.
 pub(crate) fn returned_3<A, B, C, R>(_: impl FnOnce(A, B, C) -> R) -> usize {
     size_of::<R>()
 }

@@ -4,6 +4,7 @@
 //! separate pass in `explain.rs`.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use moat_ca::SpiffeId;
@@ -12,8 +13,8 @@ use serde_json::{Map, Value};
 use super::effects::claim_header_value;
 use super::path::{self, NormalizedPath};
 use super::{
-    ClaimValue, Decision, Method, Mode, PeerPattern, PeerRule, Policy, Reason, RequestFacts, Route,
-    Rule, Verdict, jwt,
+    ClaimValue, Decision, IssuerKeys, Method, Mode, PeerPattern, PeerRule, Policy, Reason,
+    RequestFacts, Route, Rule, Verdict, jwt,
 };
 
 /// Why a route did not match a request (for `explain`).
@@ -51,27 +52,36 @@ impl Policy {
         facts: &RequestFacts<'a>,
         now: SystemTime,
     ) -> Decision<'a> {
-        let decision = self.authorize(facts, now);
+        // Only the keys are kept across the fetch, not the first decision:
+        // this future is part of every request's state, and the decision
+        // after a fetch is made again either way (the same one when the
+        // fetch brought no new key).
+        let keys = {
+            let decision = self.authorize(facts, now);
+            match self.unknown_kid_keys(&decision) {
+                Some(keys) => keys,
+                None => return decision,
+            }
+        };
+        // Boxed: the fetch is rare and its state is kilobytes, which would
+        // otherwise size every request's future (and be copied with it).
+        Box::pin(keys.refetch_for_unknown_kid()).await;
+        self.authorize(facts, now)
+    }
+
+    /// The keys of the issuer to ask again when `decision` refused a token
+    /// whose `kid` that issuer does not hold.
+    fn unknown_kid_keys(&self, decision: &Decision<'_>) -> Option<Arc<IssuerKeys>> {
         if decision.reason != Reason::JwtUnknownKid {
-            return decision;
+            return None;
         }
-        let Some(keys) = decision
+        decision
             .route
             .and_then(|name| self.routes.iter().find(|r| r.name == name))
             .and_then(|r| match &r.rule {
                 Rule::Allow { jwt: Some(jwt), .. } => Some(self.issuers[jwt.issuer].keys.clone()),
                 _ => None,
             })
-        else {
-            return decision;
-        };
-        // Boxed: the fetch is rare and its state is kilobytes, which would
-        // otherwise size every request's future (and be copied with it).
-        if Box::pin(keys.refetch_for_unknown_kid()).await {
-            self.authorize(facts, now)
-        } else {
-            decision
-        }
     }
 
     /// Decides a request as if it carried a verified token with `claims`
