@@ -20,6 +20,10 @@
 #   in_h1, in_h2    curl (client cert, TLS) -> moat inbound -> nginx (HTTP/1.1)
 #   pair_h1         curl (plain HTTP/1.1)    -> moat outbound -mTLS-> moat inbound -> nginx; both counted
 #   pair_h2         h2load (h2c, one stream at a time) -> the same pair
+#   in_h1_c32, in_h2_16x16   oha (client cert, TLS; 32 connections / 16 connections x 16 streams) -> moat inbound
+#                   -> nginx: requests that overlap, as under the load harness. What one request at a time never
+#                   shows: buffers still shared with a request being forwarded when the next read comes. Run with
+#                   N1=2000 N2=12000; needs oha ($OHA, default: the one benches/load/run.sh installs).
 # DENYLIST=N gives each sidecar an `[identity] deny_list` file of N revocations (half serials, half
 # identities, none of them a certificate the rows use; as in the criterion row full/moat_denylist_10k):
 # the per-request cost of enforcing a list (issue 20). The row is then named ROW+denyN. Needs a binary
@@ -33,6 +37,10 @@ ROWS=${ROWS:-in_h1 in_h2 pair_h1 pair_h2}
 W=$(mktemp -d); trap 'jobs -p | xargs -r kill 2>/dev/null; rm -rf "$W"' EXIT
 [ $# -ge 1 ] || { sed -n 2,4p "$0" >&2; exit 64; }
 for t in valgrind nginx curl h2load; do command -v $t >/dev/null || { echo "callgrind.sh: needs $t" >&2; exit 1; }; done
+OHA=${OHA:-${TMPDIR:-/tmp}/moat-load/cargo-root/bin/oha}
+if [[ " $ROWS " == *" in_h1_c32 "* || " $ROWS " == *" in_h2_16x16 "* ]] && [ ! -x "$OHA" ]; then
+  echo "callgrind.sh: the concurrent rows need oha at $OHA (benches/load/run.sh installs it)" >&2; exit 1
+fi
 
 # PORTS="B IN OUT" moves the three ports (nginx, inbound, outbound), for two runs side by side; so do
 # B_PORT, IN_PORT and OUT_PORT one by one.
@@ -81,6 +89,10 @@ run_once() { # BIN ROW N -> "IN OUT" instructions
     # h2load, not curl: curl 7.88 fails the second request on a reused
     # prior-knowledge connection (to any h2c server, nginx's too).
     pair_h2) h2load -n "$n" -c 1 -m 1 "http://127.0.0.1:$OUT_PORT/" | grep -q "$n succeeded" ;;
+    in_h1_c32 | in_h2_16x16)
+      local load=(-c 32 --http-version 1.1); [ "$row" = in_h2_16x16 ] && load=(--http2 -c 16 -p 16)
+      "$OHA" -n "$n" --no-tui --output-format json --insecure --cert "$W/loadgen.crt" --key "$W/loadgen.key" \
+        "${load[@]}" "https://127.0.0.1:$IN_PORT/" | grep -q '"successRate": *1.0' ;;
   esac 2>"$W/curl.err" || ok=0
   [ -n "$pout" ] && { kill -TERM $pout; wait $pout || true; }
   kill -TERM $pin; wait $pin || true
