@@ -154,6 +154,12 @@ fn jwks(keys: &[&SigningKey]) -> String {
     json!({ "keys": keys.iter().map(|k| k.jwk()).collect::<Vec<_>>() }).to_string()
 }
 
+/// The issuer's `min_refetch` in the test policy. The rotation test needs
+/// two things to happen within it (a decision right after a fetch; a burst
+/// of twenty decisions): long enough that a busy machine stalling the test
+/// for a second or two does not let a second fetch in.
+const MIN_REFETCH: Duration = Duration::from_secs(3);
+
 fn write_policy(dir: &Path, server: &JwksServer, ca_pem: &str) -> PathBuf {
     std::fs::write(dir.join("jwks-ca.pem"), ca_pem).unwrap();
     let text = format!(
@@ -166,7 +172,7 @@ jwks_url    = "https://{}/.well-known/jwks.json"
 jwks_ca     = "jwks-ca.pem"
 algorithms  = ["ES256"]
 refresh     = "1h"
-min_refetch = "1s"
+min_refetch = "{}s"
 
 [[route]]
 name  = "api"
@@ -174,7 +180,8 @@ path  = "/api/*"
 allow = "any-peer"
 jwt   = {{ issuer = "idp" }}
 "#,
-        server.addr
+        server.addr,
+        MIN_REFETCH.as_secs()
     );
     let path = dir.join("policy.toml");
     std::fs::write(&path, text).unwrap();
@@ -237,7 +244,7 @@ async fn jwks_url_is_fetched_and_a_rotated_key_is_picked_up_by_unknown_kid_refet
     // Within min_refetch of the last fetch, no refetch happens.
     assert_eq!(decide(&policy, &new.token()).await, Reason::JwtUnknownKid);
     assert_eq!(server.hits(), 1);
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(MIN_REFETCH + Duration::from_millis(100)).await;
     assert_eq!(
         decide(&policy, &new.token()).await,
         Reason::Allowed,
@@ -247,7 +254,7 @@ async fn jwks_url_is_fetched_and_a_rotated_key_is_picked_up_by_unknown_kid_refet
     assert_eq!(decide(&policy, &old.token()).await, Reason::Allowed);
 
     // A burst of unknown kids makes at most one fetch per min_refetch.
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(MIN_REFETCH + Duration::from_millis(100)).await;
     let policy = Arc::new(policy);
     let mut tasks = Vec::new();
     for i in 0..20 {

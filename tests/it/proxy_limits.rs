@@ -68,12 +68,21 @@ fn idle_keep_alive_connection_is_closed() {
         "the idle connection was closed"
     );
     assert_eq!(conn.get("/"), 0, "the idle connection was closed");
-    // A connection in use is not idle.
+}
+
+/// A connection in use is not idle: requests 300 ms apart keep it open for
+/// 3 s under a 2 s idle timeout. (Gaps far under the timeout, so that a busy
+/// machine stalling the test for a second and more does not close it.)
+#[test]
+fn a_connection_in_use_is_not_idle() {
+    let p = pair(echo_service(), "[limits]\nidle_timeout = \"2s\"\n");
     let mut busy = KeepAlive::connect(p.a_addr);
-    for _ in 0..8 {
-        assert_eq!(busy.get("/"), 200);
-        std::thread::sleep(Duration::from_millis(150));
+    let start = Instant::now();
+    for i in 0..10 {
+        assert_eq!(busy.get("/"), 200, "request {i} at {:?}", start.elapsed());
+        std::thread::sleep(Duration::from_millis(300));
     }
+    assert!(start.elapsed() > Duration::from_secs(2));
 }
 
 /// An HTTP/1.1 connection idle for 250 ms gives its buffers back (the hyper patch,
