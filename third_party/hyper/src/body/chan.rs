@@ -171,21 +171,26 @@ impl Receiver {
         } else {
             false
         };
+        // moat: a sender that is gone (the connection dropped it after the body's last
+        // chunk) has nobody to wake; its waker is still registered, and waking it polled the
+        // connection's task once more per message for nothing.
+        let sender_open = state.sender_open;
         if let Some(item) = state.item.take() {
             drop(state);
-            self.shared.sender_waker.wake();
+            if sender_open {
+                self.shared.sender_waker.wake();
+            }
             return Poll::Ready(Some(item));
         }
         if let Some(err) = state.pending_error.take() {
             drop(state);
-            if wake_sender {
+            if wake_sender && sender_open {
                 self.shared.sender_waker.wake();
             }
             return Poll::Ready(Some(Err(err)));
         }
-        let sender_open = state.sender_open;
         drop(state);
-        if wake_sender {
+        if wake_sender && sender_open {
             self.shared.sender_waker.wake();
         }
         if sender_open {

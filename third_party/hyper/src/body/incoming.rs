@@ -499,6 +499,32 @@ mod tests {
         );
     }
 
+    // moat: the connection drops its sender after a body's last chunk; taking that chunk
+    // must not wake the task that last polled the sender (one more poll of the connection's
+    // task per message, for nothing).
+    #[cfg(all(feature = "http1", any(feature = "client", feature = "server")))]
+    #[test]
+    fn channel_taking_the_last_chunk_does_not_wake_a_dropped_sender() {
+        let (mut tx, mut rx) = Incoming::new_channel(DecodedLength::CHUNKED, /*wanter = */ false);
+        let mut sender_task = tokio_test::task::spawn(());
+        assert!(sender_task.enter(|cx, _| tx.poll_ready(cx)).is_ready());
+        tx.try_send_data("last".into()).expect("send");
+        drop(tx);
+
+        let mut rx_data = tokio_test::task::spawn(rx.frame());
+        assert!(matches!(rx_data.poll(), Poll::Ready(Some(Ok(_)))));
+        assert!(!sender_task.is_woken(), "a dropped sender is not woken");
+
+        // While the sender lives, taking a chunk still wakes it: it may send the next.
+        let (mut tx, mut rx) = Incoming::new_channel(DecodedLength::CHUNKED, /*wanter = */ false);
+        let mut sender_task = tokio_test::task::spawn(());
+        assert!(sender_task.enter(|cx, _| tx.poll_ready(cx)).is_ready());
+        tx.try_send_data("first".into()).expect("send");
+        let mut rx_data = tokio_test::task::spawn(rx.frame());
+        assert!(matches!(rx_data.poll(), Poll::Ready(Some(Ok(_)))));
+        assert!(sender_task.is_woken(), "a live sender is woken");
+    }
+
     #[cfg(all(feature = "http1", any(feature = "client", feature = "server")))]
     #[test]
     fn channel_notices_closure() {
