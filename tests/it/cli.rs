@@ -248,7 +248,7 @@ fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
 }
 
 #[test]
-fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
+fn lifetimes_over_the_limit_are_refused_in_the_unit_of_the_limit() {
     let f = files();
     let token = moat(&[
         "ca",
@@ -264,7 +264,7 @@ fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
     assert!(
         token
             .stderr
-            .contains("a join token's lifetime must be more than 0 and at most 24h, not 30days"),
+            .contains("a join token's lifetime must be more than 0 and at most 24h, not 720h"),
         "{}",
         token.stderr
     );
@@ -284,9 +284,9 @@ fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
     ]);
     assert_eq!(issue.code, Some(64), "{}", issue.stderr);
     assert!(
-        issue
-            .stderr
-            .contains("certificate lifetime 2days is not allowed"),
+        issue.stderr.contains(
+            "certificate lifetime 48h is not allowed: it must be more than 0 and at most 24h"
+        ),
         "{}",
         issue.stderr
     );
