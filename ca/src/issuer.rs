@@ -78,8 +78,9 @@ pub enum CsrError {
 pub enum IssueError {
     /// The requested lifetime is over [`MAX_SVID_TTL`] or zero.
     #[error(
-        "certificate lifetime {} is not allowed: it must be more than 0 and at most 24h",
-        humantime::format_duration(*.0)
+        "certificate lifetime {} is not allowed: it must be more than 0 and at most {}",
+        crate::format_duration(*.0),
+        crate::format_duration(MAX_SVID_TTL)
     )]
     BadTtl(Duration),
     /// The SPIFFE ID is outside the CA's trust domain.
@@ -376,9 +377,14 @@ mod tests {
         let csr = ValidatedCsr::parse(key.csr_pem().unwrap().as_bytes()).unwrap();
         let id = SpiffeId::parse("spiffe://example.org/x").unwrap();
         let err = root
-            .sign_svid(&td(), &id, &csr, Duration::from_secs(25 * 3600))
+            .sign_svid(&td(), &id, &csr, Duration::from_secs(48 * 3600))
             .unwrap_err();
         assert!(matches!(err, IssueError::BadTtl(_)));
+        // The request and the limit in the unit an operator writes them in.
+        assert_eq!(
+            err.to_string(),
+            "certificate lifetime 48h is not allowed: it must be more than 0 and at most 24h"
+        );
     }
 
     #[test]

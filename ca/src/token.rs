@@ -133,8 +133,9 @@ pub enum TokenError {
     Jwks(String),
     /// A join token asked for with a lifetime of zero or over 24 hours.
     #[error(
-        "a join token's lifetime must be more than 0 and at most 24h, not {}",
-        humantime::format_duration(*.0)
+        "a join token's lifetime must be more than 0 and at most {}, not {}",
+        crate::format_duration(MAX_JOIN_TTL),
+        crate::format_duration(*.0)
     )]
     BadTtl(Duration),
 }

@@ -45,6 +45,14 @@ pub enum IdentityError {
         /// Why.
         source: std::io::Error,
     },
+    /// `[identity] state_dir` is not writable (found before any token is spent).
+    #[error("{path}: cannot write in the state directory: {source}")]
+    StateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A file's contents are unusable.
     #[error("{path}: {message}")]
     Invalid {

@@ -42,8 +42,11 @@ pub(crate) fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Fa
 
 /// Which of the proxy's start failures are the operator's to fix (exit 64:
 /// files the configuration names that are missing, unreadable, do not fit
-/// together or have expired; a policy; a privileged port) and which may
-/// pass by themselves (exit 1: a port still in use).
+/// together or have expired; a `state_dir` it cannot write in; a policy; a
+/// privileged port) and which may pass by themselves (exit 1: a port still
+/// in use). The `token_file` is not among them: the identity task reads it
+/// again at each attempt (an orchestrator may write it later), so a missing
+/// one never reaches here.
 fn proxy_err(e: moat_proxy::Error) -> Failure {
     use moat_ca::client::ClientError;
     use moat_proxy::Error;
@@ -57,6 +60,7 @@ fn proxy_err(e: moat_proxy::Error) -> Failure {
         }
         Error::Identity(
             IdentityError::Read { .. }
+            | IdentityError::StateDir { .. }
             | IdentityError::Invalid { .. }
             | IdentityError::Credentials(_)
             | IdentityError::Client(ClientError::BadUrl(_) | ClientError::Bundle(_)),

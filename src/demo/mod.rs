@@ -45,6 +45,40 @@ pub(crate) struct DemoOptions {
     pub transparent: bool,
 }
 
+/// How "Where to look" names the demo's files: they outlive the run only
+/// with `--dir`; without it they are in a temporary directory, removed
+/// when the demo returns (with `--keep-running`, when it is stopped).
+struct FilesShown {
+    /// The directory as the commands name it: the real one, or `DIR`.
+    dir: String,
+    /// What to say first, when the files go with the run.
+    note: Option<String>,
+}
+
+impl FilesShown {
+    fn new(dir: &Path, dir_given: bool, keep_running: bool, flags: &str) -> Self {
+        match (dir_given, keep_running) {
+            (true, _) => Self {
+                dir: dir.display().to_string(),
+                note: None,
+            },
+            (false, true) => Self {
+                dir: dir.display().to_string(),
+                note: Some(format!(
+                    "(the files below are removed when the demo stops; `moat demo{flags} --dir DIR` keeps them in DIR)"
+                )),
+            },
+            (false, false) => Self {
+                dir: "DIR".to_owned(),
+                note: Some(format!(
+                    "(its files, in {}, are removed as it ends: below, DIR is a directory kept with `moat demo{flags} --dir DIR`)",
+                    dir.display()
+                )),
+            },
+        }
+    }
+}
+
 /// What every sidecar of the demo shares: the CA and where files go.
 struct Sidecar<'a> {
     dir: &'a Path,
@@ -99,6 +133,7 @@ struct Outcome {
 
 /// Runs the demo; returns when it is done (or on Ctrl-C with `keep_running`).
 pub(crate) fn run(opts: DemoOptions) -> Result<()> {
+    let dir_given = opts.dir.is_some();
     let tmp;
     let dir = match opts.dir {
         Some(dir) => {
@@ -115,12 +150,12 @@ pub(crate) fn run(opts: DemoOptions) -> Result<()> {
         .enable_all()
         .build()?;
     if opts.transparent {
-        return runtime.block_on(transparent::run(&dir, opts.keep_running));
+        return runtime.block_on(transparent::run(&dir, dir_given, opts.keep_running));
     }
-    runtime.block_on(demo(&dir, opts.keep_running))
+    runtime.block_on(demo(&dir, dir_given, opts.keep_running))
 }
 
-async fn demo(dir: &Path, keep_running: bool) -> Result<()> {
+async fn demo(dir: &Path, dir_given: bool, keep_running: bool) -> Result<()> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     println!(
@@ -277,9 +312,12 @@ protocol = "http"
 
     heading("Where to look");
     if !keep_running {
-        // Everything below stops (and its temporary directory goes) when
-        // this run ends: say how to keep it.
+        // The addresses below stop when this run ends: say how to keep them.
         println!("   (the demo stops now; run `moat demo --keep-running` to try these)");
+    }
+    let files = FilesShown::new(dir, dir_given, keep_running, "");
+    if let Some(note) = &files.note {
+        println!("   {note}");
     }
     println!(
         "   identity   curl http://{frontend_admin}/identity   (and http://{billing_admin}/identity)"
@@ -288,15 +326,15 @@ protocol = "http"
         "   metrics    curl http://{billing_admin}/metrics     (CA: http://{ca_admin}/metrics)"
     );
     println!(
-        "   logs       {}/*.log: JSON, one access-log line per request",
-        logs.display()
+        "   logs       {}/logs/*.log: JSON, one access-log line per request",
+        files.dir
     );
     println!(
         "   traces     set OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4317 before `moat demo` to export spans"
     );
     println!(
-        "   policy     moat policy explain {} --peer {FRONTEND_ID} --method POST --path /invoices/42",
-        dir.join("billing-policy.toml").display()
+        "   policy     moat policy explain {}/billing-policy.toml --peer {FRONTEND_ID} --method POST --path /invoices/42",
+        files.dir
     );
 
     if keep_running {

@@ -41,7 +41,7 @@ const APP_PORT: u16 = 8080;
 const ADMIN: &str = "127.0.0.1:9901";
 
 /// Runs the demo, then deletes its namespaces (also when interrupted).
-pub(super) async fn run(dir: &Path, keep_running: bool) -> Result<()> {
+pub(super) async fn run(dir: &Path, dir_given: bool, keep_running: bool) -> Result<()> {
     // Registered before anything is made, so a Ctrl-C at any point below
     // ends here and the namespaces are deleted.
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -56,7 +56,7 @@ pub(super) async fn run(dir: &Path, keep_running: bool) -> Result<()> {
     )
     .context("make the demo's network namespaces")?;
     let result = tokio::select! {
-        r = demo(dir, &net, keep_running) => r,
+        r = demo(dir, dir_given, &net, keep_running) => r,
         _ = interrupt.recv() => { println!("\ninterrupted"); Ok(()) }
         _ = terminate.recv() => { println!("\nterminated"); Ok(()) }
     };
@@ -74,7 +74,7 @@ pub(super) async fn run(dir: &Path, keep_running: bool) -> Result<()> {
     result
 }
 
-async fn demo(dir: &Path, net: &Network, keep_running: bool) -> Result<()> {
+async fn demo(dir: &Path, dir_given: bool, net: &Network, keep_running: bool) -> Result<()> {
     let [frontend, billing, outsider] = [&net.hosts[0], &net.hosts[1], &net.hosts[2]];
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -250,7 +250,11 @@ protocol = "http1"
         "   admin      ip netns exec {} curl -s http://{ADMIN}/transparent",
         frontend.ns
     );
-    println!("   logs       {}/*.log", logs.display());
+    let files = super::FilesShown::new(dir, dir_given, keep_running, " --transparent");
+    if let Some(note) = &files.note {
+        println!("   {note}");
+    }
+    println!("   logs       {}/logs/*.log", files.dir);
 
     if keep_running {
         println!();

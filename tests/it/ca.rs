@@ -512,7 +512,23 @@ fn operator_mistakes_exit_64_with_a_clear_message() {
     let dir = tmp.path().join("ca");
     let missing = tmp.path().join("none");
     ca_init(&dir);
+    // A CA directory that cannot be made (under a file; root could write
+    // in a read-only directory): a restart would not fix it.
+    let a_file = tmp.path().join("a-file");
+    std::fs::write(&a_file, "").unwrap();
+    let under_a_file = a_file.join("ca");
     let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "ca",
+                "init",
+                "--dir",
+                path_str(&under_a_file),
+                "--trust-domain",
+                "example.org",
+            ],
+            "cannot create the CA directory",
+        ),
         (
             vec![
                 "ca",

@@ -248,7 +248,7 @@ fn text_logs_carry_no_colour_codes_when_stderr_is_not_a_terminal() {
 }
 
 #[test]
-fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
+fn lifetimes_over_the_limit_are_refused_in_the_unit_of_the_limit() {
     let f = files();
     let token = moat(&[
         "ca",
@@ -264,7 +264,7 @@ fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
     assert!(
         token
             .stderr
-            .contains("a join token's lifetime must be more than 0 and at most 24h, not 30days"),
+            .contains("a join token's lifetime must be more than 0 and at most 24h, not 720h"),
         "{}",
         token.stderr
     );
@@ -284,9 +284,9 @@ fn lifetimes_over_the_limit_are_refused_in_the_units_they_were_given_in() {
     ]);
     assert_eq!(issue.code, Some(64), "{}", issue.stderr);
     assert!(
-        issue
-            .stderr
-            .contains("certificate lifetime 2days is not allowed"),
+        issue.stderr.contains(
+            "certificate lifetime 48h is not allowed: it must be more than 0 and at most 24h"
+        ),
         "{}",
         issue.stderr
     );
@@ -720,12 +720,132 @@ fn ca_issue_refuses_to_overwrite_without_force() {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::metadata(&f.key).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
-    let leftovers: Vec<_> = std::fs::read_dir(f.dir.path())
+    let leftovers = temporary_files(f.dir.path());
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+/// Issuances the CA at `ca` has recorded.
+fn issued_count(ca: &Path) -> i64 {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let engine = moat_ca::store::config::Engine::Sqlite;
+        let ca = moat_ca::store::CaDir::open(ca, &engine).await.unwrap();
+        ca.issued_count().await.unwrap()
+    })
+}
+
+/// Names in `dir` that a half-done `moat ca issue` would leave.
+fn temporary_files(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.contains(".tmp-"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+        .collect()
+}
+
+#[test]
+fn ca_issue_to_a_path_it_cannot_write_exits_64_and_records_nothing() {
+    let f = files();
+    let before = issued_count(&f.ca);
+    let dir = f.dir.path();
+    let missing = dir.join("no-such-dir").join("y.pem");
+    let cert = dir.join("y.crt");
+    let key = dir.join("y.key");
+    let issue = |extra: &[&str]| {
+        let mut args = vec![
+            "ca",
+            "issue",
+            "--dir",
+            path_str(&f.ca),
+            "--id",
+            "spiffe://example.org/vm/y",
+        ];
+        args.extend_from_slice(extra);
+        moat(&args)
+    };
+    let mut cases = vec![
+        // The certificate's directory does not exist (the audit's case).
+        (
+            vec![
+                "--cert-out",
+                path_str(&missing),
+                "--key-out",
+                path_str(&key),
+            ],
+            missing.clone(),
+            "No such file or directory",
+        ),
+        // The key's.
+        (
+            vec![
+                "--cert-out",
+                path_str(&cert),
+                "--key-out",
+                path_str(&missing),
+            ],
+            missing.clone(),
+            "No such file or directory",
+        ),
+        // One file in a missing directory.
+        (
+            vec!["--out", path_str(&missing)],
+            missing.clone(),
+            "No such file or directory",
+        ),
+        // A directory where the file belongs, even with --force.
+        (
+            vec!["--out", path_str(dir), "--force"],
+            dir.to_owned(),
+            "it is a directory",
+        ),
+    ];
+    // Root writes to any directory whatever its mode: that case only as
+    // another user.
+    let read_only = dir.join("read-only");
+    std::fs::create_dir(&read_only).unwrap();
+    let in_read_only = read_only.join("y.pem");
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&read_only, std::fs::Permissions::from_mode(0o500)).unwrap();
+        cases.push((
+            vec!["--out", path_str(&in_read_only)],
+            in_read_only.clone(),
+            "Permission denied",
+        ));
+    }
+    for (args, path, why) in &cases {
+        let out = issue(args);
+        assert_eq!(out.code, Some(64), "{args:?}: {}", out.stderr);
+        let want = format!("moat: {}: cannot create the file: {why}", path.display());
+        assert!(out.stderr.starts_with(&want), "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.trim_end().ends_with("nothing was issued"),
+            "{args:?}: {}",
+            out.stderr
+        );
+        assert_eq!(out.stderr.lines().count(), 1, "{args:?}: {}", out.stderr);
+        assert!(!key.exists() && !cert.exists(), "{args:?}: half a pair");
+        assert!(temporary_files(dir).is_empty(), "{args:?}");
+        assert!(temporary_files(&read_only).is_empty(), "{args:?}");
+    }
+    assert_eq!(issued_count(&f.ca), before, "nothing recorded");
+
+    // With writable paths the same command issues, and records it once.
+    let out = issue(&["--cert-out", path_str(&cert), "--key-out", path_str(&key)]);
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    assert_eq!(issued_count(&f.ca), before + 1);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&key), 0o600);
+    assert!(
+        std::fs::read_to_string(&cert)
+            .unwrap()
+            .contains("CERTIFICATE")
+    );
+    assert!(temporary_files(dir).is_empty());
 }
 
 /// Starts a proxy on `config` and waits for its first certificate.

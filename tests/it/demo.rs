@@ -53,7 +53,95 @@ fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {
     assert!(line("after renewal").contains("200"));
     // The addresses under "Where to look" stop with this run: it says so.
     assert!(stdout.contains("the demo stops now"), "{stdout}");
+    // Its files go too: the commands name `DIR`, and how to keep one.
+    let working = line("working directory: ");
+    let tmp = working
+        .trim_start_matches("working directory: ")
+        .split(' ')
+        .next()
+        .unwrap();
+    assert!(
+        !std::path::Path::new(tmp).exists(),
+        "{tmp} is removed when the demo ends"
+    );
+    let looking = where_to_look(&stdout);
+    assert!(looking.contains("`moat demo --dir DIR`"), "{looking}");
+    assert!(looking.contains("logs       DIR/logs/*.log"), "{looking}");
+    assert!(
+        looking.contains("moat policy explain DIR/billing-policy.toml "),
+        "{looking}"
+    );
+    assert!(!looking.contains(&format!("{tmp}/")), "{looking}");
     assert!(stdout.contains("demo finished"));
+}
+
+/// The "Where to look" section of the demo's output.
+fn where_to_look(stdout: &str) -> String {
+    let from = stdout
+        .find("Where to look")
+        .expect("a Where to look section");
+    let to = stdout[from..]
+        .find("demo finished")
+        .unwrap_or(stdout.len() - from);
+    stdout[from..from + to].to_owned()
+}
+
+/// With `--dir` the files stay: "Where to look" names them where they are,
+/// and they are there after the demo ends.
+#[test]
+fn demo_with_a_dir_points_at_the_files_it_leaves_there() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo_dir = dir.path().join("demo");
+    let out = std::process::Command::new(support::moat_bin())
+        .args(["demo", "--dir", support::path_str(&demo_dir)])
+        .env("RUST_LOG", "info")
+        .output()
+        .expect("run moat demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let looking = where_to_look(&stdout);
+    let d = demo_dir.display();
+    assert!(
+        looking.contains(&format!("logs       {d}/logs/*.log")),
+        "{looking}"
+    );
+    let policy = demo_dir.join("billing-policy.toml");
+    assert!(
+        looking.contains(&format!("moat policy explain {} ", policy.display())),
+        "{looking}"
+    );
+    assert!(!looking.contains("DIR"), "{looking}");
+    assert!(policy.is_file());
+    let logs: Vec<_> = std::fs::read_dir(demo_dir.join("logs"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "log"))
+        .collect();
+    assert!(!logs.is_empty(), "logs are kept");
+    // The command it shows works on the file it names.
+    let explain = support::moat(&[
+        "policy",
+        "explain",
+        support::path_str(&policy),
+        "--peer",
+        "spiffe://demo.local/ns/shop/sa/frontend",
+        "--method",
+        "POST",
+        "--path",
+        "/invoices/42",
+    ]);
+    assert!(
+        explain.status.code().is_some(),
+        "{}",
+        String::from_utf8_lossy(&explain.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&explain.stdout).contains("write-invoices"),
+        "{}{}",
+        String::from_utf8_lossy(&explain.stdout),
+        String::from_utf8_lossy(&explain.stderr)
+    );
 }
 
 /// `moat demo --transparent` as a user would run it: it needs root.

@@ -79,7 +79,8 @@ fn policy_check_accepts_the_example_and_reports_every_problem_with_file_line_col
         format!("{b}:8:8: route \"b\" can never match: route \"a\" (line 1) comes first"),
         format!("{b}:15:18: unknown issuer \"nobody\""),
         format!("{u}:5:1: unknown field `alow`"),
-        format!("{m}:1:1: cannot read"),
+        // A file that cannot be read has no line or column to name.
+        format!("{m}: cannot read: No such file or directory"),
     ] {
         assert!(
             stderr.lines().any(|l| l.starts_with(&want)),
@@ -91,6 +92,37 @@ fn policy_check_accepts_the_example_and_reports_every_problem_with_file_line_col
         "the good file is still reported: {stdout}"
     );
     assert!(stderr.contains("moat: 4 problem(s) found"), "{stderr}");
+}
+
+#[test]
+fn policy_check_and_explain_name_an_unreadable_file_without_a_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("missing.toml");
+    let m = missing.display();
+    let (code, stdout, stderr) = text(&moat(&["policy", "check", path_str(&missing)]));
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert_eq!(
+        stderr.lines().next(),
+        Some(format!("{m}: cannot read: No such file or directory (os error 2)").as_str()),
+        "{stderr}"
+    );
+    let (code, stdout, stderr) = text(&moat(&[
+        "policy",
+        "explain",
+        path_str(&missing),
+        "--peer",
+        "spiffe://example.org/a",
+        "--method",
+        "GET",
+        "--path",
+        "/",
+    ]));
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    assert!(
+        stderr.starts_with(&format!("moat: {m}: cannot read: No such file")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(":1:1"), "{stderr}");
 }
 
 #[test]

@@ -222,3 +222,55 @@ fn a_spent_token_without_state_is_reported_once_and_a_new_token_file_is_picked_u
     assert_eq!(http_get(admin, "/ready").0, 200);
     assert_eq!(replays(&mut ca), 1.0);
 }
+
+/// A state directory the sidecar cannot write in is found before the join
+/// token is spent: exit 64 naming the directory, and the same token still
+/// enrolls a sidecar whose state directory is writable.
+#[test]
+fn an_unwritable_state_dir_exits_64_before_the_token_is_spent() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let token_file = ca.dir.path().join("token");
+    std::fs::write(&token_file, ca.token(ID)).unwrap();
+    // Root writes in any directory whatever its mode; nobody creates a file
+    // directly under /proc/self.
+    let unwritable = if unsafe { libc::geteuid() } == 0 {
+        PathBuf::from("/proc/self")
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        let d = ca.dir.path().join("read-only");
+        std::fs::create_dir(&d).unwrap();
+        std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o500)).unwrap();
+        d
+    };
+    let refused = config(
+        &ca,
+        &token_file,
+        &format!("state_dir = {:?}\n", path_str(&unwritable)),
+    );
+    let mut proxy = Running::start(&["proxy", "--config", path_str(&refused)]);
+    let exit = proxy
+        .wait_exit(Duration::from_secs(15))
+        .expect("exits instead of enrolling");
+    assert_eq!(exit.code(), Some(64), "{}", proxy.logs().join("\n"));
+    let said = proxy.logs().join("\n");
+    assert!(
+        said.contains(&format!(
+            "{}: cannot write in the state directory",
+            unwritable.display()
+        )),
+        "{said}"
+    );
+
+    let state = ca.dir.path().join("state");
+    let config = config(
+        &ca,
+        &token_file,
+        &format!("state_dir = {:?}\n", path_str(&state)),
+    );
+    let (mut proxy, _, admin) = start(&config);
+    proxy.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "certificate issued"
+    });
+    assert_eq!(identity(admin)["id"], ID, "the token was not spent");
+}

@@ -90,7 +90,11 @@ impl ServerConfig {
 
     fn validate(&self) -> Result<(), String> {
         if self.issuance.max_ttl > crate::issuer::MAX_SVID_TTL || self.issuance.max_ttl.is_zero() {
-            return Err("issuance.max_ttl must be more than 0 and at most 24h".into());
+            return Err(format!(
+                "issuance.max_ttl {} is not allowed: it must be more than 0 and at most {}",
+                crate::format_duration(self.issuance.max_ttl),
+                crate::format_duration(crate::issuer::MAX_SVID_TTL)
+            ));
         }
         if self.issuance.default_ttl > self.issuance.max_ttl || self.issuance.default_ttl.is_zero()
         {

@@ -433,8 +433,15 @@ async fn prefer_revoked(
 }
 
 fn requested_ttl(state: &ServerState, req: &Request<Incoming>) -> Result<Duration, Refusal> {
-    let issuance = &state.config.issuance;
-    let Some(query) = req.uri().query() else {
+    ttl_from_query(&state.config.issuance, req.uri().query())
+}
+
+/// The lifetime `?ttl=` asks for, else the configured default.
+fn ttl_from_query(
+    issuance: &super::config::IssuanceConfig,
+    query: Option<&str>,
+) -> Result<Duration, Refusal> {
+    let Some(query) = query else {
         return Ok(issuance.default_ttl);
     };
     let mut ttl = issuance.default_ttl;
@@ -451,8 +458,9 @@ fn requested_ttl(state: &ServerState, req: &Request<Incoming>) -> Result<Duratio
         return Err(Refusal {
             status: StatusCode::BAD_REQUEST,
             error: format!(
-                "ttl must be more than 0 and at most {}",
-                humantime::format_duration(issuance.max_ttl)
+                "ttl {} is not allowed: it must be more than 0 and at most {}",
+                crate::format_duration(ttl),
+                crate::format_duration(issuance.max_ttl)
             ),
             reason: "bad_ttl",
         });
@@ -560,6 +568,40 @@ mod tests {
     use crate::issuer::RootCa;
     use crate::server::signing::build_snapshot;
     use crate::store::CaDir;
+
+    /// A refused `?ttl=` names the request and the limit in one unit, as
+    /// an operator writes them (`48h`, `24h`), not `2days` against `1day`.
+    #[test]
+    fn a_refused_ttl_names_request_and_limit_as_the_config_writes_them() {
+        let issuance = super::super::config::IssuanceConfig {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(24 * 3600),
+        };
+        assert_eq!(
+            ttl_from_query(&issuance, None).ok(),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            ttl_from_query(&issuance, Some("ttl=90m")).ok(),
+            Some(Duration::from_secs(90 * 60))
+        );
+        let refused = ttl_from_query(&issuance, Some("ttl=48h")).unwrap_err();
+        assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+        assert_eq!(refused.reason, "bad_ttl");
+        assert_eq!(
+            refused.error,
+            "ttl 48h is not allowed: it must be more than 0 and at most 24h"
+        );
+        let short = super::super::config::IssuanceConfig {
+            max_ttl: Duration::from_secs(90 * 60),
+            ..issuance
+        };
+        let refused = ttl_from_query(&short, Some("ttl=2h")).unwrap_err();
+        assert_eq!(
+            refused.error,
+            "ttl 2h is not allowed: it must be more than 0 and at most 90m"
+        );
+    }
 
     /// `/v1/renew` judges the certificate itself: expired, not yet valid,
     /// from another CA, or missing is refused whatever the TLS layer let

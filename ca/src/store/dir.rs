@@ -95,11 +95,18 @@ impl CaDir {
                 Some(store)
             }
         };
+        // The first write: a directory that cannot be made is the
+        // operator's to fix (exit 64), and nothing is written yet.
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir.join(ROOTS_DIR))
-            .map_err(|source| io_err(dir, source))?;
+            .map_err(|source| {
+                StoreError::Config(format!(
+                    "{}: cannot create the CA directory: {source}",
+                    dir.display()
+                ))
+            })?;
         fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
             .map_err(|source| io_err(dir, source))?;
 
@@ -302,6 +309,11 @@ impl CaDir {
     /// writes them to files, the key with mode 0600, each replacing what was
     /// there atomically. With `cert_out == key_out` one file (0600) holds
     /// the chain, then the key.
+    ///
+    /// The files are created (as temporary files beside their paths) before
+    /// anything is issued: a path that cannot be written is refused with
+    /// [`StoreError::Output`] and no issuance is recorded for a certificate
+    /// nobody would have.
     pub async fn issue_to_files(
         &self,
         id: &SpiffeId,
@@ -309,13 +321,27 @@ impl CaDir {
         cert_out: &Path,
         key_out: &Path,
     ) -> Result<(Svid, WorkloadKey), StoreError> {
+        let corrupt = |e: &dyn fmt::Display| StoreError::Corrupt(e.to_string());
+        let key = WorkloadKey::generate().map_err(|e| corrupt(&e))?;
+        let key_pem = key.dangerous_private_key_pem();
+        // Both files exist (and the key is written) before the issuance:
+        // what is left to fail after it is a full disk or a failing rename.
+        let outputs = if cert_out == key_out {
+            Outputs::One(PendingFile::create(cert_out, 0o600)?)
+        } else {
+            let mut key_file = PendingFile::create(key_out, 0o600)?;
+            let cert_file = PendingFile::create(cert_out, 0o644)?;
+            key_file.write(key_pem.as_bytes())?;
+            Outputs::Two {
+                key_file,
+                cert_file,
+            }
+        };
         if self.revocation_for(None, id).await?.is_some() {
             return Err(StoreError::Revocation(format!(
                 "{id} is revoked; `moat ca unrevoke --id {id}` first"
             )));
         }
-        let corrupt = |e: &dyn fmt::Display| StoreError::Corrupt(e.to_string());
-        let key = WorkloadKey::generate().map_err(|e| corrupt(&e))?;
         let csr = ValidatedCsr::parse(key.csr_pem().map_err(|e| corrupt(&e))?.as_bytes())
             .map_err(|e| corrupt(&e))?;
         let issued = self
@@ -329,16 +355,23 @@ impl CaDir {
             return Err(StoreError::Revocation(format!("{id} is revoked")));
         }
         let svid = Svid::from_chain(vec![issued.cert_der.clone()]).map_err(|e| corrupt(&e))?;
-        let key_pem = key.dangerous_private_key_pem();
-        if cert_out == key_out {
-            let both = format!("{}{key_pem}", svid.to_pem());
-            replace_file(cert_out, both.as_bytes(), 0o600)?;
-        } else {
+        match outputs {
+            Outputs::One(mut both) => {
+                both.write(svid.to_pem().as_bytes())?;
+                both.write(key_pem.as_bytes())?;
+                both.commit()?;
+            }
             // Each file is replaced whole by a rename. A reader between the
             // two renames sees a new key beside the old certificate; the
             // proxy's file watch waits for the pair to fit again.
-            replace_file(key_out, key_pem.as_bytes(), 0o600)?;
-            replace_file(cert_out, svid.to_pem().as_bytes(), 0o644)?;
+            Outputs::Two {
+                key_file,
+                mut cert_file,
+            } => {
+                key_file.commit()?;
+                cert_file.write(svid.to_pem().as_bytes())?;
+                cert_file.commit()?;
+            }
         }
         tracing::info!(serial = %svid.serial, spiffe_id = %id, credential = "local", "issued");
         Ok((svid, key))
@@ -654,38 +687,94 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
         .map_err(|source| io_err(path, source))
 }
 
-/// Replaces `path` atomically: the bytes go to a new file beside it (with
-/// `mode` from the start, synced), which is then renamed over it, and the
-/// directory synced. A reader sees the old file or the new one, never a part.
-fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StoreError> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| io_err(path, std::io::Error::other("not a file name")))?;
-    let tmp = dir.join(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
-    let written = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .and_then(|mut file| file.write_all(bytes).and_then(|()| file.sync_all()))
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(source) = written {
-        let _ = fs::remove_file(&tmp);
-        return Err(io_err(path, source));
+/// Where `issue_to_files` writes: one file (chain, then key) or two.
+enum Outputs {
+    One(PendingFile),
+    Two {
+        key_file: PendingFile,
+        cert_file: PendingFile,
+    },
+}
+
+/// A file that replaces `path` atomically: created as a new file beside it
+/// (with `mode` from the start), written, synced, then renamed over `path`
+/// and the directory synced. A reader sees the old file or the new one,
+/// never a part. Dropped before [`PendingFile::commit`], it removes itself.
+struct PendingFile {
+    path: PathBuf,
+    tmp: PathBuf,
+    file: fs::File,
+}
+
+impl PendingFile {
+    /// Creates the temporary file, proving that `path` can be written: its
+    /// directory exists and is writable, and `path` is not a directory.
+    /// A failure here is the operator's ([`StoreError::Output`]).
+    fn create(path: &Path, mode: u32) -> Result<Self, StoreError> {
+        let output = |source| StoreError::Output {
+            path: path.to_owned(),
+            source,
+        };
+        if path.is_dir() {
+            return Err(output(std::io::Error::new(
+                std::io::ErrorKind::IsADirectory,
+                "it is a directory",
+            )));
+        }
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        let name = path
+            .file_name()
+            .ok_or_else(|| output(std::io::Error::other("not a file name")))?;
+        let tmp = dir.join(format!(
+            ".{}.tmp-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)
+            .map_err(output)?;
+        Ok(Self {
+            path: path.to_owned(),
+            tmp,
+            file,
+        })
     }
-    // The rename is durable once the directory is.
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
+
+    fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file
+            .write_all(bytes)
+            .map_err(|source| io_err(&self.path, source))
     }
-    Ok(())
+
+    /// Syncs the file and renames it over `path`.
+    fn commit(self) -> Result<(), StoreError> {
+        self.file
+            .sync_all()
+            .and_then(|()| fs::rename(&self.tmp, &self.path))
+            .map_err(|source| io_err(&self.path, source))?;
+        // The rename is durable once the directory is.
+        let dir = match self.path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if let Ok(d) = fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        // After a commit the temporary name is gone and this finds nothing.
+        let _ = fs::remove_file(&self.tmp);
+    }
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> StoreError {

@@ -394,6 +394,16 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// An output file (`moat ca issue --cert-out`, `--key-out`, `--out`)
+    /// cannot be created: its directory is missing or not writable, or the
+    /// path is a directory. Found before anything is issued.
+    #[error("{path}: cannot create the file: {source}; nothing was issued")]
+    Output {
+        /// The file asked for.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// The directory's contents are inconsistent.
     #[error("CA state is inconsistent: {0}")]
     Corrupt(String),
@@ -413,6 +423,7 @@ impl StoreError {
                 | StoreError::Config(_)
                 | StoreError::Rotation { .. }
                 | StoreError::Revocation(_)
+                | StoreError::Output { .. }
                 | StoreError::Issue(IssueError::BadTtl(_) | IssueError::WrongTrustDomain { .. })
                 | StoreError::Token(
                     TokenError::WrongTrustDomain(_)

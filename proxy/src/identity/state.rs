@@ -43,13 +43,27 @@ pub(crate) struct StateDir {
 }
 
 impl StateDir {
-    /// Uses `dir`, creating it (0700) if it does not exist.
+    /// Uses `dir`, creating it (0700) if it does not exist, and makes sure
+    /// files can be written in it: a sidecar that could not store what it
+    /// is issued would spend its single-use join token for nothing, and
+    /// need a new one at its next restart.
     pub(crate) fn open(dir: &Path) -> Result<Self, IdentityError> {
         fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(dir)
             .map_err(|source| IdentityError::Read {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let probe = dir.join(format!(".write-test-{}", std::process::id()));
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&probe)
+            .and_then(|_| fs::remove_file(&probe))
+            .map_err(|source| IdentityError::StateDir {
                 path: dir.to_owned(),
                 source,
             })?;

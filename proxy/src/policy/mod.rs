@@ -212,14 +212,15 @@ pub struct Decision<'a> {
     pub strip_authorization: bool,
 }
 
-/// A problem in a policy file, at `file:line:column`.
+/// A problem in a policy file, at `file:line:column`, or at `file` alone
+/// when it concerns the whole file (one that cannot be read).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Diagnostic {
     /// The file.
     pub file: PathBuf,
-    /// 1-based line.
+    /// 1-based line; 0 when the problem has no place in the file.
     pub line: usize,
-    /// 1-based column (characters).
+    /// 1-based column (characters); 0 when the problem has no place in the file.
     pub column: usize,
     /// What is wrong and, where possible, how to fix it.
     pub message: String,
@@ -230,7 +231,7 @@ pub struct Diagnostic {
 #[non_exhaustive]
 pub enum PolicyError {
     /// The file could not be read.
-    #[error("{}:1:1: cannot read: {source}", file.display())]
+    #[error("{}: cannot read: {source}", file.display())]
     Read {
         /// The file.
         file: PathBuf,
@@ -310,6 +311,10 @@ fn display_diagnostics(list: &[Diagnostic]) -> String {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // A file that cannot be read has no line 1 to point at.
+        if self.line == 0 {
+            return write!(f, "{}: {}", self.file.display(), self.message);
+        }
         write!(
             f,
             "{}:{}:{}: {}",
@@ -322,13 +327,14 @@ impl fmt::Display for Diagnostic {
 }
 
 impl PolicyError {
-    /// The diagnostics, one per problem (a read error is one diagnostic at 1:1).
+    /// The diagnostics, one per problem (a read error is one diagnostic
+    /// without a line or column).
     pub fn diagnostics(&self) -> Vec<Diagnostic> {
         match self {
             Self::Read { file, source } => vec![Diagnostic {
                 file: file.clone(),
-                line: 1,
-                column: 1,
+                line: 0,
+                column: 0,
                 message: format!("cannot read: {source}"),
             }],
             Self::Invalid(list) => list.clone(),
