@@ -340,6 +340,23 @@ fn the_access_and_decision_lines_share_a_request_id_and_say_why() {
     assert!(allowed.get("reason").is_none(), "{allowed}");
 }
 
+/// The answers the sidecar makes itself (a policy's 403, a 400 for an
+/// encoded slash) log `bytes` as the service's answers do: what the client
+/// received.
+#[test]
+fn the_sidecars_own_answers_log_the_bytes_sent() {
+    let mut f = fixture();
+    for (path, want) in [("/orders/1", 403), ("/orders/a%2Fb", 400)] {
+        let (status, body) = get(&f, &f.batch, path);
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(!body.is_empty(), "{path}: a body to count");
+        let access = f.proxy.wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "access" && v["status"] == want
+        });
+        assert_eq!(access["bytes"], body.len(), "{path}: {access}");
+    }
+}
+
 /// A gRPC call with python's grpcio (grpc-core, as C++, Ruby and PHP
 /// clients use) over h2c to `addr`: `code details` of its status.
 fn grpc_call(addr: SocketAddr, method: &str) -> String {
