@@ -186,8 +186,8 @@ impl Proxy {
                 message,
             };
             let cache = jwks.get_or_insert_with(policy::JwksCache::new).clone();
-            let mut watcher =
-                policy::PolicyWatcher::load(path, cache).map_err(|e| policy_err(e.to_string()))?;
+            let mut watcher = policy::PolicyWatcher::load(&l.name, path, cache)
+                .map_err(|e| policy_err(e.to_string()))?;
             watcher
                 .watch()
                 .map_err(|e| policy_err(format!("cannot watch for changes: {e}")))?;

@@ -133,20 +133,35 @@ fn inbound_policy_edit_takes_effect_without_restart_and_bad_edit_keeps_last_good
         "the edited policy to allow batch",
         || get(&f, &f.batch, "/orders/1").0 == 200,
     );
+    let applied = f.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "policy reloaded"
+    });
+    assert_eq!(applied["listener"], "api", "{applied}");
+    let good = std::fs::read_to_string(&f.policy).unwrap();
     std::fs::write(
         &f.policy,
         "mode = \"enforce\"\n[[route]]\nname = \"broken\"\npath = \"/x\"\nunknown = 1\n",
     )
     .unwrap();
-    f.proxy.wait_for_log(Duration::from_secs(30), |v| {
+    let refused = f.proxy.wait_for_log(Duration::from_secs(30), |v| {
         v["message"] == "policy reload refused; keeping the last good policy"
     });
+    assert_eq!(
+        refused["listener"], "api",
+        "the line says which listener keeps its policy: {refused}"
+    );
     assert_eq!(
         get(&f, &f.batch, "/orders/1").0,
         200,
         "a broken edit leaves the last good policy in place"
     );
     assert_eq!(get(&f, &f.web, "/public/y").0, 200);
+    // The bad edit undone: that line names the listener too.
+    std::fs::write(&f.policy, good).unwrap();
+    let restored = f.proxy.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "policy file restored to the running policy"
+    });
+    assert_eq!(restored["listener"], "api", "{restored}");
 }
 
 #[test]
