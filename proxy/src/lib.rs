@@ -475,7 +475,7 @@ impl Reloader {
                 continue;
             };
             if **allow.load() != l.allow_peers {
-                tracing::info!(listener = %l.name, allow_peers = ?l.allow_peers, "allow_peers reloaded");
+                tracing::info!(listener = %l.name, allow_peers = %l.allow_peers_text(), "allow_peers reloaded");
                 allow.store(Arc::new(l.allow_peers.clone()));
                 changed = true;
             }
