@@ -383,6 +383,17 @@ impl Proxy {
             IdentityTask::Ca(src) => background.push(tokio::spawn(src.run())),
             IdentityTask::Files(src) => background.push(tokio::spawn(src.run())),
         }
+        // The sidecar's own trust domain is known once its identity is:
+        // from the files at once, from the CA after the first issuance.
+        if !self.config.outbound.is_empty() {
+            let (store, outbound) = (self.store.clone(), self.config.outbound.clone());
+            background.push(tokio::spawn(async move {
+                store.ready().await;
+                if let Some(own) = store.current() {
+                    outbound::warn_foreign_peers(&outbound, &own.trust_domain);
+                }
+            }));
+        }
         if let Some(cache) = self.jwks {
             background.push(tokio::spawn(async move {
                 cache.fetch_all().await;
