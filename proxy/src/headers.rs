@@ -5,13 +5,18 @@
 
 use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::body::Body;
 
-/// A response's `content-length`, when it has one.
-pub(crate) fn content_length<B>(resp: &Response<B>) -> Option<u64> {
+/// A response's `content-length`, when it has one, or else its body's
+/// exact size when that is known. A response the sidecar makes itself (a
+/// 400, a policy's 403) has no header yet: hyper writes it later, from that
+/// same size.
+pub(crate) fn content_length<B: Body>(resp: &Response<B>) -> Option<u64> {
     resp.headers()
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok())
+        .or_else(|| resp.body().size_hint().exact())
 }
 
 /// True for a gRPC request (`application/grpc`, `application/grpc+proto`,

@@ -186,8 +186,8 @@ impl Proxy {
                 message,
             };
             let cache = jwks.get_or_insert_with(policy::JwksCache::new).clone();
-            let mut watcher =
-                policy::PolicyWatcher::load(path, cache).map_err(|e| policy_err(e.to_string()))?;
+            let mut watcher = policy::PolicyWatcher::load(&l.name, path, cache)
+                .map_err(|e| policy_err(e.to_string()))?;
             watcher
                 .watch()
                 .map_err(|e| policy_err(format!("cannot watch for changes: {e}")))?;
@@ -383,6 +383,17 @@ impl Proxy {
             IdentityTask::Ca(src) => background.push(tokio::spawn(src.run())),
             IdentityTask::Files(src) => background.push(tokio::spawn(src.run())),
         }
+        // The sidecar's own trust domain is known once its identity is:
+        // from the files at once, from the CA after the first issuance.
+        if !self.config.outbound.is_empty() {
+            let (store, outbound) = (self.store.clone(), self.config.outbound.clone());
+            background.push(tokio::spawn(async move {
+                store.ready().await;
+                if let Some(own) = store.current() {
+                    outbound::warn_foreign_peers(&outbound, &own.trust_domain);
+                }
+            }));
+        }
         if let Some(cache) = self.jwks {
             background.push(tokio::spawn(async move {
                 cache.fetch_all().await;
@@ -475,7 +486,7 @@ impl Reloader {
                 continue;
             };
             if **allow.load() != l.allow_peers {
-                tracing::info!(listener = %l.name, allow_peers = ?l.allow_peers, "allow_peers reloaded");
+                tracing::info!(listener = %l.name, allow_peers = %l.allow_peers_text(), "allow_peers reloaded");
                 allow.store(Arc::new(l.allow_peers.clone()));
                 changed = true;
             }

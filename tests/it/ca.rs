@@ -648,6 +648,29 @@ fn issue_writes_a_private_key_and_a_chain() {
     );
 }
 
+/// A client that asks for HTTP/1.0 by ALPN (`curl --http1.0`) gets the
+/// bundle in HTTP/1.0, not `no_application_protocol` in the handshake.
+#[test]
+fn bundle_endpoint_serves_http10_client_that_offers_alpn_http10() {
+    let ca = TestCa::start();
+    let out = tool(
+        "curl",
+        &[
+            "-sS",
+            "--http1.0",
+            "-i",
+            "--cacert",
+            path_str(&ca.bundle_file()),
+            &format!("{}/v1/bundle", ca.url()),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let bundle = std::fs::read_to_string(ca.bundle_file()).unwrap();
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}\n{stderr}");
+    assert!(text.ends_with(&format!("\r\n\r\n{bundle}")), "{text}");
+}
+
 /// Serves `body` over HTTPS on 127.0.0.1:0 to callers presenting
 /// `Authorization: Bearer <token>`; others get 401. Returns the address and
 /// the PEM of the server's (self-signed) certificate.

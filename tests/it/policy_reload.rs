@@ -58,7 +58,7 @@ fn policy_edits_on_disk_apply_when_valid_and_are_refused_when_not() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.toml");
     std::fs::write(&path, policy("v1")).unwrap();
-    let mut watcher = PolicyWatcher::load(&path, JwksCache::new()).unwrap();
+    let mut watcher = PolicyWatcher::load("api", &path, JwksCache::new()).unwrap();
     watcher.watch().unwrap();
     let stats = watcher.stats();
 
@@ -168,7 +168,7 @@ fn configmap_symlink_swap_is_applied() {
     std::fs::write(d.join("..v1/policy.toml"), policy("v1")).unwrap();
     symlink("..v1", d.join("..data")).unwrap();
     symlink("..data/policy.toml", d.join("policy.toml")).unwrap();
-    let mut watcher = PolicyWatcher::load(&d.join("policy.toml"), JwksCache::new()).unwrap();
+    let mut watcher = PolicyWatcher::load("api", &d.join("policy.toml"), JwksCache::new()).unwrap();
     watcher.watch().unwrap();
     assert_eq!(routes(&watcher), ["always", "v1"]);
 
@@ -194,7 +194,7 @@ fn a_restored_policy_clears_the_reload_error_by_watch_and_by_reload() {
     std::fs::write(&path, &good).unwrap();
 
     // SIGHUP's path: an explicit re-read, no file watch.
-    let watcher = PolicyWatcher::load(&path, JwksCache::new()).unwrap();
+    let watcher = PolicyWatcher::load("api", &path, JwksCache::new()).unwrap();
     let stats = watcher.stats();
     let loaded_at = stats.last_success_unix();
     assert!(loaded_at > 0 && !stats.failing());
@@ -213,7 +213,7 @@ fn a_restored_policy_clears_the_reload_error_by_watch_and_by_reload() {
     drop(watcher);
 
     // The file watch's path.
-    let mut watcher = PolicyWatcher::load(&path, JwksCache::new()).unwrap();
+    let mut watcher = PolicyWatcher::load("api", &path, JwksCache::new()).unwrap();
     watcher.watch().unwrap();
     let stats = watcher.stats();
     write_rename(&path, bad);

@@ -113,6 +113,65 @@ fn inbound_speaks_http2_by_alpn() {
     assert_eq!(text, "2 200", "curl's HTTP version and status");
 }
 
+/// A client that asks for HTTP/1.0 by ALPN (`curl --http1.0`,
+/// `openssl s_client -alpn http/1.0`) gets through the handshake and an
+/// HTTP/1.0 answer from the service, not `no_application_protocol`.
+#[test]
+fn inbound_serves_http10_client_that_offers_alpn_http10() {
+    let f = fixture("", "");
+    // `-i`: the status line as received (curl 7.88's `%{http_version}`
+    // says `1` for 1.0).
+    let out = curl_raw(f.inbound, "/old", Some(&f.client), &["--http1.0", "-i"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}\n{stderr}");
+    assert!(
+        text.contains("\"path\":\"/old\""),
+        "the service answered: {text}"
+    );
+
+    // The ALPN agreed is `http/1.0`, and a 1.0 request is answered as 1.0.
+    // `-ign_eof`: the request is sent, then s_client reads until the
+    // sidecar closes (an HTTP/1.0 connection ends with its response);
+    // `timeout` bounds it if it does not.
+    let out = std::process::Command::new("timeout")
+        .args([
+            "10",
+            "openssl",
+            "s_client",
+            "-connect",
+            &f.inbound.to_string(),
+            "-cert",
+            path_str(&f.client.cert),
+            "-key",
+            path_str(&f.client.key),
+            "-alpn",
+            "http/1.0",
+            "-ign_eof",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut child| {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .expect("piped")
+                .write_all(b"GET /old HTTP/1.0\r\n\r\n")?;
+            child.wait_with_output()
+        })
+        .expect("run openssl s_client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(text.contains("ALPN protocol: http/1.0"), "{text}\n{stderr}");
+    let (_, answer) = text
+        .split_once("HTTP/1.0 200 OK\r\n")
+        .unwrap_or_else(|| panic!("an HTTP/1.0 200: {text}\n{stderr}"));
+    assert!(answer.contains("\"path\":\"/old\""), "{answer}");
+}
+
 /// On one worker thread an HTTP/2 connection's streams run on the
 /// connection's own task: many streams at once on one connection, each
 /// with a request body larger than the flow-control windows, all answered

@@ -97,6 +97,35 @@ fn outbound_answers_502_when_peer_is_down() {
     assert!(body.contains("peer unavailable"), "{body}");
 }
 
+/// A `peer` in another trust domain (a typo) can never be reached: the
+/// sidecar says so once its own identity, and so its trust domain, is known.
+#[test]
+fn outbound_warns_at_start_when_peer_is_in_another_trust_domain() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (_b, b_addr) = sidecar_b(&ca, echo_service(), "http");
+    let typo = "spiffe://exmaple.org/ns/prod/sa/billing";
+    let (mut a, _) = sidecar_a(&ca, b_addr, typo, "http");
+    let warning = a.wait_for_log(Duration::from_secs(5), |v| {
+        v["level"] == "WARN" && v["peer"] == typo
+    });
+    assert_eq!(warning["listener"], "billing", "{warning}");
+    assert_eq!(warning["peer_trust_domain"], "exmaple.org", "{warning}");
+    assert_eq!(warning["trust_domain"], "example.org", "{warning}");
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("every connection to it will be refused")),
+        "{warning}"
+    );
+    let warnings = a
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["level"] == "WARN" && v["peer"] == typo)
+        .count();
+    assert_eq!(warnings, 1, "said once");
+}
+
 #[test]
 fn outbound_keeps_http1_connections_alive_across_requests() {
     moat_ca::install_crypto_provider();

@@ -133,20 +133,35 @@ fn inbound_policy_edit_takes_effect_without_restart_and_bad_edit_keeps_last_good
         "the edited policy to allow batch",
         || get(&f, &f.batch, "/orders/1").0 == 200,
     );
+    let applied = f.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "policy reloaded"
+    });
+    assert_eq!(applied["listener"], "api", "{applied}");
+    let good = std::fs::read_to_string(&f.policy).unwrap();
     std::fs::write(
         &f.policy,
         "mode = \"enforce\"\n[[route]]\nname = \"broken\"\npath = \"/x\"\nunknown = 1\n",
     )
     .unwrap();
-    f.proxy.wait_for_log(Duration::from_secs(30), |v| {
+    let refused = f.proxy.wait_for_log(Duration::from_secs(30), |v| {
         v["message"] == "policy reload refused; keeping the last good policy"
     });
+    assert_eq!(
+        refused["listener"], "api",
+        "the line says which listener keeps its policy: {refused}"
+    );
     assert_eq!(
         get(&f, &f.batch, "/orders/1").0,
         200,
         "a broken edit leaves the last good policy in place"
     );
     assert_eq!(get(&f, &f.web, "/public/y").0, 200);
+    // The bad edit undone: that line names the listener too.
+    std::fs::write(&f.policy, good).unwrap();
+    let restored = f.proxy.wait_for_log(Duration::from_secs(30), |v| {
+        v["message"] == "policy file restored to the running policy"
+    });
+    assert_eq!(restored["listener"], "api", "{restored}");
 }
 
 #[test]
@@ -338,6 +353,23 @@ fn the_access_and_decision_lines_share_a_request_id_and_say_why() {
     });
     assert_eq!(allowed["decision"], "allow");
     assert!(allowed.get("reason").is_none(), "{allowed}");
+}
+
+/// The answers the sidecar makes itself (a policy's 403, a 400 for an
+/// encoded slash) log `bytes` as the service's answers do: what the client
+/// received.
+#[test]
+fn the_sidecars_own_answers_log_the_bytes_sent() {
+    let mut f = fixture();
+    for (path, want) in [("/orders/1", 403), ("/orders/a%2Fb", 400)] {
+        let (status, body) = get(&f, &f.batch, path);
+        assert_eq!(status, want, "{path}: {body}");
+        assert!(!body.is_empty(), "{path}: a body to count");
+        let access = f.proxy.wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "access" && v["status"] == want
+        });
+        assert_eq!(access["bytes"], body.len(), "{path}: {access}");
+    }
 }
 
 /// A gRPC call with python's grpcio (grpc-core, as C++, Ruby and PHP

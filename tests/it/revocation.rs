@@ -547,6 +547,12 @@ fn a_tcp_listener_closes_a_peer_its_reloaded_allow_peers_no_longer_lists() {
         std::fs::write(&path, config(&format!("\"{reports_id}\""))).unwrap();
         billing.signal("HUP");
         billing.wait_for_log(WITHIN, |v| v["reason"] == "policy");
+        let reloaded = billing.wait_for_log(WITHIN, |v| v["message"] == "allow_peers reloaded");
+        assert_eq!(reloaded["listener"], "db", "{reloaded}");
+        assert_eq!(
+            reloaded["allow_peers"], reports_id,
+            "as written in the file: {reloaded}"
+        );
         assert!(
             !echoes(&mut from_frontend, b"after").await,
             "frontend's stream is closed"

@@ -78,7 +78,10 @@ pub(super) fn build_snapshot(
         .with_client_cert_verifier(verifier.clone())
         .with_single_cert(vec![serving.cert_der.clone()], key_der)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/1 only (the connection is served by hyper's HTTP/1 server, which
+    // answers a 1.0 request as 1.0); `http/1.0` so that a client asking for
+    // it by name (`curl --http1.0`) is not refused in the handshake.
+    tls.alpn_protocols = vec![b"http/1.1".to_vec(), b"http/1.0".to_vec()];
     tls.ignore_client_order = true;
     // No resumption: a resumed session would hand `/v1/renew` the client
     // certificate of an earlier handshake without verifying it again (and

@@ -133,6 +133,20 @@ impl Inbound {
     pub fn app_protocol(&self) -> AppProtocol {
         self.app_protocol.or(self.forward_http).unwrap_or_default()
     }
+
+    /// `allow_peers` as an operator writes it, for logs: the patterns
+    /// separated by commas, or `any-peer` when the entry is absent (any
+    /// verified peer of the trust domain, as a route's `allow = "any-peer"`).
+    pub fn allow_peers_text(&self) -> String {
+        match &self.allow_peers {
+            None => "any-peer".to_owned(),
+            Some(patterns) => patterns
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
 }
 
 impl AppProtocol {
@@ -223,12 +237,19 @@ impl From<SpiffeId> for PeerPattern {
     }
 }
 
-impl fmt::Debug for PeerPattern {
+/// As written in the configuration: `spiffe://td/path` or `spiffe://td/path/*`.
+impl fmt::Display for PeerPattern {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            PeerPattern::Exact(id) => write!(f, "{}", id.as_str()),
+            PeerPattern::Exact(id) => f.write_str(id.as_str()),
             PeerPattern::Prefix(p) => write!(f, "{p}*"),
         }
+    }
+}
+
+impl fmt::Debug for PeerPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 

@@ -22,6 +22,17 @@ fn parse(text: &str) -> Result<Config, ConfigError> {
 }
 
 #[test]
+fn allow_peers_reads_in_logs_as_written() {
+    let c = parse(MINIMAL).unwrap();
+    assert_eq!(
+        c.inbound[0].allow_peers_text(),
+        "spiffe://example.org/ns/prod/*,spiffe://example.org/ns/dev/sa/web"
+    );
+    let open = parse(&MINIMAL.replace("allow_peers", "# allow_peers")).unwrap();
+    assert_eq!(open.inbound[0].allow_peers_text(), "any-peer");
+}
+
+#[test]
 fn minimal_file_config_parses_with_defaults() {
     let c = parse(MINIMAL).unwrap();
     let Identity::Files(f) = &c.identity else {

@@ -24,7 +24,7 @@
 //!
 //! ```ignore
 //! let cache = JwksCache::new();
-//! let mut watcher = PolicyWatcher::load(&path, cache.clone())?; // error: exit 64
+//! let mut watcher = PolicyWatcher::load("api", &path, cache.clone())?; // error: exit 64
 //! watcher.watch()?;                                 // hot reload from now on
 //! tokio::spawn(cache.clone().run_refresh());        // scheduled JWKS refresh
 //! cache.fetch_all().await;                          // first fetch of jwks_url keys

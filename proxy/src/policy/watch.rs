@@ -70,6 +70,9 @@ impl ReloadStats {
 
 /// The current policy of a running proxy, reloaded from its file.
 pub struct PolicyWatcher {
+    /// The listener it authorizes for, named on every reload line (several
+    /// listeners may share one file, each with its own watcher).
+    listener: Arc<str>,
     path: PathBuf,
     current: Arc<ArcSwap<Policy>>,
     cache: Arc<JwksCache>,
@@ -93,13 +96,15 @@ pub enum ReloadOutcome {
 }
 
 impl PolicyWatcher {
-    /// Loads the policy at `path` (an error here is a start-up configuration
-    /// error), binding its issuers to `cache`. Does not watch yet.
-    pub fn load(path: &Path, cache: Arc<JwksCache>) -> Result<Self, PolicyError> {
+    /// Loads the policy at `path` for the listener `listener` (an error
+    /// here is a start-up configuration error), binding its issuers to
+    /// `cache`. Does not watch yet.
+    pub fn load(listener: &str, path: &Path, cache: Arc<JwksCache>) -> Result<Self, PolicyError> {
         let policy = Policy::load_with(path, &cache)?;
         let stats = Arc::new(ReloadStats::default());
         stats.succeeded();
         Ok(Self {
+            listener: listener.into(),
             path: path.to_path_buf(),
             current: Arc::new(ArcSwap::from_pointee(policy)),
             cache,
@@ -133,7 +138,13 @@ impl PolicyWatcher {
     /// different, otherwise logs every diagnostic, counts a failure and keeps
     /// the current one.
     pub fn reload(&self) -> ReloadOutcome {
-        reload(&self.path, &self.current, &self.cache, &self.stats)
+        reload(
+            &self.listener,
+            &self.path,
+            &self.current,
+            &self.cache,
+            &self.stats,
+        )
     }
 
     /// Starts watching the file's directory; changes are applied from a
@@ -151,7 +162,8 @@ impl PolicyWatcher {
                 }
             })?;
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
-        let (path, current, cache, stats) = (
+        let (listener, path, current, cache, stats) = (
+            self.listener.clone(),
             self.path.clone(),
             self.current.clone(),
             self.cache.clone(),
@@ -164,7 +176,7 @@ impl PolicyWatcher {
                 while rx.recv().is_ok() {
                     std::thread::sleep(DEBOUNCE);
                     while rx.try_recv().is_ok() {}
-                    reload(&path, &current, &cache, &stats);
+                    reload(&listener, &path, &current, &cache, &stats);
                 }
             })
             .map_err(notify::Error::io)?;
@@ -174,6 +186,7 @@ impl PolicyWatcher {
 }
 
 fn reload(
+    listener: &str,
     path: &Path,
     current: &ArcSwap<Policy>,
     cache: &JwksCache,
@@ -187,7 +200,7 @@ fn reload(
                 file: path.to_path_buf(),
                 source,
             };
-            return refuse(e, "(unreadable)".into(), current, stats);
+            return refuse(listener, e, "(unreadable)".into(), current, stats);
         }
     };
     let content_hash = super::file::short_hash(text.as_bytes());
@@ -196,7 +209,7 @@ fn reload(
         // refusal no longer describes the file.
         if stats.failing() {
             stats.succeeded();
-            tracing::info!(target: "moat::policy", file = %path.display(), policy_hash = %content_hash, "policy file restored to the running policy");
+            tracing::info!(target: "moat::policy", listener, file = %path.display(), policy_hash = %content_hash, "policy file restored to the running policy");
         }
         return ReloadOutcome::Unchanged;
     }
@@ -207,14 +220,15 @@ fn reload(
             current.store(Arc::new(policy));
             stats.ok.fetch_add(1, Ordering::Relaxed);
             stats.succeeded();
-            tracing::info!(target: "moat::policy", file = %path.display(), policy_hash = %hash, previous_hash = %old, "policy reloaded");
+            tracing::info!(target: "moat::policy", listener, file = %path.display(), policy_hash = %hash, previous_hash = %old, "policy reloaded");
             ReloadOutcome::Applied { hash }
         }
-        Err(e) => refuse(e, content_hash, current, stats),
+        Err(e) => refuse(listener, e, content_hash, current, stats),
     }
 }
 
 fn refuse(
+    listener: &str,
     e: PolicyError,
     content_hash: String,
     current: &ArcSwap<Policy>,
@@ -232,6 +246,7 @@ fn refuse(
     for d in e.diagnostics() {
         tracing::error!(
             target: "moat::policy",
+            listener,
             error = %d,
             kept_hash = %current.load().hash(),
             "policy reload refused; keeping the last good policy"
@@ -243,6 +258,7 @@ fn refuse(
 impl std::fmt::Debug for PolicyWatcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PolicyWatcher")
+            .field("listener", &self.listener)
             .field("path", &self.path)
             .field("hash", &self.current.load().hash())
             .finish()

@@ -63,7 +63,8 @@ pub struct AccessEntry<'a> {
     pub reason: Option<AuthzReason>,
     /// Time to the response head.
     pub duration: Duration,
-    /// Response body bytes, when known from `content-length`.
+    /// Response body bytes, when known: from `content-length`, or the
+    /// body's exact size.
     pub bytes: Option<u64>,
 }
 

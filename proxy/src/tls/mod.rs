@@ -23,8 +23,13 @@ pub use verify::{PeerClientVerifier, PeerIdError, PeerServerVerifier};
 
 use crate::config::PeerPattern;
 
-/// ALPN for HTTP listeners: HTTP/2 preferred.
-pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// ALPN an HTTP listener offers, most preferred first: HTTP/2, then
+/// HTTP/1.1, and `http/1.0` for the clients that ask for it by name
+/// (`curl --http1.0`); without it they would be refused in the handshake
+/// (alert `no_application_protocol`). Anything but `h2` is served by the
+/// HTTP/1 server, which answers a 1.0 request as 1.0. The server side only:
+/// an outbound offers exactly the version its caller spoke.
+pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1", b"http/1.0"];
 
 /// Presents the current certificate, as server and as client.
 pub struct CurrentCert {

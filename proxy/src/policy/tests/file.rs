@@ -182,7 +182,7 @@ fn an_emptied_file_is_refused_on_reload_and_a_deliberate_deny_all_applies() {
     let f = fixture();
     let path = f.dir.path().join("policy.toml");
     let cache = Arc::new(JwksCache::default());
-    let watcher = PolicyWatcher::load(&path, cache).unwrap_or_else(|e| panic!("{e}"));
+    let watcher = PolicyWatcher::load("api", &path, cache).unwrap_or_else(|e| panic!("{e}"));
     let routes = watcher.current().route_count();
     assert!(routes > 0);
 
