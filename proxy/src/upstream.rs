@@ -479,9 +479,7 @@ where
 
     /// Opens the shared HTTP/2 connection; concurrent callers wait for the
     /// one being opened instead of each dialing their own.
-    async fn connect_h2(
-        &self,
-    ) -> Result<(http2::SendRequest<OutBody<B>>, OpenStream), ProxyError> {
+    async fn connect_h2(&self) -> Result<(http2::SendRequest<OutBody<B>>, OpenStream), ProxyError> {
         let _one = self.h2_connecting.lock().await;
         if let Some(current) = self.current_h2() {
             return Ok(current);

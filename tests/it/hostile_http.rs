@@ -362,10 +362,16 @@ fn http2_pings_do_not_keep_an_idle_connection_open() {
         String::from_utf8_lossy(&seen.data).contains("\"path\":\"/\""),
         "the request was answered"
     );
-    assert!(seen.closed, "the idle connection was never closed: its PINGs kept it open");
+    assert!(
+        seen.closed,
+        "the idle connection was never closed: its PINGs kept it open"
+    );
     assert!(seen.goaway, "with a GOAWAY");
     let after = answered.elapsed();
-    assert!(after >= Duration::from_millis(800), "closed after {after:?}");
+    assert!(
+        after >= Duration::from_millis(800),
+        "closed after {after:?}"
+    );
 }
 
 /// A raw HTTP/2 connection: frames out, a summary of what came back.

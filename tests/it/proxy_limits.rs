@@ -103,10 +103,7 @@ fn b_connections(p: &mut SidecarPair) -> (f64, f64) {
 /// is the default 5 min here), and the next request dials a new one.
 #[test]
 fn an_idle_pooled_http2_connection_to_the_peer_is_closed() {
-    let mut p = pair(
-        echo_service(),
-        "[limits]\npool_idle_timeout = \"500ms\"\n",
-    );
+    let mut p = pair(echo_service(), "[limits]\npool_idle_timeout = \"500ms\"\n");
     let h2 = ["--http2-prior-knowledge"];
     assert_eq!(curl_http(p.a_addr, "/", &h2).0, 200);
     eventually(
@@ -115,7 +112,11 @@ fn an_idle_pooled_http2_connection_to_the_peer_is_closed() {
         || b_connections(&mut p).0 == 0.0,
     );
     assert_eq!(curl_http(p.a_addr, "/", &h2).0, 200);
-    assert_eq!(b_connections(&mut p).1, 2.0, "a new connection for the next request");
+    assert_eq!(
+        b_connections(&mut p).1,
+        2.0,
+        "a new connection for the next request"
+    );
 }
 
 /// A request still open is no idle connection: held past several pool
@@ -138,7 +139,11 @@ fn a_pooled_http2_connection_with_a_request_open_is_kept() {
     release.send(()).unwrap();
     assert_eq!(first.join().unwrap(), 200);
     assert_eq!(second.join().unwrap(), 200);
-    assert_eq!(b_connections(&mut p).1, 1.0, "both requests on one connection");
+    assert_eq!(
+        b_connections(&mut p).1,
+        1.0,
+        "both requests on one connection"
+    );
 }
 
 /// An HTTP/1.1 connection idle for 250 ms gives its buffers back (the hyper patch,
