@@ -28,6 +28,10 @@ pub enum ProxyBody {
         /// `Expect: 100-continue` and never asked for: gives that request
         /// up (closing its upstream connection) once this body ends or drops.
         give_up: Option<crate::expect::GiveUp>,
+        /// When it came over a pooled HTTP/2 connection: its stream,
+        /// counted open until this body ends or drops (the pool closes a
+        /// connection only after it has had none open for a while).
+        stream: Option<crate::upstream::OpenStream>,
     },
     /// A body the proxy made (an error, or nothing).
     Short(Full<Bytes>),
@@ -50,6 +54,7 @@ impl ProxyBody {
             body,
             limit: HeadLimit::from(limits),
             give_up: None,
+            stream: None,
         }
     }
 }

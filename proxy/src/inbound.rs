@@ -271,7 +271,10 @@ impl InboundService {
         // sniffing of the first bytes, and an HTTP/1.1 connection holds
         // only HTTP/1.1 state.
         let conn = if peer.h2 {
-            let streams = conn::Streams::for_connection();
+            // Idle by streams from the start: a connection that never
+            // carries a request is not kept open by its PINGs either.
+            peer.activity.count_streams_only();
+            let streams = conn::Streams::for_connection(&peer.activity);
             let h2 = conn::http2_server(&self.limits, streams.clone());
             Either::Left(Box::pin(streams.run(h2.serve_connection(io, service))))
         } else {

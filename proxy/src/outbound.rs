@@ -177,7 +177,10 @@ impl conn::Serve for OutboundService {
                 // Boxed: hyper's per-connection slot then holds a pointer.
                 let service =
                     hyper::service::service_fn(move |req| Box::pin(this.request(req, &this_conn)));
-                let streams = conn::Streams::for_connection();
+                // XXX: an h2c connection counts bytes until its first stream
+                // (the preface is not seen here), so one that never sends a
+                // request is kept open by its PINGs; a local app, not a peer.
+                let streams = conn::Streams::for_connection(&activity);
                 let builder = conn::http_server(&self.limits, streams.clone());
                 let http = builder.serve_connection_with_upgrades(TokioIo::new(local), service);
                 let http = Box::pin(streams.run(http));

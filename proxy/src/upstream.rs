@@ -4,6 +4,11 @@
 //!
 //! HTTP/1.1 requests take an idle keep-alive connection from a LIFO pool
 //! (or dial a new one); HTTP/2 requests share one multiplexed connection.
+//! Either is closed once it has carried no request for
+//! `pool_idle_timeout`: an HTTP/1.1 connection idle in the pool, an HTTP/2
+//! connection with no stream open (its keep-alive PINGs, sent only while a
+//! stream is open, do not count; a stream that stays open, a long gRPC call
+//! or download, keeps it).
 //! Built on hyper's connection-level client rather than hyper-util's pooled
 //! `Client`: a listener has exactly one upstream, so there is no pool key to
 //! hash, no request channel hop through a pool task, and no task spawned per
@@ -100,8 +105,32 @@ struct Idle<B> {
     lapsed: Lapsed,
 }
 
-/// The shared HTTP/2 connection's handle, and whether its peer lapsed.
-type PooledH2<B> = (http2::SendRequest<OutBody<B>>, Lapsed);
+/// The shared HTTP/2 connection: its handle, whether its peer lapsed, and
+/// whether it has streams open.
+struct PooledH2<B> {
+    tx: http2::SendRequest<OutBody<B>>,
+    lapsed: Lapsed,
+    /// One reference here and one per stream open on the connection
+    /// ([`OpenStream`]): the count of streams is the `Arc`'s, as hyper
+    /// counts them for its own keep-alive (`ping::Recorder`), so a request
+    /// costs the clone and drop it needs anyway and no counter of its own.
+    streams: Arc<StreamsEnded>,
+    /// Since when the reaper has seen no stream open or ended on it.
+    quiet_since: Instant,
+}
+
+/// Set when a stream on a pooled HTTP/2 connection ends, so that the
+/// reaper, which looks every so often, sees a connection that carried
+/// requests between two looks as used.
+#[derive(Debug, Default)]
+struct StreamsEnded(AtomicBool);
+
+/// One stream open on the pooled HTTP/2 connection: taken with the
+/// connection's handle for a request, then carried by the response body
+/// until it ends or is dropped. The pool closes the connection only once
+/// it has had none for `pool_idle_timeout`.
+#[derive(Debug)]
+pub struct OpenStream(Arc<StreamsEnded>);
 
 /// Set once the peer's credential behind a pooled connection lapsed
 /// (revoked, expired, root retired): the connection takes no new request,
@@ -126,13 +155,23 @@ where
     /// timeout limits.
     pub(crate) fn new(h1_dial: D, h2_dial: D, limits: &Limits) -> Self {
         let h1 = Arc::new(Mutex::new(VecDeque::new()));
-        spawn_reaper(Arc::downgrade(&h1), limits.pool_idle_timeout);
+        let h2 = Arc::default();
+        spawn_reaper(
+            Arc::downgrade(&h1),
+            Arc::downgrade(&h2),
+            limits.pool_idle_timeout,
+        );
         let wire = wire(limits);
         let mut h1_builder = http1::Builder::new();
         h1_builder
             .max_headers(limits.max_header_count)
             .max_header_size(wire.h1_head);
         let mut h2_builder = http2::Builder::new(TokioExecutor::new());
+        // Keep-alive finds a peer gone silent under an open stream. hyper's
+        // client pings only while a stream is open (`keep_alive_while_idle`
+        // stays off), so the PINGs never keep an unused connection up: the
+        // reaper closes it. Kept on for its per-request cost of ~2 %
+        // (benches/results/analysis.md, "HTTP/2 keep-alive pings off").
         h2_builder
             .timer(TokioTimer::new())
             .keep_alive_interval(Some(Duration::from_secs(30)))
@@ -142,7 +181,7 @@ where
             h1_dial,
             h2_dial,
             h1,
-            h2: Arc::default(),
+            h2,
             h2_connecting: tokio::sync::Mutex::new(()),
             h1_builder,
             h2_builder,
@@ -180,11 +219,11 @@ where
         let send: Pin<Box<dyn Future<Output = _> + Send + '_>> = if h2 {
             Box::pin(self.send_h2(req))
         } else {
-            Box::pin(self.send_h1(req))
+            Box::pin(self.send_h1(req).map(|sent| sent.map(|resp| (resp, None))))
         };
         let timeout = self.limits.request_timeout;
         tokio::time::timeout(timeout, send).map(move |sent| match sent {
-            Ok(Ok(resp)) => self.relay(resp, head_only, gate),
+            Ok(Ok((resp, stream))) => self.relay(resp, head_only, gate, stream),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(ProxyError::Timeout(timeout)),
         })
@@ -193,13 +232,15 @@ where
     /// The upstream's response as it goes back: hop-by-hop headers out, the
     /// head within the limits, no body on a HEAD answer (an HTTP/2 service
     /// may send one, which HTTP/2 forbids: it is dropped, not passed on as
-    /// a stream error), and a body held for 100-continue given up once the
-    /// final answer is relayed.
+    /// a stream error), a body held for 100-continue given up once the
+    /// final answer is relayed, and the HTTP/2 `stream` counted open until
+    /// the body ends.
     fn relay(
         &self,
         resp: Response<Incoming>,
         head_only: bool,
         gate: Option<Arc<Gate>>,
+        stream: Option<OpenStream>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
@@ -216,6 +257,7 @@ where
                 body,
                 limit: (&self.limits).into(),
                 give_up: gate.filter(|g| g.is_waiting()).map(|g| g.give_up_on_drop()),
+                stream,
             }
         };
         Ok(Response::from_parts(parts, body))
@@ -379,12 +421,17 @@ where
         Ok((tx, lapsed))
     }
 
-    async fn send_h2(&self, req: Request<OutBody<B>>) -> Result<Response<Incoming>, ProxyError> {
+    /// Sends `req` on the shared HTTP/2 connection (or a new one); the
+    /// response comes with its stream, counted open until dropped.
+    async fn send_h2(
+        &self,
+        req: Request<OutBody<B>>,
+    ) -> Result<(Response<Incoming>, Option<OpenStream>), ProxyError> {
         let mut req = req;
         let mut fresh = false;
         loop {
-            let tx = match self.current_h2() {
-                Some(tx) => tx,
+            let (tx, stream) = match self.current_h2() {
+                Some(current) => current,
                 None => {
                     fresh = true;
                     self.connect_h2().await?
@@ -392,7 +439,7 @@ where
             };
             let mut tx = tx;
             match tx.try_send_request(req).await {
-                Ok(resp) => return Ok(resp),
+                Ok(resp) => return Ok((resp, Some(stream))),
                 Err(mut e) => match e.take_message() {
                     Some(back) if !fresh => {
                         self.forget_h2(&tx);
@@ -404,14 +451,17 @@ where
         }
     }
 
-    fn current_h2(&self) -> Option<http2::SendRequest<OutBody<B>>> {
+    /// The shared connection's handle and a new stream on it, if it is
+    /// open. The stream is counted under the lock the reaper takes, so the
+    /// reaper never closes a connection a request has just taken.
+    fn current_h2(&self) -> Option<(http2::SendRequest<OutBody<B>>, OpenStream)> {
         let slot = self
             .h2
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         slot.as_ref()
-            .filter(|(tx, lapsed)| !tx.is_closed() && !lapsed.is_set())
-            .map(|(tx, _)| tx.clone())
+            .filter(|c| !c.tx.is_closed() && !c.lapsed.is_set())
+            .map(|c| (c.tx.clone(), OpenStream(c.streams.clone())))
     }
 
     fn forget_h2(&self, dead: &http2::SendRequest<OutBody<B>>) {
@@ -421,7 +471,7 @@ where
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if slot
             .as_ref()
-            .is_some_and(|(tx, lapsed)| tx.is_closed() || lapsed.is_set() || dead.is_closed())
+            .is_some_and(|c| c.tx.is_closed() || c.lapsed.is_set() || dead.is_closed())
         {
             *slot = None;
         }
@@ -429,10 +479,10 @@ where
 
     /// Opens the shared HTTP/2 connection; concurrent callers wait for the
     /// one being opened instead of each dialing their own.
-    async fn connect_h2(&self) -> Result<http2::SendRequest<OutBody<B>>, ProxyError> {
+    async fn connect_h2(&self) -> Result<(http2::SendRequest<OutBody<B>>, OpenStream), ProxyError> {
         let _one = self.h2_connecting.lock().await;
-        if let Some(tx) = self.current_h2() {
-            return Ok(tx);
+        if let Some(current) = self.current_h2() {
+            return Ok(current);
         }
         let io = self.h2_dial.dial().await?;
         let lease = self.h2_dial.lease(&io);
@@ -450,17 +500,24 @@ where
                 let mut slot = slot
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if slot.as_ref().is_some_and(|(_, l)| l.is_set()) {
+                if slot.as_ref().is_some_and(|c| c.lapsed.is_set()) {
                     *slot = None;
                 }
             }
         };
         drive(conn, "HTTP/2", lease, lapsed.clone(), purge, false);
+        let streams = Arc::<StreamsEnded>::default();
+        let stream = OpenStream(streams.clone());
         *self
             .h2
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some((tx.clone(), lapsed));
-        Ok(tx)
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(PooledH2 {
+            tx: tx.clone(),
+            lapsed,
+            streams,
+            quiet_since: Instant::now(),
+        });
+        Ok((tx, stream))
     }
 }
 
@@ -508,9 +565,14 @@ fn drive<C, E>(
     });
 }
 
-/// Closes pooled HTTP/1.1 connections idle longer than `timeout`; ends when
-/// the client is dropped.
-fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout: Duration) {
+/// Closes pooled HTTP/1.1 connections idle longer than `timeout`, and the
+/// HTTP/2 connection once it has had no stream open for `timeout`; ends
+/// when the client is dropped.
+fn spawn_reaper<B: Send + 'static>(
+    h1: Weak<Mutex<VecDeque<Idle<B>>>>,
+    h2: Weak<Mutex<Option<PooledH2<B>>>>,
+    timeout: Duration,
+) {
     let every = (timeout / 2).max(Duration::from_millis(250));
     // Built outside a runtime (unit tests of config only): nothing to reap.
     if tokio::runtime::Handle::try_current().is_err() {
@@ -519,14 +581,55 @@ fn spawn_reaper<B: Send + 'static>(pool: Weak<Mutex<VecDeque<Idle<B>>>>, timeout
     tokio::spawn(async move {
         loop {
             tokio::time::sleep(every).await;
-            let Some(pool) = pool.upgrade() else { return };
-            let mut idle = pool
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            // Oldest first: check-ins push to the back.
-            idle.retain(|e| !e.tx.is_closed() && !e.lapsed.is_set() && e.since.elapsed() < timeout);
+            let (Some(h1), Some(h2)) = (h1.upgrade(), h2.upgrade()) else {
+                return;
+            };
+            {
+                let mut idle = h1.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Oldest first: check-ins push to the back.
+                idle.retain(|e| {
+                    !e.tx.is_closed() && !e.lapsed.is_set() && e.since.elapsed() < timeout
+                });
+            }
+            let mut slot = h2.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            // Dropping the pool's handle closes the connection (GOAWAY),
+            // as hyper closes one with no handle and no stream left.
+            if slot
+                .as_mut()
+                .is_some_and(|c| c.tx.is_closed() || c.idle_for(timeout))
+            {
+                *slot = None;
+            }
         }
     });
+}
+
+impl<B> PooledH2<B> {
+    /// Whether the connection has had no stream open for `timeout`, as far
+    /// as the reaper's looks tell: a look that finds a stream open, or one
+    /// ended since the last look, restarts the count.
+    fn idle_for(&mut self, timeout: Duration) -> bool {
+        let open = Arc::strong_count(&self.streams) > 1;
+        // A stream sets `ended` before its reference goes (a release): seen
+        // gone, its flag is seen too.
+        std::sync::atomic::fence(Ordering::Acquire);
+        let ended = self.streams.0.swap(false, Ordering::Relaxed);
+        if open || ended {
+            self.quiet_since = Instant::now();
+            return false;
+        }
+        self.quiet_since.elapsed() >= timeout
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        // Read first: between two looks of the reaper, only the first of
+        // the streams that end writes the line.
+        if !self.0.0.load(Ordering::Relaxed) {
+            self.0.0.store(true, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A copy of a request to send again, if it has no body and is idempotent
@@ -804,6 +907,129 @@ mod tests {
             after >= Duration::from_millis(250),
             "closed after {after:?}"
         );
+    }
+
+    /// An HTTP/2 (h2c) server: `/hold` answers at once with a body that
+    /// ends once `release` is notified, anything else `ok`. Counts the
+    /// connections it accepted and tells `ended` when one closes.
+    struct H2Server {
+        addr: SocketAddr,
+        accepted: Arc<AtomicUsize>,
+        ended: tokio::sync::mpsc::UnboundedReceiver<()>,
+        release: Arc<tokio::sync::Notify>,
+    }
+
+    impl H2Server {
+        async fn start() -> Self {
+            use http_body_util::combinators::BoxBody;
+            use http_body_util::{Full, StreamBody};
+            use hyper::server::conn::http2 as server;
+
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let accepted = Arc::new(AtomicUsize::new(0));
+            let release = Arc::new(tokio::sync::Notify::new());
+            let (ended_tx, ended) = tokio::sync::mpsc::unbounded_channel();
+            let (count, notify) = (accepted.clone(), release.clone());
+            tokio::spawn(async move {
+                loop {
+                    let (s, _) = listener.accept().await.unwrap();
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let (notify, ended_tx) = (notify.clone(), ended_tx.clone());
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let notify = notify.clone();
+                        async move {
+                            let body: BoxBody<Bytes, std::convert::Infallible> =
+                                if req.uri().path() == "/hold" {
+                                    let done = futures_util::stream::once(async move {
+                                        notify.notified().await;
+                                        Ok(Frame::data(Bytes::from_static(b"done")))
+                                    });
+                                    BoxBody::new(StreamBody::new(done))
+                                } else {
+                                    BoxBody::new(Full::new(Bytes::from_static(b"ok")))
+                                };
+                            Ok::<_, std::convert::Infallible>(Response::new(body))
+                        }
+                    });
+                    tokio::spawn(async move {
+                        let _ = server::Builder::new(TokioExecutor::new())
+                            .serve_connection(TokioIo::new(s), service)
+                            .await;
+                        let _ = ended_tx.send(());
+                    });
+                }
+            });
+            Self {
+                addr,
+                accepted,
+                ended,
+                release,
+            }
+        }
+
+        fn client(&self, pool_idle_timeout: Duration) -> UpstreamClient<Plain, Empty<Bytes>> {
+            let limits = Limits {
+                pool_idle_timeout,
+                ..Limits::default()
+            };
+            UpstreamClient::new(Plain(self.addr), Plain(self.addr), &limits)
+        }
+    }
+
+    fn get_h2(path: &str) -> Request<Empty<Bytes>> {
+        Request::builder()
+            .version(Version::HTTP_2)
+            .uri(format!("http://service.internal{path}"))
+            .body(Empty::new())
+            .unwrap()
+    }
+
+    async fn h2_body(client: &UpstreamClient<Plain, Empty<Bytes>>, path: &str) -> Bytes {
+        let resp = client.send(get_h2(path)).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap().to_bytes()
+    }
+
+    #[tokio::test]
+    async fn an_idle_http2_connection_is_closed_after_the_pool_idle_timeout() {
+        let mut server = H2Server::start().await;
+        let client = server.client(Duration::from_millis(300));
+        assert_eq!(h2_body(&client, "/x").await, "ok");
+        let idle_from = std::time::Instant::now();
+        tokio::time::timeout(Duration::from_secs(5), server.ended.recv())
+            .await
+            .expect("the idle HTTP/2 connection was never closed");
+        let after = idle_from.elapsed();
+        assert!(
+            after >= Duration::from_millis(250),
+            "closed after {after:?}"
+        );
+        // The next request dials a new connection.
+        assert_eq!(h2_body(&client, "/x").await, "ok");
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_http2_connection_with_a_stream_open_is_not_closed_by_the_pool() {
+        let mut server = H2Server::start().await;
+        let timeout = Duration::from_millis(300);
+        let client = server.client(timeout);
+        let held = client.send(get_h2("/hold")).await.unwrap();
+        // Four timeouts, several of the reaper's looks (every 250 ms): a
+        // time that passes is what this test is about.
+        tokio::time::sleep(4 * timeout).await;
+        assert!(server.ended.try_recv().is_err(), "still open");
+        // Still the pool's connection: the next request shares it.
+        assert_eq!(h2_body(&client, "/x").await, "ok");
+        assert_eq!(server.accepted.load(Ordering::SeqCst), 1);
+        server.release.notify_one();
+        let body = held.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "done");
+        // Its last stream ended: now it is idle, and closed.
+        tokio::time::timeout(Duration::from_secs(5), server.ended.recv())
+            .await
+            .expect("the HTTP/2 connection was never closed once idle");
     }
 
     #[tokio::test]

@@ -330,6 +330,50 @@ fn hpack(fields: &[(&str, &str)]) -> Vec<u8> {
     out
 }
 
+/// PINGs are not requests: an HTTP/2 connection that carries none is closed
+/// at `idle_timeout` (GOAWAY, then the close) however often its peer pings,
+/// as a client's keep-alive does, or a peer holding connections open.
+#[test]
+fn http2_pings_do_not_keep_an_idle_connection_open() {
+    let s = sidecar("[limits]\nidle_timeout = \"1s\"\n", "");
+    let mut h2 = H2::connect(&s);
+    let get = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":path", "/"),
+        (":authority", "moat"),
+    ];
+    h2.headers(1, &get, true);
+    let answered = Instant::now();
+    let mut seen = H2Seen::default();
+    while !seen.closed && answered.elapsed() < Duration::from_secs(15) {
+        let _ = h2.try_frame(6, 0, 0, b"pingping");
+        let got = h2.read_for(Duration::from_millis(100));
+        // Answered as a client does: a graceful close waits for the ACK
+        // of the PING sent with its first GOAWAY.
+        for ping in &got.pings {
+            let _ = h2.try_frame(6, 0x1, 0, ping);
+        }
+        seen.goaway |= got.goaway;
+        seen.closed = got.closed;
+        seen.data.extend_from_slice(&got.data);
+    }
+    assert!(
+        String::from_utf8_lossy(&seen.data).contains("\"path\":\"/\""),
+        "the request was answered"
+    );
+    assert!(
+        seen.closed,
+        "the idle connection was never closed: its PINGs kept it open"
+    );
+    assert!(seen.goaway, "with a GOAWAY");
+    let after = answered.elapsed();
+    assert!(
+        after >= Duration::from_millis(800),
+        "closed after {after:?}"
+    );
+}
+
 /// A raw HTTP/2 connection: frames out, a summary of what came back.
 struct H2 {
     tls: Tls,
@@ -342,6 +386,8 @@ struct H2Seen {
     reset: bool,
     closed: bool,
     frames: usize,
+    /// Payloads of the PINGs that came (not their ACKs), to answer.
+    pings: Vec<Vec<u8>>,
 }
 
 impl H2 {
@@ -395,6 +441,7 @@ impl H2 {
             match kind {
                 0 => seen.data.extend_from_slice(payload),
                 3 => seen.reset = true,
+                6 if rest[4] & 0x1 == 0 => seen.pings.push(payload.to_vec()),
                 7 => seen.goaway = true,
                 _ => {}
             }

@@ -85,6 +85,67 @@ fn a_connection_in_use_is_not_idle() {
     assert!(start.elapsed() > Duration::from_secs(2));
 }
 
+/// B's open connections on `api` (from A's outbound) and the handshakes it
+/// has completed there (one per connection A dialed).
+fn b_connections(p: &mut SidecarPair) -> (f64, f64) {
+    use crate::support::hostile::{metric, scrape};
+    let text = scrape(p.b.listening_addr("admin"));
+    let api = [("listener", "api")];
+    (
+        metric(&text, "moat_open_connections", &api),
+        metric(&text, "moat_tls_handshakes_total", &api),
+    )
+}
+
+/// The outsider's report: one h2c request through an outbound, and the
+/// HTTP/2 connection to the peer stayed open for as long as they watched.
+/// It is closed after `pool_idle_timeout` (the peer's own `idle_timeout`
+/// is the default 5 min here), and the next request dials a new one.
+#[test]
+fn an_idle_pooled_http2_connection_to_the_peer_is_closed() {
+    let mut p = pair(echo_service(), "[limits]\npool_idle_timeout = \"500ms\"\n");
+    let h2 = ["--http2-prior-knowledge"];
+    assert_eq!(curl_http(p.a_addr, "/", &h2).0, 200);
+    eventually(
+        Duration::from_secs(10),
+        "B to see A's idle HTTP/2 connection close",
+        || b_connections(&mut p).0 == 0.0,
+    );
+    assert_eq!(curl_http(p.a_addr, "/", &h2).0, 200);
+    assert_eq!(
+        b_connections(&mut p).1,
+        2.0,
+        "a new connection for the next request"
+    );
+}
+
+/// A request still open is no idle connection: held past several pool
+/// timeouts, its connection is still the pool's (the next request shares
+/// it rather than dialing), and both are answered.
+#[test]
+fn a_pooled_http2_connection_with_a_request_open_is_kept() {
+    let (service, arrived, release) = held_service();
+    let mut p = pair(service, "[limits]\npool_idle_timeout = \"300ms\"\n");
+    let a = p.a_addr;
+    let h2 = ["--http2-prior-knowledge"];
+    let first = std::thread::spawn(move || curl_http(a, "/first", &h2).0);
+    arrived.recv_timeout(Duration::from_secs(10)).unwrap();
+    // Five pool timeouts with the request open: the time passing is what
+    // this test is about.
+    std::thread::sleep(Duration::from_millis(1500));
+    let second = std::thread::spawn(move || curl_http(a, "/second", &h2).0);
+    arrived.recv_timeout(Duration::from_secs(10)).unwrap();
+    release.send(()).unwrap();
+    release.send(()).unwrap();
+    assert_eq!(first.join().unwrap(), 200);
+    assert_eq!(second.join().unwrap(), 200);
+    assert_eq!(
+        b_connections(&mut p).1,
+        1.0,
+        "both requests on one connection"
+    );
+}
+
 /// An HTTP/1.1 connection idle for 250 ms gives its buffers back (the hyper patch,
 /// third_party/README.md), and nothing a client sees changes: the next request on it is
 /// served, a head arriving in two pieces either side of that point is read whole, and the

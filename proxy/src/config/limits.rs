@@ -16,7 +16,8 @@ pub struct Limits {
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A connection with no request in flight and no bytes moving for this
-    /// long is closed.
+    /// long is closed. An HTTP/2 connection counts streams only: one with
+    /// none open for this long is closed (GOAWAY) whatever PINGs move.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Largest header block of a request or a response, counted as
@@ -34,9 +35,11 @@ pub struct Limits {
     /// kernel's accept queue.
     pub max_connections: usize,
     /// An unused pooled connection (to the local service or a peer) is
-    /// closed after this long. Keep it below the upstream's own keep-alive
-    /// timeout (a moat inbound closes idle HTTP/1.1 connections after
-    /// `header_read_timeout`), or a request can race the upstream's close.
+    /// closed after this long: an HTTP/1.1 connection idle in the pool, the
+    /// HTTP/2 connection once it has had no stream open. Keep it below the
+    /// upstream's own keep-alive timeout (a moat inbound closes idle
+    /// HTTP/1.1 connections after `header_read_timeout`), or a request can
+    /// race the upstream's close.
     #[serde(with = "humantime_serde")]
     pub pool_idle_timeout: Duration,
     /// Time allowed to connect to the local service or a peer.

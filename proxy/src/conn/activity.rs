@@ -1,5 +1,10 @@
 //! Idle tracking: whether a connection has moved bytes lately and how many
 //! requests it has in flight, read by the idle watchdog.
+//!
+//! An HTTP/2 connection is idle when it has had no stream open, whatever
+//! bytes moved: PING frames (ours every 30 s, and the peer's) would
+//! otherwise keep an unused connection open for ever. An HTTP/1.1
+//! connection, a TCP relay and a tunnel count bytes.
 
 use std::io;
 use std::pin::Pin;
@@ -17,8 +22,13 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// idle watchdog looks at it a few times per idle period.
 #[derive(Debug)]
 pub(crate) struct Activity {
+    /// Bytes moved since the watchdog last looked.
     touched: AtomicBool,
+    /// A request (or HTTP/2 stream) ended since the watchdog last looked.
+    ended: AtomicBool,
     inflight: AtomicUsize,
+    /// HTTP/2: only requests count, not bytes ([`Activity::count_streams_only`]).
+    streams_only: AtomicBool,
 }
 
 /// Counts one request in flight while held.
@@ -37,8 +47,19 @@ impl Activity {
     pub(crate) fn new() -> Arc<Self> {
         Arc::new(Self {
             touched: AtomicBool::new(true),
+            ended: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
+            streams_only: AtomicBool::new(false),
         })
+    }
+
+    /// From now on only requests in flight count as activity, not bytes:
+    /// for an HTTP/2 connection, whose PINGs move bytes while it carries
+    /// nothing. (Envoy's `idle_timeout` means the same: no active streams.)
+    pub(crate) fn count_streams_only(&self) {
+        if !self.streams_only.load(Ordering::Relaxed) {
+            self.streams_only.store(true, Ordering::Relaxed);
+        }
     }
 
     fn touch(&self) {
@@ -55,12 +76,16 @@ impl Activity {
     }
 
     /// Resolves once no request has been in flight and no byte has moved
-    /// for `idle` (give or take an eighth of it: activity is sampled).
+    /// (no byte counts after [`Activity::count_streams_only`]) for `idle`
+    /// (give or take an eighth of it: activity is sampled).
     pub(crate) async fn idle_for(&self, idle: Duration) {
         let every = (idle / 8).max(Duration::from_millis(10));
         let mut quiet_since = Instant::now();
         loop {
-            if self.touched.swap(false, Ordering::Relaxed)
+            let moved = self.touched.swap(false, Ordering::Relaxed)
+                && !self.streams_only.load(Ordering::Relaxed);
+            if moved
+                || self.ended.swap(false, Ordering::Relaxed)
                 || self.inflight.load(Ordering::Relaxed) > 0
             {
                 quiet_since = Instant::now();
@@ -77,7 +102,10 @@ impl Activity {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.inflight.fetch_sub(1, Ordering::Relaxed);
-        self.0.touch();
+        // Read first, as `touch`.
+        if !self.0.ended.load(Ordering::Relaxed) {
+            self.0.ended.store(true, Ordering::Relaxed);
+        }
     }
 }
 

@@ -62,7 +62,9 @@ pub(crate) fn http2_server(limits: &Limits, streams: Streams) -> http2::Builder<
 
 type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Where an HTTP/2 connection's streams run.
+/// Where an HTTP/2 connection's streams run, each counted in flight on
+/// the connection's [`Activity`] until it has answered (its response body
+/// sent), so that the idle watchdog sees streams rather than bytes.
 ///
 /// On a one-thread runtime (`[runtime] worker_threads = 1`), on the
 /// connection's own task: hyper hands each new stream to this executor and
@@ -78,6 +80,8 @@ pub(crate) struct Streams {
     /// Streams started since [`WithStreams`] last looked; `None`: each
     /// stream is spawned.
     new: Option<Arc<std::sync::Mutex<Vec<StreamFuture>>>>,
+    /// The connection's activity, which counts its streams.
+    activity: Arc<Activity>,
 }
 
 impl<F> hyper::rt::Executor<F> for Streams
@@ -85,6 +89,15 @@ where
     F: Future<Output = ()> + Send + 'static,
 {
     fn execute(&self, fut: F) {
+        // Only HTTP/2 runs streams here: a connection that does (the
+        // plaintext side serves both, told apart by the preface) is idle
+        // by streams, not bytes.
+        self.activity.count_streams_only();
+        let stream = self.activity.request();
+        let fut = async move {
+            let _stream = stream;
+            fut.await;
+        };
         match &self.new {
             Some(new) => new
                 .lock()
@@ -98,12 +111,14 @@ where
 }
 
 impl Streams {
-    /// For one connection on the current runtime (see [`Streams`]).
-    pub(crate) fn for_connection() -> Self {
+    /// For one connection with `activity` on the current runtime (see
+    /// [`Streams`]).
+    pub(crate) fn for_connection(activity: &Arc<Activity>) -> Self {
         use tokio::runtime::{Handle, RuntimeFlavor};
         let one_thread = Handle::current().runtime_flavor() == RuntimeFlavor::CurrentThread;
         Self {
             new: one_thread.then(Arc::default),
+            activity: activity.clone(),
         }
     }
 
