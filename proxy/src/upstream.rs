@@ -624,11 +624,9 @@ impl<B> PooledH2<B> {
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        // Read first: between two looks of the reaper, only the first of
-        // the streams that end writes the line.
-        if !self.0.0.load(Ordering::Relaxed) {
-            self.0.0.store(true, Ordering::Relaxed);
-        }
+        // Between two looks of the reaper, only the first of the streams
+        // that end writes the line.
+        crate::conn::raise(&self.0.0);
     }
 }
 

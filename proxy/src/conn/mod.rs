@@ -20,7 +20,7 @@ mod relay;
 mod server;
 mod tick_batched;
 
-pub(crate) use activity::{Activity, InFlight, Tracked};
+pub(crate) use activity::{Activity, InFlight, Tracked, raise};
 pub(crate) use listener::{Listener, Serve, bind};
 pub(crate) use race::{First, race};
 pub(crate) use relay::{RelayConnectError, relay_plain, splice, splice_until};
