@@ -3,16 +3,23 @@
 
 use crate::support;
 
-#[test]
-fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {
+/// Runs `moat demo ARGS` to its end; its standard output, once it exited 0.
+fn run_demo(args: &[&str]) -> String {
     let out = std::process::Command::new(support::moat_bin())
         .arg("demo")
+        .args(args)
         .env("RUST_LOG", "info")
         .output()
         .expect("run moat demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    stdout
+}
+
+#[test]
+fn demo_runs_to_completion_showing_allowed_and_denied_traffic_and_a_renewal() {
+    let stdout = run_demo(&[]);
     let line = |needle: &str| {
         stdout
             .lines()
@@ -92,14 +99,7 @@ fn where_to_look(stdout: &str) -> String {
 fn demo_with_a_dir_points_at_the_files_it_leaves_there() {
     let dir = tempfile::tempdir().unwrap();
     let demo_dir = dir.path().join("demo");
-    let out = std::process::Command::new(support::moat_bin())
-        .args(["demo", "--dir", support::path_str(&demo_dir)])
-        .env("RUST_LOG", "info")
-        .output()
-        .expect("run moat demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo failed:\n{stdout}\n{stderr}");
+    let stdout = run_demo(&["--dir", support::path_str(&demo_dir)]);
     let looking = where_to_look(&stdout);
     let d = demo_dir.display();
     assert!(
