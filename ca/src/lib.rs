@@ -22,6 +22,7 @@
 //! - [`toml_error`]: `file:line:column` for TOML errors, shared with the
 //!   proxy's configuration and policy files.
 
+pub mod atomic_file;
 pub mod client;
 mod https;
 pub mod identity;

@@ -19,6 +19,7 @@ use super::{
     RevocationTarget, Revoked, RootChange, RootRecord, RootState, SqliteStore, StateVersions,
     Store, StoreError, Unrevoked, unix,
 };
+use crate::atomic_file::AtomicFile;
 use crate::client::{Svid, WorkloadKey};
 use crate::identity::{SpiffeId, TrustBundle, TrustDomain};
 use crate::issuer::{Issued, RootCa, ValidatedCsr};
@@ -327,11 +328,13 @@ impl CaDir {
         // Both files exist (and the key is written) before the issuance:
         // what is left to fail after it is a full disk or a failing rename.
         let outputs = if cert_out == key_out {
-            Outputs::One(PendingFile::create(cert_out, 0o600)?)
+            Outputs::One(pending(cert_out, 0o600)?)
         } else {
-            let mut key_file = PendingFile::create(key_out, 0o600)?;
-            let cert_file = PendingFile::create(cert_out, 0o644)?;
-            key_file.write(key_pem.as_bytes())?;
+            let mut key_file = pending(key_out, 0o600)?;
+            let cert_file = pending(cert_out, 0o644)?;
+            key_file
+                .write(key_pem.as_bytes())
+                .map_err(|e| io_err(key_out, e))?;
             Outputs::Two {
                 key_file,
                 cert_file,
@@ -357,9 +360,10 @@ impl CaDir {
         let svid = Svid::from_chain(vec![issued.cert_der.clone()]).map_err(|e| corrupt(&e))?;
         match outputs {
             Outputs::One(mut both) => {
-                both.write(svid.to_pem().as_bytes())?;
-                both.write(key_pem.as_bytes())?;
-                both.commit()?;
+                both.write(svid.to_pem().as_bytes())
+                    .and_then(|()| both.write(key_pem.as_bytes()))
+                    .and_then(|()| both.commit())
+                    .map_err(|e| io_err(cert_out, e))?;
             }
             // Each file is replaced whole by a rename. A reader between the
             // two renames sees a new key beside the old certificate; the
@@ -368,9 +372,11 @@ impl CaDir {
                 key_file,
                 mut cert_file,
             } => {
-                key_file.commit()?;
-                cert_file.write(svid.to_pem().as_bytes())?;
-                cert_file.commit()?;
+                key_file.commit().map_err(|e| io_err(key_out, e))?;
+                cert_file
+                    .write(svid.to_pem().as_bytes())
+                    .and_then(|()| cert_file.commit())
+                    .map_err(|e| io_err(cert_out, e))?;
             }
         }
         tracing::info!(serial = %svid.serial, spiffe_id = %id, credential = "local", "issued");
@@ -689,92 +695,20 @@ fn write_secret(path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
 
 /// Where `issue_to_files` writes: one file (chain, then key) or two.
 enum Outputs {
-    One(PendingFile),
+    One(AtomicFile),
     Two {
-        key_file: PendingFile,
-        cert_file: PendingFile,
+        key_file: AtomicFile,
+        cert_file: AtomicFile,
     },
 }
 
-/// A file that replaces `path` atomically: created as a new file beside it
-/// (with `mode` from the start), written, synced, then renamed over `path`
-/// and the directory synced. A reader sees the old file or the new one,
-/// never a part. Dropped before [`PendingFile::commit`], it removes itself.
-struct PendingFile {
-    path: PathBuf,
-    tmp: PathBuf,
-    file: fs::File,
-}
-
-impl PendingFile {
-    /// Creates the temporary file, proving that `path` can be written: its
-    /// directory exists and is writable, and `path` is not a directory.
-    /// A failure here is the operator's ([`StoreError::Output`]).
-    fn create(path: &Path, mode: u32) -> Result<Self, StoreError> {
-        let output = |source| StoreError::Output {
-            path: path.to_owned(),
-            source,
-        };
-        if path.is_dir() {
-            return Err(output(std::io::Error::new(
-                std::io::ErrorKind::IsADirectory,
-                "it is a directory",
-            )));
-        }
-        let dir = match path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        let name = path
-            .file_name()
-            .ok_or_else(|| output(std::io::Error::other("not a file name")))?;
-        let tmp = dir.join(format!(
-            ".{}.tmp-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(mode)
-            .open(&tmp)
-            .map_err(output)?;
-        Ok(Self {
-            path: path.to_owned(),
-            tmp,
-            file,
-        })
-    }
-
-    fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.file
-            .write_all(bytes)
-            .map_err(|source| io_err(&self.path, source))
-    }
-
-    /// Syncs the file and renames it over `path`.
-    fn commit(self) -> Result<(), StoreError> {
-        self.file
-            .sync_all()
-            .and_then(|()| fs::rename(&self.tmp, &self.path))
-            .map_err(|source| io_err(&self.path, source))?;
-        // The rename is durable once the directory is.
-        let dir = match self.path.parent() {
-            Some(d) if !d.as_os_str().is_empty() => d,
-            _ => Path::new("."),
-        };
-        if let Ok(d) = fs::File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for PendingFile {
-    fn drop(&mut self) {
-        // After a commit the temporary name is gone and this finds nothing.
-        let _ = fs::remove_file(&self.tmp);
-    }
+/// Creates `path`'s [`AtomicFile`]; a failure is the operator's
+/// ([`StoreError::Output`]): no directory, no permission, a directory.
+fn pending(path: &Path, mode: u32) -> Result<AtomicFile, StoreError> {
+    AtomicFile::create(path, mode).map_err(|source| StoreError::Output {
+        path: path.to_owned(),
+        source,
+    })
 }
 
 fn io_err(path: &Path, source: std::io::Error) -> StoreError {

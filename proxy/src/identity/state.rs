@@ -19,12 +19,12 @@
 //! restart needs a new join token.
 
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use moat_ca::TrustBundle;
+use moat_ca::atomic_file::AtomicFile;
 use moat_ca::client::{Svid, WorkloadKey};
 use moat_ca::revocation::RevocationList;
 
@@ -56,6 +56,7 @@ impl StateDir {
                 path: dir.to_owned(),
                 source,
             })?;
+        sweep_leftovers(dir);
         let probe = dir.join(format!(".write-test-{}", std::process::id()));
         fs::OpenOptions::new()
             .write(true)
@@ -157,21 +158,26 @@ fn key_block(text: &str) -> Option<&str> {
     Some(&text[start..end])
 }
 
-/// Temporary file (0600) + fsync + rename + fsync of the directory.
+/// Removes what a crash in the middle of a write left: temporary files
+/// (one may hold a key) and the write probe. A state directory belongs to
+/// one sidecar, and this runs before it writes anything.
+fn sweep_leftovers(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(".write-test-") || (name.starts_with('.') && name.contains(".tmp-")) {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Replaces `dir/name` whole (0600): a restart after a crash reads the old
+/// file or the new one, never a part.
 fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = dir.join(format!(".{name}.tmp"));
-    // A leftover from a crash may have other permissions: start afresh.
-    let _ = fs::remove_file(&tmp);
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&tmp)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    drop(file);
-    fs::rename(&tmp, dir.join(name))?;
-    fs::File::open(dir)?.sync_all()
+    AtomicFile::replace(&dir.join(name), 0o600, bytes)
 }
 
 #[cfg(test)]
@@ -189,10 +195,21 @@ mod tests {
             0o700
         );
         assert!(state.load().is_none());
+        // What a crash left (another process's temporary file, the write
+        // probe) is removed when the directory is opened again.
+        for name in [".bundle.pem.tmp-1", ".write-test-1"] {
+            fs::write(dir.join(name), "junk").unwrap();
+        }
+        StateDir::open(&dir).unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
         // A leftover temporary file with loose permissions is not reused.
-        fs::write(dir.join(".identity.pem.tmp"), "junk").unwrap();
+        fs::write(
+            dir.join(format!(".identity.pem.tmp-{}", std::process::id())),
+            "junk",
+        )
+        .unwrap();
         fs::set_permissions(
-            dir.join(".identity.pem.tmp"),
+            dir.join(format!(".identity.pem.tmp-{}", std::process::id())),
             fs::Permissions::from_mode(0o644),
         )
         .unwrap();
@@ -207,7 +224,10 @@ mod tests {
                 & 0o777,
             0o600
         );
-        assert!(!dir.join(".identity.pem.tmp").exists());
+        assert!(
+            !dir.join(format!(".identity.pem.tmp-{}", std::process::id()))
+                .exists()
+        );
         // Garbage is refused, not trusted.
         assert!(state.load().is_none());
     }
