@@ -229,8 +229,8 @@ where
         })
     }
 
-    /// The upstream's response as it goes back: hop-by-hop headers out, the
-    /// head within the limits, no body on a HEAD answer (an HTTP/2 service
+    /// The upstream's response as it goes back: in HTTP/1.1, hop-by-hop
+    /// headers out, the head within the limits, no body on a HEAD answer (an HTTP/2 service
     /// may send one, which HTTP/2 forbids: it is dropped, not passed on as
     /// a stream error), a body held for 100-continue given up once the
     /// final answer is relayed, and the HTTP/2 `stream` counted open until
@@ -244,6 +244,11 @@ where
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (mut parts, body) = resp.into_parts();
         strip_hop_by_hop(&mut parts.headers);
+        // A proxy answers in its own version (RFC 9110 §6.2), whatever the
+        // service spoke: an HTTP/1.0 answer (python's `http.server`) would
+        // end the caller's keep-alive connection and lose chunked framing.
+        // hyper still answers an HTTP/1.0 caller in HTTP/1.0.
+        parts.version = Version::HTTP_11;
         if !head_within(&parts.headers, &self.limits) {
             return Err(ProxyError::ResponseHeadersTooLarge(format!(
                 "{} fields",

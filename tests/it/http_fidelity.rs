@@ -736,3 +736,103 @@ fn a_refused_peer_is_logged_as_presented() {
         (B.into(), B.into())
     );
 }
+
+/// Python's `http.server` (`python3 -m http.server`), which answers in
+/// HTTP/1.0 and closes: the most common app anyone puts behind a sidecar
+/// first. Killed on drop.
+struct PythonHttpServer {
+    child: std::process::Child,
+    addr: SocketAddr,
+    _root: tempfile::TempDir,
+}
+
+impl PythonHttpServer {
+    fn start() -> Self {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("hello.txt"), "hello\n").unwrap();
+        // `python3 -m http.server` takes a port but cannot say which one it
+        // bound for 0; the same server class, made here, can.
+        let mut child = Command::new("python3")
+            .args([
+                "-c",
+                "import functools, http.server, sys\n\
+                 h = functools.partial(http.server.SimpleHTTPRequestHandler, directory=sys.argv[1])\n\
+                 s = http.server.HTTPServer(('127.0.0.1', 0), h)\n\
+                 print(s.server_address[1], flush=True)\n\
+                 s.serve_forever()",
+                path_str(root.path()),
+            ])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("http.server's port");
+        Self {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            _root: root,
+        }
+    }
+}
+
+impl Drop for PythonHttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A proxy sends its own HTTP version (RFC 9110 §6.2): an HTTP/1.1 caller
+/// of an HTTP/1.0 service gets HTTP/1.1 answers, and keeps its connection
+/// to the sidecar for the next request (an HTTP/1.0 answer would end it).
+#[test]
+fn an_http10_service_is_answered_to_an_http11_caller_in_http11() {
+    if !support::require("python3") {
+        return;
+    }
+    let app = PythonHttpServer::start();
+    let p = pair(app.addr, "");
+    let client = p.client();
+    let url = format!("https://{}/hello.txt", p.b_addr);
+    let plain = format!("http://{}/hello.txt", p.a_addr);
+    for (what, args) in [
+        (
+            "the inbound, over mutual TLS",
+            vec![
+                "-sS",
+                "-k",
+                "-v",
+                "-i",
+                "--http1.1",
+                "--cert",
+                path_str(&client.cert),
+                "--key",
+                path_str(&client.key),
+                &url,
+                &url,
+            ],
+        ),
+        (
+            "the outbound, through the pair",
+            vec!["-sS", "-v", "-i", &plain, &plain],
+        ),
+    ] {
+        let out = tool("curl", &args);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            text.matches("HTTP/1.1 200 OK\r\n").count(),
+            2,
+            "{what}: two HTTP/1.1 answers: {text}\n{stderr}"
+        );
+        assert_eq!(text.matches("hello\n").count(), 2, "{what}: {text}");
+        assert!(
+            stderr.contains("Re-using existing connection"),
+            "{what}: the second request on the first connection: {stderr}"
+        );
+    }
+}
