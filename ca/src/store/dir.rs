@@ -45,6 +45,9 @@ pub struct SigningState {
     pub roots: Vec<RootRecord>,
     /// The active root, with its key.
     pub signer: RootCa,
+    /// The root that signs the CA's own serving certificate: the oldest one
+    /// in the bundle (see [`CaDir::signing_state`]).
+    pub serving_signer: RootCa,
     /// Every root not retired.
     pub bundle: TrustBundle,
 }
@@ -211,15 +214,46 @@ impl CaDir {
 
     /// The roots, the signer and the bundle, with the versions read first
     /// (so a change in between is seen again at the next poll).
+    ///
+    /// The serving certificate comes from the oldest root in the bundle
+    /// (the retiring one while a rotation is under way), not the active
+    /// one: every client trusts that root, including a sidecar that has
+    /// not fetched the bundle since `--prepare`. Served from the new root,
+    /// such a sidecar could never fetch the bundle that would teach it the
+    /// new root. When the retiring root's key is missing here or the root
+    /// has expired, the active root serves instead (with a warning).
     pub async fn signing_state(&self) -> Result<SigningState, StoreError> {
         let versions = self.versions().await?;
         let roots = self.roots().await?;
         let signer = self.signer_of(&roots)?;
         let bundle = bundle_of(&roots)?;
+        let oldest = roots
+            .iter()
+            .filter(|r| r.state.in_bundle())
+            .min_by_key(|r| r.id)
+            .filter(|r| r.state != RootState::Active);
+        let serving_signer = match oldest {
+            None => self.signer_of(&roots)?,
+            Some(root) => match self.load_root(root) {
+                Ok(ca) if ca.not_after() > SystemTime::now() => ca,
+                Ok(_) => {
+                    tracing::warn!(
+                        root = root.id,
+                        "the retiring root has expired; the CA's serving certificate comes from the active root, which sidecars that have not refreshed their bundle do not trust"
+                    );
+                    self.signer_of(&roots)?
+                }
+                Err(e) => {
+                    tracing::warn!(root = root.id, error = %e, "cannot sign the CA's serving certificate with the retiring root; the active root serves, which sidecars that have not refreshed their bundle do not trust");
+                    self.signer_of(&roots)?
+                }
+            },
+        };
         Ok(SigningState {
             versions,
             roots,
             signer,
+            serving_signer,
             bundle,
         })
     }
