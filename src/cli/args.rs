@@ -245,7 +245,7 @@ pub(crate) enum CaCommand {
         /// The SPIFFE trust domain, e.g. example.org.
         #[arg(long)]
         trust_domain: String,
-        /// Lifetime of the root certificate (e.g. 365d, 720h).
+        /// Lifetime of the root certificate (e.g. 365d, 720h); at least 48h.
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
     },

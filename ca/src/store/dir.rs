@@ -385,6 +385,14 @@ impl CaDir {
             .active_root()
             .await?
             .sign_svid(&self.td, id, &csr, ttl)?;
+        if issued.cut_to_root {
+            tracing::warn!(
+                spiffe_id = %id,
+                requested = %crate::format_duration(ttl),
+                not_after = %format_time(issued.not_after),
+                "certificate lifetime cut to the signing root's expiry; rotate the CA"
+            );
+        }
         if let Recorded::Revoked(_) = self
             .record_issuance(&issued, id, CredentialKind::Local, None, None)
             .await?
