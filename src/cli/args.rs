@@ -310,9 +310,13 @@ pub(crate) enum CaCommand {
         at: CaLocation,
         #[command(flatten)]
         step: RotateStep,
-        /// Lifetime of the new root (with --prepare).
+        /// Lifetime of the new root (with --prepare); at least 48h.
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
+        /// With --retire: retire even though certificates issued under the
+        /// old root are still valid (their holders are cut off at once).
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a certificate (--serial) or an identity (--id), or --list
     /// what is revoked. Renewals and tokens of it are refused at once;

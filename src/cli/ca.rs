@@ -107,14 +107,25 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 print!("{}", ca.bundle().await.map_err(store_err)?.to_pem());
                 Ok(())
             }
-            CaCommand::Rotate { at, step, root_ttl } => {
+            CaCommand::Rotate {
+                at,
+                step,
+                root_ttl,
+                force,
+            } => {
+                if step.prepare {
+                    check_root_ttl(root_ttl)?;
+                }
+                if force && !step.retire {
+                    return Err(config_msg("--force applies to --retire only"));
+                }
                 let ca = open_ca(&at).await?;
                 let msg = if step.prepare {
                     ca.rotate_prepare(root_ttl).await
                 } else if step.activate {
                     ca.rotate_activate().await
                 } else {
-                    ca.rotate_retire().await
+                    ca.rotate_retire(force).await
                 }
                 .map_err(store_err)?;
                 println!("{msg}");

@@ -15,9 +15,9 @@ use x509_parser::prelude::FromDer;
 
 use super::config::Engine;
 use super::{
-    DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, Recorded, RevocationRecord,
-    RevocationTarget, Revoked, RootChange, RootRecord, RootState, SqliteStore, StateVersions,
-    Store, StoreError, Unrevoked, unix,
+    BeforeActivation, DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, Recorded,
+    RevocationRecord, RevocationTarget, Revoked, RootChange, RootRecord, RootState, SqliteStore,
+    StateVersions, Store, StoreError, Unrevoked, unix,
 };
 use crate::atomic_file::AtomicFile;
 use crate::client::{Svid, WorkloadKey};
@@ -28,6 +28,13 @@ use crate::token::{CredentialKind, JoinTokenKey};
 const DB_FILE: &str = "ca.db";
 const TOKEN_KEY_FILE: &str = "token.key";
 const ROOTS_DIR: &str = "roots";
+
+/// How long after `--activate` a certificate may still come from the old
+/// root: a replica signs with the root it read at its last poll of the
+/// store (every second), and records the issuance after signing. Counted
+/// as the old root's by `--retire` (a certificate of the new root counted
+/// too only makes it wait longer).
+pub const ROTATION_GRACE: Duration = Duration::from_secs(10);
 
 /// An opened CA: its directory (keys) and its state store.
 pub struct CaDir {
@@ -477,12 +484,13 @@ impl CaDir {
                 why: "no prepared root; run --prepare first".into(),
             })?;
         let id = prepared.id;
+        let at = unix(SystemTime::now());
         self.store
-            .change_roots(versions.roots, &RootChange::Activate(id))
+            .change_roots(versions.roots, &RootChange::Activate { id, at })
             .await?;
         Ok(format!(
             "root #{id} now signs. The old root stays in the bundle; run --retire once every \
-             workload has renewed (after one certificate lifetime)."
+             certificate it issued has expired (one certificate lifetime; --retire checks)."
         ))
     }
 
@@ -639,7 +647,14 @@ impl CaDir {
     }
 
     /// Rotation step 3: drop the old root from the bundle.
-    pub async fn rotate_retire(&self) -> Result<String, StoreError> {
+    ///
+    /// Refused while certificates issued before `--activate` (so by the
+    /// retiring root) are still valid, unless `force`: their holders would
+    /// be refused by every peer, and a sidecar still holding one could not
+    /// fetch the deny-list. The store records every issuance but not the
+    /// root that signed it, so the time of `--activate` (recorded with it)
+    /// tells them apart.
+    pub async fn rotate_retire(&self, force: bool) -> Result<String, StoreError> {
         let versions = self.versions().await?;
         let roots = self.roots().await?;
         if !roots.iter().any(|r| r.state == RootState::Retiring) {
@@ -647,6 +662,43 @@ impl CaDir {
                 step: "retire",
                 why: "no retiring root; run --prepare and --activate first".into(),
             });
+        }
+        if !force {
+            let now = SystemTime::now();
+            let before = self
+                .store
+                .issued_before_activation(unix(now), ROTATION_GRACE.as_secs() as i64)
+                .await?;
+            match before {
+                BeforeActivation {
+                    activated_at: None, ..
+                } => {
+                    return Err(StoreError::Rotation {
+                        step: "retire",
+                        why: "the time of --activate is not recorded (it ran with an older moat), \
+                              so the certificates of the retiring root cannot be told apart; \
+                              run --retire --force once one certificate lifetime has passed since --activate"
+                            .into(),
+                    });
+                }
+                BeforeActivation {
+                    activated_at: Some(at),
+                    valid,
+                    last_not_after: Some(last),
+                } if valid > 0 => {
+                    return Err(StoreError::Rotation {
+                        step: "retire",
+                        why: format!(
+                            "{valid} certificate(s) issued under the retiring root (before --activate at {}) \
+                             are still valid; the last expires at {}. Retire after then, \
+                             or pass --force to cut them off now",
+                            format_unix(at),
+                            format_unix(last)
+                        ),
+                    });
+                }
+                _ => {}
+            }
         }
         self.store
             .change_roots(versions.roots, &RootChange::Retire)
