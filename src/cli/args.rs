@@ -450,9 +450,10 @@ Examples:
 
     pub(crate) const CA_ROTATE: &str = "\
 Examples:
-  moat ca rotate --dir ./ca --prepare
+  moat ca rotate --dir ./ca --prepare   # then wait for every sidecar's bundle_refresh (5m by default)
   moat ca rotate --dir ./ca --activate
-  moat ca rotate --dir ./ca --retire    # one certificate lifetime after --activate";
+  moat ca rotate --dir ./ca --retire    # refused until the old root's certificates have expired
+  moat ca rotate --dir ./ca --retire --force   # cut them off now";
 
     pub(crate) const CA_REVOKE: &str = "\
 Examples:

@@ -468,7 +468,9 @@ impl CaDir {
         };
         Ok(format!(
             "root #{id} prepared: it is in the bundle now and will sign after --activate. \
-             Let every workload refresh its bundle before activating.{shared}"
+             Wait at least the sidecars' bundle_refresh (5 minutes by default) before --activate, \
+             and check that every sidecar has 2 roots: \"bundle_roots\": 2 on its admin /identity, \
+             or its log line \"trust bundle updated\" with roots=2.{shared}"
         ))
     }
 
