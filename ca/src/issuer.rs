@@ -22,6 +22,12 @@ use crate::identity::{SpiffeId, TrustDomain};
 
 /// The longest lifetime a workload certificate may have.
 pub const MAX_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
+/// The shortest lifetime a root may be made with (`--root-ttl`): twice the
+/// longest certificate lifetime. A root must outlive the certificates it
+/// signs, or their lifetimes are cut to its end; and a rotation needs one
+/// certificate lifetime between `--activate` and `--retire`, with the old
+/// root still valid throughout.
+pub const MIN_ROOT_TTL: Duration = Duration::from_secs(2 * 24 * 3600);
 /// The lifetime a workload certificate gets when none is asked for.
 pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(3600);
 /// How far not-before is backdated, for clocks a little behind ours.
@@ -52,6 +58,10 @@ pub struct Issued {
     pub not_before: SystemTime,
     /// End of validity.
     pub not_after: SystemTime,
+    /// True when the lifetime asked for was cut short to end with the
+    /// root's own validity (a root near its end); callers log it, since the
+    /// holder renews sooner than it expects.
+    pub cut_to_root: bool,
 }
 
 /// Why a CSR was refused (HTTP 400).
@@ -97,6 +107,13 @@ pub enum IssueError {
     /// A root certificate or key on disk is unusable.
     #[error("root CA material is unusable: {0}")]
     BadRoot(String),
+    /// The signing root has expired: whatever it signed would not verify.
+    #[error(
+        "the signing root expired at {}: nothing it signs can verify; rotate the CA \
+         (moat ca rotate --prepare, then --activate)",
+        crate::store::format_time(*.0)
+    )]
+    RootExpired(SystemTime),
 }
 
 impl RootCa {
@@ -203,9 +220,9 @@ impl RootCa {
             .to_owned()
             .try_into()
             .map_err(|e: rcgen::Error| IssueError::Sign(e))?;
-        let mut params = self.leaf_params(ttl)?;
+        let (mut params, cut) = self.leaf_params(ttl)?;
         params.subject_alt_names = vec![SanType::URI(uri)];
-        self.sign(params, &csr.spki)
+        self.sign(params, cut, &csr.spki)
     }
 
     /// Signs a TLS server certificate (DNS names and IP addresses) for the
@@ -216,7 +233,7 @@ impl RootCa {
         key: &KeyPair,
         ttl: Duration,
     ) -> Result<Issued, IssueError> {
-        let mut params = self.leaf_params(ttl.min(MAX_SVID_TTL))?;
+        let (mut params, cut) = self.leaf_params(ttl.min(MAX_SVID_TTL))?;
         params.subject_alt_names = sans
             .iter()
             .map(|s| match s.parse::<IpAddr>() {
@@ -228,14 +245,19 @@ impl RootCa {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "moat CA server");
         params.distinguished_name = dn;
-        self.sign(params, key)
+        self.sign(params, cut, key)
     }
 
-    fn leaf_params(&self, ttl: Duration) -> Result<CertificateParams, IssueError> {
+    /// A leaf's fields for `ttl`, and whether its end was cut to the root's.
+    fn leaf_params(&self, ttl: Duration) -> Result<(CertificateParams, bool), IssueError> {
         if ttl.is_zero() || ttl > MAX_SVID_TTL {
             return Err(IssueError::BadTtl(ttl));
         }
         let now = SystemTime::now();
+        if now >= self.not_after {
+            return Err(IssueError::RootExpired(self.not_after));
+        }
+        let cut = now + ttl > self.not_after;
         let not_after = (now + ttl).min(self.not_after);
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
@@ -249,12 +271,13 @@ impl RootCa {
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         params.use_authority_key_identifier_extension = true;
-        Ok(params)
+        Ok((params, cut))
     }
 
     fn sign(
         &self,
         params: CertificateParams,
+        cut_to_root: bool,
         public_key: &impl rcgen::PublicKeyData,
     ) -> Result<Issued, IssueError> {
         let serial = params
@@ -270,6 +293,7 @@ impl RootCa {
             serial,
             not_before,
             not_after,
+            cut_to_root,
         })
     }
 }

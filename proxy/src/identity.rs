@@ -105,6 +105,45 @@ fn read_bundle(path: &Path) -> Result<TrustBundle, IdentityError> {
     })
 }
 
+/// The bundle to start with, of the configured file and the one a previous
+/// run stored in `state_dir`: the newer by modification time. The stored
+/// one has followed the CA's rotations since the file was installed; a file
+/// written since (an operator repairing a sidecar by hand) is newer and
+/// wins. Logged either way, since the other one is silently not used.
+fn choose_bundle(
+    configured_path: &Path,
+    configured: TrustBundle,
+    configured_at: Option<SystemTime>,
+    stored: Option<(TrustBundle, SystemTime, PathBuf)>,
+) -> TrustBundle {
+    let Some((stored, stored_at, stored_path)) = stored else {
+        tracing::info!(path = %configured_path.display(), roots = configured.roots().len(), "trust bundle: the configured file (none stored in state_dir)");
+        return configured;
+    };
+    let at = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    if configured_at.is_some_and(|c| c > stored_at) {
+        tracing::info!(
+            path = %configured_path.display(),
+            roots = configured.roots().len(),
+            modified = %configured_at.map(at).unwrap_or_default(),
+            not_used = %stored_path.display(),
+            not_used_modified = %at(stored_at),
+            "trust bundle: the configured file, newer than the one stored in state_dir"
+        );
+        configured
+    } else {
+        tracing::info!(
+            path = %stored_path.display(),
+            roots = stored.roots().len(),
+            modified = %at(stored_at),
+            not_used = %configured_path.display(),
+            not_used_modified = %configured_at.map(at).unwrap_or_default(),
+            "trust bundle: the one stored in state_dir (the CA's last), not older than the configured file"
+        );
+        stored
+    }
+}
+
 fn log_credentials(event: &'static str, svid: &Svid) {
     let expires = humantime::format_rfc3339_seconds(svid.not_after);
     tracing::info!(id = %svid.id.as_str(), serial = %svid.serial, not_after = %expires, "{event}");
@@ -120,12 +159,13 @@ impl CaSource {
             .as_deref()
             .map(StateDir::open)
             .transpose()?;
-        // A bundle saved by an earlier run followed the CA's rotations since
-        // the configured file was installed.
-        let bundle = state
+        let configured_at = std::fs::metadata(&config.bundle)
+            .and_then(|m| m.modified())
+            .ok();
+        let stored = state
             .as_ref()
-            .and_then(StateDir::load_bundle)
-            .unwrap_or(configured);
+            .and_then(|s| s.load_bundle().map(|(b, at)| (b, at, s.bundle_path())));
+        let bundle = choose_bundle(&config.bundle, configured, configured_at, stored);
         let client =
             CaEndpoints::new(&config.ca_urls, bundle, config.retry_base, config.retry_max)?
                 .with_timeout(Duration::from_secs(10))
@@ -619,4 +659,49 @@ fn load_files(config: &FileIdentity) -> Result<Credentials, IdentityError> {
         }
         e => e.into(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(roots: usize) -> TrustBundle {
+        let td = moat_ca::TrustDomain::parse("example.org").unwrap();
+        let ders = (0..roots)
+            .map(|i| {
+                moat_ca::issuer::RootCa::generate(&td, i as i64 + 1, Duration::from_secs(3600))
+                    .unwrap()
+                    .cert_der()
+                    .clone()
+            })
+            .collect();
+        TrustBundle::new(ders).unwrap()
+    }
+
+    /// The operator who just wrote a fixed bundle file wins over the stale
+    /// stored one; otherwise the CA's last fetch (stored) wins.
+    #[test]
+    fn the_newer_of_the_configured_and_stored_bundles_is_used() {
+        moat_ca::install_crypto_provider();
+        let (file, stored) = (bundle(2), bundle(1));
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let later = t0 + Duration::from_secs(60);
+        let path = Path::new("/etc/moat/bundle.pem");
+        let stored_at = |t| Some((stored.clone(), t, PathBuf::from("/var/lib/moat/bundle.pem")));
+        assert_eq!(
+            choose_bundle(path, file.clone(), Some(later), stored_at(t0)),
+            file,
+            "a file written after the last fetch wins"
+        );
+        assert_eq!(
+            choose_bundle(path, file.clone(), Some(t0), stored_at(later)),
+            stored,
+            "a fetch after the file was installed wins"
+        );
+        assert_eq!(
+            choose_bundle(path, file.clone(), Some(t0), stored_at(t0)),
+            stored
+        );
+        assert_eq!(choose_bundle(path, file.clone(), Some(t0), None), file);
+    }
 }

@@ -245,7 +245,7 @@ pub(crate) enum CaCommand {
         /// The SPIFFE trust domain, e.g. example.org.
         #[arg(long)]
         trust_domain: String,
-        /// Lifetime of the root certificate (e.g. 365d, 720h).
+        /// Lifetime of the root certificate (e.g. 365d, 720h); at least 48h.
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
     },
@@ -310,9 +310,13 @@ pub(crate) enum CaCommand {
         at: CaLocation,
         #[command(flatten)]
         step: RotateStep,
-        /// Lifetime of the new root (with --prepare).
+        /// Lifetime of the new root (with --prepare); at least 48h.
         #[arg(long, default_value = "365d", value_parser = parse_duration)]
         root_ttl: Duration,
+        /// With --retire: retire even though certificates issued under the
+        /// old root are still valid (their holders are cut off at once).
+        #[arg(long)]
+        force: bool,
     },
     /// Revoke a certificate (--serial) or an identity (--id), or --list
     /// what is revoked. Renewals and tokens of it are refused at once;
@@ -446,9 +450,10 @@ Examples:
 
     pub(crate) const CA_ROTATE: &str = "\
 Examples:
-  moat ca rotate --dir ./ca --prepare
+  moat ca rotate --dir ./ca --prepare   # then wait for every sidecar's bundle_refresh (5m by default)
   moat ca rotate --dir ./ca --activate
-  moat ca rotate --dir ./ca --retire    # one certificate lifetime after --activate";
+  moat ca rotate --dir ./ca --retire    # refused until the old root's certificates have expired
+  moat ca rotate --dir ./ca --retire --force   # cut them off now";
 
     pub(crate) const CA_REVOKE: &str = "\
 Examples:

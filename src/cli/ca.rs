@@ -22,6 +22,7 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
             } => {
                 let td = moat_ca::TrustDomain::parse(&trust_domain)
                     .map_err(|e| config_msg(format!("--trust-domain {trust_domain:?}: {e}")))?;
+                check_root_ttl(root_ttl)?;
                 let (_, engine) = ca_config(&at)?;
                 let ca = CaDir::init(&at.dir, &engine, td, root_ttl)
                     .await
@@ -72,6 +73,7 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 let ca = open_ca(&at).await?;
                 let id = moat_ca::SpiffeId::parse(&id)
                     .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
+                let asked_until = std::time::SystemTime::now() + ttl;
                 let (svid, key) = ca
                     .issue_to_files(&id, ttl, &cert_out, &key_out)
                     .await
@@ -87,6 +89,16 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                     svid.serial,
                     moat_ca::store::format_time(svid.not_after),
                 );
+                // Signing ends the certificate no later than its root
+                // (a second's slack for the time the issuance took).
+                if svid.not_after + std::time::Duration::from_secs(1) < asked_until {
+                    println!(
+                        "note: --ttl {} was cut to end with the signing root, which expires at {}; \
+                         rotate the CA (moat ca rotate --prepare, then --activate)",
+                        moat_ca::format_duration(ttl),
+                        moat_ca::store::format_time(svid.not_after),
+                    );
+                }
                 drop(key);
                 Ok(())
             }
@@ -95,14 +107,25 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 print!("{}", ca.bundle().await.map_err(store_err)?.to_pem());
                 Ok(())
             }
-            CaCommand::Rotate { at, step, root_ttl } => {
+            CaCommand::Rotate {
+                at,
+                step,
+                root_ttl,
+                force,
+            } => {
+                if step.prepare {
+                    check_root_ttl(root_ttl)?;
+                }
+                if force && !step.retire {
+                    return Err(config_msg("--force applies to --retire only"));
+                }
                 let ca = open_ca(&at).await?;
                 let msg = if step.prepare {
                     ca.rotate_prepare(root_ttl).await
                 } else if step.activate {
                     ca.rotate_activate().await
                 } else {
-                    ca.rotate_retire().await
+                    ca.rotate_retire(force).await
                 }
                 .map_err(store_err)?;
                 println!("{msg}");
@@ -263,6 +286,22 @@ async fn open_ca(at: &CaLocation) -> Result<moat_ca::store::CaDir, Failure> {
 
 /// Operator mistakes (bad flags, a missing or existing CA directory, a refused
 /// rotation step) are configuration errors; anything else is a failure.
+/// `--root-ttl` at least [`moat_ca::issuer::MIN_ROOT_TTL`] (checked before
+/// anything is written).
+fn check_root_ttl(ttl: std::time::Duration) -> Result<(), Failure> {
+    let min = moat_ca::issuer::MIN_ROOT_TTL;
+    if ttl < min {
+        return Err(config_msg(format!(
+            "--root-ttl {} is not allowed: it must be at least {} (twice the longest certificate \
+             lifetime, {}), so that the root outlives what it signs and a rotation fits in its life",
+            moat_ca::format_duration(ttl),
+            moat_ca::format_duration(min),
+            moat_ca::format_duration(moat_ca::issuer::MAX_SVID_TTL),
+        )));
+    }
+    Ok(())
+}
+
 fn store_err(e: moat_ca::store::StoreError) -> Failure {
     if e.is_operator_error() {
         Failure::Config(e.into())

@@ -434,10 +434,13 @@ fn rotation_keeps_old_and_new_certificates_valid_until_retire() {
     let old_pem = write("old.pem", &old);
     let bundle_has = |n: usize| {
         // The server re-reads the roots every second (30 s allowed: a
-        // busy machine delays it).
+        // busy machine delays it). The client trusts the store's bundle,
+        // which after --retire is ahead of the server until it reloads (it
+        // still serves from the retired root): refused until then.
         for _ in 0..300 {
-            let b = rt.block_on(client(&ca).fetch_bundle()).unwrap();
-            if b.roots().len() == n {
+            if let Ok(b) = rt.block_on(client(&ca).fetch_bundle())
+                && b.roots().len() == n
+            {
                 return b;
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -489,7 +492,16 @@ fn rotation_keeps_old_and_new_certificates_valid_until_retire() {
     let two = bundle_has(2);
     assert!(verifies(&two, &old_pem) && verifies(&two, &new_pem));
 
-    moat_ok(&["ca", "rotate", "--dir", path_str(&dir), "--retire"]);
+    // --force: the old root's certificate is still valid (--retire alone
+    // refuses that; see retire_refuses_while_the_old_roots_certificates_are_valid).
+    moat_ok(&[
+        "ca",
+        "rotate",
+        "--dir",
+        path_str(&dir),
+        "--retire",
+        "--force",
+    ]);
     let one = bundle_has(1);
     assert!(verifies(&one, &new_pem));
     assert!(
@@ -786,4 +798,244 @@ fn ca_refuses_to_start_when_the_kubernetes_jwks_cannot_be_fetched() {
     assert_eq!(out.status.code(), Some(64));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("401"), "{stderr}");
+}
+
+/// Retiring while a certificate of the old root is still valid would cut
+/// its holder off: refused with exit 64, the count and the exact time the
+/// last one expires; `--force` does it anyway.
+#[test]
+fn retire_refuses_while_the_old_roots_certificates_are_valid() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    ca_init(&dir);
+    let d = path_str(&dir);
+    let out = moat_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        d,
+        "--id",
+        "spiffe://example.org/vm/old",
+        "--ttl",
+        "2h",
+        "--out",
+        path_str(&tmp.path().join("old.pem")),
+    ]);
+    // "issued ID serial S valid until TIME (...)"
+    let until = out
+        .split("valid until ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_owned();
+    moat_ok(&["ca", "rotate", "--dir", d, "--prepare"]);
+    moat_ok(&["ca", "rotate", "--dir", d, "--activate"]);
+    let out = moat(&["ca", "rotate", "--dir", d, "--retire"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("1 certificate(s) issued under the retiring root")
+            && stderr.contains(&format!("the last expires at {until}"))
+            && stderr.contains("--force"),
+        "{stderr}"
+    );
+    assert_eq!(
+        moat_ok(&["ca", "bundle", "--dir", d])
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        2,
+        "nothing was retired"
+    );
+    let out = moat_ok(&["ca", "rotate", "--dir", d, "--retire", "--force"]);
+    assert!(out.contains("retired"), "{out}");
+    assert_eq!(
+        moat_ok(&["ca", "bundle", "--dir", d])
+            .matches("BEGIN CERTIFICATE")
+            .count(),
+        1
+    );
+    // --force means nothing to the other steps.
+    let out = moat(&["ca", "rotate", "--dir", d, "--prepare", "--force"]);
+    assert_eq!(out.status.code(), Some(64));
+}
+
+/// A root shorter than twice the longest certificate lifetime is refused
+/// at `init` and at `rotate --prepare`, naming the flag and the floor.
+#[test]
+fn root_ttl_below_the_floor_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let d = path_str(&dir);
+    let out = moat(&[
+        "ca",
+        "init",
+        "--dir",
+        d,
+        "--trust-domain",
+        "example.org",
+        "--root-ttl",
+        "1s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("--root-ttl 1s is not allowed") && stderr.contains("at least 48h"),
+        "{stderr}"
+    );
+    assert!(!dir.exists(), "nothing was made");
+    ca_init(&dir);
+    let out = moat(&["ca", "rotate", "--dir", d, "--prepare", "--root-ttl", "47h"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(stderr.contains("--root-ttl 47h is not allowed"), "{stderr}");
+    moat_ok(&["ca", "rotate", "--dir", d, "--prepare", "--root-ttl", "48h"]);
+}
+
+/// A CA whose signing root is `root_ttl` long (made through the library:
+/// the CLI refuses roots that short), the old root #1 still serving.
+fn ca_with_short_active_root(dir: &Path, root_ttl: Duration) -> std::time::SystemTime {
+    use moat_ca::store::{CaDir, config::Engine};
+    let rt = rt();
+    rt.block_on(async {
+        let ca = CaDir::init(
+            dir,
+            &Engine::Sqlite,
+            moat_ca::TrustDomain::parse("example.org").unwrap(),
+            Duration::from_secs(365 * 86400),
+        )
+        .await
+        .unwrap();
+        ca.rotate_prepare(root_ttl).await.unwrap();
+        ca.rotate_activate().await.unwrap();
+        ca.active_root().await.unwrap().not_after()
+    })
+}
+
+fn serve_ca(dir: &Path) -> (Running, String) {
+    let mut server = Running::start(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ]);
+    let addr = server.listening_addr("ca");
+    (server, format!("https://{addr}"))
+}
+
+/// An expired root signs nothing: `moat ca issue` exits 1 saying when it
+/// expired and to rotate; the server answers 503 `root_expired`.
+#[test]
+fn an_expired_root_does_not_sign() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    let expiry = ca_with_short_active_root(&dir, Duration::from_secs(2));
+    proxy::eventually(Duration::from_secs(10), "the root to expire", || {
+        std::time::SystemTime::now() > expiry + Duration::from_secs(1)
+    });
+    let d = path_str(&dir);
+    let out = moat(&[
+        "ca",
+        "issue",
+        "--dir",
+        d,
+        "--id",
+        "spiffe://example.org/x",
+        "--out",
+        path_str(&tmp.path().join("x.pem")),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "the signing root expired at {}",
+            moat_ca::store::format_time(expiry)
+        )) && stderr.contains("rotate"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("x.pem").exists());
+
+    // The serving certificate comes from root #1, still valid: the refusal
+    // is an answer, not a failed handshake.
+    let (_server, url) = serve_ca(&dir);
+    let bundle = TrustBundle::from_pem(moat_ok(&["ca", "bundle", "--dir", d]).as_bytes()).unwrap();
+    let token = moat_ok(&["ca", "token", "--dir", d, "--id", "spiffe://example.org/x"]);
+    let err = rt()
+        .block_on(
+            CaClient::new(&url, bundle)
+                .unwrap()
+                .issue(&WorkloadKey::generate().unwrap(), token.trim()),
+        )
+        .unwrap_err();
+    match err {
+        ClientError::Refused {
+            status,
+            reason,
+            error,
+        } => {
+            assert_eq!(status.as_u16(), 503);
+            assert_eq!(reason, "root_expired");
+            assert!(error.contains("expired at"), "{error}");
+        }
+        other => panic!("{other}"),
+    }
+}
+
+/// A lifetime cut short to the root's end is said: printed by `moat ca
+/// issue`, logged at WARN by the server.
+#[test]
+fn a_lifetime_cut_to_the_roots_end_is_reported() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("ca");
+    ca_with_short_active_root(&dir, Duration::from_secs(2 * 3600));
+    let d = path_str(&dir);
+    let out = moat_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        d,
+        "--id",
+        "spiffe://example.org/x",
+        "--ttl",
+        "24h",
+        "--out",
+        path_str(&tmp.path().join("x.pem")),
+    ]);
+    assert!(
+        out.contains("--ttl 24h was cut to end with the signing root"),
+        "{out}"
+    );
+    let out = moat_ok(&[
+        "ca",
+        "issue",
+        "--dir",
+        d,
+        "--id",
+        "spiffe://example.org/y",
+        "--ttl",
+        "1h",
+        "--out",
+        path_str(&tmp.path().join("y.pem")),
+    ]);
+    assert!(!out.contains("cut"), "{out}");
+
+    let (mut server, url) = serve_ca(&dir);
+    let bundle = TrustBundle::from_pem(moat_ok(&["ca", "bundle", "--dir", d]).as_bytes()).unwrap();
+    let token = moat_ok(&["ca", "token", "--dir", d, "--id", "spiffe://example.org/z"]);
+    rt().block_on(
+        CaClient::new(&url, bundle)
+            .unwrap()
+            .with_ttl(Some(Duration::from_secs(24 * 3600)))
+            .issue(&WorkloadKey::generate().unwrap(), token.trim()),
+    )
+    .unwrap();
+    server.wait_for_log(Duration::from_secs(10), |v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("cut to the signing root's expiry"))
+    });
 }

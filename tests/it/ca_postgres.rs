@@ -446,6 +446,16 @@ fn serves_chain_to(addr: SocketAddr, root: &Path, client: Option<&(PathBuf, Path
     out.status.success()
 }
 
+/// The replica logged that it reloaded its signing state with root #2 active.
+fn signs_with_root_2(r: &Replica) -> bool {
+    r.proc.json_logs().iter().any(|v| {
+        v["message"] == "signing state reloaded"
+            && v["roots"]
+                .as_str()
+                .is_some_and(|r| r.contains("(2, Active)"))
+    })
+}
+
 #[test]
 fn rotation_done_once_reaches_both_replicas_and_the_sidecars_of_each() {
     let Some(s) = two_replica_dirs("rotation") else {
@@ -498,15 +508,21 @@ fn rotation_done_once_reaches_both_replicas_and_the_sidecars_of_each() {
     }
 
     // The new key reaches replica B the way a Secret update would; then
-    // activate, once. Both replicas sign with root #2 and serve with a
-    // certificate from it within 5 s.
+    // activate, once. Both replicas sign with root #2 within 5 s (their
+    // serving certificates stay on root #1, which every client trusts,
+    // until --retire).
     copy_root_keys(&a_dir, &b_dir);
+    let root1 = a_dir.join("roots/1.crt");
     let root2 = a_dir.join("roots/2.crt");
     moat_ok(&["ca", "rotate", "--dir", path_str(&a_dir), "--activate"]);
     let seen = eventually(
         Duration::from_secs(5),
-        "both replicas serve a certificate from root #2",
-        || serves_chain_to(a.addr, &root2, None) && serves_chain_to(b.addr, &root2, None),
+        "both replicas reload with root #2 active",
+        || signs_with_root_2(&a) && signs_with_root_2(&b),
+    );
+    assert!(
+        serves_chain_to(a.addr, &root1, None) && serves_chain_to(b.addr, &root1, None),
+        "the serving certificates stay on the retiring root"
     );
     eprintln!("activate seen by both replicas after {seen:?}");
     let two_roots = bundle_of(&a_dir);
@@ -535,7 +551,15 @@ fn rotation_done_once_reaches_both_replicas_and_the_sidecars_of_each() {
     // Retire, once: the old root leaves every bundle; the sidecars still
     // reach their replicas (whose serving certificates chain to root #2)
     // and renew.
-    moat_ok(&["ca", "rotate", "--dir", path_str(&a_dir), "--retire"]);
+    // --force: the sidecars' first certificates, from root #1, are still valid.
+    moat_ok(&[
+        "ca",
+        "rotate",
+        "--dir",
+        path_str(&a_dir),
+        "--retire",
+        "--force",
+    ]);
     eventually(Duration::from_secs(5), "both replicas serve 1 root", || {
         roots_at(&a) == 1 && roots_at(&b) == 1
     });
@@ -743,7 +767,7 @@ fn migrate_copies_a_sqlite_ca_with_its_history_and_spent_tokens_stay_spent() {
         eventually(
             Duration::from_secs(5),
             "the SQLite CA signs with root #2",
-            || serves_chain_to(sqlite.addr, &dir.join("roots/2.crt"), None),
+            || signs_with_root_2(&sqlite),
         );
         rt.block_on(
             sqlite

@@ -266,3 +266,43 @@ fn ca_rotation_reaches_the_proxy_without_restart() {
     );
     assert_eq!(curl(api, "/", Some(&client), &["--http1.1"]).0, 200);
 }
+
+/// `--activate` right after `--prepare`, before the sidecar fetched the
+/// two-root bundle: the CA's serving certificate still comes from the old
+/// root, which the sidecar trusts, so its next refresh gets the new root
+/// and it accepts certificates from it, with nothing done on its side.
+#[test]
+fn sidecar_that_missed_prepare_follows_an_activated_rotation() {
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let (mut b, api, admin) = ca_inbound(&ca, B, "bundle_refresh = \"300ms\"");
+    assert_eq!(identity_json(admin)["bundle_roots"], 1);
+    let ca_dir = ca.ca_dir();
+    // Frozen, the CA cannot serve the prepared-only bundle between the two
+    // steps: the sidecar misses --prepare whatever the timing.
+    ca.server.signal("STOP");
+    let prepare = support::moat(&["ca", "rotate", "--dir", path_str(&ca_dir), "--prepare"]);
+    let activate = support::moat(&["ca", "rotate", "--dir", path_str(&ca_dir), "--activate"]);
+    ca.server.signal("CONT");
+    assert!(prepare.status.success(), "{prepare:?}");
+    assert!(activate.status.success(), "{activate:?}");
+    b.wait_for_log(Duration::from_secs(20), |v| {
+        v["message"] == "trust bundle updated" && v["roots"] == 2
+    });
+    assert_eq!(identity_json(admin)["bundle_roots"], 2);
+    let client = issue(&ca, A, "1h", "client-new-root");
+    let verify = support::tool(
+        "openssl",
+        &[
+            "verify",
+            "-CAfile",
+            path_str(&ca_dir.join("roots/1.crt")),
+            path_str(&client.cert),
+        ],
+    );
+    assert!(
+        !verify.status.success(),
+        "the client certificate comes from the new root"
+    );
+    assert_eq!(curl(api, "/", Some(&client), &["--http1.1"]).0, 200);
+}

@@ -411,8 +411,24 @@ fn sign(
                 error: e.to_string(),
                 reason: "bad_ttl",
             },
+            IssueError::RootExpired(_) => {
+                tracing::error!(error = %e, "cannot issue: the signing root has expired");
+                Refusal {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    error: e.to_string(),
+                    reason: "root_expired",
+                }
+            }
             other => internal(other),
         })?;
+    if issued.cut_to_root {
+        tracing::warn!(
+            spiffe_id = %credential.id,
+            requested = %crate::format_duration(ttl),
+            not_after = %crate::store::format_time(issued.not_after),
+            "certificate lifetime cut to the signing root's expiry; rotate the CA"
+        );
+    }
     Ok(issued)
 }
 

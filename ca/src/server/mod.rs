@@ -15,9 +15,11 @@
 //! Both issuing endpoints take an optional `?ttl=30m` query (capped by the
 //! configured maximum). A revoked certificate or identity is refused with
 //! 403 and reason `revoked`, whether it renews or redeems a token. Errors are JSON `{"error": "...", "reason": "..."}`.
-//! The serving certificate is issued by the active root and re-issued when a
-//! rotation changes the active root, so clients that trust only the new
-//! bundle keep reaching the CA.
+//! The serving certificate is issued by the oldest root in the bundle (the
+//! retiring one during a rotation, which every client still trusts, even
+//! one that missed `--prepare`) and re-issued when a rotation step changes
+//! the roots: after `--retire` it comes from the new root, so clients that
+//! trust only the new bundle keep reaching the CA.
 //!
 //! No TLS session is ever resumed (no session cache, no tickets): every
 //! connection presents its certificate in a full handshake. `/v1/renew`

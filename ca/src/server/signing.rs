@@ -1,6 +1,7 @@
 //! The signing state the handlers read: the active root that signs, the
 //! trust bundle served at `/v1/bundle`, and the TLS configuration with a
-//! serving certificate issued by the active root. Built from the store's
+//! serving certificate issued by the oldest root in the bundle (see
+//! [`crate::store::CaDir::signing_state`]). Built from the store's
 //! [`SigningState`] at start and again whenever a rotation changes the roots
 //! or the serving certificate is half-way through its life
 //! ([`super::refresh`]); handlers load the current one through an `ArcSwap`.
@@ -30,8 +31,8 @@ pub(super) struct SigningSnapshot {
     pub(super) refresh_at: SystemTime,
 }
 
-/// Issues a serving certificate for `sans` from the active root (a fresh
-/// key, 24 hours) and builds the TLS configuration around it.
+/// Issues a serving certificate for `sans` from the oldest root in the
+/// bundle (a fresh key, 24 hours) and builds the TLS configuration around it.
 pub(super) fn build_snapshot(
     state: SigningState,
     sans: &[String],
@@ -40,13 +41,14 @@ pub(super) fn build_snapshot(
         versions,
         roots,
         signer,
+        serving_signer,
         bundle,
     } = state;
     let roots: Vec<(i64, RootState)> = roots.into_iter().map(|r| (r.id, r.state)).collect();
     let server_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
         .map_err(|e| ServerError::Tls(e.to_string()))?;
     let ttl = Duration::from_secs(24 * 3600);
-    let serving = signer
+    let serving = serving_signer
         .sign_server_cert(sans, &server_key, ttl)
         .map_err(|e| ServerError::Config(format!("--san: {e}")))?;
     let verifier = WebPkiClientVerifier::builder(Arc::new(

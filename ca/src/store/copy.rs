@@ -36,6 +36,7 @@ pub async fn copy_sqlite_to_postgres(
         StoreError::NotInitialized(format!("{} holds no CA to copy", src.location()))
     })?;
     let roots = src.export_roots()?;
+    let activated_at = src.export_activated_at()?;
     let versions = src.export_versions()?;
     let revocations = src.export_revocations()?;
     let mut report = CopyReport {
@@ -59,6 +60,15 @@ pub async fn copy_sqlite_to_postgres(
             "the database {}",
             dst.location()
         )));
+    }
+    // What `rotate --retire` checks a rotation under way against.
+    if let Some(at) = &activated_at {
+        tx.execute(
+            "INSERT INTO meta (key, value) VALUES ($1, $2)",
+            &[&super::ACTIVATED_AT_KEY, at],
+        )
+        .await
+        .map_err(|e| dst.err(e))?;
     }
     for root in &roots {
         tx.execute(

@@ -15,9 +15,9 @@ use x509_parser::prelude::FromDer;
 
 use super::config::Engine;
 use super::{
-    DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, Recorded, RevocationRecord,
-    RevocationTarget, Revoked, RootChange, RootRecord, RootState, SqliteStore, StateVersions,
-    Store, StoreError, Unrevoked, unix,
+    BeforeActivation, DEFAULT_REASON, IssuanceRecord, NewRevocation, PgStore, Recorded,
+    RevocationRecord, RevocationTarget, Revoked, RootChange, RootRecord, RootState, SqliteStore,
+    StateVersions, Store, StoreError, Unrevoked, unix,
 };
 use crate::atomic_file::AtomicFile;
 use crate::client::{Svid, WorkloadKey};
@@ -28,6 +28,13 @@ use crate::token::{CredentialKind, JoinTokenKey};
 const DB_FILE: &str = "ca.db";
 const TOKEN_KEY_FILE: &str = "token.key";
 const ROOTS_DIR: &str = "roots";
+
+/// How long after `--activate` a certificate may still come from the old
+/// root: a replica signs with the root it read at its last poll of the
+/// store (every second), and records the issuance after signing. Counted
+/// as the old root's by `--retire` (a certificate of the new root counted
+/// too only makes it wait longer).
+pub const ROTATION_GRACE: Duration = Duration::from_secs(10);
 
 /// An opened CA: its directory (keys) and its state store.
 pub struct CaDir {
@@ -45,6 +52,9 @@ pub struct SigningState {
     pub roots: Vec<RootRecord>,
     /// The active root, with its key.
     pub signer: RootCa,
+    /// The root that signs the CA's own serving certificate: the oldest one
+    /// in the bundle (see [`CaDir::signing_state`]).
+    pub serving_signer: RootCa,
     /// Every root not retired.
     pub bundle: TrustBundle,
 }
@@ -211,15 +221,46 @@ impl CaDir {
 
     /// The roots, the signer and the bundle, with the versions read first
     /// (so a change in between is seen again at the next poll).
+    ///
+    /// The serving certificate comes from the oldest root in the bundle
+    /// (the retiring one while a rotation is under way), not the active
+    /// one: every client trusts that root, including a sidecar that has
+    /// not fetched the bundle since `--prepare`. Served from the new root,
+    /// such a sidecar could never fetch the bundle that would teach it the
+    /// new root. When the retiring root's key is missing here or the root
+    /// has expired, the active root serves instead (with a warning).
     pub async fn signing_state(&self) -> Result<SigningState, StoreError> {
         let versions = self.versions().await?;
         let roots = self.roots().await?;
         let signer = self.signer_of(&roots)?;
         let bundle = bundle_of(&roots)?;
+        let oldest = roots
+            .iter()
+            .filter(|r| r.state.in_bundle())
+            .min_by_key(|r| r.id)
+            .filter(|r| r.state != RootState::Active);
+        let serving_signer = match oldest {
+            None => self.signer_of(&roots)?,
+            Some(root) => match self.load_root(root) {
+                Ok(ca) if ca.not_after() > SystemTime::now() => ca,
+                Ok(_) => {
+                    tracing::warn!(
+                        root = root.id,
+                        "the retiring root has expired; the CA's serving certificate comes from the active root, which sidecars that have not refreshed their bundle do not trust"
+                    );
+                    self.signer_of(&roots)?
+                }
+                Err(e) => {
+                    tracing::warn!(root = root.id, error = %e, "cannot sign the CA's serving certificate with the retiring root; the active root serves, which sidecars that have not refreshed their bundle do not trust");
+                    self.signer_of(&roots)?
+                }
+            },
+        };
         Ok(SigningState {
             versions,
             roots,
             signer,
+            serving_signer,
             bundle,
         })
     }
@@ -351,6 +392,14 @@ impl CaDir {
             .active_root()
             .await?
             .sign_svid(&self.td, id, &csr, ttl)?;
+        if issued.cut_to_root {
+            tracing::warn!(
+                spiffe_id = %id,
+                requested = %crate::format_duration(ttl),
+                not_after = %format_time(issued.not_after),
+                "certificate lifetime cut to the signing root's expiry; rotate the CA"
+            );
+        }
         if let Recorded::Revoked(_) = self
             .record_issuance(&issued, id, CredentialKind::Local, None, None)
             .await?
@@ -419,7 +468,9 @@ impl CaDir {
         };
         Ok(format!(
             "root #{id} prepared: it is in the bundle now and will sign after --activate. \
-             Let every workload refresh its bundle before activating.{shared}"
+             Wait at least the sidecars' bundle_refresh (5 minutes by default) before --activate, \
+             and check that every sidecar has 2 roots: \"bundle_roots\": 2 on its admin /identity, \
+             or its log line \"trust bundle updated\" with roots=2.{shared}"
         ))
     }
 
@@ -435,12 +486,13 @@ impl CaDir {
                 why: "no prepared root; run --prepare first".into(),
             })?;
         let id = prepared.id;
+        let at = unix(SystemTime::now());
         self.store
-            .change_roots(versions.roots, &RootChange::Activate(id))
+            .change_roots(versions.roots, &RootChange::Activate { id, at })
             .await?;
         Ok(format!(
             "root #{id} now signs. The old root stays in the bundle; run --retire once every \
-             workload has renewed (after one certificate lifetime)."
+             certificate it issued has expired (one certificate lifetime; --retire checks)."
         ))
     }
 
@@ -597,7 +649,14 @@ impl CaDir {
     }
 
     /// Rotation step 3: drop the old root from the bundle.
-    pub async fn rotate_retire(&self) -> Result<String, StoreError> {
+    ///
+    /// Refused while certificates issued before `--activate` (so by the
+    /// retiring root) are still valid, unless `force`: their holders would
+    /// be refused by every peer, and a sidecar still holding one could not
+    /// fetch the deny-list. The store records every issuance but not the
+    /// root that signed it, so the time of `--activate` (recorded with it)
+    /// tells them apart.
+    pub async fn rotate_retire(&self, force: bool) -> Result<String, StoreError> {
         let versions = self.versions().await?;
         let roots = self.roots().await?;
         if !roots.iter().any(|r| r.state == RootState::Retiring) {
@@ -605,6 +664,43 @@ impl CaDir {
                 step: "retire",
                 why: "no retiring root; run --prepare and --activate first".into(),
             });
+        }
+        if !force {
+            let now = SystemTime::now();
+            let before = self
+                .store
+                .issued_before_activation(unix(now), ROTATION_GRACE.as_secs() as i64)
+                .await?;
+            match before {
+                BeforeActivation {
+                    activated_at: None, ..
+                } => {
+                    return Err(StoreError::Rotation {
+                        step: "retire",
+                        why: "the time of --activate is not recorded (it ran with an older moat), \
+                              so the certificates of the retiring root cannot be told apart; \
+                              run --retire --force once one certificate lifetime has passed since --activate"
+                            .into(),
+                    });
+                }
+                BeforeActivation {
+                    activated_at: Some(at),
+                    valid,
+                    last_not_after: Some(last),
+                } if valid > 0 => {
+                    return Err(StoreError::Rotation {
+                        step: "retire",
+                        why: format!(
+                            "{valid} certificate(s) issued under the retiring root (before --activate at {}) \
+                             are still valid; the last expires at {}. Retire after then, \
+                             or pass --force to cut them off now",
+                            format_unix(at),
+                            format_unix(last)
+                        ),
+                    });
+                }
+                _ => {}
+            }
         }
         self.store
             .change_roots(versions.roots, &RootChange::Retire)

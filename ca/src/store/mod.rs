@@ -45,7 +45,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 
 pub use copy::{CopyReport, copy_sqlite_to_postgres};
-pub use dir::{CaDir, SigningState, bundle_of, format_time, format_unix};
+pub use dir::{CaDir, ROTATION_GRACE, SigningState, bundle_of, format_time, format_unix};
 pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
 
@@ -113,6 +113,11 @@ pub trait Store: Send + Sync + fmt::Debug {
 
     /// How many certificates were issued.
     fn issued_count(&self) -> StoreFuture<'_, i64>;
+
+    /// When the last `rotate --activate` ran (recorded with it), and the
+    /// certificates recorded up to `issued_until` that are still valid at
+    /// `now`: their number and the last one's end.
+    fn issued_before_activation(&self, now: i64, grace: i64) -> StoreFuture<'_, BeforeActivation>;
 
     /// Revokes `target` (replacing an earlier revocation of the same
     /// target) and bumps the revocations version, in one transaction.
@@ -265,13 +270,34 @@ pub struct StateVersions {
     pub revocations: i64,
 }
 
+/// What [`Store::issued_before_activation`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BeforeActivation {
+    /// When the last `--activate` ran, seconds since the epoch; `None` when
+    /// it was run by a moat that did not record it.
+    pub activated_at: Option<i64>,
+    /// Certificates issued up to then (and the grace after) still valid.
+    pub valid: i64,
+    /// The end of the last of them, seconds since the epoch.
+    pub last_not_after: Option<i64>,
+}
+
+/// The `meta` key that holds the time of the last `rotate --activate`
+/// (a key of the existing table, so no schema change).
+pub(crate) const ACTIVATED_AT_KEY: &str = "root_activated_at";
+
 /// One rotation step, as the store applies it.
 #[derive(Debug, Clone)]
 pub enum RootChange {
     /// Adds a root (`rotate --prepare`).
     Add(RootRecord),
     /// The active root starts retiring and this one signs (`rotate --activate`).
-    Activate(i64),
+    Activate {
+        /// The root that signs from now on.
+        id: i64,
+        /// Now, seconds since the epoch: recorded for `--retire`'s check.
+        at: i64,
+    },
     /// Retiring roots leave the bundle (`rotate --retire`).
     Retire,
 }

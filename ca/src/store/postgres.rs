@@ -23,8 +23,9 @@ use tokio_postgres::Transaction;
 use super::config::{PgSettings, PgTls};
 use super::migrations::{self, Migration};
 use super::{
-    IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord, RevocationTarget,
-    RootChange, RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
+    BeforeActivation, IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord,
+    RevocationTarget, RootChange, RootRecord, RootState, StateVersions, Store, StoreError,
+    StoreFuture, unix,
 };
 
 mod group;
@@ -309,7 +310,7 @@ impl Store for PgStore {
             }
             match change {
                 RootChange::Add(root) => insert_root(&tx, root).await,
-                RootChange::Activate(id) => {
+                RootChange::Activate { id, at } => {
                     match tx
                         .execute(
                             "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
@@ -318,8 +319,20 @@ impl Store for PgStore {
                         .await
                     {
                         Ok(_) => {
-                            tx.execute("UPDATE roots SET state = 'active' WHERE id = $1", &[id])
+                            match tx
+                                .execute("UPDATE roots SET state = 'active' WHERE id = $1", &[id])
                                 .await
+                            {
+                                Ok(_) => {
+                                    tx.execute(
+                                        "INSERT INTO meta (key, value) VALUES ($1, $2) \
+                                         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                                        &[&super::ACTIVATED_AT_KEY, &at.to_string()],
+                                    )
+                                    .await
+                                }
+                                Err(e) => Err(e),
+                            }
                         }
                         Err(e) => Err(e),
                     }
@@ -361,6 +374,35 @@ impl Store for PgStore {
                 .await
                 .map_err(|e| self.err(e))?;
             Ok(row.get(0))
+        }))
+    }
+
+    fn issued_before_activation(&self, now: i64, grace: i64) -> StoreFuture<'_, BeforeActivation> {
+        Box::pin(self.bounded(async move {
+            let client = self.client().await?;
+            let row = client
+                .query_opt(
+                    "SELECT value FROM meta WHERE key = $1",
+                    &[&super::ACTIVATED_AT_KEY],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            let Some(activated_at) = row.and_then(|r| r.get::<_, String>(0).parse::<i64>().ok())
+            else {
+                return Ok(BeforeActivation::default());
+            };
+            let row = client
+                .query_one(
+                    "SELECT count(*), max(not_after) FROM issued WHERE issued_at <= $1 AND not_after > $2",
+                    &[&(activated_at + grace), &now],
+                )
+                .await
+                .map_err(|e| self.err(e))?;
+            Ok(BeforeActivation {
+                activated_at: Some(activated_at),
+                valid: row.get(0),
+                last_not_after: row.get(1),
+            })
         }))
     }
 

@@ -12,8 +12,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::migrations::{self, Migration};
 use super::{
-    IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord, RevocationTarget,
-    RootChange, RootRecord, RootState, StateVersions, Store, StoreError, StoreFuture, unix,
+    BeforeActivation, IssuanceRecord, NO_END, NewRevocation, Recorded, RevocationRecord,
+    RevocationTarget, RootChange, RootRecord, RootState, StateVersions, Store, StoreError,
+    StoreFuture, unix,
 };
 
 mod group;
@@ -125,6 +126,18 @@ impl SqliteStore {
     pub fn export_trust_domain(&self) -> Result<Option<String>, StoreError> {
         let conn = self.inner.conn.lock().expect("CA store lock");
         trust_domain(&conn).map_err(|source| db_err(&self.inner.path, source))
+    }
+
+    /// The time of the last `rotate --activate` as recorded, synchronously.
+    pub fn export_activated_at(&self) -> Result<Option<String>, StoreError> {
+        let conn = self.inner.conn.lock().expect("CA store lock");
+        conn.query_row(
+            "SELECT value FROM meta WHERE key = ?1",
+            params![super::ACTIVATED_AT_KEY],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|source| db_err(&self.inner.path, source))
     }
 
     /// Every root, synchronously.
@@ -317,7 +330,7 @@ impl Store for SqliteStore {
             }
             let applied = match &change {
                 RootChange::Add(root) => insert_root(&tx, root),
-                RootChange::Activate(id) => tx
+                RootChange::Activate { id, at } => tx
                     .execute(
                         "UPDATE roots SET state = 'retiring' WHERE state = 'active'",
                         [],
@@ -326,6 +339,13 @@ impl Store for SqliteStore {
                         tx.execute(
                             "UPDATE roots SET state = 'active' WHERE id = ?1",
                             params![id],
+                        )
+                    })
+                    .and_then(|_| {
+                        tx.execute(
+                            "INSERT INTO meta (key, value) VALUES (?1, ?2) \
+                             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                            params![super::ACTIVATED_AT_KEY, at.to_string()],
                         )
                     }),
                 RootChange::Retire => tx.execute(
@@ -365,6 +385,35 @@ impl Store for SqliteStore {
         self.call(move |conn| {
             conn.query_row("SELECT count(*) FROM issued", [], |r| r.get(0))
                 .map_err(|source| db_err(&path, source))
+        })
+    }
+
+    fn issued_before_activation(&self, now: i64, grace: i64) -> StoreFuture<'_, BeforeActivation> {
+        let path = self.path();
+        self.call(move |conn| {
+            let activated_at: Option<String> = conn
+                .query_row(
+                    "SELECT value FROM meta WHERE key = ?1",
+                    params![super::ACTIVATED_AT_KEY],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|source| db_err(&path, source))?;
+            let Some(activated_at) = activated_at.and_then(|v| v.parse::<i64>().ok()) else {
+                return Ok(BeforeActivation::default());
+            };
+            let (valid, last_not_after) = conn
+                .query_row(
+                    "SELECT count(*), max(not_after) FROM issued WHERE issued_at <= ?1 AND not_after > ?2",
+                    params![activated_at + grace, now],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .map_err(|source| db_err(&path, source))?;
+            Ok(BeforeActivation {
+                activated_at: Some(activated_at),
+                valid,
+                last_not_after,
+            })
         })
     }
 

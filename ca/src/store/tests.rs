@@ -59,7 +59,7 @@ async fn rotation_walks_through_its_states_and_bumps_the_version() {
     let v0 = ca.versions().await.unwrap().roots;
     assert_eq!(ca.bundle().await.unwrap().roots().len(), 1);
     assert!(ca.rotate_activate().await.is_err());
-    assert!(ca.rotate_retire().await.is_err());
+    assert!(ca.rotate_retire(false).await.is_err());
     ca.rotate_prepare(Duration::from_secs(86400)).await.unwrap();
     assert!(ca.rotate_prepare(Duration::from_secs(86400)).await.is_err());
     assert_eq!(ca.versions().await.unwrap().roots, v0 + 1);
@@ -69,7 +69,13 @@ async fn rotation_walks_through_its_states_and_bumps_the_version() {
     let new = ca.active_root().await.unwrap();
     assert_ne!(old.cert_der(), new.cert_der());
     assert_eq!(ca.bundle().await.unwrap().roots().len(), 2);
-    ca.rotate_retire().await.unwrap();
+    // The serving certificate stays with the oldest root in the bundle,
+    // which every client trusts, until --retire.
+    let serving = |s: super::SigningState| s.serving_signer.cert_der().clone();
+    assert_eq!(serving(ca.signing_state().await.unwrap()), *old.cert_der());
+    // Nothing was issued under the old root: nothing to wait for.
+    ca.rotate_retire(false).await.unwrap();
+    assert_eq!(serving(ca.signing_state().await.unwrap()), *new.cert_der());
     let bundle = ca.bundle().await.unwrap();
     assert_eq!(bundle.roots(), &[new.cert_der().clone()]);
     assert_eq!(ca.versions().await.unwrap().roots, v0 + 3);

@@ -106,10 +106,23 @@ impl StateDir {
         }
     }
 
-    /// The stored bundle, if any.
-    pub(crate) fn load_bundle(&self) -> Option<TrustBundle> {
-        let bytes = fs::read(self.dir.join(BUNDLE_FILE)).ok()?;
-        TrustBundle::from_pem(&bytes).ok()
+    /// The stored bundle and when it was written, if any parses.
+    pub(crate) fn load_bundle(&self) -> Option<(TrustBundle, SystemTime)> {
+        let path = self.bundle_path();
+        let bytes = fs::read(&path).ok()?;
+        let written = fs::metadata(&path).and_then(|m| m.modified()).ok()?;
+        match TrustBundle::from_pem(&bytes) {
+            Ok(bundle) => Some((bundle, written)),
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "the stored trust bundle is unusable; using the configured one");
+                None
+            }
+        }
+    }
+
+    /// Where the bundle is stored.
+    pub(crate) fn bundle_path(&self) -> PathBuf {
+        self.dir.join(BUNDLE_FILE)
     }
 
     /// Stores the certificate and its key.
