@@ -911,7 +911,8 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
         !dir.join("token.key").exists(),
         "no key made for a database we cannot reach"
     );
-    // A wrong password: refused by the server, and said so.
+    // A wrong password: refused by the server, and said so; exit 64, as
+    // no restart fixes it (systemd's Restart=on-failure would loop).
     let wrong = tmp.path().join("wrong-password");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
     let store = db.store_toml().replace(
@@ -921,12 +922,29 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
     std::fs::write(dir.join("ca.toml"), &store).unwrap();
     let out = moat(&["ca", "init", "--dir", path_str(&dir), "--trust-domain", TD]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
         stderr.contains("password authentication failed"),
         "{stderr}"
     );
-    // Nobody listening: a prompt error, not a hang.
+    let out = moat(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    // Nobody listening: a prompt error, not a hang, and exit 1: the
+    // database may be back on the next try.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);

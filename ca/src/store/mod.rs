@@ -356,6 +356,16 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
+    /// PostgreSQL refused us: a wrong password or user, or a database that
+    /// does not exist. Unlike [`StoreError::Postgres`], a retry will not
+    /// pass until the operator changes `[store]` or the server.
+    #[error("CA state database {location}: {message}")]
+    PostgresRefused {
+        /// The URL (no password).
+        location: String,
+        /// What the server said.
+        message: String,
+    },
     /// A store operation took longer than `[store] timeout`.
     #[error("CA state database {location}: no answer within {timeout:?}")]
     Timeout {
@@ -414,11 +424,42 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True for mistakes an operator makes (exit 64), as opposed to failures.
+    /// True for mistakes an operator makes (exit 64), as opposed to failures
+    /// that may pass on a retry (exit 1). Files in the CA directory that are
+    /// missing, unreadable or not what they should be, a database file that
+    /// is not one, and a database server that refuses our credentials are
+    /// the operator's: a restart only repeats the failure.
     pub fn is_operator_error(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                return matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::InvalidData
+                        | std::io::ErrorKind::IsADirectory
+                );
+            }
+            StoreError::Db {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => {
+                return matches!(
+                    e.code,
+                    rusqlite::ErrorCode::NotADatabase
+                        | rusqlite::ErrorCode::DatabaseCorrupt
+                        | rusqlite::ErrorCode::CannotOpen
+                        | rusqlite::ErrorCode::PermissionDenied
+                        | rusqlite::ErrorCode::ReadOnly
+                );
+            }
+            _ => {}
+        }
         matches!(
             self,
             StoreError::AlreadyInitialized(_)
+                | StoreError::PostgresRefused { .. }
+                | StoreError::Corrupt(_)
                 | StoreError::NotInitialized(_)
                 | StoreError::Config(_)
                 | StoreError::Rotation { .. }
@@ -447,7 +488,10 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Postgres { .. } | StoreError::Timeout { .. } | StoreError::Db { .. }
+            StoreError::Postgres { .. }
+                | StoreError::PostgresRefused { .. }
+                | StoreError::Timeout { .. }
+                | StoreError::Db { .. }
         )
     }
 }
