@@ -143,6 +143,15 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
         .map_err(config_err)?;
     init_logging(log_format, None, tracing.as_ref());
     runtime.block_on(async move {
+        // One process serves a SQLite CA; held until this returns. Not
+        // taken for a directory with no ca.db: `open` says what is missing.
+        let _lock = match engine {
+            moat_ca::store::config::Engine::Sqlite if args.at.dir.join("ca.db").exists() => Some(
+                moat_ca::store::ServeLock::acquire(&args.at.dir, "serve this CA")
+                    .map_err(store_err)?,
+            ),
+            _ => None,
+        };
         let ca = moat_ca::store::CaDir::open(&args.at.dir, &engine)
             .await
             .map_err(store_err)?;
@@ -202,10 +211,15 @@ async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<()
             source.display()
         )));
     }
-    let roots = db
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .join("roots");
+    let source_dir = db.parent().unwrap_or(std::path::Path::new("."));
+    // Held until the copy is done: a CA still serving from the SQLite
+    // database would go on spending join tokens the copy has already read.
+    let _lock = moat_ca::store::ServeLock::acquire(
+        source_dir,
+        &format!("copy {} into PostgreSQL", db.display()),
+    )
+    .map_err(store_err)?;
+    let roots = source_dir.join("roots");
     let src = SqliteStore::open(&db, &roots).map_err(store_err)?;
     let dst = moat_ca::store::PgStore::connect(settings)
         .await

@@ -71,3 +71,78 @@ fn ca_files_a_restart_cannot_fix_exit_64() {
     assert_eq!(out.code, Some(64), "{}", out.stderr);
 }
 
+/// `moat ca serve` of `dir` on port 0, admin off, once it listens.
+fn serve(dir: &Path) -> support::Running {
+    let args = vec![
+        "ca",
+        "serve",
+        "--dir",
+        path_str(dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ];
+    let mut server = support::Running::start(&args);
+    server.listening_addr("ca");
+    server
+}
+
+#[test]
+fn a_sqlite_ca_is_served_or_migrated_by_one_process_at_a_time() {
+    let (tmp, dir) = ca();
+    let mut server = serve(&dir);
+    let pid = server.child.id().to_string();
+
+    // A second `serve` of the same directory refuses before it listens.
+    let out = serve_exit(&dir, &[]);
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("a `moat ca serve`") && out.stderr.contains(&pid),
+        "{}",
+        out.stderr
+    );
+
+    // `migrate --from-sqlite` of a CA still serving refuses before it
+    // connects anywhere (the URL leads nowhere: the refusal comes first).
+    let pg_dir = tmp.path().join("pg");
+    std::fs::create_dir_all(&pg_dir).unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    std::fs::write(
+        pg_dir.join("ca.toml"),
+        format!("[store]\nurl = \"postgres://moat@127.0.0.1:{port}/moat?sslmode=disable\"\n"),
+    )
+    .unwrap();
+    let migrate = || {
+        moat(&[
+            "ca",
+            "migrate",
+            "--dir",
+            path_str(&pg_dir),
+            "--from-sqlite",
+            path_str(&dir),
+        ])
+    };
+    let out = migrate();
+    assert_eq!(out.code, Some(64), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("stop it first") && out.stderr.contains(&pid),
+        "{}",
+        out.stderr
+    );
+
+    // Stopped, the lock is gone with it: the migration gets as far as the
+    // (absent) database.
+    server.signal("TERM");
+    assert!(
+        server
+            .wait_exit(std::time::Duration::from_secs(30))
+            .is_some()
+    );
+    let out = migrate();
+    assert_eq!(out.code, Some(1), "{}", out.stderr);
+    assert!(!out.stderr.contains("stop it first"), "{}", out.stderr);
+}
+

@@ -8,6 +8,7 @@
 //!   roots/N.crt   root certificate N (PEM; also in the store)
 //!   roots/N.key   root key N (PEM, 0600)
 //!   token.key     join-token signing key (PEM, 0600)
+//!   serve.lock    held by `moat ca serve` on SQLite (serve_lock.rs)
 //! ```
 //!
 //! What is secret stays a file: root keys and the token key, which replicas
@@ -37,6 +38,7 @@ mod copy;
 mod dir;
 mod migrations;
 mod postgres;
+mod serve_lock;
 mod sqlite;
 
 use std::fmt;
@@ -47,6 +49,7 @@ use std::pin::Pin;
 pub use copy::{CopyReport, copy_sqlite_to_postgres};
 pub use dir::{CaDir, SigningState, bundle_of, format_time, format_unix};
 pub use postgres::PgStore;
+pub use serve_lock::{SERVE_LOCK_FILE, ServeLock};
 pub use sqlite::SqliteStore;
 
 use crate::issuer::IssueError;
