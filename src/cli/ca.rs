@@ -37,10 +37,24 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 Ok(())
             }
             CaCommand::Token { at, id, ttl } => {
+                if ttl.value.is_zero() || ttl.value > moat_ca::token::MAX_JOIN_TTL {
+                    return Err(config_msg(format!(
+                        "--ttl: a join token's lifetime must be more than 0 and at most {}, not {}",
+                        moat_ca::format_duration(moat_ca::token::MAX_JOIN_TTL),
+                        ttl.text
+                    )));
+                }
                 let ca = open_ca(&at).await?;
                 let id = moat_ca::SpiffeId::parse(&id)
                     .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
-                let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
+                // The CA would refuse the token's use (403 revoked): refuse
+                // it now, as `moat ca issue` does, while the operator is here.
+                if ca.revocation_for(None, &id).await.map_err(store_err)?.is_some() {
+                    return Err(config_msg(format!(
+                        "{id} is revoked; `moat ca unrevoke --id {id}` first"
+                    )));
+                }
+                let token = ca.mint_join_token(&id, ttl.value).map_err(store_err)?;
                 println!("{token}");
                 Ok(())
             }
@@ -59,6 +73,15 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                     (None, Some(cert), Some(key)) => (cert, key),
                     _ => return Err(config_msg("give --out, or --cert-out and --key-out")),
                 };
+                for path in [&cert_out, &key_out] {
+                    // Said the same with or without --force, which cannot help.
+                    if path.is_dir() {
+                        return Err(config_msg(format!(
+                            "{}: cannot create the file: it is a directory; nothing was issued",
+                            path.display()
+                        )));
+                    }
+                }
                 if !force {
                     for path in [&cert_out, &key_out] {
                         if path.exists() {
@@ -69,7 +92,11 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                         }
                     }
                 }
-                let ca = open_ca(&at).await?;
+                let (config, path, engine) = ca_config_at(&at)?;
+                let ttl = issue_ttl(ttl, &config.issuance, path.as_deref())?;
+                let ca = moat_ca::store::CaDir::open(&at.dir, &engine)
+                    .await
+                    .map_err(store_err)?;
                 let id = moat_ca::SpiffeId::parse(&id)
                     .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
                 let (svid, key) = ca
@@ -160,14 +187,35 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
             store = ca.store().location(),
             "state store opened"
         );
+        warn_on_readable_keys(&args.at.dir);
+        let roots = ca.roots().await.map_err(store_err)?;
+        let active = roots
+            .iter()
+            .find(|r| r.state == moat_ca::store::RootState::Active);
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            trust_domain = %ca.trust_domain(),
+            root = active.map(|r| r.id),
+            root_expires = active.map(|r| moat_ca::store::format_unix(r.not_after)),
+            sans = sans.join(","),
+            "starting the CA"
+        );
         let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
             .await
             .map_err(|e| listener_err("ca (--listen)", e))?;
         if args.admin != "off" {
-            let addr = args
+            let addr: std::net::SocketAddr = args
                 .admin
                 .parse()
                 .map_err(|e| config_msg(format!("--admin {:?}: {e}", args.admin)))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "--admin listens beyond loopback: /metrics, /live and /ready are plain HTTP, \
+                     without authentication, to anyone who can reach {addr}; give a loopback or \
+                     private address, or firewall the port"
+                );
+            }
             server
                 .bind_admin(addr)
                 .await
@@ -176,6 +224,39 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
         server.run(shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Warns about each key file in the CA directory that its group or others
+/// may read: a copy of a root key signs for every workload. A warning, not
+/// a refusal, as a key managed by a Secret or configuration management may
+/// be mode 0640 to a group on purpose.
+fn warn_on_readable_keys(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut keys = vec![dir.join("token.key")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("roots")) {
+        keys.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "key")),
+        );
+    }
+    keys.sort();
+    for key in keys {
+        // Symlinks followed: a Kubernetes Secret's files are links.
+        let Ok(meta) = std::fs::metadata(&key) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %key.display(),
+                mode = format!("{mode:04o}"),
+                "the key is readable by its group or others: `chmod 600 {}`",
+                key.display()
+            );
+        }
+    }
 }
 
 /// `moat ca migrate`: the schema alone, or a SQLite CA copied into PostgreSQL.
@@ -242,6 +323,30 @@ async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<()
     Ok(())
 }
 
+/// `moat ca issue --ttl`: as asked, else `[issuance] default_ttl`; longer
+/// than `[issuance] max_ttl` is refused naming the file. Without a ca.toml
+/// the issuer's own limit (24h) says so.
+fn issue_ttl(
+    ttl: Option<super::args::TypedDuration>,
+    issuance: &moat_ca::server::IssuanceConfig,
+    config: Option<&std::path::Path>,
+) -> Result<std::time::Duration, Failure> {
+    let Some(ttl) = ttl else {
+        return Ok(issuance.default_ttl);
+    };
+    if let Some(config) = config
+        && ttl.value > issuance.max_ttl
+    {
+        return Err(config_msg(format!(
+            "--ttl {}: longer than [issuance] max_ttl = \"{}\" in {}",
+            ttl.text,
+            moat_ca::format_duration(issuance.max_ttl),
+            config.display()
+        )));
+    }
+    Ok(ttl.value)
+}
+
 /// The CA's configuration (DIR/ca.toml unless --config says otherwise) and
 /// the store engine it chooses.
 fn ca_config(
@@ -249,6 +354,21 @@ fn ca_config(
 ) -> Result<
     (
         moat_ca::server::ServerConfig,
+        moat_ca::store::config::Engine,
+    ),
+    Failure,
+> {
+    let (config, _, engine) = ca_config_at(at)?;
+    Ok((config, engine))
+}
+
+/// [`ca_config`], with the file it was read from (`None`: defaults).
+fn ca_config_at(
+    at: &CaLocation,
+) -> Result<
+    (
+        moat_ca::server::ServerConfig,
+        Option<PathBuf>,
         moat_ca::store::config::Engine,
     ),
     Failure,
@@ -265,7 +385,7 @@ fn ca_config(
         Some(p) => config_msg(format!("{}: {e}", p.display())),
         None => config_msg(e),
     })?;
-    Ok((config, engine))
+    Ok((config, path, engine))
 }
 
 async fn open_ca(at: &CaLocation) -> Result<moat_ca::store::CaDir, Failure> {

@@ -263,9 +263,9 @@ fn lifetimes_over_the_limit_are_refused_in_the_unit_of_the_limit() {
     ]);
     assert_eq!(token.code, Some(64), "{}", token.stderr);
     assert!(
-        token
-            .stderr
-            .contains("a join token's lifetime must be more than 0 and at most 24h, not 720h"),
+        token.stderr.contains(
+            "--ttl: a join token's lifetime must be more than 0 and at most 24h, not 30d"
+        ),
         "{}",
         token.stderr
     );
