@@ -669,6 +669,48 @@ fn database_down_means_503_and_unready_and_database_back_means_issuance_without_
         }
         other => panic!("expected 503, got {other:?}"),
     }
+    // More refused requests, with polls between them: the outage is
+    // logged at ERROR once, not once per request (or per poll after one).
+    for _ in 0..3 {
+        let again = rt.block_on(
+            ca.client(&bundle)
+                .issue(&WorkloadKey::generate().unwrap(), &waiting),
+        );
+        assert!(
+            matches!(&again, Err(ClientError::Refused { status, .. }) if *status == 503),
+            "{again:?}"
+        );
+        // The store's poll has run since (its reason is on /ready).
+        eventually(Duration::from_secs(5), "a poll of the store", || {
+            ca.ready()
+                .1
+                .contains("the CA's state database is unreachable")
+        });
+    }
+    let errors: Vec<Value> = ca
+        .proc
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["level"] == "ERROR")
+        .collect();
+    assert_eq!(
+        errors
+            .iter()
+            .filter(|v| v["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("the CA's state store is unreachable"))
+            .count(),
+        1,
+        "{errors:#?}"
+    );
+    assert!(
+        !errors.iter().any(|v| v["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("issuance refused")),
+        "{errors:#?}"
+    );
     eventually(Duration::from_secs(5), "/ready false", || {
         let (status, body) = ca.ready();
         status == 503 && body.contains("database")

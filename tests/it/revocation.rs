@@ -837,3 +837,30 @@ fn a_file_identity_sidecar_enforces_its_deny_list_file_and_keeps_the_last_good_o
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("deny_list applies to cert + key only"));
 }
+
+#[test]
+fn the_deny_list_without_a_client_certificate_is_refused_naming_the_endpoint() {
+    if !crate::support::require("curl") {
+        return;
+    }
+    let ca = TestCa::start();
+    let bundle = ca.bundle_file();
+    let out = tool(
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            path_str(&bundle),
+            &format!("{}/v1/revocations", ca.url()),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n401"), "{text}");
+    assert!(
+        text.contains("GET /v1/revocations needs a client certificate"),
+        "{text}"
+    );
+    assert!(!text.contains("renewal"), "{text}");
+}
