@@ -37,13 +37,19 @@ impl ServeLock {
     /// other process, a retry alone does not).
     pub fn acquire(dir: &Path, doing: &str) -> Result<Self, StoreError> {
         let path = dir.join(SERVE_LOCK_FILE);
+        // 0644: the pid is no secret, and a lock file left by another user
+        // (a `migrate` run as root) can still be opened to lock, read-only.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o600)
+            .mode(0o644)
             .open(&path)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::PermissionDenied => File::open(&path),
+                _ => Err(e),
+            })
             .map_err(|source| StoreError::Io {
                 path: path.clone(),
                 source,
@@ -79,5 +85,28 @@ impl ServeLock {
     /// The lock file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ServeLock;
+
+    #[test]
+    fn a_held_lock_is_refused_naming_the_holder_and_free_once_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = ServeLock::acquire(dir.path(), "serve this CA").unwrap();
+        // flock belongs to the open file, so a second open in this process
+        // conflicts as another process's would.
+        let e = ServeLock::acquire(dir.path(), "copy it").unwrap_err();
+        let text = e.to_string();
+        assert!(text.contains("cannot copy it"), "{text}");
+        assert!(
+            text.contains(&format!("(pid {})", std::process::id())),
+            "{text}"
+        );
+        assert!(e.is_operator_error(), "{text}");
+        drop(held);
+        ServeLock::acquire(dir.path(), "serve this CA").unwrap();
     }
 }
