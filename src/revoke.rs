@@ -136,10 +136,15 @@ async fn list(ca: &CaDir) -> Result<(), StoreError> {
         println!("nothing is revoked");
         return Ok(());
     }
-    println!(
-        "{:<10} {:<45} {:<21} {:<21} REASON",
-        "KIND", "WHAT", "REVOKED", "UNTIL"
-    );
+    // Columns as wide as their widest cell: a serial with its identity
+    // runs past any fixed width and pushed the rest of its row out of line.
+    let mut rows = vec![[
+        "KIND".to_owned(),
+        "WHAT".to_owned(),
+        "REVOKED".to_owned(),
+        "UNTIL".to_owned(),
+        "REASON".to_owned(),
+    ]];
     for r in revocations {
         let (kind, what) = match (&r.serial, &r.spiffe_id) {
             (Some(serial), Some(id)) => ("serial", format!("{serial} ({id})")),
@@ -151,10 +156,28 @@ async fn list(ca: &CaDir) -> Result<(), StoreError> {
         } else {
             format_unix(r.until)
         };
-        println!(
-            "{kind:<10} {what:<45} {:<21} {until:<21} {}",
+        rows.push([
+            kind.to_owned(),
+            what,
             format_unix(r.revoked_at),
-            r.reason
+            until,
+            r.reason,
+        ]);
+    }
+    let width = |col: usize| {
+        rows.iter()
+            .map(|r| r[col].chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let widths = [width(0), width(1), width(2), width(3)];
+    for [kind, what, revoked, until, reason] in &rows {
+        println!(
+            "{kind:<w0$}  {what:<w1$}  {revoked:<w2$}  {until:<w3$}  {reason}",
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
         );
     }
     Ok(())

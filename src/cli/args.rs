@@ -246,7 +246,7 @@ pub(crate) enum CaCommand {
         #[arg(long)]
         trust_domain: String,
         /// Lifetime of the root certificate (e.g. 365d, 720h); at least 48h.
-        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        #[arg(long, default_value = "365d", value_parser = parse_root_ttl)]
         root_ttl: Duration,
     },
     /// Serve the CA's HTTPS API.
@@ -260,9 +260,9 @@ pub(crate) enum CaCommand {
         /// The SPIFFE ID the token's holder will get.
         #[arg(long)]
         id: String,
-        /// How long the token may be used.
-        #[arg(long, default_value = "15m", value_parser = parse_duration)]
-        ttl: Duration,
+        /// How long the token may be used (at most 24h).
+        #[arg(long, default_value = "15m", value_parser = parse_typed_duration)]
+        ttl: TypedDuration,
     },
     /// Issue a certificate and key directly to files (for file-managed
     /// identities). Each file is replaced atomically (written beside it,
@@ -278,9 +278,10 @@ pub(crate) enum CaCommand {
         /// The SPIFFE ID to put in the certificate.
         #[arg(long)]
         id: String,
-        /// The certificate's lifetime.
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        ttl: Duration,
+        /// The certificate's lifetime [default: `[issuance] default_ttl` in
+        /// the CA's ca.toml, else 1h; at most its `max_ttl`, else 24h].
+        #[arg(long, value_parser = parse_typed_duration)]
+        ttl: Option<TypedDuration>,
         /// Where to write the certificate chain (PEM, leaf first).
         #[arg(long, requires = "key_out")]
         cert_out: Option<PathBuf>,
@@ -311,7 +312,7 @@ pub(crate) enum CaCommand {
         #[command(flatten)]
         step: RotateStep,
         /// Lifetime of the new root (with --prepare); at least 48h.
-        #[arg(long, default_value = "365d", value_parser = parse_duration)]
+        #[arg(long, default_value = "365d", value_parser = parse_root_ttl)]
         root_ttl: Duration,
         /// With --retire: retire even though certificates issued under the
         /// old root are still valid (their holders are cut off at once).
@@ -371,7 +372,7 @@ pub(crate) struct ServeArgs {
     pub listen: std::net::SocketAddr,
     /// A DNS name or IP address for the CA's own serving certificate (repeat
     /// for several), added to localhost and 127.0.0.1, which are always in it.
-    #[arg(long = "san")]
+    #[arg(long = "san", value_parser = parse_san)]
     pub sans: Vec<String>,
     /// Plain-HTTP admin listener for /metrics, /live and /ready (loopback by default; "off" disables).
     #[arg(long, default_value = "127.0.0.1:9902")]
@@ -392,6 +393,70 @@ pub(crate) struct ProxyArgs {
 /// Parses durations such as `90s`, `15m`, `1h`, `365d`, `500ms`.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     moat_ca::parse_duration(s)
+}
+
+/// `--san`: a DNS name or an IP address, as the certificate will carry it.
+/// A URL or `host:port` is refused with the host to give instead.
+fn parse_san(s: &str) -> Result<String, String> {
+    if s.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(s.to_owned());
+    }
+    if rustls_pki_types::DnsName::try_from(s).is_ok() {
+        return Ok(s.to_owned());
+    }
+    let host = |authority: &str| -> String {
+        let authority = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+        match authority.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default().to_owned(),
+            None => authority.split(':').next().unwrap_or_default().to_owned(),
+        }
+    };
+    let suggestion = match s.split_once("://") {
+        Some((_, rest)) => Some(host(rest.split(['/', '?', '#']).next().unwrap_or_default())),
+        None if s.contains(':') => Some(host(s)),
+        None => None,
+    }
+    .filter(|h| {
+        h.parse::<std::net::IpAddr>().is_ok()
+            || rustls_pki_types::DnsName::try_from(h.as_str()).is_ok()
+    });
+    Err(match suggestion {
+        Some(h) => format!("a DNS name or an IP address, not a URL or port: give --san {h}"),
+        None => "not a DNS name or an IP address".to_owned(),
+    })
+}
+
+/// A duration flag's value with the text the operator typed, so that a
+/// refusal echoes `1y`, not the `8766h` it became.
+#[derive(Debug, Clone)]
+pub(crate) struct TypedDuration {
+    /// The duration.
+    pub value: Duration,
+    /// As typed.
+    pub text: String,
+}
+
+fn parse_typed_duration(s: &str) -> Result<TypedDuration, String> {
+    no_bare_number(s, "15m or 1h")?;
+    Ok(TypedDuration {
+        value: parse_duration(s)?,
+        text: s.to_owned(),
+    })
+}
+
+/// `--root-ttl`: a bare number is most likely days (humantime's own hint,
+/// `365sec or 365ms`, would make a root that expires at once).
+fn parse_root_ttl(s: &str) -> Result<Duration, String> {
+    no_bare_number(s, &format!("{}d", s.trim()))?;
+    parse_duration(s)
+}
+
+/// Refuses a number without a unit, suggesting `example`.
+fn no_bare_number(s: &str, example: &str) -> Result<(), String> {
+    if !s.trim().is_empty() && s.trim().bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{s:?} has no unit; write it like {example}"));
+    }
+    Ok(())
 }
 
 fn parse_cidrs(s: &str) -> Result<Vec<moat_proxy::redirect::Cidr>, String> {

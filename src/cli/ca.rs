@@ -38,10 +38,24 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                 Ok(())
             }
             CaCommand::Token { at, id, ttl } => {
+                if ttl.value.is_zero() || ttl.value > moat_ca::token::MAX_JOIN_TTL {
+                    return Err(config_msg(format!(
+                        "--ttl: a join token's lifetime must be more than 0 and at most {}, not {}",
+                        moat_ca::format_duration(moat_ca::token::MAX_JOIN_TTL),
+                        ttl.text
+                    )));
+                }
                 let ca = open_ca(&at).await?;
                 let id = moat_ca::SpiffeId::parse(&id)
                     .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
-                let token = ca.mint_join_token(&id, ttl).map_err(store_err)?;
+                // The CA would refuse the token's use (403 revoked): refuse
+                // it now, as `moat ca issue` does, while the operator is here.
+                if ca.revocation_for(None, &id).await.map_err(store_err)?.is_some() {
+                    return Err(config_msg(format!(
+                        "{id} is revoked; `moat ca unrevoke --id {id}` first"
+                    )));
+                }
+                let token = ca.mint_join_token(&id, ttl.value).map_err(store_err)?;
                 println!("{token}");
                 Ok(())
             }
@@ -60,6 +74,15 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                     (None, Some(cert), Some(key)) => (cert, key),
                     _ => return Err(config_msg("give --out, or --cert-out and --key-out")),
                 };
+                for path in [&cert_out, &key_out] {
+                    // Said the same with or without --force, which cannot help.
+                    if path.is_dir() {
+                        return Err(config_msg(format!(
+                            "{}: cannot create the file: it is a directory; nothing was issued",
+                            path.display()
+                        )));
+                    }
+                }
                 if !force {
                     for path in [&cert_out, &key_out] {
                         if path.exists() {
@@ -70,7 +93,11 @@ pub(crate) fn run_ca(command: CaCommand) -> Result<(), Failure> {
                         }
                     }
                 }
-                let ca = open_ca(&at).await?;
+                let (config, path, engine) = ca_config_at(&at)?;
+                let ttl = issue_ttl(ttl, &config.issuance, path.as_deref())?;
+                let ca = moat_ca::store::CaDir::open(&at.dir, &engine)
+                    .await
+                    .map_err(store_err)?;
                 let id = moat_ca::SpiffeId::parse(&id)
                     .map_err(|e| config_msg(format!("--id {id:?}: {e}")))?;
                 let asked_until = std::time::SystemTime::now() + ttl;
@@ -166,6 +193,15 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
         .map_err(config_err)?;
     init_logging(log_format, None, tracing.as_ref());
     runtime.block_on(async move {
+        // One process serves a SQLite CA; held until this returns. Not
+        // taken for a directory with no ca.db: `open` says what is missing.
+        let _lock = match engine {
+            moat_ca::store::config::Engine::Sqlite if args.at.dir.join("ca.db").exists() => Some(
+                moat_ca::store::ServeLock::acquire(&args.at.dir, "serve this CA")
+                    .map_err(store_err)?,
+            ),
+            _ => None,
+        };
         let ca = moat_ca::store::CaDir::open(&args.at.dir, &engine)
             .await
             .map_err(store_err)?;
@@ -174,14 +210,35 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
             store = ca.store().location(),
             "state store opened"
         );
+        warn_on_readable_keys(&args.at.dir);
+        let roots = ca.roots().await.map_err(store_err)?;
+        let active = roots
+            .iter()
+            .find(|r| r.state == moat_ca::store::RootState::Active);
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            trust_domain = %ca.trust_domain(),
+            root = active.map(|r| r.id),
+            root_expires = active.map(|r| moat_ca::store::format_unix(r.not_after)),
+            sans = sans.join(","),
+            "starting the CA"
+        );
         let mut server = moat_ca::server::CaServer::bind(ca, config, args.listen, sans)
             .await
             .map_err(|e| listener_err("ca (--listen)", e))?;
         if args.admin != "off" {
-            let addr = args
+            let addr: std::net::SocketAddr = args
                 .admin
                 .parse()
                 .map_err(|e| config_msg(format!("--admin {:?}: {e}", args.admin)))?;
+            if !addr.ip().is_loopback() {
+                tracing::warn!(
+                    %addr,
+                    "--admin listens beyond loopback: /metrics, /live and /ready are plain HTTP, \
+                     without authentication, to anyone who can reach {addr}; give a loopback or \
+                     private address, or firewall the port"
+                );
+            }
             server
                 .bind_admin(addr)
                 .await
@@ -190,6 +247,39 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
         server.run(shutdown_signal()).await?;
         Ok(())
     })
+}
+
+/// Warns about each key file in the CA directory that its group or others
+/// may read: a copy of a root key signs for every workload. A warning, not
+/// a refusal, as a key managed by a Secret or configuration management may
+/// be mode 0640 to a group on purpose.
+fn warn_on_readable_keys(dir: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut keys = vec![dir.join("token.key")];
+    if let Ok(entries) = std::fs::read_dir(dir.join("roots")) {
+        keys.extend(
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "key")),
+        );
+    }
+    keys.sort();
+    for key in keys {
+        // Symlinks followed: a Kubernetes Secret's files are links.
+        let Ok(meta) = std::fs::metadata(&key) else {
+            continue;
+        };
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            tracing::warn!(
+                file = %key.display(),
+                mode = format!("{mode:04o}"),
+                "the key is readable by its group or others: `chmod 600 {}`",
+                key.display()
+            );
+        }
+    }
 }
 
 /// `moat ca migrate`: the schema alone, or a SQLite CA copied into PostgreSQL.
@@ -225,10 +315,15 @@ async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<()
             source.display()
         )));
     }
-    let roots = db
-        .parent()
-        .unwrap_or(std::path::Path::new("."))
-        .join("roots");
+    let source_dir = db.parent().unwrap_or(std::path::Path::new("."));
+    // Held until the copy is done: a CA still serving from the SQLite
+    // database would go on spending join tokens the copy has already read.
+    let _lock = moat_ca::store::ServeLock::acquire(
+        source_dir,
+        &format!("copy {} into PostgreSQL", db.display()),
+    )
+    .map_err(store_err)?;
+    let roots = source_dir.join("roots");
     let src = SqliteStore::open(&db, &roots).map_err(store_err)?;
     let dst = moat_ca::store::PgStore::connect(settings)
         .await
@@ -251,6 +346,30 @@ async fn run_migrate(at: &CaLocation, from_sqlite: Option<PathBuf>) -> Result<()
     Ok(())
 }
 
+/// `moat ca issue --ttl`: as asked, else `[issuance] default_ttl`; longer
+/// than `[issuance] max_ttl` is refused naming the file. Without a ca.toml
+/// the issuer's own limit (24h) says so.
+fn issue_ttl(
+    ttl: Option<super::args::TypedDuration>,
+    issuance: &moat_ca::server::IssuanceConfig,
+    config: Option<&std::path::Path>,
+) -> Result<std::time::Duration, Failure> {
+    let Some(ttl) = ttl else {
+        return Ok(issuance.default_ttl);
+    };
+    if let Some(config) = config
+        && ttl.value > issuance.max_ttl
+    {
+        return Err(config_msg(format!(
+            "--ttl {}: longer than [issuance] max_ttl = \"{}\" in {}",
+            ttl.text,
+            moat_ca::format_duration(issuance.max_ttl),
+            config.display()
+        )));
+    }
+    Ok(ttl.value)
+}
+
 /// The CA's configuration (DIR/ca.toml unless --config says otherwise) and
 /// the store engine it chooses.
 fn ca_config(
@@ -258,6 +377,21 @@ fn ca_config(
 ) -> Result<
     (
         moat_ca::server::ServerConfig,
+        moat_ca::store::config::Engine,
+    ),
+    Failure,
+> {
+    let (config, _, engine) = ca_config_at(at)?;
+    Ok((config, engine))
+}
+
+/// [`ca_config`], with the file it was read from (`None`: defaults).
+fn ca_config_at(
+    at: &CaLocation,
+) -> Result<
+    (
+        moat_ca::server::ServerConfig,
+        Option<PathBuf>,
         moat_ca::store::config::Engine,
     ),
     Failure,
@@ -274,7 +408,7 @@ fn ca_config(
         Some(p) => config_msg(format!("{}: {e}", p.display())),
         None => config_msg(e),
     })?;
-    Ok((config, engine))
+    Ok((config, path, engine))
 }
 
 async fn open_ca(at: &CaLocation) -> Result<moat_ca::store::CaDir, Failure> {

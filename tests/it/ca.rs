@@ -222,9 +222,11 @@ fn join_token_is_single_use_even_after_a_ca_restart() {
         metrics.contains("moat_ca_token_replays_total 1"),
         "{metrics}"
     );
+    // Under the kind a success of the same token is counted as.
     assert!(
-        metrics
-            .contains(r#"moat_ca_issuances_total{credential="token",result="token_replayed"} 1"#),
+        metrics.contains(
+            r#"moat_ca_issuances_total{credential="join_token",result="token_replayed"} 1"#
+        ),
         "{metrics}"
     );
     assert!(metrics.contains("moat_ca_bundle_roots 1"), "{metrics}");

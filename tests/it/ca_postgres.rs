@@ -693,6 +693,48 @@ fn database_down_means_503_and_unready_and_database_back_means_issuance_without_
         }
         other => panic!("expected 503, got {other:?}"),
     }
+    // More refused requests, with polls between them: the outage is
+    // logged at ERROR once, not once per request (or per poll after one).
+    for _ in 0..3 {
+        let again = rt.block_on(
+            ca.client(&bundle)
+                .issue(&WorkloadKey::generate().unwrap(), &waiting),
+        );
+        assert!(
+            matches!(&again, Err(ClientError::Refused { status, .. }) if *status == 503),
+            "{again:?}"
+        );
+        // The store's poll has run since (its reason is on /ready).
+        eventually(Duration::from_secs(5), "a poll of the store", || {
+            ca.ready()
+                .1
+                .contains("the CA's state database is unreachable")
+        });
+    }
+    let errors: Vec<Value> = ca
+        .proc
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["level"] == "ERROR")
+        .collect();
+    assert_eq!(
+        errors
+            .iter()
+            .filter(|v| v["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("the CA's state store is unreachable"))
+            .count(),
+        1,
+        "{errors:#?}"
+    );
+    assert!(
+        !errors.iter().any(|v| v["message"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("issuance refused")),
+        "{errors:#?}"
+    );
     eventually(Duration::from_secs(5), "/ready false", || {
         let (status, body) = ca.ready();
         status == 503 && body.contains("database")
@@ -935,7 +977,8 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
         !dir.join("token.key").exists(),
         "no key made for a database we cannot reach"
     );
-    // A wrong password: refused by the server, and said so.
+    // A wrong password: refused by the server, and said so; exit 64, as
+    // no restart fixes it (systemd's Restart=on-failure would loop).
     let wrong = tmp.path().join("wrong-password");
     std::fs::write(&wrong, "not-the-password\n").unwrap();
     let store = db.store_toml().replace(
@@ -945,12 +988,29 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
     std::fs::write(dir.join("ca.toml"), &store).unwrap();
     let out = moat(&["ca", "init", "--dir", path_str(&dir), "--trust-domain", TD]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
     assert!(
         stderr.contains("password authentication failed"),
         "{stderr}"
     );
-    // Nobody listening: a prompt error, not a hang.
+    let out = moat(&[
+        "ca",
+        "serve",
+        "--dir",
+        path_str(&dir),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "off",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{stderr}");
+    assert!(
+        stderr.contains("password authentication failed"),
+        "{stderr}"
+    );
+    // Nobody listening: a prompt error, not a hang, and exit 1: the
+    // database may be back on the next try.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = closed.local_addr().unwrap().port();
     drop(closed);

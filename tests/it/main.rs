@@ -16,6 +16,7 @@ mod support;
 
 mod app_probes;
 mod ca;
+mod ca_cli;
 mod ca_postgres;
 mod cli;
 mod demo;

@@ -187,6 +187,9 @@ fn revoking_an_identity_closes_its_connections_and_refuses_it_until_unrevoked() 
         )
     });
 
+    // Minted before the revocation: `moat ca token` refuses a revoked
+    // identity, and the CA must refuse a token already out there.
+    let token = ca.token(FRONTEND);
     ca_cmd(
         &ca,
         &["revoke", "--id", FRONTEND, "--reason", "key compromise"],
@@ -238,7 +241,8 @@ fn revoking_an_identity_closes_its_connections_and_refuses_it_until_unrevoked() 
     billing.wait_for_log(WITHIN, |v| v["message"] == "peer certificate revoked");
     assert_eq!(curl(api, "/", Some(&other), &["--http1.1"]).0, 200);
 
-    // The CA refuses to renew it, or to redeem a token for it: 403 revoked.
+    // The CA refuses to renew it, or to redeem a token minted for it
+    // before: 403 revoked.
     let bundle = ca.bundle_file();
     let csr = ca.dir.path().join("frontend.csr");
     let out = tool(
@@ -275,7 +279,6 @@ fn revoking_an_identity_closes_its_connections_and_refuses_it_until_unrevoked() 
     let text = String::from_utf8_lossy(&renew.stdout);
     assert!(text.ends_with("\n403"), "{text}");
     assert!(text.contains("\"reason\":\"revoked\""), "{text}");
-    let token = ca.token(FRONTEND);
     let redeem = tool(
         "curl",
         &[
@@ -837,4 +840,31 @@ fn a_file_identity_sidecar_enforces_its_deny_list_file_and_keeps_the_last_good_o
     let out = moat(&["proxy", "--config", path_str(&bad)]);
     assert_eq!(out.status.code(), Some(64), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stderr).contains("deny_list applies to cert + key only"));
+}
+
+#[test]
+fn the_deny_list_without_a_client_certificate_is_refused_naming_the_endpoint() {
+    if !crate::support::require("curl") {
+        return;
+    }
+    let ca = TestCa::start();
+    let bundle = ca.bundle_file();
+    let out = tool(
+        "curl",
+        &[
+            "-sS",
+            "-w",
+            "\n%{http_code}",
+            "--cacert",
+            path_str(&bundle),
+            &format!("{}/v1/revocations", ca.url()),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.ends_with("\n401"), "{text}");
+    assert!(
+        text.contains("GET /v1/revocations needs a client certificate"),
+        "{text}"
+    );
+    assert!(!text.contains("renewal"), "{text}");
 }

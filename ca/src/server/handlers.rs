@@ -91,9 +91,7 @@ async fn handle(
     let result = match (req.method(), req.uri().path()) {
         (&Method::GET, "/v1/bundle") => Ok(pem_response(state.snapshot.load().bundle_pem.clone())),
         (&Method::GET, "/healthz") => Ok(Response::new(Full::new(Bytes::from_static(b"ok\n")))),
-        (&Method::POST, "/v1/certs") => issue(state, req)
-            .await
-            .inspect_err(|r| state.metrics.issuance("token", r.reason)),
+        (&Method::POST, "/v1/certs") => issue(state, req).await,
         (&Method::POST, "/v1/renew") => renew(state, req, client_chain).await.inspect_err(|r| {
             state.metrics.issuance("renewal", r.reason);
             tracing::info!(reason = r.reason, error = %r.error, "renewal refused");
@@ -117,8 +115,19 @@ async fn issue(
     state: &Arc<ServerState>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Refusal> {
-    let ttl = requested_ttl(state, &req)?;
-    let token = bearer(&req).map_err(token_refusal)?;
+    // Refusals are counted under the credential's kind once the token has
+    // verified (a replayed or revoked join token is `join_token`, as its
+    // success would be), under `token` before that: the kind is not known.
+    let counted = |kind: &'static str| {
+        move |r: Refusal| {
+            state.metrics.issuance(kind, r.reason);
+            r
+        }
+    };
+    let ttl = requested_ttl(state, &req).map_err(counted("token"))?;
+    let token = bearer(&req)
+        .map_err(token_refusal)
+        .map_err(counted("token"))?;
     let td = state.ca.trust_domain();
     // Route by key ID: join tokens carry the CA's own kid; anything else is
     // a Kubernetes token, when Kubernetes is configured.
@@ -130,12 +139,19 @@ async fn issue(
     } else {
         Err(TokenError::Invalid("not a join token of this CA".into()))
     }
-    .map_err(token_refusal)?;
+    .map_err(token_refusal)
+    .map_err(counted("token"))?;
+    let kind = credential.kind.as_str();
     let body = match read_body(state, req).await {
         Ok(body) => body,
-        Err(refusal) => return Err(prefer_revoked(state, None, &credential.id, refusal).await),
+        Err(refusal) => {
+            let refusal = prefer_revoked(state, None, &credential.id, refusal).await;
+            return Err(counted(kind)(refusal));
+        }
     };
-    sign_and_record(state, credential, None, &body, ttl).await
+    sign_and_record(state, credential, None, &body, ttl)
+        .await
+        .map_err(counted(kind))
 }
 
 /// 403 `revoked`: `r` covers this identity or the certificate the request
@@ -168,7 +184,16 @@ fn revocation_list(
         state.ca.trust_domain(),
         client_chain,
         SystemTime::now(),
-    )?;
+    )
+    .map_err(|mut r| {
+        // Named for this endpoint: "renewal needs..." sent people looking
+        // at /v1/renew.
+        if r.reason == "client_certificate_missing" {
+            r.error = "GET /v1/revocations needs a client certificate (a current one of this CA's)"
+                .into();
+        }
+        r
+    })?;
     let list = state.revocations.load();
     let since = req
         .uri()
@@ -256,7 +281,7 @@ fn renewal_identity(
     let Some((leaf, intermediates)) = chain.certs.split_first() else {
         return Err(refused(
             "client_certificate_missing",
-            "renewal needs a client certificate".into(),
+            "POST /v1/renew needs a client certificate (the one to renew)".into(),
         ));
     };
     let (_, parsed) = x509_parser::certificate::X509Certificate::from_der(leaf)
@@ -351,8 +376,22 @@ async fn sign_and_record(
             } else {
                 "the CA cannot record issuance right now"
             };
-            tracing::error!(error = %e, "issuance refused: {error}");
-            state.metrics.set_store_up(false, Some(error));
+            if e.is_unavailable() && !e.is_disk_full() {
+                // One ERROR when the store goes away (here or in the
+                // poll, whichever notices first; the poll says INFO when it
+                // is back), not one per refused request.
+                if state
+                    .metrics
+                    .health()
+                    .set_store(Some(super::refresh::STORE_UNREACHABLE))
+                {
+                    super::refresh::log_store_unreachable(&state.ca, &e);
+                }
+                tracing::debug!(error = %e, "issuance refused: {error}");
+            } else {
+                tracing::error!(error = %e, "issuance refused: {error}");
+                state.metrics.set_store_up(false, Some(error));
+            }
             return Err(Refusal {
                 status: StatusCode::SERVICE_UNAVAILABLE,
                 error: error.into(),

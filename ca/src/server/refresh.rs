@@ -27,6 +27,17 @@ pub(super) async fn load_revocations(ca: &CaDir) -> Result<Revocations, StoreErr
     Ok(Revocations { version, entries })
 }
 
+/// Why `/ready` is false while the store does not answer; the one text
+/// the poll and a refused issuance both set, so neither sees a change
+/// (and logs it again) when the other already did.
+pub(super) const STORE_UNREACHABLE: &str = "the CA's state database is unreachable";
+
+/// Logs the store going away, once per outage (the caller logs only when
+/// it is the one that marked the store down).
+pub(super) fn log_store_unreachable(ca: &CaDir, e: &StoreError) {
+    tracing::error!(error = %e, store = ca.store().location(), "the CA's state store is unreachable: issuance answers 503 and /ready is false until it is back");
+}
+
 /// Polls the store's version counters every second (one small query);
 /// rebuilds the signing state when a rotation step, here or on another
 /// replica, moved them, or when the serving certificate is half-way
@@ -43,8 +54,10 @@ pub(super) async fn refresh_loop(state: Arc<ServerState>) {
         let versions = match state.ca.versions().await {
             Ok(v) => v,
             Err(e) => {
-                if health.set_store(Some("the CA's state database is unreachable")) {
-                    tracing::error!(error = %e, store = state.ca.store().location(), "the CA's state store is unreachable: issuance answers 503 and /ready is false until it is back");
+                if health.set_store(Some(STORE_UNREACHABLE)) {
+                    log_store_unreachable(&state.ca, &e);
+                } else {
+                    tracing::debug!(error = %e, "the CA's state store is still unreachable");
                 }
                 continue;
             }

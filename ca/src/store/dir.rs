@@ -150,6 +150,16 @@ impl CaDir {
     /// Opens an existing CA: its store, and the token key from `dir`.
     pub async fn open(dir: &Path, engine: &Engine) -> Result<Self, StoreError> {
         if matches!(engine, Engine::Sqlite) && !dir.join(DB_FILE).exists() {
+            // The keys without ca.db: most likely a PostgreSQL CA whose
+            // ca.toml was given to `init` with --config and not this time.
+            // "create one with init" would only meet "already holds a CA".
+            if dir.join(TOKEN_KEY_FILE).exists() {
+                return Err(StoreError::NotInitialized(format!(
+                    "{0} has the CA's keys but no state store: pass --config FILE (the ca.toml given to \
+                     `moat ca init`) or put ca.toml in {0}",
+                    dir.display()
+                )));
+            }
             return Err(StoreError::NotInitialized(format!(
                 "{0} holds no CA; create one with `moat ca init --dir {0}`",
                 dir.display()
@@ -548,11 +558,13 @@ impl CaDir {
         let until = format_time(from_unix(record.until));
         Ok(match before {
             None => {
-                tracing::warn!(target = %target.describe(), reason, %until, "revoked");
+                // INFO: the operator asked for it, and the command prints
+                // the result; stderr carries only warnings by default.
+                tracing::info!(target = %target.describe(), reason, %until, "revoked");
                 Revoked::New { target, record }
             }
             Some(before) => {
-                tracing::warn!(
+                tracing::info!(
                     target = %target.describe(),
                     reason,
                     %until,
@@ -575,7 +587,7 @@ impl CaDir {
         let target = self.check_target(target)?;
         let removed = self.store.unrevoke(&target).await? > 0;
         if removed {
-            tracing::warn!(target = %target.describe(), "revocation removed");
+            tracing::info!(target = %target.describe(), "revocation removed");
         }
         Ok(Unrevoked { target, removed })
     }

@@ -8,6 +8,7 @@
 //!   roots/N.crt   root certificate N (PEM; also in the store)
 //!   roots/N.key   root key N (PEM, 0600)
 //!   token.key     join-token signing key (PEM, 0600)
+//!   serve.lock    held by `moat ca serve` on SQLite (serve_lock.rs)
 //! ```
 //!
 //! What is secret stays a file: root keys and the token key, which replicas
@@ -37,6 +38,7 @@ mod copy;
 mod dir;
 mod migrations;
 mod postgres;
+mod serve_lock;
 mod sqlite;
 
 use std::fmt;
@@ -47,6 +49,7 @@ use std::pin::Pin;
 pub use copy::{CopyReport, copy_sqlite_to_postgres};
 pub use dir::{CaDir, ROTATION_GRACE, SigningState, bundle_of, format_time, format_unix};
 pub use postgres::PgStore;
+pub use serve_lock::{SERVE_LOCK_FILE, ServeLock};
 pub use sqlite::SqliteStore;
 
 use crate::issuer::IssueError;
@@ -382,6 +385,16 @@ pub enum StoreError {
         /// What failed.
         message: String,
     },
+    /// PostgreSQL refused us: a wrong password or user, or a database that
+    /// does not exist. Unlike [`StoreError::Postgres`], a retry will not
+    /// pass until the operator changes `[store]` or the server.
+    #[error("CA state database {location}: {message}")]
+    PostgresRefused {
+        /// The URL (no password).
+        location: String,
+        /// What the server said.
+        message: String,
+    },
     /// A store operation took longer than `[store] timeout`.
     #[error("CA state database {location}: no answer within {timeout:?}")]
     Timeout {
@@ -440,11 +453,42 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    /// True for mistakes an operator makes (exit 64), as opposed to failures.
+    /// True for mistakes an operator makes (exit 64), as opposed to failures
+    /// that may pass on a retry (exit 1). Files in the CA directory that are
+    /// missing, unreadable or not what they should be, a database file that
+    /// is not one, and a database server that refuses our credentials are
+    /// the operator's: a restart only repeats the failure.
     pub fn is_operator_error(&self) -> bool {
+        match self {
+            StoreError::Io { source, .. } => {
+                return matches!(
+                    source.kind(),
+                    std::io::ErrorKind::NotFound
+                        | std::io::ErrorKind::PermissionDenied
+                        | std::io::ErrorKind::InvalidData
+                        | std::io::ErrorKind::IsADirectory
+                );
+            }
+            StoreError::Db {
+                source: rusqlite::Error::SqliteFailure(e, _),
+                ..
+            } => {
+                return matches!(
+                    e.code,
+                    rusqlite::ErrorCode::NotADatabase
+                        | rusqlite::ErrorCode::DatabaseCorrupt
+                        | rusqlite::ErrorCode::CannotOpen
+                        | rusqlite::ErrorCode::PermissionDenied
+                        | rusqlite::ErrorCode::ReadOnly
+                );
+            }
+            _ => {}
+        }
         matches!(
             self,
             StoreError::AlreadyInitialized(_)
+                | StoreError::PostgresRefused { .. }
+                | StoreError::Corrupt(_)
                 | StoreError::NotInitialized(_)
                 | StoreError::Config(_)
                 | StoreError::Rotation { .. }
@@ -473,7 +517,10 @@ impl StoreError {
     pub fn is_unavailable(&self) -> bool {
         matches!(
             self,
-            StoreError::Postgres { .. } | StoreError::Timeout { .. } | StoreError::Db { .. }
+            StoreError::Postgres { .. }
+                | StoreError::PostgresRefused { .. }
+                | StoreError::Timeout { .. }
+                | StoreError::Db { .. }
         )
     }
 }

@@ -102,16 +102,27 @@ impl PgStore {
     }
 
     pub(super) fn err(&self, e: tokio_postgres::Error) -> StoreError {
-        StoreError::Postgres {
-            location: self.location.to_string(),
-            message: describe(&e),
+        self.described(&e)
+    }
+
+    /// `e` as a [`StoreError`]: [`StoreError::PostgresRefused`] when the
+    /// server answered that we may not in (a wrong password or user, a
+    /// database that does not exist), which no retry changes;
+    /// [`StoreError::Postgres`] for anything else.
+    fn described(&self, e: &tokio_postgres::Error) -> StoreError {
+        let location = self.location.to_string();
+        let message = describe(e);
+        if is_refusal(e) {
+            StoreError::PostgresRefused { location, message }
+        } else {
+            StoreError::Postgres { location, message }
         }
     }
 
     fn pool_err(&self, e: deadpool_postgres::PoolError) -> StoreError {
         use deadpool_postgres::PoolError;
         let message = match e {
-            PoolError::Backend(e) => describe(&e),
+            PoolError::Backend(e) => return self.described(&e),
             PoolError::Timeout(_) => {
                 return StoreError::Timeout {
                     location: self.location.to_string(),
@@ -664,6 +675,17 @@ fn tls_config(ca_file: &std::path::Path) -> Result<rustls::ClientConfig, String>
 
 /// The driver's error with its cause, on one line (the server's message
 /// for database errors; the I/O error for connection failures).
+/// True when the server refused the connection for who we are or what we
+/// asked for: SQLSTATE class 28 (invalid authorization: a wrong password,
+/// an unknown role, no `pg_hba.conf` entry) or 3D000 (no such database).
+/// An unreachable server (refused, timed out, restarting: 57P03) is not.
+fn is_refusal(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    e.as_db_error().is_some_and(|db| {
+        db.code().code().starts_with("28") || *db.code() == SqlState::INVALID_CATALOG_NAME
+    })
+}
+
 fn describe(e: &tokio_postgres::Error) -> String {
     if let Some(db) = e.as_db_error() {
         return format!("{}: {}", db.severity(), db.message());
