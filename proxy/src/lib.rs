@@ -385,12 +385,16 @@ impl Proxy {
         }
         // The sidecar's own trust domain is known once its identity is:
         // from the files at once, from the CA after the first issuance.
-        if !self.config.outbound.is_empty() {
-            let (store, outbound) = (self.store.clone(), self.config.outbound.clone());
+        if !self.config.outbound.is_empty() || !self.config.destination.is_empty() {
+            let store = self.store.clone();
+            let (outbound, destinations) = (
+                self.config.outbound.clone(),
+                self.config.destination.clone(),
+            );
             background.push(tokio::spawn(async move {
                 store.ready().await;
                 if let Some(own) = store.current() {
-                    outbound::warn_foreign_peers(&outbound, &own.trust_domain);
+                    outbound::warn_foreign_peers(&outbound, &destinations, &own.trust_domain);
                 }
             }));
         }
