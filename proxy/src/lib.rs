@@ -311,6 +311,21 @@ impl Proxy {
             }
             destinations = Some(table);
         }
+        if let (Some(r), Some(table)) = (&config.redirect, &destinations) {
+            // A host that has never resolved matches nothing: its traffic
+            // follows `unmatched` (plaintext, with passthrough) instead of
+            // mutual TLS, so the proxy is not ready until it resolves.
+            let (unmatched, table) = (r.unmatched, table.clone());
+            admin.add_readiness(Arc::new(move || {
+                let e = table.unresolved().next()?;
+                Some(format!(
+                    "[[destination]] {}: host {} has not resolved yet; until it does, its traffic is not enforced (unmatched = {})",
+                    e.name,
+                    e.config.host.as_deref().unwrap_or_default(),
+                    unmatched.as_str(),
+                ))
+            }));
+        }
         if let Some(r) = &config.redirect {
             let (r, table) = (r.clone(), destinations.clone());
             admin.add_view(
