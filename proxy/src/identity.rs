@@ -371,7 +371,7 @@ impl CaSource {
                 state.check_failed();
                 if !self.revocations_failing {
                     self.revocations_failing = true;
-                    tracing::warn!(error = %e, version = ?since, "cannot fetch the deny-list from the CA; enforcing the last one until it answers (see moat_revocation_list_age_seconds)");
+                    tracing::warn!(error = %e, version = since, "cannot fetch the deny-list from the CA; enforcing the last one until it answers (see moat_revocation_list_age_seconds)");
                 }
             }
         }
