@@ -533,9 +533,10 @@ pub fn cleanup_nft() -> String {
     format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
-/// Removes the `inet moat` table from the current network namespace; no
-/// error if it is not there. Needs `CAP_NET_ADMIN`.
-pub fn cleanup() -> Result<(), RedirectError> {
+/// Removes the `inet moat` table from the current network namespace:
+/// `true` when it was there, `false` (no error) when it was not. Needs
+/// `CAP_NET_ADMIN`.
+pub fn cleanup() -> Result<bool, RedirectError> {
     netlink::delete()
 }
 
