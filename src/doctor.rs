@@ -624,43 +624,44 @@ fn own_trust_domain(identity: &Identity) -> Option<String> {
 }
 
 /// Peers are verified against this proxy's bundle, in its own trust domain:
-/// an `allow_peers` entry or an outbound `peer` in another one can never
-/// match (a typo such as `exmaple.org` refuses everyone it names).
+/// an `allow_peers` entry, an outbound `peer` or a `[[destination]] peer`
+/// in another one can never match (a typo such as `exmaple.org` refuses
+/// everyone it names).
 fn check_peer_trust_domains(r: &mut Report, config: &Config, own: &str) {
-    use moat_proxy::config::PeerPattern;
-    let td_of = |id: &str| {
-        id.strip_prefix("spiffe://")
-            .and_then(|rest| rest.split('/').next())
-            .unwrap_or_default()
-            .to_owned()
-    };
     let fix = format!(
         "peers are verified against this proxy's bundle and must be in its trust domain, {own}: fix the entry's trust domain"
     );
     for l in &config.inbound {
         for pattern in l.allow_peers.iter().flatten() {
-            let (text, td) = match pattern {
-                PeerPattern::Exact(id) => (id.to_string(), id.trust_domain_name().to_owned()),
-                PeerPattern::Prefix(prefix) => (format!("{prefix}*"), td_of(prefix)),
-            };
+            let td = pattern.trust_domain_name();
             if td != own {
                 r.warn(
                     format!("inbound {} allow_peers", l.name),
-                    format!("{text} is in trust domain {td}, not {own}: no peer can match it"),
+                    format!("{pattern} is in trust domain {td}, not {own}: no peer can match it"),
                     fix.clone(),
                 );
             }
         }
     }
+    let refused = |peer: &dyn std::fmt::Display, td: &str| {
+        format!("{peer} is in trust domain {td}, not {own}: every connection will be refused")
+    };
     for l in &config.outbound {
         let td = l.peer.trust_domain_name();
         if td != own {
             r.warn(
                 format!("outbound {} peer", l.name),
-                format!(
-                    "{} is in trust domain {td}, not {own}: every connection will be refused",
-                    l.peer
-                ),
+                refused(&l.peer, td),
+                fix.clone(),
+            );
+        }
+    }
+    for (i, d) in config.destination.iter().enumerate() {
+        let td = d.peer.trust_domain_name();
+        if td != own {
+            r.warn(
+                format!("destination {} peer", d.label(i)),
+                refused(&d.peer, td),
                 fix.clone(),
             );
         }
@@ -683,10 +684,33 @@ fn check_ports(r: &mut Report, config: &Config) {
             .map(|l| (format!("outbound {}", l.name), l.listen)),
     );
     if let Some(redirect) = &config.redirect {
-        listeners.push((
-            "transparent inbound".to_owned(),
-            SocketAddr::from(([0, 0, 0, 0], redirect.inbound_listener_port)),
-        ));
+        // The addresses the proxy binds (transparent::TransparentInbound
+        // and TransparentOutbound::bind): IPv6 where the host has it.
+        let ipv6 = std::net::TcpListener::bind((std::net::Ipv6Addr::LOCALHOST, 0)).is_ok();
+        let any = if ipv6 {
+            std::net::IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+        } else {
+            std::net::IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+        };
+        if redirect.inbound_ports != moat_proxy::redirect::InboundPorts::Listed(Vec::new()) {
+            listeners.push((
+                "transparent inbound".to_owned(),
+                SocketAddr::new(any, redirect.inbound_listener_port),
+            ));
+        }
+        if redirect.outbound {
+            let port = redirect.outbound_listener_port;
+            listeners.push((
+                "transparent outbound".to_owned(),
+                SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, port)),
+            ));
+            if ipv6 {
+                listeners.push((
+                    "transparent outbound (IPv6)".to_owned(),
+                    SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, port)),
+                ));
+            }
+        }
     }
     for (name, addr) in listeners {
         let check = format!("listen {name}");

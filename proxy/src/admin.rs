@@ -5,7 +5,9 @@
 //! `/transparent`).
 //!
 //! `/ready` is a latch on two facts: a certificate is held, and the proxy is
-//! not draining. `/identity` shows the current SPIFFE ID, certificate serial
+//! not draining; other modules may add conditions of their own
+//! ([`AdminListener::add_readiness`]: every `[[destination]] host` resolved
+//! once). `/identity` shows the current SPIFFE ID, certificate serial
 //! and expiry as JSON; never key material.
 //!
 //! Reads (`GET`, `HEAD`) answer anyone who can reach the port: in Kubernetes
@@ -56,10 +58,15 @@ struct State {
     draining: Arc<AtomicBool>,
     obs: Observability,
     views: Vec<(&'static str, View)>,
+    readiness: Vec<Readiness>,
 }
 
 /// A read-only JSON view another module adds (e.g. `/transparent`).
 pub(crate) type View = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// A readiness condition another module adds: why the proxy is not ready
+/// (the `/ready` body, one line), or `None` when the condition holds.
+pub(crate) type Readiness = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 /// One inbound listener's route policy, as the admin shows it.
 pub(crate) struct PolicyView {
@@ -96,6 +103,7 @@ impl AdminListener {
                     draining,
                     obs,
                     views: Vec::new(),
+                    readiness: Vec::new(),
                 }),
                 app_probes: Arc::default(),
             },
@@ -107,6 +115,12 @@ impl AdminListener {
     pub(crate) fn add_view(&mut self, path: &'static str, view: View) {
         let state = Arc::get_mut(&mut self.state).expect("views are added before serving");
         state.views.push((path, view));
+    }
+
+    /// Adds a condition `/ready` must meet (before serving).
+    pub(crate) fn add_readiness(&mut self, check: Readiness) {
+        let state = Arc::get_mut(&mut self.state).expect("conditions are added before serving");
+        state.readiness.push(check);
     }
 
     /// Serves until the process exits: readiness must stay answerable (and
@@ -203,6 +217,8 @@ impl State {
                         StatusCode::SERVICE_UNAVAILABLE,
                         "route policy keys not fetched yet\n",
                     )
+                } else if let Some(reason) = self.readiness.iter().find_map(|check| check()) {
+                    text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
                 } else {
                     text(StatusCode::OK, "ready\n")
                 }
@@ -447,8 +463,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,

@@ -311,6 +311,24 @@ impl Proxy {
             }
             destinations = Some(table);
         }
+        if let (Some(r), Some(table)) = (&config.redirect, &destinations)
+            && r.unmatched == transparent::Unmatched::Passthrough
+        {
+            // A host that has never resolved matches nothing: its traffic
+            // follows `unmatched`, here plaintext instead of mutual TLS, so
+            // the proxy is not ready until it resolves. (With `deny` that
+            // traffic is refused, not exposed: logged, and ready.)
+            let (unmatched, table) = (r.unmatched, table.clone());
+            admin.add_readiness(Arc::new(move || {
+                let e = table.unresolved().next()?;
+                Some(format!(
+                    "[[destination]] {}: host {} has not resolved yet; until it does, its traffic is not enforced (unmatched = {})",
+                    e.name,
+                    e.config.host.as_deref().unwrap_or_default(),
+                    unmatched.as_str(),
+                ))
+            }));
+        }
         if let Some(r) = &config.redirect {
             let (r, table) = (r.clone(), destinations.clone());
             admin.add_view(
@@ -385,12 +403,16 @@ impl Proxy {
         }
         // The sidecar's own trust domain is known once its identity is:
         // from the files at once, from the CA after the first issuance.
-        if !self.config.outbound.is_empty() {
-            let (store, outbound) = (self.store.clone(), self.config.outbound.clone());
+        if !self.config.outbound.is_empty() || !self.config.destination.is_empty() {
+            let store = self.store.clone();
+            let (outbound, destinations) = (
+                self.config.outbound.clone(),
+                self.config.destination.clone(),
+            );
             background.push(tokio::spawn(async move {
                 store.ready().await;
                 if let Some(own) = store.current() {
-                    outbound::warn_foreign_peers(&outbound, &own.trust_domain);
+                    outbound::warn_foreign_peers(&outbound, &destinations, &own.trust_domain);
                 }
             }));
         }

@@ -408,13 +408,16 @@ impl OutboundService {
     }
 }
 
-/// The path of a request whose path and query are `pq`, as `Uri::path`
-/// gives it (empty for an authority-form target, which has none).
-/// Warns about each outbound whose `peer` is outside `own`, the sidecar's
-/// trust domain: peers are verified against its own bundle and trust
-/// domain, so every connection to that peer will be refused (a typo such
-/// as `exmaple.org`; `moat doctor` says the same before the start).
-pub(crate) fn warn_foreign_peers(outbound: &[Outbound], own: &moat_ca::TrustDomain) {
+/// Warns about each outbound `peer` and `[[destination]] peer` outside
+/// `own`, the sidecar's trust domain: peers are verified against its own
+/// bundle and trust domain, so every connection to that peer will be
+/// refused (a typo such as `exmaple.org`; `moat doctor` says the same
+/// before the start).
+pub(crate) fn warn_foreign_peers(
+    outbound: &[Outbound],
+    destinations: &[crate::transparent::Destination],
+    own: &moat_ca::TrustDomain,
+) {
     for l in outbound.iter().filter(|l| !l.peer.is_in(own)) {
         tracing::warn!(
             listener = %l.name,
@@ -424,8 +427,22 @@ pub(crate) fn warn_foreign_peers(outbound: &[Outbound], own: &moat_ca::TrustDoma
             "outbound peer is not in this sidecar's trust domain; every connection to it will be refused"
         );
     }
+    for (i, d) in destinations.iter().enumerate() {
+        let td = d.peer.trust_domain_name();
+        if td != own.as_str() {
+            tracing::warn!(
+                destination = %d.label(i),
+                peer = %d.peer,
+                peer_trust_domain = td,
+                trust_domain = own.as_str(),
+                "[[destination]] peer is not in this sidecar's trust domain; every connection to it will be refused"
+            );
+        }
+    }
 }
 
+/// The path of a request whose path and query are `pq`, as `Uri::path`
+/// gives it (empty for an authority-form target, which has none).
 fn path_of(pq: Option<&PathAndQuery>) -> &str {
     pq.map_or("", PathAndQuery::path)
 }

@@ -14,8 +14,11 @@ pub(crate) fn run_redirect(args: RedirectArgs) -> Result<(), Failure> {
             print!("{}", redirect::cleanup_nft());
             return Ok(());
         }
-        redirect::cleanup().map_err(apply_err)?;
-        tracing::info!(table = "inet moat", "redirect rules removed");
+        if redirect::cleanup().map_err(apply_err)? {
+            tracing::info!(table = "inet moat", "redirect rules removed");
+        } else {
+            tracing::info!(table = "inet moat", "no table inet moat to remove");
+        }
         return Ok(());
     }
     let (mut config, mut own) = match &args.config {

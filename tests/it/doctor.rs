@@ -394,6 +394,126 @@ peer = "spiffe://exmaple.org/vm/ledger"
     assert_eq!(reported, 1, "{report:#}");
 }
 
+/// A transparent-mode configuration with identity files for
+/// `spiffe://example.org/vm/db`: `[redirect]` on the given listener ports
+/// and one `[[destination]]` expecting `peer`.
+fn transparent_config(
+    dir: &Path,
+    ca: &TestCa,
+    ports: (u16, u16),
+    peer: &str,
+) -> std::path::PathBuf {
+    let (cert, key) = ca.issue_files("spiffe://example.org/vm/db", "1h", "db");
+    let config = dir.join("proxy.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[identity]
+cert = "{}"
+key = "{}"
+bundle = "{}"
+
+[admin]
+listen = "127.0.0.1:0"
+
+[redirect]
+inbound_listener_port = {}
+outbound_listener_port = {}
+
+[[destination]]
+ip = "10.0.0.1"
+peer = "{peer}"
+"#,
+            cert.display(),
+            key.display(),
+            ca.bundle_file().display(),
+            ports.0,
+            ports.1,
+        ),
+    )
+    .unwrap();
+    config
+}
+
+/// A port free on loopback now (the listener is dropped).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn a_destination_peer_outside_the_trust_domain_is_found() {
+    let ca = TestCa::start();
+    let dir = tempfile::tempdir().unwrap();
+    let config = transparent_config(
+        dir.path(),
+        &ca,
+        (free_port(), free_port()),
+        "spiffe://exmaple.org/vm/x",
+    );
+    let (code, report) = doctor(&config);
+    assert_eq!(code, Some(1), "{report:#}");
+    let found = finding(&report, "destination 10.0.0.1 peer", "warning");
+    let message = found["message"].as_str().unwrap();
+    assert!(
+        message.contains("spiffe://exmaple.org/vm/x") && message.contains("not example.org"),
+        "{found}"
+    );
+}
+
+/// The transparent listeners are checked where `moat proxy` binds them:
+/// inbound on `[::]` (both families), outbound on `127.0.0.1` and `[::1]`.
+#[test]
+fn transparent_listeners_are_checked_at_the_addresses_the_proxy_binds() {
+    let ca = TestCa::start();
+    let dir = tempfile::tempdir().unwrap();
+    let ipv6 = std::net::TcpListener::bind("[::1]:0").is_ok();
+    let (inbound, outbound) = (free_port(), free_port());
+    let config = transparent_config(
+        dir.path(),
+        &ca,
+        (inbound, outbound),
+        "spiffe://example.org/vm/x",
+    );
+    let (code, report) = doctor(&config);
+    assert_eq!(code, Some(0), "{report:#}");
+    let any = if ipv6 { "[::]" } else { "0.0.0.0" };
+    let message = |check: &str| {
+        finding(&report, check, "ok")["message"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        message("listen transparent inbound"),
+        format!("{any}:{inbound} is free")
+    );
+    assert_eq!(
+        message("listen transparent outbound"),
+        format!("127.0.0.1:{outbound} is free")
+    );
+    if ipv6 {
+        assert_eq!(
+            message("listen transparent outbound (IPv6)"),
+            format!("[::1]:{outbound} is free")
+        );
+    }
+
+    // Something on the outbound port: found before the proxy fails to bind.
+    let _held = std::net::TcpListener::bind(("127.0.0.1", outbound)).unwrap();
+    let (code, report) = doctor(&config);
+    assert_eq!(code, Some(1), "{report:#}");
+    let taken = finding(&report, "listen transparent outbound", "problem");
+    assert_eq!(
+        taken["message"],
+        format!("127.0.0.1:{outbound} is in use"),
+        "{taken}"
+    );
+}
+
 #[test]
 fn a_configuration_that_does_not_parse_is_exit_64() {
     let dir = tempfile::tempdir().unwrap();

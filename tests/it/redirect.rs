@@ -221,13 +221,24 @@ fn redirect_rules_apply_once_replace_print_and_clean_up() {
     // --cleanup leaves the other table alone, and can run again.
     let printed = moat_ok_in(ns, &["redirect", "--cleanup", "--dry-run"]);
     assert_eq!(printed, "table inet moat\ndelete table inet moat\n");
-    moat_ok_in(ns, &["redirect", "--cleanup"]);
+    let cleanup = || {
+        let out = moat_in(ns, None, &["redirect", "--cleanup"]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let said = cleanup();
+    assert!(said.contains("redirect rules removed"), "{said}");
     assert_eq!(
         nft(ns, &["list", "ruleset"]),
         before,
         "only moat's table went"
     );
-    moat_ok_in(ns, &["redirect", "--cleanup"]);
+    // Again: nothing to remove, and it says so (still success).
+    let said = cleanup();
+    assert!(
+        said.contains("no table inet moat to remove") && !said.contains("rules removed"),
+        "{said}"
+    );
     assert_eq!(nft(ns, &["list", "ruleset"]), before);
 }
 

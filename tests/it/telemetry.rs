@@ -100,6 +100,29 @@ fn one_trace_spans_client_both_sidecars_and_the_service() {
         parts[1], trace,
         "the service's traceparent belongs to the caller's trace"
     );
+    // Only traceparent is added: no empty tracestate the caller never sent.
+    assert!(
+        echoed["headers"].get("tracestate").is_none(),
+        "{}",
+        echoed["headers"]
+    );
+    // A tracestate the caller sent goes on.
+    let (status, body) = curl_http(
+        p.outbound,
+        "/invoices/8",
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace}-{client_span}-01"),
+            "-H",
+            "tracestate: congo=t61rcWkgMzE",
+        ],
+    );
+    assert_eq!(status, 200, "{body}");
+    let echoed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        echoed["headers"]["tracestate"], "congo=t61rcWkgMzE",
+        "{body}"
+    );
 
     let spans = receiver.wait_for(Duration::from_secs(20), |s| {
         s.iter().filter(|s| s.trace_id == trace).count() >= 5

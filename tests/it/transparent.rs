@@ -65,6 +65,34 @@ fn scrape(ns: &str) -> String {
     body
 }
 
+/// Every `moat_transparent_*` family in `metrics` (a scrape) has its row
+/// in docs/metrics.md and in the README's table. Checked here, on the
+/// scrapes of redirected traffic: a family is exported only once it has a
+/// series, so a sidecar without the rules (no root) exports none of them.
+fn assert_documented(metrics: &str) -> usize {
+    let read =
+        |f: &str| std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(f)).unwrap();
+    let (docs, readme) = (read("docs/metrics.md"), read("README.md"));
+    let mut seen = 0;
+    for (family, kind) in metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_once(' '))
+        .filter(|(name, _)| name.starts_with("moat_transparent_"))
+    {
+        let series = if kind == "counter" {
+            format!("{family}_total")
+        } else {
+            family.to_owned()
+        };
+        let row = format!("| `{series}` |");
+        assert!(docs.contains(&row), "{series} is not in docs/metrics.md");
+        assert!(readme.contains(&row), "{series} is not in README.md");
+        seen += 1;
+    }
+    seen
+}
+
 fn count(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
     metric_samples(text, name, labels).iter().sum()
 }
@@ -489,6 +517,7 @@ fn transparent_inbound_strict_refuses_outsiders_and_permissive_counts_their_plai
         1.0,
         "{metrics}"
     );
+    assert!(assert_documented(&metrics) >= 2, "{metrics}");
     assert!(
         count(
             &metrics,
@@ -606,6 +635,7 @@ fn unmatched_destinations_pass_through_or_are_denied_and_dns_is_untouched() {
         1.0,
         "{metrics}"
     );
+    assert_eq!(assert_documented(&metrics), 1, "{metrics}");
     // DNS over UDP is never redirected.
     assert_eq!(
         resolve_from(&client.ns, SocketAddr::new(outsider.ip4.into(), 53)),
@@ -850,7 +880,7 @@ fn host_and_authority_pick_among_names_on_one_address_which_follow_their_ttl_and
         &issue(&ca, CLIENT, "1h", "loop"),
         &ca.bundle_file(),
         &format!(
-            "[redirect]\ninbound_ports = []\nunmatched = \"deny\"\n\n\
+            "[redirect]\ninbound_ports = []\nunmatched = \"passthrough\"\n\n\
              [[destination]]\nname = \"billing\"\nip = \"{}\"\nport = 8080\npeer = \"{SERVER}\"\n",
             server.ip4
         ),
@@ -861,6 +891,13 @@ fn host_and_authority_pick_among_names_on_one_address_which_follow_their_ttl_and
         cmd
     });
     looping.listening_addr("transparent-outbound");
+    // Said once at start, with the IDs as numbers (not `Id(65532)`), the
+    // unset proxy_gid left out (not `None`).
+    let warning = looping.wait_for_log(Duration::from_secs(10), |v| {
+        v["level"] == "WARN" && v["proxy_uid"].is_string()
+    });
+    assert_eq!(warning["proxy_uid"], MOAT_UID.to_string(), "{warning}");
+    assert!(warning.get("proxy_gid").is_none(), "{warning}");
     let (status, body) = curl_in(&client.ns, &[&url]);
     assert_eq!(status, 502, "{body}");
     looping.wait_for_log(Duration::from_secs(20), |v| {
@@ -886,4 +923,131 @@ fn host_and_authority_pick_among_names_on_one_address_which_follow_their_ttl_and
         1.0,
         "the app's connection only: {metrics}"
     );
+
+    // Passed through (no [[destination]]), moat's own connection loops
+    // back: counted once, as the loop, not also as a passthrough.
+    let unmatched = SocketAddr::from((server.ip4, 9999));
+    let (status, _) = curl_in(&client.ns, &[&format!("http://{unmatched}/")]);
+    assert_eq!(status, 0);
+    looping.wait_for_log(Duration::from_secs(20), |v| {
+        v["level"] == "ERROR" && v["original_dst"] == unmatched.to_string()
+    });
+    let metrics = scrape(&client.ns);
+    let outcome = |outcome: &str| {
+        count(
+            &metrics,
+            "moat_transparent_outbound_connections_total",
+            &[
+                ("destination", &unmatched.to_string()),
+                ("outcome", outcome),
+            ],
+        )
+    };
+    assert_eq!(outcome("loop"), 1.0, "{metrics}");
+    assert_eq!(outcome("passthrough"), 0.0, "{metrics}");
+}
+
+/// A `[[destination]] peer` in another trust domain (a typo) can never be
+/// reached: the sidecar says so at start, as for an outbound `peer`.
+#[test]
+fn a_destination_peer_in_another_trust_domain_is_warned_about_at_start() {
+    let Some(pods) = pods(&[]) else {
+        return;
+    };
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    give_to_moat(dir);
+    let typo = "spiffe://exmaple.org/ns/shop/sa/billing";
+    let cfg = sidecar_config(
+        dir,
+        "typo.toml",
+        &issue(&ca, CLIENT, "1h", "typo"),
+        &ca.bundle_file(),
+        &format!(
+            "[redirect]\ninbound_ports = []\n\n\
+             [[destination]]\nip = \"10.0.0.1\"\npeer = \"{typo}\"\n\n\
+             [[destination]]\nname = \"right\"\nip = \"10.0.0.2\"\npeer = \"{SERVER}\"\n"
+        ),
+    );
+    let mut moat = sidecar(&pods.client.ns, &cfg, "transparent-outbound");
+    let warning = moat.wait_for_log(Duration::from_secs(10), |v| {
+        v["level"] == "WARN" && v["peer"] == typo
+    });
+    assert_eq!(warning["destination"], "10.0.0.1", "{warning}");
+    assert_eq!(warning["peer_trust_domain"], "exmaple.org", "{warning}");
+    assert_eq!(warning["trust_domain"], "example.org", "{warning}");
+    let warned: Vec<_> = moat
+        .json_logs()
+        .into_iter()
+        .filter(|v| v["level"] == "WARN" && v["peer_trust_domain"].is_string())
+        .collect();
+    assert_eq!(warned.len(), 1, "only the typo, once: {warned:?}");
+}
+
+/// A `[[destination]] host` that has never resolved matches nothing, so
+/// its traffic would follow `unmatched` (plaintext, with passthrough): the
+/// sidecar is not ready, says which destination and which nameserver
+/// failed, and becomes ready once the name resolves.
+#[test]
+fn a_destination_host_that_never_resolved_keeps_the_sidecar_unready_until_it_does() {
+    let Some(pods) = pods(&[("curl", &["--version"], "curl")]) else {
+        return;
+    };
+    let ns = &pods.client.ns;
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let dir = ca.dir.path();
+    give_to_moat(dir);
+    // Nothing answers on 127.0.0.1:53 yet.
+    let resolv = write(
+        dir,
+        "resolv.conf",
+        "nameserver 127.0.0.1\noptions timeout:1 attempts:1\n",
+    );
+    give_to_moat(&resolv);
+    let cfg = sidecar_config(
+        dir,
+        "unresolved.toml",
+        &issue(&ca, CLIENT, "1h", "unresolved"),
+        &ca.bundle_file(),
+        &format!(
+            "[redirect]\ninbound_ports = []\n\n\
+             [[destination]]\nname = \"billing\"\nhost = \"billing.test\"\nport = 8080\npeer = \"{SERVER}\"\n"
+        ),
+    );
+    let mut moat = sidecar_resolving_with(ns, &cfg, "transparent-outbound", &resolv);
+    let (status, body) = curl_in(ns, &["http://127.0.0.1:9901/ready"]);
+    assert_eq!(status, 503, "{body}");
+    assert!(
+        body.contains("[[destination]] billing") && body.contains("billing.test"),
+        "{body}"
+    );
+    let warning = moat.wait_for_log(Duration::from_secs(10), |v| {
+        v["level"] == "WARN" && v["destination"] == "billing"
+    });
+    assert!(
+        warning["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("not enforced")),
+        "{warning}"
+    );
+    assert!(
+        warning["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nameserver 127.0.0.1")),
+        "names the nameserver it asked: {warning}"
+    );
+
+    // The name resolves (retried every 5 s): enforced, and ready.
+    let zone: Zone = std::sync::Arc::new(std::sync::Mutex::new(vec![(
+        "billing.test",
+        [192, 0, 2, 1],
+        300,
+    )]));
+    dns_server(ns, zone);
+    eventually(Duration::from_secs(20), "ready once resolved", || {
+        curl_in(ns, &["http://127.0.0.1:9901/ready"]).0 == 200
+    });
+    assert_eq!(destination_addresses(ns, 0), ["192.0.2.1"]);
 }

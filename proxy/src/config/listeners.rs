@@ -211,6 +211,18 @@ impl PeerPattern {
         }
     }
 
+    /// The trust domain the pattern names (`example.org` of
+    /// `spiffe://example.org/ns/*`).
+    pub fn trust_domain_name(&self) -> &str {
+        match self {
+            PeerPattern::Exact(id) => id.trust_domain_name(),
+            PeerPattern::Prefix(prefix) => prefix
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default(),
+        }
+    }
+
     /// Parses `spiffe://td/path`, `spiffe://td/path/*` or `spiffe://td/*`.
     pub fn parse(s: &str) -> Result<Self, String> {
         let bad = |e: moat_ca::identity::IdError| format!("allow_peers entry {s:?}: {e}");

@@ -117,6 +117,16 @@ pub enum Owner {
     Name(String),
 }
 
+/// As written in the configuration: the number, or the name.
+impl std::fmt::Display for Owner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Owner::Id(id) => write!(f, "{id}"),
+            Owner::Name(name) => f.write_str(name),
+        }
+    }
+}
+
 /// An IPv4 or IPv6 network: an address and a prefix length, host bits zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cidr {
@@ -523,9 +533,10 @@ pub fn cleanup_nft() -> String {
     format!("table inet {TABLE}\ndelete table inet {TABLE}\n")
 }
 
-/// Removes the `inet moat` table from the current network namespace; no
-/// error if it is not there. Needs `CAP_NET_ADMIN`.
-pub fn cleanup() -> Result<(), RedirectError> {
+/// Removes the `inet moat` table from the current network namespace:
+/// `true` when it was there, `false` (no error) when it was not. Needs
+/// `CAP_NET_ADMIN`.
+pub fn cleanup() -> Result<bool, RedirectError> {
     netlink::delete()
 }
 

@@ -97,11 +97,18 @@ pub(super) fn replace(ruleset: &Ruleset) -> Result<(), RedirectError> {
 }
 
 /// Deletes the table if it is there.
-pub(super) fn delete() -> Result<(), RedirectError> {
+/// Deletes the table: `true` when it was there, `false` when there was
+/// none (the kernel's ENOENT, so that a second cleanup can say so).
+pub(super) fn delete() -> Result<bool, RedirectError> {
     let mut b = Batch::new();
-    b.table(NFT_MSG_NEWTABLE, "creating table (if absent)");
     b.table(NFT_MSG_DELTABLE, "deleting the table");
-    send(&b.finish())
+    match send(&b.finish()) {
+        Ok(()) => Ok(true),
+        Err(RedirectError::Refused { error, .. }) if error.raw_os_error() == Some(libc::ENOENT) => {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 pub(super) fn build_replace(ruleset: &Ruleset) -> Built {

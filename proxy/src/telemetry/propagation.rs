@@ -33,6 +33,15 @@ pub fn propagate(span: &tracing::Span, headers: &mut http::HeaderMap) {
     headers.remove("tracestate");
     TraceContextPropagator::new()
         .inject_context(&cx, &mut opentelemetry_http::HeaderInjector(headers));
+    // The propagator writes `tracestate` even when the trace has none: an
+    // empty header the caller never sent (W3C trace context lets it be
+    // left out).
+    if headers
+        .get("tracestate")
+        .is_some_and(http::HeaderValue::is_empty)
+    {
+        headers.remove("tracestate");
+    }
 }
 
 /// The trace ID of `span`, lowercase hex, or the one in a `traceparent`

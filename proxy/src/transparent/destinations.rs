@@ -11,6 +11,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -69,6 +70,10 @@ pub struct DestinationTable {
     /// When each entry's `host` is next resolved (written only at start
     /// and by the refresh task, never held across a lookup).
     due: std::sync::Mutex<Vec<Instant>>,
+    /// Whether each entry's `host` has ever resolved: until it has, the
+    /// entry matches nothing and its traffic follows `unmatched`, so the
+    /// proxy is not ready ([`DestinationTable::unresolved`]).
+    ever_resolved: Vec<AtomicBool>,
 }
 
 /// One entry, validated, with the name it is known by.
@@ -167,12 +172,25 @@ impl DestinationTable {
             .collect::<Vec<_>>();
         let resolved = vec![Vec::new(); entries.len()];
         let due = vec![Instant::now(); entries.len()];
+        let ever_resolved = entries.iter().map(|_| AtomicBool::new(false)).collect();
         Self {
             entries,
             resolved: ArcSwap::from_pointee(resolved),
             max_refresh,
             due: std::sync::Mutex::new(due),
+            ever_resolved,
         }
+    }
+
+    /// The entries whose `host` has never resolved: they match nothing
+    /// yet, so what the app sends them follows `unmatched` (in plaintext,
+    /// with `passthrough`) instead of going over mutual TLS.
+    pub fn unresolved(&self) -> impl Iterator<Item = &Entry> {
+        self.entries
+            .iter()
+            .zip(&self.ever_resolved)
+            .filter(|(e, ever)| e.config.host.is_some() && !ever.load(Ordering::Relaxed))
+            .map(|(e, _)| e)
     }
 
     /// The entries, in file order.
@@ -250,20 +268,29 @@ impl DestinationTable {
                 Ok(Ok(answer)) => {
                     let keep = dns::keep_for(answer.ttl, self.max_refresh);
                     if answer.addrs != next[i] {
-                        tracing::info!(destination = %e.name, host = %host, addresses = ?answer.addrs, ttl = ?answer.ttl, next_in = ?keep, "destination resolved");
+                        let addresses: Vec<String> =
+                            answer.addrs.iter().map(ToString::to_string).collect();
+                        tracing::info!(destination = %e.name, host = %host, addresses = addresses.join(" "), ttl_seconds = answer.ttl.map(|t| t.as_secs()), next_in = %humantime::format_duration(keep), "destination resolved");
                     } else {
-                        tracing::debug!(destination = %e.name, host = %host, ttl = ?answer.ttl, next_in = ?keep, "destination resolved again, unchanged");
+                        tracing::debug!(destination = %e.name, host = %host, ttl_seconds = answer.ttl.map(|t| t.as_secs()), next_in = %humantime::format_duration(keep), "destination resolved again, unchanged");
                     }
                     next[i] = answer.addrs;
                     due[i] = answered + keep;
+                    self.ever_resolved[i].store(true, Ordering::Relaxed);
                 }
-                Ok(Err(error)) => {
-                    tracing::warn!(destination = %e.name, host = %host, %error, kept = ?next[i], "destination did not resolve; keeping its last addresses");
-                    due[i] = answered + dns::retry_after(self.max_refresh);
-                }
-                Err(_) => {
-                    tracing::warn!(destination = %e.name, host = %host, kept = ?next[i], "destination resolution timed out; keeping its last addresses");
-                    due[i] = answered + dns::retry_after(self.max_refresh);
+                failed => {
+                    let error = match failed {
+                        Ok(Err(error)) => error,
+                        _ => "timed out after 10 s".to_owned(),
+                    };
+                    let retry = dns::retry_after(self.max_refresh);
+                    if self.ever_resolved[i].load(Ordering::Relaxed) {
+                        let kept: Vec<String> = next[i].iter().map(ToString::to_string).collect();
+                        tracing::warn!(destination = %e.name, host = %host, %error, kept = kept.join(" "), retry_in = %humantime::format_duration(retry), "destination did not resolve; keeping its last addresses");
+                    } else {
+                        tracing::warn!(destination = %e.name, host = %host, %error, retry_in = %humantime::format_duration(retry), "destination has never resolved: it is not enforced (its traffic follows [redirect] unmatched) and the proxy is not ready until it resolves");
+                    }
+                    due[i] = answered + retry;
                 }
             }
         }

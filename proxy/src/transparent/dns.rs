@@ -48,8 +48,10 @@ pub(crate) fn retry_after(max: Duration) -> Duration {
 
 /// The system's resolver, as configured when it was made.
 pub(crate) enum System {
-    /// hickory on `/etc/resolv.conf` and `/etc/hosts`.
-    Hickory(Box<TokioResolver>),
+    /// hickory on `/etc/resolv.conf` and `/etc/hosts`, and the nameservers
+    /// it asks (named in a failed lookup's error: hickory's own, such as
+    /// `no connections available`, does not say whom it could not reach).
+    Hickory(Box<TokioResolver>, String),
     /// getaddrinfo (no TTL): the system configuration did not load.
     Getaddrinfo,
 }
@@ -59,8 +61,25 @@ impl System {
     /// round of lookups, so that edits to `/etc/resolv.conf` and
     /// `/etc/hosts` are followed, as getaddrinfo follows them).
     pub(crate) fn new() -> Self {
-        match TokioResolver::builder_tokio().and_then(hickory_resolver::ResolverBuilder::build) {
-            Ok(r) => Self::Hickory(Box::new(r)),
+        let built = hickory_resolver::system_conf::read_system_conf().and_then(|(config, opts)| {
+            let servers: Vec<String> = config
+                .name_servers()
+                .iter()
+                .map(|ns| ns.ip.to_string())
+                .collect();
+            let mut builder = TokioResolver::builder_with_config(config, Default::default());
+            *builder.options_mut() = opts;
+            builder.build().map(|r| (r, servers))
+        });
+        match built {
+            Ok((r, servers)) => {
+                let servers = if servers.is_empty() {
+                    "no nameserver in /etc/resolv.conf".to_owned()
+                } else {
+                    format!("nameserver {} of /etc/resolv.conf", servers.join(", "))
+                };
+                Self::Hickory(Box::new(r), servers)
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot read the system DNS configuration; [[destination]] host names are resolved with getaddrinfo and kept for dns_refresh (no TTL)");
                 Self::Getaddrinfo
@@ -78,8 +97,11 @@ impl Default for System {
 impl Lookup for System {
     async fn lookup(&self, host: &str) -> Result<Answer, String> {
         let (addrs, ttl) = match self {
-            Self::Hickory(r) => {
-                let found = r.lookup_ip(host).await.map_err(|e| e.to_string())?;
+            Self::Hickory(r, servers) => {
+                let found = r
+                    .lookup_ip(host)
+                    .await
+                    .map_err(|e| format!("{e} (asking {servers})"))?;
                 let left = found
                     .valid_until()
                     .saturating_duration_since(std::time::Instant::now());

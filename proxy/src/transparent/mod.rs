@@ -73,6 +73,16 @@ pub enum Unmatched {
     Deny,
 }
 
+impl Unmatched {
+    /// As written in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Unmatched::Passthrough => "passthrough",
+            Unmatched::Deny => "deny",
+        }
+    }
+}
+
 /// The transparent listeners' own metrics (the matched traffic is also
 /// counted by the request and handshake metrics, under the listener name
 /// `transparent-outbound/<destination>`).
@@ -206,7 +216,7 @@ pub fn admin_view(
             "mode": format!("{:?}", r.mode).to_lowercase(),
             "opaque_ports": r.opaque_ports,
             "detection_timeout": humantime::format_duration(r.detection_timeout).to_string(),
-            "unmatched": format!("{:?}", r.unmatched).to_lowercase(),
+            "unmatched": r.unmatched.as_str(),
             "dns_refresh": humantime::format_duration(r.dns_refresh).to_string(),
             "dns_min_refresh": humantime::format_duration(dns::MIN_REFRESH).to_string(),
         },

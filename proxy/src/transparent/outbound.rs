@@ -213,8 +213,9 @@ fn self_redirected(r: &RedirectConfig) -> bool {
         tracing::warn!(
             uid,
             gid,
-            proxy_uid = ?r.proxy_uid,
-            proxy_gid = ?r.proxy_gid,
+            proxy_uid = %r.proxy_uid,
+            // Absent when unset (Option's Debug, `None`, told an operator nothing).
+            proxy_gid = r.proxy_gid.as_ref().map(tracing::field::display),
             "[redirect] outbound: moat runs as neither proxy_uid nor proxy_gid, so the rules redirect its own connections back to it; each such loop is refused (outcome=\"loop\"), and calls to peers and passed-through destinations fail: run moat as proxy_uid"
         );
     }
@@ -246,7 +247,12 @@ impl Serve for Arc<TransparentOutbound> {
         let Some(index) = this.choose(&tcp, dst).await else {
             match this.unmatched {
                 Unmatched::Passthrough => {
-                    this.metrics.unmatched(dst, "passthrough");
+                    // Looping, moat's own connection to `dst` comes back
+                    // here and is counted as the loop: one outcome per
+                    // app connection, not a passthrough and a loop.
+                    if !this.self_redirected {
+                        this.metrics.unmatched(dst, "passthrough");
+                    }
                     tracing::debug!(listener = OUTBOUND_NAME, original_dst = %dst, "no [[destination]]: passed through as plain TCP");
                     Box::pin(this.passthrough(tcp, dst)).await;
                 }
