@@ -5,9 +5,9 @@
 //! - Before it travels on: [`check_head`] (no `CONNECT`, the head within
 //!   the limits, read alike by the policy and any service:
 //!   [`crate::head_checks`]) and [`strip_head`] (no identity headers from
-//!   the client, no hop-by-hop ones; the upgrade it asks for). Inbound
-//!   then sets the verified peer's identity ([`PeerHeaders`]); outbound
-//!   leaves that to the peer's sidecar.
+//!   the client, under any spelling; no hop-by-hop ones; the upgrade it
+//!   asks for). Inbound then sets the verified peer's identity
+//!   ([`PeerHeaders`]); outbound leaves that to the peer's sidecar.
 //! - Around it: an [`Exchange`], started by the listener's
 //!   [`RequestTelemetry`]: in-flight count, request id, the server span
 //!   (continuing the caller's trace), and once the answer is there the
@@ -66,11 +66,40 @@ pub(crate) fn check_head(parts: &Parts, limits: &Limits) -> Result<(), ProxyErro
 pub(crate) fn strip_head(parts: &mut Parts, upgrades: &[UpgradeProtocol]) -> Option<Box<Upgrade>> {
     parts.headers.remove(&PEER_ID);
     parts.headers.remove(&XFCC);
+    remove_underscore_spellings(&mut parts.headers);
     match strip_hop_by_hop(&mut parts.headers) {
         Some(v) if parts.version == Version::HTTP_11 => {
             upgrade::accept(&v, upgrades, &mut parts.extensions)
         }
         _ => None,
+    }
+}
+
+/// Removes the identity headers spelled with `_` for `-`
+/// (`x_moat_peer_id`): CGI and WSGI servers (and nginx, Apache, PHP)
+/// name both spellings `HTTP_X_MOAT_PEER_ID` and merge them, the forged
+/// value first.
+///
+/// Only a name as long as one of them is compared, so a request without
+/// one costs a length comparison per field and allocates nothing.
+fn remove_underscore_spellings(headers: &mut HeaderMap) {
+    let forged = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        [&PEER_ID, &XFCC].iter().any(|id| {
+            let id = id.as_str().as_bytes();
+            id.len() == name.len()
+                && name != id
+                && name
+                    .iter()
+                    .zip(id)
+                    .all(|(&n, &i)| n == i || (n == b'_' && i == b'-'))
+        })
+    };
+    // Collected first (the map cannot be changed while its names are
+    // borrowed); a `Vec` allocates only once a forged name is found.
+    let found: Vec<HeaderName> = headers.keys().filter(|n| forged(n)).cloned().collect();
+    for name in found {
+        headers.remove(&name);
     }
 }
 

@@ -1,6 +1,6 @@
 //! Request heads that the route policy and a lenient service would read
 //! differently, on the inbound and the outbound, over HTTP/1.1 and HTTP/2:
-//! a lowercase method, a malformed or
+//! a lowercase method, identity headers spelled with `_`, a malformed or
 //! missing `Host`, and a transfer coding moat would drop.
 
 use crate::support::hostile as hostile_support;
@@ -36,6 +36,8 @@ name = "public"
 path = "/public/*"
 allow = "any-peer"
 "#;
+
+const FORGED: &str = "spiffe://example.org/ns/prod/sa/admin";
 
 /// The inbound sidecar in front of the echo service, under [`POLICY`].
 fn policed() -> Sidecar {
@@ -156,6 +158,75 @@ fn policy_explain_says_a_lowercase_method_is_refused() {
         "{upper}"
     );
     assert!(!upper.contains("refused 400"), "{upper}");
+}
+
+/// Identity header names as a CGI/WSGI server would merge them.
+fn forged_names(headers: &Value) -> Vec<String> {
+    headers
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| {
+            let dashed = k.replace('_', "-");
+            k.contains('_') && (dashed == "x-moat-peer-id" || dashed == "x-forwarded-client-cert")
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn identity_headers_spelled_with_underscores_never_reach_the_service() {
+    let s = sidecar("", "");
+    let forged_id = format!("x_moat_peer_id: {FORGED}");
+    let forged_xfcc = format!("x_forwarded_client_cert: URI={FORGED}");
+    let mixed = format!("x-moat_peer-id: {FORGED}");
+    let headers = [
+        "-H",
+        forged_id.as_str(),
+        "-H",
+        forged_xfcc.as_str(),
+        "-H",
+        mixed.as_str(),
+        "-H",
+        "x_other_header: kept",
+    ];
+    for version in ["--http1.1", "--http2"] {
+        let mut args = vec![version];
+        args.extend(headers);
+        let (status, body) = curl(s.inbound, "/", Some(&s.client), &args);
+        assert_eq!(status, 200, "{version}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            forged_names(&v["headers"]),
+            Vec::<String>::new(),
+            "{version}: {body}"
+        );
+        assert_eq!(v["headers"]["x-moat-peer-id"], CLIENT_ID, "{body}");
+        assert_eq!(v["headers"]["x_other_header"], "kept", "{body}");
+    }
+    // Through a pair: the outbound drops them too, and B sets the real one.
+    let pair = SidecarPair::spec(
+        "spiffe://example.org/ns/prod/sa/web",
+        "spiffe://example.org/ns/prod/sa/api",
+        echo_service(),
+    )
+    .start();
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let mut args = vec![version];
+        args.extend(headers);
+        let (status, body) = curl_http(pair.a_addr, "/", &args);
+        assert_eq!(status, 200, "{version}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            forged_names(&v["headers"]),
+            Vec::<String>::new(),
+            "{version}: {body}"
+        );
+        assert_eq!(
+            v["headers"]["x-moat-peer-id"], "spiffe://example.org/ns/prod/sa/web",
+            "{body}"
+        );
+    }
 }
 
 #[test]
