@@ -453,7 +453,12 @@ impl InboundService {
                     if matches!(e, ProxyError::Upstream(_) | ProxyError::LocalUnavailable(_)) {
                         self.app.forget();
                     }
-                    tracing::warn!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                    if matches!(e, ProxyError::BadRequestBody(_)) {
+                        // The caller's fault, not the service's: no warning.
+                        tracing::info!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "request body from the caller failed");
+                    } else {
+                        tracing::warn!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                    }
                     e.into_response()
                 }
             };

@@ -65,6 +65,11 @@ pub(crate) enum ProxyError {
     /// than the policy did; its reason says which.
     #[error("malformed request: {}", .0.reason())]
     Malformed(Malformed),
+    /// The caller's request body broke off or was malformed (a bad chunk,
+    /// a connection closed mid-body): the caller's fault, not the
+    /// upstream's, however far the upstream exchange had got.
+    #[error("bad request body: {0}")]
+    BadRequestBody(String),
 }
 
 /// A request head refused before the policy sees it, because a service
@@ -128,7 +133,9 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::BadRequest(_) | ProxyError::Malformed(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::Malformed(_)
+            | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -149,6 +156,7 @@ impl ProxyError {
             ProxyError::ConnectNotSupported => "connect_not_supported",
             ProxyError::BadRequest(_) => "bad_request",
             ProxyError::Malformed(m) => m.reason(),
+            ProxyError::BadRequestBody(_) => "bad_request_body",
         }
     }
 
@@ -171,6 +179,7 @@ impl ProxyError {
             ProxyError::ConnectNotSupported => "moat: CONNECT is not supported",
             ProxyError::BadRequest(_) => "moat: bad request",
             ProxyError::Malformed(m) => m.message(),
+            ProxyError::BadRequestBody(_) => "moat: the request body is malformed or incomplete",
         }
     }
 

@@ -1,7 +1,8 @@
 //! Request heads that the route policy and a lenient service would read
 //! differently, on the inbound and the outbound, over HTTP/1.1 and HTTP/2:
 //! a lowercase method, identity headers spelled with `_`, a malformed or
-//! missing `Host`, and a transfer coding moat would drop.
+//! missing `Host`, a transfer coding moat would drop, and a malformed
+//! chunked body (the caller's fault, not the service's).
 
 use crate::support::hostile as hostile_support;
 use crate::support::proxy as proxy_support;
@@ -358,5 +359,43 @@ fn a_transfer_coding_other_than_chunked_is_refused() {
         Duration::from_secs(3),
     );
     assert_eq!(statuses(&text), vec![200], "{text}");
+    s.assert_still_serving();
+}
+
+#[test]
+fn a_malformed_chunked_body_is_the_callers_fault() {
+    let mut s = sidecar("", "");
+    for (what, chunks) in [
+        ("size zz", &b"zz\r\nabc\r\n0\r\n\r\n"[..]),
+        ("size -3", b"-3\r\nabc\r\n0\r\n\r\n"),
+        ("size 0x3", b"0x3\r\nabc\r\n0\r\n\r\n"),
+        ("19 hex digits", b"1000000000000000000\r\nabc\r\n0\r\n\r\n"),
+    ] {
+        let mut req = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(chunks);
+        let text = raw_http1(&s, &req, Duration::from_secs(3));
+        assert_eq!(statuses(&text), vec![400], "{what}: {text}");
+        assert_eq!(
+            reason(&text).as_deref(),
+            Some("bad_request_body"),
+            "{what}: {text}"
+        );
+    }
+    let metrics = s.scrape();
+    let counted = |class| {
+        metric(
+            &metrics,
+            "moat_requests_total",
+            &[("listener", "api"), ("status", class)],
+        )
+    };
+    assert_eq!(counted("5xx"), 0.0, "not the service's failure: {metrics}");
+    assert!(counted("4xx") >= 4.0, "the caller's: {metrics}");
+    wait_for_logs(&s.proxy, "request body from the caller failed", 4);
+    assert_eq!(
+        count_logs(&s.proxy, "forwarding failed"),
+        0,
+        "not blamed on the service"
+    );
     s.assert_still_serving();
 }
