@@ -76,9 +76,10 @@ pub(crate) fn strip_head(parts: &mut Parts, upgrades: &[UpgradeProtocol]) -> Opt
 }
 
 /// Removes the identity headers spelled with `_` for `-`
-/// (`x_moat_peer_id`): CGI and WSGI servers (and nginx, Apache, PHP)
-/// name both spellings `HTTP_X_MOAT_PEER_ID` and merge them, the forged
-/// value first.
+/// (`x_moat_peer_id`): CGI and WSGI servers that map both to one
+/// variable (Werkzeug's, Python's `wsgiref`) name both spellings
+/// `HTTP_X_MOAT_PEER_ID` and merge them, the forged value first. (nginx and
+/// Apache drop such names by default; a service cannot count on either.)
 ///
 /// Only a name as long as one of them is compared, so a request without
 /// one costs a length comparison per field and allocates nothing.
