@@ -34,7 +34,7 @@ use crate::config::{Limits, UpgradeProtocol};
 use crate::conn::{Activity, InFlight};
 use crate::head_checks;
 use crate::head_limits::check_request_head;
-use crate::headers::{content_length, strip_hop_by_hop};
+use crate::headers::{content_length, remove_underscore_spellings, strip_hop_by_hop};
 use crate::proxy_error::{ProxyError, logged_status};
 use crate::telemetry::{
     AccessEntry, ListenerMetrics, Observability, ProxyMetrics, RequestId, continue_trace,
@@ -66,41 +66,13 @@ pub(crate) fn check_head(parts: &Parts, limits: &Limits) -> Result<(), ProxyErro
 pub(crate) fn strip_head(parts: &mut Parts, upgrades: &[UpgradeProtocol]) -> Option<Box<Upgrade>> {
     parts.headers.remove(&PEER_ID);
     parts.headers.remove(&XFCC);
-    remove_underscore_spellings(&mut parts.headers);
+    // `x_moat_peer_id`: see `remove_underscore_spellings`.
+    remove_underscore_spellings(&mut parts.headers, &[&PEER_ID, &XFCC]);
     match strip_hop_by_hop(&mut parts.headers) {
         Some(v) if parts.version == Version::HTTP_11 => {
             upgrade::accept(&v, upgrades, &mut parts.extensions)
         }
         _ => None,
-    }
-}
-
-/// Removes the identity headers spelled with `_` for `-`
-/// (`x_moat_peer_id`): CGI and WSGI servers that map both to one
-/// variable (Werkzeug's, Python's `wsgiref`) name both spellings
-/// `HTTP_X_MOAT_PEER_ID` and merge them, the forged value first. (nginx and
-/// Apache drop such names by default; a service cannot count on either.)
-///
-/// Only a name as long as one of them is compared, so a request without
-/// one costs a length comparison per field and allocates nothing.
-fn remove_underscore_spellings(headers: &mut HeaderMap) {
-    let forged = |name: &HeaderName| {
-        let name = name.as_str().as_bytes();
-        [&PEER_ID, &XFCC].iter().any(|id| {
-            let id = id.as_str().as_bytes();
-            id.len() == name.len()
-                && name != id
-                && name
-                    .iter()
-                    .zip(id)
-                    .all(|(&n, &i)| n == i || (n == b'_' && i == b'-'))
-        })
-    };
-    // Collected first (the map cannot be changed while its names are
-    // borrowed); a `Vec` allocates only once a forged name is found.
-    let found: Vec<HeaderName> = headers.keys().filter(|n| forged(n)).cloned().collect();
-    for name in found {
-        headers.remove(&name);
     }
 }
 
