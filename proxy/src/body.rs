@@ -37,6 +37,24 @@ pub enum ProxyBody {
     Short(Full<Bytes>),
 }
 
+/// An error of the caller's request body (a malformed chunk, a connection
+/// closed mid-body), as it reaches the upstream client: marked so that the
+/// failed exchange is answered as the caller's fault (400
+/// `bad_request_body`), not the upstream's (see
+/// `upstream::upstream_error`).
+#[derive(Debug, thiserror::Error)]
+#[error("the caller's request body failed")]
+pub(crate) struct CallerBodyError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
+
+impl CallerBodyError {
+    /// `e`, marked as the caller's (boxed, as a body's error is).
+    pub(crate) fn mark(
+        e: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Box<dyn std::error::Error + Send + Sync> {
+        Box::new(CallerBodyError(e.into()))
+    }
+}
+
 /// Trailers over the header limits: the stream is ended with an error.
 #[derive(Debug, thiserror::Error)]
 #[error("response trailers over the header limits ({0} fields)")]

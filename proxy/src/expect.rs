@@ -137,7 +137,11 @@ where
         let this = self.get_mut();
         loop {
             match this.gate.state.load(Ordering::Acquire) {
-                OPEN => return Pin::new(&mut this.inner).poll_frame(cx).map_err(Into::into),
+                OPEN => {
+                    return Pin::new(&mut this.inner)
+                        .poll_frame(cx)
+                        .map_err(crate::body::CallerBodyError::mark);
+                }
                 GIVEN_UP => return Poll::Ready(Some(Err(Box::new(GivenUp)))),
                 _ => {}
             }

@@ -1,7 +1,10 @@
 //! Header fields the proxy itself handles on the way through: the
 //! hop-by-hop ones (RFC 9110 §7.6.1), removed at each hop, and the few it
 //! reads (`content-type` for gRPC, `content-length` for the access log).
-//! The identity headers are set and removed in `request.rs`.
+//! The identity headers are set and removed in `request.rs`, claim headers
+//! in the policy; both with [`remove_underscore_spellings`] from here.
+
+use std::borrow::Borrow;
 
 use http::Response;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -92,6 +95,40 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     upgrade
 }
 
+/// Removes the fields whose name is one of `protected` spelled with `_`
+/// for some `-` (`x_moat_peer_id`, `x-moat_peer-id`): CGI and WSGI servers
+/// that map both to one variable (Werkzeug's, Python's `wsgiref`) name
+/// them like the real header (`HTTP_X_MOAT_PEER_ID`) and merge them with
+/// it, the forged value first. (nginx and Apache drop such names by
+/// default; a service cannot count on either.) The real spelling is the
+/// caller's to remove.
+///
+/// Only a name as long as a protected one is compared, so a request
+/// without one costs a length comparison per field and allocates nothing.
+pub(crate) fn remove_underscore_spellings<N: Borrow<HeaderName>>(
+    headers: &mut HeaderMap,
+    protected: &[N],
+) {
+    let forged = |name: &HeaderName| {
+        let name = name.as_str().as_bytes();
+        protected.iter().any(|p| {
+            let p = p.borrow().as_str().as_bytes();
+            p.len() == name.len()
+                && name != p
+                && name
+                    .iter()
+                    .zip(p)
+                    .all(|(&n, &p)| n == p || (n == b'_' && p == b'-'))
+        })
+    };
+    // Collected first (the map cannot be changed while its names are
+    // borrowed); the `Vec` allocates only once a forged name is found.
+    let found: Vec<HeaderName> = headers.keys().filter(|n| forged(n)).cloned().collect();
+    for name in found {
+        headers.remove(&name);
+    }
+}
+
 /// Which hop-by-hop names `headers` holds: bit `i` for
 /// `ALWAYS_HOP_BY_HOP[i]`, [`TE_PRESENT`] for `te`.
 fn present_hop_by_hop(headers: &HeaderMap) -> u16 {
@@ -164,6 +201,24 @@ mod tests {
         h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert!(strip_hop_by_hop(&mut h).is_none());
         assert!(h.get(header::UPGRADE).is_none());
+    }
+
+    #[test]
+    fn underscore_spellings_of_protected_names_go_and_others_stay() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "x_user_id",
+            "x-user_id",
+            "x_user-id",
+            "x-user-id",
+            "x_other_id",
+        ] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        remove_underscore_spellings(&mut h, &[HeaderName::from_static("x-user-id")]);
+        let mut left: Vec<&str> = h.keys().map(HeaderName::as_str).collect();
+        left.sort_unstable();
+        assert_eq!(left, ["x-user-id", "x_other_id"]);
     }
 
     #[test]

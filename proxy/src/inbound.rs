@@ -453,7 +453,12 @@ impl InboundService {
                     if matches!(e, ProxyError::Upstream(_) | ProxyError::LocalUnavailable(_)) {
                         self.app.forget();
                     }
-                    tracing::warn!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                    if matches!(e, ProxyError::BadRequestBody(_)) {
+                        // The caller's fault, not the service's: no warning.
+                        tracing::info!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "request body from the caller failed");
+                    } else {
+                        tracing::warn!(request_id = %request_id, listener = %self.name, peer = %peer.id.as_str(), error = %e, "forwarding failed");
+                    }
                     e.into_response()
                 }
             };
@@ -520,29 +525,8 @@ impl InboundService {
     /// headers that only this sidecar may set and the hop-by-hop ones, and
     /// returns the upgrade it asks for if this listener passes it.
     fn admit(&self, parts: &mut http::request::Parts) -> Result<Option<Box<Upgrade>>, ProxyError> {
+        // Also: one Host, well formed and the same as the authority.
         request::check_head(parts, &self.limits)?;
-        if parts
-            .headers
-            .get_all(http::header::HOST)
-            .iter()
-            .nth(1)
-            .is_some()
-        {
-            // RFC 9112 §3.2: the policy would read the first, a service may
-            // read the last.
-            return Err(ProxyError::BadRequest("several Host headers"));
-        }
-        if let (Some(authority), Some(host)) =
-            (parts.uri.authority(), parts.headers.get(http::header::HOST))
-            && !authority
-                .as_str()
-                .as_bytes()
-                .eq_ignore_ascii_case(host.as_bytes())
-        {
-            // The policy decides on Host; an HTTP/2 upstream is sent the
-            // :authority (and RFC 9112 §3.2.2 says absolute-form wins).
-            return Err(ProxyError::BadRequest("Host and :authority differ"));
-        }
         // Only we say who the peer is.
         Ok(request::strip_head(parts, &self.upgrades))
     }

@@ -26,6 +26,7 @@ mod drain;
 mod expect;
 #[cfg(test)]
 mod future_size;
+mod head_checks;
 mod head_limits;
 mod headers;
 pub mod identity;

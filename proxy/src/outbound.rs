@@ -306,7 +306,12 @@ impl OutboundService {
                 _ => self.upstream.send(req).instrument(upstream_span).await,
             };
             sent.unwrap_or_else(|e| {
-                tracing::warn!(request_id = %request_id, listener = %self.name, error = %e, "request to peer failed");
+                if matches!(e, ProxyError::BadRequestBody(_)) {
+                    // The caller's fault, not the peer's: no warning.
+                    tracing::info!(request_id = %request_id, listener = %self.name, error = %e, "request body from the caller failed");
+                } else {
+                    tracing::warn!(request_id = %request_id, listener = %self.name, error = %e, "request to peer failed");
+                }
                 let presented = match &e {
                     ProxyError::PeerRefused { presented, .. } => Some(Presented(presented.clone())),
                     _ => None,

@@ -61,6 +61,60 @@ pub(crate) enum ProxyError {
     /// The request is not something we can forward.
     #[error("bad request: {0}")]
     BadRequest(&'static str),
+    /// The request head is one that some service could read otherwise
+    /// than the policy did; its reason says which.
+    #[error("malformed request: {}", .0.reason())]
+    Malformed(Malformed),
+    /// The caller's request body broke off or was malformed (a bad chunk,
+    /// a connection closed mid-body): the caller's fault, not the
+    /// upstream's, however far the upstream exchange had got.
+    #[error("bad request body: {0}")]
+    BadRequestBody(String),
+}
+
+/// A request head refused before the policy sees it, because a service
+/// behind the proxy could read it otherwise than the policy did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub(crate) enum Malformed {
+    /// The method has a lowercase ASCII letter: methods are case-sensitive
+    /// (RFC 9110 §9.1), so `delete` is not `DELETE` to the policy, but a
+    /// service that upper-cases methods would run its `DELETE` handler.
+    MethodNotUppercase,
+    /// `Host` or `:authority` is not `host[:port]` (userinfo, a path, a
+    /// non-numeric or empty port...): a lenient parser reduces it to a host
+    /// the policy did not decide on.
+    InvalidHost,
+    /// An HTTP/1.1 request without `Host` (RFC 9112 §3.2).
+    MissingHost,
+    /// A `Transfer-Encoding` other than `chunked` alone: moat would drop
+    /// the other codings and the service read coded bytes as the body.
+    UnsupportedTransferEncoding,
+}
+
+impl Malformed {
+    /// The stable `reason` of the answer.
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Malformed::MethodNotUppercase => "method_not_uppercase",
+            Malformed::InvalidHost => "invalid_host",
+            Malformed::MissingHost => "missing_host",
+            Malformed::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Malformed::MethodNotUppercase => {
+                "moat: methods are case-sensitive; one with lowercase letters is refused"
+            }
+            Malformed::InvalidHost => "moat: Host must be host[:port]",
+            Malformed::MissingHost => "moat: an HTTP/1.1 request needs a Host header",
+            Malformed::UnsupportedTransferEncoding => {
+                "moat: the only Transfer-Encoding taken is chunked"
+            }
+        }
+    }
 }
 
 impl ProxyError {
@@ -79,7 +133,9 @@ impl ProxyError {
             ProxyError::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ProxyError::UriTooLong => StatusCode::URI_TOO_LONG,
             ProxyError::ConnectNotSupported => StatusCode::NOT_IMPLEMENTED,
-            ProxyError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            ProxyError::BadRequest(_)
+            | ProxyError::Malformed(_)
+            | ProxyError::BadRequestBody(_) => StatusCode::BAD_REQUEST,
         }
     }
 
@@ -99,6 +155,8 @@ impl ProxyError {
             ProxyError::AppProtocolMismatch => "app_protocol_mismatch",
             ProxyError::ConnectNotSupported => "connect_not_supported",
             ProxyError::BadRequest(_) => "bad_request",
+            ProxyError::Malformed(m) => m.reason(),
+            ProxyError::BadRequestBody(_) => "bad_request_body",
         }
     }
 
@@ -120,6 +178,8 @@ impl ProxyError {
             ProxyError::AppProtocolMismatch => MISMATCH,
             ProxyError::ConnectNotSupported => "moat: CONNECT is not supported",
             ProxyError::BadRequest(_) => "moat: bad request",
+            ProxyError::Malformed(m) => m.message(),
+            ProxyError::BadRequestBody(_) => "moat: the request body is malformed or incomplete",
         }
     }
 
@@ -128,6 +188,12 @@ impl ProxyError {
     pub(crate) fn into_response(self) -> Response<ProxyBody> {
         let status = self.status();
         let is_mismatch = matches!(self, ProxyError::AppProtocolMismatch);
+        // The body's framing is what is in doubt: nothing after it on this
+        // connection is read as another request.
+        let close = matches!(
+            self,
+            ProxyError::Malformed(Malformed::UnsupportedTransferEncoding)
+        );
         let body = serde_json::json!({
             "error": error_class(status),
             "reason": self.reason(),
@@ -142,6 +208,9 @@ impl ProxyError {
             HeaderValue::from_static("application/json"),
         );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        if close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         if is_mismatch {
             // The caller is a gRPC client, which shows `grpc-message` rather
             // than a body: UNAVAILABLE, with the setting to change.

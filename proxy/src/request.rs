@@ -3,10 +3,11 @@
 //! listeners (and on the transparent ones, which serve through those).
 //!
 //! - Before it travels on: [`check_head`] (no `CONNECT`, the head within
-//!   the limits) and [`strip_head`] (no identity headers from the client,
-//!   no hop-by-hop ones; the upgrade it asks for). Inbound then sets the
-//!   verified peer's identity ([`PeerHeaders`]); outbound leaves that to
-//!   the peer's sidecar.
+//!   the limits, read alike by the policy and any service:
+//!   [`crate::head_checks`]) and [`strip_head`] (no identity headers from
+//!   the client, under any spelling; no hop-by-hop ones; the upgrade it
+//!   asks for). Inbound then sets the verified peer's identity
+//!   ([`PeerHeaders`]); outbound leaves that to the peer's sidecar.
 //! - Around it: an [`Exchange`], started by the listener's
 //!   [`RequestTelemetry`]: in-flight count, request id, the server span
 //!   (continuing the caller's trace), and once the answer is there the
@@ -31,8 +32,9 @@ use crate::authz::{AuthzDecision, AuthzRecord};
 use crate::body::ProxyBody;
 use crate::config::{Limits, UpgradeProtocol};
 use crate::conn::{Activity, InFlight};
+use crate::head_checks;
 use crate::head_limits::check_request_head;
-use crate::headers::{content_length, strip_hop_by_hop};
+use crate::headers::{content_length, remove_underscore_spellings, strip_hop_by_hop};
 use crate::proxy_error::{ProxyError, logged_status};
 use crate::telemetry::{
     AccessEntry, ListenerMetrics, Observability, ProxyMetrics, RequestId, continue_trace,
@@ -46,13 +48,15 @@ pub(crate) static PEER_ID: HeaderName = HeaderName::from_static("x-moat-peer-id"
 pub(crate) static XFCC: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
 
 /// The first checks of every request head: `CONNECT` (a tunnel to
-/// anywhere) is not something moat forwards, and the target and fields
-/// are held to `max_header_bytes` and `max_header_count`.
+/// anywhere) is not something moat forwards, the target and fields are
+/// held to `max_header_bytes` and `max_header_count`, and the method, host
+/// and framing must be read alike by the policy and the service.
 pub(crate) fn check_head(parts: &Parts, limits: &Limits) -> Result<(), ProxyError> {
     if parts.method == Method::CONNECT {
         return Err(ProxyError::ConnectNotSupported);
     }
-    check_request_head(parts, limits)
+    check_request_head(parts, limits)?;
+    head_checks::check(parts)
 }
 
 /// Removes what does not travel on: the identity headers (only a sidecar
@@ -62,6 +66,8 @@ pub(crate) fn check_head(parts: &Parts, limits: &Limits) -> Result<(), ProxyErro
 pub(crate) fn strip_head(parts: &mut Parts, upgrades: &[UpgradeProtocol]) -> Option<Box<Upgrade>> {
     parts.headers.remove(&PEER_ID);
     parts.headers.remove(&XFCC);
+    // `x_moat_peer_id`: see `remove_underscore_spellings`.
+    remove_underscore_spellings(&mut parts.headers, &[&PEER_ID, &XFCC]);
     match strip_hop_by_hop(&mut parts.headers) {
         Some(v) if parts.version == Version::HTTP_11 => {
             upgrade::accept(&v, upgrades, &mut parts.extensions)

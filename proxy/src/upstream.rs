@@ -41,7 +41,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use crate::body::ProxyBody;
+use crate::body::{CallerBodyError, ProxyBody};
 use crate::config::Limits;
 use crate::conn::{First, race};
 use crate::conn_registry::Lease;
@@ -666,9 +666,14 @@ fn into_origin_form<B>(req: &mut Request<B>) {
 }
 
 /// A failed exchange as the side that failed: a response head over the
-/// limits is the upstream's fault, named as such.
+/// limits is the upstream's fault, named as such; a failure of the
+/// caller's body (marked [`CallerBodyError`] on its way in, somewhere in
+/// the error's causes) is the caller's.
 fn upstream_error(e: &hyper::Error) -> ProxyError {
-    if e.is_parse_too_large() {
+    let mut causes = std::iter::successors(std::error::Error::source(e), |s| s.source());
+    if causes.any(<dyn std::error::Error>::is::<CallerBodyError>) {
+        ProxyError::BadRequestBody(describe(e))
+    } else if e.is_parse_too_large() {
         ProxyError::ResponseHeadersTooLarge(describe(e))
     } else {
         ProxyError::Upstream(describe(e))
@@ -688,7 +693,7 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         match self.get_mut() {
-            OutBody::Whole(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            OutBody::Whole(b) => Pin::new(b).poll_frame(cx).map_err(CallerBodyError::mark),
             OutBody::Empty => Poll::Ready(None),
             OutBody::Held(b) => Pin::new(&mut **b).poll_frame(cx),
         }

@@ -183,18 +183,23 @@ fn forged_identity_and_claim_headers_never_reach_the_service() {
             "x-user-id: root",
             "-H",
             "X-Moat-Peer-Id: spiffe://example.org/ns/prod/sa/admin",
+            // Merged with the real one by CGI and WSGI servers.
+            "-H",
+            "x_user_id: root",
         ],
     );
     assert_eq!(status, 200, "{body}");
     let echoed: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(echoed["headers"]["x-moat-peer-id"], CLIENT_ID);
     assert!(echoed["headers"].get("x-user-id").is_none(), "{body}");
+    assert!(echoed["headers"].get("x_user_id").is_none(), "{body}");
     // With a valid token the claim header is the token's, not the client's.
     let token = f.token(json!({"alg": "ES256", "kid": "k1"}), f.claims());
-    let (status, body) = f.me(&token, &["-H", "x-user-id: root"]);
+    let (status, body) = f.me(&token, &["-H", "x-user-id: root", "-H", "x_user_id: root"]);
     assert_eq!(status, 200, "{body}");
     let echoed: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(echoed["headers"]["x-user-id"], "alice");
+    assert!(echoed["headers"].get("x_user_id").is_none(), "{body}");
     // A valid certificate for another identity is that identity, no more.
     assert_eq!(
         f.get("/admin/x", &["-H", &format!("x-moat-peer-id: {ADMIN_ID}")])

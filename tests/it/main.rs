@@ -26,6 +26,7 @@ mod examples;
 mod faults;
 mod hostile_authz;
 mod hostile_ca;
+mod hostile_head;
 mod hostile_http;
 mod hostile_tls;
 mod http_fidelity;

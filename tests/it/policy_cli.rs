@@ -381,9 +381,15 @@ fn policy_explain_takes_a_lower_case_method_and_names_the_unmet_claim() {
     };
     let (code, stdout, stderr) = explain("get", r#"{"sub": "alice", "scope": "invoices:read"}"#);
     assert_eq!(code, 0, "{stderr}");
+    // The proxy refuses `get` (400 method_not_uppercase): explain says so
+    // first, then explains GET, probably meant.
+    assert!(
+        stdout.starts_with("decision: refused 400 (method_not_uppercase)"),
+        "{stdout}"
+    );
     assert!(
         stdout.contains("decision: allow (allowed)"),
-        "--method get is GET: {stdout}"
+        "--method get is explained as GET: {stdout}"
     );
     assert!(stderr.is_empty(), "no log lines: {stderr}");
     let (_, stdout, _) = explain("GET", r#"{"sub": "alice", "scope": "invoices:write"}"#);

@@ -75,10 +75,12 @@ pub fn check(files: &[PathBuf]) -> CheckReport {
 /// Explains the decision for one request, at the current time.
 pub fn explain(file: &Path, req: &ExplainRequest) -> Result<Explanation, CliError> {
     let peer = SpiffeId::parse(&req.peer).map_err(|e| CliError::Peer(req.peer.clone(), e))?;
-    // Methods are case-sensitive on the wire and in policy files, but a
-    // person typing `--method get` means GET.
+    // Methods are case-sensitive on the wire and in policy files, and the
+    // proxy refuses one with lowercase letters (400) before the policy is
+    // asked: `--method get` says so, then explains GET, probably meant.
     let method = Method::from_bytes(req.method.to_ascii_uppercase().as_bytes())
         .map_err(|_| CliError::Method(req.method.clone()))?;
+    let lowercase = req.method.bytes().any(|b| b.is_ascii_lowercase());
     let claims: Option<Map<String, Value>> = match &req.claims {
         None => None,
         Some(text) => match serde_json::from_str(text) {
@@ -109,7 +111,17 @@ pub fn explain(file: &Path, req: &ExplainRequest) -> Result<Explanation, CliErro
         peer: &peer,
         authorization: authorization.as_deref(),
     };
-    Ok(policy.explain(&facts, claims.as_ref(), SystemTime::now()))
+    let mut explanation = policy.explain(&facts, claims.as_ref(), SystemTime::now());
+    if lowercase {
+        explanation.refused = Some((
+            "method_not_uppercase",
+            format!(
+                "methods are case-sensitive, and the proxy refuses {:?} before any route is tried; as {method}:",
+                req.method
+            ),
+        ));
+    }
+    Ok(explanation)
 }
 
 /// Runs a cases file against a policy, at the current time.

@@ -35,12 +35,14 @@ impl Decision<'_> {
     }
 
     /// Rewrites the headers of a request that [`forwards`](Self::forwards):
-    /// removes every claim header of the policy the client sent, removes
-    /// `Authorization` when the route consumed it, and adds verified claims.
+    /// removes every claim header of the policy the client sent (also
+    /// spelled with `_` for `-`), removes `Authorization` when the route
+    /// consumed it, and adds verified claims.
     pub fn apply_to_headers(&self, headers: &mut HeaderMap) {
         for name in self.strip_headers {
             headers.remove(name);
         }
+        crate::headers::remove_underscore_spellings(headers, self.strip_headers);
         if self.strip_authorization {
             headers.remove(http::header::AUTHORIZATION);
         }

@@ -15,7 +15,8 @@ use super::{ClaimValue, Method, Policy, Reason, RequestFacts, Route, Rule};
 /// before the deciding one, why it did not match.
 #[derive(Debug, Clone)]
 pub struct Explanation {
-    /// The decision's status code (200 for allow).
+    /// The policy's status code (200 for allow); when `refused` is set,
+    /// the proxy answers 400 before the policy is asked.
     pub status: u16,
     /// The decision's reason code.
     pub reason: Reason,
@@ -38,6 +39,10 @@ pub struct Explanation {
     pub trace: Vec<String>,
     /// Headers that would be added.
     pub add_headers: Vec<(String, String)>,
+    /// Set when the proxy refuses the request with 400 before the policy is
+    /// asked: the refusal's reason code and why; the rest is the policy's
+    /// decision for the request as probably meant.
+    pub refused: Option<(&'static str, String)>,
 }
 
 impl Policy {
@@ -90,6 +95,7 @@ impl Policy {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
                 .collect(),
+            refused: None,
         }
     }
 
@@ -154,6 +160,9 @@ impl ClaimValue {
 
 impl fmt::Display for Explanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some((reason, why)) = &self.refused {
+            writeln!(f, "decision: refused 400 ({reason}): {why}")?;
+        }
         match &self.normalized {
             Ok(p) => writeln!(f, "normalized path: {p}")?,
             Err(e) => writeln!(f, "normalized path: refused ({e})")?,

@@ -1,0 +1,401 @@
+//! Request heads that the route policy and a lenient service would read
+//! differently, on the inbound and the outbound, over HTTP/1.1 and HTTP/2:
+//! a lowercase method, identity headers spelled with `_`, a malformed or
+//! missing `Host`, a transfer coding moat would drop, and a malformed
+//! chunked body (the caller's fault, not the service's).
+
+use crate::support::hostile as hostile_support;
+use crate::support::proxy as proxy_support;
+use crate::support::{echo_service, moat, path_str};
+
+use std::time::Duration;
+
+use hostile_support::*;
+use proxy_support::*;
+use serde_json::Value;
+
+const POLICY: &str = r#"
+[[route]]
+name = "no-delete"
+path = "/public/*"
+methods = ["DELETE"]
+deny = true
+
+[[route]]
+name = "internal-deny"
+path = "/internal/*"
+host = "internal.svc"
+deny = true
+
+[[route]]
+name = "internal-any"
+path = "/internal/*"
+allow = "any-peer"
+
+[[route]]
+name = "public"
+path = "/public/*"
+allow = "any-peer"
+"#;
+
+const FORGED: &str = "spiffe://example.org/ns/prod/sa/admin";
+
+/// The inbound sidecar in front of the echo service, under [`POLICY`].
+fn policed() -> Sidecar {
+    let mut s = sidecar_with("", |ca| {
+        let policy = write(ca.dir.path(), "policy.toml", POLICY);
+        format!("policy = {:?}\n", policy.to_str().unwrap())
+    });
+    s.alive_path = "/public/still-up";
+    s
+}
+
+/// The `reason` of moat's JSON error body in `text`, if there is one.
+fn reason(text: &str) -> Option<String> {
+    let start = text.find("{\"error\"")?;
+    let v: Value = serde_json::Deserializer::from_str(&text[start..])
+        .into_iter::<Value>()
+        .next()?
+        .ok()?;
+    Some(v["reason"].as_str()?.to_owned())
+}
+
+/// True when the echo service answered (its body has `body_len`).
+fn echoed(text: &str) -> bool {
+    text.contains("\"body_len\"")
+}
+
+#[test]
+fn a_lowercase_method_is_refused_and_never_reaches_the_service() {
+    let mut s = policed();
+    for method in ["delete", "Delete", "get"] {
+        let text = raw_http1(
+            &s,
+            format!("{method} /public/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(3),
+        );
+        assert_eq!(statuses(&text), vec![400], "{method}: {text}");
+        assert_eq!(
+            reason(&text).as_deref(),
+            Some("method_not_uppercase"),
+            "{text}"
+        );
+        assert!(!echoed(&text), "{method}: not forwarded: {text}");
+    }
+    // HTTP/2, with curl (which sends the method as given).
+    let (status, body) = curl(
+        s.inbound,
+        "/public/a",
+        Some(&s.client),
+        &["--http2", "-X", "delete"],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(reason(&body).as_deref(), Some("method_not_uppercase"));
+    // The upper-case method is the policy's to decide: denied by its route.
+    let (status, _) = curl(s.inbound, "/public/a", Some(&s.client), &["-X", "DELETE"]);
+    assert_eq!(status, 403);
+    let metrics = s.scrape();
+    let refused = metric(
+        &metrics,
+        "moat_requests_total",
+        &[("listener", "api"), ("status", "4xx")],
+    );
+    assert!(refused >= 5.0, "the refusals are counted as 4xx: {metrics}");
+    s.assert_still_serving();
+}
+
+#[test]
+fn a_lowercase_method_is_refused_on_the_outbound() {
+    let service = echo_service();
+    let pair = SidecarPair::spec(
+        "spiffe://example.org/ns/prod/sa/web",
+        "spiffe://example.org/ns/prod/sa/api",
+        service,
+    )
+    .start();
+    for flags in [
+        &["-X", "delete"][..],
+        &["--http2-prior-knowledge", "-X", "delete"],
+    ] {
+        let (status, body) = curl_http(pair.a_addr, "/public/a", flags);
+        assert_eq!(status, 400, "{flags:?}: {body}");
+        assert_eq!(reason(&body).as_deref(), Some("method_not_uppercase"));
+    }
+    let (status, body) = curl_http(pair.a_addr, "/public/a", &["-X", "DELETE"]);
+    assert_eq!(status, 200, "{body}");
+}
+
+#[test]
+fn policy_explain_says_a_lowercase_method_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(dir.path(), "policy.toml", POLICY);
+    let explain = |method: &str| {
+        let out = moat(&[
+            "policy",
+            "explain",
+            path_str(&file),
+            "--peer",
+            "spiffe://example.org/ns/prod/sa/web",
+            "--method",
+            method,
+            "--path",
+            "/public/a",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let lower = explain("delete");
+    assert_eq!(
+        lower.lines().find(|l| l.starts_with("decision:")),
+        Some(
+            "decision: refused 400 (method_not_uppercase): methods are case-sensitive, and the proxy refuses \"delete\" before any route is tried; as DELETE:"
+        ),
+        "{lower}"
+    );
+    let upper = explain("DELETE");
+    assert!(
+        upper.contains("decision: deny 403 (explicit_deny)"),
+        "{upper}"
+    );
+    assert!(!upper.contains("refused 400"), "{upper}");
+}
+
+/// Identity header names as a CGI/WSGI server would merge them.
+fn forged_names(headers: &Value) -> Vec<String> {
+    headers
+        .as_object()
+        .unwrap()
+        .keys()
+        .filter(|k| {
+            let dashed = k.replace('_', "-");
+            k.contains('_') && (dashed == "x-moat-peer-id" || dashed == "x-forwarded-client-cert")
+        })
+        .cloned()
+        .collect()
+}
+
+#[test]
+fn identity_headers_spelled_with_underscores_never_reach_the_service() {
+    let s = sidecar("", "");
+    let forged_id = format!("x_moat_peer_id: {FORGED}");
+    let forged_xfcc = format!("x_forwarded_client_cert: URI={FORGED}");
+    let mixed = format!("x-moat_peer-id: {FORGED}");
+    let headers = [
+        "-H",
+        forged_id.as_str(),
+        "-H",
+        forged_xfcc.as_str(),
+        "-H",
+        mixed.as_str(),
+        "-H",
+        "x_other_header: kept",
+    ];
+    for version in ["--http1.1", "--http2"] {
+        let mut args = vec![version];
+        args.extend(headers);
+        let (status, body) = curl(s.inbound, "/", Some(&s.client), &args);
+        assert_eq!(status, 200, "{version}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            forged_names(&v["headers"]),
+            Vec::<String>::new(),
+            "{version}: {body}"
+        );
+        assert_eq!(v["headers"]["x-moat-peer-id"], CLIENT_ID, "{body}");
+        assert_eq!(v["headers"]["x_other_header"], "kept", "{body}");
+    }
+    // Through a pair: the outbound drops them too, and B sets the real one.
+    let pair = SidecarPair::spec(
+        "spiffe://example.org/ns/prod/sa/web",
+        "spiffe://example.org/ns/prod/sa/api",
+        echo_service(),
+    )
+    .start();
+    for version in ["--http1.1", "--http2-prior-knowledge"] {
+        let mut args = vec![version];
+        args.extend(headers);
+        let (status, body) = curl_http(pair.a_addr, "/", &args);
+        assert_eq!(status, 200, "{version}: {body}");
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            forged_names(&v["headers"]),
+            Vec::<String>::new(),
+            "{version}: {body}"
+        );
+        assert_eq!(
+            v["headers"]["x-moat-peer-id"], "spiffe://example.org/ns/prod/sa/web",
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn a_malformed_host_is_refused_before_a_host_scoped_route() {
+    let mut s = policed();
+    for host in [
+        "internal.svc:abc",
+        "user@internal.svc",
+        "internal.svc:443:80",
+        "internal.svc/x",
+        "internal.svc?x",
+        "internal.svc#x",
+        "internal.svc:-1",
+        "internal.svc:",
+        "internal%2esvc",
+    ] {
+        let text = raw_http1(
+            &s,
+            format!("GET /internal/a HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
+                .as_bytes(),
+            Duration::from_secs(3),
+        );
+        assert_eq!(statuses(&text), vec![400], "{host}: {text}");
+        assert_eq!(
+            reason(&text).as_deref(),
+            Some("invalid_host"),
+            "{host}: {text}"
+        );
+        assert!(!echoed(&text), "{host}: not forwarded: {text}");
+    }
+    // HTTP/2 `:authority`, with curl.
+    let (status, body) = curl(
+        s.inbound,
+        "/internal/a",
+        Some(&s.client),
+        &["--http2", "-H", "host: internal.svc:abc"],
+    );
+    assert_eq!(status, 400, "{body}");
+    // The well-formed host is the policy's: denied by its route.
+    let text = raw_http1(
+        &s,
+        b"GET /internal/a HTTP/1.1\r\nhost: internal.svc:443\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert_eq!(statuses(&text), vec![403], "{text}");
+    s.assert_still_serving();
+}
+
+#[test]
+fn an_http11_request_without_host_is_refused() {
+    let mut s = policed();
+    // RFC 9112 §3.2: 400 on HTTP/1.1; HTTP/1.0 without Host is still served.
+    let text = raw_http1(
+        &s,
+        b"GET /public/a HTTP/1.1\r\nconnection: close\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert_eq!(statuses(&text), vec![400], "{text}");
+    assert_eq!(reason(&text).as_deref(), Some("missing_host"), "{text}");
+    let text = raw_http1(
+        &s,
+        b"GET /public/a HTTP/1.0\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert!(
+        text.starts_with("HTTP/1.1 200") || text.starts_with("HTTP/1.0 200"),
+        "{text}"
+    );
+    s.assert_still_serving();
+}
+
+#[test]
+fn the_outbound_refuses_an_absolute_target_naming_another_host() {
+    let pair = SidecarPair::spec(
+        "spiffe://example.org/ns/prod/sa/web",
+        "spiffe://example.org/ns/prod/sa/api",
+        echo_service(),
+    )
+    .start();
+    let (status, body) = curl_http(
+        pair.a_addr,
+        "/public/a",
+        &["--request-target", "http://a/public/a", "-H", "host: b"],
+    );
+    assert_eq!(status, 400, "{body}");
+    assert!(!echoed(&body), "{body}");
+    let (status, body) = curl_http(
+        pair.a_addr,
+        "/public/a",
+        &["--request-target", "http://a/public/a", "-H", "host: a"],
+    );
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["headers"]["host"], "a", "{body}");
+}
+
+#[test]
+fn a_transfer_coding_other_than_chunked_is_refused() {
+    let mut s = sidecar("", "");
+    for te in [
+        "gzip, chunked",
+        "identity, chunked",
+        "chunked\r\ntransfer-encoding: chunked",
+    ] {
+        let text = raw_http1(
+            &s,
+            format!(
+                "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: {te}\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+            )
+            .as_bytes(),
+            Duration::from_secs(3),
+        );
+        assert_eq!(statuses(&text), vec![400], "{te}: {text}");
+        assert_eq!(
+            reason(&text).as_deref(),
+            Some("unsupported_transfer_encoding"),
+            "{te}: {text}"
+        );
+        assert!(!echoed(&text), "{te}: not forwarded: {text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{te}: nothing after it is read: {text}"
+        );
+    }
+    // `chunked` alone, in any case and with spaces, is fine.
+    let text = raw_http1(
+        &s,
+        b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding:  Chunked \r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        Duration::from_secs(3),
+    );
+    assert_eq!(statuses(&text), vec![200], "{text}");
+    s.assert_still_serving();
+}
+
+#[test]
+fn a_malformed_chunked_body_is_the_callers_fault() {
+    let mut s = sidecar("", "");
+    for (what, chunks) in [
+        ("size zz", &b"zz\r\nabc\r\n0\r\n\r\n"[..]),
+        ("size -3", b"-3\r\nabc\r\n0\r\n\r\n"),
+        ("size 0x3", b"0x3\r\nabc\r\n0\r\n\r\n"),
+        ("19 hex digits", b"1000000000000000000\r\nabc\r\n0\r\n\r\n"),
+    ] {
+        let mut req = b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+        req.extend_from_slice(chunks);
+        let text = raw_http1(&s, &req, Duration::from_secs(3));
+        assert_eq!(statuses(&text), vec![400], "{what}: {text}");
+        assert_eq!(
+            reason(&text).as_deref(),
+            Some("bad_request_body"),
+            "{what}: {text}"
+        );
+    }
+    let metrics = s.scrape();
+    let counted = |class| {
+        metric(
+            &metrics,
+            "moat_requests_total",
+            &[("listener", "api"), ("status", class)],
+        )
+    };
+    assert_eq!(counted("5xx"), 0.0, "not the service's failure: {metrics}");
+    assert!(counted("4xx") >= 4.0, "the caller's: {metrics}");
+    wait_for_logs(&s.proxy, "request body from the caller failed", 4);
+    assert_eq!(
+        count_logs(&s.proxy, "forwarding failed"),
+        0,
+        "not blamed on the service"
+    );
+    s.assert_still_serving();
+}
