@@ -68,11 +68,18 @@ fn certificates_the_ca_would_never_issue_are_refused() {
     let ca_leaf_true = ca_leaf(&s.ca, "ca-true", |p| {
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     });
-    refused_in_handshake(&mut s, &ca_leaf_true, "other", "CA:TRUE leaf");
+    refused_in_handshake(&mut s, &ca_leaf_true, "not_a_leaf", "CA:TRUE leaf");
+    // The trust bundle's root itself, with its key, as the client's certificate.
+    let roots = s.ca.ca_dir().join("roots");
+    let root = CertFiles {
+        cert: roots.join("1.crt"),
+        key: roots.join("1.key"),
+    };
+    refused_in_handshake(&mut s, &root, "not_a_leaf", "the root as a leaf");
     let server_only = ca_leaf(&s.ca, "server-eku", |p| {
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     });
-    refused_in_handshake(&mut s, &server_only, "other", "serverAuth-only EKU");
+    refused_in_handshake(&mut s, &server_only, "wrong_usage", "serverAuth-only EKU");
     let two_ids = ca_leaf(&s.ca, "two-ids", |p| {
         p.subject_alt_names = vec![
             uri_san(CLIENT_ID),
@@ -84,7 +91,7 @@ fn certificates_the_ca_would_never_issue_are_refused() {
         p.not_before = rcgen::date_time_ymd(2099, 1, 1);
         p.not_after = rcgen::date_time_ymd(2100, 1, 1);
     });
-    refused_in_handshake(&mut s, &future, "other", "not yet valid");
+    refused_in_handshake(&mut s, &future, "not_yet_valid", "not yet valid");
     let expired = ca_leaf(&s.ca, "expired", |p| {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2020, 1, 2);
