@@ -212,7 +212,8 @@ pub(crate) enum Cut {
     /// (HTTP/2), within `header_read_timeout` of the connection's start.
     #[error("no request within header_read_timeout")]
     NoFirstRequest,
-    /// Closed gracefully for idleness, the connection had not ended
+    /// Closed gracefully for idleness (or, before any request, for the drain
+    /// or a lapsed credential), the connection had not ended
     /// `header_read_timeout` later (a GOAWAY's PING left unanswered, or an
     /// HTTP/2 handshake that never finished: hyper defers a graceful close
     /// asked during its handshake until the preface has come).
@@ -258,9 +259,9 @@ where
 /// - `idle_timeout`, then a graceful close, which must end within
 ///   `header_read_timeout` or the connection is dropped
 ///   ([`Cut::CloseUnfinished`]). An idle connection has nothing in flight
-///   to wait for. Closes for the drain or a lapsed credential are not
-///   bounded here: in-flight requests finish (the drain has its own
-///   `shutdown_grace`).
+///   to wait for. Closes for the drain or a lapsed credential are bounded
+///   the same only on a connection that never started a request; otherwise
+///   in-flight requests finish (the drain has its own `shutdown_grace`).
 pub(crate) async fn serve_http_until<C, E, X>(
     mut conn: Pin<Box<C>>,
     activity: &Activity,
@@ -299,7 +300,9 @@ where
         // Dropped with the box when this returns: no GOAWAY, no close_notify.
         First::Side(Some(Quiet::NoFirstRequest)) => return Err(Cut::NoFirstRequest.into()),
         First::Side(Some(Quiet::Idle)) => true,
-        First::Side(None) => false,
+        // The drain or a lapsed credential: in-flight requests finish,
+        // unless none was ever asked (a handshake that never ends).
+        First::Side(None) => !activity.served(),
     };
     conn.as_mut().graceful_shutdown();
     if !bounded {
