@@ -273,3 +273,30 @@ fn stalled_handshakes_are_cut_and_free_their_slot() {
     });
     s.assert_still_serving();
 }
+
+/// rustls ignores an IP address sent as SNI (as it must: RFC 6066 §3) and
+/// said so in a WARN on every such connection, without the peer. Held at
+/// `error` by the default log filter: the connection is served, nothing
+/// is logged at WARN for it.
+#[test]
+fn an_ip_address_as_sni_is_served_without_a_warning() {
+    let mut s = sidecar("", "");
+    let (cert, key) = (path_str(&s.client.cert), path_str(&s.client.key));
+    let (ok, out) = openssl_connects(
+        s.inbound,
+        &["-servername", "127.0.0.1", "-cert", cert, "-key", key],
+    );
+    assert!(ok, "{out}");
+    // A later request's log line shows the proxy has moved past it.
+    s.assert_still_serving();
+    eventually(Duration::from_secs(5), "the access line", || {
+        count_logs(&s.proxy, "access") >= 1
+    });
+    let warned: Vec<String> = s
+        .proxy
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("SNI"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:?}");
+}
