@@ -56,7 +56,7 @@ impl Dial for LocalDial {
             |why: String| ProxyError::LocalUnavailable(format!("{}: {why}", self.forward));
         let stream = match tokio::time::timeout(
             self.connect_timeout,
-            TcpStream::connect(self.forward),
+            crate::upstream::connect_local(self.forward),
         )
         .await
         {
@@ -286,16 +286,19 @@ impl InboundService {
             Either::Right(Box::pin(UpgradeableH1(Box::pin(conn))))
         };
         async move {
-            let (activity, idle) = (&peer.activity, self.limits.idle_timeout);
+            let (activity, limits) = (&peer.activity, &self.limits);
             let lapsed = conn_registry::closed(peer.lease.as_ref());
             let served = match conn {
-                Either::Left(h2) => conn::serve_http_until(h2, activity, idle, drain, lapsed).await,
+                Either::Left(h2) => {
+                    conn::serve_http_until(h2, activity, limits, drain, lapsed).await
+                }
                 Either::Right(h1) => {
-                    conn::serve_http_until(h1, activity, idle, drain, lapsed).await
+                    conn::serve_http_until(h1, activity, limits, drain, lapsed).await
                 }
             };
             if let Err(e) = served {
-                tracing::debug!(listener = %self.name, peer = %peer.id.as_str(), error = %e, "connection ended with an error");
+                let id = Some(peer.id.as_str());
+                conn::report(&self.obs.metrics, &self.name, peer.addr, id, &*e);
             }
             // An upgraded connection: hyper has handed it over, and it lives on
             // in this task (its slot under max_connections, its drain watch).
@@ -311,7 +314,7 @@ impl InboundService {
     async fn serve_tcp(&self, tls: TlsStream<Tracked<TcpStream>>, peer: Peer) {
         let local = match tokio::time::timeout(
             self.limits.connect_timeout,
-            TcpStream::connect(self.forward),
+            crate::upstream::connect_local(self.forward),
         )
         .await
         {

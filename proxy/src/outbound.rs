@@ -177,17 +177,16 @@ impl conn::Serve for OutboundService {
                 // Boxed: hyper's per-connection slot then holds a pointer.
                 let service =
                     hyper::service::service_fn(move |req| Box::pin(this.request(req, &this_conn)));
-                // XXX: an h2c connection counts bytes until its first stream
-                // (the preface is not seen here), so one that never sends a
-                // request is kept open by its PINGs; a local app, not a peer.
+                // An h2c connection counts bytes until its first stream (the
+                // preface is not seen here); one that never opens a stream is
+                // dropped at `header_read_timeout` whatever its PINGs
+                // (`conn::serve_http`).
                 let streams = conn::Streams::for_connection(&activity);
                 let builder = conn::http_server(&self.limits, streams.clone());
                 let http = builder.serve_connection_with_upgrades(TokioIo::new(local), service);
                 let http = Box::pin(streams.run(http));
-                if let Err(e) =
-                    conn::serve_http(http, &activity, self.limits.idle_timeout, &drain).await
-                {
-                    tracing::debug!(listener = %self.name, peer_addr = %addr, error = %e, "connection ended with an error");
+                if let Err(e) = conn::serve_http(http, &activity, &self.limits, &drain).await {
+                    conn::report(&self.obs.metrics, &self.name, addr, None, &*e);
                 }
                 // An upgraded connection lives on in this task (see inbound).
                 if let Some(tunnel) = local_conn.tunnel.take() {

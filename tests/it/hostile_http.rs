@@ -9,6 +9,7 @@ use crate::support::hostile as hostile_support;
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use crate::support::proxy::eventually;
 use hostile_support::*;
 use serde_json::Value;
 
@@ -271,7 +272,30 @@ fn rapid_reset_is_stopped(extra: &str) {
         "after {sent} reset streams the proxy ends the connection: {got:?}"
     );
     assert!(start.elapsed() < Duration::from_secs(15));
+    // Refused: counted and logged with the listener and the peer.
+    let calm = [("listener", "api"), ("reason", "enhance_your_calm")];
+    eventually(Duration::from_secs(5), "the GOAWAY counted", || {
+        metric(&s.scrape(), "moat_http2_goaway_total", &calm) >= 1.0
+    });
+    assert_goaway_logged(&mut s);
     s.assert_still_serving();
+}
+
+/// The WARN line of a GOAWAY sent for the peer's misbehaviour names the
+/// listener, the peer's address and identity, and the error code.
+fn assert_goaway_logged(s: &mut Sidecar) {
+    s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("HTTP/2 connection refused"))
+            && v["listener"] == "api"
+            && v["peer"] == CLIENT_ID
+            && v["peer_addr"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("127.0.0.1:"))
+            && v["reason"].is_string()
+    });
 }
 
 #[test]
@@ -301,6 +325,14 @@ fn http2_continuation_flood_is_stopped() {
         sent < 64 * 1024 * 1024,
         "the proxy stopped reading before 64 MiB"
     );
+    eventually(Duration::from_secs(5), "the GOAWAY counted", || {
+        metric(
+            &s.scrape(),
+            "moat_http2_goaway_total",
+            &[("listener", "api")],
+        ) >= 1.0
+    });
+    assert_goaway_logged(&mut s);
     s.assert_still_serving();
 }
 
@@ -372,6 +404,123 @@ fn http2_pings_do_not_keep_an_idle_connection_open() {
         after >= Duration::from_millis(800),
         "closed after {after:?}"
     );
+}
+
+/// Mutual TLS with ALPN h2, then no preface (or half of one): the peer
+/// holds a connection slot without ever asking anything. Dropped at
+/// `header_read_timeout` (hyper's HTTP/2 server has no deadline of its own
+/// for the preface), counted and logged, while others are served.
+#[test]
+fn http2_connection_without_a_preface_is_cut_off() {
+    let mut s = sidecar("[limits]\nheader_read_timeout = \"500ms\"\n", "");
+    let mut silent = s.raw(&[b"h2"]);
+    let mut partial = s.raw(&[b"h2"]);
+    partial.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    partial.flush().unwrap();
+    let start = Instant::now();
+    s.assert_still_serving();
+    for (what, tls) in [
+        ("no preface", &mut silent),
+        ("half a preface", &mut partial),
+    ] {
+        let (_, closed) = read_until_close(tls, Duration::from_secs(30));
+        assert!(closed, "{what}: the connection was never closed");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        start.elapsed()
+    );
+    let cut = [("listener", "api"), ("reason", "header_timeout")];
+    eventually(Duration::from_secs(5), "both cuts counted", || {
+        metric(&s.scrape(), "moat_connections_cut_total", &cut) >= 2.0
+    });
+    s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "connection cut off" && v["listener"] == "api" && v["peer"] == CLIENT_ID
+    });
+    s.assert_still_serving();
+}
+
+/// An idle HTTP/2 connection is closed gracefully (GOAWAY with a PING); a
+/// client that never acknowledges the PING kept it open for hyper's
+/// keep-alive timeout (50 s). The graceful close now has
+/// `header_read_timeout` to finish, then the connection is dropped.
+#[test]
+fn an_idle_http2_connection_that_ignores_the_goaway_is_dropped() {
+    let s = sidecar(
+        "[limits]\nidle_timeout = \"1s\"\nheader_read_timeout = \"1s\"\n",
+        "",
+    );
+    let mut h2 = H2::connect(&s);
+    let get = [
+        (":method", "GET"),
+        (":scheme", "https"),
+        (":path", "/"),
+        (":authority", "moat"),
+    ];
+    h2.headers(1, &get, true);
+    let start = Instant::now();
+    // Never answers a PING.
+    let got = h2.read_for(Duration::from_secs(30));
+    assert!(
+        String::from_utf8_lossy(&got.data).contains("\"path\":\"/\""),
+        "the request was answered: {got:?}"
+    );
+    assert!(got.goaway, "closed gracefully first: {got:?}");
+    assert!(got.closed, "then dropped: {got:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        start.elapsed()
+    );
+    let cut = [("listener", "api"), ("reason", "close_timeout")];
+    eventually(Duration::from_secs(5), "the cut counted", || {
+        metric(&s.scrape(), "moat_connections_cut_total", &cut) >= 1.0
+    });
+}
+
+/// The plaintext outbound tells HTTP/1.1 from HTTP/2 by the first bytes
+/// (hyper-util's `auto`), which had no deadline: a local connection that
+/// sends nothing, or the first half of the HTTP/2 preface, is dropped at
+/// `header_read_timeout` like a slow HTTP/1.1 head.
+#[test]
+fn outbound_connection_that_never_sends_a_request_is_cut_off() {
+    use crate::support::proxy::{SidecarPair, curl_http};
+    use std::net::TcpStream;
+    let mut pair = SidecarPair::spec(CLIENT_ID, SERVER_ID, crate::support::echo_service())
+        .common("[limits]\nheader_read_timeout = \"500ms\"\n")
+        .start();
+    let silent = TcpStream::connect(pair.a_addr).unwrap();
+    let mut partial = TcpStream::connect(pair.a_addr).unwrap();
+    partial.write_all(b"PRI * HTTP/2.0\r\n").unwrap();
+    let start = Instant::now();
+    let (status, body) = curl_http(pair.a_addr, "/", &[]);
+    assert_eq!(
+        status, 200,
+        "a legitimate request is served meanwhile: {body}"
+    );
+    for (what, mut tcp) in [("nothing", silent), ("half a preface", partial)] {
+        tcp.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        let mut buf = [0u8; 256];
+        let closed = match std::io::Read::read(&mut tcp, &mut buf) {
+            Ok(n) => n == 0,
+            Err(e) => !matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+        };
+        assert!(closed, "{what}: the connection was closed");
+    }
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        start.elapsed()
+    );
+    let admin = pair.a.listening_addr("admin");
+    let cut = [("listener", "out"), ("reason", "header_timeout")];
+    eventually(Duration::from_secs(5), "both cuts counted", || {
+        metric(&scrape(admin), "moat_connections_cut_total", &cut) >= 2.0
+    });
 }
 
 /// A raw HTTP/2 connection: frames out, a summary of what came back.

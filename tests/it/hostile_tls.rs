@@ -68,11 +68,18 @@ fn certificates_the_ca_would_never_issue_are_refused() {
     let ca_leaf_true = ca_leaf(&s.ca, "ca-true", |p| {
         p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     });
-    refused_in_handshake(&mut s, &ca_leaf_true, "other", "CA:TRUE leaf");
+    refused_in_handshake(&mut s, &ca_leaf_true, "not_a_leaf", "CA:TRUE leaf");
+    // The trust bundle's root itself, with its key, as the client's certificate.
+    let roots = s.ca.ca_dir().join("roots");
+    let root = CertFiles {
+        cert: roots.join("1.crt"),
+        key: roots.join("1.key"),
+    };
+    refused_in_handshake(&mut s, &root, "not_a_leaf", "the root as a leaf");
     let server_only = ca_leaf(&s.ca, "server-eku", |p| {
         p.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
     });
-    refused_in_handshake(&mut s, &server_only, "other", "serverAuth-only EKU");
+    refused_in_handshake(&mut s, &server_only, "wrong_usage", "serverAuth-only EKU");
     let two_ids = ca_leaf(&s.ca, "two-ids", |p| {
         p.subject_alt_names = vec![
             uri_san(CLIENT_ID),
@@ -84,7 +91,7 @@ fn certificates_the_ca_would_never_issue_are_refused() {
         p.not_before = rcgen::date_time_ymd(2099, 1, 1);
         p.not_after = rcgen::date_time_ymd(2100, 1, 1);
     });
-    refused_in_handshake(&mut s, &future, "other", "not yet valid");
+    refused_in_handshake(&mut s, &future, "not_yet_valid", "not yet valid");
     let expired = ca_leaf(&s.ca, "expired", |p| {
         p.not_before = rcgen::date_time_ymd(2020, 1, 1);
         p.not_after = rcgen::date_time_ymd(2020, 1, 2);
@@ -265,4 +272,31 @@ fn stalled_handshakes_are_cut_and_free_their_slot() {
         failures(&s, Some("timeout")) == before + 2.0
     });
     s.assert_still_serving();
+}
+
+/// rustls ignores an IP address sent as SNI (as it must: RFC 6066 §3) and
+/// said so in a WARN on every such connection, without the peer. Held at
+/// `error` by the default log filter: the connection is served, nothing
+/// is logged at WARN for it.
+#[test]
+fn an_ip_address_as_sni_is_served_without_a_warning() {
+    let mut s = sidecar("", "");
+    let (cert, key) = (path_str(&s.client.cert), path_str(&s.client.key));
+    let (ok, out) = openssl_connects(
+        s.inbound,
+        &["-servername", "127.0.0.1", "-cert", cert, "-key", key],
+    );
+    assert!(ok, "{out}");
+    // A later request's log line shows the proxy has moved past it.
+    s.assert_still_serving();
+    eventually(Duration::from_secs(5), "the access line", || {
+        count_logs(&s.proxy, "access") >= 1
+    });
+    let warned: Vec<String> = s
+        .proxy
+        .logs()
+        .into_iter()
+        .filter(|l| l.contains("SNI"))
+        .collect();
+    assert!(warned.is_empty(), "{warned:?}");
 }

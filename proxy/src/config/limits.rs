@@ -12,12 +12,18 @@ pub struct Limits {
     /// Time allowed for a TLS handshake.
     #[serde(with = "humantime_serde")]
     pub handshake_timeout: Duration,
-    /// Time allowed to receive a request's headers (slowloris).
+    /// Time allowed to receive a request's headers (slowloris). Also: the
+    /// time a new HTTP connection has to start its first request (HTTP/2:
+    /// preface and HEADERS), and the time a graceful close for idleness has
+    /// to finish; past either the connection is dropped. An HTTP/1.1
+    /// keep-alive connection waiting for its next request is closed after
+    /// this long too (hyper times the wait for every head).
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
     /// A connection with no request in flight and no bytes moving for this
     /// long is closed. An HTTP/2 connection counts streams only: one with
-    /// none open for this long is closed (GOAWAY) whatever PINGs move.
+    /// none open for this long is closed (GOAWAY) whatever PINGs move. An
+    /// idle HTTP/1.1 connection is closed at `header_read_timeout` first.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// Largest header block of a request or a response, counted as

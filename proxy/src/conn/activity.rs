@@ -29,6 +29,17 @@ pub(crate) struct Activity {
     inflight: AtomicUsize,
     /// HTTP/2: only requests count, not bytes ([`Activity::count_streams_only`]).
     streams_only: AtomicBool,
+    /// The sampler has seen a request (see [`Activity::served`]).
+    served: AtomicBool,
+}
+
+/// Why [`Activity::idle_for`] resolved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Quiet {
+    /// Nothing in flight and nothing moving for the idle period.
+    Idle,
+    /// No request started within the first-request deadline.
+    NoFirstRequest,
 }
 
 /// Counts one request in flight while held.
@@ -50,6 +61,7 @@ impl Activity {
             ended: AtomicBool::new(false),
             inflight: AtomicUsize::new(0),
             streams_only: AtomicBool::new(false),
+            served: AtomicBool::new(false),
         })
     }
 
@@ -70,26 +82,53 @@ impl Activity {
         InFlight(self.clone())
     }
 
+    /// Whether a request (an HTTP/2 stream) has started on this connection:
+    /// one the idle watchdog saw, or one in flight or ended since it last
+    /// looked. Read when the connection ends, never per request.
+    pub(crate) fn served(&self) -> bool {
+        self.served.load(Ordering::Relaxed)
+            || self.ended.load(Ordering::Relaxed)
+            || self.inflight.load(Ordering::Relaxed) > 0
+    }
+
     /// Resolves once no request has been in flight and no byte has moved
     /// (no byte counts after [`Activity::count_streams_only`]) for `idle`
-    /// (give or take an eighth of it: activity is sampled).
-    pub(crate) async fn idle_for(&self, idle: Duration) {
+    /// (give or take an eighth of it: activity is sampled), or, with
+    /// `first_request`, once that long has passed without any request (an
+    /// HTTP/2 stream) having started. The first request is seen by the
+    /// sampler (in flight, or ended since it last looked), so the request
+    /// path pays nothing for this deadline.
+    pub(crate) async fn idle_for(&self, idle: Duration, first_request: Option<Duration>) -> Quiet {
         let every = (idle / 8).max(Duration::from_millis(10));
         let mut quiet_since = Instant::now();
+        let mut first_by = first_request.map(|d| quiet_since + d);
         loop {
+            // All three read on every look: a request that ended must be
+            // seen even while bytes move.
             let moved = self.touched.swap(false, Ordering::Relaxed)
                 && !self.streams_only.load(Ordering::Relaxed);
-            if moved
-                || self.ended.swap(false, Ordering::Relaxed)
-                || self.inflight.load(Ordering::Relaxed) > 0
-            {
-                quiet_since = Instant::now();
+            let ended = self.ended.swap(false, Ordering::Relaxed);
+            let busy = self.inflight.load(Ordering::Relaxed) > 0;
+            if ended || busy {
+                raise(&self.served);
+                first_by = None;
             }
-            let quiet = quiet_since.elapsed();
+            let now = Instant::now();
+            if moved || ended || busy {
+                quiet_since = now;
+            }
+            if first_by.is_some_and(|by| now >= by) {
+                return Quiet::NoFirstRequest;
+            }
+            let quiet = now - quiet_since;
             if quiet >= idle {
-                return;
+                return Quiet::Idle;
             }
-            tokio::time::sleep(every.min(idle - quiet).max(Duration::from_millis(1))).await;
+            let mut wait = every.min(idle - quiet);
+            if let Some(by) = first_by {
+                wait = wait.min(by - now);
+            }
+            tokio::time::sleep(wait.max(Duration::from_millis(1))).await;
         }
     }
 }

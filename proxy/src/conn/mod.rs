@@ -7,6 +7,8 @@
 //! - `tick_batched`: [`TickBatched`], writes deferred to the tick's end.
 //! - `server`: hyper's server builders, HTTP/2 streams on their
 //!   connection's task ([`Streams`]), and [`serve_http`] with graceful close.
+//! - `ended`: how a served connection ended, counted and logged
+//!   ([`report`]).
 //! - `relay`: TCP splicing and [`relay_plain`].
 //! - `race`: a connection against its watchdogs, which are polled only
 //!   when they wake the task.
@@ -14,6 +16,7 @@
 //! Every public item is re-exported here, so callers name `conn::X`.
 
 mod activity;
+mod ended;
 mod listener;
 mod race;
 mod relay;
@@ -21,10 +24,11 @@ mod server;
 mod tick_batched;
 
 pub(crate) use activity::{Activity, InFlight, Tracked, raise};
+pub(crate) use ended::report;
 pub(crate) use listener::{Listener, Serve, bind};
 pub(crate) use race::{First, race};
 pub(crate) use relay::{RelayConnectError, relay_plain, splice, splice_until};
 pub(crate) use server::{
-    Graceful, Streams, http_server, http1_server, http2_server, serve_http, serve_http_until,
+    Cut, Graceful, Streams, http_server, http1_server, http2_server, serve_http, serve_http_until,
 };
 pub(crate) use tick_batched::TickBatched;

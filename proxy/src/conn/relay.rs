@@ -48,11 +48,12 @@ pub(crate) async fn relay_plain(
     idle: Duration,
     listener: &str,
 ) -> Result<(), RelayConnectError> {
-    let remote = match tokio::time::timeout(connect_timeout, TcpStream::connect(to)).await {
-        Ok(Ok(remote)) => remote,
-        Ok(Err(e)) => return Err(RelayConnectError::Refused(e)),
-        Err(_) => return Err(RelayConnectError::TimedOut),
-    };
+    let remote =
+        match tokio::time::timeout(connect_timeout, crate::upstream::connect_local(to)).await {
+            Ok(Ok(remote)) => remote,
+            Ok(Err(e)) => return Err(RelayConnectError::Refused(e)),
+            Err(_) => return Err(RelayConnectError::TimedOut),
+        };
     let _ = remote.set_nodelay(true);
     let activity = Activity::new();
     let local = Tracked::new(tcp, activity.clone());
@@ -82,7 +83,7 @@ where
     let copy = std::pin::pin!(tokio::io::copy_bidirectional(&mut a, &mut b));
     let watchdogs = std::pin::pin!(async {
         tokio::select! {
-            () = activity.idle_for(idle) => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
+            _ = activity.idle_for(idle, None) => io::Error::new(io::ErrorKind::TimedOut, "idle timeout"),
             _ = close => io::Error::new(io::ErrorKind::ConnectionAborted, "the peer's credential lapsed"),
         }
     });

@@ -17,6 +17,7 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulConnection;
 
 use super::Activity;
+use super::activity::Quiet;
 use super::{First, race};
 use crate::config::Limits;
 use crate::drain;
@@ -202,16 +203,35 @@ pub(crate) fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<St
     b
 }
 
+/// Why [`serve_http_until`] dropped a connection outright instead of
+/// closing it gracefully: both are a client holding a connection (a slot
+/// under `max_connections`) without using it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum Cut {
+    /// No request head (HTTP/1.1), or no preface and first HEADERS
+    /// (HTTP/2), within `header_read_timeout` of the connection's start.
+    #[error("no request within header_read_timeout")]
+    NoFirstRequest,
+    /// Closed gracefully for idleness (or, before any request, for the drain
+    /// or a lapsed credential), the connection had not ended
+    /// `header_read_timeout` later (a GOAWAY's PING left unanswered, or an
+    /// HTTP/2 handshake that never finished: hyper defers a graceful close
+    /// asked during its handshake until the preface has come).
+    #[error("graceful close not finished within header_read_timeout")]
+    CloseUnfinished,
+}
+
 /// Serves one HTTP connection (any of hyper's) until it ends, closing it
 /// gracefully (in-flight requests finish) when it has been idle too long or
-/// the drain starts.
+/// the drain starts, and dropping it (an [`Cut`] error) when it has not
+/// started a request within `header_read_timeout`.
 ///
 /// The connection comes boxed: an async fn keeps a by-value argument in its
 /// state twice (rustc #62958), and hyper's connection state is kilobytes.
 pub(crate) fn serve_http<'a, C, E>(
     conn: Pin<Box<C>>,
     activity: &'a Activity,
-    idle: Duration,
+    limits: &'a Limits,
     drain: &'a drain::Watch,
 ) -> impl Future<Output = Result<(), Box<dyn std::error::Error + Send + Sync>>> + 'a
 where
@@ -220,17 +240,32 @@ where
 {
     // Not an async fn: the caller holds `serve_http_until`'s future alone,
     // not a second copy of the arguments around it.
-    serve_http_until(conn, activity, idle, drain, std::future::pending::<()>())
+    serve_http_until(conn, activity, limits, drain, std::future::pending::<()>())
 }
 
 /// [`serve_http`], also closing gracefully when `close` resolves (the
 /// peer's credential lapsed: [`crate::conn_registry`]). HTTP/2 sends
 /// GOAWAY and finishes its open streams; HTTP/1.1 finishes the request in
 /// flight, if any, and closes.
+///
+/// Deadlines, one per connection and none per request:
+/// - `header_read_timeout` for the first request: a connection that has not
+///   delivered a request head (HTTP/1.1) or its preface and first HEADERS
+///   (HTTP/2; or, on the plaintext side, the bytes that tell the version
+///   apart) by then is dropped, not closed gracefully ([`Cut::NoFirstRequest`]).
+///   hyper's own `header_read_timeout` covers each HTTP/1.1 head once
+///   hyper reads one, but neither hyper's HTTP/2 server nor hyper-util's
+///   version sniffing has a deadline.
+/// - `idle_timeout`, then a graceful close, which must end within
+///   `header_read_timeout` or the connection is dropped
+///   ([`Cut::CloseUnfinished`]). An idle connection has nothing in flight
+///   to wait for. Closes for the drain or a lapsed credential are bounded
+///   the same only on a connection that never started a request; otherwise
+///   in-flight requests finish (the drain has its own `shutdown_grace`).
 pub(crate) async fn serve_http_until<C, E, X>(
     mut conn: Pin<Box<C>>,
     activity: &Activity,
-    idle: Duration,
+    limits: &Limits,
     drain: &drain::Watch,
     close: X,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
@@ -239,19 +274,49 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
     X: Future,
 {
+    let (idle, first_request) = (limits.idle_timeout, limits.header_read_timeout);
     // The watchdogs are polled only when one of them woke the task, not on
     // each of the connection's wake-ups (`race`).
     let watchdogs = std::pin::pin!(async {
         tokio::select! {
             biased;
-            () = drain.signaled() => {}
-            () = activity.idle_for(idle) => {}
-            _ = close => {}
+            () = drain.signaled() => None,
+            quiet = activity.idle_for(idle, Some(first_request)) => Some(quiet),
+            _ = close => None,
         }
     });
-    if let First::Main(res) = race(conn.as_mut(), watchdogs).await {
-        return res.map_err(Into::into);
-    }
+    let bounded = match race(conn.as_mut(), watchdogs).await {
+        First::Main(Ok(())) => return Ok(()),
+        First::Main(Err(e)) => {
+            let e = e.into();
+            // hyper's own HTTP/1.1 header timeout, on the first head: the
+            // same cut, whichever timer fired first. (On a later head it
+            // is also how an idle keep-alive connection ends: not a cut.)
+            if is_header_timeout(&*e) && !activity.served() {
+                return Err(Cut::NoFirstRequest.into());
+            }
+            return Err(e);
+        }
+        // Dropped with the box when this returns: no GOAWAY, no close_notify.
+        First::Side(Some(Quiet::NoFirstRequest)) => return Err(Cut::NoFirstRequest.into()),
+        First::Side(Some(Quiet::Idle)) => true,
+        // The drain or a lapsed credential: in-flight requests finish,
+        // unless none was ever asked (a handshake that never ends).
+        First::Side(None) => !activity.served(),
+    };
     conn.as_mut().graceful_shutdown();
-    conn.await.map_err(Into::into)
+    if !bounded {
+        return conn.await.map_err(Into::into);
+    }
+    match tokio::time::timeout(first_request, conn).await {
+        Ok(res) => res.map_err(Into::into),
+        Err(_) => Err(Cut::CloseUnfinished.into()),
+    }
+}
+
+/// hyper's HTTP/1.1 `header_read_timeout` (its only timeout error without
+/// a source: HTTP/2's keep-alive timeout carries one).
+fn is_header_timeout(e: &(dyn std::error::Error + 'static)) -> bool {
+    e.downcast_ref::<hyper::Error>()
+        .is_some_and(|e| e.is_timeout() && std::error::Error::source(e).is_none())
 }

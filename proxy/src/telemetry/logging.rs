@@ -86,7 +86,9 @@ where
 {
     use tracing_subscriber::filter::{EnvFilter, FilterExt, FilterFn, LevelFilter};
     use tracing_subscriber::reload;
-    let parse = |s: &str| EnvFilter::try_new(s).unwrap_or_else(|_| EnvFilter::new("info"));
+    let parse = |s: &str| {
+        EnvFilter::try_new(quiet_dependencies(s)).unwrap_or_else(|_| EnvFilter::new("info"))
+    };
     let (runtime, handle) = reload::Layer::new(parse(startup));
     // With a level hint: `filter_fn` alone gives none (FilterFn caches its
     // answer per callsite, so the hint was what was missing), and with it
@@ -98,10 +100,28 @@ where
     let audit = parse(startup).and(audit_targets);
     let set: LogLevelHandle = Arc::new(move |level: &str| {
         check_log_filter(level).map_err(|e| e.to_string())?;
-        let next = EnvFilter::try_new(level).map_err(|e| format!("{level:?}: {e}"))?;
+        let next =
+            EnvFilter::try_new(quiet_dependencies(level)).map_err(|e| format!("{level:?}: {e}"))?;
         handle.reload(next).map_err(|e| e.to_string())
     });
     (runtime.or(audit), set)
+}
+
+/// `filter` with `rustls=error` added unless it names `rustls` itself or
+/// turns everything off. rustls logs at WARN per connection, without the
+/// peer: `Illegal SNI extension: ignoring IP address presented as
+/// hostname` for every client that sends an IP as SNI (legal clients do),
+/// `Sending fatal alert ...` for every refused handshake, which moat logs
+/// itself (`handshake failed`, with the peer and a reason).
+fn quiet_dependencies(filter: &str) -> String {
+    let directives = || filter.split(',').map(str::trim);
+    let names_rustls = directives().any(|d| d.starts_with("rustls"));
+    let all_off = directives().any(|d| d.eq_ignore_ascii_case("off"));
+    if names_rustls || all_off {
+        filter.to_owned()
+    } else {
+        format!("{filter},rustls=error")
+    }
 }
 
 /// True for the targets of the audit trail (and their sub-targets).
@@ -116,6 +136,19 @@ pub fn is_audit_target(target: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rustls_per_connection_warnings_are_quiet_unless_asked_for() {
+        assert_eq!(quiet_dependencies("info"), "info,rustls=error");
+        assert_eq!(
+            quiet_dependencies("moat_proxy=debug,warn"),
+            "moat_proxy=debug,warn,rustls=error"
+        );
+        assert_eq!(quiet_dependencies("rustls=debug,info"), "rustls=debug,info");
+        assert_eq!(quiet_dependencies("off"), "off");
+        let filter = tracing_subscriber::filter::EnvFilter::try_new(quiet_dependencies("info"));
+        assert!(filter.is_ok());
+    }
 
     #[test]
     fn runtime_log_filters_name_known_levels_only() {

@@ -55,6 +55,12 @@ pub struct ProxyMetrics {
     pub jwks_fetches: Family<[(&'static str, String); 2], Counter>,
     /// Spans dropped because the collector could not take them.
     pub spans_dropped: Counter,
+    /// Connections dropped for holding a slot unused, by listener and
+    /// reason (`header_timeout`, `close_timeout`).
+    pub connections_cut: Family<[(&'static str, String); 2], Counter>,
+    /// HTTP/2 connections ended with a GOAWAY for the peer's misbehaviour,
+    /// by listener and error code.
+    pub http2_goaways: Family<[(&'static str, String); 2], Counter>,
     /// Admin requests refused, by reason (`not_loopback`).
     pub admin_refusals: Family<[(&'static str, &'static str); 1], Counter>,
     /// The deny-list, and connections closed when a credential lapsed.
@@ -87,6 +93,8 @@ impl ProxyMetrics {
         let jwks_fetches = Family::<[(&'static str, String); 2], Counter>::default();
         let spans_dropped = Counter::default();
         let admin_refusals = Family::<[(&'static str, &'static str); 1], Counter>::default();
+        let connections_cut = Family::<[(&'static str, String); 2], Counter>::default();
+        let http2_goaways = Family::<[(&'static str, String); 2], Counter>::default();
         registry.register(
             "moat_requests",
             "HTTP requests by listener, direction, route, method, status class and decision",
@@ -104,7 +112,7 @@ impl ProxyMetrics {
         );
         registry.register(
             "moat_tls_handshake_failures",
-            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, revoked, wrong_identity, timeout, protocol, other)",
+            "TLS handshakes that failed, by reason (no_client_cert, unknown_ca, expired, not_yet_valid, wrong_usage, not_a_leaf, revoked, wrong_identity, timeout, protocol, other)",
             handshake_failures.clone(),
         );
         registry.register(
@@ -177,6 +185,16 @@ impl ProxyMetrics {
             "Admin listener requests refused, by reason (not_loopback: a change asked from off this host)",
             admin_refusals.clone(),
         );
+        registry.register(
+            "moat_connections_cut",
+            "Connections dropped without a graceful close, by reason (header_timeout: no request within header_read_timeout; close_timeout: an idle close not finished within header_read_timeout)",
+            connections_cut.clone(),
+        );
+        registry.register(
+            "moat_http2_goaway",
+            "HTTP/2 connections ended with a GOAWAY for the peer's misbehaviour (floods, protocol errors), by error code",
+            http2_goaways.clone(),
+        );
         let revocation = crate::revocation::RevocationMetrics::register(&mut registry);
         Self {
             registry: Arc::new(std::sync::Mutex::new(registry)),
@@ -196,6 +214,8 @@ impl ProxyMetrics {
             jwks_fetches,
             spans_dropped,
             admin_refusals,
+            connections_cut,
+            http2_goaways,
             revocation,
         }
     }
@@ -254,6 +274,27 @@ impl ProxyMetrics {
     /// Counts one failed TLS handshake.
     pub fn handshake_failed(&self, listener: &str, reason: &str) {
         self.handshake_failures
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Counts one connection cut off (`reason`: [`crate::conn::Cut`]).
+    pub(crate) fn connection_cut(&self, listener: &str, reason: &'static str) {
+        self.connections_cut
+            .get_or_create(&[
+                ("listener", listener.to_owned()),
+                ("reason", reason.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Counts one HTTP/2 connection ended by our GOAWAY with error code
+    /// `reason` (a name of RFC 9113 §7).
+    pub(crate) fn http2_goaway(&self, listener: &str, reason: &'static str) {
+        self.http2_goaways
             .get_or_create(&[
                 ("listener", listener.to_owned()),
                 ("reason", reason.to_owned()),

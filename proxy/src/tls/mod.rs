@@ -158,8 +158,9 @@ impl fmt::Debug for CurrentCert {
 }
 
 /// A short, bounded label for why a handshake failed, for logs and metrics:
-/// `no_client_cert`, `unknown_ca`, `expired`, `revoked`, `wrong_identity`,
-/// `protocol` or `other` (`timeout` is the caller's to say).
+/// `no_client_cert`, `unknown_ca`, `expired`, `not_yet_valid`,
+/// `wrong_usage`, `not_a_leaf`, `revoked`, `wrong_identity`, `protocol` or
+/// `other` (`timeout` is the caller's to say).
 pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
     use rustls::{CertificateError, Error as E};
     let Some(err) = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>()) else {
@@ -173,12 +174,31 @@ pub fn handshake_failure_reason(e: &std::io::Error) -> &'static str {
         E::InvalidCertificate(
             CertificateError::Expired | CertificateError::ExpiredContext { .. },
         ) => "expired",
+        // rustls alerts `certificate_expired` for this too; the metric
+        // says which side of the validity period the peer's clock is on.
+        E::InvalidCertificate(
+            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. },
+        ) => "not_yet_valid",
+        // No clientAuth in the extended key usage (a server certificate).
+        E::InvalidCertificate(
+            CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. },
+        ) => "wrong_usage",
         // Only our verifier says this: the deny-list has the peer.
         E::InvalidCertificate(CertificateError::Revoked) => "revoked",
-        // webpki reports some chain failures (a CA:TRUE leaf) as `Other`
-        // too: only our own verifier's refusals are about identity.
+        // webpki reports some chain failures as `Other` too: only our own
+        // verifier's refusals are about identity.
         E::InvalidCertificate(CertificateError::Other(o)) if o.0.is::<PeerIdError>() => {
             "wrong_identity"
+        }
+        // A CA certificate (`CA:TRUE`, the root itself) presented as the
+        // client's own.
+        E::InvalidCertificate(CertificateError::Other(o))
+            if matches!(
+                o.0.downcast_ref::<webpki::Error>(),
+                Some(webpki::Error::CaUsedAsEndEntity)
+            ) =>
+        {
+            "not_a_leaf"
         }
         E::InvalidCertificate(_) => "other",
         _ => "protocol",
