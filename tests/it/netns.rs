@@ -238,9 +238,12 @@ fn two_sidecars_in_separate_network_namespaces_over_a_veth_pair() {
     for _ in 0..20 {
         assert_eq!(curl_in_a(&url), "hello across namespaces\n\n200");
     }
+    // One handshake (the sidecars keep their connection: B answers A in
+    // HTTP/1.1 though python answers B in HTTP/1.0), then each request and
+    // answer as TLS records.
     let crossed = ns.rx_bytes() - rx_before;
     assert!(
-        crossed > 20 * 1000,
+        crossed > 2000 + 20 * 100,
         "the TLS traffic crossed the veth: {crossed} bytes"
     );
     // From namespace a, B's listener refuses a client without a certificate,
