@@ -40,7 +40,26 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // Most requests carry none and most responses only `Connection`: one
     // pass over the names (comparisons, no hashing) finds which are
     // there, and only those are removed (each removal hashes its name).
-    let present = present_hop_by_hop(headers);
+    let present = present_hop_by_hop(headers, &[]);
+    strip_present(headers, present)
+}
+
+/// [`strip_hop_by_hop`] and [`remove_underscore_spellings`] of `protected`
+/// on a request's fields, from one pass over their names: a request
+/// without an `_` in a name pays no second pass.
+pub(crate) fn strip_request_fields(
+    headers: &mut HeaderMap,
+    protected: &[&HeaderName],
+) -> Option<HeaderValue> {
+    let present = present_hop_by_hop(headers, protected);
+    if present & UNDERSCORE_PRESENT != 0 {
+        remove_underscore_spellings(headers, protected);
+    }
+    strip_present(headers, present & !UNDERSCORE_PRESENT)
+}
+
+/// [`strip_hop_by_hop`] once [`present_hop_by_hop`] has said which are there.
+fn strip_present(headers: &mut HeaderMap, present: u16) -> Option<HeaderValue> {
     if present == 0 {
         return None;
     }
@@ -130,14 +149,23 @@ pub(crate) fn remove_underscore_spellings<N: Borrow<HeaderName>>(
 }
 
 /// Which hop-by-hop names `headers` holds: bit `i` for
-/// `ALWAYS_HOP_BY_HOP[i]`, [`TE_PRESENT`] for `te`.
-fn present_hop_by_hop(headers: &HeaderMap) -> u16 {
+/// `ALWAYS_HOP_BY_HOP[i]`, [`TE_PRESENT`] for `te`; and
+/// [`UNDERSCORE_PRESENT`] when a name as long as one of `protected` has an
+/// `_` in it (only those are scanned: this runs on every request).
+fn present_hop_by_hop(headers: &HeaderMap, protected: &[&HeaderName]) -> u16 {
     let mut present = 0;
     for name in headers.keys() {
         if name == header::TE {
             present |= TE_PRESENT;
         } else if let Some(i) = ALWAYS_HOP_BY_HOP.iter().position(|n| *n == name) {
             present |= 1 << i;
+        } else if !protected.is_empty() {
+            let name = name.as_str();
+            if protected.iter().any(|p| p.as_str().len() == name.len())
+                && name.as_bytes().contains(&b'_')
+            {
+                present |= UNDERSCORE_PRESENT;
+            }
         }
     }
     present
@@ -145,6 +173,8 @@ fn present_hop_by_hop(headers: &HeaderMap) -> u16 {
 
 /// The bit of `te` in what [`present_hop_by_hop`] returns.
 const TE_PRESENT: u16 = 1 << ALWAYS_HOP_BY_HOP.len();
+/// The bit of a name with an `_` in what [`present_hop_by_hop`] returns.
+const UNDERSCORE_PRESENT: u16 = TE_PRESENT << 1;
 
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");

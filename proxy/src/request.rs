@@ -34,7 +34,7 @@ use crate::config::{Limits, UpgradeProtocol};
 use crate::conn::{Activity, InFlight};
 use crate::head_checks;
 use crate::head_limits::check_request_head;
-use crate::headers::{content_length, remove_underscore_spellings, strip_hop_by_hop};
+use crate::headers::{content_length, strip_request_fields};
 use crate::proxy_error::{ProxyError, logged_status};
 use crate::telemetry::{
     AccessEntry, ListenerMetrics, Observability, ProxyMetrics, RequestId, continue_trace,
@@ -67,8 +67,7 @@ pub(crate) fn strip_head(parts: &mut Parts, upgrades: &[UpgradeProtocol]) -> Opt
     parts.headers.remove(&PEER_ID);
     parts.headers.remove(&XFCC);
     // `x_moat_peer_id`: see `remove_underscore_spellings`.
-    remove_underscore_spellings(&mut parts.headers, &[&PEER_ID, &XFCC]);
-    match strip_hop_by_hop(&mut parts.headers) {
+    match strip_request_fields(&mut parts.headers, &[&PEER_ID, &XFCC]) {
         Some(v) if parts.version == Version::HTTP_11 => {
             upgrade::accept(&v, upgrades, &mut parts.extensions)
         }
