@@ -441,6 +441,33 @@ fn http2_connection_without_a_preface_is_cut_off() {
     s.assert_still_serving();
 }
 
+/// A client that finished its preface and SETTINGS but asks nothing (a
+/// gRPC channel connected ahead of its first call) is closed gracefully at
+/// `header_read_timeout`: a GOAWAY first, not a bare reset, and counted as
+/// the same cut.
+#[test]
+fn an_http2_client_that_connected_ahead_of_its_first_call_gets_a_goaway() {
+    let s = sidecar(
+        "[limits]
+header_read_timeout = \"500ms\"\n",
+        "",
+    );
+    let mut h2 = H2::connect(&s);
+    let start = Instant::now();
+    let got = h2.read_for(Duration::from_secs(30));
+    assert!(got.goaway, "a GOAWAY before the close: {got:?}");
+    assert!(got.closed, "then closed: {got:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "closed after {:?}",
+        start.elapsed()
+    );
+    let cut = [("listener", "api"), ("reason", "header_timeout")];
+    eventually(Duration::from_secs(5), "the cut counted", || {
+        metric(&s.scrape(), "moat_connections_cut_total", &cut) >= 1.0
+    });
+}
+
 /// An idle HTTP/2 connection is closed gracefully (GOAWAY with a PING); a
 /// client that never acknowledges the PING kept it open for hyper's
 /// keep-alive timeout (50 s). The graceful close now has

@@ -203,9 +203,8 @@ pub(crate) fn http_server(limits: &Limits, streams: Streams) -> auto::Builder<St
     b
 }
 
-/// Why [`serve_http_until`] dropped a connection outright instead of
-/// closing it gracefully: both are a client holding a connection (a slot
-/// under `max_connections`) without using it.
+/// Why [`serve_http_until`] cut a connection short: both are a client
+/// holding a connection (a slot under `max_connections`) without using it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum Cut {
     /// No request head (HTTP/1.1), or no preface and first HEADERS
@@ -223,8 +222,8 @@ pub(crate) enum Cut {
 
 /// Serves one HTTP connection (any of hyper's) until it ends, closing it
 /// gracefully (in-flight requests finish) when it has been idle too long or
-/// the drain starts, and dropping it (an [`Cut`] error) when it has not
-/// started a request within `header_read_timeout`.
+/// the drain starts, or it has not started a request within
+/// `header_read_timeout` (then reported as a [`Cut`] error).
 ///
 /// The connection comes boxed: an async fn keeps a by-value argument in its
 /// state twice (rustc #62958), and hyper's connection state is kilobytes.
@@ -252,7 +251,9 @@ where
 /// - `header_read_timeout` for the first request: a connection that has not
 ///   delivered a request head (HTTP/1.1) or its preface and first HEADERS
 ///   (HTTP/2; or, on the plaintext side, the bytes that tell the version
-///   apart) by then is dropped, not closed gracefully ([`Cut::NoFirstRequest`]).
+///   apart) by then is closed gracefully (an HTTP/2 GOAWAY), and dropped if
+///   that has not ended it `header_read_timeout` later
+///   ([`Cut::NoFirstRequest`] either way).
 ///   hyper's own `header_read_timeout` covers each HTTP/1.1 head once
 ///   hyper reads one, but neither hyper's HTTP/2 server nor hyper-util's
 ///   version sniffing has a deadline.
@@ -297,21 +298,39 @@ where
             }
             return Err(e);
         }
-        // Dropped with the box when this returns: no GOAWAY, no close_notify.
-        First::Side(Some(Quiet::NoFirstRequest)) => return Err(Cut::NoFirstRequest.into()),
-        First::Side(Some(Quiet::Idle)) => true,
+        // No request yet: closed gracefully all the same, so that an HTTP/2
+        // client that connected ahead of its first call (gRPC channels do)
+        // gets a GOAWAY, not a reset; one that never finished its preface
+        // (hyper defers the close until it has) is dropped at the bound.
+        First::Side(Some(Quiet::NoFirstRequest)) => Bound::FirstRequest,
+        First::Side(Some(Quiet::Idle)) => Bound::Close,
         // The drain or a lapsed credential: in-flight requests finish,
         // unless none was ever asked (a handshake that never ends).
-        First::Side(None) => !activity.served(),
+        First::Side(None) if !activity.served() => Bound::Close,
+        First::Side(None) => Bound::None,
     };
     conn.as_mut().graceful_shutdown();
-    if !bounded {
-        return conn.await.map_err(Into::into);
+    let finished = match bounded {
+        Bound::None => return conn.await.map_err(Into::into),
+        Bound::Close | Bound::FirstRequest => tokio::time::timeout(first_request, conn).await,
+    };
+    match (finished, bounded) {
+        (_, Bound::FirstRequest) => Err(Cut::NoFirstRequest.into()),
+        (Ok(res), _) => res.map_err(Into::into),
+        (Err(_), _) => Err(Cut::CloseUnfinished.into()),
     }
-    match tokio::time::timeout(first_request, conn).await {
-        Ok(res) => res.map_err(Into::into),
-        Err(_) => Err(Cut::CloseUnfinished.into()),
-    }
+}
+
+/// How long a graceful close in [`serve_http_until`] may take.
+#[derive(Clone, Copy)]
+enum Bound {
+    /// As long as its requests in flight take (the drain's own grace ends it).
+    None,
+    /// `header_read_timeout`, then dropped ([`Cut::CloseUnfinished`]).
+    Close,
+    /// The same, for a connection that never started a request: reported as
+    /// [`Cut::NoFirstRequest`] however it ended.
+    FirstRequest,
 }
 
 /// hyper's HTTP/1.1 `header_read_timeout` (its only timeout error without
