@@ -25,6 +25,7 @@ use moat_proxy::tls::verify::AnyServerCertificate;
 use moat_testkit::http::Reply;
 use moat_testkit::{Ca, Moat, Process, pki};
 use serde_json::Value;
+use tokio::signal::unix::{SignalKind, signal};
 
 mod transparent;
 
@@ -152,7 +153,19 @@ pub(crate) fn run(opts: DemoOptions) -> Result<()> {
     if opts.transparent {
         return runtime.block_on(transparent::run(&dir, dir_given, opts.keep_running));
     }
-    runtime.block_on(demo(&dir, dir_given, opts.keep_running))
+    runtime.block_on(async {
+        // SIGTERM (`kill PID`, `timeout`) reaches the demo alone, not its
+        // sidecars and CA as a terminal's Ctrl-C does: dropping the demo
+        // stops them, which the default action (exit at once) would not.
+        let mut terminate = signal(SignalKind::terminate())?;
+        tokio::select! {
+            r = demo(&dir, dir_given, opts.keep_running) => r,
+            _ = terminate.recv() => {
+                println!("\nterminated");
+                Ok(())
+            }
+        }
+    })
 }
 
 async fn demo(dir: &Path, dir_given: bool, keep_running: bool) -> Result<()> {

@@ -296,3 +296,61 @@ impl Drop for Interrupted {
         }
     }
 }
+
+/// `kill PID` (SIGTERM) reaches the demo alone, not the CA and sidecars it
+/// started (a terminal's Ctrl-C reaches them all): they stop with it rather
+/// than run on, orphaned, on their ports.
+#[test]
+fn demo_terminated_stops_the_processes_it_started() {
+    use std::io::{BufRead, BufReader, Read};
+    let mut child = Interrupted(
+        std::process::Command::new(support::moat_bin())
+            .args(["demo", "--keep-running"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run moat demo"),
+    );
+    let child = &mut child.0;
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("Ctrl-C to stop") {
+        line.clear();
+        let n = stdout.read_line(&mut line).expect("read the demo's output");
+        assert!(n > 0, "the demo ended before it kept running:\n{seen}");
+        seen.push_str(&line);
+    }
+    let pid = child.id();
+    let started = children_of(pid);
+    assert_eq!(started.len(), 3, "the CA and two sidecars: {started:?}");
+    // SAFETY: kill(2) on our own child, not yet reaped.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let status = child.wait().expect("the demo ends");
+    assert!(status.success(), "{status:?}");
+    let mut rest = String::new();
+    stdout.read_to_string(&mut rest).unwrap();
+    assert!(rest.contains("terminated"), "{rest}");
+    for p in started {
+        assert!(
+            !std::path::Path::new(&format!("/proc/{p}")).exists(),
+            "process {p} outlived the demo"
+        );
+    }
+}
+
+/// The pids whose parent is `parent` (from /proc).
+fn children_of(parent: u32) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                // `pid (comm) state ppid ...`; comm may hold spaces.
+                stat.rsplit_once(')')
+                    .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok())
+                    == Some(parent)
+            })
+        })
+        .collect()
+}
