@@ -240,29 +240,11 @@ fn transparent_demo_without_root_says_so_and_exits_64() {
 
 #[test]
 fn transparent_demo_interrupted_removes_its_namespaces() {
-    use std::io::{BufRead, BufReader};
     if !support::require_root("moat demo --transparent (network namespaces)") {
         return;
     }
-    let mut child = Interrupted(
-        transparent_demo()
-            .arg("--keep-running")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run moat demo"),
-    );
+    let (mut child, mut stdout, seen) = kept_running(transparent_demo());
     let child = &mut child.0;
-    // Read until it says everything keeps running, then Ctrl-C it.
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    while !seen.contains("Ctrl-C to stop") {
-        line.clear();
-        let n = stdout.read_line(&mut line).expect("read the demo's output");
-        assert!(n > 0, "the demo ended before it kept running:\n{seen}");
-        seen.push_str(&line);
-    }
     let pid = child.id();
     assert_eq!(out_pid(&seen), pid.to_string());
     let exists = || {
@@ -281,6 +263,35 @@ fn transparent_demo_interrupted_removes_its_namespaces() {
     assert!(status.success(), "{status}:\n{seen}{rest}");
     assert!(rest.contains("removed the network namespaces"), "{rest}");
     assert!(!exists(), "namespaces left behind after Ctrl-C");
+}
+
+/// `demo --keep-running`, started and read until it says everything keeps
+/// running: the running demo, the rest of its output, and what it printed.
+fn kept_running(
+    mut demo: std::process::Command,
+) -> (
+    Interrupted,
+    std::io::BufReader<std::process::ChildStdout>,
+    String,
+) {
+    use std::io::BufRead;
+    let mut child = Interrupted(
+        demo.arg("--keep-running")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("run moat demo"),
+    );
+    let mut stdout = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut seen = String::new();
+    let mut line = String::new();
+    while !seen.contains("Ctrl-C to stop") {
+        line.clear();
+        let n = stdout.read_line(&mut line).expect("read the demo's output");
+        assert!(n > 0, "the demo ended before it kept running:\n{seen}");
+        seen.push_str(&line);
+    }
+    (child, stdout, seen)
 }
 
 /// A demo that gets Ctrl-C (and is waited for) when the test ends, failed
@@ -302,25 +313,11 @@ impl Drop for Interrupted {
 /// than run on, orphaned, on their ports.
 #[test]
 fn demo_terminated_stops_the_processes_it_started() {
-    use std::io::{BufRead, BufReader, Read};
-    let mut child = Interrupted(
-        std::process::Command::new(support::moat_bin())
-            .args(["demo", "--keep-running"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("run moat demo"),
-    );
+    use std::io::Read;
+    let mut demo = std::process::Command::new(support::moat_bin());
+    demo.arg("demo");
+    let (mut child, mut stdout, _) = kept_running(demo);
     let child = &mut child.0;
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut seen = String::new();
-    let mut line = String::new();
-    while !seen.contains("Ctrl-C to stop") {
-        line.clear();
-        let n = stdout.read_line(&mut line).expect("read the demo's output");
-        assert!(n > 0, "the demo ended before it kept running:\n{seen}");
-        seen.push_str(&line);
-    }
     let pid = child.id();
     let started = children_of(pid);
     assert_eq!(started.len(), 3, "the CA and two sidecars: {started:?}");
