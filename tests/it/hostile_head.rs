@@ -65,23 +65,26 @@ fn echoed(text: &str) -> bool {
     text.contains("\"body_len\"")
 }
 
+/// Sends `request` raw and checks it was answered 400 with `why` and never
+/// reached the service (`what` names the case in failures); the answer.
+fn refused_raw(s: &Sidecar, request: &str, why: &str, what: &str) -> String {
+    let text = raw_http1(s, request.as_bytes(), Duration::from_secs(3));
+    assert_eq!(statuses(&text), vec![400], "{what}: {text}");
+    assert_eq!(reason(&text).as_deref(), Some(why), "{what}: {text}");
+    assert!(!echoed(&text), "{what}: not forwarded: {text}");
+    text
+}
+
 #[test]
 fn a_lowercase_method_is_refused_and_never_reaches_the_service() {
     let mut s = policed();
     for method in ["delete", "Delete", "get"] {
-        let text = raw_http1(
+        refused_raw(
             &s,
-            format!("{method} /public/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-            Duration::from_secs(3),
+            &format!("{method} /public/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"),
+            "method_not_uppercase",
+            method,
         );
-        assert_eq!(statuses(&text), vec![400], "{method}: {text}");
-        assert_eq!(
-            reason(&text).as_deref(),
-            Some("method_not_uppercase"),
-            "{text}"
-        );
-        assert!(!echoed(&text), "{method}: not forwarded: {text}");
     }
     // HTTP/2, with curl (which sends the method as given).
     let (status, body) = curl(
@@ -244,19 +247,12 @@ fn a_malformed_host_is_refused_before_a_host_scoped_route() {
         "internal.svc:",
         "internal%2esvc",
     ] {
-        let text = raw_http1(
+        refused_raw(
             &s,
-            format!("GET /internal/a HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n")
-                .as_bytes(),
-            Duration::from_secs(3),
+            &format!("GET /internal/a HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n"),
+            "invalid_host",
+            host,
         );
-        assert_eq!(statuses(&text), vec![400], "{host}: {text}");
-        assert_eq!(
-            reason(&text).as_deref(),
-            Some("invalid_host"),
-            "{host}: {text}"
-        );
-        assert!(!echoed(&text), "{host}: not forwarded: {text}");
     }
     // HTTP/2 `:authority`, with curl.
     let (status, body) = curl(
@@ -332,21 +328,14 @@ fn a_transfer_coding_other_than_chunked_is_refused() {
         "identity, chunked",
         "chunked\r\ntransfer-encoding: chunked",
     ] {
-        let text = raw_http1(
+        let text = refused_raw(
             &s,
-            format!(
+            &format!(
                 "POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: {te}\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
-            )
-            .as_bytes(),
-            Duration::from_secs(3),
+            ),
+            "unsupported_transfer_encoding",
+            te,
         );
-        assert_eq!(statuses(&text), vec![400], "{te}: {text}");
-        assert_eq!(
-            reason(&text).as_deref(),
-            Some("unsupported_transfer_encoding"),
-            "{te}: {text}"
-        );
-        assert!(!echoed(&text), "{te}: not forwarded: {text}");
         assert!(
             text.to_ascii_lowercase().contains("connection: close"),
             "{te}: nothing after it is read: {text}"
