@@ -251,11 +251,12 @@ impl State {
     }
 
     /// Brings the metrics kept elsewhere (policy reloads, JWKS fetches,
-    /// certificate expiry) up to date, then encodes everything.
+    /// certificate expiry, the trust bundle's roots) up to date, then encodes everything.
     fn metrics(&self) -> Response<Full<Bytes>> {
         let m = &self.obs.metrics;
         if let Some(creds) = self.store.current() {
             m.cert_expiry.set(creds.svid.not_after_unix() as i64);
+            m.set_trust_bundle(&creds.trust_roots);
         }
         self.store.revocations().update_age();
         let (mut ok, mut failed) = (0, 0);

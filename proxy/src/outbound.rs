@@ -470,7 +470,8 @@ struct Presented(Option<String>);
 impl PeerConnector {
     async fn connect(&self) -> Result<TlsStream<TcpStream>, ProxyError> {
         let addr = (self.upstream.host.as_str(), self.upstream.port);
-        let tcp = match tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr)).await {
+        let dial = crate::upstream::connect_tcp(addr);
+        let tcp = match tokio::time::timeout(self.connect_timeout, dial).await {
             Ok(Ok(tcp)) => tcp,
             Ok(Err(e)) => {
                 return Err(ProxyError::PeerUnavailable(format!(

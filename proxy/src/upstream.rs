@@ -728,21 +728,31 @@ fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     detail
 }
 
-/// Connects to the local service at `addr`, refusing a TCP self-connection.
+/// Connects to `addr`, refusing a TCP self-connection: the dials that
+/// carry traffic go through here (to the local service, a peer sidecar, a
+/// transparent-mode destination, a passed-through one).
 ///
 /// While nothing listens on `addr` and its port lies in the kernel's
 /// ephemeral range (`ip_local_port_range`), a dial can be given that very
 /// port as its source and connect to itself (TCP simultaneous open):
 /// `127.0.0.1:P <-> 127.0.0.1:P`. Kept, it would carry requests to nobody
-/// and hold the port, so the service could not bind it on restart
-/// (EADDRINUSE). It is closed and reported as the refusal it stands for.
-/// Two syscalls per new connection, none per request.
-pub(crate) async fn connect_local(
-    addr: std::net::SocketAddr,
+/// (to a peer: a TLS handshake with ourselves) and hold the port, so the
+/// service could not bind it on restart (EADDRINUSE). It is closed and
+/// reported as the refusal it stands for. Two syscalls per new connection,
+/// none per request.
+pub(crate) async fn connect_tcp(
+    addr: impl tokio::net::ToSocketAddrs,
 ) -> std::io::Result<tokio::net::TcpStream> {
     let stream = tokio::net::TcpStream::connect(addr).await?;
     refuse_self_connect(&stream)?;
     Ok(stream)
+}
+
+/// Connects to the local service at `addr` ([`connect_tcp`]).
+pub(crate) async fn connect_local(
+    addr: std::net::SocketAddr,
+) -> std::io::Result<tokio::net::TcpStream> {
+    connect_tcp(addr).await
 }
 
 /// `Err(ConnectionRefused)` if `stream` is connected to itself.
@@ -784,6 +794,55 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let ok = connect_local(listener.local_addr().unwrap()).await;
         assert!(ok.is_ok(), "{ok:?}");
+    }
+
+    /// The dial itself, where the kernel makes the self-connection: in a
+    /// network namespace whose ephemeral range is the closed port alone, a
+    /// dial to that port is given it as its source, every time. Refused,
+    /// for the address forms of the local service (`SocketAddr`) and of a
+    /// peer sidecar (`host`, `port`: `PeerConnector`). Root only (a
+    /// namespace of its own, for this thread); skipped otherwise.
+    #[test]
+    fn a_dial_the_kernel_connects_to_itself_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(
+                std::env::var_os("MOAT_TEST_REQUIRE_ALL").is_none_or(|v| v != "1"),
+                "MOAT_TEST_REQUIRE_ALL=1 and this test needs root"
+            );
+            eprintln!("SKIPPED: not root: a network namespace needs root");
+            return;
+        }
+        let kinds = std::thread::spawn(|| {
+            // SAFETY: unshare(CLONE_NEWNET) moves this thread alone (network
+            // namespaces are per thread) into a new namespace; the thread
+            // ends with the test.
+            assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+            // `ip` runs in the thread's namespace (a child inherits it).
+            let up = std::process::Command::new("ip")
+                .args(["link", "set", "lo", "up"])
+                .status()
+                .expect("ip");
+            assert!(up.success());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let range = "/proc/sys/net/ipv4/ip_local_port_range";
+            // One port per dial: a refused one stays in TIME_WAIT.
+            std::fs::write(range, "40000 40000").unwrap();
+            let local = rt.block_on(connect_local("127.0.0.1:40000".parse().unwrap()));
+            std::fs::write(range, "40001 40001").unwrap();
+            let peer = rt.block_on(connect_tcp(("127.0.0.1", 40001)));
+            [local, peer].map(|r| {
+                let e = r.expect_err("a self-connection");
+                assert!(e.to_string().contains("self-connection"), "{e}");
+                e.kind()
+            })
+        })
+        .join()
+        .unwrap();
+        assert_eq!(kinds, [std::io::ErrorKind::ConnectionRefused; 2]);
     }
 
     struct Plain(SocketAddr);

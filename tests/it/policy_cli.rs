@@ -401,13 +401,45 @@ fn policy_explain_takes_a_lower_case_method_and_names_the_unmet_claim() {
 }
 
 #[test]
-fn policy_test_reads_a_lower_case_method_as_explain_does_and_says_decisions_as_the_file_does() {
+fn policy_test_refuses_a_lower_case_method_naming_file_line_and_field() {
+    // The proxy answers `get` 400 (method_not_uppercase) before any route
+    // is tried: a case saying it is allowed would pass here and not there.
     let policy = example("policy.toml");
     let dir = tempfile::tempdir().unwrap();
     let cases = dir.path().join("cases.toml");
     std::fs::write(
         &cases,
-        "[[case]]\nname = \"lower-case method\"\npeer = \"spiffe://example.org/a\"\nmethod = \"get\"\npath = \"/healthz\"\nexpect = \"allow\"\nroute = \"health\"\n\n\
+        "[[case]]\nname = \"ok\"\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/healthz\"\nexpect = \"allow\"\n\n\
+         [[case]]\nname = \"lower-case method\"\npeer = \"spiffe://example.org/a\"\nmethod = \"get\"\npath = \"/healthz\"\nexpect = \"allow\"\nroute = \"health\"\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = text(&moat(&[
+        "policy",
+        "test",
+        path_str(&policy),
+        path_str(&cases),
+    ]));
+    assert_eq!(
+        code, 64,
+        "a bad cases file is a configuration error: {stdout}{stderr}"
+    );
+    let want = format!(
+        "{}:11:10: method \"get\" must be upper case (\"GET\")",
+        cases.display()
+    );
+    assert!(stderr.contains(&want), "{want} in: {stderr}");
+    assert!(stderr.contains("method_not_uppercase"), "{stderr}");
+    assert!(!stdout.contains("passed"), "no case runs: {stdout}");
+}
+
+#[test]
+fn policy_test_says_decisions_as_the_cases_file_does() {
+    let policy = example("policy.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let cases = dir.path().join("cases.toml");
+    std::fs::write(
+        &cases,
+        "[[case]]\nname = \"health\"\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/healthz\"\nexpect = \"allow\"\nroute = \"health\"\n\n\
          [[case]]\nname = \"wrong\"\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/admin\"\nexpect = \"bad-request\"\n",
     )
     .unwrap();
@@ -418,10 +450,7 @@ fn policy_test_reads_a_lower_case_method_as_explain_does_and_says_decisions_as_t
         path_str(&cases),
     ]));
     assert_eq!(code, 1, "{stdout}{stderr}");
-    assert!(
-        stdout.contains("1 passed, 1 failed") && !stdout.contains("lower-case method"),
-        "method = \"get\" is GET, as with explain --method get: {stdout}"
-    );
+    assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
     assert!(
         stdout.contains("expected bad-request, got deny"),
         "decisions spelled as the cases file spells them, not as Rust enum names: {stdout}"

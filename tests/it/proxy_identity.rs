@@ -267,6 +267,101 @@ fn ca_rotation_reaches_the_proxy_without_restart() {
     assert_eq!(curl(api, "/", Some(&client), &["--http1.1"]).0, 200);
 }
 
+/// The sidecar's own view of its trust bundle on `/metrics`: how many
+/// roots, and when each expires under its short SHA-256 fingerprint (as
+/// `openssl x509 -fingerprint -sha256` prints it, cut to 8 bytes), the same
+/// time the CA exports for that root. A rotation's second root shows once
+/// the sidecar has fetched it.
+#[test]
+fn trust_bundle_metrics_follow_a_rotation() {
+    moat_ca::install_crypto_provider();
+    let mut ca = TestCa::start();
+    let ca_admin = ca.admin_addr();
+    let (mut b, _api, admin) = ca_inbound(&ca, B, "bundle_refresh = \"300ms\"");
+    let ca_dir = ca.ca_dir();
+    let fingerprint = |root: &str| {
+        let out = support::tool(
+            "openssl",
+            &[
+                "x509",
+                "-noout",
+                "-fingerprint",
+                "-sha256",
+                "-in",
+                path_str(&ca_dir.join(root)),
+            ],
+        );
+        assert!(out.status.success(), "{out:?}");
+        let text = String::from_utf8(out.stdout).unwrap();
+        let hex: String = text.trim().rsplit('=').next().unwrap().replace(':', "");
+        hex[..16].to_ascii_lowercase()
+    };
+    let scrape = |addr: SocketAddr| {
+        let (status, body) = curl_http(addr, "/metrics", &[]);
+        assert_eq!(status, 200, "{body}");
+        body
+    };
+    let ca_expiry = |root: &str| {
+        support::metric_samples(
+            &scrape(ca_admin),
+            "moat_ca_root_expiry_timestamp_seconds",
+            &[("root", root)],
+        )
+    };
+    let expiry = |metrics: &str, fp: &str| {
+        support::metric_samples(
+            metrics,
+            "moat_trust_bundle_root_expiry_timestamp_seconds",
+            &[("fingerprint", fp)],
+        )
+    };
+    let first = fingerprint("roots/1.crt");
+    let metrics = scrape(admin);
+    assert_eq!(
+        support::metric_samples(&metrics, "moat_trust_bundle_roots", &[]),
+        [1.0],
+        "{metrics}"
+    );
+    let one = expiry(&metrics, &first);
+    assert_eq!(
+        one,
+        ca_expiry("1"),
+        "root 1 expires when the CA says: {metrics}"
+    );
+    assert_eq!(
+        support::metric_samples(
+            &metrics,
+            "moat_trust_bundle_root_expiry_timestamp_seconds",
+            &[]
+        )
+        .len(),
+        1,
+        "one series per root: {metrics}"
+    );
+    support::moat_ok(&["ca", "rotate", "--dir", path_str(&ca_dir), "--prepare"]);
+    b.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "trust bundle updated"
+    });
+    let second = fingerprint("roots/2.crt");
+    let metrics = scrape(admin);
+    assert_eq!(
+        support::metric_samples(&metrics, "moat_trust_bundle_roots", &[]),
+        [2.0],
+        "{metrics}"
+    );
+    assert_eq!(
+        expiry(&metrics, &first),
+        one,
+        "root 1 is still there: {metrics}"
+    );
+    let two = expiry(&metrics, &second);
+    assert_eq!(two.len(), 1, "root 2 shows: {metrics}");
+    eventually(Duration::from_secs(10), "the CA to show root 2", || {
+        !ca_expiry("2").is_empty()
+    });
+    assert_eq!(two, ca_expiry("2"), "{metrics}");
+}
+
 /// `--activate` right after `--prepare`, before the sidecar fetched the
 /// two-root bundle: the CA's serving certificate still comes from the old
 /// root, which the sidecar trusts, so its next refresh gets the new root

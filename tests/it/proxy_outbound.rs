@@ -298,3 +298,70 @@ fn pair_multiplexes_http2_streams_on_one_thread() {
         .collect();
     assert_eq!(codes, vec!["200"; 24], "{text}");
 }
+
+/// A peer on loopback whose port is closed and in the kernel's ephemeral
+/// range: the dial can be given that very port as its source and connect to
+/// itself (TCP simultaneous open), and the sidecar would then handshake TLS
+/// with itself. In a namespace whose ephemeral range is that one port, the
+/// first dial always does. It is refused as a closed port is: 502
+/// `peer unavailable`, "connection refused", and no handshake tried.
+#[test]
+fn outbound_refuses_a_tcp_self_connection_to_a_closed_peer_port() {
+    use moat_testkit::netns::{Network, in_netns, netns_command};
+    if let Some(why) = support::netns::unavailable() {
+        support::netns::skip(&why);
+        return;
+    }
+    moat_ca::install_crypto_provider();
+    let ca = TestCa::start();
+    let files = issue(&ca, A, "1h", "a");
+    moat_testkit::netns::sweep_stale("moat-t");
+    let net = Network::create(&format!("moat-t{}-selfconn", std::process::id()), &[])
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let ns = net.hub.clone();
+    // The namespace's ephemeral range is the peer's port alone, so every
+    // socket that is not bound to a port first would get it: the sidecar's
+    // listeners and the clients below use fixed ports outside it (nothing
+    // else lives in this namespace to collide with).
+    let out = netns_command(&ns, "sh")
+        .args([
+            "-c",
+            "echo '40000 40000' > /proc/sys/net/ipv4/ip_local_port_range",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let config = format!(
+        "{}[admin]\nlisten = \"127.0.0.1:15000\"\n\n[[outbound]]\nname = \"billing\"\nlisten = \"127.0.0.1:15001\"\nupstream = \"127.0.0.1:40000\"\npeer = \"{B}\"\n",
+        file_identity(&files, &ca.bundle_file())
+    );
+    let config = write(ca.dir.path(), "a.toml", &config);
+    let mut proxy = Running::from_command({
+        let mut cmd = netns_command(&ns, support::moat_bin());
+        cmd.args(["proxy", "--config", support::path_str(&config)]);
+        cmd
+    });
+    let outbound = proxy.listening_addr("billing");
+    let admin = proxy.listening_addr("admin");
+    let client = |addr: SocketAddr, path: &'static str, port: &'static str| {
+        in_netns(&ns, move || curl_http(addr, path, &["--local-port", port]))
+    };
+    let (status, body) = client(outbound, "/", "20000-20099");
+    assert_eq!(status, 502, "{body}");
+    assert!(body.contains("peer unavailable"), "{body}");
+    let failed = proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "request to peer failed"
+    });
+    let error = failed.to_string();
+    assert!(
+        error.contains("127.0.0.1:40000: connection refused (a TCP self-connection"),
+        "reported as a refused dial, not a TLS failure: {failed}"
+    );
+    let (_, metrics) = client(admin, "/metrics", "20100-20199");
+    let tried = support::metric_samples(
+        &metrics,
+        "moat_tls_handshake_failures_total",
+        &[("listener", "billing")],
+    );
+    assert!(tried.is_empty(), "no handshake with itself: {tried:?}");
+}

@@ -17,7 +17,9 @@
 //! ```
 //!
 //! Decisions are what enforcement would do (audit mode is ignored), at the
-//! current time.
+//! current time. `method` is case-sensitive, as on the wire: one with a
+//! lower-case letter is refused with the file's other diagnostics (the
+//! proxy answers it 400 `method_not_uppercase` before any route is tried).
 
 use std::path::Path;
 use std::time::SystemTime;
@@ -171,19 +173,28 @@ fn parse_cases(file: &Path, text: &str) -> Result<Vec<Case>, PolicyError> {
                 None
             }
         };
-        // Methods are case-sensitive on the wire, but a case that says
-        // `method = "get"` means GET (as `moat policy explain --method get`
-        // does), not a method no route lists.
-        let method = match Method::from_bytes(raw.method.get_ref().to_ascii_uppercase().as_bytes())
-        {
-            Ok(m) => Some(m),
-            Err(_) => {
-                diags.at(
-                    raw.method.span(),
-                    format!("{:?} is not an HTTP method", raw.method.get_ref()),
-                );
-                None
-            }
+        // Methods are case-sensitive (RFC 9110 §9.1) and the proxy answers
+        // one with a lower-case letter 400 (`method_not_uppercase`) before
+        // any route is tried, so no case could pass as written: refused, as
+        // the policy file's own `methods` refuses `"get"`, rather than run
+        // as GET (a test saying `get` is allowed when the proxy refuses it)
+        // or as the 400 (a `get` here is a typo for GET, not a test of the
+        // proxy's request-head checks).
+        let m = raw.method.get_ref();
+        let method = if m.bytes().any(|b| b.is_ascii_lowercase()) {
+            diags.at(
+                raw.method.span(),
+                format!(
+                    "method {m:?} must be upper case ({:?}): methods are case-sensitive, and the proxy refuses {m:?} with 400 (method_not_uppercase) before any route is tried",
+                    m.to_ascii_uppercase()
+                ),
+            );
+            None
+        } else if let Ok(m) = Method::from_bytes(m.as_bytes()) {
+            Some(m)
+        } else {
+            diags.at(raw.method.span(), format!("{m:?} is not an HTTP method"));
+            None
         };
         let claims = match raw.claims {
             Some(table) => match serde_json::to_value(table.get_ref()) {

@@ -49,6 +49,12 @@ pub struct ProxyMetrics {
     pub policy_reload_success: Family<ListenerLabels, Gauge>,
     /// When the current certificate expires (Unix seconds).
     pub cert_expiry: Gauge,
+    /// Roots in the trust bundle in force.
+    pub trust_bundle_roots: Gauge,
+    /// When each root of the bundle in force expires, by fingerprint.
+    pub trust_bundle_root_expiry: Family<[(&'static str, String); 1], Gauge>,
+    /// The roots last shown, whose series leave with them.
+    shown_roots: Arc<std::sync::Mutex<Arc<[crate::tls::TrustRoot]>>>,
     /// Certificate renewals by result.
     pub renewals: Family<[(&'static str, &'static str); 1], Counter>,
     /// JWKS fetches by issuer and result.
@@ -89,6 +95,8 @@ impl ProxyMetrics {
         let policy_reload_failed = Family::<ListenerLabels, Gauge>::default();
         let policy_reload_success = Family::<ListenerLabels, Gauge>::default();
         let cert_expiry = Gauge::default();
+        let trust_bundle_roots = Gauge::default();
+        let trust_bundle_root_expiry = Family::<[(&'static str, String); 1], Gauge>::default();
         let renewals = Family::<[(&'static str, &'static str); 1], Counter>::default();
         let jwks_fetches = Family::<[(&'static str, String); 2], Counter>::default();
         let spans_dropped = Counter::default();
@@ -166,6 +174,16 @@ impl ProxyMetrics {
             cert_expiry.clone(),
         );
         registry.register(
+            "moat_trust_bundle_roots",
+            "Roots in the trust bundle that verifies peers (0 until the first credentials)",
+            trust_bundle_roots.clone(),
+        );
+        registry.register(
+            "moat_trust_bundle_root_expiry_timestamp_seconds",
+            "When each root of the trust bundle expires (Unix time), by the first 8 bytes of its SHA-256 fingerprint",
+            trust_bundle_root_expiry.clone(),
+        );
+        registry.register(
             "moat_certificate_renewals",
             "Certificate renewals by result",
             renewals.clone(),
@@ -210,6 +228,9 @@ impl ProxyMetrics {
             policy_reload_failed,
             policy_reload_success,
             cert_expiry,
+            trust_bundle_roots,
+            trust_bundle_root_expiry,
+            shown_roots: Arc::new(std::sync::Mutex::new(Arc::new([]))),
             renewals,
             jwks_fetches,
             spans_dropped,
@@ -329,6 +350,33 @@ impl ProxyMetrics {
                 .get_or_create(&[("listener", listener.to_owned()), ("hash", hash.to_owned())])
                 .set(1);
         }
+    }
+
+    /// Shows the roots of the bundle in force: one series per root, so a
+    /// series leaves with its root (after `moat ca rotate --retire`). A
+    /// bundle holds one root, two during a rotation: the label's values
+    /// stay as few. Series of roots still there are never removed, not even
+    /// for a moment: a scrape running beside this one (two Prometheus
+    /// servers) sees every root.
+    pub fn set_trust_bundle(&self, roots: &Arc<[crate::tls::TrustRoot]>) {
+        let mut shown = self.shown_roots.lock().expect("shown roots");
+        if Arc::ptr_eq(&shown, roots) {
+            return;
+        }
+        for gone in shown
+            .iter()
+            .filter(|s| !roots.iter().any(|r| r.fingerprint == s.fingerprint))
+        {
+            self.trust_bundle_root_expiry
+                .remove(&[("fingerprint", gone.fingerprint.clone())]);
+        }
+        for root in roots.iter() {
+            self.trust_bundle_root_expiry
+                .get_or_create(&[("fingerprint", root.fingerprint.clone())])
+                .set(root.not_after);
+        }
+        self.trust_bundle_roots.set(roots.len() as i64);
+        *shown = roots.clone();
     }
 
     /// Registers a metric kept by another module (the transparent

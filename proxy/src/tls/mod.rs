@@ -18,7 +18,7 @@ use rustls::server::{ClientHello, NoServerSessionStorage, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig, SignatureScheme, SupportedProtocolVersion};
 
-pub use store::{CredentialError, CredentialStore, Credentials};
+pub use store::{CredentialError, CredentialStore, Credentials, TrustRoot};
 pub use verify::{PeerClientVerifier, PeerIdError, PeerServerVerifier};
 
 use crate::config::PeerPattern;

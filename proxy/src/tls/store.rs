@@ -35,6 +35,23 @@ pub struct Credentials {
     pub(crate) client_chain_verifier: Arc<dyn ClientCertVerifier>,
     /// The trust domain peers must belong to: our own.
     pub trust_domain: TrustDomain,
+    /// The bundle's roots as the metrics show them, read once per set
+    /// rather than at each scrape.
+    pub trust_roots: Arc<[TrustRoot]>,
+}
+
+/// One root of the trust bundle, as `moat_trust_bundle_root_expiry_timestamp_seconds`
+/// shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustRoot {
+    /// The first 8 bytes of the SHA-256 of the root's DER, in lower-case hex
+    /// (16 digits): what `openssl x509 -noout -fingerprint -sha256` prints,
+    /// cut short, without colons. Enough to tell apart the one or two roots
+    /// a bundle holds.
+    pub fingerprint: String,
+    /// When the root expires, in Unix seconds (`0` if it cannot be parsed:
+    /// rustls took it as a trust anchor, so it should always parse).
+    pub not_after: i64,
 }
 
 /// Why a set of credentials cannot be used.
@@ -107,6 +124,7 @@ impl Credentials {
         Ok(Self {
             svid,
             certified_key: Arc::new(certified_key),
+            trust_roots: trust_roots(&bundle),
             bundle,
             roots,
             client_chain_verifier,
@@ -131,6 +149,7 @@ impl Credentials {
         Ok(Self {
             svid: self.svid.clone(),
             certified_key: self.certified_key.clone(),
+            trust_roots: trust_roots(&bundle),
             bundle,
             roots,
             client_chain_verifier,
@@ -139,9 +158,28 @@ impl Credentials {
     }
 }
 
-/// Why our own chain does not verify. When it leads to none of the
-/// bundle's roots (the usual cause: a bundle from another CA, or from before
-/// a rotation), says who issued the certificate and which roots were tried.
+/// The roots of `bundle`, for the metrics.
+fn trust_roots(bundle: &TrustBundle) -> Arc<[TrustRoot]> {
+    bundle
+        .roots()
+        .iter()
+        .map(|der| {
+            let digest = aws_lc_rs::digest::digest(&aws_lc_rs::digest::SHA256, der);
+            let fingerprint = digest.as_ref()[..8]
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            let not_after = x509_parser::parse_x509_certificate(der)
+                .map(|(_, c)| c.validity().not_after.timestamp())
+                .unwrap_or(0);
+            TrustRoot {
+                fingerprint,
+                not_after,
+            }
+        })
+        .collect()
+}
+
 /// Why a key was refused, in words: rustls's own text for a mismatch is
 /// `keys may not be consistent: KeyMismatch`.
 fn key_failure(e: &rustls::Error) -> String {
@@ -157,6 +195,9 @@ fn key_failure(e: &rustls::Error) -> String {
     }
 }
 
+/// Why our own chain does not verify. When it leads to none of the
+/// bundle's roots (the usual cause: a bundle from another CA, or from before
+/// a rotation), says who issued the certificate and which roots were tried.
 fn chain_failure(e: &rustls::Error, svid: &Svid, bundle: &TrustBundle) -> String {
     use rustls::CertificateError;
     let leads_nowhere = matches!(
