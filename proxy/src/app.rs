@@ -13,7 +13,6 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 use crate::config::AppProtocol;
 
@@ -96,7 +95,7 @@ pub async fn probe_h2c(addr: SocketAddr, wait: Duration) -> Option<bool> {
 /// `Some(true)` if the service answers the HTTP/2 preface with SETTINGS,
 /// `Some(false)` if it answers otherwise, `None` if it cannot be reached.
 async fn ask(addr: SocketAddr, wait: Duration) -> Option<bool> {
-    let mut s = tokio::time::timeout(wait, TcpStream::connect(addr))
+    let mut s = tokio::time::timeout(wait, crate::upstream::connect_tcp(addr))
         .await
         .ok()?
         .ok()?;

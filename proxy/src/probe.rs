@@ -190,6 +190,7 @@ impl AppProbes {
 }
 
 /// What a probe of the app found.
+#[derive(Debug)]
 enum Outcome {
     /// The app answered the GET with this status.
     Status(StatusCode),
@@ -206,7 +207,9 @@ impl AppProbe {
             (None, Some(t)) => t.port,
             (None, None) => return Outcome::Failed("no probe".into()),
         };
-        let stream = match TcpStream::connect(("127.0.0.1", port)).await {
+        // A closed port in the ephemeral range can connect to itself: not
+        // the app answering.
+        let stream = match crate::upstream::connect_tcp(("127.0.0.1", port)).await {
             Ok(s) => s,
             Err(e) => return Outcome::Failed(format!("cannot connect to 127.0.0.1:{port}: {e}")),
         };
@@ -245,6 +248,28 @@ mod tests {
     use super::*;
 
     const TWO: &str = r#"{"/app-health/app/livez":{"httpGet":{"path":"/healthz","port":8080}},"/app-health/app/readyz":{"tcpSocket":{"port":8080},"timeoutSeconds":3}}"#;
+
+    /// An app that is down on a port the kernel also hands out as a source
+    /// port: the probe's dial can connect to itself, which is not the app.
+    #[test]
+    fn a_tcp_probe_that_connects_to_itself_fails() {
+        use crate::upstream::tests::{in_a_namespace_of_its_own, only_ephemeral_port};
+        let Some(outcome) = in_a_namespace_of_its_own(|rt| {
+            only_ephemeral_port(40002);
+            let probe = AppProbe {
+                http_get: None,
+                tcp_socket: Some(TcpSocket { port: 40002 }),
+                timeout_seconds: None,
+            };
+            rt.block_on(probe.run())
+        }) else {
+            return;
+        };
+        assert!(
+            matches!(&outcome, Outcome::Failed(e) if e.contains("self-connection")),
+            "{outcome:?}"
+        );
+    }
 
     #[test]
     fn probes_round_trip_through_their_json() {

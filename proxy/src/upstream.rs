@@ -767,7 +767,7 @@ fn refuse_self_connect(stream: &tokio::net::TcpStream) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::net::SocketAddr;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -804,6 +804,28 @@ mod tests {
     /// namespace of its own, for this thread); skipped otherwise.
     #[test]
     fn a_dial_the_kernel_connects_to_itself_is_refused() {
+        let Some(kinds) = in_a_namespace_of_its_own(|rt| {
+            only_ephemeral_port(40000);
+            let local = rt.block_on(connect_local("127.0.0.1:40000".parse().unwrap()));
+            only_ephemeral_port(40001);
+            let peer = rt.block_on(connect_tcp(("127.0.0.1", 40001)));
+            [local, peer].map(|r| {
+                let e = r.expect_err("a self-connection");
+                assert!(e.to_string().contains("self-connection"), "{e}");
+                e.kind()
+            })
+        }) else {
+            return;
+        };
+        assert_eq!(kinds, [std::io::ErrorKind::ConnectionRefused; 2]);
+    }
+
+    /// Runs `f` on a thread of its own in a new network namespace (loopback
+    /// up) with a current-thread runtime; `None` when not root (skipped, or
+    /// a failure under `MOAT_TEST_REQUIRE_ALL=1`).
+    pub(crate) fn in_a_namespace_of_its_own<T: Send + 'static>(
+        f: impl FnOnce(&tokio::runtime::Runtime) -> T + Send + 'static,
+    ) -> Option<T> {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             assert!(
@@ -811,12 +833,12 @@ mod tests {
                 "MOAT_TEST_REQUIRE_ALL=1 and this test needs root"
             );
             eprintln!("SKIPPED: not root: a network namespace needs root");
-            return;
+            return None;
         }
-        let kinds = std::thread::spawn(|| {
+        let ran = std::thread::spawn(|| {
             // SAFETY: unshare(CLONE_NEWNET) moves this thread alone (network
             // namespaces are per thread) into a new namespace; the thread
-            // ends with the test.
+            // ends with `f`.
             assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
             // `ip` runs in the thread's namespace (a child inherits it).
             let up = std::process::Command::new("ip")
@@ -828,21 +850,17 @@ mod tests {
                 .enable_all()
                 .build()
                 .unwrap();
-            let range = "/proc/sys/net/ipv4/ip_local_port_range";
-            // One port per dial: a refused one stays in TIME_WAIT.
-            std::fs::write(range, "40000 40000").unwrap();
-            let local = rt.block_on(connect_local("127.0.0.1:40000".parse().unwrap()));
-            std::fs::write(range, "40001 40001").unwrap();
-            let peer = rt.block_on(connect_tcp(("127.0.0.1", 40001)));
-            [local, peer].map(|r| {
-                let e = r.expect_err("a self-connection");
-                assert!(e.to_string().contains("self-connection"), "{e}");
-                e.kind()
-            })
-        })
-        .join()
-        .unwrap();
-        assert_eq!(kinds, [std::io::ErrorKind::ConnectionRefused; 2]);
+            f(&rt)
+        });
+        Some(ran.join().unwrap())
+    }
+
+    /// In [`in_a_namespace_of_its_own`]: the kernel's one ephemeral port is
+    /// `port`, so a dial to it, closed, is given it as its source. One port
+    /// per dial: a refused one stays in TIME_WAIT.
+    pub(crate) fn only_ephemeral_port(port: u16) {
+        let range = "/proc/sys/net/ipv4/ip_local_port_range";
+        std::fs::write(range, format!("{port} {port}")).unwrap();
     }
 
     struct Plain(SocketAddr);
