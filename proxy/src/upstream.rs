@@ -668,16 +668,30 @@ fn into_origin_form<B>(req: &mut Request<B>) {
 /// A failed exchange as the side that failed: a response head over the
 /// limits is the upstream's fault, named as such; a failure of the
 /// caller's body (marked [`CallerBodyError`] on its way in, somewhere in
-/// the error's causes) is the caller's.
+/// the error's causes, or over HTTP/2 a stream our client reset) is the
+/// caller's.
 fn upstream_error(e: &hyper::Error) -> ProxyError {
     let mut causes = std::iter::successors(std::error::Error::source(e), |s| s.source());
-    if causes.any(<dyn std::error::Error>::is::<CallerBodyError>) {
+    if causes.any(<dyn std::error::Error>::is::<CallerBodyError>) || reset_by_us(e) {
         ProxyError::BadRequestBody(describe(e))
     } else if e.is_parse_too_large() {
         ProxyError::ResponseHeadersTooLarge(describe(e))
     } else {
         ProxyError::Upstream(describe(e))
     }
+}
+
+/// An HTTP/2 stream to the upstream that hyper's client reset itself
+/// (neither the upstream nor h2 did). It does that when the request body
+/// it sends fails, which is the caller's body ([`CallerBodyError`]); but
+/// then it answers the response's future with the reset, not with the
+/// body's error, so the mark never reaches [`upstream_error`]. (Its other
+/// resets, CANCEL for a response future dropped and one for a CONNECT
+/// answer with a body, never come here.)
+fn reset_by_us(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h2| h2.is_reset() && !h2.is_remote() && !h2.is_library())
 }
 
 impl<B> Body for OutBody<B>

@@ -388,3 +388,53 @@ fn a_malformed_chunked_body_is_the_callers_fault() {
     );
     s.assert_still_serving();
 }
+
+/// The same toward a service that speaks h2c, declared (`app_protocol =
+/// "http2"`) or found by `auto`: hyper's HTTP/2 client resets the stream
+/// when the caller's body fails and reported that as its own failure
+/// (502 upstream_failed). Still 400 `bad_request_body`, counted 4xx.
+#[test]
+fn a_malformed_chunked_body_is_the_callers_fault_toward_an_h2c_service() {
+    for app in ["http2", "auto"] {
+        let mut s = sidecar_forwarding_to(h2c_echo_service(), "", |_| {
+            format!("app_protocol = \"{app}\"\n")
+        });
+        // A well-formed chunked body gets through (and `auto` finds h2c).
+        let good = b"POST /good HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n";
+        let text = raw_http1(&s, good, Duration::from_secs(3));
+        assert_eq!(statuses(&text), vec![200], "{app}: {text}");
+        assert!(text.contains("\"body_len\":3"), "{app}: {text}");
+        for (what, chunks) in [
+            ("size zz", &b"zz\r\nabc\r\n0\r\n\r\n"[..]),
+            ("size -3", b"-3\r\nabc\r\n0\r\n\r\n"),
+            (
+                "a good chunk, then size 0x3",
+                b"3\r\nabc\r\n0x3\r\nabc\r\n0\r\n\r\n",
+            ),
+        ] {
+            let mut req =
+                b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            req.extend_from_slice(chunks);
+            let text = raw_http1(&s, &req, Duration::from_secs(3));
+            assert_eq!(statuses(&text), vec![400], "{app}, {what}: {text}");
+            assert_eq!(
+                reason(&text).as_deref(),
+                Some("bad_request_body"),
+                "{app}, {what}: {text}"
+            );
+        }
+        let metrics = s.scrape();
+        let counted = |class| {
+            metric(
+                &metrics,
+                "moat_requests_total",
+                &[("listener", "api"), ("status", class)],
+            )
+        };
+        assert_eq!(counted("5xx"), 0.0, "{app}: not the service's: {metrics}");
+        assert!(counted("4xx") >= 3.0, "{app}: the caller's: {metrics}");
+        wait_for_logs(&s.proxy, "request body from the caller failed", 3);
+        assert_eq!(count_logs(&s.proxy, "forwarding failed"), 0, "{app}");
+        s.assert_still_serving();
+    }
+}

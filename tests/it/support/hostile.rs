@@ -41,9 +41,17 @@ pub(crate) fn sidecar(extra: &str, inbound_extra: &str) -> Sidecar {
 /// Like [`sidecar`], with `inbound_extra` computed from the CA (to write
 /// policy files into its directory).
 pub(crate) fn sidecar_with(extra: &str, inbound_extra: impl FnOnce(&TestCa) -> String) -> Sidecar {
+    sidecar_forwarding_to(echo_service(), extra, inbound_extra)
+}
+
+/// Like [`sidecar_with`], forwarding to the service at `echo`.
+pub(crate) fn sidecar_forwarding_to(
+    echo: SocketAddr,
+    extra: &str,
+    inbound_extra: impl FnOnce(&TestCa) -> String,
+) -> Sidecar {
     moat_ca::install_crypto_provider();
     let ca = TestCa::start();
-    let echo = echo_service();
     let server = issue(&ca, SERVER_ID, "1h", "server");
     let client = issue(&ca, CLIENT_ID, "1h", "client");
     let inbound_extra = inbound_extra(&ca);
@@ -231,4 +239,44 @@ pub(crate) fn openssl_connects(addr: SocketAddr, args: &[&str]) -> (bool, String
         String::from_utf8_lossy(&out.stderr)
     );
     (text.contains("CONNECTION ESTABLISHED"), text)
+}
+
+/// An h2c-only service (HTTP/2 with prior knowledge, on 127.0.0.1:0) that
+/// reads each request's whole body, then answers 200 with the echo
+/// service's `{"path", "body_len"}` (or 400 if the body failed).
+pub(crate) fn h2c_echo_service() -> SocketAddr {
+    use http_body_util::{BodyExt, Full};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                        let path = req.uri().path().to_owned();
+                        let (status, body) = match req.into_body().collect().await {
+                            Ok(b) => (200, serde_json::json!({"path": path, "body_len": b.to_bytes().len()})),
+                            Err(e) => (400, serde_json::json!({"service_saw": e.to_string()})),
+                        };
+                        let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, std::convert::Infallible>(resp)
+                    });
+                    let io = hyper_util::rt::TokioIo::new(stream);
+                    let b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+                    let _ = b.http2_only().serve_connection(io, svc).await;
+                });
+            }
+        });
+    });
+    addr
 }
