@@ -133,19 +133,25 @@ impl Decision<'_> {
     }
 }
 
-/// A claim as a header value: strings as is, numbers and booleans as JSON;
-/// arrays of strings joined with `,`. Objects and values that are not valid
-/// header values are not forwarded.
+/// A claim as a header value: strings as is, numbers and booleans as JSON,
+/// arrays of strings joined with `,`. `None` (the request is refused) for a
+/// value that is not a valid header value (CR, LF, NUL or another control
+/// character; UTF-8 text is sent as its bytes), `null`, an object, or an array holding anything
+/// but strings, or a string with a `,` (which the service could not tell
+/// from two items).
 pub(super) fn claim_header_value(v: &Value) -> Option<HeaderValue> {
     let text = match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Array(items) => {
-            let parts: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+            let parts: Option<Vec<&str>> = items
+                .iter()
+                .map(|i| i.as_str().filter(|s| !s.contains(',')))
+                .collect();
             parts?.join(",")
         }
-        _ => return None,
+        Value::Null | Value::Object(_) => return None,
     };
     HeaderValue::from_str(&text).ok()
 }

@@ -85,6 +85,9 @@ impl Policy {
             normalized: path::normalize(facts.path).map(|n| n.path_and_query().into_owned()),
             detail: d.detail,
             claim: d.claim.and_then(|name| {
+                if d.reason == Reason::JwtClaimUnforwardable {
+                    return Some(format!("{name:?} cannot be a header value"));
+                }
                 let want = deciding?.claim_condition(name)?;
                 Some(format!("{name:?} must hold {}", want.describe()))
             }),
