@@ -19,8 +19,9 @@
 //! A [`JwksCache`] holds one [`IssuerKeys`] per source, shared by every
 //! policy loaded through it so a reload does not refetch. File sources are
 //! read when bound ([`JwksCache::bind`]); URL sources are fetched by
-//! [`JwksCache::fetch_all`] (call it at start), by the refresh loop, and on
-//! an unknown `kid`.
+//! [`JwksCache::fetch_all`] (call it at start). Both are then re-read by
+//! the refresh loop and on an unknown `kid`, so a file rotated in place is
+//! picked up as a URL's new keys are.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -100,8 +101,8 @@ pub enum JwksError {
     Fetch {
         /// The URL.
         url: String,
-        /// The client error, saying which side failed.
-        source: crate::client::ClientError,
+        /// What failed, naming the JWKS server (not the CA).
+        source: FetchError,
     },
     /// The bearer token file of a URL source could not be read.
     #[error("cannot read the JWKS bearer token file {path}: {source}")]
@@ -119,6 +120,46 @@ pub enum JwksError {
         /// The HTTP status.
         status: http::StatusCode,
     },
+}
+
+/// How the HTTPS exchange with a JWKS server failed, saying which side.
+/// The transport is the CA client's ([`crate::client::https_request`]);
+/// its errors are reworded here so that a JWKS server is not called the CA.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FetchError {
+    /// Could not connect to the JWKS server (network side).
+    #[error("cannot reach the JWKS server at {addr}: {source}")]
+    Connect {
+        /// The address tried.
+        addr: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TLS handshake with the JWKS server failed (for example, its
+    /// certificate does not verify with `jwks_ca`).
+    #[error("TLS with the JWKS server failed: {0}")]
+    Tls(std::io::Error),
+    /// The HTTP exchange failed after the handshake.
+    #[error("HTTP exchange with the JWKS server failed: {0}")]
+    Http(String),
+    /// The JWKS server did not answer in time.
+    #[error("the JWKS server did not answer within {}", crate::format_duration(*.0))]
+    Timeout(Duration),
+}
+
+impl From<crate::client::ClientError> for FetchError {
+    fn from(e: crate::client::ClientError) -> Self {
+        use crate::client::ClientError;
+        match e {
+            ClientError::Connect { addr, source } => Self::Connect { addr, source },
+            ClientError::Tls(e) => Self::Tls(e),
+            ClientError::Timeout(d) => Self::Timeout(d),
+            ClientError::Http(e) => Self::Http(e),
+            // Not made by one HTTPS exchange; said as is, just in case.
+            other => Self::Http(other.to_string()),
+        }
+    }
 }
 
 /// One usable verification key.
@@ -507,12 +548,23 @@ impl IssuerKeys {
             Err(e) => {
                 state.fetches_failed += 1;
                 state.last_error = Some(e.to_string());
-                tracing::warn!(
-                    jwks = %self.source.origin(),
-                    error = %e,
-                    keys_kept = self.keys.load().keys.len(),
-                    "JWKS refresh failed; keeping the last good keys"
-                );
+                let kept = self.keys.load().keys.len();
+                if kept == 0 {
+                    // No keys yet (at start, or never fetched): nothing is
+                    // kept, and every token of this source is refused.
+                    tracing::warn!(
+                        jwks = %self.source.origin(),
+                        error = %e,
+                        "JWKS fetch failed; no keys yet, so tokens of this issuer are refused (its routes deny) until its keys are fetched"
+                    );
+                } else {
+                    tracing::warn!(
+                        jwks = %self.source.origin(),
+                        error = %e,
+                        keys_kept = kept,
+                        "JWKS refresh failed; keeping the last good keys"
+                    );
+                }
                 Err(e)
             }
         }
@@ -554,9 +606,9 @@ impl IssuerKeys {
         let (status, body) =
             crate::client::https_request(config.clone(), name.clone(), req, FETCH_TIMEOUT)
                 .await
-                .map_err(|source| JwksError::Fetch {
+                .map_err(|e| JwksError::Fetch {
                     url: url.clone(),
-                    source,
+                    source: e.into(),
                 })?;
         if status != http::StatusCode::OK {
             return Err(JwksError::Status { url, status });

@@ -53,12 +53,26 @@ pub struct AuthzRecord {
     pub reason: AuthzReason,
 }
 
+/// The codes of the answers of the request checks that run before the
+/// policy ([`AuthzReason::Refused`]).
+pub const REFUSALS: [&str; 8] = [
+    "method_not_uppercase",
+    "invalid_host",
+    "missing_host",
+    "unsupported_transfer_encoding",
+    "bad_request",
+    "request_headers_too_large",
+    "uri_too_long",
+    "connect_not_supported",
+];
+
 /// What the authorization step did with a request; [`AuthzDecision::as_str`]
 /// is the `decision` label of the access log, metrics and spans.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AuthzDecision {
-    /// No policy decided: none is configured, or the request was answered
-    /// before the policy saw it (and every outbound request).
+    /// No authorization step: no policy is configured (and every outbound
+    /// request). On a listener with a policy a request refused before the
+    /// policy saw it is a [`AuthzDecision::Deny`].
     None,
     /// The policy allowed the request.
     Allow,
@@ -76,6 +90,11 @@ pub enum AuthzReason {
     NoPolicy,
     /// The request carried a method override header (refused before the policy).
     MethodOverride,
+    /// The request checks refused the request before the policy saw it:
+    /// the code of the 400 (or 414, 431, 501) answer, as in its body, by
+    /// its place in [`REFUSALS`] (an index, not a `&str`: the record is
+    /// held across an `.await` in every request's future).
+    Refused(u8),
     /// The policy's own reason code.
     Policy(Reason),
 }
@@ -197,6 +216,28 @@ impl Authorizer {
     }
 }
 
+impl Authorizer {
+    /// The record of a request the request checks refused (answered with
+    /// `reason`) before the policy was asked: on a listener with a policy,
+    /// a `deny` like any other refusal (as `method_override` is); `None`
+    /// without one, where no authorization step runs.
+    pub(crate) fn refused_before_policy(&self, reason: &str) -> Option<AuthzRecord> {
+        match self {
+            Authorizer::AllowAll => None,
+            Authorizer::Policy(_) => {
+                // Every code `check_head` answers with is listed; anything
+                // else would be a generic 400.
+                let index = REFUSALS.iter().position(|r| *r == reason).unwrap_or(4);
+                Some(AuthzRecord {
+                    route: None,
+                    decision: AuthzDecision::Deny,
+                    reason: AuthzReason::Refused(u8::try_from(index).unwrap_or(4)),
+                })
+            }
+        }
+    }
+}
+
 impl AuthzDecision {
     /// Every decision, in the order of [`AuthzDecision::index`].
     pub const ALL: [AuthzDecision; 4] = [
@@ -229,12 +270,14 @@ impl AuthzDecision {
 }
 
 impl AuthzReason {
-    /// The label value: `no_policy`, `method_override`, or the policy's
-    /// reason code (`allowed`, `peer_not_allowed`, `no_route`, ...).
+    /// The label value: `no_policy`, `method_override`, a request check's
+    /// code (`method_not_uppercase`, ...), or the policy's reason code
+    /// (`allowed`, `peer_not_allowed`, `no_route`, ...).
     pub fn as_str(self) -> &'static str {
         match self {
             AuthzReason::NoPolicy => "no_policy",
             AuthzReason::MethodOverride => "method_override",
+            AuthzReason::Refused(i) => REFUSALS[usize::from(i) % REFUSALS.len()],
             AuthzReason::Policy(reason) => reason.as_str(),
         }
     }

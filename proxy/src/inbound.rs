@@ -416,7 +416,8 @@ impl InboundService {
                         raw: raw_path,
                         normalized: None,
                     };
-                    return (e.into_response(), None, paths);
+                    let verdict = self.authz.refused_before_policy(e.reason());
+                    return (e.into_response(), verdict, paths);
                 }
             };
             let outcome = self.authz.authorize(&mut parts, &peer.id, request_id).await;

@@ -7,7 +7,7 @@
 use crate::support::hostile as hostile_support;
 use crate::support::proxy as proxy_support;
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -335,4 +335,57 @@ fn forged_and_out_of_date_jwts_are_401() {
         forged.len() as f64 + 1.0,
         "every refusal counted\n{m}"
     );
+}
+
+/// A route that forwards a claim promises the service its header: a claim
+/// that cannot be a header value (here a line break and a forged identity
+/// header) is a 401 `jwt_claim_unforwardable`, logged with the claim's
+/// name and never its value, and counted; not a request without the header.
+#[test]
+fn a_forwarded_claim_that_cannot_be_a_header_is_refused_not_dropped() {
+    let mut f = fixture();
+    let mut claims = f.claims();
+    claims["sub"] = json!(format!("alice\r\nx-moat-peer-id: {ADMIN_ID}"));
+    let token = f.token(json!({"alg": "ES256", "kid": "k1"}), claims);
+    let (status, body) = f.me(&token, &[]);
+    assert_eq!(status, 401, "{body}");
+    let answer: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(answer["reason"], "jwt_claim_unforwardable", "{body}");
+    let line = f.s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "request denied" && v["reason"] == "jwt_claim_unforwardable"
+    });
+    assert_eq!(
+        (&line["route"], &line["claim"]),
+        (&json!("me"), &json!("sub"))
+    );
+    assert!(
+        !line.to_string().contains("alice"),
+        "the name, not the value: {line}"
+    );
+    let access = f.s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "access" && v["reason"] == "jwt_claim_unforwardable"
+    });
+    assert_eq!(
+        (&access["decision"], &access["status"]),
+        (&json!("deny"), &json!(401))
+    );
+    let m = f.s.scrape();
+    let counted = metric(
+        &m,
+        "moat_authz_decisions_total",
+        &[
+            ("route", "me"),
+            ("decision", "deny"),
+            ("reason", "jwt_claim_unforwardable"),
+        ],
+    );
+    assert_eq!(counted, 1.0, "{m}");
+    // A number is forwarded as its JSON text.
+    let mut claims = f.claims();
+    claims["sub"] = json!(42);
+    let token = f.token(json!({"alg": "ES256", "kid": "k1"}), claims);
+    let (status, body) = f.me(&token, &[]);
+    assert_eq!(status, 200, "{body}");
+    let echoed: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echoed["headers"]["x-user-id"], "42", "{body}");
 }

@@ -438,3 +438,60 @@ fn a_malformed_chunked_body_is_the_callers_fault_toward_an_h2c_service() {
         s.assert_still_serving();
     }
 }
+
+/// On a listener with a policy, a request the checks refuse before the
+/// policy is a denial like `method_override`: `deny` with the check's
+/// reason on the access log line, in `moat_authz_decisions_total` and in
+/// `moat_requests_total` (never `none`, which is for no policy at all).
+#[test]
+fn request_check_refusals_are_denials_with_their_reason() {
+    let mut s = policed();
+    let cases = [
+        (
+            "delete /public/a HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+            "method_not_uppercase",
+        ),
+        (
+            "GET /public/a HTTP/1.1\r\nhost: user@x\r\nconnection: close\r\n\r\n",
+            "invalid_host",
+        ),
+        (
+            "GET /public/a HTTP/1.1\r\nconnection: close\r\n\r\n",
+            "missing_host",
+        ),
+        (
+            "POST /public/a HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+            "unsupported_transfer_encoding",
+        ),
+    ];
+    for (request, why) in cases {
+        refused_raw(&s, request, why, why);
+        let line = s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+            v["message"] == "access" && v["reason"] == why
+        });
+        assert_eq!(
+            (&line["decision"], &line["route"], &line["status"]),
+            (&Value::from("deny"), &Value::from("-"), &Value::from(400)),
+            "{line}"
+        );
+    }
+    let metrics = s.scrape();
+    for (_, why) in cases {
+        let denied = metric(
+            &metrics,
+            "moat_authz_decisions_total",
+            &[("listener", "api"), ("decision", "deny"), ("reason", why)],
+        );
+        assert_eq!(denied, 1.0, "{why} counted as a denial: {metrics}");
+    }
+    let none = metric(
+        &metrics,
+        "moat_requests_total",
+        &[("listener", "api"), ("decision", "none")],
+    );
+    assert_eq!(
+        none, 0.0,
+        "a listener with a policy decides every request: {metrics}"
+    );
+    s.assert_still_serving();
+}

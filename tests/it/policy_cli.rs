@@ -534,3 +534,52 @@ fn policy_tools_handle_path_templates() {
         "{stdout}"
     );
 }
+
+/// A claim header that spells a reserved one with `_` (which CGI and WSGI
+/// servers read as `-`, merging it with the real header) is refused like
+/// the dashed spelling: exit 64, `file:line:column` on the header.
+#[test]
+fn policy_check_refuses_underscore_spellings_of_reserved_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let enc = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    std::fs::write(&jwks, json!({ "keys": [jwk] }).to_string()).unwrap();
+    let headers = [
+        ("a", "x_moat_peer_id"),
+        ("b", "x-moat_peer-id"),
+        ("c", "x_forwarded_client_cert"),
+        ("d", "x_forwarded_for"),
+        ("e", "trace_parent"),
+        ("f", "content_length"),
+        ("g", "transfer_encoding"),
+    ];
+    let forward = headers
+        .iter()
+        .map(|(claim, h)| format!("{claim} = \"{h}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let claims_line = format!("forward_claims = {{ {forward} }}");
+    let policy = dir.path().join("p.toml");
+    std::fs::write(
+        &policy,
+        format!(
+            "[[issuer]]\nname = \"corp\"\nissuer = \"https://a\"\naudiences = [\"x\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\n\n\
+             [[route]]\nname = \"a\"\npath = \"/a\"\nallow = \"any-peer\"\njwt = {{ issuer = \"corp\" }}\n{claims_line}\n"
+        ),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = text(&moat(&["policy", "check", path_str(&policy)]));
+    assert_eq!(code, 64, "{stdout}{stderr}");
+    let p = policy.display();
+    for (_, h) in headers {
+        let column = claims_line.find(&format!("\"{h}\"")).unwrap() + 1;
+        let want = format!("{p}:13:{column}: header {h} is reserved and cannot carry a claim");
+        assert!(
+            stderr.lines().any(|l| l.starts_with(&want)),
+            "missing {want:?} in:\n{stderr}"
+        );
+    }
+}

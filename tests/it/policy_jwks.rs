@@ -1,7 +1,9 @@
 //! JWKS served over HTTPS by a test server (tokio + rustls on 127.0.0.1:0,
 //! certificates from rcgen): first fetch and readiness, key rotation picked
 //! up through an unknown-`kid` refetch, rate limiting, and fetch failures
-//! that keep the last good keys.
+//! that keep the last good keys (and say which server failed), `explain`
+//! saying why keys are missing, and a rotated `jwks_file` re-read on an
+//! unknown `kid`.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -394,4 +396,142 @@ async fn policy_explain_fetches_a_jwks_url_to_verify_a_token() {
     assert!(stdout.contains("decision: allow (allowed)"), "{stdout}");
     assert_eq!(server.hits(), 1);
     server.task.abort();
+}
+
+/// An issuer's routes behind the sidecar of [`crate::support::hostile`],
+/// with `issuer` (its `[[issuer]]` lines after `name`, `issuer`,
+/// `audiences` and `algorithms`) and one route `api` on `/api/*`.
+fn jwt_sidecar(issuer: impl FnOnce(&support::TestCa) -> String) -> support::hostile::Sidecar {
+    support::hostile::sidecar_with("", |ca| {
+        let policy = format!(
+            "[[issuer]]\nname = \"idp\"\nissuer = \"{ISS}\"\naudiences = [\"svc\"]\nalgorithms = [\"ES256\"]\n{}\n\
+             [[route]]\nname = \"api\"\npath = \"/api/*\"\nallow = \"any-peer\"\njwt = {{ issuer = \"idp\" }}\n",
+            issuer(ca)
+        );
+        let policy = support::proxy::write(ca.dir.path(), "policy.toml", &policy);
+        format!("policy = {:?}\n", support::path_str(&policy))
+    })
+}
+
+/// `GET /api/x` with `token` as the legitimate client; the status.
+fn get_api(s: &support::hostile::Sidecar, token: &str) -> u16 {
+    let auth = format!("Authorization: Bearer {token}");
+    support::proxy::curl(
+        s.inbound,
+        "/api/x",
+        Some(&s.client),
+        &["--http1.1", "-H", &auth],
+    )
+    .0
+}
+
+/// A `jwks_url` nobody answers at is the JWKS server's failure, not the
+/// CA's; and at start, with no keys yet, no keys are said to be kept: the
+/// issuer's routes deny until its keys are fetched.
+#[test]
+fn an_unreachable_jwks_url_is_named_and_no_keys_are_said_to_be_kept() {
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut s = jwt_sidecar(|ca| {
+        format!(
+            "jwks_url = \"https://127.0.0.1:{port}/.well-known/jwks.json\"\njwks_ca = {:?}\n",
+            support::path_str(&ca.bundle_file())
+        )
+    });
+    let line = s.proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["jwks"]
+            .as_str()
+            .is_some_and(|j| j.contains(&format!(":{port}/")))
+            && v["error"].is_string()
+    });
+    let error = line["error"].as_str().unwrap();
+    assert!(
+        error.contains(&format!("cannot reach the JWKS server at 127.0.0.1:{port}")),
+        "{line}"
+    );
+    assert!(!error.contains("the CA"), "{line}");
+    let message = line["message"].as_str().unwrap();
+    assert!(
+        !message.contains("keeping the last good keys")
+            && message.contains("until its keys are fetched"),
+        "{line}"
+    );
+    assert_eq!(
+        get_api(&s, "a.b.c"),
+        401,
+        "the issuer's routes deny meanwhile"
+    );
+}
+
+/// `explain --jwt` with keys that could not be fetched says so, and why,
+/// instead of blaming the token's `kid`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_explain_says_why_the_keys_could_not_be_fetched() {
+    moat_ca::install_crypto_provider();
+    let key = SigningKey::new("k1");
+    let server = JwksServer::start(jwks(&[&key])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (other_ca, _) = server_tls();
+    let path = write_policy(dir.path(), &server, &other_ca);
+    let token = key.token();
+    let out = tokio::task::spawn_blocking(move || {
+        support::moat(&[
+            "policy",
+            "explain",
+            support::path_str(&path),
+            "--peer",
+            "spiffe://example.org/ns/a/sa/b",
+            "--method",
+            "GET",
+            "--path",
+            "/api/x",
+            "--jwt",
+            &token,
+        ])
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let want = format!(
+        "decision: deny 401 (jwt_unknown_kid): the keys of issuer \"idp\" could not be fetched: fetching JWKS from https://{}/.well-known/jwks.json failed: TLS with the JWKS server failed",
+        server.addr
+    );
+    assert!(
+        stdout.contains(&want),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("no key of the issuer has the token's kid"),
+        "{stdout}"
+    );
+    server.task.abort();
+}
+
+/// A `jwks_file` rotated in place is re-read on a token naming a `kid` it
+/// did not hold (at most once per `min_refetch`), as a `jwks_url` is
+/// refetched: not only on the `refresh` schedule (an hour here) or SIGHUP.
+#[test]
+fn a_rotated_jwks_file_is_re_read_on_an_unknown_kid() {
+    let old = SigningKey::new("old");
+    let new = SigningKey::new("new");
+    let mut jwks_path = PathBuf::new();
+    let s = jwt_sidecar(|ca| {
+        jwks_path = support::proxy::write(ca.dir.path(), "jwks.json", &jwks(&[&old]));
+        "jwks_file = \"jwks.json\"\nrefresh = \"1h\"\nmin_refetch = \"1s\"\n".into()
+    });
+    assert_eq!(get_api(&s, &old.token()), 200);
+    assert_eq!(get_api(&s, &new.token()), 401, "not published yet");
+    // Rotated as a deployment would: written aside, renamed over.
+    let next = jwks_path.with_extension("next");
+    std::fs::write(&next, jwks(&[&old, &new])).unwrap();
+    std::fs::rename(&next, &jwks_path).unwrap();
+    support::proxy::eventually(
+        Duration::from_secs(10),
+        "a token with the new kid accepted",
+        || get_api(&s, &new.token()) == 200,
+    );
+    assert_eq!(get_api(&s, &old.token()), 200);
 }

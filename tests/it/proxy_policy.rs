@@ -506,3 +506,63 @@ peers = ["{BATCH}"]
     assert_eq!(access["status"], 401, "{access}");
     assert_eq!(access["reason"], "jwt_missing");
 }
+
+/// Audit mode has one spelling on every line: the decision line of a
+/// would-be denial says `audit_allow` and the status the caller got (the
+/// request went on: 200), with `would_be_status` the status enforcement
+/// would have answered; the access log and metrics say `audit_allow` too.
+#[test]
+fn an_audited_denial_is_audit_allow_on_every_line() {
+    let mut s = crate::support::hostile::sidecar_with("", |ca| {
+        let policy = write(
+            ca.dir.path(),
+            "policy.toml",
+            "mode = \"audit\"\n\n[[route]]\nname = \"admin\"\npath = \"/admin/*\"\npeers = [\"spiffe://example.org/ns/prod/sa/admin\"]\n",
+        );
+        format!("policy = {:?}\n", path_str(&policy))
+    });
+    let (status, body) = curl(s.inbound, "/admin/x", Some(&s.client), &["--http1.1"]);
+    assert_eq!(status, 200, "audit mode lets it through: {body}");
+    let decision = s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "request would be denied (audit mode)"
+    });
+    let access = s.proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "access" && v["path"] == "/admin/x"
+    });
+    assert_eq!(decision["request_id"], access["request_id"]);
+    assert_eq!(
+        (
+            &decision["decision"],
+            &decision["status"],
+            &decision["would_be_status"],
+            &decision["reason"]
+        ),
+        (
+            &Value::from("audit_allow"),
+            &Value::from(200),
+            &Value::from(403),
+            &Value::from("peer_not_allowed")
+        ),
+        "{decision}"
+    );
+    assert_eq!(
+        (&access["decision"], &access["status"], &access["reason"]),
+        (
+            &Value::from("audit_allow"),
+            &Value::from(200),
+            &Value::from("peer_not_allowed")
+        ),
+        "{access}"
+    );
+    let metrics = s.scrape();
+    let counted = crate::support::hostile::metric(
+        &metrics,
+        "moat_authz_decisions_total",
+        &[
+            ("route", "admin"),
+            ("decision", "audit_allow"),
+            ("reason", "peer_not_allowed"),
+        ],
+    );
+    assert_eq!(counted, 1.0, "{metrics}");
+}

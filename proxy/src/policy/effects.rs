@@ -102,23 +102,36 @@ impl Decision<'_> {
 
     /// Emits the decision log line for a denial or an audited would-be
     /// denial (nothing for an allow): request id (the access log line's),
-    /// route (`-` for none, as in the access log), policy hash, peer, JWT
-    /// `iss` and `sub`, method, path and reason, as structured fields.
+    /// decision (`deny`, or `audit_allow` as in the access log and metrics),
+    /// status (for `audit_allow`: 200, the request went on, with
+    /// `would_be_status` the status enforcement would have answered), route
+    /// (`-` for none, as in the access log), policy hash, peer, JWT `iss` and
+    /// `sub`, method, path, reason and, for a claim reason, the claim's name,
+    /// as structured fields.
     pub fn log(&self, facts: &RequestFacts<'_>, policy_hash: &str, request_id: impl fmt::Display) {
         if self.verdict == Verdict::Allow {
             return;
         }
         let path = self.path.as_ref().map_or(facts.path, |p| &p.path);
-        let message = if self.forwards() {
-            "request would be denied (audit mode)"
+        // The decision and status as the access log and metrics have them:
+        // an audited denial is `audit_allow`, answered by the service (200
+        // here stands for "forwarded"); `would_be_status` is enforcement's.
+        let (message, decision, status, would_be_status) = if self.forwards() {
+            (
+                "request would be denied (audit mode)",
+                "audit_allow",
+                StatusCode::OK.as_u16(),
+                Some(self.status().as_u16()),
+            )
         } else {
-            "request denied"
+            ("request denied", "deny", self.status().as_u16(), None)
         };
         tracing::warn!(
             target: "moat::policy",
             request_id = %request_id,
-            decision = if self.forwards() { "audit" } else { "deny" },
-            status = self.status().as_u16(),
+            decision,
+            status,
+            would_be_status,
             route = self.route.unwrap_or("-"),
             policy_hash,
             peer = %facts.peer,
@@ -133,19 +146,25 @@ impl Decision<'_> {
     }
 }
 
-/// A claim as a header value: strings as is, numbers and booleans as JSON;
-/// arrays of strings joined with `,`. Objects and values that are not valid
-/// header values are not forwarded.
+/// A claim as a header value: strings as is, numbers and booleans as JSON,
+/// arrays of strings joined with `,`. `None` (the request is refused) for a
+/// value that is not a valid header value (CR, LF, NUL or another control
+/// character; UTF-8 text is sent as its bytes), `null`, an object, or an array holding anything
+/// but strings, or a string with a `,` (which the service could not tell
+/// from two items).
 pub(super) fn claim_header_value(v: &Value) -> Option<HeaderValue> {
     let text = match v {
         Value::String(s) => s.clone(),
         Value::Number(n) => n.to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Array(items) => {
-            let parts: Option<Vec<&str>> = items.iter().map(Value::as_str).collect();
+            let parts: Option<Vec<&str>> = items
+                .iter()
+                .map(|i| i.as_str().filter(|s| !s.contains(',')))
+                .collect();
             parts?.join(",")
         }
-        _ => return None,
+        Value::Null | Value::Object(_) => return None,
     };
     HeaderValue::from_str(&text).ok()
 }

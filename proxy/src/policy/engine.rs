@@ -223,9 +223,30 @@ impl Policy {
                 d.claim = Some(name);
                 return;
             }
+            // A route that forwards a claim promises the service its
+            // header: a claim that cannot be one refuses the request rather
+            // than reach the service without it (an absent or `null` claim
+            // sends none: the client's copies are removed all the same).
             for (claim, header) in &route.forward_claims {
-                if let Some(value) = claims.get(claim).and_then(claim_header_value) {
-                    d.add_headers.push((header.clone(), value));
+                let Some(value) = claims.get(claim).filter(|v| !v.is_null()) else {
+                    continue;
+                };
+                match claim_header_value(value) {
+                    Some(value) => d.add_headers.push((header.clone(), value)),
+                    None => {
+                        d.add_headers.clear();
+                        d.verdict = Verdict::Unauthenticated;
+                        d.reason = Reason::JwtClaimUnforwardable;
+                        d.detail = "a claim the route forwards cannot be sent as a header value";
+                        d.claim = Some(claim);
+                        // The log names the claim, never its value.
+                        match claim.as_str() {
+                            "sub" => d.jwt_sub = None,
+                            "iss" => d.jwt_iss = None,
+                            _ => {}
+                        }
+                        return;
+                    }
                 }
             }
         }

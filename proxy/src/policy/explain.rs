@@ -39,6 +39,9 @@ pub struct Explanation {
     pub trace: Vec<String>,
     /// Headers that would be added.
     pub add_headers: Vec<(String, String)>,
+    /// For `jwt_unknown_kid`, when the issuer's last key fetch (or read)
+    /// failed: the issuer's name and why, which is then the likelier cause.
+    pub keys_error: Option<(String, String)>,
     /// Set when the proxy refuses the request with 400 before the policy is
     /// asked: the refusal's reason code and why; the rest is the policy's
     /// decision for the request as probably meant.
@@ -85,9 +88,15 @@ impl Policy {
             normalized: path::normalize(facts.path).map(|n| n.path_and_query().into_owned()),
             detail: d.detail,
             claim: d.claim.and_then(|name| {
+                if d.reason == Reason::JwtClaimUnforwardable {
+                    return Some(format!("{name:?} cannot be a header value"));
+                }
                 let want = deciding?.claim_condition(name)?;
                 Some(format!("{name:?} must hold {}", want.describe()))
             }),
+            keys_error: deciding
+                .filter(|_| d.reason == Reason::JwtUnknownKid)
+                .and_then(|r| self.keys_error(r)),
             audited: d.audited,
             trace,
             add_headers: d
@@ -125,6 +134,18 @@ impl Policy {
                     false
                 }
             })
+    }
+}
+
+impl Policy {
+    /// The issuer of `route` and why its last key fetch failed, if it did.
+    fn keys_error(&self, route: &Route) -> Option<(String, String)> {
+        let Rule::Allow { jwt: Some(jwt), .. } = &route.rule else {
+            return None;
+        };
+        let issuer = &self.issuers[jwt.issuer];
+        let error = issuer.keys.stats().last_error?;
+        Some((issuer.name.clone(), error))
     }
 }
 
@@ -184,13 +205,20 @@ impl fmt::Display for Explanation {
             200 => "allow".to_owned(),
             s => format!("deny {s}"),
         };
-        match &self.claim {
-            Some(claim) => writeln!(
+        match (&self.keys_error, &self.claim) {
+            // No key at all, or none since a failed refetch: the fetch is
+            // what to fix, not the token.
+            (Some((issuer, error)), _) => writeln!(
+                f,
+                "decision: {verdict} ({}): the keys of issuer {issuer:?} could not be fetched: {error}",
+                self.reason
+            )?,
+            (None, Some(claim)) => writeln!(
                 f,
                 "decision: {verdict} ({}): {}: claim {claim}",
                 self.reason, self.detail
             )?,
-            None => writeln!(f, "decision: {verdict} ({}): {}", self.reason, self.detail)?,
+            (None, None) => writeln!(f, "decision: {verdict} ({}): {}", self.reason, self.detail)?,
         }
         if self.audited {
             writeln!(f, "audit mode: the request would be let through and logged")?;

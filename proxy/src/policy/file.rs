@@ -37,7 +37,8 @@ const DEFAULT_MIN_REFETCH: Duration = Duration::from_secs(30);
 
 /// Headers a claim may never be forwarded as: they carry framing, routing,
 /// tracing, credentials or the verified peer identity, which the proxy itself
-/// is responsible for (every `x-moat-*` header is reserved too).
+/// is responsible for (every `x-moat-*` header is reserved too). Compared
+/// in every spelling (see `reserved_as`).
 const RESERVED_HEADERS: &[&str] = &[
     "authorization",
     "connection",
@@ -270,7 +271,12 @@ fn duration_field(
         Ok(d) if d < min || d > max => {
             diags.at(
                 field.span(),
-                format!("{name} must be between {min:?} and {max:?}"),
+                format!(
+                    "{name} must be between {} and {}, not {}",
+                    moat_ca::format_duration(min),
+                    moat_ca::format_duration(max),
+                    field.get_ref()
+                ),
             );
             default
         }
@@ -570,19 +576,26 @@ fn compile_route(
                     header.span(),
                     format!("header name {:?} must be lower case", header.get_ref()),
                 ),
-                Ok(h)
-                    if RESERVED_HEADERS.contains(&h.as_str())
-                        || h.as_str().starts_with("x-moat-") =>
-                {
-                    diags.at(
+                Ok(h) => match reserved_as(&h) {
+                    Some(real) if real == h.as_str() => diags.at(
                         header.span(),
                         format!("header {h} is reserved and cannot carry a claim"),
-                    );
-                }
-                Ok(h) if forward_claims.iter().any(|(_, o)| *o == h) => {
-                    diags.at(header.span(), format!("header {h} is used for two claims"));
-                }
-                Ok(h) => forward_claims.push((claim.clone(), h)),
+                    ),
+                    Some(real) => diags.at(
+                        header.span(),
+                        format!(
+                            "header {h} is reserved and cannot carry a claim: it is another spelling of {real}, which a service may read as the same header (CGI and WSGI servers read `_` as `-`)"
+                        ),
+                    ),
+                    // `x-user-id` and `x_user_id` are one variable to a WSGI app.
+                    None if forward_claims
+                        .iter()
+                        .any(|(_, o)| dashed(o.as_str()) == dashed(h.as_str())) =>
+                    {
+                        diags.at(header.span(), format!("header {h} is used for two claims"));
+                    }
+                    None => forward_claims.push((claim.clone(), h)),
+                },
                 Err(_) => diags.at(
                     header.span(),
                     format!("{:?} is not a valid header name", header.get_ref()),
@@ -605,6 +618,36 @@ fn compile_route(
         forward_token,
         mode,
     })
+}
+
+/// `name` with every `_` read as `-`, as CGI and WSGI servers read it
+/// (`x_moat_peer_id` and `x-moat-peer-id` are both `HTTP_X_MOAT_PEER_ID`).
+fn dashed(name: &str) -> String {
+    name.replace('_', "-")
+}
+
+/// `name` without its separators (`trace_parent`, `trace-parent` and
+/// `traceparent` are all `traceparent`).
+fn bare(name: &str) -> String {
+    name.replace(['-', '_'], "")
+}
+
+/// The reserved header `name` is a spelling of, if any: the same name with
+/// `_` for `-`, or with separators added or left out; `None` when it is
+/// free to carry a claim. A claim header is added after the client's
+/// underscore spellings of the identity headers are removed, so a reserved
+/// name in any spelling would reach the service beside (and, merged by a
+/// WSGI server, before) the real one.
+fn reserved_as(name: &HeaderName) -> Option<String> {
+    let dashed = dashed(name.as_str());
+    let bare = bare(name.as_str());
+    if dashed.starts_with("x-moat-") || bare.starts_with("xmoat") {
+        return Some(dashed);
+    }
+    RESERVED_HEADERS
+        .iter()
+        .find(|r| **r == dashed || self::bare(r) == bare)
+        .map(|r| (*r).to_owned())
 }
 
 fn compile_path(raw: &Spanned<String>, diags: &mut Diags<'_>) -> Option<PathPattern> {

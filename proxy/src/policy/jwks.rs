@@ -5,9 +5,9 @@
 //! Policies bind their issuers' sources through a shared [`JwksCache`], so
 //! a reload does not refetch; `jwks_file` sources are read when a policy is
 //! loaded, `jwks_url` sources by [`JwksCache::fetch_all`] (call it at start
-//! and wait for [`Policy::keys_ready`](super::Policy::keys_ready)), by the
-//! loop in [`JwksCache::run_refresh`], and on an unknown `kid`, at most once
-//! per `min_refetch`.
+//! and wait for [`Policy::keys_ready`](super::Policy::keys_ready)); both by
+//! the loop in [`JwksCache::run_refresh`], and on an unknown `kid`, at most
+//! once per `min_refetch`.
 
 pub use moat_ca::jwks::{IssuerKeys, JwksCache, JwksError, JwksSource, JwksStats};
 

@@ -178,6 +178,11 @@ pub enum Reason {
     JwtWrongAudience,
     /// The token is valid but a `claims` condition of the route is unmet.
     ClaimMismatch,
+    /// The token is valid but a claim the route forwards (`forward_claims`)
+    /// cannot be a header value: a string with a byte a header value cannot
+    /// hold (CR, LF, NUL or another control character), an object, or an
+    /// array that is not of strings free of `,`.
+    JwtClaimUnforwardable,
 }
 
 /// The authorization decision for one request. Borrows from the policy and
@@ -198,7 +203,9 @@ pub struct Decision<'a> {
     pub path: Option<NormalizedPath<'a>>,
     /// A short, secret-free explanation (for `explain` and debug logs).
     pub detail: &'static str,
-    /// For `claim_mismatch`: the claim whose condition is unmet.
+    /// For `claim_mismatch`: the claim whose condition is unmet; for
+    /// `jwt_claim_unforwardable`: the claim that cannot be a header (its
+    /// name only, never its value).
     pub claim: Option<&'a str>,
     /// Verified token's `iss`, for the decision log.
     pub jwt_iss: Option<String>,
@@ -429,6 +436,7 @@ impl Reason {
             Self::JwtWrongIssuer => "jwt_wrong_issuer",
             Self::JwtWrongAudience => "jwt_wrong_audience",
             Self::ClaimMismatch => "claim_mismatch",
+            Self::JwtClaimUnforwardable => "jwt_claim_unforwardable",
         }
     }
 }

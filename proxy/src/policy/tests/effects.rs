@@ -162,3 +162,78 @@ fn deny_responses_name_the_route_and_never_the_token() {
         );
     }
 }
+
+/// A route that forwards a claim promises the service its header: a claim
+/// that cannot be one is refused (401 `jwt_claim_unforwardable`, the claim
+/// named), not dropped; UTF-8 text (sent as its bytes), numbers, booleans
+/// and arrays of plain strings have a header form; an absent or `null` claim sends no header.
+#[test]
+fn a_forwarded_claim_that_cannot_be_a_header_value_is_refused() {
+    let f = fixture();
+    let peer = peer(FRONTEND);
+    let decide_sub = |sub: Option<serde_json::Value>| {
+        let mut claims = good_claims();
+        match sub {
+            Some(sub) => claims["sub"] = sub,
+            None => {
+                claims.as_object_mut().unwrap().remove("sub");
+            }
+        }
+        // As verified claims: the token library itself refuses some shapes
+        // of registered claims (an object `sub`) before moat sees them.
+        let claims = claims.as_object().unwrap().clone();
+        let facts = RequestFacts {
+            method: &Method::GET,
+            host: None,
+            path: "/invoices/1",
+            peer: &peer,
+            authorization: None,
+        };
+        let d = f.policy.authorize_assuming_claims(&facts, &claims, now());
+        let added: Vec<String> = d
+            .add_headers
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", String::from_utf8_lossy(v.as_bytes())))
+            .collect();
+        (
+            d.status().as_u16(),
+            d.reason.as_str(),
+            d.claim.map(str::to_owned),
+            d.jwt_sub.clone(),
+            added,
+        )
+    };
+    let refused = |sub: serde_json::Value| {
+        let (status, reason, claim, jwt_sub, added) = decide_sub(Some(sub.clone()));
+        assert_eq!(
+            (status, reason, claim.as_deref()),
+            (401, "jwt_claim_unforwardable", Some("sub")),
+            "{sub}"
+        );
+        assert!(
+            added.is_empty() && jwt_sub.is_none(),
+            "{sub}: {added:?} {jwt_sub:?}"
+        );
+    };
+    refused(json!(
+        "alice\r\nx-moat-peer-id: spiffe://example.org/ns/prod/sa/admin"
+    ));
+    refused(json!("alice\n"));
+    refused(json!("alice\0"));
+    refused(json!({"name": "alice"}));
+    refused(json!(["a", 1]));
+    refused(json!(["a,b", "c"]));
+    refused(json!([["a"]]));
+    let forwarded = |sub: Option<serde_json::Value>, want: &[&str]| {
+        let (status, reason, _, _, added) = decide_sub(sub.clone());
+        assert_eq!((status, reason), (200, "allowed"), "{sub:?}");
+        assert_eq!(added, want, "{sub:?}");
+    };
+    forwarded(Some(json!("alice")), &["x-user-id: alice"]);
+    forwarded(Some(json!("Zoë")), &["x-user-id: Zoë"]);
+    forwarded(Some(json!(42)), &["x-user-id: 42"]);
+    forwarded(Some(json!(true)), &["x-user-id: true"]);
+    forwarded(Some(json!(["a", "b"])), &["x-user-id: a,b"]);
+    forwarded(Some(json!(null)), &[]);
+    forwarded(None, &[]);
+}

@@ -53,6 +53,72 @@ fn file_errors_name_line_and_column() {
     assert!(errors_of(POLICY).is_empty() || errors_of(POLICY).iter().all(|e| e.contains("jwks")));
 }
 
+/// CGI and WSGI servers read `_` as `-` (`x_moat_peer_id` is
+/// `HTTP_X_MOAT_PEER_ID`, merged with the real identity header), so a
+/// reserved header is reserved in every spelling.
+#[test]
+fn a_claim_header_that_spells_a_reserved_one_with_underscores_is_refused() {
+    let issuer = "[[issuer]]\nname = \"corp\"\nissuer = \"https://a\"\naudiences = [\"x\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\n";
+    let route = |fc: &str| {
+        format!(
+            "{issuer}[[route]]\nname = \"a\"\npath = \"/a\"\nallow = \"any-peer\"\njwt = {{ issuer = \"corp\" }}\nforward_claims = {{ {fc} }}\n"
+        )
+    };
+    for (header, real) in [
+        ("x_moat_peer_id", "x-moat-peer-id"),
+        ("x-moat_peer-id", "x-moat-peer-id"),
+        ("x_moat_anything", "x-moat-anything"),
+        ("x_forwarded_client_cert", "x-forwarded-client-cert"),
+        ("x_forwarded_for", "x-forwarded-for"),
+        ("trace_parent", "traceparent"),
+        ("trace-parent", "traceparent"),
+        ("content_length", "content-length"),
+        ("transfer_encoding", "transfer-encoding"),
+    ] {
+        let errors = errors_of(&route(&format!("sub = \"{header}\"")));
+        let want = format!(
+            "12:26: header {header} is reserved and cannot carry a claim: it is another spelling of {real}, which a service may read as the same header (CGI and WSGI servers read `_` as `-`)"
+        );
+        assert!(errors.contains(&want), "{header}: {errors:#?}");
+    }
+    // Two claims in headers a WSGI app reads as one.
+    let errors = errors_of(&route("email = \"x-user\", sub = \"x_user\""));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.ends_with("header x_user is used for two claims")),
+        "{errors:#?}"
+    );
+    assert!(errors_of(&route("sub = \"x_user_id\"")).is_empty());
+}
+
+/// Bounds are said as operators write durations, with the value given.
+#[test]
+fn duration_bounds_are_printed_as_durations() {
+    let issuer = "[[issuer]]\nname = \"corp\"\nissuer = \"https://a\"\naudiences = [\"x\"]\njwks_file = \"jwks.json\"\nalgorithms = [\"ES256\"]\n";
+    for (field, want) in [
+        (
+            "refresh = \"8d\"",
+            "7:11: refresh must be between 10s and 168h, not 8d",
+        ),
+        (
+            "refresh = \"5s\"",
+            "7:11: refresh must be between 10s and 168h, not 5s",
+        ),
+        (
+            "min_refetch = \"2d\"",
+            "7:15: min_refetch must be between 1s and 24h, not 2d",
+        ),
+        (
+            "leeway = \"1h\"",
+            "7:10: leeway must be between 0s and 5m, not 1h",
+        ),
+    ] {
+        let errors = errors_of(&format!("{issuer}{field}\n"));
+        assert_eq!(errors, vec![want.to_owned()], "{field}");
+    }
+}
+
 #[test]
 fn shadowing_rules() {
     let route = |name: &str, methods: &str, host: &str, path: &str| {
