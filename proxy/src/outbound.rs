@@ -254,7 +254,8 @@ impl OutboundService {
         let this = self.clone();
         exchange.answer(forward, move |exchange, resp| {
             // The peer is the configured one whenever it answered (the
-            // handshake checked it); a refused one is named as presented.
+            // handshake checked it); a refused one is named as presented,
+            // and none (`-`) when no peer was reached.
             let peer = resp
                 .extensions()
                 .get::<Presented>()
@@ -293,7 +294,8 @@ impl OutboundService {
         };
         async move {
             let (req, upgrade, upstream_span) = match prepared {
-                Err(refused) => return refused.into_response(),
+                // Refused here: no peer was reached.
+                Err(refused) => return unreached(refused.into_response()),
                 Ok(prepared) => *prepared,
             };
             let sent = match (upgrade, upgrading) {
@@ -313,6 +315,8 @@ impl OutboundService {
                 }
                 let presented = match &e {
                     ProxyError::PeerRefused { presented, .. } => Some(Presented(presented.clone())),
+                    // Nothing answered, or nothing was sent: no peer to name.
+                    ProxyError::PeerUnavailable(_) | ProxyError::NotReady => Some(Presented(None)),
                     _ => None,
                 };
                 let mut resp = e.into_response();
@@ -463,9 +467,18 @@ struct LocalConn {
 }
 
 /// On an error response: the SPIFFE ID a refused peer presented (`None`
-/// when its certificate had none we could read), for the access log.
+/// when its certificate had none we could read, or when no peer was
+/// reached at all), for the access log. Absent: the configured peer
+/// answered (the handshake checked it).
 #[derive(Debug, Clone)]
 struct Presented(Option<String>);
+
+/// An error response made before any peer was reached: logged with `peer`
+/// `-`, not as the configured peer.
+fn unreached(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.extensions_mut().insert(Presented(None));
+    resp
+}
 
 impl PeerConnector {
     async fn connect(&self) -> Result<TlsStream<TcpStream>, ProxyError> {
