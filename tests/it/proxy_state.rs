@@ -241,6 +241,10 @@ fn a_token_file_read_before_it_is_written_is_not_sent() {
     proxy.wait_for_log(Duration::from_secs(10), |v| {
         v["message"] == "cannot read the token"
     });
+    assert_eq!(
+        http_get(admin, "/ready"),
+        (503, "not ready: no certificate yet\n".to_owned())
+    );
     let token = ca.token(ID);
     std::fs::write(&token_file, "").unwrap();
     proxy.wait_for_log(Duration::from_secs(10), |v| {
