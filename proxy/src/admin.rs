@@ -210,7 +210,7 @@ impl State {
                 ),
             },
             "/identity" => self.identity(),
-            "/metrics" => self.metrics(),
+            "/metrics" => self.metrics(req.headers().get(header::ACCEPT)),
             path => match self.views.iter().find(|(p, _)| *p == path) {
                 Some((_, view)) => json(StatusCode::OK, view()),
                 None => self.not_found(path),
@@ -257,7 +257,7 @@ impl State {
 
     /// Brings the metrics kept elsewhere (policy reloads, JWKS fetches,
     /// certificate expiry) up to date, then encodes everything.
-    fn metrics(&self) -> Response<Full<Bytes>> {
+    fn metrics(&self, accept: Option<&header::HeaderValue>) -> Response<Full<Bytes>> {
         let m = &self.obs.metrics;
         if let Some(creds) = self.store.current() {
             m.cert_expiry.set(creds.svid.not_after_unix() as i64);
@@ -298,13 +298,16 @@ impl State {
                 }
             }
         }
-        let mut r = Response::new(Full::new(Bytes::from(m.encode())));
+        // OpenMetrics for Prometheus, which asks for it; the Prometheus
+        // text format for everyone else (curl, promtool).
+        let format = moat_ca::exposition::Format::negotiate(accept);
+        let mut r = Response::new(Full::new(Bytes::from(format.render(m.encode()))));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static(
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
+            header::HeaderValue::from_static(format.content_type()),
         );
+        r.headers_mut()
+            .insert(header::VARY, header::HeaderValue::from_static("accept"));
         r
     }
 
