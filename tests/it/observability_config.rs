@@ -180,6 +180,42 @@ fn alert_rules_have_the_fields_operators_need() {
     }
 }
 
+/// docs/metrics.md's alert table lists every rule of the rules file, with
+/// its severity, and no rule the file does not have.
+#[test]
+fn the_alert_table_lists_every_rule_with_its_severity() {
+    let docs = read(DOCS);
+    let section = docs
+        .split("## The alerts")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{DOCS}: no \"## The alerts\" section"));
+    let table: BTreeMap<String, String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `Moat"))
+        .map(|l| {
+            let (name, rest) = l.split_once("` | ").expect("| `Name` | severity |");
+            let severity = rest.split(" |").next().unwrap_or_default();
+            (format!("Moat{name}"), severity.trim().to_owned())
+        })
+        .collect();
+    let rules: BTreeMap<String, String> = alert_rules()
+        .iter()
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap_or_default().to_owned(),
+                r["labels"]["severity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        table, rules,
+        "{DOCS}'s alert table (left) and {ALERTS} (right) differ"
+    );
+}
+
 fn is_duration(s: &str) -> bool {
     // Prometheus durations: 0, 30s, 5m, 1h30m, ...
     let mut rest = s;
@@ -664,18 +700,31 @@ fn every_metric_and_label_in_the_dashboard_and_alerts_is_exported() {
     // And the other way round: every family moat exports is on the
     // dashboard and in the reference.
     let docs = read(DOCS);
+    let readme = read("README.md");
+    let readme_metrics = readme
+        .split("**Metrics.**")
+        .nth(1)
+        .and_then(|s| s.split("\n\n").find(|p| p.starts_with("| metric |")))
+        .expect("README.md: the metrics table under **Metrics.**");
     let families: BTreeSet<&String> = exported.families.keys().collect();
     assert!(families.len() >= 16, "{families:?}");
     for family in families {
         assert!(used.contains(family), "{family} is on no dashboard panel");
-        let mut names = exported
+        let names: Vec<&String> = exported
             .series
             .iter()
             .filter(|(_, f)| *f == family)
-            .map(|(s, _)| s);
-        let shown = names.any(|s| docs.contains(&format!("| `{s}` |")))
+            .map(|(s, _)| s)
+            .collect();
+        let shown = names.iter().any(|s| docs.contains(&format!("| `{s}` |")))
             || docs.contains(&format!("| `{family}` |"));
         assert!(shown, "{family} is not in {DOCS}");
+        // The README's table too (the process_* families share one row).
+        let in_readme = names
+            .iter()
+            .any(|s| readme_metrics.contains(&format!("`{s}`")))
+            || readme_metrics.contains(&format!("`{family}`"));
+        assert!(in_readme, "{family} is not in README.md's metrics table");
     }
 }
 
