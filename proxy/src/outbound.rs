@@ -30,7 +30,7 @@ use crate::conn::{self, Activity, Tracked};
 use crate::conn_registry::{self, ConnRegistry, Lease};
 use crate::proxy_error::ProxyError;
 use crate::request::{self, Logged, RequestTelemetry};
-use crate::telemetry::Observability;
+use crate::telemetry::{Observability, otel_method, record_answer, span_method};
 use crate::tls::PeerIdError;
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::upgrade::{self, TunnelSlot, Upgrade};
@@ -170,6 +170,7 @@ impl conn::Serve for OutboundService {
             Protocol::Http => {
                 let this = self.clone();
                 let local_conn = Arc::new(LocalConn {
+                    addr: addr.ip(),
                     activity: activity.clone(),
                     tunnel: TunnelSlot::default(),
                 });
@@ -237,13 +238,15 @@ impl OutboundService {
             let method = req.method();
             tracing::info_span!(
                 "outbound",
-                otel.name = %format_args!("{} {}", method, self.name),
+                otel.name = %format_args!("{} {}", span_method(method), self.name),
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
-                http.request.method = %method,
+                http.request.method = otel_method(method),
+                http.request.method_original = tracing::field::Empty,
                 url.path = path_of(path.as_ref()),
                 http.response.status_code = tracing::field::Empty,
                 server.address = %self.listen_addr,
+                network.peer.address = %local.addr,
                 moat.listener = &*self.name,
                 moat.peer.id = &*self.peer,
             )
@@ -304,7 +307,16 @@ impl OutboundService {
                         .instrument(upstream_span)
                         .await
                 }
-                _ => self.upstream.send(req).instrument(upstream_span).await,
+                _ => {
+                    // Awaited in place, so that the client span is still
+                    // there to take the status (no second span held in
+                    // this future: its size is bounded, see the tests).
+                    let mut call =
+                        std::pin::pin!(self.upstream.send(req).instrument(upstream_span));
+                    let sent = call.as_mut().await;
+                    record_answer(call.span(), &sent);
+                    sent
+                }
             };
             sent.unwrap_or_else(|e| {
                 if matches!(e, ProxyError::BadRequestBody(_)) {
@@ -402,10 +414,11 @@ impl OutboundService {
             tracing::info_span!(
                 parent: span,
                 "upstream",
-                otel.name = %format_args!("{} {}", parts.method, self.upstream_authority),
+                otel.name = %format_args!("{} {}", span_method(&parts.method), self.upstream_authority),
                 otel.kind = "client",
                 server.address = %self.upstream_authority,
-                http.request.method = %parts.method,
+                http.request.method = otel_method(&parts.method),
+                http.response.status_code = tracing::field::Empty,
                 moat.peer.id = &*self.peer,
             )
         } else {
@@ -462,6 +475,8 @@ type Prepared = (Request<Incoming>, Option<Box<Upgrade>>, tracing::Span);
 /// One connection from the local service: its activity, and the tunnel of
 /// an upgraded request on it.
 struct LocalConn {
+    /// The local service's address (`network.peer.address` on spans).
+    addr: std::net::IpAddr,
     activity: Arc<Activity>,
     tunnel: TunnelSlot,
 }
