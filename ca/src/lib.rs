@@ -24,6 +24,7 @@
 
 pub mod atomic_file;
 pub mod client;
+pub mod exposition;
 mod https;
 pub mod identity;
 pub mod issuer;

@@ -141,7 +141,8 @@ impl CaMetrics {
         });
     }
 
-    /// The metrics in the OpenMetrics text format.
+    /// The metrics in the OpenMetrics text format (a scrape gets the
+    /// format it asks for: [`crate::exposition`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
         encode(&mut out, &self.registry).expect("writing to a String cannot fail");
@@ -215,11 +216,16 @@ pub(crate) async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) 
                         let metrics = metrics.clone();
                         async move {
                             let (status, ctype, body) = match req.uri().path() {
-                                "/metrics" => (
-                                    StatusCode::OK,
-                                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                                    Bytes::from(metrics.encode()),
-                                ),
+                                "/metrics" => {
+                                    let format = crate::exposition::Format::negotiate(
+                                        req.headers().get(header::ACCEPT),
+                                    );
+                                    (
+                                        StatusCode::OK,
+                                        format.content_type(),
+                                        Bytes::from(format.render(metrics.encode())),
+                                    )
+                                }
                                 "/live" => {
                                     (StatusCode::OK, "text/plain", Bytes::from_static(b"ok\n"))
                                 }
@@ -250,6 +256,8 @@ pub(crate) async fn serve_admin(listener: TcpListener, metrics: Arc<CaMetrics>) 
                                 Response::builder()
                                     .status(status)
                                     .header(header::CONTENT_TYPE, ctype)
+                                    // `/metrics` answers by `Accept`.
+                                    .header(header::VARY, "accept")
                                     .body(Full::new(body))
                                     .expect("static response"),
                             )

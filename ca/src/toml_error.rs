@@ -51,6 +51,81 @@ impl TomlError {
     }
 }
 
+/// One step on the way to a value in a TOML document: a key, or an entry
+/// of an array (of tables).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    /// A key of a table.
+    Key(String),
+    /// An entry of an array, from 0.
+    Index(usize),
+}
+
+impl TomlError {
+    /// An error found after parsing (a check across fields, on values that
+    /// keep no position) about the value at `path`, placed at that value
+    /// with its line quoted; `None` when `text` does not hold it (a value
+    /// left to its default) or does not parse.
+    pub fn at_value(file: &Path, text: &str, path: &[Step], message: &str) -> Option<Self> {
+        let offset = value_offset(text, path)?;
+        let (line, column) = line_col(text, offset);
+        let source_line = text
+            .lines()
+            .nth(line - 1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned);
+        Some(Self {
+            file: file.to_owned(),
+            line,
+            column,
+            message: message.trim().to_owned(),
+            source_line,
+        })
+    }
+
+    /// As [`TomlError::at_value`], for a message that starts with the
+    /// dotted name of the field it is about (`issuance.max_ttl ...`,
+    /// `identity.deny_list: ...`).
+    pub fn at_named_field(file: &Path, text: &str, message: &str) -> Option<Self> {
+        let name = message.split([' ', ':']).next()?;
+        if !name.contains('.') {
+            return None;
+        }
+        let path: Vec<Step> = name.split('.').map(|k| Step::Key(k.to_owned())).collect();
+        Self::at_value(file, text, &path, message)
+    }
+}
+
+/// Where the value at `path` starts in `text` (the text parsed again, with
+/// positions: for errors only).
+fn value_offset(text: &str, path: &[Step]) -> Option<usize> {
+    use toml::de::{DeArray, DeTable, DeValue};
+    if path.is_empty() {
+        return None;
+    }
+    let root = DeTable::parse(text).ok()?;
+    let mut span = root.span();
+    let mut table: Option<&DeTable<'_>> = Some(root.get_ref());
+    let mut array: Option<&DeArray<'_>> = None;
+    for step in path {
+        let value = match step {
+            Step::Key(k) => table?
+                .iter()
+                .find(|(key, _)| key.get_ref().as_ref() == k.as_str())
+                .map(|(_, v)| v)?,
+            Step::Index(i) => array?.get(*i)?,
+        };
+        span = value.span();
+        (table, array) = match value.get_ref() {
+            DeValue::Table(t) => (Some(t), None),
+            DeValue::Array(a) => (None, Some(a)),
+            _ => (None, None),
+        };
+    }
+    Some(span.start)
+}
+
 impl fmt::Display for TomlError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
@@ -116,6 +191,21 @@ mod tests {
                 .starts_with("x.toml:2:3: unknown field `bogus`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_value_is_found_by_its_keys() {
+        let text = "[a]\nb = 1\n\n[[l]]\nx = 1\n\n[[l]]\nx = 2\n";
+        let at = |path: &[Step]| {
+            TomlError::at_value(Path::new("x.toml"), text, path, "m").map(|e| (e.line, e.column))
+        };
+        let key = |k: &str| Step::Key(k.to_owned());
+        assert_eq!(at(&[key("a"), key("b")]), Some((2, 5)));
+        assert_eq!(at(&[key("l"), Step::Index(1), key("x")]), Some((8, 5)));
+        assert_eq!(at(&[key("a"), key("c")]), None);
+        let e = TomlError::at_named_field(Path::new("x.toml"), text, "a.b must be 2").unwrap();
+        assert_eq!(e.to_string(), "x.toml:2:5: a.b must be 2");
+        assert_eq!(e.source_line.as_deref(), Some("b = 1"));
     }
 
     #[test]

@@ -201,34 +201,39 @@ impl State {
         }
         match req.uri().path() {
             "/live" => text(StatusCode::OK, "live\n"),
-            "/ready" => {
-                if self.draining.load(Ordering::Relaxed) {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
-                } else if !self.store.is_ready() {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "no certificate yet\n")
-                } else if self
-                    .store
-                    .current()
-                    .is_some_and(|c| c.svid.not_after <= SystemTime::now())
-                {
-                    text(StatusCode::SERVICE_UNAVAILABLE, "certificate expired\n")
-                } else if !self.policies.iter().all(|p| p.policy.load().keys_ready()) {
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "route policy keys not fetched yet\n",
-                    )
-                } else if let Some(reason) = self.readiness.iter().find_map(|check| check()) {
-                    text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n"))
-                } else {
-                    text(StatusCode::OK, "ready\n")
-                }
-            }
+            // Every refusal reads alike, `not ready: <why>`, as the CA's do.
+            "/ready" => match self.not_ready() {
+                None => text(StatusCode::OK, "ready\n"),
+                Some(why) => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n"),
+                ),
+            },
             "/identity" => self.identity(),
-            "/metrics" => self.metrics(),
+            "/metrics" => self.metrics(req.headers().get(header::ACCEPT)),
             path => match self.views.iter().find(|(p, _)| *p == path) {
                 Some((_, view)) => json(StatusCode::OK, view()),
                 None => self.not_found(path),
             },
+        }
+    }
+
+    /// Why the sidecar is not ready, if it is not.
+    fn not_ready(&self) -> Option<String> {
+        if self.draining.load(Ordering::Relaxed) {
+            Some("draining".into())
+        } else if !self.store.is_ready() {
+            Some("no certificate yet".into())
+        } else if self
+            .store
+            .current()
+            .is_some_and(|c| c.svid.not_after <= SystemTime::now())
+        {
+            Some("certificate expired".into())
+        } else if !self.policies.iter().all(|p| p.policy.load().keys_ready()) {
+            Some("route policy keys not fetched yet".into())
+        } else {
+            self.readiness.iter().find_map(|check| check())
         }
     }
 
@@ -252,7 +257,7 @@ impl State {
 
     /// Brings the metrics kept elsewhere (policy reloads, JWKS fetches,
     /// certificate expiry, the trust bundle's roots) up to date, then encodes everything.
-    fn metrics(&self) -> Response<Full<Bytes>> {
+    fn metrics(&self, accept: Option<&header::HeaderValue>) -> Response<Full<Bytes>> {
         let m = &self.obs.metrics;
         if let Some(creds) = self.store.current() {
             m.cert_expiry.set(creds.svid.not_after_unix() as i64);
@@ -294,13 +299,16 @@ impl State {
                 }
             }
         }
-        let mut r = Response::new(Full::new(Bytes::from(m.encode())));
+        // OpenMetrics for Prometheus, which asks for it; the Prometheus
+        // text format for everyone else (curl, promtool).
+        let format = moat_ca::exposition::Format::negotiate(accept);
+        let mut r = Response::new(Full::new(Bytes::from(format.render(m.encode()))));
         r.headers_mut().insert(
             header::CONTENT_TYPE,
-            header::HeaderValue::from_static(
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            ),
+            header::HeaderValue::from_static(format.content_type()),
         );
+        r.headers_mut()
+            .insert(header::VARY, header::HeaderValue::from_static("accept"));
         r
     }
 

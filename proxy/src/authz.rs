@@ -55,7 +55,7 @@ pub struct AuthzRecord {
 
 /// The codes of the answers of the request checks that run before the
 /// policy ([`AuthzReason::Refused`]).
-pub const REFUSALS: [&str; 8] = [
+pub(crate) const REFUSALS: [&str; 8] = [
     "method_not_uppercase",
     "invalid_host",
     "missing_host",

@@ -283,11 +283,17 @@ impl CaSource {
         let mut backoff = Backoff::new(self.config.retry_base, self.config.retry_max);
         loop {
             let token = match token_file.read() {
-                Ok(token) if token_file.is_refused(&token) => {
+                // Not written yet, or not all of it: wait as for a missing
+                // file, without sending what would be refused.
+                Ok(None) => {
                     token_file.changed().await;
                     continue;
                 }
-                Ok(token) => token,
+                Ok(Some(token)) if token_file.is_refused(&token) => {
+                    token_file.changed().await;
+                    continue;
+                }
+                Ok(Some(token)) => token,
                 Err(e) => {
                     let wait = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?wait, "cannot read the token");

@@ -36,7 +36,7 @@ use crate::conn_registry::{self, AllowPeers, ConnRegistry, Lease};
 use crate::headers::is_grpc;
 use crate::proxy_error::ProxyError;
 use crate::request::{self, Logged, PeerHeaders, RequestTelemetry};
-use crate::telemetry::Observability;
+use crate::telemetry::{Observability, otel_method, record_answer, span_method};
 use crate::tls::TlsFactory;
 use crate::upgrade::{self, TunnelSlot, Upgrade};
 use crate::upstream::{Dial, UpstreamClient};
@@ -357,10 +357,11 @@ impl InboundService {
             let method = req.method();
             tracing::info_span!(
                 "inbound",
-                otel.name = %format_args!("{} {}", method, self.name),
+                otel.name = %format_args!("{} {}", span_method(method), self.name),
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
-                http.request.method = %method,
+                http.request.method = otel_method(method),
+                http.request.method_original = tracing::field::Empty,
                 url.path = req.uri().path(),
                 http.response.status_code = tracing::field::Empty,
                 server.address = %self.listen_addr,
@@ -442,7 +443,16 @@ impl InboundService {
             }
             let req = Request::from_parts(parts, body);
             let sent = match upgrade {
-                None => self.upstream.send(req).instrument(upstream_span).await,
+                None => {
+                    // Awaited in place, so that the client span is still
+                    // there to take the status (no second span held in
+                    // this future: its size is bounded, see the tests).
+                    let mut call =
+                        std::pin::pin!(self.upstream.send(req).instrument(upstream_span));
+                    let sent = call.as_mut().await;
+                    record_answer(call.span(), &sent);
+                    sent
+                }
                 Some(upgrade) => {
                     Box::pin(self.upgrade(req, upgrade, &peer))
                         .instrument(upstream_span)
@@ -593,10 +603,11 @@ impl InboundService {
             tracing::info_span!(
                 parent: span,
                 "upstream",
-                otel.name = %format_args!("{} local service", parts.method),
+                otel.name = %format_args!("{} local service", span_method(&parts.method)),
                 otel.kind = "client",
                 server.address = %self.forward,
-                http.request.method = %parts.method,
+                http.request.method = otel_method(&parts.method),
+                http.response.status_code = tracing::field::Empty,
             )
         } else {
             tracing::Span::none()

@@ -30,7 +30,7 @@ use crate::conn::{self, Activity, Tracked};
 use crate::conn_registry::{self, ConnRegistry, Lease};
 use crate::proxy_error::ProxyError;
 use crate::request::{self, Logged, RequestTelemetry};
-use crate::telemetry::Observability;
+use crate::telemetry::{Observability, otel_method, record_answer, span_method};
 use crate::tls::PeerIdError;
 use crate::tls::{CredentialStore, TlsFactory};
 use crate::upgrade::{self, TunnelSlot, Upgrade};
@@ -170,6 +170,7 @@ impl conn::Serve for OutboundService {
             Protocol::Http => {
                 let this = self.clone();
                 let local_conn = Arc::new(LocalConn {
+                    addr: addr.ip(),
                     activity: activity.clone(),
                     tunnel: TunnelSlot::default(),
                 });
@@ -237,13 +238,15 @@ impl OutboundService {
             let method = req.method();
             tracing::info_span!(
                 "outbound",
-                otel.name = %format_args!("{} {}", method, self.name),
+                otel.name = %format_args!("{} {}", span_method(method), self.name),
                 otel.kind = "server",
                 otel.status_code = tracing::field::Empty,
-                http.request.method = %method,
+                http.request.method = otel_method(method),
+                http.request.method_original = tracing::field::Empty,
                 url.path = path_of(path.as_ref()),
                 http.response.status_code = tracing::field::Empty,
                 server.address = %self.listen_addr,
+                network.peer.address = %local.addr,
                 moat.listener = &*self.name,
                 moat.peer.id = &*self.peer,
             )
@@ -254,7 +257,8 @@ impl OutboundService {
         let this = self.clone();
         exchange.answer(forward, move |exchange, resp| {
             // The peer is the configured one whenever it answered (the
-            // handshake checked it); a refused one is named as presented.
+            // handshake checked it); a refused one is named as presented,
+            // and none (`-`) when no peer was reached.
             let peer = resp
                 .extensions()
                 .get::<Presented>()
@@ -293,7 +297,8 @@ impl OutboundService {
         };
         async move {
             let (req, upgrade, upstream_span) = match prepared {
-                Err(refused) => return refused.into_response(),
+                // Refused here: no peer was reached.
+                Err(refused) => return unreached(refused.into_response()),
                 Ok(prepared) => *prepared,
             };
             let sent = match (upgrade, upgrading) {
@@ -302,7 +307,16 @@ impl OutboundService {
                         .instrument(upstream_span)
                         .await
                 }
-                _ => self.upstream.send(req).instrument(upstream_span).await,
+                _ => {
+                    // Awaited in place, so that the client span is still
+                    // there to take the status (no second span held in
+                    // this future: its size is bounded, see the tests).
+                    let mut call =
+                        std::pin::pin!(self.upstream.send(req).instrument(upstream_span));
+                    let sent = call.as_mut().await;
+                    record_answer(call.span(), &sent);
+                    sent
+                }
             };
             sent.unwrap_or_else(|e| {
                 if matches!(e, ProxyError::BadRequestBody(_)) {
@@ -313,6 +327,8 @@ impl OutboundService {
                 }
                 let presented = match &e {
                     ProxyError::PeerRefused { presented, .. } => Some(Presented(presented.clone())),
+                    // Nothing answered, or nothing was sent: no peer to name.
+                    ProxyError::PeerUnavailable(_) | ProxyError::NotReady => Some(Presented(None)),
                     _ => None,
                 };
                 let mut resp = e.into_response();
@@ -398,10 +414,11 @@ impl OutboundService {
             tracing::info_span!(
                 parent: span,
                 "upstream",
-                otel.name = %format_args!("{} {}", parts.method, self.upstream_authority),
+                otel.name = %format_args!("{} {}", span_method(&parts.method), self.upstream_authority),
                 otel.kind = "client",
                 server.address = %self.upstream_authority,
-                http.request.method = %parts.method,
+                http.request.method = otel_method(&parts.method),
+                http.response.status_code = tracing::field::Empty,
                 moat.peer.id = &*self.peer,
             )
         } else {
@@ -458,14 +475,25 @@ type Prepared = (Request<Incoming>, Option<Box<Upgrade>>, tracing::Span);
 /// One connection from the local service: its activity, and the tunnel of
 /// an upgraded request on it.
 struct LocalConn {
+    /// The local service's address (`network.peer.address` on spans).
+    addr: std::net::IpAddr,
     activity: Arc<Activity>,
     tunnel: TunnelSlot,
 }
 
 /// On an error response: the SPIFFE ID a refused peer presented (`None`
-/// when its certificate had none we could read), for the access log.
+/// when its certificate had none we could read, or when no peer was
+/// reached at all), for the access log. Absent: the configured peer
+/// answered (the handshake checked it).
 #[derive(Debug, Clone)]
 struct Presented(Option<String>);
+
+/// An error response made before any peer was reached: logged with `peer`
+/// `-`, not as the configured peer.
+fn unreached(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.extensions_mut().insert(Presented(None));
+    resp
+}
 
 impl PeerConnector {
     async fn connect(&self) -> Result<TlsStream<TcpStream>, ProxyError> {

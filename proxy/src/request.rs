@@ -167,6 +167,7 @@ impl RequestTelemetry {
         let method = req.method().clone();
         let span = if self.tracing {
             let span = span();
+            crate::telemetry::record_method_original(&span, req.method());
             continue_trace(&span, req.headers());
             span
         } else {

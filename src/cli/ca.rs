@@ -192,6 +192,11 @@ pub(crate) fn run_ca_serve(args: ServeArgs, log_format: LogFormat) -> Result<(),
         .transpose()
         .map_err(config_err)?;
     init_logging(log_format, None, tracing.as_ref());
+    // One descriptor per client connection; the store's are in the margin.
+    super::nofile::raise(
+        config.limits.max_connections as u64,
+        "the CA's [limits] max_connections",
+    );
     runtime.block_on(async move {
         // One process serves a SQLite CA; held until this returns. Not
         // taken for a directory with no ca.db: `open` says what is missing.

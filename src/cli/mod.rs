@@ -15,6 +15,7 @@ mod args;
 mod ca;
 mod inject;
 mod memory;
+mod nofile;
 mod policy;
 mod proxy;
 mod redirect;

@@ -25,6 +25,7 @@ pub(crate) fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Fa
         config.telemetry.log_level.as_deref(),
         tracing.as_ref(),
     );
+    super::nofile::raise(descriptors_needed(&config), "[limits] max_connections");
     if let Some(t) = &traces {
         tracing::info!(endpoint = %t.endpoint, protocol = ?t.protocol, service = %t.service_name, sample_ratio = t.sample_ratio, "exporting traces");
     }
@@ -38,6 +39,18 @@ pub(crate) fn run_proxy(args: ProxyArgs, log_format: LogFormat) -> Result<(), Fa
         .map_err(proxy_err)?;
     drop(tracing);
     Ok(())
+}
+
+/// Descriptors the listeners may hold at once: two per connection (the
+/// caller's and the upstream's) up to `[limits] max_connections` on each
+/// listener, the transparent ones included (inbound, outbound over IPv4 and
+/// IPv6).
+fn descriptors_needed(config: &moat_proxy::config::Config) -> u64 {
+    let transparent = if config.redirect.is_some() { 3 } else { 0 };
+    let listeners = config.inbound.len() + config.outbound.len() + transparent;
+    (listeners as u64)
+        .saturating_mul(config.limits.max_connections as u64)
+        .saturating_mul(2)
 }
 
 /// Which of the proxy's start failures are the operator's to fix (exit 64:

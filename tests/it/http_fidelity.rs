@@ -737,6 +737,25 @@ fn a_refused_peer_is_logged_as_presented() {
     );
 }
 
+/// A peer that was never reached (nothing listens at the upstream) is not
+/// named: `peer` is `-`, `expected_peer` the configured one.
+#[test]
+fn an_unreached_peer_is_logged_as_none() {
+    let mut p = pair(echo_service(), "");
+    p.b.signal("KILL");
+    p.b.wait_exit(Duration::from_secs(5)).expect("B exits");
+    let (status, body) = curl_http(p.a_addr, "/pay", &[]);
+    assert_eq!(status, 502, "{body}");
+    assert_eq!(json(&body)["reason"], "peer_unavailable");
+    let line =
+        p.a.wait_for_log(Duration::from_secs(5), |v| v["message"] == "access");
+    assert_eq!(
+        (line["peer"].clone(), line["expected_peer"].clone()),
+        ("-".into(), B.into()),
+        "{line}"
+    );
+}
+
 /// Python's `http.server` (`python3 -m http.server`), which answers in
 /// HTTP/1.0 and closes: the most common app anyone puts behind a sidecar
 /// first. Killed on drop.

@@ -180,6 +180,42 @@ fn alert_rules_have_the_fields_operators_need() {
     }
 }
 
+/// docs/metrics.md's alert table lists every rule of the rules file, with
+/// its severity, and no rule the file does not have.
+#[test]
+fn the_alert_table_lists_every_rule_with_its_severity() {
+    let docs = read(DOCS);
+    let section = docs
+        .split("## The alerts")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{DOCS}: no \"## The alerts\" section"));
+    let table: BTreeMap<String, String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `Moat"))
+        .map(|l| {
+            let (name, rest) = l.split_once("` | ").expect("| `Name` | severity |");
+            let severity = rest.split(" |").next().unwrap_or_default();
+            (format!("Moat{name}"), severity.trim().to_owned())
+        })
+        .collect();
+    let rules: BTreeMap<String, String> = alert_rules()
+        .iter()
+        .map(|r| {
+            (
+                r["alert"].as_str().unwrap_or_default().to_owned(),
+                r["labels"]["severity"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        table, rules,
+        "{DOCS}'s alert table (left) and {ALERTS} (right) differ"
+    );
+}
+
 fn is_duration(s: &str) -> bool {
     // Prometheus durations: 0, 30s, 5m, 1h30m, ...
     let mut rest = s;
@@ -476,10 +512,22 @@ impl Exported {
     }
 }
 
+/// What Prometheus asks for (2.x; 3.x sends the same types with other
+/// weights), so what the dashboard and the rules see: OpenMetrics.
+const PROMETHEUS_ACCEPT: &str = "Accept: application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1";
+
+/// `/metrics` as Prometheus scrapes it.
 fn scrape(addr: SocketAddr) -> String {
     let out = tool(
         "curl",
-        &["-sS", "--max-time", "10", &format!("http://{addr}/metrics")],
+        &[
+            "-sS",
+            "--max-time",
+            "10",
+            "-H",
+            PROMETHEUS_ACCEPT,
+            &format!("http://{addr}/metrics"),
+        ],
     );
     assert!(out.status.success(), "scrape {addr}");
     String::from_utf8(out.stdout).unwrap()
@@ -652,18 +700,31 @@ fn every_metric_and_label_in_the_dashboard_and_alerts_is_exported() {
     // And the other way round: every family moat exports is on the
     // dashboard and in the reference.
     let docs = read(DOCS);
+    let readme = read("README.md");
+    let readme_metrics = readme
+        .split("**Metrics.**")
+        .nth(1)
+        .and_then(|s| s.split("\n\n").find(|p| p.starts_with("| metric |")))
+        .expect("README.md: the metrics table under **Metrics.**");
     let families: BTreeSet<&String> = exported.families.keys().collect();
     assert!(families.len() >= 16, "{families:?}");
     for family in families {
         assert!(used.contains(family), "{family} is on no dashboard panel");
-        let mut names = exported
+        let names: Vec<&String> = exported
             .series
             .iter()
             .filter(|(_, f)| *f == family)
-            .map(|(s, _)| s);
-        let shown = names.any(|s| docs.contains(&format!("| `{s}` |")))
+            .map(|(s, _)| s)
+            .collect();
+        let shown = names.iter().any(|s| docs.contains(&format!("| `{s}` |")))
             || docs.contains(&format!("| `{family}` |"));
         assert!(shown, "{family} is not in {DOCS}");
+        // The README's table too (the process_* families share one row).
+        let in_readme = names
+            .iter()
+            .any(|s| readme_metrics.contains(&format!("`{s}`")))
+            || readme_metrics.contains(&format!("`{family}`"));
+        assert!(in_readme, "{family} is not in README.md's metrics table");
     }
 }
 
@@ -819,4 +880,129 @@ fn promtool_checks_and_unit_tests_the_rules() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// `promtool` from `$PROMTOOL` or the PATH; `None` (after a `SKIPPED:`
+/// line, or a failure under `MOAT_TEST_REQUIRE_ALL=1`) without one.
+fn promtool() -> Option<PathBuf> {
+    match std::env::var_os("PROMTOOL") {
+        Some(p) => Some(PathBuf::from(p)),
+        None if support::require("promtool") => Some(PathBuf::from("promtool")),
+        None => None,
+    }
+}
+
+/// `promtool check metrics` on `text` (its standard input): exit status
+/// and output.
+fn promtool_check_metrics(promtool: &Path, text: &str) -> (bool, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(promtool)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run promtool check metrics");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// A scrape with curl's own headers, or with `accept`: the content type and the body.
+fn scrape_as(addr: SocketAddr, accept: Option<&str>) -> (String, String) {
+    let url = format!("http://{addr}/metrics");
+    let mut args = vec!["-sS", "--max-time", "10", "-w", "\n%{content_type}"];
+    if let Some(a) = accept {
+        args.extend(["-H", a]);
+    }
+    args.push(&url);
+    let out = tool("curl", &args);
+    assert!(out.status.success(), "scrape {addr}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, ctype) = text.rsplit_once('\n').unwrap();
+    // `-w` puts a newline of its own before the content type.
+    (ctype.to_owned(), body.to_owned())
+}
+
+/// Every `/metrics` endpoint (a sidecar's admin listener, the CA's) answers
+/// a plain scrape (`curl`, `promtool`) in the Prometheus text format 0.0.4,
+/// which `promtool check metrics` passes, and Prometheus's own scrape in
+/// OpenMetrics, as the Prometheus client libraries negotiate.
+#[test]
+fn a_plain_scrape_gets_prometheus_text_that_promtool_passes() {
+    let Some(promtool) = promtool() else {
+        return;
+    };
+    let mut ca = TestCa::start();
+    let ca_admin = ca.admin_addr();
+    let (proxy, api, admin) = ca_inbound(&ca, SERVER, "");
+    let client = issue(&ca, CLIENT, "1h", "client");
+    assert_eq!(curl(api, "/", Some(&client), &[]).0, 200);
+    // A refused handshake: a counter family with a label (counted as the
+    // sidecar ends the handshake, which may be after curl gives up).
+    assert_eq!(curl(api, "/", None, &[]).0, 0);
+    eventually(
+        Duration::from_secs(5),
+        "the failed handshake counted",
+        || {
+            scrape_as(admin, None)
+                .1
+                .contains("moat_tls_handshake_failures_total{listener=\"api\"")
+        },
+    );
+    for (what, addr) in [("sidecar", admin), ("CA", ca_admin)] {
+        for accept in [
+            None,
+            Some("Accept: text/plain;version=0.0.4"),
+            Some("Accept: */*"),
+        ] {
+            let (ctype, body) = scrape_as(addr, accept);
+            assert_eq!(
+                ctype, "text/plain; version=0.0.4; charset=utf-8",
+                "{what} {accept:?}"
+            );
+            let (ok, said) = promtool_check_metrics(&promtool, &body);
+            assert!(
+                ok,
+                "{what} {accept:?}: promtool check metrics:\n{said}\n{body}"
+            );
+            assert!(
+                !body.contains("# EOF") && !body.contains("# UNIT"),
+                "{body}"
+            );
+        }
+        let (ctype, body) = scrape_as(addr, Some(PROMETHEUS_ACCEPT));
+        assert_eq!(
+            ctype, "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            "{what}"
+        );
+        assert!(body.ends_with("# EOF\n"), "{what}: {body}");
+    }
+    // The same series in both, counters with their `_total` everywhere.
+    let (_, plain) = scrape_as(admin, None);
+    assert!(
+        plain.contains("# TYPE moat_tls_handshake_failures_total counter\n"),
+        "{plain}"
+    );
+    assert!(
+        plain.contains("moat_tls_handshake_failures_total{listener=\"api\""),
+        "{plain}"
+    );
+    let (_, open) = scrape_as(admin, Some(PROMETHEUS_ACCEPT));
+    assert!(
+        open.contains("# TYPE moat_tls_handshake_failures counter\n"),
+        "{open}"
+    );
+    drop(proxy);
 }

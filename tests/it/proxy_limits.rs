@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use proxy_support::*;
-use support::echo_service;
+use support::{Running, TestCa, echo_service, path_str};
 
 const A: &str = "spiffe://example.org/ns/prod/sa/web";
 const B: &str = "spiffe://example.org/ns/prod/sa/billing";
@@ -176,6 +176,88 @@ fn idle_connection_gives_buffers_back_and_keeps_its_timeouts() {
     assert!(
         closed_after >= Duration::from_millis(1500) && closed_after < Duration::from_secs(6),
         "closed {closed_after:?} after the response, not at the 2 s header read timeout"
+    );
+}
+
+/// A launcher's soft limit of 1024 descriptors (systemd's default) would
+/// cap a sidecar near 500 proxied connections: moat raises it to the hard
+/// limit, and says when even that is below what its listeners can use.
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let is_warning = |v: &serde_json::Value| {
+        v["level"] == "WARN"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the open-file limit is below"))
+    };
+    let ca = TestCa::start();
+    let sidecar = |name: &str, limits: &str| {
+        let config = format!(
+            "{}{ADMIN}{limits}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:0\"\nforward = \"{}\"\n",
+            ca_identity(&ca, B, name, ""),
+            echo_service()
+        );
+        let path = write(ca.dir.path(), &format!("{name}.toml"), &config);
+        let mut proxy =
+            Running::start_with_fd_limits(&["proxy", "--config", path_str(&path)], 1024, 20_000);
+        proxy.listening_addr("api");
+        proxy
+    };
+
+    // The default 10,000 connections, two descriptors each, do not fit in 20,000.
+    let mut proxy = sidecar("default", "");
+    assert_eq!(
+        proxy.fd_limits(),
+        (20_000, 20_000),
+        "soft raised to the hard limit"
+    );
+    let raised = proxy.wait_for_log(Duration::from_secs(5), |v| {
+        v["message"] == "raised the open-file limit (soft RLIMIT_NOFILE) to its hard limit"
+    });
+    assert_eq!(
+        (raised["from"].as_u64(), raised["to"].as_u64()),
+        (Some(1024), Some(20_000))
+    );
+    let warning = proxy.wait_for_log(Duration::from_secs(5), is_warning);
+    assert_eq!(warning["limit"], 20_000);
+    assert_eq!(warning["needed"], 2 * 10_000 + 256);
+
+    // 5,000 fit: raised, no warning.
+    let quiet = sidecar("fits", "[limits]\nmax_connections = 5000\n");
+    assert_eq!(quiet.fd_limits(), (20_000, 20_000));
+    assert!(
+        !quiet.json_logs().iter().any(is_warning),
+        "{:#?}",
+        quiet.logs()
+    );
+
+    // The CA too (its default, 1024 connections, fits).
+    let dir = tempfile::tempdir().unwrap();
+    let other = support::ca_init(&dir.path().join("ca"));
+    let mut served = Running::start_with_fd_limits(
+        &[
+            "ca",
+            "serve",
+            "--dir",
+            path_str(other.dir()),
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "off",
+        ],
+        1024,
+        20_000,
+    );
+    served.listening_addr("ca");
+    assert_eq!(
+        served.fd_limits(),
+        (20_000, 20_000),
+        "the CA's soft limit raised too"
+    );
+    assert!(
+        !served.json_logs().iter().any(is_warning),
+        "{:#?}",
+        served.logs()
     );
 }
 

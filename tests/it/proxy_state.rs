@@ -223,6 +223,63 @@ fn a_spent_token_without_state_is_reported_once_and_a_new_token_file_is_picked_u
     assert_eq!(replays(&mut ca), 1.0);
 }
 
+/// A token file caught between `> file` and the write (`moat ca token ...
+/// > token` while the proxy waits): empty, then half a token, then the
+/// whole one. Neither of the first two is sent to the CA (where it would be
+/// refused and counted); each is said once, at info level; the whole token
+/// is used as soon as it is written.
+#[test]
+fn a_token_file_read_before_it_is_written_is_not_sent() {
+    let mut ca = TestCa::start();
+    let token_file = ca.dir.path().join("token");
+    let config = config(
+        &ca,
+        &token_file,
+        "retry_base = \"100ms\"\nretry_max = \"200ms\"\n",
+    );
+    let (mut proxy, _, admin) = start(&config);
+    proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "cannot read the token"
+    });
+    assert_eq!(
+        http_get(admin, "/ready"),
+        (503, "not ready: no certificate yet\n".to_owned())
+    );
+    let token = ca.token(ID);
+    std::fs::write(&token_file, "").unwrap();
+    proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["level"] == "INFO"
+            && v["message"] == "the token file is empty; waiting for a token to be written to it"
+    });
+    std::fs::write(&token_file, &token[..token.len() / 2]).unwrap();
+    proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["level"] == "INFO"
+            && v["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("the token file does not hold a whole token"))
+    });
+    std::fs::write(&token_file, format!("{token}\n")).unwrap();
+    proxy.wait_for_log(Duration::from_secs(10), |v| {
+        v["message"] == "certificate issued"
+    });
+    assert_eq!(http_get(admin, "/ready").0, 200);
+    let logs = proxy.json_logs();
+    assert!(
+        !logs.iter().any(|v| v["level"] == "ERROR"),
+        "{}",
+        proxy.logs().join("\n")
+    );
+    let ca_admin = ca.admin_addr();
+    let (_, text) = http_get(ca_admin, "/metrics");
+    let refused: f64 = metric_samples(&text, "moat_ca_issuances_total", &[])
+        .iter()
+        .sum::<f64>()
+        - metric_samples(&text, "moat_ca_issuances_total", &[("result", "ok")])
+            .iter()
+            .sum::<f64>();
+    assert_eq!(refused, 0.0, "the CA refused nothing:\n{text}");
+}
+
 /// A state directory the sidecar cannot write in is found before the join
 /// token is spent: exit 64 naming the directory, and the same token still
 /// enrolls a sidecar whose state directory is writable.

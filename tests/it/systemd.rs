@@ -86,6 +86,9 @@ fn units_carry_every_required_setting() {
             "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
             "SystemCallFilter=@system-service",
             "MemoryDenyWriteExecute=yes",
+            // systemd's default soft limit, 1024, caps a sidecar near a
+            // thousand connections.
+            "LimitNOFILE=524288",
         ] {
             assert!(settings.contains(&want), "{unit}: missing {want:?}");
         }

@@ -155,6 +155,18 @@ fn one_trace_spans_client_both_sidecars_and_the_service() {
     assert!(in_server.attr("server.address").is_some());
     assert_eq!(in_server.attr("network.peer.address"), Some("127.0.0.1"));
     assert_eq!(out_client.attr("moat.peer.id"), Some(SERVER));
+    // Status codes are integers, as the semantic conventions have them, on
+    // the server spans and on the client spans of the upstream calls.
+    for span in [&out_server, &out_client, &in_server, &in_client] {
+        assert_eq!(
+            span.int_attr("http.response.status_code"),
+            Some(200),
+            "{span:#?}"
+        );
+    }
+    // Each sidecar's server span names its caller: the outbound's, the
+    // local service.
+    assert_eq!(out_server.attr("network.peer.address"), Some("127.0.0.1"));
     // The first request opened the connection to the peer: its handshake has a span.
     assert!(
         spans
@@ -176,6 +188,26 @@ fn one_trace_spans_client_both_sidecars_and_the_service() {
         .unwrap();
     assert_eq!(denied.attr("moat.deny.reason"), Some("no_route"));
     assert_eq!(denied.attr("http.response.status_code"), Some("403"));
+
+    // A method the conventions do not know (methods are case-sensitive):
+    // `_OTHER`, the method as sent beside it, and a span named `HTTP`.
+    let (status, _) = curl_http(p.outbound, "/invoices/9", &["-X", "delete"]);
+    assert_eq!(status, 400);
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter()
+            .any(|s| s.attr("http.request.method_original") == Some("delete"))
+    });
+    let other = spans
+        .iter()
+        .find(|s| s.attr("http.request.method_original") == Some("delete"))
+        .unwrap();
+    assert_eq!(
+        (other.service.as_str(), other.name.as_str()),
+        ("frontend-sidecar", "HTTP out"),
+        "{other:#?}"
+    );
+    assert_eq!(other.attr("http.request.method"), Some("_OTHER"));
+    assert_eq!(other.int_attr("http.response.status_code"), Some(400));
 
     // The access log carries the same trace id.
     let access = p

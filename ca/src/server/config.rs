@@ -82,9 +82,12 @@ impl ServerConfig {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         let config: Self =
             toml::from_str(&text).map_err(|e| TomlError::new(path, &text, &e).to_string())?;
-        config
-            .validate()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
+        // A check across fields names the field first (`issuance.max_ttl
+        // ...`): pointed at its value when the file sets it.
+        config.validate().map_err(|e| {
+            TomlError::at_named_field(path, &text, &e)
+                .map_or_else(|| format!("{}: {e}", path.display()), |t| t.to_string())
+        })?;
         Ok(config)
     }
 
@@ -168,7 +171,12 @@ mod tests {
         let err = ServerConfig::load(&path).unwrap_err();
         assert!(err.contains("ca.toml:3:1"), "{err}");
         assert!(err.contains("bogus"), "{err}");
+        // Checked after parsing, and still placed at the value.
         std::fs::write(&path, "[issuance]\nmax_ttl = \"48h\"\n").unwrap();
-        assert!(ServerConfig::load(&path).unwrap_err().contains("max_ttl"));
+        let err = ServerConfig::load(&path).unwrap_err();
+        assert!(err.contains("ca.toml:2:11: issuance.max_ttl"), "{err}");
+        std::fs::write(&path, "[store]\nurl_file = \"pg-url\"\npool_size = 0\n").unwrap();
+        let err = ServerConfig::load(&path).unwrap_err();
+        assert!(err.contains("ca.toml:3:13: store.pool_size"), "{err}");
     }
 }

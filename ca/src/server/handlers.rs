@@ -79,7 +79,11 @@ pub(super) async fn serve_request(
             reason: "timeout",
         }),
     };
-    span.record("http.response.status_code", response.status().as_u16());
+    // An integer, as the conventions ask: a u16 reaches OpenTelemetry as a string.
+    span.record(
+        "http.response.status_code",
+        i64::from(response.status().as_u16()),
+    );
     response
 }
 

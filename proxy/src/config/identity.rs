@@ -82,24 +82,9 @@ impl<'de> Deserialize<'de> for Identity {
         use serde::de::Error;
         let raw = RawIdentity::deserialize(d)?;
         match (raw.ca_url, raw.token_file, raw.cert, raw.key) {
+            // Each URL was checked as it was read (`CaUrls`), so that an
+            // error points at the value, not at `[identity]`.
             (Some(CaUrls(ca_urls)), Some(token_file), None, None) => {
-                if ca_urls.is_empty() {
-                    return Err(D::Error::custom(
-                        "identity.ca_url: name at least one CA URL",
-                    ));
-                }
-                for (i, url) in ca_urls.iter().enumerate() {
-                    if !url.starts_with("https://") {
-                        return Err(D::Error::custom(format!(
-                            "identity.ca_url {url:?} must be an https:// URL"
-                        )));
-                    }
-                    if ca_urls[..i].contains(url) {
-                        return Err(D::Error::custom(format!(
-                            "identity.ca_url {url:?} is listed twice"
-                        )));
-                    }
-                }
                 let retry_base = raw.retry_base.unwrap_or(Duration::from_secs(1));
                 let retry_max = raw.retry_max.unwrap_or(Duration::from_secs(60));
                 let bundle_refresh = raw.bundle_refresh.unwrap_or(Duration::from_secs(300));
@@ -108,9 +93,17 @@ impl<'de> Deserialize<'de> for Identity {
                         "identity.deny_list applies to cert + key only: with ca_url the CA publishes the deny-list",
                     ));
                 }
-                if retry_base.is_zero() || retry_max < retry_base || bundle_refresh.is_zero() {
+                // Each message names one field: the error is then placed
+                // at its value (`config::parse_error`).
+                if retry_base.is_zero() {
+                    return Err(D::Error::custom("identity.retry_base must be positive"));
+                }
+                if bundle_refresh.is_zero() {
+                    return Err(D::Error::custom("identity.bundle_refresh must be positive"));
+                }
+                if retry_max < retry_base {
                     return Err(D::Error::custom(
-                        "identity: retry_base and bundle_refresh must be positive, and retry_max at least retry_base",
+                        "identity.retry_max must be at least retry_base",
                     ));
                 }
                 Ok(Identity::Ca(CaIdentity {
@@ -125,14 +118,16 @@ impl<'de> Deserialize<'de> for Identity {
                 }))
             }
             (None, None, Some(cert), Some(key)) => {
-                if raw.bundle_refresh.is_some()
-                    || raw.retry_base.is_some()
-                    || raw.retry_max.is_some()
-                    || raw.state_dir.is_some()
-                {
-                    return Err(D::Error::custom(
-                        "identity: bundle_refresh, retry_base, retry_max and state_dir apply to ca_url only",
-                    ));
+                let ca_only = [
+                    ("bundle_refresh", raw.bundle_refresh.is_some()),
+                    ("retry_base", raw.retry_base.is_some()),
+                    ("retry_max", raw.retry_max.is_some()),
+                    ("state_dir", raw.state_dir.is_some()),
+                ];
+                if let Some((field, _)) = ca_only.iter().find(|(_, set)| *set) {
+                    return Err(D::Error::custom(format!(
+                        "identity.{field}: bundle_refresh, retry_base, retry_max and state_dir apply to ca_url only"
+                    )));
                 }
                 Ok(Identity::Files(FileIdentity {
                     cert,
@@ -151,6 +146,27 @@ impl<'de> Deserialize<'de> for Identity {
 /// `ca_url`: one URL, or a list of them.
 struct CaUrls(Vec<String>);
 
+/// One of `ca_url`'s URLs.
+struct HttpsUrl(String);
+
+impl<'de> Deserialize<'de> for HttpsUrl {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let url = String::deserialize(d)?;
+        https_url(&url)
+            .map(HttpsUrl)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// `url` if it is an `https://` URL, else what is wrong with it.
+fn https_url(url: &str) -> Result<String, String> {
+    if url.starts_with("https://") {
+        Ok(url.to_owned())
+    } else {
+        Err(format!("identity.ca_url {url:?} must be an https:// URL"))
+    }
+}
+
 impl<'de> Deserialize<'de> for CaUrls {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         struct Visitor;
@@ -160,15 +176,27 @@ impl<'de> Deserialize<'de> for CaUrls {
                 f.write_str("an https:// URL, or a list of them")
             }
             fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<CaUrls, E> {
-                Ok(CaUrls(vec![v.to_owned()]))
+                Ok(CaUrls(vec![https_url(v).map_err(E::custom)?]))
             }
             fn visit_seq<A: serde::de::SeqAccess<'de>>(
                 self,
                 mut seq: A,
             ) -> Result<CaUrls, A::Error> {
+                use serde::de::Error;
                 let mut urls = Vec::new();
-                while let Some(url) = seq.next_element::<String>()? {
+                // Each element checked on its own: an error points at it.
+                while let Some(HttpsUrl(url)) = seq.next_element::<HttpsUrl>()? {
+                    if urls.contains(&url) {
+                        return Err(A::Error::custom(format!(
+                            "identity.ca_url {url:?} is listed twice"
+                        )));
+                    }
                     urls.push(url);
+                }
+                if urls.is_empty() {
+                    return Err(A::Error::custom(
+                        "identity.ca_url: name at least one CA URL",
+                    ));
                 }
                 Ok(CaUrls(urls))
             }

@@ -9,6 +9,7 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use moat_ca::toml_error::Step;
 use serde::Deserialize;
 
 mod identity;
@@ -184,112 +185,131 @@ impl Config {
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let mut config: Config = toml::from_str(text).map_err(|e| parse_error(path, text, &e))?;
         config.source = path.to_owned();
-        let invalid = |message: String| ConfigError::Invalid {
-            file: path.to_owned(),
-            message,
-        };
-        config.validate().map_err(invalid)?;
+        // Checks across fields run on the parsed values, which carry no
+        // position: each failure names the value it is about, found again
+        // in the text, so that it points there as a parse error would.
+        config
+            .validate()
+            .map_err(|invalid| invalid.locate(path, text))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         Ok(config)
     }
 
     /// Every listener name, inbound then outbound.
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), Invalid> {
         let transparent_out = self.redirect.as_ref().is_some_and(|r| r.outbound);
         if self.inbound.is_empty() && self.outbound.is_empty() && !transparent_out {
-            return Err("no [[inbound]] or [[outbound]] listener is configured".into());
+            return Err(Invalid::new(
+                "no [[inbound]] or [[outbound]] listener is configured",
+            ));
         }
         if !self.destination.is_empty() && !transparent_out {
-            return Err(
-                "[[destination]] needs [redirect] with outbound = true: only redirected connections are looked up in it"
-                    .into(),
-            );
+            return Err(Invalid::new(
+                "[[destination]] needs [redirect] with outbound = true: only redirected connections are looked up in it",
+            )
+            .at(["destination"]));
         }
         let mut destinations: Vec<String> = Vec::new();
         for (i, d) in self.destination.iter().enumerate() {
-            d.validate(i)?;
+            d.validate(i)
+                .map_err(|e| Invalid::new(e).at_entry("destination", i, None))?;
             let label = d.label(i);
             if destinations.contains(&label) {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[destination]] {label:?} is named twice (set name = to tell them apart)"
-                ));
+                ))
+                .at_entry("destination", i, None));
             }
             destinations.push(label);
         }
         let mut names: Vec<&str> = vec!["admin"];
-        let all = self
-            .inbound
-            .iter()
-            .map(|l| ("inbound", &l.name))
-            .chain(self.outbound.iter().map(|l| ("outbound", &l.name)));
-        for (kind, name) in all {
+        let inbound = self.inbound.iter().enumerate();
+        let outbound = self.outbound.iter().enumerate();
+        let all = inbound
+            .map(|(i, l)| ("inbound", i, &l.name))
+            .chain(outbound.map(|(i, l)| ("outbound", i, &l.name)));
+        for (kind, i, name) in all {
             if name.is_empty()
                 || !name
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[{kind}]] name {name:?}: use letters, digits, '-', '_' or '.'"
-                ));
+                ))
+                .at_entry(kind, i, Some("name")));
             }
             if names.contains(&name.as_str()) {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[{kind}]] name {name:?} is used twice (or is the reserved name \"admin\")"
-                ));
+                ))
+                .at_entry(kind, i, Some("name")));
             }
             names.push(name);
         }
-        for l in &self.inbound {
+        for (i, l) in self.inbound.iter().enumerate() {
             if !l.forward.ip().is_loopback() && !l.unsafe_forward {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[inbound]] {:?}: forward = {} is off loopback; plaintext would cross a network (set unsafe_forward = true to allow)",
                     l.name, l.forward
-                ));
+                ))
+                .at_entry("inbound", i, Some("forward")));
             }
             if l.protocol == Protocol::Tcp && l.policy.is_some() {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[inbound]] {:?}: policy applies to protocol = \"http\" only; a tcp listener authorizes by allow_peers",
                     l.name
-                ));
+                ))
+                .at_entry("inbound", i, Some("policy")));
             }
             if l.app_protocol.is_some() && l.forward_http.is_some() {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[inbound]] {:?}: forward_http is the old name of app_protocol; set app_protocol only",
                     l.name
-                ));
+                ))
+                .at_entry("inbound", i, Some("forward_http")));
             }
             if matches!(&l.allow_peers, Some(p) if p.is_empty()) {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[inbound]] {:?}: allow_peers = [] would refuse every peer; remove it to allow the whole trust domain",
                     l.name
-                ));
+                ))
+                .at_entry("inbound", i, Some("allow_peers")));
             }
         }
-        for l in &self.outbound {
+        for (i, l) in self.outbound.iter().enumerate() {
             if !l.listen.ip().is_loopback() && !l.unsafe_listen {
-                return Err(format!(
+                return Err(Invalid::new(format!(
                     "[[outbound]] {:?}: listen = {} is off loopback; anyone on the network could use this identity (set unsafe_listen = true to allow)",
                     l.name, l.listen
-                ));
+                ))
+                .at_entry("outbound", i, Some("listen")));
             }
         }
         if let Some(r) = &self.redirect {
             r.validate(&self.own_ports())
-                .map_err(|e| format!("[redirect] {e}"))?;
-            self.validate_transparent()?;
+                .map_err(|e| Invalid::new(format!("[redirect] {e}")).at(["redirect"]))?;
+            self.validate_transparent().map_err(Invalid::new)?;
         }
         let l = &self.limits;
-        if l.max_connections == 0 || l.max_header_bytes < 1024 {
-            return Err(
-                "[limits] max_connections must be at least 1 and max_header_bytes at least 1024"
-                    .into(),
+        let limits = |message: &str, field: &str| Err(Invalid::new(message).at(["limits", field]));
+        if l.max_connections == 0 {
+            return limits(
+                "[limits] max_connections must be at least 1",
+                "max_connections",
             );
         }
-        if l.max_header_bytes > 1 << 20 || !(16..=10_000).contains(&l.max_header_count) {
-            return Err(
-                "[limits] max_header_bytes must be at most 1048576 and max_header_count between 16 and 10000"
-                    .into(),
+        if !(1024..=1 << 20).contains(&l.max_header_bytes) {
+            return limits(
+                "[limits] max_header_bytes must be at least 1024 and at most 1048576",
+                "max_header_bytes",
+            );
+        }
+        if !(16..=10_000).contains(&l.max_header_count) {
+            return limits(
+                "[limits] max_header_count must be between 16 and 10000",
+                "max_header_count",
             );
         }
         Ok(())
@@ -425,9 +445,21 @@ impl Config {
     }
 }
 
-/// A TOML error as file, line, column and the offending line.
+/// A TOML error as file, line, column and the offending line. A table's
+/// own check (`[identity]`'s) is raised at the table; when its message
+/// starts with the field it is about (`identity.deny_list ...`), it
+/// points at that field's value instead.
 pub(crate) fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
-    let located = moat_ca::toml_error::TomlError::new(path, text, e);
+    use moat_ca::toml_error::TomlError;
+    let located = TomlError::new(path, text, e);
+    // Only ever further in: an error already inside the field's value
+    // (one URL of a list) is more precise than the field.
+    let field = TomlError::at_named_field(path, text, &located.message)
+        .filter(|f| (f.line, f.column) > (located.line, located.column));
+    located_error(field.unwrap_or(located))
+}
+
+fn located_error(located: moat_ca::toml_error::TomlError) -> ConfigError {
     ConfigError::Parse {
         file: located.file,
         line: located.line,
@@ -437,6 +469,48 @@ pub(crate) fn parse_error(path: &Path, text: &str, e: &toml::de::Error) -> Confi
             .source_line
             .map(|l| format!(" (at `{l}`)"))
             .unwrap_or_default(),
+    }
+}
+
+/// A check across fields that failed, and the value it is about (none:
+/// the whole file).
+#[derive(Debug)]
+struct Invalid {
+    message: String,
+    at: Vec<Step>,
+}
+
+impl Invalid {
+    fn new(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            at: Vec::new(),
+        }
+    }
+
+    /// About the value at these keys.
+    fn at<const N: usize>(mut self, keys: [&str; N]) -> Self {
+        self.at = keys.iter().map(|k| Step::Key((*k).to_owned())).collect();
+        self
+    }
+
+    /// About entry `index` of `[[table]]`, or its `field`.
+    fn at_entry(mut self, table: &str, index: usize, field: Option<&str>) -> Self {
+        self.at = vec![Step::Key(table.to_owned()), Step::Index(index)];
+        self.at.extend(field.map(|f| Step::Key(f.to_owned())));
+        self
+    }
+
+    /// The error, placed at the value it names when the text has it (a
+    /// value left to its default is not in the text: the file is named alone).
+    fn locate(self, path: &Path, text: &str) -> ConfigError {
+        match moat_ca::toml_error::TomlError::at_value(path, text, &self.at, &self.message) {
+            Some(located) => located_error(located),
+            None => ConfigError::Invalid {
+                file: path.to_owned(),
+                message: self.message,
+            },
+        }
     }
 }
 

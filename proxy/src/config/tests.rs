@@ -260,6 +260,85 @@ fn bad_ca_url_lists_name_the_field() {
     assert!(err.contains("state_dir"), "{err}");
 }
 
+/// `file:line:column` of an error, and its message.
+fn position(err: &ConfigError) -> (usize, usize, String) {
+    match err {
+        ConfigError::Parse {
+            line,
+            column,
+            message,
+            ..
+        } => (*line, *column, message.clone()),
+        other => panic!("no position: {other}"),
+    }
+}
+
+/// Checks made after the fields are read (a URL's scheme, a listener off
+/// loopback, a limit out of range, a field that does not fit the identity
+/// kind) point at the value they are about, not at its table or nowhere.
+#[test]
+fn errors_found_after_parsing_point_at_the_value() {
+    // (text, the line and column of the value, a word of the message)
+    let cases = [
+        (
+            CA_IDENTITY.replace("https://ca:8443", "http://127.0.0.1:47443"),
+            (3, 10),
+            "https://",
+        ),
+        (
+            CA_IDENTITY.replace("\"https://ca:8443\"", "[\"https://a:1\", \"http://b:1\"]"),
+            // An element's error is placed at its array.
+            (3, 10),
+            "https://",
+        ),
+        (
+            CA_IDENTITY.replace("token_file", "deny_list = \"deny.json\"\ntoken_file"),
+            (5, 13),
+            "deny_list",
+        ),
+        (
+            CA_IDENTITY.replace("token_file", "retry_base = \"0s\"\ntoken_file"),
+            (5, 14),
+            "retry_base",
+        ),
+        (
+            MINIMAL.replace("[identity]", "[identity]\nstate_dir = \"/var/lib/moat\""),
+            (3, 13),
+            "state_dir",
+        ),
+        (
+            MINIMAL.replace("127.0.0.1:8080", "10.0.0.1:8080"),
+            (10, 11),
+            "off loopback",
+        ),
+        (
+            format!("{MINIMAL}allow_peers = []\n").replace(
+                "allow_peers = [\"spiffe://example.org/ns/prod/*\", \"spiffe://example.org/ns/dev/sa/web\"]\n",
+                "",
+            ),
+            (11, 15),
+            "allow_peers",
+        ),
+        (
+            format!("[limits]\nmax_connections = 0\n{MINIMAL}"),
+            (2, 19),
+            "max_connections",
+        ),
+        (
+            format!("{MINIMAL}\n[[inbound]]\nname = \"api\"\nlisten = \"127.0.0.1:1\"\nforward = \"127.0.0.1:2\"\n"),
+            (14, 8),
+            "used twice",
+        ),
+    ];
+    for (text, (line, column), word) in cases {
+        let err = parse(&text).unwrap_err();
+        let (l, c, message) = position(&err);
+        assert_eq!((l, c), (line, column), "{err}\n{text}");
+        assert!(message.contains(word), "{err}");
+        assert!(err.to_string().contains(" (at `"), "quotes the line: {err}");
+    }
+}
+
 #[test]
 fn destinations_need_outbound_redirection_and_distinct_names() {
     let base = MINIMAL.to_owned()

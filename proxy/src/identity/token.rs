@@ -1,7 +1,9 @@
 //! The token file, watched: a token the CA refused for good (spent,
 //! expired, forged) is not sent again. The proxy says once, at error
 //! level, what to do, and tries again as soon as the file holds something
-//! else.
+//! else. A file that holds no whole token yet (empty, as `moat ca token >
+//! file` leaves it for a moment, or a token still being written) is waited
+//! on like a missing one, never sent.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,10 +17,27 @@ use super::IdentityError;
 /// watch can miss changes: network file systems, a replaced directory).
 const POLL: Duration = Duration::from_secs(2);
 
+/// What the token file holds.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Contents {
+    /// A whole token (a JWT: three dot-separated parts, the first a JSON
+    /// header), trimmed.
+    Token(String),
+    /// Nothing yet: empty or whitespace, as a shell's `> file` leaves it
+    /// until the command writing the token has run.
+    Empty,
+    /// Something that is not a whole token: the start of one still being
+    /// written, or not a token at all.
+    Partial,
+}
+
 /// The token file and what the CA said about its last contents.
 pub(crate) struct TokenFile {
     path: PathBuf,
     refused: Option<String>,
+    /// What the last read found that could not be sent, said once until
+    /// the file holds something else.
+    waiting: Option<Contents>,
     events: mpsc::Receiver<()>,
     _watcher: Option<notify::RecommendedWatcher>,
 }
@@ -35,18 +54,42 @@ impl TokenFile {
         Self {
             path: path.to_owned(),
             refused: None,
+            waiting: None,
             events,
             _watcher: watcher,
         }
     }
 
-    /// The token, trimmed.
-    pub(crate) fn read(&self) -> Result<String, IdentityError> {
+    /// The token, trimmed, or `None` when the file does not hold a whole
+    /// one yet (said once, at info level): it is never sent to the CA
+    /// then, where it would be refused and counted as a refusal.
+    pub(crate) fn read(&mut self) -> Result<Option<String>, IdentityError> {
         let bytes = std::fs::read(&self.path).map_err(|source| IdentityError::Read {
             path: self.path.clone(),
             source,
         })?;
-        Ok(String::from_utf8_lossy(&bytes).trim().to_owned())
+        let contents = classify(&String::from_utf8_lossy(&bytes));
+        if let Contents::Token(token) = contents {
+            self.waiting = None;
+            return Ok(Some(token));
+        }
+        if self.waiting.as_ref() != Some(&contents) {
+            let file = self.path.display();
+            match contents {
+                Contents::Empty => tracing::info!(
+                    token_file = %file,
+                    "the token file is empty; waiting for a token to be written to it"
+                ),
+                _ => tracing::info!(
+                    token_file = %file,
+                    bytes = bytes.len(),
+                    "the token file does not hold a whole token (a JWT: three dot-separated parts); \
+                     waiting for it to change. Write tokens atomically: `moat ca token ... > FILE.tmp && mv FILE.tmp FILE`"
+                ),
+            }
+            self.waiting = Some(contents);
+        }
+        Ok(None)
     }
 
     /// True when the CA already refused exactly this token.
@@ -97,6 +140,34 @@ impl TokenFile {
     }
 }
 
+/// What `text` is: a token worth sending, nothing, or part of one. Join
+/// tokens and Kubernetes service-account tokens are both JWTs in compact
+/// form; a prefix of one cut inside its header or payload lacks a part,
+/// and one cut inside the header does not decode. (A prefix cut inside
+/// the signature looks whole: the CA refuses it as invalid. `moat ca
+/// token` writes the token and its newline in one `write`, so only a
+/// writer that splits its writes can leave one.)
+fn classify(text: &str) -> Contents {
+    use base64::Engine;
+    let token = text.trim();
+    if token.is_empty() {
+        return Contents::Empty;
+    }
+    let parts: Vec<&str> = token.split('.').collect();
+    let whole = parts.len() == 3
+        && parts.iter().all(|p| !p.is_empty())
+        && base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(parts[0].trim_end_matches('='))
+            .ok()
+            .and_then(|h: Vec<u8>| serde_json::from_slice::<serde_json::Value>(&h).ok())
+            .is_some_and(|h| h.is_object());
+    if whole {
+        Contents::Token(token.to_owned())
+    } else {
+        Contents::Partial
+    }
+}
+
 fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher, String> {
     use notify::Watcher;
     let dir = path
@@ -124,4 +195,40 @@ fn watch(path: &Path, tx: mpsc::Sender<()>) -> Result<notify::RecommendedWatcher
         .watch(&dir, notify::RecursiveMode::NonRecursive)
         .map_err(|e| format!("{}: {e}", dir.display()))?;
     Ok(watcher)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TOKEN: &str = "eyJhbGciOiJFUzI1NiIsImtpZCI6Im1vYXQifQ.eyJzdWIiOiJzcGlmZmU6Ly9leGFtcGxlLm9yZy92bS9hIn0.c2lnbmF0dXJl";
+
+    #[test]
+    fn nothing_or_part_of_a_token_is_not_a_token() {
+        assert_eq!(classify(""), Contents::Empty);
+        assert_eq!(classify(" \n\t"), Contents::Empty);
+        for cut in [5, 20, 38, 39, 60] {
+            assert_eq!(
+                classify(&TOKEN[..cut]),
+                Contents::Partial,
+                "{}",
+                &TOKEN[..cut]
+            );
+        }
+        assert_eq!(
+            classify("a.b.c"),
+            Contents::Partial,
+            "a header that is not JSON"
+        );
+        assert_eq!(classify("not a token"), Contents::Partial);
+    }
+
+    #[test]
+    fn a_whole_token_is_trimmed() {
+        assert_eq!(
+            classify(&format!("{TOKEN}\n")),
+            Contents::Token(TOKEN.into())
+        );
+        assert_eq!(classify(TOKEN), Contents::Token(TOKEN.into()));
+    }
 }

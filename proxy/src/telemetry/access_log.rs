@@ -71,7 +71,7 @@ pub struct AccessEntry<'a> {
 /// What a listener does once a request has its answer: the server span's
 /// status, the request metrics, and the access-log line.
 pub fn request_done(span: &tracing::Span, metrics: &ListenerMetrics, e: &AccessEntry<'_>) {
-    span.record("http.response.status_code", e.status);
+    super::record_status(span, e.status);
     if e.status >= 500 {
         span.record("otel.status_code", "ERROR");
     }

@@ -27,6 +27,7 @@ mod logging;
 mod metrics;
 mod otlp;
 mod propagation;
+mod spans;
 
 pub use access_log::{AccessEntry, RequestId, millis, request_done};
 pub use logging::{
@@ -36,6 +37,7 @@ pub use logging::{
 pub use metrics::{ListenerMetrics, OpenConnection, ProxyMetrics, method_class, status_class};
 pub use otlp::Tracing;
 pub use propagation::{continue_trace, propagate, trace_id};
+pub use spans::{otel_method, record_answer, record_method_original, record_status, span_method};
 
 /// `[telemetry]` in the proxy configuration. Every field falls back to the
 /// standard OpenTelemetry environment variable, then to a default.

@@ -145,6 +145,13 @@ impl Running {
     /// Starts `moat ARGS...` allowed at most `nofile` open file descriptors
     /// (RLIMIT_NOFILE, soft and hard).
     pub(crate) fn start_with_fd_limit(args: &[&str], nofile: u64) -> Self {
+        Self::start_with_fd_limits(args, nofile, nofile)
+    }
+
+    /// Starts `moat ARGS...` with a soft RLIMIT_NOFILE of `soft` and a hard
+    /// one of `hard`, as `prlimit --nofile=SOFT:HARD` (or systemd's
+    /// default, 1024:524288) would.
+    pub(crate) fn start_with_fd_limits(args: &[&str], soft: u64, hard: u64) -> Self {
         use std::os::unix::process::CommandExt;
         let mut cmd = harness().command(args);
         // SAFETY: only setrlimit, which is async-signal-safe, runs between
@@ -152,8 +159,8 @@ impl Running {
         unsafe {
             cmd.pre_exec(move || {
                 let limit = libc::rlimit {
-                    rlim_cur: nofile as libc::rlim_t,
-                    rlim_max: nofile as libc::rlim_t,
+                    rlim_cur: soft as libc::rlim_t,
+                    rlim_max: hard as libc::rlim_t,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -162,6 +169,21 @@ impl Running {
             });
         }
         Self::from_command(cmd)
+    }
+
+    /// The soft and hard open-file limits the process runs with, from
+    /// `/proc/PID/limits`.
+    pub(crate) fn fd_limits(&self) -> (u64, u64) {
+        let limits = std::fs::read_to_string(format!("/proc/{}/limits", self.child.id()))
+            .expect("read /proc/PID/limits");
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .expect("a Max open files line");
+        let mut values = line["Max open files".len()..]
+            .split_whitespace()
+            .map(|v| v.parse::<u64>().expect("a number"));
+        (values.next().unwrap(), values.next().unwrap())
     }
 
     /// Starts a prepared command (the `moat` binary, in a network namespace

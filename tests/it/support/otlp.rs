@@ -23,6 +23,8 @@ pub(crate) struct Span {
     pub span_id: String,
     pub parent_span_id: String,
     pub attributes: Vec<(String, String)>,
+    /// The attributes exported as integers (also in `attributes`, as strings).
+    pub int_attributes: Vec<(String, i64)>,
 }
 
 impl Span {
@@ -32,6 +34,15 @@ impl Span {
             .iter()
             .find(|(k, _)| k == key)
             .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of an attribute exported as an integer (`None` for one
+    /// exported as a string, say).
+    pub(crate) fn int_attr(&self, key: &str) -> Option<i64> {
+        self.int_attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| *v)
     }
 }
 
@@ -74,6 +85,14 @@ impl TraceService for Collect {
                                     a.key.clone(),
                                     value_string(a.value.as_ref().and_then(|v| v.value.as_ref())),
                                 )
+                            })
+                            .collect(),
+                        int_attributes: s
+                            .attributes
+                            .iter()
+                            .filter_map(|a| match a.value.as_ref()?.value.as_ref()? {
+                                AnyValue::IntValue(i) => Some((a.key.clone(), *i)),
+                                _ => None,
                             })
                             .collect(),
                     });
