@@ -223,8 +223,8 @@ fn a_spent_token_without_state_is_reported_once_and_a_new_token_file_is_picked_u
     assert_eq!(replays(&mut ca), 1.0);
 }
 
-/// A token file caught between `> file` and the write (`moat ca token ...
-/// > token` while the proxy waits): empty, then half a token, then the
+/// A token file caught between the shell's `> token` and the write (`moat
+/// ca token` redirected while the proxy waits): empty, then half a token, then the
 /// whole one. Neither of the first two is sent to the CA (where it would be
 /// refused and counted); each is said once, at info level; the whole token
 /// is used as soon as it is written.
