@@ -14,34 +14,19 @@ use support::{TestCa, path_str};
 /// A service that speaks only h2c (HTTP/2 with prior knowledge), as a gRPC
 /// server does.
 fn h2c_only_service() -> SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let svc = hyper::service::service_fn(|_req| async {
-                        Ok::<_, Infallible>(hyper::Response::new(http_body_util::Empty::<
-                            bytes::Bytes,
-                        >::new()))
-                    });
-                    let exec = hyper_util::rt::TokioExecutor::new();
-                    let _ = hyper_util::server::conn::auto::Builder::new(exec)
-                        .http2_only()
-                        .serve_connection(io, svc)
-                        .await;
-                });
-            }
+    support::serve_each_connection(|stream| async move {
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let svc = hyper::service::service_fn(|_req| async {
+            Ok::<_, Infallible>(hyper::Response::new(
+                http_body_util::Empty::<bytes::Bytes>::new(),
+            ))
         });
-    });
-    addr
+        let exec = hyper_util::rt::TokioExecutor::new();
+        let _ = hyper_util::server::conn::auto::Builder::new(exec)
+            .http2_only()
+            .serve_connection(io, svc)
+            .await;
+    })
 }
 
 /// `moat doctor --config CONFIG --json`: exit code and the report.

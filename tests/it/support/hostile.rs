@@ -246,37 +246,24 @@ pub(crate) fn openssl_connects(addr: SocketAddr, args: &[&str]) -> (bool, String
 /// service's `{"path", "body_len"}` (or 400 if the body failed).
 pub(crate) fn h2c_echo_service() -> SocketAddr {
     use http_body_util::{BodyExt, Full};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
+    crate::support::serve_each_connection(|stream| async move {
+        let svc =
+            hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
+                let path = req.uri().path().to_owned();
+                let (status, body) = match req.into_body().collect().await {
+                    Ok(b) => (
+                        200,
+                        serde_json::json!({"path": path, "body_len": b.to_bytes().len()}),
+                    ),
+                    Err(e) => (400, serde_json::json!({"service_saw": e.to_string()})),
                 };
-                tokio::spawn(async move {
-                    let svc = hyper::service::service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                        let path = req.uri().path().to_owned();
-                        let (status, body) = match req.into_body().collect().await {
-                            Ok(b) => (200, serde_json::json!({"path": path, "body_len": b.to_bytes().len()})),
-                            Err(e) => (400, serde_json::json!({"service_saw": e.to_string()})),
-                        };
-                        let mut resp = hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
-                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        Ok::<_, std::convert::Infallible>(resp)
-                    });
-                    let io = hyper_util::rt::TokioIo::new(stream);
-                    let b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-                    let _ = b.http2_only().serve_connection(io, svc).await;
-                });
-            }
-        });
-    });
-    addr
+                let mut resp =
+                    hyper::Response::new(Full::new(bytes::Bytes::from(body.to_string())));
+                *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                Ok::<_, std::convert::Infallible>(resp)
+            });
+        let io = hyper_util::rt::TokioIo::new(stream);
+        let b = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+        let _ = b.http2_only().serve_connection(io, svc).await;
+    })
 }

@@ -340,8 +340,17 @@ pub(crate) fn path_str(p: &Path) -> &str {
 /// own runtime) that answers every request with 200 and a JSON body listing
 /// the method, path and request headers it received.
 pub(crate) fn echo_service() -> SocketAddr {
-    use std::net::TcpListener as StdListener;
-    let listener = StdListener::bind("127.0.0.1:0").expect("bind echo");
+    serve_each_connection(serve_echo)
+}
+
+/// Binds 127.0.0.1:0 and serves every accepted connection with `serve`, on
+/// a thread with its own current-thread runtime, for the test's life.
+pub(crate) fn serve_each_connection<F, Fut>(serve: F) -> SocketAddr
+where
+    F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     listener.set_nonblocking(true).unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -355,7 +364,7 @@ pub(crate) fn echo_service() -> SocketAddr {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
-                tokio::spawn(serve_echo(stream));
+                tokio::spawn(serve(stream));
             }
         });
     });
