@@ -369,23 +369,7 @@ async fn policy_explain_fetches_a_jwks_url_to_verify_a_token() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_policy(dir.path(), &server, &server.ca_pem);
     let token = key.token();
-    let out = tokio::task::spawn_blocking(move || {
-        support::moat(&[
-            "policy",
-            "explain",
-            support::path_str(&path),
-            "--peer",
-            "spiffe://example.org/ns/a/sa/b",
-            "--method",
-            "GET",
-            "--path",
-            "/api/x",
-            "--jwt",
-            &token,
-        ])
-    })
-    .await
-    .unwrap();
+    let out = explain_get_api_x(path, token).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
@@ -476,23 +460,7 @@ async fn policy_explain_says_why_the_keys_could_not_be_fetched() {
     let (other_ca, _) = server_tls();
     let path = write_policy(dir.path(), &server, &other_ca);
     let token = key.token();
-    let out = tokio::task::spawn_blocking(move || {
-        support::moat(&[
-            "policy",
-            "explain",
-            support::path_str(&path),
-            "--peer",
-            "spiffe://example.org/ns/a/sa/b",
-            "--method",
-            "GET",
-            "--path",
-            "/api/x",
-            "--jwt",
-            &token,
-        ])
-    })
-    .await
-    .unwrap();
+    let out = explain_get_api_x(path, token).await;
     let stdout = String::from_utf8_lossy(&out.stdout);
     let want = format!(
         "decision: deny 401 (jwt_unknown_kid): the keys of issuer \"idp\" could not be fetched: fetching JWKS from https://{}/.well-known/jwks.json failed: TLS with the JWKS server failed",
@@ -534,4 +502,27 @@ fn a_rotated_jwks_file_is_re_read_on_an_unknown_kid() {
         || get_api(&s, &new.token()) == 200,
     );
     assert_eq!(get_api(&s, &old.token()), 200);
+}
+
+/// `moat policy explain POLICY` of `GET /api/x` from
+/// `spiffe://example.org/ns/a/sa/b` with `--jwt TOKEN` (off the runtime's
+/// threads: it fetches the JWKS from a server on this runtime).
+async fn explain_get_api_x(path: PathBuf, token: String) -> std::process::Output {
+    tokio::task::spawn_blocking(move || {
+        support::moat(&[
+            "policy",
+            "explain",
+            support::path_str(&path),
+            "--peer",
+            "spiffe://example.org/ns/a/sa/b",
+            "--method",
+            "GET",
+            "--path",
+            "/api/x",
+            "--jwt",
+            &token,
+        ])
+    })
+    .await
+    .unwrap()
 }
