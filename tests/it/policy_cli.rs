@@ -18,6 +18,16 @@ fn example(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// `moat policy test POLICY CASES`: exit code, stdout, stderr.
+fn policy_test(policy: &Path, cases: &Path) -> (i32, String, String) {
+    text(&moat(&[
+        "policy",
+        "test",
+        path_str(policy),
+        path_str(cases),
+    ]))
+}
+
 fn text(out: &Output) -> (i32, String, String) {
     (
         out.status.code().unwrap_or(-1),
@@ -276,12 +286,7 @@ fn policy_test_runs_cases_and_fails_with_the_case_line() {
          [[case]]\nname = \"wrong\"\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/admin\"\nexpect = \"allow\"\n",
     )
     .unwrap();
-    let (code, stdout, _) = text(&moat(&[
-        "policy",
-        "test",
-        path_str(&policy),
-        path_str(&cases),
-    ]));
+    let (code, stdout, _) = policy_test(&policy, &cases);
     assert_eq!(code, 1, "{stdout}");
     assert!(
         stdout.contains(&format!("FAIL wrong ({}:8)", cases.display())),
@@ -290,12 +295,7 @@ fn policy_test_runs_cases_and_fails_with_the_case_line() {
     assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
 
     std::fs::write(&cases, "[[case]]\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/\"\nexpect = \"maybe\"\n").unwrap();
-    let (code, _, stderr) = text(&moat(&[
-        "policy",
-        "test",
-        path_str(&policy),
-        path_str(&cases),
-    ]));
+    let (code, _, stderr) = policy_test(&policy, &cases);
     assert_eq!(code, 64, "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -413,12 +413,7 @@ fn policy_test_refuses_a_lower_case_method_naming_file_line_and_field() {
          [[case]]\nname = \"lower-case method\"\npeer = \"spiffe://example.org/a\"\nmethod = \"get\"\npath = \"/healthz\"\nexpect = \"allow\"\nroute = \"health\"\n",
     )
     .unwrap();
-    let (code, stdout, stderr) = text(&moat(&[
-        "policy",
-        "test",
-        path_str(&policy),
-        path_str(&cases),
-    ]));
+    let (code, stdout, stderr) = policy_test(&policy, &cases);
     assert_eq!(
         code, 64,
         "a bad cases file is a configuration error: {stdout}{stderr}"
@@ -443,12 +438,7 @@ fn policy_test_says_decisions_as_the_cases_file_does() {
          [[case]]\nname = \"wrong\"\npeer = \"spiffe://example.org/a\"\nmethod = \"GET\"\npath = \"/admin\"\nexpect = \"bad-request\"\n",
     )
     .unwrap();
-    let (code, stdout, stderr) = text(&moat(&[
-        "policy",
-        "test",
-        path_str(&policy),
-        path_str(&cases),
-    ]));
+    let (code, stdout, stderr) = policy_test(&policy, &cases);
     assert_eq!(code, 1, "{stdout}{stderr}");
     assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
     assert!(
@@ -519,12 +509,7 @@ fn policy_tools_handle_path_templates() {
          [[case]]\nname = \"typo\"\npeer = \"spiffe://example.org/ns/prod/sa/frontend\"\nmethod = \"POST\"\npath = \"/v1/orders/export/refund\"\nexpect = \"deny\"\nroute = \"exprot\"\n",
     )
     .unwrap();
-    let (code, stdout, _) = text(&moat(&[
-        "policy",
-        "test",
-        path_str(&file),
-        path_str(&cases),
-    ]));
+    let (code, stdout, _) = policy_test(&file, &cases);
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("1 passed, 1 failed"), "{stdout}");
     assert!(
