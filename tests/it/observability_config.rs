@@ -868,6 +868,22 @@ fn promtool_checks_and_unit_tests_the_rules() {
                     case("MoatCaRootExpiringCritical", "10m", json!([])),
                 ],
             },
+            {
+                // `rotate --prepare` at 0: the CA serves two roots, sidecar a
+                // never fetches them; `--retire` at 20m: the CA serves one,
+                // the sidecars keep two until their next fetch.
+                "interval": "1m",
+                "input_series": [
+                    {"series": format!("moat_trust_bundle_roots{{{p}}}"), "values": "1x30"},
+                    {"series": r#"moat_trust_bundle_roots{job="proxy", instance="b"}"#, "values": "2x30"},
+                    {"series": format!("moat_ca_bundle_roots{{{c}}}"), "values": "2x19 1x10"},
+                ],
+                "promql_expr_test": [
+                    case("MoatTrustBundleBehindCa", "10m",
+                        json!([{"labels": format!("{{{p}}}"), "value": 1}])),
+                    case("MoatTrustBundleBehindCa", "25m", json!([])),
+                ],
+            },
         ],
     });
     let dir = tempfile::tempdir().unwrap();
