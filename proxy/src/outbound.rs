@@ -248,7 +248,8 @@ impl OutboundService {
                 server.address = %self.listen_addr,
                 network.peer.address = %local.addr,
                 moat.listener = &*self.name,
-                moat.peer.id = &*self.peer,
+                // The peer reached, recorded with the answer (as on the access log).
+                moat.peer.id = tracing::field::Empty,
             )
         });
         let forward = self
@@ -263,6 +264,7 @@ impl OutboundService {
                 .extensions()
                 .get::<Presented>()
                 .map_or(&*this.peer, |p| p.0.as_deref().unwrap_or("-"));
+            exchange.span().record("moat.peer.id", peer);
             let logged = Logged {
                 peer,
                 expected_peer: Some(&*this.peer),

@@ -78,6 +78,42 @@ fn pair(telemetry: &str) -> Pair {
     }
 }
 
+/// A peer that does not answer: the outbound's server span names no peer
+/// (`moat.peer.id` `-`, as the access log's `peer`), not the configured one.
+#[test]
+fn an_unreached_peer_is_not_named_on_the_outbound_span() {
+    let receiver = otlp::Receiver::start();
+    let mut p = pair(&format!("otlp_endpoint = \"{}\"", receiver.endpoint()));
+    p.server.signal("KILL");
+    p.server
+        .wait_exit(Duration::from_secs(5))
+        .expect("the peer sidecar exits");
+    let trace = "5bf92f3577b34da6a3ce929d0e0e4737";
+    let (status, body) = curl_http(
+        p.outbound,
+        "/invoices/7",
+        &[
+            "-H",
+            &format!("traceparent: 00-{trace}-00f067aa0ba902b7-01"),
+        ],
+    );
+    assert_eq!(status, 502, "{body}");
+    let spans = receiver.wait_for(Duration::from_secs(20), |s| {
+        s.iter()
+            .any(|s| s.trace_id == trace && s.name.starts_with("GET out"))
+    });
+    let out_server = spans
+        .iter()
+        .find(|s| s.trace_id == trace && s.name.starts_with("GET out"))
+        .unwrap();
+    assert_eq!(
+        out_server.attr("moat.peer.id"),
+        Some("-"),
+        "{out_server:#?}"
+    );
+    assert_eq!(out_server.attr("http.response.status_code"), Some("502"));
+}
+
 #[test]
 fn one_trace_spans_client_both_sidecars_and_the_service() {
     let receiver = otlp::Receiver::start();
@@ -167,6 +203,7 @@ fn one_trace_spans_client_both_sidecars_and_the_service() {
     // Each sidecar's server span names its caller: the outbound's, the
     // local service.
     assert_eq!(out_server.attr("network.peer.address"), Some("127.0.0.1"));
+    assert_eq!(out_server.attr("moat.peer.id"), Some(SERVER));
     // The first request opened the connection to the peer: its handshake has a span.
     assert!(
         spans
