@@ -107,9 +107,7 @@ fn a_sqlite_ca_is_served_or_migrated_by_one_process_at_a_time() {
     // connects anywhere (the URL leads nowhere: the refusal comes first).
     let pg_dir = tmp.path().join("pg");
     std::fs::create_dir_all(&pg_dir).unwrap();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
+    let port = support::free_port();
     std::fs::write(
         pg_dir.join("ca.toml"),
         format!("[store]\nurl = \"postgres://moat@127.0.0.1:{port}/moat?sslmode=disable\"\n"),

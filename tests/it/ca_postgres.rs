@@ -1011,9 +1011,7 @@ fn store_misconfiguration_is_refused_with_a_clear_message() {
     );
     // Nobody listening: a prompt error, not a hang, and exit 1: the
     // database may be back on the next try.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = closed.local_addr().unwrap().port();
-    drop(closed);
+    let port = support::free_port();
     std::fs::write(
         dir.join("ca.toml"),
         format!("[store]\nurl = \"postgres://moat@127.0.0.1:{port}/moat?sslmode=disable\"\n"),

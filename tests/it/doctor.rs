@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use serde_json::Value;
-use support::{TestCa, path_str};
+use support::{TestCa, free_port, path_str};
 
 /// A service that speaks only h2c (HTTP/2 with prior knowledge), as a gRPC
 /// server does.
@@ -418,15 +418,6 @@ peer = "{peer}"
     )
     .unwrap();
     config
-}
-
-/// A port free on loopback now (the listener is dropped).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 #[test]

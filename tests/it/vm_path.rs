@@ -32,7 +32,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use support::{moat_bin, path_str};
+use support::{free_port, moat_bin, path_str};
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -83,19 +83,6 @@ fn sh_blocks(text: &str) -> Vec<String> {
         }
     }
     blocks
-}
-
-/// A loopback port free now.
-// XXX: picked before the script runs (bind, read, close), because the
-// docs' configuration files are written by the script itself with their
-// ports in them; another process could take it in between, which would
-// fail the test loudly, never pass it wrongly.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// What `systemctl`, `journalctl`, `sudo`, `install`, `systemd-sysusers`

@@ -336,6 +336,19 @@ pub(crate) fn path_str(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
+/// A loopback port free now: bound, read and closed. Another process could
+/// take it before the caller uses it, which fails a test loudly (a bind
+/// that fails, a refused connection that answers), never passes it wrongly;
+/// for configuration written before the process that binds it starts, and
+/// for a port where nobody listens.
+pub(crate) fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Binds a plain HTTP/1.1 echo service on 127.0.0.1:0 (in a thread with its
 /// own runtime) that answers every request with 200 and a JSON body listing
 /// the method, path and request headers it received.

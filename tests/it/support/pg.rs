@@ -166,7 +166,7 @@ impl PgCluster {
 
         let mut last_err = String::new();
         for _ in 0..5 {
-            let port = free_port();
+            let port = super::free_port();
             let conf = format!(
                 "\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
                  ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n\
@@ -404,14 +404,6 @@ fn chown_tree(path: &Path, owner: Option<(u32, u32)>) {
             chown_tree(&entry.path(), owner);
         }
     }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Spawns `cmd` from a thread that lives as long as the process, with
